@@ -1,0 +1,121 @@
+//! The model: pure functions from Kubernetes objects to the desired service
+//! table, and the difference between two tables. No I/O happens here.
+//!
+//! CONTRACT (used by the source and dataplane layers; keep these names):
+//! - [`ClusterState`] is the input (what a source produces).
+//! - [`build_table`] turns it into a [`ServiceTable`] plus [`Rejection`]s.
+//! - [`ServiceTable::diff`] yields the [`TableDiff`] a dataplane applies.
+//! - [`validate_object`] lets a source decide whether an object is broken.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Everything the model needs to know about the cluster, as a source sees it.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+}
+
+/// Node-level settings that shape the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// The node this agent runs on (its Node object and local endpoints).
+    pub node_name: String,
+}
+
+/// L4 protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+}
+
+/// namespace/name of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How traffic reaches a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+}
+
+/// What a packet is matched on: destination address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// One endpoint address and target port serving a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// A frontend and the backends it balances over (sorted, without duplicates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub service: ServiceName,
+    /// The service port's name ("" when unnamed).
+    pub port_name: String,
+    pub kind: FrontendKind,
+    pub backends: Vec<Backend>,
+}
+
+/// The desired (or programmed) set of frontends, ordered by key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTable {
+    frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+/// A Kubernetes object, or part of one, the model refused.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rejection {
+    /// "Service", "EndpointSlice" or "Node".
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+/// A frontend whose backends (or other attributes) changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendChange {
+    pub key: FrontendKey,
+    pub old: Frontend,
+    pub new: Frontend,
+}
+
+/// What differs between two tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableDiff {
+    pub added: Vec<(FrontendKey, Frontend)>,
+    pub changed: Vec<FrontendChange>,
+    pub removed: Vec<(FrontendKey, Frontend)>,
+}
