@@ -19,9 +19,10 @@ pub const PROTO_SCTP: u8 = 132;
 /// service itself, slots 1..=count its backends).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX - 1;
 
-/// Map capacities. The agent may override them at load time.
-pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
-pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
+/// Map capacities. The services and backends maps are not preallocated
+/// (memory follows use), so their ceilings can be generous.
+pub const SERVICES_MAX_ENTRIES: u32 = 1_048_576;
+pub const BACKENDS_MAX_ENTRIES: u32 = 524_288;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
 
 /// Names of the maps, as pinned under `<bpf-root>/maps/`.
@@ -33,6 +34,8 @@ pub const MAP_STATS: &str = "PA_STATS";
 /// Names of the TC programs in the object file.
 pub const PROG_INGRESS: &str = "pa_ingress";
 pub const PROG_EGRESS: &str = "pa_egress";
+/// An empty TC program: the floor of the per-packet benchmark harness.
+pub const PROG_FLOOR: &str = "pa_floor";
 
 /// An IPv4 or IPv6 address in network byte order. IPv4 uses the first four
 /// bytes and leaves the rest zero, so one key type serves both families.
