@@ -4,7 +4,8 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let ebpf_dir = manifest_dir.join("../proxy-ebpf");
     let common_dir = manifest_dir.join("../proxy-common");
     println!("cargo:rerun-if-changed={}", common_dir.display());

@@ -175,13 +175,34 @@ struct Row {
 fn main() -> Result<()> {
     let args = Args::parse();
     let mut rows = vec![
-        Row { name: "empty program (floor)", ns: vec![] },
-        Row { name: "non-service packet", ns: vec![] },
-        Row { name: "ClusterIP new flow (SYN)", ns: vec![] },
-        Row { name: "ClusterIP established flow", ns: vec![] },
-        Row { name: "reply (reverse NAT, egress)", ns: vec![] },
-        Row { name: "floor, repeat=N", ns: vec![] },
-        Row { name: "non-service, repeat=N", ns: vec![] },
+        Row {
+            name: "empty program (floor)",
+            ns: vec![],
+        },
+        Row {
+            name: "non-service packet",
+            ns: vec![],
+        },
+        Row {
+            name: "ClusterIP new flow (SYN)",
+            ns: vec![],
+        },
+        Row {
+            name: "ClusterIP established flow",
+            ns: vec![],
+        },
+        Row {
+            name: "reply (reverse NAT, egress)",
+            ns: vec![],
+        },
+        Row {
+            name: "floor, repeat=N",
+            ns: vec![],
+        },
+        Row {
+            name: "non-service, repeat=N",
+            ns: vec![],
+        },
     ];
     for &n in &args.services {
         eprintln!("loading {n} services x {} backends ...", args.backends);
@@ -210,8 +231,18 @@ fn main() -> Result<()> {
             }
             Ok(())
         };
-        let floor = h.mean_ns(PROG_FLOOR, args.calls, |i| tcp(CLIENT, (i % 60000) as u16 + 1024, target, 80, true), unchanged)?;
-        let pass = h.mean_ns(PROG_INGRESS, args.calls, |i| tcp(CLIENT, (i % 60000) as u16 + 1024, other, 80, true), unchanged)?;
+        let floor = h.mean_ns(
+            PROG_FLOOR,
+            args.calls,
+            |i| tcp(CLIENT, (i % 60000) as u16 + 1024, target, 80, true),
+            unchanged,
+        )?;
+        let pass = h.mean_ns(
+            PROG_INGRESS,
+            args.calls,
+            |i| tcp(CLIENT, (i % 60000) as u16 + 1024, other, 80, true),
+            unchanged,
+        )?;
         let backends: Vec<[u8; 4]> = (0..args.backends).map(|j| backend_ip(n - 1, j)).collect();
         let mut sport_base: u32 = 0;
         let new_flow = h.mean_ns(
@@ -256,19 +287,29 @@ fn main() -> Result<()> {
                 Ok(())
             },
         )?;
-        let floor_rep = h.repeated_ns(PROG_FLOOR, &tcp(CLIENT, 1, target, 80, true)?, args.repeat)?;
-        let pass_rep = h.repeated_ns(PROG_INGRESS, &tcp(CLIENT, 1, other, 80, true)?, args.repeat)?;
-        for (row, v) in rows
-            .iter_mut()
-            .zip([floor, pass, new_flow, established, reply, floor_rep, pass_rep])
-        {
+        let floor_rep =
+            h.repeated_ns(PROG_FLOOR, &tcp(CLIENT, 1, target, 80, true)?, args.repeat)?;
+        let pass_rep =
+            h.repeated_ns(PROG_INGRESS, &tcp(CLIENT, 1, other, 80, true)?, args.repeat)?;
+        for (row, v) in rows.iter_mut().zip([
+            floor,
+            pass,
+            new_flow,
+            established,
+            reply,
+            floor_rep,
+            pass_rep,
+        ]) {
             row.ns.push(v);
         }
     }
 
     println!();
     println!("Per-packet cost of the TC programs (ns, kernel-measured by BPF_PROG_TEST_RUN),");
-    println!("{} backends per service; in brackets: the ratio to the floor of the same column.", args.backends);
+    println!(
+        "{} backends per service; in brackets: the ratio to the floor of the same column.",
+        args.backends
+    );
     print!("{:<32}", "path \\ services loaded");
     for n in &args.services {
         print!("{:>20}", n);
@@ -277,17 +318,27 @@ fn main() -> Result<()> {
     for row in &rows {
         print!("{:<32}", row.name);
         for (i, v) in row.ns.iter().enumerate() {
-            let floor = if row.name.contains("repeat") { rows[5].ns[i] } else { rows[0].ns[i] };
+            let floor = if row.name.contains("repeat") {
+                rows[5].ns[i]
+            } else {
+                rows[0].ns[i]
+            };
             print!("{:>20}", format!("{v:.1} ({:.2}x)", v / floor));
         }
         println!();
     }
     println!();
-    println!("How: rows 1-5 are means over {} calls with repeat=1, each call from the", args.calls);
+    println!(
+        "How: rows 1-5 are means over {} calls with repeat=1, each call from the",
+        args.calls
+    );
     println!("original bytes (a rewritten packet must not be re-fed); 'new flow' uses a new");
     println!("source port (and address every 60000 ports) per call, so each call misses the");
     println!("connection table; 'established' re-sends one flow's ACK; 'reply' sends its");
-    println!("backend's reply to egress. Rows 6-7 use one call with repeat={} on", args.repeat);
+    println!(
+        "backend's reply to egress. Rows 6-7 use one call with repeat={} on",
+        args.repeat
+    );
     println!("packets the program leaves unchanged (verified).");
     Ok(())
 }

@@ -147,9 +147,8 @@ fn init_logging(format: LogFormat, verbosity: u8) {
         3..=4 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!("warn,proxy_agent={level}"))
-    });
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,proxy_agent={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -171,14 +170,21 @@ fn node_name(flag: Option<String>) -> Result<String> {
     // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
     if rc != 0 {
-        bail!("cannot read the host name: {}", std::io::Error::last_os_error());
+        bail!(
+            "cannot read the host name: {}",
+            std::io::Error::last_os_error()
+        );
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..end]).trim().to_lowercase())
 }
 
 fn validate(args: &RunArgs) -> Result<()> {
-    let v4 = args.cluster_cidr.iter().filter(|c| matches!(c, IpNet::V4(_))).count();
+    let v4 = args
+        .cluster_cidr
+        .iter()
+        .filter(|c| matches!(c, IpNet::V4(_)))
+        .count();
     let v6 = args.cluster_cidr.len() - v4;
     if v4 > 1 || v6 > 1 {
         bail!("--cluster-cidr: at most one CIDR per IP family, got {v4} IPv4 and {v6} IPv6");

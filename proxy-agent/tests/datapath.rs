@@ -72,7 +72,10 @@ impl Fixture {
             table: ServiceTable::new(),
         };
         let mut table = ServiceTable::new();
-        table.insert(key(VIP, 80, Protocol::Tcp), frontend(&BACKENDS, TARGET_PORT));
+        table.insert(
+            key(VIP, 80, Protocol::Tcp),
+            frontend(&BACKENDS, TARGET_PORT),
+        );
         table.insert(key(VIP, 53, Protocol::Udp), frontend(&BACKENDS, 5353));
         f.set_table(table);
         f
@@ -132,7 +135,11 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, kind: Tcp) -> Vec<u8>
         Tcp::Ack => b.ack(5000),
         Tcp::SynAck => b.syn().ack(1001),
     };
-    let payload: &[u8] = if matches!(kind, Tcp::Ack) { b"GET / HTTP/1.1\r\n\r\n" } else { b"" };
+    let payload: &[u8] = if matches!(kind, Tcp::Ack) {
+        b"GET / HTTP/1.1\r\n\r\n"
+    } else {
+        b""
+    };
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload).expect("build TCP packet");
     out
@@ -203,7 +210,10 @@ fn syn_to_vip_is_dnated_to_a_backend_with_valid_checksums() {
     let (verdict, out) = f.ingress(&tcp(CLIENT, 40000, VIP, 80, Tcp::Syn));
     assert_eq!(verdict, TC_ACT_OK);
     let seen = inspect(&out);
-    assert!(BACKENDS.contains(&seen.dst), "DNATed to a backend: {seen:?}");
+    assert!(
+        BACKENDS.contains(&seen.dst),
+        "DNATed to a backend: {seen:?}"
+    );
     assert_eq!(seen.dport, TARGET_PORT);
     assert_eq!((seen.src, seen.sport), (CLIENT, 40000), "source untouched");
     assert_eq!(f.stat(stat::DNAT_NEW), 1);
@@ -232,7 +242,10 @@ fn new_flows_spread_over_every_backend() {
     for sport in 0..300u16 {
         let (_, out) = f.ingress(&tcp(CLIENT, 20000 + sport, VIP, 80, Tcp::Syn));
         let dst = inspect(&out).dst;
-        let i = BACKENDS.iter().position(|b| *b == dst).expect("a known backend");
+        let i = BACKENDS
+            .iter()
+            .position(|b| *b == dst)
+            .expect("a known backend");
         hits[i] += 1;
     }
     // Uniform choice: each of 3 backends gets about 100 of 300; 40 is far
@@ -279,7 +292,11 @@ fn udp_is_translated_both_ways_and_a_zero_checksum_stays_zero() {
     no_csum[csum_off] = 0;
     no_csum[csum_off + 1] = 0;
     let (_, out) = f.ingress(&no_csum);
-    assert_eq!(&out[csum_off..csum_off + 2], &[0, 0], "no checksum stays none");
+    assert_eq!(
+        &out[csum_off..csum_off + 2],
+        &[0, 0],
+        "no checksum stays none"
+    );
     assert!(BACKENDS.contains(&inspect(&out).dst));
 }
 
@@ -309,8 +326,8 @@ fn truncated_and_malformed_packets_pass_unchanged() {
     let mut cases: Vec<Vec<u8>> = vec![
         // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than a full
         // IPv4 header (EINVAL), so the shortest cut tested leaves no L4.
-        syn[..14 + 20].to_vec(), // no L4 header
-        syn[..14 + 20 + 3].to_vec(), // half a source port
+        syn[..14 + 20].to_vec(),      // no L4 header
+        syn[..14 + 20 + 3].to_vec(),  // half a source port
         syn[..14 + 20 + 10].to_vec(), // TCP header cut short
     ];
     let mut bad_ihl = syn.clone();
@@ -355,15 +372,26 @@ fn a_removed_backend_gets_no_new_flows_but_keeps_established_ones() {
         assert!(sport < 41200, "no flow reached backend 0");
     }
     let mut table = ServiceTable::new();
-    table.insert(key(VIP, 80, Protocol::Tcp), frontend(&BACKENDS[1..], TARGET_PORT));
+    table.insert(
+        key(VIP, 80, Protocol::Tcp),
+        frontend(&BACKENDS[1..], TARGET_PORT),
+    );
     table.insert(key(VIP, 53, Protocol::Udp), frontend(&BACKENDS, 5353));
     f.set_table(table);
 
     let (_, out) = f.ingress(&tcp(CLIENT, sport, VIP, 80, Tcp::Ack));
-    assert_eq!(inspect(&out).dst, BACKENDS[0], "established flow keeps its backend");
+    assert_eq!(
+        inspect(&out).dst,
+        BACKENDS[0],
+        "established flow keeps its backend"
+    );
     for s in 0..200u16 {
         let (_, out) = f.ingress(&tcp(CLIENT, 50000 + s, VIP, 80, Tcp::Syn));
-        assert_ne!(inspect(&out).dst, BACKENDS[0], "no new flow to a removed backend");
+        assert_ne!(
+            inspect(&out).dst,
+            BACKENDS[0],
+            "no new flow to a removed backend"
+        );
     }
 }
 
@@ -390,11 +418,15 @@ fn reconcile_repairs_entries_removed_behind_the_agents_back() {
     let table = f.table.clone();
     // Wipe the maps the way drift would: a fresh reconcile against an empty
     // table, then ask for the real one again.
-    f.dp.reconcile(&ServiceTable::new()).expect("reconcile to empty");
+    f.dp.reconcile(&ServiceTable::new())
+        .expect("reconcile to empty");
     let packet = tcp(CLIENT, 43000, VIP, 80, Tcp::Syn);
     assert_eq!(f.ingress(&packet).1, packet, "nothing programmed");
     let stats = f.dp.reconcile(&table).expect("reconcile back");
-    assert!(stats.map_writes >= 3 + 4, "backends and slots rewritten: {stats:?}");
+    assert!(
+        stats.map_writes >= 3 + 4,
+        "backends and slots rewritten: {stats:?}"
+    );
     let (_, out) = f.ingress(&packet);
     assert!(BACKENDS.contains(&inspect(&out).dst));
     // A second reconcile finds nothing to do.

@@ -99,27 +99,43 @@ fn parse(ctx: &TcContext) -> Result<Packet, u32> {
     if ihl < 20 {
         return Err(stat::PASS_TRUNCATED);
     }
-    let frag = u16::from_be(ctx.load::<u16>(l3_off + 6).map_err(|_| stat::PASS_TRUNCATED)?);
+    let frag = u16::from_be(
+        ctx.load::<u16>(l3_off + 6)
+            .map_err(|_| stat::PASS_TRUNCATED)?,
+    );
     // More-fragments set or a non-zero offset: only the first fragment
     // carries ports, so translating it alone would break the datagram.
     if frag & 0x3fff != 0 {
         return Err(stat::PASS_FRAGMENT);
     }
-    let proto = ctx.load::<u8>(l3_off + 9).map_err(|_| stat::PASS_TRUNCATED)?;
+    let proto = ctx
+        .load::<u8>(l3_off + 9)
+        .map_err(|_| stat::PASS_TRUNCATED)?;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(stat::PASS_OTHER_PROTO);
     }
-    let saddr = ctx.load::<u32>(l3_off + IP_SADDR).map_err(|_| stat::PASS_TRUNCATED)?;
-    let daddr = ctx.load::<u32>(l3_off + IP_DADDR).map_err(|_| stat::PASS_TRUNCATED)?;
+    let saddr = ctx
+        .load::<u32>(l3_off + IP_SADDR)
+        .map_err(|_| stat::PASS_TRUNCATED)?;
+    let daddr = ctx
+        .load::<u32>(l3_off + IP_DADDR)
+        .map_err(|_| stat::PASS_TRUNCATED)?;
     let l4_off = l3_off + ihl;
-    let sport = ctx.load::<u16>(l4_off + L4_SPORT).map_err(|_| stat::PASS_TRUNCATED)?;
-    let dport = ctx.load::<u16>(l4_off + L4_DPORT).map_err(|_| stat::PASS_TRUNCATED)?;
+    let sport = ctx
+        .load::<u16>(l4_off + L4_SPORT)
+        .map_err(|_| stat::PASS_TRUNCATED)?;
+    let dport = ctx
+        .load::<u16>(l4_off + L4_DPORT)
+        .map_err(|_| stat::PASS_TRUNCATED)?;
     let tcp_flags = if proto == PROTO_TCP {
         // Reading the checksum field proves the whole fixed header is there.
-        ctx.load::<u16>(l4_off + TCP_CSUM).map_err(|_| stat::PASS_TRUNCATED)?;
-        ctx.load::<u8>(l4_off + TCP_FLAGS).map_err(|_| stat::PASS_TRUNCATED)?
+        ctx.load::<u16>(l4_off + TCP_CSUM)
+            .map_err(|_| stat::PASS_TRUNCATED)?;
+        ctx.load::<u8>(l4_off + TCP_FLAGS)
+            .map_err(|_| stat::PASS_TRUNCATED)?
     } else {
-        ctx.load::<u16>(l4_off + UDP_CSUM).map_err(|_| stat::PASS_TRUNCATED)?;
+        ctx.load::<u16>(l4_off + UDP_CSUM)
+            .map_err(|_| stat::PASS_TRUNCATED)?;
         0
     };
     Ok(Packet {
@@ -182,8 +198,7 @@ fn ct_touch(ct: &mut CtValue, pkt: &Packet, now: u64) -> bool {
         return false;
     }
     let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if pkt.proto == PROTO_TCP && syn_only && ct.flags & (CT_FLAG_SEEN_FIN | CT_FLAG_SEEN_RST) != 0
-    {
+    if pkt.proto == PROTO_TCP && syn_only && ct.flags & (CT_FLAG_SEEN_FIN | CT_FLAG_SEEN_RST) != 0 {
         return false;
     }
     let new_flags = ct.flags | tcp_ct_flags(pkt.tcp_flags);

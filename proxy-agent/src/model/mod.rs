@@ -5,10 +5,24 @@
 //! - [`ClusterState`] is the input (what a source produces).
 //! - [`build_table`] turns it into a [`ServiceTable`] plus [`Rejection`]s.
 //! - [`ServiceTable::diff`] yields the [`TableDiff`] a dataplane applies.
-//! - [`validate_object`] lets a source decide whether an object is broken.
+//! - [`validate_service`], [`validate_endpoint_slice`] and [`validate_node`]
+//!   let a source decide whether an object is broken; [`build_table`] runs the
+//!   same checks, so the two never disagree.
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+
+mod builder;
+mod table;
+mod validate;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod test_support;
+
+pub use builder::{BuildOutput, build_table};
+pub use validate::{validate_endpoint_slice, validate_node, validate_service};
 
 /// Everything the model needs to know about the cluster, as a source sees it.
 #[derive(Clone, Debug, Default)]
@@ -41,6 +55,21 @@ impl Protocol {
             Protocol::Udp => 17,
             Protocol::Sctp => 132,
         }
+    }
+
+    /// The spelling Kubernetes uses ("TCP", "UDP", "SCTP").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -140,7 +140,11 @@ impl Attacher {
                 drop(fd.pin(&pin)?);
             }
         }
-        tracing::info!(interface = ifname, ifindex, "programs attached (tcx ingress+egress)");
+        tracing::info!(
+            interface = ifname,
+            ifindex,
+            "programs attached (tcx ingress+egress)"
+        );
         self.attached.insert(ifindex, ifname.to_string());
         Ok(())
     }
@@ -215,7 +219,9 @@ pub async fn follow_links(attacher: Arc<Mutex<Attacher>>) -> Result<(), EbpfErro
     let mut links = handle.link().get().execute();
     while let Some(msg) = links.next().await {
         let msg = msg.map_err(|e| EbpfError::Rtnetlink(e.to_string()))?;
-        let Some(name) = link_name(&msg) else { continue };
+        let Some(name) = link_name(&msg) else {
+            continue;
+        };
         existing.push((msg.header.index, name.clone()));
         if is_candidate(&msg) {
             lock(&attacher).attach(msg.header.index, &name)?;
@@ -229,13 +235,15 @@ pub async fn follow_links(attacher: Arc<Mutex<Attacher>>) -> Result<(), EbpfErro
         };
         match inner {
             RouteNetlinkMessage::NewLink(msg) if is_candidate(&msg) => {
-                let Some(name) = link_name(&msg) else { continue };
+                let Some(name) = link_name(&msg) else {
+                    continue;
+                };
                 let mut a = lock(&attacher);
-                if a.attached.get(&msg.header.index) != Some(&name) {
-                    if let Err(e) = a.attach(msg.header.index, &name) {
-                        // A link can vanish between the event and the attach.
-                        tracing::warn!(interface = %name, error = %e, "attaching to new interface failed");
-                    }
+                // A link can vanish between the event and the attach.
+                if a.attached.get(&msg.header.index) != Some(&name)
+                    && let Err(e) = a.attach(msg.header.index, &name)
+                {
+                    tracing::warn!(interface = %name, error = %e, "attaching to new interface failed");
                 }
             }
             RouteNetlinkMessage::DelLink(msg) => {

@@ -45,7 +45,9 @@ const PINNED_MAPS: [&str; 4] = [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_S
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("this agent was built without its eBPF object (AYA_BUILD_SKIP); rebuild after `cargo xtask setup`")]
+    #[error(
+        "this agent was built without its eBPF object (AYA_BUILD_SKIP); rebuild after `cargo xtask setup`"
+    )]
     NoObject,
     #[error("preparing bpffs at {0}: {1}")]
     BpfFs(PathBuf, #[source] io::Error),
@@ -369,16 +371,10 @@ impl EbpfDataplane {
     /// kept for the same backends, so existing flows are undisturbed.
     pub fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, EbpfError> {
         let mut stats = ApplyStats::default();
-        let kernel_backends: BTreeMap<BackendId, BackendValue> = self
-            .backends
-            .iter()
-            .filter_map(Result::ok)
-            .collect();
-        let kernel_services: HashMap<ServiceKey, ServiceValue> = self
-            .services
-            .iter()
-            .filter_map(Result::ok)
-            .collect();
+        let kernel_backends: BTreeMap<BackendId, BackendValue> =
+            self.backends.iter().filter_map(Result::ok).collect();
+        let kernel_services: HashMap<ServiceKey, ServiceValue> =
+            self.services.iter().filter_map(Result::ok).collect();
 
         // Adopt IDs of backends already in the kernel.
         let mut by_value: HashMap<BackendValue, BackendId> = HashMap::new();
@@ -472,7 +468,10 @@ impl EbpfDataplane {
         // IDs below next_id that nobody uses are free again.
         let in_use: std::collections::BTreeSet<BackendId> =
             self.backend_ids.values().map(|(id, _)| *id).collect();
-        self.free_ids = (1..self.next_id).filter(|id| !in_use.contains(id)).rev().collect();
+        self.free_ids = (1..self.next_id)
+            .filter(|id| !in_use.contains(id))
+            .rev()
+            .collect();
         stats.frontends_added = desired.len();
         Ok(stats)
     }
@@ -507,7 +506,9 @@ fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
     match map.remove(key) {
         Ok(()) => Ok(()),
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -547,7 +548,10 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport, EbpfError> {
     let layout = PinLayout::new(bpf_root);
     let on_bpffs = bpffs::is_bpffs(bpf_root).map_err(|e| EbpfError::BpfFs(bpf_root.into(), e))?;
     if on_bpffs {
-        for (dir, counter) in [(layout.links(), &mut report.links), (layout.maps(), &mut report.maps)] {
+        for (dir, counter) in [
+            (layout.links(), &mut report.links),
+            (layout.maps(), &mut report.maps),
+        ] {
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

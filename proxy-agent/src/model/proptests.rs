@@ -1,0 +1,493 @@
+//! Property tests: the model survives any input, does not depend on input
+//! order, and its diffs are exact.
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use proptest::{collection::vec, option, prelude::*, test_runner::FileFailurePersistence};
+
+use super::{
+    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, ModelConfig, Protocol, ServiceName,
+    ServiceTable, build_table, test_support::apply, validate::SERVICE_NAME_LABEL,
+    validate::SERVICE_PROXY_NAME_LABEL, validate_endpoint_slice, validate_node, validate_service,
+};
+
+/// Modest case counts keep the suite fast on small machines; failures are
+/// saved beside this file.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    }
+}
+
+/// Mostly a value from a small pool (so objects collide and match each
+/// other), sometimes anything at all.
+fn text(pool: &'static [&'static str]) -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => proptest::sample::select(pool).prop_map(str::to_owned),
+        1 => any::<String>(),
+    ]
+}
+
+/// Mostly present: absent fields are allowed everywhere, but an input where
+/// everything is absent exercises little.
+fn mostly<S: Strategy>(value: S) -> impl Strategy<Value = Option<S::Value>> {
+    option::weighted(0.85, value)
+}
+
+fn ipv4_text() -> impl Strategy<Value = String> {
+    (0u8..6).prop_map(|n| format!("10.0.0.{n}"))
+}
+
+fn ipv6_text() -> impl Strategy<Value = String> {
+    (0u8..6).prop_map(|n| format!("fd00::{n}"))
+}
+
+/// Mostly IPv4, some IPv6, and junk.
+fn ip_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        24 => ipv4_text(),
+        12 => ipv6_text(),
+        1 => Just("None".to_owned()),
+        1 => Just(String::new()),
+        1 => "[0-9a-f.:]{0,16}",
+        1 => any::<String>(),
+    ]
+}
+
+/// Addresses mostly of the slice's addressType.
+fn address_text(address_type: &str) -> BoxedStrategy<String> {
+    match address_type {
+        "IPv4" => prop_oneof![8 => ipv4_text(), 1 => ip_text()].boxed(),
+        "IPv6" => prop_oneof![8 => ipv6_text(), 1 => ip_text()].boxed(),
+        _ => ip_text().boxed(),
+    }
+}
+
+fn port_number() -> impl Strategy<Value = i32> {
+    prop_oneof![
+        24 => 79..82i32,
+        1 => 0..2i32,
+        1 => 65535..65537i32,
+        1 => any::<i32>(),
+    ]
+}
+
+fn protocol() -> impl Strategy<Value = Option<String>> {
+    option::weighted(
+        0.4,
+        text(&["TCP", "TCP", "UDP", "SCTP", "TCP", "UDP", "tcp"]),
+    )
+}
+
+fn port_name() -> impl Strategy<Value = Option<String>> {
+    option::weighted(0.5, text(&["", "", "http"]))
+}
+
+fn meta(
+    names: &'static [&'static str],
+    labels: impl Strategy<Value = Option<BTreeMap<String, String>>>,
+) -> impl Strategy<Value = ObjectMeta> {
+    let namespaces = &["ns", "ns", "ns", "ns", "other", ""];
+    (
+        mostly(text(namespaces)),
+        option::weighted(0.95, text(names)),
+        labels,
+    )
+        .prop_map(|(namespace, name, labels)| ObjectMeta {
+            namespace,
+            name,
+            labels,
+            ..ObjectMeta::default()
+        })
+}
+
+fn service_port() -> impl Strategy<Value = ServicePort> {
+    (port_name(), port_number(), protocol()).prop_map(|(name, port, protocol)| ServicePort {
+        name,
+        port,
+        protocol,
+        ..ServicePort::default()
+    })
+}
+
+fn service_spec() -> impl Strategy<Value = ServiceSpec> {
+    (
+        option::weighted(0.2, text(&["ClusterIP", "NodePort", "ExternalName"])),
+        option::weighted(
+            0.95,
+            prop_oneof![4 => vec(ip_text(), 1..2), 1 => vec(ip_text(), 0..3)],
+        ),
+        // Usually clusterIP mirrors clusterIPs[0], as the API keeps it.
+        prop_oneof![9 => Just(None), 1 => option::of(ip_text()).prop_map(Some)],
+        option::weighted(0.15, vec(text(&["IPv4", "IPv6"]), 0..3)),
+        option::weighted(
+            0.95,
+            prop_oneof![9 => vec(service_port(), 1..4), 1 => Just(Vec::new())],
+        ),
+    )
+        .prop_map(|(type_, cluster_ips, own_cluster_ip, ip_families, ports)| {
+            let mirrored = cluster_ips.as_ref().and_then(|ips| ips.first().cloned());
+            ServiceSpec {
+                type_,
+                cluster_ip: own_cluster_ip.unwrap_or(mirrored),
+                cluster_ips,
+                ip_families,
+                ports,
+                ..ServiceSpec::default()
+            }
+        })
+}
+
+fn service() -> impl Strategy<Value = Service> {
+    let labels = option::weighted(
+        0.1,
+        proptest::sample::select(&[SERVICE_PROXY_NAME_LABEL, "app"][..])
+            .prop_map(|label| BTreeMap::from([(label.to_owned(), String::new())])),
+    );
+    let names = &["a", "b", "c", "d", "e", "f", "g", "h"];
+    (meta(names, labels), option::weighted(0.95, service_spec())).prop_map(|(metadata, spec)| {
+        Service {
+            metadata,
+            spec,
+            ..Service::default()
+        }
+    })
+}
+
+fn endpoint_port() -> impl Strategy<Value = EndpointPort> {
+    (port_name(), mostly(port_number()), protocol()).prop_map(|(name, port, protocol)| {
+        EndpointPort {
+            name,
+            // Offset so backend ports differ from frontend ports.
+            port: port.map(|p| p.wrapping_add(8000)),
+            protocol,
+            ..EndpointPort::default()
+        }
+    })
+}
+
+fn endpoint(address_type: &str) -> impl Strategy<Value = Endpoint> + use<> {
+    (
+        prop_oneof![8 => vec(address_text(address_type), 1..2), 1 => vec(ip_text(), 0..3)],
+        option::of(option::of(any::<bool>())),
+    )
+        .prop_map(|(addresses, ready)| Endpoint {
+            addresses,
+            conditions: ready.map(|ready| EndpointConditions {
+                ready,
+                ..EndpointConditions::default()
+            }),
+            ..Endpoint::default()
+        })
+}
+
+fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
+    let labels = mostly(
+        text(&["a", "b", "c", "d", "e", "f", "g", "h"])
+            .prop_map(|service| BTreeMap::from([(SERVICE_NAME_LABEL.to_owned(), service)])),
+    );
+    (
+        meta(&["s1", "s2", "s3", "s4"], labels),
+        prop_oneof![6 => Just("IPv4".to_owned()), 3 => Just("IPv6".to_owned()), 1 => text(&["FQDN"])],
+    )
+        .prop_flat_map(|(metadata, address_type)| {
+            (
+                Just(metadata),
+                mostly(vec(endpoint_port(), 0..3)),
+                mostly(vec(endpoint(&address_type), 0..5)),
+                Just(address_type),
+            )
+        })
+        .prop_map(|(metadata, ports, endpoints, address_type)| EndpointSlice {
+            metadata,
+            address_type,
+            ports,
+            endpoints,
+        })
+}
+
+fn node() -> impl Strategy<Value = Node> {
+    mostly(text(&["node-a", "node-b", ""])).prop_map(|name| Node {
+        metadata: ObjectMeta {
+            name,
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    })
+}
+
+/// A slice written for one of `services` (its namespace, name label and
+/// ports), so that generated states actually have backends; the endpoints are
+/// still random.
+fn slice_for(services: Vec<Service>) -> impl Strategy<Value = EndpointSlice> {
+    (
+        any::<proptest::sample::Index>(),
+        // Usually the family of the Service's first cluster IP.
+        prop_oneof![3 => Just(None), 1 => Just(Some("IPv4")), 1 => Just(Some("IPv6"))],
+        text(&["s1", "s2", "s3", "s4"]),
+    )
+        .prop_flat_map(move |(index, address_type, name)| {
+            let service = services.get(index.index(services.len().max(1))).cloned();
+            let first_ip = service
+                .as_ref()
+                .and_then(|svc| svc.spec.as_ref())
+                .and_then(|spec| spec.cluster_ips.as_ref())
+                .and_then(|ips| ips.first())
+                .cloned()
+                .unwrap_or_default();
+            let address_type = address_type.unwrap_or(if first_ip.contains(':') {
+                "IPv6"
+            } else {
+                "IPv4"
+            });
+            (
+                Just(service),
+                Just(address_type.to_owned()),
+                Just(name),
+                vec(endpoint(address_type), 1..4),
+            )
+        })
+        .prop_map(|(service, address_type, name, endpoints)| {
+            let service = service.unwrap_or_default();
+            let ports = service
+                .spec
+                .iter()
+                .flat_map(|spec| spec.ports.iter().flatten())
+                .map(|port| EndpointPort {
+                    name: port.name.clone(),
+                    port: Some(port.port.wrapping_add(8000)),
+                    protocol: port.protocol.clone(),
+                    ..EndpointPort::default()
+                })
+                .collect();
+            let label = service.metadata.name.clone().unwrap_or_default();
+            EndpointSlice {
+                metadata: ObjectMeta {
+                    namespace: service.metadata.namespace.clone(),
+                    name: Some(name),
+                    labels: Some(BTreeMap::from([(SERVICE_NAME_LABEL.to_owned(), label)])),
+                    ..ObjectMeta::default()
+                },
+                address_type,
+                ports: Some(ports),
+                endpoints: Some(endpoints),
+            }
+        })
+}
+
+/// A cluster state: random objects, slices written for the random Services,
+/// and sometimes exact copies of objects (as two manifest files holding the
+/// same object would give).
+fn cluster_state() -> impl Strategy<Value = ClusterState> {
+    (
+        vec(service(), 0..6),
+        vec(endpoint_slice(), 0..4),
+        vec(node(), 0..3),
+        0usize..3,
+    )
+        .prop_flat_map(|(services, random_slices, nodes, copies)| {
+            let matching_slices = if services.is_empty() {
+                Just(Vec::new()).boxed()
+            } else {
+                vec(slice_for(services.clone()), 1..5).boxed()
+            };
+            (
+                Just(services),
+                Just(random_slices),
+                matching_slices,
+                Just(nodes),
+                Just(copies),
+            )
+        })
+        .prop_map(
+            |(mut services, mut endpoint_slices, matching_slices, nodes, copies)| {
+                endpoint_slices.extend(matching_slices);
+                let service_copies: Vec<Service> = services.iter().take(copies).cloned().collect();
+                services.extend(service_copies);
+                let slice_copies: Vec<EndpointSlice> =
+                    endpoint_slices.iter().take(copies).cloned().collect();
+                endpoint_slices.extend(slice_copies);
+                ClusterState {
+                    services,
+                    endpoint_slices,
+                    nodes,
+                }
+            },
+        )
+}
+
+/// The state and the same objects in another order.
+fn state_and_shuffled() -> impl Strategy<Value = (ClusterState, ClusterState)> {
+    cluster_state().prop_flat_map(|state| {
+        let original = Just(state.clone());
+        let shuffled = (
+            Just(state.services).prop_shuffle(),
+            Just(state.endpoint_slices).prop_shuffle(),
+            Just(state.nodes).prop_shuffle(),
+        )
+            .prop_map(|(services, endpoint_slices, nodes)| ClusterState {
+                services,
+                endpoint_slices,
+                nodes,
+            });
+        (original, shuffled)
+    })
+}
+
+fn model_config() -> impl Strategy<Value = ModelConfig> {
+    text(&["node-a", ""]).prop_map(|node_name| ModelConfig { node_name })
+}
+
+fn frontend_key() -> impl Strategy<Value = FrontendKey> {
+    (
+        proptest::sample::select(&["10.0.0.1", "10.0.0.2", "fd00::1"][..]),
+        1u16..4,
+        proptest::sample::select(&[Protocol::Tcp, Protocol::Udp, Protocol::Sctp][..]),
+    )
+        .prop_map(|(ip, port, protocol)| FrontendKey {
+            ip: ip.parse().unwrap(),
+            port,
+            protocol,
+        })
+}
+
+fn frontend() -> impl Strategy<Value = Frontend> {
+    let backend = (0u8..4, 1u16..3).prop_map(|(host, port)| Backend {
+        ip: format!("10.1.0.{host}").parse().unwrap(),
+        port,
+    });
+    (
+        proptest::sample::select(&["a", "b"][..]),
+        proptest::sample::select(&["", "http"][..]),
+        vec(backend, 0..4),
+    )
+        .prop_map(|(name, port_name, backends)| Frontend {
+            service: ServiceName {
+                namespace: "ns".into(),
+                name: name.into(),
+            },
+            port_name: port_name.into(),
+            kind: FrontendKind::ClusterIp,
+            backends,
+        })
+}
+
+fn service_table() -> impl Strategy<Value = ServiceTable> {
+    vec((frontend_key(), frontend()), 0..8).prop_map(|entries| {
+        let mut table = ServiceTable::new();
+        for (key, frontend) in entries {
+            table.insert(key, frontend);
+        }
+        table
+    })
+}
+
+fn is_strictly_sorted<T: Ord>(items: &[T]) -> bool {
+    items.windows(2).all(|pair| pair[0] < pair[1])
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    /// Any input builds without panicking, and the table keeps its promises.
+    #[test]
+    fn build_never_panics_and_keeps_invariants(state in cluster_state(), cfg in model_config()) {
+        let output = build_table(&state, &cfg);
+
+        prop_assert!(is_strictly_sorted(&output.rejections));
+        for (key, frontend) in output.table.iter() {
+            prop_assert!(key.port != 0);
+            prop_assert_eq!(frontend.kind, FrontendKind::ClusterIp);
+            prop_assert!(is_strictly_sorted(&frontend.backends));
+            for backend in &frontend.backends {
+                prop_assert!(backend.port != 0);
+                prop_assert_eq!(backend.ip.is_ipv4(), key.ip.is_ipv4());
+            }
+        }
+
+        // Every problem the validators see is reported by the build; the
+        // build adds only conflicts between objects.
+        let validated: Vec<_> = state
+            .services
+            .iter()
+            .flat_map(validate_service)
+            .chain(state.endpoint_slices.iter().flat_map(validate_endpoint_slice))
+            .chain(state.nodes.iter().flat_map(validate_node))
+            .collect();
+        for rejection in &validated {
+            prop_assert!(output.rejections.contains(rejection), "missing {:?}", rejection);
+        }
+        for rejection in &output.rejections {
+            prop_assert!(
+                validated.contains(rejection)
+                    || rejection.reason.contains("is already claimed by")
+                    || rejection.reason.contains("share this namespace/name"),
+                "unexplained {:?}",
+                rejection
+            );
+        }
+    }
+
+    /// The same objects in another order give the same table and rejections.
+    #[test]
+    fn build_is_independent_of_input_order(
+        (state, shuffled) in state_and_shuffled(),
+        cfg in model_config(),
+    ) {
+        prop_assert_eq!(build_table(&state, &cfg), build_table(&shuffled, &cfg));
+    }
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+
+    /// diff(a, b) turns a into b, touching only what differs.
+    #[test]
+    fn diff_applied_gives_the_desired_table(a in service_table(), b in service_table()) {
+        let diff = a.diff(&b);
+        prop_assert_eq!(&apply(&a, &diff), &b);
+
+        let added: Vec<FrontendKey> = diff.added.iter().map(|(k, _)| *k).collect();
+        let changed: Vec<FrontendKey> = diff.changed.iter().map(|c| c.key).collect();
+        let removed: Vec<FrontendKey> = diff.removed.iter().map(|(k, _)| *k).collect();
+        prop_assert!(is_strictly_sorted(&added));
+        prop_assert!(is_strictly_sorted(&changed));
+        prop_assert!(is_strictly_sorted(&removed));
+        for change in &diff.changed {
+            prop_assert_ne!(&change.old, &change.new);
+        }
+        prop_assert_eq!(diff.is_empty(), a == b);
+    }
+
+    #[test]
+    fn diff_with_itself_is_empty(a in service_table()) {
+        prop_assert!(a.diff(&a).is_empty());
+    }
+
+    /// Backend deltas of a change rebuild the new backend list from the old.
+    #[test]
+    fn backend_deltas_are_exact(a in service_table(), b in service_table()) {
+        for change in a.diff(&b).changed {
+            let added = change.added_backends();
+            let removed = change.removed_backends();
+            let mut rebuilt: Vec<Backend> = change
+                .old
+                .backends
+                .iter()
+                .filter(|backend| !removed.contains(backend))
+                .copied()
+                .chain(added)
+                .collect();
+            rebuilt.sort();
+            prop_assert_eq!(rebuilt, change.new.backends.clone());
+        }
+    }
+}

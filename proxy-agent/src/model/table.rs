@@ -1,0 +1,275 @@
+//! Operations on [`ServiceTable`] and its [`TableDiff`]s.
+use std::collections::BTreeSet;
+
+use super::{Backend, Frontend, FrontendChange, FrontendKey, ServiceTable, TableDiff};
+
+impl ServiceTable {
+    pub fn new() -> ServiceTable {
+        ServiceTable::default()
+    }
+
+    /// Sets the frontend for `key`, returning the one it replaces. Backends
+    /// are sorted and de-duplicated, as [`Frontend`] promises.
+    pub fn insert(&mut self, key: FrontendKey, mut frontend: Frontend) -> Option<Frontend> {
+        frontend.backends.sort_unstable();
+        frontend.backends.dedup();
+        self.frontends.insert(key, frontend)
+    }
+
+    /// Removes the frontend for `key`, returning it.
+    pub fn remove(&mut self, key: &FrontendKey) -> Option<Frontend> {
+        self.frontends.remove(key)
+    }
+
+    pub fn get(&self, key: &FrontendKey) -> Option<&Frontend> {
+        self.frontends.get(key)
+    }
+
+    /// Frontends in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&FrontendKey, &Frontend)> {
+        self.frontends.iter()
+    }
+
+    /// Number of frontends.
+    pub fn len(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty()
+    }
+
+    /// Number of backends over all frontends (a backend serving two
+    /// frontends counts twice, as it takes two dataplane entries).
+    pub fn backend_count(&self) -> usize {
+        self.frontends.values().map(|f| f.backends.len()).sum()
+    }
+
+    /// What must change to turn `self` (what is programmed) into `desired`.
+    /// Every list is sorted by key.
+    pub fn diff(&self, desired: &ServiceTable) -> TableDiff {
+        let mut diff = TableDiff::default();
+        for (key, new) in &desired.frontends {
+            match self.frontends.get(key) {
+                None => diff.added.push((*key, new.clone())),
+                Some(old) if old != new => diff.changed.push(FrontendChange {
+                    key: *key,
+                    old: old.clone(),
+                    new: new.clone(),
+                }),
+                Some(_) => {}
+            }
+        }
+        for (key, old) in &self.frontends {
+            if !desired.frontends.contains_key(key) {
+                diff.removed.push((*key, old.clone()));
+            }
+        }
+        diff
+    }
+}
+
+impl TableDiff {
+    /// True when applying the diff would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl FrontendChange {
+    /// Backends in `new` but not in `old`, sorted.
+    pub fn added_backends(&self) -> Vec<Backend> {
+        backends_missing_from(&self.new.backends, &self.old.backends)
+    }
+
+    /// Backends in `old` but not in `new`, sorted.
+    pub fn removed_backends(&self) -> Vec<Backend> {
+        backends_missing_from(&self.old.backends, &self.new.backends)
+    }
+}
+
+/// The backends of `from` that `other` lacks, sorted and de-duplicated
+/// (sets, because a Frontend built by hand may break the sorted promise).
+fn backends_missing_from(from: &[Backend], other: &[Backend]) -> Vec<Backend> {
+    let other: BTreeSet<&Backend> = other.iter().collect();
+    let from: BTreeSet<&Backend> = from.iter().collect();
+    from.difference(&other).map(|&&backend| backend).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{apply, backend, frontend, key};
+    use super::*;
+
+    fn table(entries: &[(FrontendKey, Frontend)]) -> ServiceTable {
+        let mut table = ServiceTable::new();
+        for (key, frontend) in entries {
+            table.insert(*key, frontend.clone());
+        }
+        table
+    }
+
+    #[test]
+    fn new_table_is_empty() {
+        let table = ServiceTable::new();
+        assert!(table.is_empty());
+        assert_eq!(table.len(), 0);
+        assert_eq!(table.backend_count(), 0);
+        assert_eq!(table.iter().count(), 0);
+    }
+
+    #[test]
+    fn insert_sorts_and_dedups_backends_and_replaces() {
+        let k = key("10.0.0.1", 80);
+        let mut table = ServiceTable::new();
+        let unsorted = frontend(
+            "ns",
+            "a",
+            &[
+                backend("10.1.0.2", 8080),
+                backend("10.1.0.1", 8080),
+                backend("10.1.0.2", 8080),
+            ],
+        );
+        assert_eq!(table.insert(k, unsorted), None);
+        let stored = table.get(&k).map(|f| f.backends.clone());
+        assert_eq!(
+            stored,
+            Some(vec![backend("10.1.0.1", 8080), backend("10.1.0.2", 8080)])
+        );
+        assert_eq!(table.backend_count(), 2);
+
+        let replaced = table.insert(k, frontend("ns", "a", &[]));
+        assert_eq!(replaced.map(|f| f.backends.len()), Some(2));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.backend_count(), 0);
+        assert!(table.remove(&k).is_some());
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn iter_is_in_key_order() {
+        let table = table(&[
+            (key("10.0.0.2", 80), frontend("ns", "b", &[])),
+            (key("10.0.0.1", 443), frontend("ns", "a", &[])),
+            (key("10.0.0.1", 80), frontend("ns", "a", &[])),
+        ]);
+        let keys: Vec<FrontendKey> = table.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            vec![
+                key("10.0.0.1", 80),
+                key("10.0.0.1", 443),
+                key("10.0.0.2", 80)
+            ]
+        );
+    }
+
+    #[test]
+    fn diff_of_equal_tables_is_empty() {
+        let a = table(&[(
+            key("10.0.0.1", 80),
+            frontend("ns", "a", &[backend("10.1.0.1", 8080)]),
+        )]);
+        assert!(a.diff(&a.clone()).is_empty());
+        assert!(ServiceTable::new().diff(&ServiceTable::new()).is_empty());
+    }
+
+    #[test]
+    fn diff_adds_new_frontends_in_key_order() {
+        let old = ServiceTable::new();
+        let new = table(&[
+            (key("10.0.0.2", 80), frontend("ns", "b", &[])),
+            (
+                key("10.0.0.1", 80),
+                frontend("ns", "a", &[backend("10.1.0.1", 8080)]),
+            ),
+        ]);
+        let diff = old.diff(&new);
+        let added: Vec<FrontendKey> = diff.added.iter().map(|(k, _)| *k).collect();
+        assert_eq!(added, vec![key("10.0.0.1", 80), key("10.0.0.2", 80)]);
+        assert!(diff.changed.is_empty() && diff.removed.is_empty());
+        assert_eq!(apply(&old, &diff), new);
+    }
+
+    #[test]
+    fn diff_removes_missing_frontends_with_their_old_state() {
+        let gone = frontend("ns", "a", &[backend("10.1.0.1", 8080)]);
+        let old = table(&[
+            (key("10.0.0.1", 80), gone.clone()),
+            (key("10.0.0.2", 80), frontend("ns", "b", &[])),
+        ]);
+        let new = table(&[(key("10.0.0.2", 80), frontend("ns", "b", &[]))]);
+        let diff = old.diff(&new);
+        assert_eq!(diff.removed, vec![(key("10.0.0.1", 80), gone)]);
+        assert!(diff.added.is_empty() && diff.changed.is_empty());
+        assert_eq!(apply(&old, &diff), new);
+    }
+
+    #[test]
+    fn diff_reports_changed_backends() {
+        let k = key("10.0.0.1", 80);
+        let old = table(&[(
+            k,
+            frontend(
+                "ns",
+                "a",
+                &[backend("10.1.0.1", 8080), backend("10.1.0.2", 8080)],
+            ),
+        )]);
+        let new = table(&[(
+            k,
+            frontend(
+                "ns",
+                "a",
+                &[backend("10.1.0.2", 8080), backend("10.1.0.3", 8080)],
+            ),
+        )]);
+        let diff = old.diff(&new);
+        assert!(diff.added.is_empty() && diff.removed.is_empty());
+        let [change] = diff.changed.as_slice() else {
+            panic!("expected one change, got {diff:?}");
+        };
+        assert_eq!(change.key, k);
+        assert_eq!(change.added_backends(), vec![backend("10.1.0.3", 8080)]);
+        assert_eq!(change.removed_backends(), vec![backend("10.1.0.1", 8080)]);
+        assert_eq!(apply(&old, &diff), new);
+    }
+
+    #[test]
+    fn diff_reports_change_of_owner_without_backend_change() {
+        let k = key("10.0.0.1", 80);
+        let old = table(&[(k, frontend("ns", "a", &[backend("10.1.0.1", 80)]))]);
+        let new = table(&[(k, frontend("ns", "b", &[backend("10.1.0.1", 80)]))]);
+        let diff = old.diff(&new);
+        assert_eq!(diff.changed.len(), 1);
+        assert!(diff.changed[0].added_backends().is_empty());
+        assert!(diff.changed[0].removed_backends().is_empty());
+        assert_eq!(apply(&old, &diff), new);
+    }
+
+    #[test]
+    fn diff_mixes_add_change_remove() {
+        let old = table(&[
+            (key("10.0.0.1", 80), frontend("ns", "a", &[])),
+            (
+                key("10.0.0.2", 80),
+                frontend("ns", "b", &[backend("10.1.0.1", 80)]),
+            ),
+        ]);
+        let new = table(&[
+            (
+                key("10.0.0.2", 80),
+                frontend("ns", "b", &[backend("10.1.0.9", 80)]),
+            ),
+            (key("10.0.0.3", 80), frontend("ns", "c", &[])),
+        ]);
+        let diff = old.diff(&new);
+        assert_eq!(diff.added.len(), 1);
+        assert_eq!(diff.changed.len(), 1);
+        assert_eq!(diff.removed.len(), 1);
+        assert!(!diff.is_empty());
+        assert_eq!(apply(&old, &diff), new);
+        assert!(new.diff(&apply(&old, &diff)).is_empty());
+    }
+}

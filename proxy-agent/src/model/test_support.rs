@@ -1,0 +1,214 @@
+//! Short constructors for Kubernetes objects and table parts, for tests.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::{
+    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, ModelConfig, Protocol, ServiceName,
+    ServiceTable, TableDiff, validate::SERVICE_NAME_LABEL,
+};
+
+pub fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// A TCP frontend key.
+pub fn key(address: &str, port: u16) -> FrontendKey {
+    key_proto(address, port, Protocol::Tcp)
+}
+
+pub fn key_proto(address: &str, port: u16, protocol: Protocol) -> FrontendKey {
+    FrontendKey {
+        ip: ip(address),
+        port,
+        protocol,
+    }
+}
+
+pub fn backend(address: &str, port: u16) -> Backend {
+    Backend {
+        ip: ip(address),
+        port,
+    }
+}
+
+/// A ClusterIP frontend of an unnamed port.
+pub fn frontend(namespace: &str, name: &str, backends: &[Backend]) -> Frontend {
+    Frontend {
+        service: ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        },
+        port_name: String::new(),
+        kind: FrontendKind::ClusterIp,
+        backends: backends.to_vec(),
+    }
+}
+
+/// A service port: (name, port, protocol); "" leaves name or protocol unset.
+pub fn service_port(name: &str, port: i32, protocol: &str) -> ServicePort {
+    ServicePort {
+        name: (!name.is_empty()).then(|| name.into()),
+        port,
+        protocol: (!protocol.is_empty()).then(|| protocol.into()),
+        ..ServicePort::default()
+    }
+}
+
+/// A ClusterIP Service with `spec.clusterIPs` (and `spec.clusterIP` set to
+/// the first, as the API server does).
+pub fn service(
+    namespace: &str,
+    name: &str,
+    cluster_ips: &[&str],
+    ports: &[ServicePort],
+) -> Service {
+    Service {
+        metadata: meta(namespace, name),
+        spec: Some(ServiceSpec {
+            cluster_ip: cluster_ips.first().map(|ip| (*ip).into()),
+            cluster_ips: Some(cluster_ips.iter().map(|ip| (*ip).into()).collect()),
+            ports: Some(ports.to_vec()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// A Service with one unnamed TCP port.
+pub fn simple_service(namespace: &str, name: &str, cluster_ip: &str, port: i32) -> Service {
+    service(
+        namespace,
+        name,
+        &[cluster_ip],
+        &[service_port("", port, "")],
+    )
+}
+
+pub fn slice_port(name: &str, port: i32, protocol: &str) -> EndpointPort {
+    EndpointPort {
+        name: (!name.is_empty()).then(|| name.into()),
+        port: Some(port),
+        protocol: (!protocol.is_empty()).then(|| protocol.into()),
+        ..EndpointPort::default()
+    }
+}
+
+/// A ready endpoint with one address.
+pub fn endpoint(address: &str) -> Endpoint {
+    endpoint_with(&[address], Some(true))
+}
+
+pub fn endpoint_with(addresses: &[&str], ready: Option<bool>) -> Endpoint {
+    Endpoint {
+        addresses: addresses.iter().map(|a| (*a).into()).collect(),
+        conditions: Some(EndpointConditions {
+            ready,
+            ..EndpointConditions::default()
+        }),
+        ..Endpoint::default()
+    }
+}
+
+/// An EndpointSlice labelled for `service` in `namespace`.
+pub fn slice(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &[EndpointPort],
+    endpoints: &[Endpoint],
+) -> EndpointSlice {
+    let mut metadata = meta(namespace, name);
+    metadata.labels = Some(BTreeMap::from([(
+        SERVICE_NAME_LABEL.to_owned(),
+        service.to_owned(),
+    )]));
+    EndpointSlice {
+        metadata,
+        address_type: address_type.into(),
+        ports: Some(ports.to_vec()),
+        endpoints: Some(endpoints.to_vec()),
+    }
+}
+
+/// An IPv4 slice with one unnamed TCP port and ready endpoints.
+pub fn simple_slice(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    port: i32,
+    addresses: &[&str],
+) -> EndpointSlice {
+    let endpoints: Vec<Endpoint> = addresses.iter().map(|a| endpoint(a)).collect();
+    slice(
+        namespace,
+        name,
+        service,
+        "IPv4",
+        &[slice_port("", port, "")],
+        &endpoints,
+    )
+}
+
+pub fn node(name: &str) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: (!name.is_empty()).then(|| name.into()),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    }
+}
+
+/// Object metadata; "" leaves namespace or name unset.
+pub fn meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: (!namespace.is_empty()).then(|| namespace.into()),
+        name: (!name.is_empty()).then(|| name.into()),
+        ..ObjectMeta::default()
+    }
+}
+
+pub fn state(services: Vec<Service>, endpoint_slices: Vec<EndpointSlice>) -> ClusterState {
+    ClusterState {
+        services,
+        endpoint_slices,
+        nodes: Vec::new(),
+    }
+}
+
+pub fn config() -> ModelConfig {
+    ModelConfig {
+        node_name: "node-a".into(),
+    }
+}
+
+/// Applies `diff` to `table` the way a dataplane would, checking on the way
+/// that the diff describes `table` correctly (what it removes or changes is
+/// there as described, what it adds is not).
+pub fn apply(table: &ServiceTable, diff: &TableDiff) -> ServiceTable {
+    let mut result = table.clone();
+    for (key, old) in &diff.removed {
+        assert_eq!(result.remove(key).as_ref(), Some(old), "removed {key:?}");
+    }
+    for change in &diff.changed {
+        let replaced = result.insert(change.key, change.new.clone());
+        assert_eq!(
+            replaced.as_ref(),
+            Some(&change.old),
+            "changed {:?}",
+            change.key
+        );
+    }
+    for (key, frontend) in &diff.added {
+        assert_eq!(result.insert(*key, frontend.clone()), None, "added {key:?}");
+    }
+    result
+}

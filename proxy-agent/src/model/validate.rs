@@ -1,0 +1,647 @@
+//! Checks on single objects. This is the only place that decides what is
+//! broken: the public `validate_*` functions and [`super::build_table`] both
+//! call the `check_*` functions here, so a source and the table never disagree.
+//!
+//! A check yields rejections plus, when the object is usable, a plan: the
+//! already-parsed parts the table builder needs. Objects the model ignores on
+//! purpose (headless, ExternalName, owned by another proxy, FQDN slices) yield
+//! neither.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::{Protocol, Rejection, ServiceName};
+
+/// Services with this label belong to another proxy, whatever its value.
+pub(super) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Links an EndpointSlice to the Service (same namespace) it serves.
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+const SERVICE: &str = "Service";
+const ENDPOINT_SLICE: &str = "EndpointSlice";
+const NODE: &str = "Node";
+
+/// Problems with a Service; empty means the model can use it (or ignores it
+/// on purpose, e.g. headless or owned by another proxy).
+pub fn validate_service(svc: &Service) -> Vec<Rejection> {
+    check_service(svc).rejections
+}
+
+/// Problems with an EndpointSlice; empty means every part of it is usable
+/// (or the model ignores it on purpose, e.g. an FQDN slice).
+pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Vec<Rejection> {
+    check_endpoint_slice(slice).rejections
+}
+
+/// Problems with a Node; empty means valid. A Node only needs a name for now.
+pub fn validate_node(node: &Node) -> Vec<Rejection> {
+    let (namespace, name) = identity(&node.metadata, "");
+    if name.is_empty() {
+        return vec![rejection(
+            NODE,
+            &namespace,
+            &name,
+            "metadata.name: missing".into(),
+        )];
+    }
+    Vec::new()
+}
+
+/// IP address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub(super) fn of(ip: IpAddr) -> IpFamily {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The spelling of spec.ipFamilies and EndpointSlice.addressType.
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+/// The usable parts of a valid Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ServicePlan {
+    pub name: ServiceName,
+    /// At most one per family, in spec order.
+    pub cluster_ips: Vec<IpAddr>,
+    /// Valid ports without (port, protocol) duplicates, in spec order.
+    pub ports: Vec<ServicePortPlan>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ServicePortPlan {
+    /// Position in spec.ports, for messages.
+    pub index: usize,
+    /// "" when unnamed.
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+pub(super) struct ServiceCheck {
+    pub rejections: Vec<Rejection>,
+    /// `None` when the Service is rejected as a whole or ignored on purpose.
+    pub plan: Option<ServicePlan>,
+}
+
+/// The usable parts of an IPv4 or IPv6 EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SlicePlan {
+    pub namespace: String,
+    /// The `kubernetes.io/service-name` label; `None` leaves the slice unused.
+    pub service_name: Option<String>,
+    pub family: IpFamily,
+    /// Valid ports only.
+    pub ports: Vec<SlicePortPlan>,
+    /// One address per ready, valid endpoint.
+    pub ready_addresses: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SlicePortPlan {
+    /// "" when unnamed.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+pub(super) struct SliceCheck {
+    pub rejections: Vec<Rejection>,
+    /// `None` when the slice is rejected as a whole or ignored on purpose.
+    pub plan: Option<SlicePlan>,
+}
+
+/// The namespace/name a Service is known by (namespace defaulted like kubectl).
+pub(super) fn service_name_of(svc: &Service) -> ServiceName {
+    let (namespace, name) = identity(&svc.metadata, "default");
+    ServiceName { namespace, name }
+}
+
+pub(super) fn check_service(svc: &Service) -> ServiceCheck {
+    let ServiceName { namespace, name } = service_name_of(svc);
+    let into_check = |reasons: Vec<String>, plan: Option<ServicePlan>| ServiceCheck {
+        rejections: reasons
+            .into_iter()
+            .map(|reason| rejection(SERVICE, &namespace, &name, reason))
+            .collect(),
+        plan,
+    };
+    // Without a name nothing can refer to the object, whoever proxies it.
+    if name.is_empty() {
+        return into_check(vec!["metadata.name: missing".into()], None);
+    }
+    if has_label(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
+        return into_check(Vec::new(), None);
+    }
+    let Some(spec) = &svc.spec else {
+        return into_check(Vec::new(), None);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return into_check(Vec::new(), None);
+    }
+    let addresses = cluster_ip_fields(spec);
+    // Like kube-proxy, only the primary address decides: "" is not allocated
+    // (yet), "None" is headless.
+    if matches!(addresses.first(), None | Some((_, "" | "None"))) {
+        return into_check(Vec::new(), None);
+    }
+
+    let mut reasons = Vec::new();
+    let cluster_ips = check_cluster_ips(spec, &addresses, &mut reasons);
+    // Ports are checked even when the cluster IPs are bad, so one pass over a
+    // broken manifest reports every problem.
+    let ports = check_service_ports(spec, &mut reasons);
+    let plan = cluster_ips.map(|cluster_ips| ServicePlan {
+        name: ServiceName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        },
+        cluster_ips,
+        ports,
+    });
+    into_check(reasons, plan)
+}
+
+/// (field path, value) of every cluster IP: spec.clusterIPs, or spec.clusterIP
+/// when clusterIPs is empty. An empty clusterIP means "none allocated".
+fn cluster_ip_fields(spec: &ServiceSpec) -> Vec<(String, &str)> {
+    match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            .collect(),
+        _ => match spec.cluster_ip.as_deref() {
+            Some(ip) if !ip.is_empty() => vec![("spec.clusterIP".to_owned(), ip)],
+            _ => Vec::new(),
+        },
+    }
+}
+
+/// The parsed cluster IPs, or `None` (with reasons) when any is unusable:
+/// a Service half-programmed on one family would be worse than none.
+fn check_cluster_ips(
+    spec: &ServiceSpec,
+    addresses: &[(String, &str)],
+    reasons: &mut Vec<String>,
+) -> Option<Vec<IpAddr>> {
+    let reasons_before = reasons.len();
+
+    // The API keeps clusterIP equal to clusterIPs[0]; if they differ the
+    // intent is unclear.
+    if let (Some(single), Some(first)) = (
+        spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty()),
+        spec.cluster_ips.as_deref().and_then(|ips| ips.first()),
+    ) && single != first
+    {
+        reasons.push(format!(
+            "spec.clusterIP: {single:?} differs from spec.clusterIPs[0] {first:?}"
+        ));
+    }
+
+    let mut listed_families = Vec::new();
+    let families_given = spec.ip_families.as_deref().is_some_and(|f| !f.is_empty());
+    for (i, family) in spec.ip_families.iter().flatten().enumerate() {
+        match family.as_str() {
+            "IPv4" => listed_families.push(IpFamily::V4),
+            "IPv6" => listed_families.push(IpFamily::V6),
+            other => reasons.push(format!(
+                "spec.ipFamilies[{i}]: {other:?} is not IPv4 or IPv6"
+            )),
+        }
+    }
+
+    let mut cluster_ips: Vec<IpAddr> = Vec::new();
+    for (field, raw) in addresses {
+        let Some(ip) = parse_ip(raw) else {
+            reasons.push(format!("{field}: {raw:?} is not an IP address"));
+            continue;
+        };
+        let family = IpFamily::of(ip);
+        if cluster_ips.iter().any(|seen| IpFamily::of(*seen) == family) {
+            reasons.push(format!(
+                "{field}: {raw:?} is a second {family} address (at most one per family)"
+            ));
+            continue;
+        }
+        if families_given && !listed_families.contains(&family) {
+            reasons.push(format!(
+                "{field}: {raw:?} is {family}, which spec.ipFamilies does not list"
+            ));
+            continue;
+        }
+        cluster_ips.push(ip);
+    }
+
+    (reasons.len() == reasons_before).then_some(cluster_ips)
+}
+
+/// The usable ports; a bad or duplicate port is skipped alone, since the
+/// Service's other ports are still meaningful.
+fn check_service_ports(spec: &ServiceSpec, reasons: &mut Vec<String>) -> Vec<ServicePortPlan> {
+    let mut ports: Vec<ServicePortPlan> = Vec::new();
+    for (index, service_port) in spec.ports.iter().flatten().enumerate() {
+        let port = parse_port(service_port.port);
+        if port.is_none() {
+            reasons.push(format!(
+                "spec.ports[{index}].port: {} is outside 1..=65535",
+                service_port.port
+            ));
+        }
+        let protocol = parse_protocol(service_port.protocol.as_deref());
+        if protocol.is_none() {
+            reasons.push(format!(
+                "spec.ports[{index}].protocol: {:?} is not TCP, UDP or SCTP",
+                service_port.protocol.as_deref().unwrap_or_default()
+            ));
+        }
+        let (Some(port), Some(protocol)) = (port, protocol) else {
+            continue;
+        };
+        // The first occurrence wins: it is what a reader of the spec sees first.
+        if let Some(first) = ports
+            .iter()
+            .find(|seen| seen.port == port && seen.protocol == protocol)
+        {
+            reasons.push(format!(
+                "spec.ports[{index}]: {port}/{protocol} duplicates spec.ports[{}]",
+                first.index
+            ));
+            continue;
+        }
+        ports.push(ServicePortPlan {
+            index,
+            name: service_port.name.clone().unwrap_or_default(),
+            port,
+            protocol,
+        });
+    }
+    ports
+}
+
+pub(super) fn check_endpoint_slice(slice: &EndpointSlice) -> SliceCheck {
+    let (namespace, name) = identity(&slice.metadata, "default");
+    let into_check = |reasons: Vec<String>, plan: Option<SlicePlan>| SliceCheck {
+        rejections: reasons
+            .into_iter()
+            .map(|reason| rejection(ENDPOINT_SLICE, &namespace, &name, reason))
+            .collect(),
+        plan,
+    };
+    if name.is_empty() {
+        return into_check(vec!["metadata.name: missing".into()], None);
+    }
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        // Names cannot be proxied to without DNS; not an error.
+        "FQDN" => return into_check(Vec::new(), None),
+        other => {
+            let reason = format!("addressType: {other:?} is not IPv4, IPv6 or FQDN");
+            return into_check(vec![reason], None);
+        }
+    };
+
+    let mut reasons = Vec::new();
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, port)| check_slice_port(i, port, &mut reasons))
+        .collect();
+    let ready_addresses = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, endpoint)| {
+            let address = check_endpoint(i, endpoint, family, &mut reasons)?;
+            is_ready(endpoint).then_some(address)
+        })
+        .collect();
+
+    let plan = SlicePlan {
+        namespace: namespace.clone(),
+        service_name: slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+            .cloned(),
+        family,
+        ports,
+        ready_addresses,
+    };
+    into_check(reasons, Some(plan))
+}
+
+fn check_slice_port(
+    index: usize,
+    slice_port: &EndpointPort,
+    reasons: &mut Vec<String>,
+) -> Option<SlicePortPlan> {
+    let port = match slice_port.port {
+        // The API lets a nil port mean "all ports"; kube-proxy cannot serve
+        // that either and skips it.
+        None => {
+            reasons.push(format!(
+                "ports[{index}].port: missing (\"all ports\" is not supported)"
+            ));
+            None
+        }
+        Some(number) => {
+            let port = parse_port(number);
+            if port.is_none() {
+                reasons.push(format!(
+                    "ports[{index}].port: {number} is outside 1..=65535"
+                ));
+            }
+            port
+        }
+    };
+    let protocol = parse_protocol(slice_port.protocol.as_deref());
+    if protocol.is_none() {
+        reasons.push(format!(
+            "ports[{index}].protocol: {:?} is not TCP, UDP or SCTP",
+            slice_port.protocol.as_deref().unwrap_or_default()
+        ));
+    }
+    Some(SlicePortPlan {
+        name: slice_port.name.clone().unwrap_or_default(),
+        protocol: protocol?,
+        port: port?,
+    })
+}
+
+/// The address to send traffic to, or `None` (with reasons) when the endpoint
+/// is broken. Every address is checked, but only the first is used: the API
+/// calls them fungible and kube-proxy also uses only the first, so using all
+/// would weight a multi-address pod more than others.
+fn check_endpoint(
+    index: usize,
+    endpoint: &Endpoint,
+    family: IpFamily,
+    reasons: &mut Vec<String>,
+) -> Option<IpAddr> {
+    if endpoint.addresses.is_empty() {
+        reasons.push(format!("endpoints[{index}].addresses: empty"));
+        return None;
+    }
+    let reasons_before = reasons.len();
+    let mut first = None;
+    for (i, raw) in endpoint.addresses.iter().enumerate() {
+        match parse_ip(raw) {
+            None => reasons.push(format!(
+                "endpoints[{index}].addresses[{i}]: {raw:?} is not an IP address"
+            )),
+            Some(ip) if IpFamily::of(ip) != family => reasons.push(format!(
+                "endpoints[{index}].addresses[{i}]: {raw:?} is not an {family} address \
+                 as addressType requires"
+            )),
+            Some(ip) => {
+                first.get_or_insert(ip);
+            }
+        }
+    }
+    if reasons.len() > reasons_before {
+        return None;
+    }
+    first
+}
+
+/// The API documents a nil `ready` (and so nil conditions) as ready.
+fn is_ready(endpoint: &Endpoint) -> bool {
+    endpoint
+        .conditions
+        .as_ref()
+        .and_then(|conditions| conditions.ready)
+        .unwrap_or(true)
+}
+
+/// Parses an IP address the way kube-proxy does (Go's `ParseIPSloppy`):
+/// IPv4 octets may carry leading zeros (read as decimal, as objects created
+/// before Kubernetes tightened validation still do), and IPv4-mapped IPv6
+/// addresses are IPv4.
+pub(super) fn parse_ip(raw: &str) -> Option<IpAddr> {
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = raw.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        // u8::from_str would also accept a leading '+'.
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(IpAddr::V4(Ipv4Addr::from(octets)))
+}
+
+fn parse_port(number: i32) -> Option<u16> {
+    u16::try_from(number).ok().filter(|port| *port != 0)
+}
+
+/// An absent protocol means TCP, as in the API. Matching is exact: the API
+/// rejects other spellings such as "tcp".
+pub(super) fn parse_protocol(value: Option<&str>) -> Option<Protocol> {
+    match value {
+        None | Some("TCP") => Some(Protocol::Tcp),
+        Some("UDP") => Some(Protocol::Udp),
+        Some("SCTP") => Some(Protocol::Sctp),
+        Some(_) => None,
+    }
+}
+
+/// (namespace, name) of an object; `default_namespace` stands in for an
+/// absent or empty namespace ("" for cluster-scoped kinds).
+fn identity(meta: &ObjectMeta, default_namespace: &str) -> (String, String) {
+    let namespace = match meta.namespace.as_deref() {
+        Some(namespace) if !namespace.is_empty() => namespace.to_owned(),
+        _ => default_namespace.to_owned(),
+    };
+    (namespace, meta.name.clone().unwrap_or_default())
+}
+
+fn has_label(meta: &ObjectMeta, label: &str) -> bool {
+    meta.labels
+        .as_ref()
+        .is_some_and(|labels: &BTreeMap<String, String>| labels.contains_key(label))
+}
+
+fn rejection(kind: &'static str, namespace: &str, name: &str, reason: String) -> Rejection {
+    Rejection {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ClusterState, ModelConfig, build_table, test_support::*};
+    use super::*;
+
+    #[test]
+    fn valid_objects_have_no_rejections() {
+        assert!(validate_service(&simple_service("ns", "web", "10.0.0.1", 80)).is_empty());
+        assert!(
+            validate_endpoint_slice(&simple_slice("ns", "web-1", "web", 8080, &["10.1.0.1"]))
+                .is_empty()
+        );
+        assert!(validate_node(&node("node-a")).is_empty());
+    }
+
+    #[test]
+    fn ignored_objects_are_valid() {
+        let headless = simple_service("ns", "headless", "None", 80);
+        let fqdn = slice(
+            "ns",
+            "fqdn",
+            "web",
+            "FQDN",
+            &[slice_port("", 80, "")],
+            &[endpoint("example.com")],
+        );
+        assert!(validate_service(&headless).is_empty());
+        assert!(validate_endpoint_slice(&fqdn).is_empty());
+    }
+
+    #[test]
+    fn broken_objects_are_reported_with_kind_and_identity() {
+        let rejections = validate_service(&simple_service("ns", "web", "10.0.0.300", 0));
+        let web = |reason: &str| Rejection {
+            kind: "Service",
+            namespace: "ns".into(),
+            name: "web".into(),
+            reason: reason.into(),
+        };
+        assert_eq!(
+            rejections,
+            vec![
+                web("spec.clusterIPs[0]: \"10.0.0.300\" is not an IP address"),
+                web("spec.ports[0].port: 0 is outside 1..=65535"),
+            ]
+        );
+
+        let slice_rejections =
+            validate_endpoint_slice(&simple_slice("ns", "web-1", "web", 8080, &["nope"]));
+        assert_eq!(slice_rejections.len(), 1);
+        assert_eq!(slice_rejections[0].kind, "EndpointSlice");
+        assert_eq!(slice_rejections[0].name, "web-1");
+
+        let node_rejections = validate_node(&node(""));
+        assert_eq!(node_rejections.len(), 1);
+        assert_eq!(node_rejections[0].kind, "Node");
+    }
+
+    /// build_table must report exactly what the validators report, object by
+    /// object: the two share one implementation.
+    #[test]
+    fn build_table_reports_what_validators_report() {
+        let services = vec![
+            simple_service("ns", "a", "10.0.0.300", 80),
+            service(
+                "ns",
+                "b",
+                &["10.0.0.2"],
+                &[service_port("", 80, "HTTP"), service_port("", 81, "")],
+            ),
+            simple_service("ns", "c", "10.0.0.3", 80),
+        ];
+        let slices = vec![
+            simple_slice("ns", "s1", "c", 0, &["10.1.0.1"]),
+            slice(
+                "ns",
+                "s2",
+                "c",
+                "IPv6",
+                &[slice_port("", 80, "")],
+                &[endpoint("10.1.0.2")],
+            ),
+        ];
+        let nodes = vec![node(""), node("n")];
+        let mut expected: Vec<Rejection> = services
+            .iter()
+            .flat_map(validate_service)
+            .chain(slices.iter().flat_map(validate_endpoint_slice))
+            .chain(nodes.iter().flat_map(validate_node))
+            .collect();
+        expected.sort();
+        assert_eq!(expected.len(), 5);
+
+        let state = ClusterState {
+            services,
+            endpoint_slices: slices,
+            nodes,
+        };
+        assert_eq!(
+            build_table(&state, &ModelConfig::default()).rejections,
+            expected
+        );
+    }
+
+    #[test]
+    fn parse_ip_accepts_what_kube_proxy_accepts() {
+        assert_eq!(parse_ip("10.0.0.1"), Some(ip("10.0.0.1")));
+        assert_eq!(parse_ip("fd00::1"), Some(ip("fd00::1")));
+        assert_eq!(parse_ip("010.0.0.01"), Some(ip("10.0.0.1")));
+        assert_eq!(parse_ip("::ffff:192.168.0.1"), Some(ip("192.168.0.1")));
+        for junk in [
+            "",
+            "None",
+            "10.0.0",
+            "10.0.0.1.",
+            "10.0.0.256",
+            "10.0.0.+1",
+            "10..0.1",
+            "a.b.c.d",
+            "10.0.0.1/32",
+            "fe80::1%eth0",
+            " 10.0.0.1",
+        ] {
+            assert_eq!(parse_ip(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn parse_protocol_defaults_to_tcp_and_is_exact() {
+        assert_eq!(parse_protocol(None), Some(Protocol::Tcp));
+        assert_eq!(parse_protocol(Some("TCP")), Some(Protocol::Tcp));
+        assert_eq!(parse_protocol(Some("UDP")), Some(Protocol::Udp));
+        assert_eq!(parse_protocol(Some("SCTP")), Some(Protocol::Sctp));
+        assert_eq!(parse_protocol(Some("udp")), None);
+        assert_eq!(parse_protocol(Some("")), None);
+    }
+}
