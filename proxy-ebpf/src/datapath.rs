@@ -79,11 +79,44 @@ fn count(index: u32) {
     }
 }
 
+/// Reads a `T` at `off` from the linear part of the packet, bounds-checked
+/// against `data_end` so the verifier (and a malformed packet) cannot make
+/// it read out of range.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: the range [start+off, start+off+size_of::<T>()) was checked to
+    // lie inside the packet's linear data just above; T is plain data.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+/// Largest header span the parser reads: Ethernet, IPv4 with options, and
+/// the fixed TCP header.
+const MAX_HEADERS: usize = ETH_HLEN + 60 + 20;
+
 /// Parses Ethernet + IPv4 + TCP/UDP. `Err(stat)` says why a packet is not
 /// one the datapath translates; the caller passes it untouched.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Result<Packet, u32> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| stat::PASS_TRUNCATED)?);
+    // Headers normally sit in the linear area; when they do not (a
+    // non-linear skb), pull them in once so direct reads can reach them.
+    let linear = ctx.data_end() - ctx.data();
+    let len = ctx.len() as usize;
+    if linear < MAX_HEADERS && len > linear {
+        let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
+        // Failure only means fewer bytes are readable; parsing then stops.
+        let _ = ctx.pull_data(want as u32);
+    }
+    parse_linear(ctx)
+}
+
+#[inline(always)]
+fn parse_linear(ctx: &TcContext) -> Result<Packet, u32> {
+    let ethertype = u16::from_be(read::<u16>(ctx, 12).ok_or(stat::PASS_TRUNCATED)?);
     if ethertype == ETH_P_IPV6 {
         return Err(stat::PASS_IPV6);
     }
@@ -91,7 +124,8 @@ fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         return Err(stat::PASS_NOT_IP);
     }
     let l3_off = ETH_HLEN;
-    let version_ihl = ctx.load::<u8>(l3_off).map_err(|_| stat::PASS_TRUNCATED)?;
+    // version/IHL, TOS, total length, id, flags/fragment offset, TTL, protocol.
+    let version_ihl = read::<u8>(ctx, l3_off).ok_or(stat::PASS_TRUNCATED)?;
     if version_ihl >> 4 != 4 {
         return Err(stat::PASS_NOT_IP);
     }
@@ -99,55 +133,44 @@ fn parse(ctx: &TcContext) -> Result<Packet, u32> {
     if ihl < 20 {
         return Err(stat::PASS_TRUNCATED);
     }
-    let frag = u16::from_be(
-        ctx.load::<u16>(l3_off + 6)
-            .map_err(|_| stat::PASS_TRUNCATED)?,
-    );
+    let frag = u16::from_be(read::<u16>(ctx, l3_off + 6).ok_or(stat::PASS_TRUNCATED)?);
     // More-fragments set or a non-zero offset: only the first fragment
     // carries ports, so translating it alone would break the datagram.
     if frag & 0x3fff != 0 {
         return Err(stat::PASS_FRAGMENT);
     }
-    let proto = ctx
-        .load::<u8>(l3_off + 9)
-        .map_err(|_| stat::PASS_TRUNCATED)?;
+    let proto = read::<u8>(ctx, l3_off + 9).ok_or(stat::PASS_TRUNCATED)?;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(stat::PASS_OTHER_PROTO);
     }
-    let saddr = ctx
-        .load::<u32>(l3_off + IP_SADDR)
-        .map_err(|_| stat::PASS_TRUNCATED)?;
-    let daddr = ctx
-        .load::<u32>(l3_off + IP_DADDR)
-        .map_err(|_| stat::PASS_TRUNCATED)?;
+    let addrs = read::<[u32; 2]>(ctx, l3_off + IP_SADDR).ok_or(stat::PASS_TRUNCATED)?;
     let l4_off = l3_off + ihl;
-    let sport = ctx
-        .load::<u16>(l4_off + L4_SPORT)
-        .map_err(|_| stat::PASS_TRUNCATED)?;
-    let dport = ctx
-        .load::<u16>(l4_off + L4_DPORT)
-        .map_err(|_| stat::PASS_TRUNCATED)?;
+    // The whole fixed L4 header must be present (TCP 20 bytes, UDP 8).
     let tcp_flags = if proto == PROTO_TCP {
-        // Reading the checksum field proves the whole fixed header is there.
-        ctx.load::<u16>(l4_off + TCP_CSUM)
-            .map_err(|_| stat::PASS_TRUNCATED)?;
-        ctx.load::<u8>(l4_off + TCP_FLAGS)
-            .map_err(|_| stat::PASS_TRUNCATED)?
+        let hdr = read::<[u8; 20]>(ctx, l4_off).ok_or(stat::PASS_TRUNCATED)?;
+        hdr[TCP_FLAGS]
     } else {
-        ctx.load::<u16>(l4_off + UDP_CSUM)
-            .map_err(|_| stat::PASS_TRUNCATED)?;
+        read::<[u8; 8]>(ctx, l4_off).ok_or(stat::PASS_TRUNCATED)?;
         0
     };
+    let ports = read::<[u16; 2]>(ctx, l4_off).ok_or(stat::PASS_TRUNCATED)?;
     Ok(Packet {
         l3_off,
         l4_off,
         proto,
-        saddr,
-        daddr,
-        sport,
-        dport,
+        saddr: addrs[0],
+        daddr: addrs[1],
+        sport: ports[0],
+        dport: ports[1],
         tcp_flags,
     })
+}
+
+/// Monotonic clock, read only on paths that touch connection tracking.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
@@ -272,10 +295,6 @@ pub fn pa_ingress(mut ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress(ctx: &mut TcContext, pkt: &Packet) -> (i32, u32) {
-    let now = unsafe {
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        bpf_ktime_get_ns()
-    };
     let fwd_key = CtKey {
         src: v4_addr(pkt.saddr),
         dst: v4_addr(pkt.daddr),
@@ -291,7 +310,7 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> (i32, u32) {
         // only ever store whole plain-data fields, so a torn read at worst
         // refreshes a clock twice.
         let ct = unsafe { &mut *ct };
-        if ct_touch(ct, pkt, now) {
+        if ct_touch(ct, pkt, now()) {
             let new_addr = v4_raw(&ct.nat_addr);
             let new_port = ct.nat_port;
             return match rewrite(ctx, pkt, true, pkt.daddr, new_addr, pkt.dport, new_port) {
@@ -345,6 +364,7 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> (i32, u32) {
     } else {
         0
     };
+    let now = now();
     let fwd = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
@@ -396,10 +416,6 @@ pub fn pa_egress(mut ctx: TcContext) -> i32 {
         Ok(pkt) => pkt,
         Err(_) => return TC_ACT_OK as i32,
     };
-    let now = unsafe {
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        bpf_ktime_get_ns()
-    };
     let reply_key = CtKey {
         src: v4_addr(pkt.saddr),
         dst: v4_addr(pkt.daddr),
@@ -415,7 +431,7 @@ pub fn pa_egress(mut ctx: TcContext) -> i32 {
     };
     // SAFETY: as in ingress: a live map value of plain data.
     let ct = unsafe { &mut *ct };
-    if !ct_touch(ct, &pkt, now) {
+    if !ct_touch(ct, &pkt, now()) {
         count(stat::PASS_NO_REPLY);
         return TC_ACT_OK as i32;
     }
