@@ -424,15 +424,58 @@ fn check_endpoint(
                 "endpoints[{index}].addresses[{i}]: {raw:?} is not an {family} address \
                  as addressType requires"
             )),
-            Some(ip) => {
-                first.get_or_insert(ip);
-            }
+            Some(ip) => match unsafe_endpoint_range(ip) {
+                Some(range) => reasons.push(format!(
+                    "endpoints[{index}].addresses[{i}]: {raw:?} is in the {range} range, \
+                     which the API server refuses for endpoints"
+                )),
+                None => {
+                    first.get_or_insert(ip);
+                }
+            },
         }
     }
     if reasons.len() > reasons_before {
         return None;
     }
     first
+}
+
+/// Ranges the API server refuses as endpoint addresses (its
+/// `ValidateEndpointIP`); a manifest directory bypasses the API server, so
+/// the model refuses them too: a service must never steer traffic to the
+/// node's own loopback or to link-local services such as cloud metadata.
+fn unsafe_endpoint_range(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_unspecified() {
+                Some("unspecified")
+            } else if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if o[0] == 224 && o[1] == 0 && o[2] == 0 {
+                Some("link-local multicast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_loopback() {
+                Some("loopback")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if s[0] & 0xff0f == 0xff02 {
+                Some("link-local multicast")
+            } else {
+                None
+            }
+        }
+    }
 }
 
 /// The API documents a nil `ready` (and so nil conditions) as ready.
@@ -521,6 +564,43 @@ mod tests {
                 .is_empty()
         );
         assert!(validate_node(&node("node-a")).is_empty());
+    }
+
+    #[test]
+    fn endpoints_in_ranges_the_api_server_refuses_are_rejected() {
+        for bad in ["127.0.0.1", "169.254.169.254", "0.0.0.0", "224.0.0.5"] {
+            let r = validate_endpoint_slice(&simple_slice("ns", "s", "web", 80, &[bad]));
+            assert_eq!(r.len(), 1, "{bad} refused: {r:?}");
+            assert!(r[0].reason.contains("range"), "{}", r[0].reason);
+        }
+        for bad in ["::1", "fe80::1", "::", "ff02::1"] {
+            let s = slice(
+                "ns",
+                "s6",
+                "web",
+                "IPv6",
+                &[slice_port("", 80, "")],
+                &[endpoint(bad)],
+            );
+            assert_eq!(validate_endpoint_slice(&s).len(), 1, "{bad} refused");
+        }
+        // The good endpoints of the same slice still serve.
+        let mixed = simple_slice("ns", "web-1", "web", 8080, &["127.0.0.1", "10.1.0.9"]);
+        let out = build_table(
+            &ClusterState {
+                services: vec![simple_service("ns", "web", "10.0.0.1", 80)],
+                endpoint_slices: vec![mixed],
+                nodes: vec![],
+            },
+            &ModelConfig::default(),
+        );
+        let backends: Vec<_> = out
+            .table
+            .iter()
+            .flat_map(|(_, f)| f.backends.clone())
+            .collect();
+        assert_eq!(backends.len(), 1);
+        assert_eq!(backends[0].ip.to_string(), "10.1.0.9");
     }
 
     #[test]
