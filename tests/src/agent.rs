@@ -1,0 +1,272 @@
+//! Guards for running proxy-agent under test: a bpffs mounted on the host,
+//! and the agent process itself.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+use crate::netns::{ChildGuard, netns_command, run};
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_dir() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// The agent binary: `PROXY_AGENT_BIN` if set, else
+/// `<workspace>/target/debug/proxy-agent`.
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PROXY_AGENT_BIN") {
+        let path = PathBuf::from(path);
+        anyhow::ensure!(
+            path.is_file(),
+            "PROXY_AGENT_BIN={} does not exist: unset it to use target/debug, \
+             and run `cargo build -p proxy-agent`",
+            path.display()
+        );
+        return Ok(path);
+    }
+    let path = workspace_dir().join("target/debug/proxy-agent");
+    anyhow::ensure!(
+        path.is_file(),
+        "proxy-agent binary not found at {}: run `cargo build -p proxy-agent` first \
+         (or set PROXY_AGENT_BIN)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Where the harness keeps per-run directories on the host.
+const RUN_DIR: &str = "/run/proxy-tests";
+
+/// A bpffs mounted at a unique host directory, unmounted and removed on drop.
+///
+/// The agent cannot mount its own: `ip netns exec` gives it a private mount
+/// namespace, and a bpffs mounted there would vanish (with its pins) when it
+/// exits. Host mounts made before are visible inside `ip netns exec`.
+pub struct BpfFs {
+    /// `/run/proxy-tests/<pid>-<counter>`, removed on drop.
+    dir: PathBuf,
+    /// `<dir>/bpffs`, the mount point.
+    mount_point: PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount() -> anyhow::Result<Self> {
+        remove_stale_run_dirs();
+        let dir = Path::new(RUN_DIR).join(crate::unique_suffix());
+        let mount_point = dir.join("bpffs");
+        std::fs::create_dir_all(&mount_point)
+            .with_context(|| format!("creating {}", mount_point.display()))?;
+        let bpffs = BpfFs { dir, mount_point };
+        run(Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs.mount_point))
+        .context("mounting a bpffs for the agent")?;
+        Ok(bpffs)
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mount_point
+    }
+
+    /// What to pass as the agent's `--bpf-root`.
+    pub fn agent_root(&self) -> PathBuf {
+        self.mount_point.join("proxy-agent")
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        unmount_and_remove(&self.dir);
+    }
+}
+
+fn unmount_and_remove(dir: &Path) {
+    let mount_point = dir.join("bpffs");
+    if is_mount_point(&mount_point) {
+        let unmounted = run(Command::new("umount").arg(&mount_point))
+            // Busy (a process still has it open): detach it now, the kernel
+            // frees it when the last user goes.
+            .or_else(|_| run(Command::new("umount").arg("-l").arg(&mount_point)));
+        if let Err(error) = unmounted {
+            eprintln!("proxy-tests: {error:#}");
+            return;
+        }
+    }
+    if let Err(error) = std::fs::remove_dir_all(dir) {
+        eprintln!("proxy-tests: removing {}: {error}", dir.display());
+    }
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let path = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some(&*path))
+}
+
+/// Unmounts and removes run directories of harness processes that no longer
+/// exist.
+fn remove_stale_run_dirs() {
+    let Ok(entries) = std::fs::read_dir(RUN_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !crate::process_exists(pid) {
+            unmount_and_remove(&entry.path());
+        }
+    }
+}
+
+/// How to start the agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub binary: PathBuf,
+    /// The node namespace it runs in.
+    pub netns: String,
+    pub manifests: PathBuf,
+    pub bpf_root: PathBuf,
+    pub node_name: String,
+    /// Appended to `run ...`, e.g. `--interfaces`.
+    pub extra_args: Vec<String>,
+}
+
+/// A running `proxy-agent run --mode=ebpf`, logging to a file.
+///
+/// On drop it stops the agent, runs `proxy-agent cleanup`, and, when the
+/// thread is panicking (a failed test), prints the agent's log.
+pub struct Agent {
+    config: AgentConfig,
+    process: ChildGuard,
+    log_path: PathBuf,
+    /// Holds the log file's directory; removed on drop.
+    _log_dir: tempfile::TempDir,
+}
+
+/// How long the agent gets to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Agent {
+    pub fn start(config: AgentConfig) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            config.binary.is_file(),
+            "proxy-agent binary not found at {}: run `cargo build -p proxy-agent` first",
+            config.binary.display()
+        );
+        let log_dir = tempfile::Builder::new()
+            .prefix("proxy-agent-log-")
+            .tempdir()
+            .context("creating a directory for the agent log")?;
+        let log_path = log_dir.path().join("agent.log");
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut command = netns_command(&config.netns, &config.binary);
+        command
+            .arg("run")
+            .arg("--mode=ebpf")
+            .arg("--manifests")
+            .arg(&config.manifests)
+            .arg("--bpf-root")
+            .arg(&config.bpf_root)
+            .arg("--hostname-override")
+            .arg(&config.node_name)
+            .args(["--log-format", "text", "-v"])
+            .args(&config.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicating the log file")?)
+            .stderr(log);
+        let process = ChildGuard::spawn(&mut command)?;
+        Ok(Agent {
+            config,
+            process,
+            log_path,
+            _log_dir: log_dir,
+        })
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything the agent wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|error| format!("(reading {}: {error})", self.log_path.display()))
+    }
+
+    /// An error, with the log, if the agent has exited.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.process.exited()? {
+            bail!(
+                "proxy-agent exited ({status}); its log:\n{}",
+                indent(&self.log())
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the agent (SIGTERM, then SIGKILL after a grace period) without
+    /// cleaning up.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        self.process.terminate(STOP_GRACE)
+    }
+
+    /// Runs `proxy-agent cleanup --bpf-root ...` in the node namespace.
+    pub fn cleanup(&self) -> anyhow::Result<Output> {
+        let mut command = netns_command(&self.config.netns, &self.config.binary);
+        command
+            .arg("cleanup")
+            .arg("--bpf-root")
+            .arg(&self.config.bpf_root)
+            .stdin(Stdio::null());
+        // Bounded: cleanup only talks to the kernel, but a hung cleanup must
+        // not hang the suite.
+        ChildGuard::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()))?
+            .output_within(Duration::from_secs(30))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Err(error) = self.stop() {
+            eprintln!("proxy-tests: stopping proxy-agent: {error:#}");
+        }
+        match self.cleanup() {
+            Ok(output) if !output.status.success() => eprintln!(
+                "proxy-tests: proxy-agent cleanup failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            Ok(_) => {}
+            Err(error) => eprintln!("proxy-tests: proxy-agent cleanup: {error:#}"),
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- proxy-agent log ({}) ----\n{}---- end of proxy-agent log ----",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|line| format!("    {line}\n")).collect()
+}
