@@ -668,14 +668,24 @@ impl Topology {
         bpffs: &BpfFs,
         manifests: &ManifestsDir,
     ) -> anyhow::Result<Agent> {
-        Agent::start(AgentConfig {
+        Agent::start(self.start_agent_config(binary, bpffs, manifests))
+    }
+
+    /// The configuration [`Topology::start_agent`] uses, to adjust before starting.
+    pub fn start_agent_config(
+        &self,
+        binary: &Path,
+        bpffs: &BpfFs,
+        manifests: &ManifestsDir,
+    ) -> AgentConfig {
+        AgentConfig {
             binary: binary.to_path_buf(),
             netns: self.node_ns().to_string(),
             manifests: manifests.path().to_path_buf(),
             bpf_root: bpffs.agent_root(),
             node_name: self.node_name.clone(),
             extra_args: Vec::new(),
-        })
+        }
     }
 
     /// Waits (at most `timeout`) until every one of a few exchanges with

@@ -18,9 +18,9 @@ use anyhow::{Context, bail, ensure};
 use proxy_tests::{
     bpf,
     netns::{
-        Agent, BpfFs, ClientOptions, ClientReport, ManifestsDir, NODE_IP, POD_TCP_PORT,
-        POD_UDP_PORT, Protocol, READY_TIMEOUT, ServiceSpec, ToolPaths, Topology, agent_binary,
-        exec_in,
+        Agent, AgentConfig, BpfFs, ClientOptions, ClientReport, ManifestsDir, NODE_IP,
+        POD_TCP_PORT, POD_UDP_PORT, Protocol, READY_TIMEOUT, ServiceSpec, ToolPaths, Topology,
+        agent_binary, exec_in,
     },
 };
 
@@ -87,6 +87,11 @@ struct Scenario {
 impl Scenario {
     /// `backends` pods, of which those in `listed` are in the EndpointSlice.
     fn start(backends: usize, listed: &[usize]) -> anyhow::Result<Self> {
+        Self::start_with(backends, listed, &[])
+    }
+
+    /// As [`Scenario::start`], with extra `proxy-agent run` arguments.
+    fn start_with(backends: usize, listed: &[usize], extra_args: &[&str]) -> anyhow::Result<Self> {
         let binary = agent_binary()?;
         let topology = Topology::builder()
             .backends(backends)
@@ -98,7 +103,10 @@ impl Scenario {
         let service = service();
         manifests.write_service(&service)?;
         manifests.write_endpoint_slice(&service, &topology.endpoints(listed))?;
-        let agent = topology.start_agent(&binary, &bpffs, &manifests)?;
+        let agent = Agent::start(AgentConfig {
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            ..topology.start_agent_config(&binary, &bpffs, &manifests)
+        })?;
         Ok(Scenario {
             agent,
             manifests,
@@ -539,4 +547,95 @@ fn cleanup_removes_programs_links_and_pins() {
         ensure!(pinned.is_empty(), "still pinned after cleanup: {pinned:?}");
         Ok(())
     });
+}
+
+/// Two agents in two node namespaces, each with its own --bpf-root, serve
+/// side by side; stopping and cleaning up one leaves the other serving with
+/// its pins intact.
+#[test]
+fn two_agents_with_their_own_bpf_roots_do_not_disturb_each_other() {
+    let test = "two_agents_with_their_own_bpf_roots_do_not_disturb_each_other";
+    let _serial = serial();
+    if skipped(test) {
+        return;
+    }
+    let run = || -> anyhow::Result<()> {
+        let mut first = Scenario::start(2, &[0, 1])?;
+        let mut second = Scenario::start(2, &[0, 1])?;
+        first.wait_ready()?;
+        second.wait_ready()?;
+        let both = names(&["pod-0", "pod-1"]);
+        check_spread("first", &first.tcp(100)?, 100, &both)?;
+        check_spread("second", &second.tcp(100)?, 100, &both)?;
+        ensure!(
+            first.bpffs.agent_root() != second.bpffs.agent_root(),
+            "the two agents must have different bpf roots"
+        );
+
+        first.agent.stop()?;
+        let output = first.agent.cleanup()?;
+        ensure!(output.status.success(), "cleanup of the first agent failed");
+        ensure!(
+            bpf::pinned_paths(&first.bpffs.agent_root())?.is_empty(),
+            "first agent's pins left"
+        );
+        ensure!(
+            !bpf::pinned_paths(&second.bpffs.agent_root())?.is_empty(),
+            "the second agent's pins went with the first's cleanup"
+        );
+        ensure!(
+            !bpf::tcx_attachments(second.topology.node_ns())?.is_empty(),
+            "the second agent's programs were detached"
+        );
+        check_spread("second after first cleanup", &second.tcp(100)?, 100, &both)?;
+        let refused = first.tcp_batch(5)?;
+        ensure!(
+            refused.ok == 0,
+            "the first node still forwards the VIP after cleanup: {refused:?}"
+        );
+        Ok(())
+    };
+    if let Err(error) = run() {
+        panic!("{test}: {error:?}");
+    }
+}
+
+/// `--exclude-interfaces` keeps the programs off an interface: traffic that
+/// enters there is not translated, while the other interfaces are attached.
+#[test]
+fn excluded_interface_gets_no_program() {
+    let test = "excluded_interface_gets_no_program";
+    let _serial = serial();
+    if skipped(test) {
+        return;
+    }
+    let run = || -> anyhow::Result<()> {
+        let s = Scenario::start_with(1, &[0], &["--exclude-interfaces", "to-client"])?;
+        // The agent attaches asynchronously; wait until the pod side is done.
+        let node_ns = s.topology.node_ns().to_string();
+        proxy_tests::poll_until(READY_TIMEOUT, Duration::from_millis(20), || {
+            let attached = bpf::tcx_attachments(&node_ns)?;
+            Ok(attached
+                .iter()
+                .any(|a| a.interface == "to-pod0")
+                .then_some(attached))
+        })
+        .context("the agent never attached to to-pod0")?;
+        let attached = bpf::tcx_attachments(&node_ns)?;
+        ensure!(
+            attached.iter().all(|a| a.interface != "to-client"),
+            "excluded interface got a program: {attached:?}"
+        );
+        // The VIP arrives on the excluded interface: not translated, so the
+        // node answers it as its own address (connection refused).
+        let report = s.tcp_batch(10)?;
+        ensure!(
+            report.ok == 0,
+            "excluded interface translated traffic: {report:?}"
+        );
+        Ok(())
+    };
+    if let Err(error) = run() {
+        panic!("{test}: {error:?}");
+    }
 }
