@@ -81,11 +81,7 @@ impl ServiceSpec {
                 })
             })
             .collect();
-        let family = if self.cluster_ip.is_ipv4() {
-            "IPv4"
-        } else {
-            "IPv6"
-        };
+        let family = self.family();
         json!({
             "apiVersion": "v1",
             "kind": "Service",
@@ -99,6 +95,15 @@ impl ServiceSpec {
                 "ports": ports,
             },
         })
+    }
+
+    /// The IP family name of the cluster IP, as the API spells it.
+    fn family(&self) -> &'static str {
+        if self.cluster_ip.is_ipv4() {
+            "IPv4"
+        } else {
+            "IPv6"
+        }
     }
 
     /// The Service's EndpointSlice listing `endpoints` (all ready, on node
@@ -129,11 +134,7 @@ impl ServiceSpec {
                 })
             })
             .collect();
-        let family = if self.cluster_ip.is_ipv4() {
-            "IPv4"
-        } else {
-            "IPv6"
-        };
+        let family = self.family();
         json!({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
