@@ -19,7 +19,7 @@ mod validate;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 pub use builder::{BuildOutput, build_table};
 pub use validate::{validate_endpoint_slice, validate_node, validate_service};
