@@ -5,6 +5,7 @@
 //! - [`model`]: pure functions from those objects to the desired [`model::ServiceTable`].
 //! - [`dataplane`]: one trait, one module per backend, applying table differences.
 //! - kernel: the eBPF programs (crate `proxy-ebpf`), sharing map types through `proxy-common`.
+pub mod config;
 pub mod dataplane;
 pub mod model;
 pub mod source;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use proxy_agent::{
+    config::{self, FileConfig},
     dataplane::ebpf::{self, EbpfOptions, InterfaceFilter},
     model::ModelConfig,
     source::{Source, manifests::ManifestSource},
@@ -30,21 +31,22 @@ struct Cli {
     command: Command,
 
     /// Log format: human-readable text, or one JSON object per line.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
+    /// Default: `logging.format` of --config, else text.
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormat>,
 
     /// Log verbosity as kube-proxy spells it (0-2 info, 3-4 debug, 5+ trace);
-    /// `-v` alone means 4. RUST_LOG, when set, takes precedence.
+    /// `-v` alone means 4. Default: `logging.verbosity` of --config, else 0.
+    /// RUST_LOG, when set, takes precedence.
     #[arg(
         short = 'v',
         long = "v",
         value_name = "LEVEL",
         num_args = 0..=1,
         default_missing_value = "4",
-        default_value_t = 0,
         global = true
     )]
-    verbosity: u8,
+    verbosity: Option<u8>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,10 +76,20 @@ enum LogFormat {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Precedence: a flag given here overrides --config FILE, which overrides the \
+built-in default."
+)]
 struct RunArgs {
-    /// Which dataplane programs the services.
-    #[arg(long = "mode", visible_alias = "proxy-mode", value_enum, default_value_t = Mode::Ebpf)]
-    mode: Mode,
+    /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) in YAML or
+    /// JSON, with our own fields under `proxyAgent:` (see
+    /// examples/config/proxy-agent.yaml). Flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Which dataplane programs the services. Default: ebpf.
+    #[arg(long = "mode", visible_alias = "proxy-mode", value_enum)]
+    mode: Option<Mode>,
 
     /// Read Services, EndpointSlices and Nodes from the YAML/JSON files of this
     /// directory and follow its changes (instead of the Kubernetes API).
@@ -90,54 +102,115 @@ struct RunArgs {
     hostname_override: Option<String>,
 
     /// The cluster's pod CIDR(s), at most one per IP family, comma-separated.
+    /// Default: none.
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
-    cluster_cidr: Vec<IpNet>,
+    cluster_cidr: Option<Vec<IpNet>>,
 
     /// Directory (on bpffs; mounted if missing) where maps and links are pinned.
-    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/proxy-agent")]
-    bpf_root: PathBuf,
+    /// Default: /sys/fs/bpf/proxy-agent.
+    #[arg(long, value_name = "PATH")]
+    bpf_root: Option<PathBuf>,
 
     /// Attach only to these interfaces (comma-separated). Default: every
     /// non-loopback interface, including ones that appear later.
     #[arg(long, value_name = "IFACE[,IFACE]", value_delimiter = ',')]
-    interfaces: Vec<String>,
+    interfaces: Option<Vec<String>>,
 
-    /// Never attach to these interfaces (comma-separated).
+    /// Never attach to these interfaces (comma-separated). Default: none.
     #[arg(long, value_name = "IFACE[,IFACE]", value_delimiter = ',')]
-    exclude_interfaces: Vec<String>,
+    exclude_interfaces: Option<Vec<String>>,
 
-    /// Interval of the full reconcile that repairs drift in the kernel (e.g. 30s, 1m).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    /// Interval of the full reconcile that repairs drift in the kernel (Go
+    /// duration, e.g. 30s, 1m, 1m30s). Default: 30s.
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration)]
+    sync_period: Option<Duration>,
+}
+
+const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/proxy-agent";
+const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+
+impl From<config::ProxyMode> for Mode {
+    fn from(m: config::ProxyMode) -> Self {
+        match m {
+            config::ProxyMode::Ebpf => Mode::Ebpf,
+            config::ProxyMode::Nftables => Mode::Nftables,
+            config::ProxyMode::Iptables => Mode::Iptables,
+            config::ProxyMode::Ipvs => Mode::Ipvs,
+        }
+    }
+}
+
+impl From<config::LogFormat> for LogFormat {
+    fn from(f: config::LogFormat) -> Self {
+        match f {
+            config::LogFormat::Text => LogFormat::Text,
+            config::LogFormat::Json => LogFormat::Json,
+        }
+    }
+}
+
+/// The settings of `run` after merging: flag, else config file, else default.
+#[derive(Debug)]
+struct Settings {
+    mode: Mode,
+    /// Whether `mode` came from the config file (for error messages).
+    mode_from_file: bool,
+    manifests: Option<PathBuf>,
+    manifests_from_file: bool,
+    hostname_override: Option<String>,
+    cluster_cidr: Vec<IpNet>,
+    bpf_root: PathBuf,
+    interfaces: Vec<String>,
+    exclude_interfaces: Vec<String>,
     sync_period: Duration,
+    config_path: Option<PathBuf>,
+    /// The whole validated file, including the fields this build does not use yet.
+    file: Option<FileConfig>,
+}
+
+impl Settings {
+    fn resolve(args: RunArgs, file: Option<FileConfig>) -> Self {
+        let f = file.clone().unwrap_or_default();
+        let pa = f.proxy_agent;
+        Settings {
+            mode_from_file: args.mode.is_none() && f.mode.is_some(),
+            mode: args.mode.or(f.mode.map(Mode::from)).unwrap_or(Mode::Ebpf),
+            manifests_from_file: args.manifests.is_none() && pa.manifests.is_some(),
+            manifests: args.manifests.or(pa.manifests),
+            hostname_override: args.hostname_override.or(f.hostname_override),
+            cluster_cidr: args.cluster_cidr.or(f.cluster_cidrs).unwrap_or_default(),
+            bpf_root: args
+                .bpf_root
+                .or(pa.bpf_root)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT)),
+            interfaces: args.interfaces.or(pa.interfaces).unwrap_or_default(),
+            exclude_interfaces: args
+                .exclude_interfaces
+                .or(pa.exclude_interfaces)
+                .unwrap_or_default(),
+            sync_period: args
+                .sync_period
+                .or(f.sync_period)
+                .unwrap_or(DEFAULT_SYNC_PERIOD),
+            config_path: args.config,
+            file,
+        }
+    }
+
+    /// How to name a setting in a message: the flag, or the file's field.
+    fn origin(&self, from_file: bool, flag: &str, field: &str) -> String {
+        match (&self.config_path, from_file) {
+            (Some(path), true) => format!("{}: {field}", path.display()),
+            _ => flag.to_string(),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
 struct CleanupArgs {
-    /// The --bpf-root the agent ran with.
-    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/proxy-agent")]
+    /// The --bpf-root (or proxyAgent.bpfRoot) the agent ran with.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BPF_ROOT)]
     bpf_root: PathBuf,
-}
-
-/// Parses Go-style durations as kube-proxy takes them: "500ms", "30s", "1m", "1h".
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| format!("{s:?} lacks a unit (ms, s, m, h)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h)")),
-    };
-    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 * 365.0 {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn init_logging(format: LogFormat, verbosity: u8) {
@@ -179,7 +252,7 @@ fn node_name(flag: Option<String>) -> Result<String> {
     Ok(String::from_utf8_lossy(&buf[..end]).trim().to_lowercase())
 }
 
-fn validate(args: &RunArgs) -> Result<()> {
+fn validate(args: &Settings) -> Result<()> {
     let v4 = args
         .cluster_cidr
         .iter()
@@ -190,28 +263,48 @@ fn validate(args: &RunArgs) -> Result<()> {
         bail!("--cluster-cidr: at most one CIDR per IP family, got {v4} IPv4 and {v6} IPv6");
     }
     if args.mode != Mode::Ebpf {
+        let name = args
+            .mode
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string());
         bail!(
-            "--mode={}: this build implements only --mode=ebpf so far",
-            args.mode
-                .to_possible_value()
-                .map_or_else(String::new, |v| v.get_name().to_string())
+            "{}={name}: this build implements only mode ebpf so far",
+            args.origin(args.mode_from_file, "--mode", "mode")
         );
     }
-    if args.manifests.is_none() {
-        bail!("--manifests DIR is required: the Kubernetes API source is not in this build yet");
-    }
-    if let Some(dir) = &args.manifests
-        && !dir.is_dir()
-    {
-        bail!("--manifests: {} is not a directory", dir.display());
+    match &args.manifests {
+        None => bail!(
+            "--manifests DIR (or proxyAgent.manifests in --config) is required: \
+             the Kubernetes API source is not in this build yet"
+        ),
+        Some(dir) if !dir.is_dir() => bail!(
+            "{}: {} is not a directory",
+            args.origin(
+                args.manifests_from_file,
+                "--manifests",
+                "proxyAgent.manifests"
+            ),
+            dir.display()
+        ),
+        Some(_) => {}
     }
     Ok(())
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+async fn run(args: Settings) -> Result<()> {
     validate(&args)?;
     let node = node_name(args.hostname_override.clone())?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %node, mode = "ebpf", bpf_root = %args.bpf_root.display(), "starting");
+    if let (Some(path), Some(file)) = (&args.config_path, &args.file) {
+        let unused = file.not_yet_used();
+        if !unused.is_empty() {
+            tracing::info!(
+                config = %path.display(),
+                fields = %unused.join(", "),
+                "config fields accepted and validated but not used by this build yet"
+            );
+        }
+    }
 
     let opts = EbpfOptions {
         bpf_root: args.bpf_root.clone(),
@@ -270,14 +363,38 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.verbosity);
+    // The config file is read before logging starts, as it may set the format
+    // and verbosity (the flags still win).
+    let file = match &cli.command {
+        Command::Run(RunArgs {
+            config: Some(path), ..
+        }) => Some(config::load(path)),
+        _ => None,
+    };
+    let logging = match &file {
+        Some(Ok(f)) => f.logging.clone(),
+        _ => config::Logging::default(),
+    };
+    init_logging(
+        cli.log_format
+            .or(logging.format.map(LogFormat::from))
+            .unwrap_or(LogFormat::Text),
+        cli.verbosity.or(logging.verbosity).unwrap_or(0),
+    );
+    let file = match file.transpose() {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::error!("invalid --config: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(args))),
+            .and_then(|rt| rt.block_on(run(Settings::resolve(args, file)))),
         Command::Cleanup(args) => cleanup(args),
     };
     match result {

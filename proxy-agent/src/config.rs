@@ -1,0 +1,1009 @@
+//! The `--config FILE` of `proxy-agent run`: a `KubeProxyConfiguration`
+//! (`kubeproxy.config.k8s.io/v1alpha1`) in YAML or JSON, with kube-proxy's field
+//! names for the fields that have a counterpart here, plus our own fields under
+//! `proxyAgent:`.
+//!
+//! [`load`] reads, parses (unknown fields are rejected) and validates a file
+//! into a [`FileConfig`], where every field is `Option`: `None` means the file
+//! does not set it, so that the caller can merge flag > file > default.
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The `apiVersion` we accept.
+pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+/// The `kind` we accept.
+pub const KIND: &str = "KubeProxyConfiguration";
+
+/// Why a config file was not accepted. Its `Display` starts with the file path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}: {}", path.display(), errors.join("; "))]
+    Invalid { path: PathBuf, errors: Vec<String> },
+}
+
+// ---------------------------------------------------------------------------
+// The file as written (serde).
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    api_version: Option<String>,
+    kind: Option<String>,
+    mode: Option<String>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    node_port_addresses: Option<Vec<String>>,
+    sync_period: Option<String>,
+    min_sync_period: Option<String>,
+    bind_address: Option<String>,
+    metrics_bind_address: Option<String>,
+    healthz_bind_address: Option<String>,
+    hostname_override: Option<String>,
+    conntrack: Option<RawConntrack>,
+    ipvs: Option<RawIpvs>,
+    iptables: Option<RawRules>,
+    nftables: Option<RawRules>,
+    logging: Option<RawLogging>,
+    proxy_agent: Option<RawProxyAgent>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConntrack {
+    max_per_core: Option<i64>,
+    min: Option<i64>,
+    tcp_established_timeout: Option<String>,
+    tcp_close_wait_timeout: Option<String>,
+    udp_timeout: Option<String>,
+    udp_stream_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawIpvs {
+    scheduler: Option<String>,
+    sync_period: Option<String>,
+    min_sync_period: Option<String>,
+    #[serde(rename = "strictARP")]
+    strict_arp: Option<bool>,
+    tcp_timeout: Option<String>,
+    tcp_fin_timeout: Option<String>,
+    udp_timeout: Option<String>,
+    #[serde(rename = "excludeCIDRs")]
+    exclude_cidrs: Option<Vec<String>>,
+}
+
+/// The `iptables:` and `nftables:` sections.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRules {
+    masquerade_all: Option<bool>,
+    masquerade_bit: Option<i64>,
+    sync_period: Option<String>,
+    min_sync_period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLogging {
+    format: Option<String>,
+    verbosity: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawProxyAgent {
+    manifests: Option<PathBuf>,
+    bpf_root: Option<PathBuf>,
+    interfaces: Option<Vec<String>>,
+    exclude_interfaces: Option<Vec<String>>,
+}
+
+// ---------------------------------------------------------------------------
+// The validated result.
+
+/// `mode`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    Ebpf,
+    Nftables,
+    Iptables,
+    Ipvs,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Nftables => "nftables",
+            Self::Iptables => "iptables",
+            Self::Ipvs => "ipvs",
+        }
+    }
+}
+
+/// `logging.format`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `nodePortAddresses`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// `["primary"]`: the node's primary IPs.
+    Primary,
+    Cidrs(Vec<IpNet>),
+}
+
+/// A `host:port` listen address; the host may be empty (all addresses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindAddress {
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conntrack {
+    pub max_per_core: Option<u32>,
+    pub min: Option<u32>,
+    pub tcp_established_timeout: Option<Duration>,
+    pub tcp_close_wait_timeout: Option<Duration>,
+    pub udp_timeout: Option<Duration>,
+    pub udp_stream_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ipvs {
+    pub scheduler: Option<String>,
+    pub sync_period: Option<Duration>,
+    pub min_sync_period: Option<Duration>,
+    pub strict_arp: Option<bool>,
+    pub tcp_timeout: Option<Duration>,
+    pub tcp_fin_timeout: Option<Duration>,
+    pub udp_timeout: Option<Duration>,
+    pub exclude_cidrs: Option<Vec<IpNet>>,
+}
+
+/// The `iptables:` or `nftables:` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub masquerade_all: Option<bool>,
+    pub masquerade_bit: Option<u8>,
+    pub sync_period: Option<Duration>,
+    pub min_sync_period: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Logging {
+    pub format: Option<LogFormat>,
+    pub verbosity: Option<u8>,
+}
+
+/// Our own fields, under `proxyAgent:`. Relative paths are resolved against
+/// the directory of the config file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyAgent {
+    pub manifests: Option<PathBuf>,
+    pub bpf_root: Option<PathBuf>,
+    pub interfaces: Option<Vec<String>>,
+    pub exclude_interfaces: Option<Vec<String>>,
+}
+
+/// A validated config file; `None` means "not set by the file".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    pub mode: Option<ProxyMode>,
+    pub cluster_cidrs: Option<Vec<IpNet>>,
+    pub node_port_addresses: Option<NodePortAddresses>,
+    pub sync_period: Option<Duration>,
+    pub min_sync_period: Option<Duration>,
+    pub bind_address: Option<IpAddr>,
+    pub metrics_bind_address: Option<BindAddress>,
+    pub healthz_bind_address: Option<BindAddress>,
+    pub hostname_override: Option<String>,
+    pub conntrack: Option<Conntrack>,
+    pub ipvs: Option<Ipvs>,
+    pub iptables: Option<Rules>,
+    pub nftables: Option<Rules>,
+    pub logging: Logging,
+    pub proxy_agent: ProxyAgent,
+}
+
+impl FileConfig {
+    /// The fields this file sets that are validated and stored but that this
+    /// build does not act on yet (kube-proxy field names).
+    pub fn not_yet_used(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut add = |set: bool, name| {
+            if set {
+                out.push(name);
+            }
+        };
+        add(self.cluster_cidrs.is_some(), "clusterCIDR");
+        add(self.node_port_addresses.is_some(), "nodePortAddresses");
+        add(self.min_sync_period.is_some(), "minSyncPeriod");
+        add(self.bind_address.is_some(), "bindAddress");
+        add(self.metrics_bind_address.is_some(), "metricsBindAddress");
+        add(self.healthz_bind_address.is_some(), "healthzBindAddress");
+        add(self.conntrack.is_some(), "conntrack");
+        add(self.ipvs.is_some(), "ipvs");
+        add(self.iptables.is_some(), "iptables");
+        add(self.nftables.is_some(), "nftables");
+        out
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut cfg = parse(&text).map_err(|e| match e {
+        ParseError::Syntax(message) => ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        },
+        ParseError::Invalid(errors) => ConfigError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        },
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [
+        &mut cfg.proxy_agent.manifests,
+        &mut cfg.proxy_agent.bpf_root,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(cfg)
+}
+
+/// Why a config text was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not YAML/JSON, wrong types, or an unknown field (serde's message).
+    Syntax(String),
+    /// Every validation error, each starting with its field path.
+    Invalid(Vec<String>),
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Syntax(m) => f.write_str(m),
+            Self::Invalid(errors) => f.write_str(&errors.join("; ")),
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Parses and validates a config text (YAML; JSON is YAML too). Relative
+/// paths are kept as written.
+pub fn parse(text: &str) -> Result<FileConfig, ParseError> {
+    let raw: RawConfig = if text.trim().is_empty() {
+        RawConfig::default()
+    } else {
+        serde_yaml::from_str(text).map_err(|e| ParseError::Syntax(e.to_string()))?
+    };
+    let mut v = Validator::default();
+    let cfg = v.config(raw);
+    if v.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ParseError::Invalid(v.errors))
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<String>,
+}
+
+/// kube-proxy treats "" as "unset" for its string fields.
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.trim().is_empty())
+}
+
+impl Validator {
+    fn err(&mut self, field: &str, msg: impl fmt::Display) {
+        self.errors.push(format!("{field}: {msg}"));
+    }
+
+    fn config(&mut self, raw: RawConfig) -> FileConfig {
+        match raw.api_version.as_deref() {
+            Some(API_VERSION) => {}
+            Some(other) => self.err(
+                "apiVersion",
+                format!("must be {API_VERSION:?}, got {other:?}"),
+            ),
+            None => self.err("apiVersion", format!("missing (must be {API_VERSION:?})")),
+        }
+        match raw.kind.as_deref() {
+            Some(KIND) => {}
+            Some(other) => self.err("kind", format!("must be {KIND:?}, got {other:?}")),
+            None => self.err("kind", format!("missing (must be {KIND:?})")),
+        }
+        let mode = non_empty(raw.mode).and_then(|m| match m.as_str() {
+            "ebpf" => Some(ProxyMode::Ebpf),
+            "nftables" => Some(ProxyMode::Nftables),
+            "iptables" => Some(ProxyMode::Iptables),
+            "ipvs" => Some(ProxyMode::Ipvs),
+            _ => {
+                self.err(
+                    "mode",
+                    format!("unknown mode {m:?} (ebpf, nftables, iptables, ipvs)"),
+                );
+                None
+            }
+        });
+        let cluster_cidrs = non_empty(raw.cluster_cidr).map(|s| {
+            let cidrs: Vec<IpNet> = s
+                .split(',')
+                .filter_map(|c| self.cidr("clusterCIDR", c.trim()))
+                .collect();
+            let v4 = cidrs.iter().filter(|c| matches!(c, IpNet::V4(_))).count();
+            if v4 > 1 || cidrs.len() - v4 > 1 {
+                self.err("clusterCIDR", "at most one CIDR per IP family");
+            }
+            cidrs
+        });
+        let node_port_addresses = raw.node_port_addresses.map(|list| {
+            if list.iter().any(|a| a == "primary") {
+                if list.len() > 1 {
+                    self.err(
+                        "nodePortAddresses",
+                        "\"primary\" cannot be combined with other entries",
+                    );
+                }
+                NodePortAddresses::Primary
+            } else {
+                NodePortAddresses::Cidrs(
+                    list.iter()
+                        .enumerate()
+                        .filter_map(|(i, c)| self.cidr(&format!("nodePortAddresses[{i}]"), c))
+                        .collect(),
+                )
+            }
+        });
+        let sync_period = self.positive("syncPeriod", raw.sync_period);
+        let min_sync_period = self.non_negative("minSyncPeriod", raw.min_sync_period);
+        let bind_address = non_empty(raw.bind_address).and_then(|s| {
+            // kube-proxy's bindAddress is an IP; accept IP:port too.
+            s.parse::<IpAddr>()
+                .ok()
+                .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+                .or_else(|| {
+                    self.err("bindAddress", format!("{s:?} is not an IP address"));
+                    None
+                })
+        });
+        let metrics_bind_address = self.host_port("metricsBindAddress", raw.metrics_bind_address);
+        let healthz_bind_address = self.host_port("healthzBindAddress", raw.healthz_bind_address);
+        let hostname_override = non_empty(raw.hostname_override);
+        let conntrack = raw.conntrack.map(|c| self.conntrack(c));
+        let ipvs = raw.ipvs.map(|c| self.ipvs(c));
+        let iptables = raw.iptables.map(|c| self.rules("iptables", c));
+        let nftables = raw.nftables.map(|c| self.rules("nftables", c));
+        let logging = raw.logging.map(|l| self.logging(l)).unwrap_or_default();
+        let proxy_agent = raw
+            .proxy_agent
+            .map(|p| self.proxy_agent(p))
+            .unwrap_or_default();
+        FileConfig {
+            mode,
+            cluster_cidrs,
+            node_port_addresses,
+            sync_period,
+            min_sync_period,
+            bind_address,
+            metrics_bind_address,
+            healthz_bind_address,
+            hostname_override,
+            conntrack,
+            ipvs,
+            iptables,
+            nftables,
+            logging,
+            proxy_agent,
+        }
+    }
+
+    fn cidr(&mut self, field: &str, s: &str) -> Option<IpNet> {
+        match s.parse::<IpNet>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.err(field, format!("{s:?} is not a CIDR"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, field: &str, s: Option<String>) -> Option<(bool, Duration)> {
+        let s = s?;
+        match parse_go_duration_signed(&s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.err(field, e);
+                None
+            }
+        }
+    }
+
+    fn positive(&mut self, field: &str, s: Option<String>) -> Option<Duration> {
+        let (neg, d) = self.duration(field, s)?;
+        if neg || d.is_zero() {
+            self.err(field, "must be > 0");
+            return None;
+        }
+        Some(d)
+    }
+
+    fn non_negative(&mut self, field: &str, s: Option<String>) -> Option<Duration> {
+        let (neg, d) = self.duration(field, s)?;
+        if neg && !d.is_zero() {
+            self.err(field, "must be >= 0");
+            return None;
+        }
+        Some(d)
+    }
+
+    fn count(&mut self, field: &str, n: Option<i64>) -> Option<u32> {
+        let n = n?;
+        match u32::try_from(n) {
+            Ok(n) => Some(n),
+            Err(_) if n < 0 => {
+                self.err(field, "must be >= 0");
+                None
+            }
+            Err(_) => {
+                self.err(field, format!("{n} is too large"));
+                None
+            }
+        }
+    }
+
+    fn host_port(&mut self, field: &str, s: Option<String>) -> Option<BindAddress> {
+        let s = non_empty(s)?;
+        let bad = |v: &mut Self, why: &str| {
+            v.err(field, format!("{s:?} is not IP:port ({why})"));
+            None
+        };
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return bad(self, "no port");
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            return bad(self, "bad port");
+        };
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() {
+            return Some(BindAddress { ip: None, port });
+        }
+        match host.parse::<IpAddr>() {
+            Ok(ip) => Some(BindAddress { ip: Some(ip), port }),
+            Err(_) => bad(self, "host is not an IP address"),
+        }
+    }
+
+    fn conntrack(&mut self, c: RawConntrack) -> Conntrack {
+        Conntrack {
+            max_per_core: self.count("conntrack.maxPerCore", c.max_per_core),
+            min: self.count("conntrack.min", c.min),
+            tcp_established_timeout: self
+                .non_negative("conntrack.tcpEstablishedTimeout", c.tcp_established_timeout),
+            tcp_close_wait_timeout: self
+                .non_negative("conntrack.tcpCloseWaitTimeout", c.tcp_close_wait_timeout),
+            udp_timeout: self.non_negative("conntrack.udpTimeout", c.udp_timeout),
+            udp_stream_timeout: self
+                .non_negative("conntrack.udpStreamTimeout", c.udp_stream_timeout),
+        }
+    }
+
+    fn ipvs(&mut self, c: RawIpvs) -> Ipvs {
+        const SCHEDULERS: &[&str] = &[
+            "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh",
+        ];
+        let scheduler = non_empty(c.scheduler).filter(|s| {
+            let ok = SCHEDULERS.contains(&s.as_str());
+            if !ok {
+                self.err(
+                    "ipvs.scheduler",
+                    format!("unknown scheduler {s:?} ({})", SCHEDULERS.join(", ")),
+                );
+            }
+            ok
+        });
+        Ipvs {
+            scheduler,
+            sync_period: self.positive("ipvs.syncPeriod", c.sync_period),
+            min_sync_period: self.non_negative("ipvs.minSyncPeriod", c.min_sync_period),
+            strict_arp: c.strict_arp,
+            tcp_timeout: self.non_negative("ipvs.tcpTimeout", c.tcp_timeout),
+            tcp_fin_timeout: self.non_negative("ipvs.tcpFinTimeout", c.tcp_fin_timeout),
+            udp_timeout: self.non_negative("ipvs.udpTimeout", c.udp_timeout),
+            exclude_cidrs: c.exclude_cidrs.map(|list| {
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| self.cidr(&format!("ipvs.excludeCIDRs[{i}]"), s))
+                    .collect()
+            }),
+        }
+    }
+
+    fn rules(&mut self, section: &str, c: RawRules) -> Rules {
+        let masquerade_bit = c.masquerade_bit.and_then(|b| match u8::try_from(b) {
+            Ok(b) if b <= 31 => Some(b),
+            _ => {
+                self.err(
+                    &format!("{section}.masqueradeBit"),
+                    format!("{b} is not in [0, 31]"),
+                );
+                None
+            }
+        });
+        Rules {
+            masquerade_all: c.masquerade_all,
+            masquerade_bit,
+            sync_period: self.positive(&format!("{section}.syncPeriod"), c.sync_period),
+            min_sync_period: self
+                .non_negative(&format!("{section}.minSyncPeriod"), c.min_sync_period),
+        }
+    }
+
+    fn logging(&mut self, l: RawLogging) -> Logging {
+        let format = non_empty(l.format).and_then(|f| match f.as_str() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => {
+                self.err(
+                    "logging.format",
+                    format!("unknown format {f:?} (text, json)"),
+                );
+                None
+            }
+        });
+        let verbosity = l.verbosity.and_then(|n| match u8::try_from(n) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.err("logging.verbosity", format!("{n} is not in [0, 255]"));
+                None
+            }
+        });
+        Logging { format, verbosity }
+    }
+
+    fn proxy_agent(&mut self, p: RawProxyAgent) -> ProxyAgent {
+        let mut paths = |field: &str, p: Option<PathBuf>| {
+            p.filter(|p| {
+                let empty = p.as_os_str().is_empty();
+                if empty {
+                    self.err(field, "must not be empty");
+                }
+                !empty
+            })
+        };
+        let manifests = paths("proxyAgent.manifests", p.manifests);
+        let bpf_root = paths("proxyAgent.bpfRoot", p.bpf_root);
+        let mut names = |field: &str, list: Option<Vec<String>>| {
+            list.inspect(|list| {
+                for (i, name) in list.iter().enumerate() {
+                    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ',']) {
+                        self.err(
+                            &format!("{field}[{i}]"),
+                            format!("{name:?} is not an interface name"),
+                        );
+                    }
+                }
+            })
+        };
+        ProxyAgent {
+            manifests,
+            bpf_root,
+            interfaces: names("proxyAgent.interfaces", p.interfaces),
+            exclude_interfaces: names("proxyAgent.excludeInterfaces", p.exclude_interfaces),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Go durations.
+
+/// Parses a Go duration ("300ms", "1m30s", "1h0m0s", "0") that must be > 0.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    match parse_go_duration_signed(s)? {
+        (false, d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("{s:?} must be > 0")),
+    }
+}
+
+/// Parses a Go duration as `time.ParseDuration` does: an optional sign, then
+/// "0" or one or more decimal numbers each with a unit (ns, us, µs, ms, s, m,
+/// h). Returns (negative, magnitude).
+pub fn parse_go_duration_signed(s: &str) -> Result<(bool, Duration), String> {
+    let bad = || format!("{s:?} is not a duration (e.g. 500ms, 30s, 1m30s, 1h0m0s)");
+    let (neg, mut rest) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if rest == "0" {
+        return Ok((neg, Duration::ZERO));
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let int_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (int, after) = rest.split_at(int_end);
+        let (frac, after) = match after.strip_prefix('.') {
+            Some(a) => {
+                let end = a.find(|c: char| !c.is_ascii_digit()).unwrap_or(a.len());
+                a.split_at(end)
+            }
+            None => ("", after),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return Err(bad());
+        }
+        let unit_end = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_end);
+        let scale: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => return Err(format!("{s:?} lacks a unit (ns, us, ms, s, m, h)")),
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)"
+                ));
+            }
+        };
+        let int: u128 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| bad())?
+        };
+        let mut part = int.checked_mul(scale).ok_or_else(bad)?;
+        let mut div = scale;
+        for d in frac.bytes().take(20) {
+            div /= 10;
+            if div == 0 {
+                break;
+            }
+            part += u128::from(d - b'0') * div;
+        }
+        total = total.checked_add(part).ok_or_else(bad)?;
+        rest = after;
+    }
+    // Go's limit: about 290 years.
+    if total > i64::MAX as u128 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok((
+        neg,
+        Duration::new(
+            (total / 1_000_000_000) as u64,
+            (total % 1_000_000_000) as u32,
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../examples/config/proxy-agent.yaml");
+    const HEAD: &str =
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+
+    fn errors(body: &str) -> Vec<String> {
+        match parse(&format!("{HEAD}{body}")) {
+            Err(ParseError::Invalid(e)) => e,
+            other => panic!("expected validation errors for {body:?}, got {other:?}"),
+        }
+    }
+
+    fn one_error(body: &str) -> String {
+        let e = errors(body);
+        assert_eq!(e.len(), 1, "{e:?}");
+        e.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.mode, Some(ProxyMode::Ebpf));
+        assert_eq!(
+            c.cluster_cidrs,
+            Some(vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::/56".parse().unwrap()
+            ])
+        );
+        assert_eq!(c.sync_period, Some(Duration::from_secs(30)));
+        assert_eq!(c.min_sync_period, Some(Duration::from_secs(1)));
+        assert_eq!(
+            c.metrics_bind_address,
+            Some(BindAddress {
+                ip: Some("0.0.0.0".parse().unwrap()),
+                port: 10249
+            })
+        );
+        let ct = c.conntrack.as_ref().unwrap();
+        assert_eq!(ct.max_per_core, Some(32768));
+        assert_eq!(ct.tcp_established_timeout, Some(Duration::from_secs(86400)));
+        assert_eq!(c.ipvs.as_ref().unwrap().scheduler.as_deref(), Some("rr"));
+        assert_eq!(c.iptables.as_ref().unwrap().masquerade_bit, Some(14));
+        assert_eq!(c.logging.format, Some(LogFormat::Text));
+        assert_eq!(c.logging.verbosity, Some(2));
+        assert_eq!(
+            c.proxy_agent.bpf_root.as_deref(),
+            Some(Path::new("/sys/fs/bpf/proxy-agent"))
+        );
+        assert_eq!(
+            c.proxy_agent.exclude_interfaces,
+            Some(vec!["docker0".into()])
+        );
+        assert!(c.not_yet_used().contains(&"conntrack"));
+        assert!(!c.not_yet_used().contains(&"syncPeriod"));
+    }
+
+    #[test]
+    fn minimal_file_sets_nothing() {
+        let c = parse(HEAD).unwrap();
+        assert_eq!(c, FileConfig::default());
+        assert!(c.not_yet_used().is_empty());
+        // kube-proxy's "" means default.
+        let c = parse(&format!("{HEAD}mode: \"\"\nclusterCIDR: \"\"\n")).unwrap();
+        assert_eq!(c, FileConfig::default());
+    }
+
+    #[test]
+    fn json_accepted() {
+        let c = parse(
+            r#"{"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+                "mode": "nftables", "syncPeriod": "1m30s",
+                "proxyAgent": {"interfaces": ["eth0", "eth1"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.mode, Some(ProxyMode::Nftables));
+        assert_eq!(c.sync_period, Some(Duration::from_secs(90)));
+        assert_eq!(
+            c.proxy_agent.interfaces,
+            Some(vec!["eth0".to_string(), "eth1".to_string()])
+        );
+    }
+
+    #[test]
+    fn unknown_fields_rejected_by_name() {
+        for (body, name) in [
+            ("bogus: 1\n", "bogus"),
+            ("conntrack:\n  maxPerCPU: 1\n", "maxPerCPU"),
+            ("proxyAgent:\n  manifest: /x\n", "manifest"),
+            ("clusterCidr: 10.0.0.0/8\n", "clusterCidr"),
+        ] {
+            match parse(&format!("{HEAD}{body}")) {
+                Err(ParseError::Syntax(m)) => {
+                    assert!(m.contains(&format!("unknown field `{name}`")), "{m}")
+                }
+                other => panic!("{body:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_api_version_or_kind() {
+        let e = parse("apiVersion: v1\nkind: KubeProxyConfiguration\n").unwrap_err();
+        assert!(e.to_string().starts_with("apiVersion: "), "{e}");
+        let e = parse("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: Pod\n").unwrap_err();
+        assert!(e.to_string().starts_with("kind: "), "{e}");
+        let e = parse("mode: ebpf\n").unwrap_err().to_string();
+        assert!(
+            e.contains("apiVersion: missing") && e.contains("kind: missing"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn each_validation_error_names_its_field() {
+        for (body, want) in [
+            ("mode: foo\n", "mode: unknown mode \"foo\""),
+            (
+                "clusterCIDR: 10.0.0.0/33\n",
+                "clusterCIDR: \"10.0.0.0/33\" is not a CIDR",
+            ),
+            (
+                "clusterCIDR: 10.0.0.0/8,10.1.0.0/16\n",
+                "clusterCIDR: at most one CIDR per IP family",
+            ),
+            (
+                "nodePortAddresses: [primary, 10.0.0.0/8]\n",
+                "nodePortAddresses: ",
+            ),
+            (
+                "nodePortAddresses: [10.0.0.0/8, nope]\n",
+                "nodePortAddresses[1]: \"nope\"",
+            ),
+            ("syncPeriod: 0s\n", "syncPeriod: must be > 0"),
+            ("syncPeriod: -5s\n", "syncPeriod: must be > 0"),
+            ("syncPeriod: 30\n", "syncPeriod: \"30\" lacks a unit"),
+            ("minSyncPeriod: -1s\n", "minSyncPeriod: must be >= 0"),
+            ("bindAddress: nope\n", "bindAddress: "),
+            ("metricsBindAddress: 0.0.0.0\n", "metricsBindAddress: "),
+            (
+                "healthzBindAddress: 0.0.0.0:99999\n",
+                "healthzBindAddress: ",
+            ),
+            ("healthzBindAddress: host:10256\n", "healthzBindAddress: "),
+            (
+                "conntrack:\n  maxPerCore: -1\n",
+                "conntrack.maxPerCore: must be >= 0",
+            ),
+            ("conntrack:\n  min: -1\n", "conntrack.min: must be >= 0"),
+            ("conntrack:\n  udpTimeout: 5x\n", "conntrack.udpTimeout: "),
+            (
+                "conntrack:\n  tcpCloseWaitTimeout: -1h\n",
+                "conntrack.tcpCloseWaitTimeout: must be >= 0",
+            ),
+            (
+                "ipvs:\n  scheduler: best\n",
+                "ipvs.scheduler: unknown scheduler",
+            ),
+            ("ipvs:\n  syncPeriod: 0s\n", "ipvs.syncPeriod: must be > 0"),
+            (
+                "ipvs:\n  excludeCIDRs: [1.2.3.4/40]\n",
+                "ipvs.excludeCIDRs[0]: ",
+            ),
+            (
+                "iptables:\n  masqueradeBit: 32\n",
+                "iptables.masqueradeBit: ",
+            ),
+            (
+                "nftables:\n  minSyncPeriod: -1s\n",
+                "nftables.minSyncPeriod: must be >= 0",
+            ),
+            (
+                "logging:\n  format: xml\n",
+                "logging.format: unknown format",
+            ),
+            ("logging:\n  verbosity: -1\n", "logging.verbosity: "),
+            (
+                "proxyAgent:\n  bpfRoot: \"\"\n",
+                "proxyAgent.bpfRoot: must not be empty",
+            ),
+            (
+                "proxyAgent:\n  interfaces: [eth0, \"a/b\"]\n",
+                "proxyAgent.interfaces[1]: ",
+            ),
+        ] {
+            let e = one_error(body);
+            assert!(e.starts_with(want), "{body:?}: got {e:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn all_errors_reported() {
+        let e = errors("mode: foo\nsyncPeriod: 0s\n");
+        assert_eq!(e.len(), 2, "{e:?}");
+    }
+
+    #[test]
+    fn bind_addresses() {
+        let c = parse(&format!(
+            "{HEAD}metricsBindAddress: \":10249\"\nhealthzBindAddress: \"[::]:10256\"\nbindAddress: \"::\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.metrics_bind_address,
+            Some(BindAddress {
+                ip: None,
+                port: 10249
+            })
+        );
+        assert_eq!(
+            c.healthz_bind_address,
+            Some(BindAddress {
+                ip: Some("::".parse().unwrap()),
+                port: 10256
+            })
+        );
+        assert_eq!(c.bind_address, Some("::".parse().unwrap()));
+    }
+
+    #[test]
+    fn go_durations() {
+        let ok = |s: &str, d: Duration| assert_eq!(parse_go_duration(s), Ok(d), "{s}");
+        ok("30s", Duration::from_secs(30));
+        ok("1m0s", Duration::from_secs(60));
+        ok("1m30s", Duration::from_secs(90));
+        ok("1h0m0s", Duration::from_secs(3600));
+        ok("1h30m", Duration::from_secs(5400));
+        ok("500ms", Duration::from_millis(500));
+        ok("1.5s", Duration::from_millis(1500));
+        ok(".5s", Duration::from_millis(500));
+        ok("2us", Duration::from_micros(2));
+        ok("2µs", Duration::from_micros(2));
+        ok("3ns", Duration::from_nanos(3));
+        ok("1s500ms", Duration::from_millis(1500));
+        assert_eq!(parse_go_duration_signed("0"), Ok((false, Duration::ZERO)));
+        assert_eq!(
+            parse_go_duration_signed("-1m"),
+            Ok((true, Duration::from_secs(60)))
+        );
+        for bad in [
+            "",
+            "s",
+            "30",
+            "1x",
+            "1.s.",
+            "--1s",
+            "1m 30s",
+            "0s",
+            "-1s",
+            "99999999h",
+        ] {
+            assert!(parse_go_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn load_prefixes_path_and_resolves_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, format!("{HEAD}proxyAgent:\n  manifests: m\n")).unwrap();
+        let c = load(&path).unwrap();
+        assert_eq!(c.proxy_agent.manifests, Some(dir.path().join("m")));
+        std::fs::write(&path, format!("{HEAD}nope: 1\n")).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&path.display().to_string()) && e.contains("unknown field `nope`"),
+            "{e}"
+        );
+        let e = load(&dir.path().join("missing.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.yaml"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn go_duration_round_trips_h_m_s(h in 0u64..1000, m in 0u64..60, s in 0u64..60, ms in 0u64..1000) {
+            let text = format!("{h}h{m}m{s}s{ms}ms");
+            let want = Duration::from_millis(((h * 60 + m) * 60 + s) * 1000 + ms);
+            proptest::prop_assert_eq!(parse_go_duration_signed(&text), Ok((false, want)));
+        }
+    }
+}
