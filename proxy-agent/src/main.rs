@@ -320,7 +320,8 @@ async fn run(args: Settings) -> Result<()> {
     let (tx, rx) = watch::channel(None);
     let source: Box<dyn Source> = match &args.manifests {
         Some(dir) => Box::new(ManifestSource::new(dir.clone())),
-        None => unreachable!("validated above"),
+        // Validation refuses this earlier; fail cleanly should the two drift.
+        None => bail!("no service source: --manifests DIR is required"),
     };
     let source_task = tokio::spawn(source.run(tx));
 
