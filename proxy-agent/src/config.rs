@@ -53,12 +53,23 @@ struct RawConfig {
     metrics_bind_address: Option<String>,
     healthz_bind_address: Option<String>,
     hostname_override: Option<String>,
+    client_connection: Option<RawClientConnection>,
     conntrack: Option<RawConntrack>,
     ipvs: Option<RawIpvs>,
     iptables: Option<RawRules>,
     nftables: Option<RawRules>,
     logging: Option<RawLogging>,
     proxy_agent: Option<RawProxyAgent>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawClientConnection {
+    kubeconfig: Option<String>,
+    accept_content_types: Option<String>,
+    content_type: Option<String>,
+    qps: Option<f64>,
+    burst: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +169,60 @@ pub struct BindAddress {
     pub port: u16,
 }
 
+impl BindAddress {
+    /// The socket address to listen on (an empty host means all IPv4 and,
+    /// where the system maps them, IPv6 addresses).
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(
+            self.ip
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            self.port,
+        )
+    }
+}
+
+impl fmt::Display for BindAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Some(ip) => write!(f, "{ip}:{}", self.port),
+            None => write!(f, ":{}", self.port),
+        }
+    }
+}
+
+/// Parses `IP:port`, `[IPv6]:port` or `:port`.
+pub fn parse_bind_address(s: &str) -> Result<BindAddress, String> {
+    let bad = |why: &str| format!("{s:?} is not IP:port ({why})");
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(bad("no port"));
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(bad("bad port"));
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Ok(BindAddress { ip: None, port });
+    }
+    match host.parse::<IpAddr>() {
+        Ok(ip) => Ok(BindAddress { ip: Some(ip), port }),
+        Err(_) => Err(bad("host is not an IP address")),
+    }
+}
+
+/// `clientConnection:` (only the kubeconfig is used; the rest is validated).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientConnection {
+    pub kubeconfig: Option<PathBuf>,
+    /// Whether fields this build does not use (qps, burst, content types) are set.
+    pub has_unused: bool,
+}
+
+impl Eq for ClientConnection {}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Conntrack {
     pub max_per_core: Option<u32>,
@@ -217,6 +282,7 @@ pub struct FileConfig {
     pub metrics_bind_address: Option<BindAddress>,
     pub healthz_bind_address: Option<BindAddress>,
     pub hostname_override: Option<String>,
+    pub client_connection: ClientConnection,
     pub conntrack: Option<Conntrack>,
     pub ipvs: Option<Ipvs>,
     pub iptables: Option<Rules>,
@@ -237,10 +303,11 @@ impl FileConfig {
         };
         add(self.cluster_cidrs.is_some(), "clusterCIDR");
         add(self.node_port_addresses.is_some(), "nodePortAddresses");
-        add(self.min_sync_period.is_some(), "minSyncPeriod");
         add(self.bind_address.is_some(), "bindAddress");
-        add(self.metrics_bind_address.is_some(), "metricsBindAddress");
-        add(self.healthz_bind_address.is_some(), "healthzBindAddress");
+        add(
+            self.client_connection.has_unused,
+            "clientConnection (except kubeconfig)",
+        );
         add(self.conntrack.is_some(), "conntrack");
         add(self.ipvs.is_some(), "ipvs");
         add(self.iptables.is_some(), "iptables");
@@ -403,6 +470,10 @@ impl Validator {
         let metrics_bind_address = self.host_port("metricsBindAddress", raw.metrics_bind_address);
         let healthz_bind_address = self.host_port("healthzBindAddress", raw.healthz_bind_address);
         let hostname_override = non_empty(raw.hostname_override);
+        let client_connection = raw
+            .client_connection
+            .map(|c| self.client_connection(c))
+            .unwrap_or_default();
         let conntrack = raw.conntrack.map(|c| self.conntrack(c));
         let ipvs = raw.ipvs.map(|c| self.ipvs(c));
         let iptables = raw.iptables.map(|c| self.rules("iptables", c));
@@ -422,6 +493,7 @@ impl Validator {
             metrics_bind_address,
             healthz_bind_address,
             hostname_override,
+            client_connection,
             conntrack,
             ipvs,
             iptables,
@@ -487,26 +559,28 @@ impl Validator {
 
     fn host_port(&mut self, field: &str, s: Option<String>) -> Option<BindAddress> {
         let s = non_empty(s)?;
-        let bad = |v: &mut Self, why: &str| {
-            v.err(field, format!("{s:?} is not IP:port ({why})"));
-            None
-        };
-        let Some((host, port)) = s.rsplit_once(':') else {
-            return bad(self, "no port");
-        };
-        let Ok(port) = port.parse::<u16>() else {
-            return bad(self, "bad port");
-        };
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        if host.is_empty() {
-            return Some(BindAddress { ip: None, port });
+        match parse_bind_address(&s) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                self.err(field, e);
+                None
+            }
         }
-        match host.parse::<IpAddr>() {
-            Ok(ip) => Some(BindAddress { ip: Some(ip), port }),
-            Err(_) => bad(self, "host is not an IP address"),
+    }
+
+    fn client_connection(&mut self, c: RawClientConnection) -> ClientConnection {
+        if let Some(qps) = c.qps
+            && !(qps.is_finite() && qps >= 0.0)
+        {
+            self.err("clientConnection.qps", format!("{qps} is not >= 0"));
+        }
+        self.count("clientConnection.burst", c.burst);
+        ClientConnection {
+            kubeconfig: non_empty(c.kubeconfig).map(PathBuf::from),
+            has_unused: c.accept_content_types.is_some()
+                || c.content_type.is_some()
+                || c.qps.is_some()
+                || c.burst.is_some(),
         }
     }
 
@@ -900,6 +974,11 @@ mod tests {
                 "logging.format: unknown format",
             ),
             ("logging:\n  verbosity: -1\n", "logging.verbosity: "),
+            ("clientConnection:\n  qps: -1\n", "clientConnection.qps: "),
+            (
+                "clientConnection:\n  burst: -1\n",
+                "clientConnection.burst: ",
+            ),
             (
                 "proxyAgent:\n  bpfRoot: \"\"\n",
                 "proxyAgent.bpfRoot: must not be empty",
@@ -912,6 +991,50 @@ mod tests {
             let e = one_error(body);
             assert!(e.starts_with(want), "{body:?}: got {e:?}, want {want:?}");
         }
+    }
+
+    #[test]
+    fn client_connection_kubeconfig() {
+        let c = parse(&format!(
+            "{HEAD}clientConnection:\n  kubeconfig: /var/lib/proxy-agent/kubeconfig\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.client_connection.kubeconfig,
+            Some(PathBuf::from("/var/lib/proxy-agent/kubeconfig"))
+        );
+        assert!(c.not_yet_used().is_empty());
+        let c = parse(&format!("{HEAD}clientConnection:\n  qps: 5\n  burst: 10\n")).unwrap();
+        assert_eq!(c.client_connection.kubeconfig, None);
+        assert_eq!(
+            c.not_yet_used(),
+            vec!["clientConnection (except kubeconfig)"]
+        );
+        let unknown = parse(&format!("{HEAD}clientConnection:\n  token: x\n"));
+        assert!(
+            matches!(&unknown, Err(ParseError::Syntax(m)) if m.contains("token")),
+            "{unknown:?}"
+        );
+    }
+
+    #[test]
+    fn bind_address_flags_parse_like_the_file() {
+        assert_eq!(
+            parse_bind_address("127.0.0.1:10249"),
+            Ok(BindAddress {
+                ip: Some(IpAddr::from([127, 0, 0, 1])),
+                port: 10249
+            })
+        );
+        let any = parse_bind_address(":10256").unwrap();
+        assert_eq!(any.to_string(), ":10256");
+        assert_eq!(any.socket_addr().to_string(), "0.0.0.0:10256");
+        assert_eq!(
+            parse_bind_address("[::1]:1").unwrap().to_string(),
+            "[::1]:1"
+        );
+        assert!(parse_bind_address("10249").is_err());
+        assert!(parse_bind_address("host:1").is_err());
     }
 
     #[test]

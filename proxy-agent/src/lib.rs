@@ -8,5 +8,6 @@
 pub mod config;
 pub mod dataplane;
 pub mod model;
+pub mod serve;
 pub mod source;
 pub mod sync;

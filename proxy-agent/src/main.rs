@@ -1,7 +1,7 @@
 //! The proxy-agent binary: command line, logging, and wiring of source,
 //! model and dataplane.
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -12,9 +12,17 @@ use ipnet::IpNet;
 use proxy_agent::{
     config::{self, FileConfig},
     dataplane::ebpf::{self, EbpfOptions, InterfaceFilter},
-    model::ModelConfig,
-    source::{Source, manifests::ManifestSource},
-    sync::{self, SyncOptions},
+    model::{ModelConfig, Rejection},
+    serve::{self, Health, Metrics},
+    source::{
+        Source,
+        api::{
+            ApiSource,
+            events::{EventLimits, EventPublisher, Reporter},
+        },
+        manifests::ManifestSource,
+    },
+    sync::{self, ObjectChanges, SyncObserver, SyncOptions, SyncReport},
 };
 use tokio::sync::watch;
 
@@ -52,7 +60,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent in the foreground.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove every program, link and pinned map the agent created. Safe to run twice.
     Cleanup(CleanupArgs),
 }
@@ -93,8 +101,19 @@ struct RunArgs {
 
     /// Read Services, EndpointSlices and Nodes from the YAML/JSON files of this
     /// directory and follow its changes (instead of the Kubernetes API).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "master"])]
     manifests: Option<PathBuf>,
+
+    /// Kubeconfig file for the Kubernetes API. Default:
+    /// clientConnection.kubeconfig of --config, else the in-cluster
+    /// configuration (service account token) of the pod.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+
+    /// URL of the Kubernetes API server; overrides the server of the
+    /// kubeconfig (or of the in-cluster configuration).
+    #[arg(long, value_name = "URL")]
+    master: Option<String>,
 
     /// The name of this node: its Node object and the endpoints that count as
     /// local. Default: $NODE_NAME, else the host name.
@@ -124,10 +143,43 @@ struct RunArgs {
     /// duration, e.g. 30s, 1m, 1m30s). Default: 30s.
     #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration)]
     sync_period: Option<Duration>,
+
+    /// Least time between two applies; changes in between are combined
+    /// (Go duration; 0 applies every change at once). Default: 0 for ebpf
+    /// (applying is incremental), 1s for nftables, iptables and ipvs.
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration)]
+    min_sync_period: Option<Duration>,
+
+    /// Where /healthz and /livez are served (IP:port; "" disables).
+    /// Default: 0.0.0.0:10256.
+    #[arg(long, value_name = "IP:PORT", value_parser = optional_bind_address)]
+    healthz_bind_address: Option<Option<config::BindAddress>>,
+
+    /// Where /metrics is served (IP:port; "" disables). Default: 127.0.0.1:10249.
+    #[arg(long, value_name = "IP:PORT", value_parser = optional_bind_address)]
+    metrics_bind_address: Option<Option<config::BindAddress>>,
+}
+
+/// A bind address flag: "" means disabled.
+fn optional_bind_address(s: &str) -> Result<Option<config::BindAddress>, String> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    config::parse_bind_address(s).map(Some)
 }
 
 const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/proxy-agent";
 const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+/// kube-proxy's default for its netfilter and IPVS modes.
+const DEFAULT_NETFILTER_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+const DEFAULT_HEALTHZ: config::BindAddress = config::BindAddress {
+    ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+    port: 10256,
+};
+const DEFAULT_METRICS: config::BindAddress = config::BindAddress {
+    ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+    port: 10249,
+};
 
 impl From<config::ProxyMode> for Mode {
     fn from(m: config::ProxyMode) -> Self {
@@ -157,12 +209,17 @@ struct Settings {
     mode_from_file: bool,
     manifests: Option<PathBuf>,
     manifests_from_file: bool,
+    kubeconfig: Option<PathBuf>,
+    master: Option<String>,
     hostname_override: Option<String>,
     cluster_cidr: Vec<IpNet>,
     bpf_root: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
     sync_period: Duration,
+    min_sync_period: Duration,
+    healthz_bind_address: Option<config::BindAddress>,
+    metrics_bind_address: Option<config::BindAddress>,
     config_path: Option<PathBuf>,
     /// The whole validated file, including the fields this build does not use yet.
     file: Option<FileConfig>,
@@ -172,11 +229,19 @@ impl Settings {
     fn resolve(args: RunArgs, file: Option<FileConfig>) -> Self {
         let f = file.clone().unwrap_or_default();
         let pa = f.proxy_agent;
+        let mode = args.mode.or(f.mode.map(Mode::from)).unwrap_or(Mode::Ebpf);
+        // A kubeconfig or master given as a flag means "use the API", even
+        // when the file names a manifest directory.
+        let api_flag = args.kubeconfig.is_some() || args.master.is_some();
+        let manifests_flag = args.manifests.is_some();
+        let manifests = args.manifests.or(pa.manifests.filter(|_| !api_flag));
         Settings {
             mode_from_file: args.mode.is_none() && f.mode.is_some(),
-            mode: args.mode.or(f.mode.map(Mode::from)).unwrap_or(Mode::Ebpf),
-            manifests_from_file: args.manifests.is_none() && pa.manifests.is_some(),
-            manifests: args.manifests.or(pa.manifests),
+            mode,
+            manifests_from_file: manifests.is_some() && !manifests_flag,
+            manifests,
+            kubeconfig: args.kubeconfig.or(f.client_connection.kubeconfig),
+            master: args.master,
             hostname_override: args.hostname_override.or(f.hostname_override),
             cluster_cidr: args.cluster_cidr.or(f.cluster_cidrs).unwrap_or_default(),
             bpf_root: args
@@ -192,6 +257,19 @@ impl Settings {
                 .sync_period
                 .or(f.sync_period)
                 .unwrap_or(DEFAULT_SYNC_PERIOD),
+            min_sync_period: args
+                .min_sync_period
+                .or(f.min_sync_period)
+                .unwrap_or(match mode {
+                    Mode::Ebpf => Duration::ZERO,
+                    _ => DEFAULT_NETFILTER_MIN_SYNC_PERIOD,
+                }),
+            healthz_bind_address: args
+                .healthz_bind_address
+                .unwrap_or(Some(f.healthz_bind_address.unwrap_or(DEFAULT_HEALTHZ))),
+            metrics_bind_address: args
+                .metrics_bind_address
+                .unwrap_or(Some(f.metrics_bind_address.unwrap_or(DEFAULT_METRICS))),
             config_path: args.config,
             file,
         }
@@ -220,8 +298,13 @@ fn init_logging(format: LogFormat, verbosity: u8) {
         3..=4 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,proxy_agent={level}")));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // kube's client logs every failed request as an error; the source
+        // reports them itself, rate-limited, with what it does about them.
+        EnvFilter::new(format!(
+            "warn,kube_client::client::builder=off,proxy_agent={level}"
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -272,12 +355,10 @@ fn validate(args: &Settings) -> Result<()> {
             args.origin(args.mode_from_file, "--mode", "mode")
         );
     }
-    match &args.manifests {
-        None => bail!(
-            "--manifests DIR (or proxyAgent.manifests in --config) is required: \
-             the Kubernetes API source is not in this build yet"
-        ),
-        Some(dir) if !dir.is_dir() => bail!(
+    if let Some(dir) = &args.manifests
+        && !dir.is_dir()
+    {
+        bail!(
             "{}: {} is not a directory",
             args.origin(
                 args.manifests_from_file,
@@ -285,8 +366,7 @@ fn validate(args: &Settings) -> Result<()> {
                 "proxyAgent.manifests"
             ),
             dir.display()
-        ),
-        Some(_) => {}
+        );
     }
     Ok(())
 }
@@ -317,28 +397,70 @@ async fn run(args: Settings) -> Result<()> {
     let attacher = Arc::new(Mutex::new(attacher));
     let links = tokio::spawn(ebpf::follow_links(attacher.clone()));
 
+    // The health and metrics servers bind before anything else starts, so
+    // a taken port fails the start instead of a later probe.
+    let health = Arc::new(Health::new(health_timeout(args.sync_period)));
+    let metrics = Arc::new(Metrics::new());
+    let mode_name = "ebpf";
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = &args.healthz_bind_address {
+        let listener = serve::bind(addr.socket_addr())
+            .await
+            .context("--healthz-bind-address")?;
+        servers.spawn(serve::run_health(listener, health.clone()));
+    }
+    if let Some(addr) = &args.metrics_bind_address {
+        let listener = serve::bind(addr.socket_addr())
+            .await
+            .context("--metrics-bind-address")?;
+        servers.spawn(serve::run_metrics(listener, metrics.clone(), mode_name));
+    }
+
     let (tx, rx) = watch::channel(None);
+    let mut events = None;
     let source: Box<dyn Source> = match &args.manifests {
         Some(dir) => Box::new(ManifestSource::new(dir.clone())),
-        // Validation refuses this earlier; fail cleanly should the two drift.
-        None => bail!("no service source: --manifests DIR is required"),
+        None => {
+            let client = kube_client(args.kubeconfig.as_deref(), args.master.as_deref()).await?;
+            let source = ApiSource::new(client.clone(), node.clone());
+            events = Some(EventPublisher::start(
+                client,
+                source.stores(),
+                Reporter {
+                    controller: "proxy-agent".to_string(),
+                    instance: format!("proxy-agent-{node}"),
+                },
+                EventLimits::default(),
+            ));
+            Box::new(source)
+        }
     };
     let source_task = tokio::spawn(source.run(tx));
 
     let cfg = ModelConfig { node_name: node };
     let sync_opts = SyncOptions {
         sync_period: args.sync_period,
+        min_sync_period: args.min_sync_period,
         ..SyncOptions::default()
+    };
+    let observer = AgentObserver {
+        health,
+        metrics,
+        events,
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
-        () = sync::run(rx, &mut dataplane, &cfg, &sync_opts) => {}
+        () = sync::run(rx, &mut dataplane, &cfg, &sync_opts, &observer) => {}
         res = source_task => {
             res.context("source task panicked")?.context("service source failed")?;
         }
         res = links => {
             res.context("link watcher panicked")?.context("following interfaces failed")?;
+        }
+        Some(res) = servers.join_next() => {
+            res.context("health or metrics server panicked")?;
+            bail!("health or metrics server stopped");
         }
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         _ = sigterm.recv() => tracing::info!("terminated"),
@@ -347,6 +469,91 @@ async fn run(args: Settings) -> Result<()> {
         "exiting; programs stay attached and keep serving the last table (remove them with `proxy-agent cleanup`)"
     );
     Ok(())
+}
+
+/// kube-proxy's health timeout: twice the sync period (a change waiting
+/// longer than that to be programmed makes /healthz fail).
+fn health_timeout(sync_period: Duration) -> Duration {
+    sync_period * 2
+}
+
+/// A client for the Kubernetes API: the kubeconfig when given, else the
+/// in-cluster configuration; `master` overrides the server URL of either.
+async fn kube_client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<kube::Client> {
+    let mut config = match (kubeconfig, master) {
+        (Some(path), _) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        (None, Some(url)) => kube::Config::new(
+            url.parse()
+                .with_context(|| format!("--master {url:?} is not a URL"))?,
+        ),
+        (None, None) => kube::Config::incluster().context(
+            "no in-cluster Kubernetes configuration (not running in a pod?); \
+             give --kubeconfig, --master or --manifests",
+        )?,
+    };
+    if let (Some(url), Some(_)) = (master, kubeconfig) {
+        config.cluster_url = url
+            .parse()
+            .with_context(|| format!("--master {url:?} is not a URL"))?;
+    }
+    tracing::info!(server = %config.cluster_url, "using the Kubernetes API");
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// Feeds what the sync loop does to the health server, the metrics and
+/// Kubernetes Events.
+struct AgentObserver {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    events: Option<EventPublisher>,
+}
+
+impl SyncObserver for AgentObserver {
+    fn queued(&self, changes: ObjectChanges) {
+        self.health.queued_update();
+        self.metrics.sync_queued();
+        self.metrics.add_service_changes(changes.services as u64);
+        self.metrics
+            .add_endpoint_changes(changes.endpoint_slices as u64);
+    }
+
+    fn synced(&self, report: &SyncReport) {
+        self.health.updated();
+        if report.applied {
+            self.metrics.observe_sync(report.full, report.elapsed);
+        }
+        self.metrics
+            .set_table_size(report.frontends as u64, report.backends as u64);
+        for latency in &report.programming_latencies {
+            self.metrics.observe_network_programming(*latency);
+        }
+    }
+
+    fn failed(&self) {
+        self.metrics.inc_sync_errors();
+    }
+
+    fn rejected(&self, rejection: &Rejection) {
+        if let Some(events) = &self.events
+            && !events.report(rejection)
+        {
+            self.metrics.inc_events_dropped();
+        }
+    }
+
+    fn rejections(&self, count: usize) {
+        self.metrics.set_rejected_objects(count as u64);
+    }
+
+    fn node_eligible(&self, eligible: bool) {
+        self.health.set_node_eligible(eligible);
+    }
 }
 
 fn cleanup(args: CleanupArgs) -> Result<()> {
@@ -367,10 +574,8 @@ fn main() -> std::process::ExitCode {
     // The config file is read before logging starts, as it may set the format
     // and verbosity (the flags still win).
     let file = match &cli.command {
-        Command::Run(RunArgs {
-            config: Some(path), ..
-        }) => Some(config::load(path)),
-        _ => None,
+        Command::Run(args) => args.config.as_deref().map(config::load),
+        Command::Cleanup(_) => None,
     };
     let logging = match &file {
         Some(Ok(f)) => f.logging.clone(),
@@ -395,7 +600,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(Settings::resolve(args, file)))),
+            .and_then(|rt| rt.block_on(run(Settings::resolve(*args, file)))),
         Command::Cleanup(args) => cleanup(args),
     };
     match result {

@@ -1,20 +1,38 @@
 //! The sync loop: turns each published cluster state into a table, and has
 //! the dataplane apply the difference from what it programmed last.
-use std::{collections::BTreeSet, time::Duration};
+//!
+//! Changes coalesce: the source's channel keeps only the latest state, and
+//! `min_sync_period` spaces applies out, so a burst of updates becomes one
+//! apply of the combined difference.
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::{Duration, SystemTime},
+};
 
+use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
 use tokio::time::{Instant, sleep_until};
 
 use crate::{
-    dataplane::Dataplane,
-    model::{ModelConfig, Rejection, ServiceTable, build_table},
+    dataplane::{ApplyStats, Dataplane},
+    model::{ClusterState, ModelConfig, Rejection, ServiceTable, build_table},
     source::StateReceiver,
 };
+
+/// The EndpointSlice annotation the controller sets to the time of the
+/// change that caused the slice's last update (kube-proxy measures network
+/// programming latency from it).
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// A taint the cluster autoscaler puts on a node it is about to delete.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// Timing of the loop.
 #[derive(Clone, Debug)]
 pub struct SyncOptions {
     /// Full reconcile against the kernel at this interval (repairs drift).
     pub sync_period: Duration,
+    /// At least this long between two applies (0: apply every change at once).
+    pub min_sync_period: Duration,
     /// First retry delay after a failed apply; doubles up to `max_backoff`.
     pub retry_backoff: Duration,
     pub max_backoff: Duration,
@@ -24,11 +42,53 @@ impl Default for SyncOptions {
     fn default() -> Self {
         Self {
             sync_period: Duration::from_secs(30),
+            min_sync_period: Duration::ZERO,
             retry_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
         }
     }
 }
+
+/// What one successful sync did.
+#[derive(Clone, Debug, Default)]
+pub struct SyncReport {
+    /// A full reconcile (else the difference only).
+    pub full: bool,
+    /// Whether the dataplane was called (an unchanged table is not applied).
+    pub applied: bool,
+    pub elapsed: Duration,
+    pub stats: ApplyStats,
+    pub frontends: usize,
+    pub backends: usize,
+    /// For each EndpointSlice change this sync programmed: the time from the
+    /// change (its `last-change-trigger-time`) to now.
+    pub programming_latencies: Vec<Duration>,
+}
+
+/// Changed objects in a newly received state, as kube-proxy counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObjectChanges {
+    pub services: usize,
+    pub endpoint_slices: usize,
+}
+
+/// Hooks for health, metrics and Events. Every method has a no-op default.
+pub trait SyncObserver: Send + Sync {
+    /// A new state arrived and waits to be programmed.
+    fn queued(&self, _changes: ObjectChanges) {}
+    fn synced(&self, _report: &SyncReport) {}
+    fn failed(&self) {}
+    /// An object was rejected (called once while the rejection persists).
+    fn rejected(&self, _rejection: &Rejection) {}
+    /// Number of objects rejected in the current state.
+    fn rejections(&self, _count: usize) {}
+    /// Whether this node may take traffic (false while it is being deleted).
+    fn node_eligible(&self, _eligible: bool) {}
+}
+
+/// An observer that observes nothing.
+pub struct NoObserver;
+impl SyncObserver for NoObserver {}
 
 /// Runs until the source's channel closes.
 pub async fn run(
@@ -36,32 +96,66 @@ pub async fn run(
     dataplane: &mut dyn Dataplane,
     cfg: &ModelConfig,
     opts: &SyncOptions,
+    observer: &dyn SyncObserver,
 ) {
     // None: the next sync must be a full reconcile (first one, or after a
     // failure left the kernel in an unknown state).
     let mut programmed: Option<ServiceTable> = None;
     let mut reported: BTreeSet<Rejection> = BTreeSet::new();
+    let mut versions = Versions::default();
+    let mut triggers = TriggerTimes::new(SystemTime::now());
     let mut backoff = opts.retry_backoff;
     let mut next_full = Instant::now() + opts.sync_period;
     let mut retry_at: Option<Instant> = None;
+    // When a received change may be applied (min_sync_period after the last
+    // apply); None when nothing waits.
+    let mut pending_at: Option<Instant> = None;
+    let mut last_apply: Option<Instant> = None;
+    let mut closed = false;
     loop {
-        let deadline = retry_at.map_or(next_full, |r| r.min(next_full));
-        let full = tokio::select! {
-            changed = rx.changed() => {
+        let deadline = [Some(next_full), retry_at, pending_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_full);
+        tokio::select! {
+            changed = rx.changed(), if !closed => {
                 if changed.is_err() {
                     tracing::info!("source closed; sync loop ends");
-                    return;
+                    closed = true;
+                    if pending_at.is_none() {
+                        return;
+                    }
+                    continue;
                 }
-                false
+                if let Some(state) = rx.borrow().as_ref() {
+                    observer.queued(versions.update(state));
+                }
+                if pending_at.is_none() {
+                    let earliest = last_apply.map_or_else(Instant::now, |t| t + opts.min_sync_period);
+                    pending_at = Some(earliest.max(Instant::now()));
+                }
+                continue;
             }
-            () = sleep_until(deadline) => retry_at.is_none_or(|r| r > next_full),
-        };
+            () = sleep_until(deadline) => {}
+        }
+        let now = Instant::now();
+        let full = next_full <= now || retry_at.is_some_and(|r| r <= now);
+        if !full && pending_at.is_none_or(|p| p > now) {
+            continue;
+        }
+        pending_at = None;
         let Some(state) = rx.borrow_and_update().clone() else {
             // The source has not completed its first read: program nothing.
+            if full {
+                next_full = now + opts.sync_period;
+                retry_at = None;
+            }
             continue;
         };
+        observer.node_eligible(node_eligible(&state, &cfg.node_name));
         let output = build_table(&state, cfg);
-        report_rejections(&output.rejections, &mut reported);
+        report_rejections(&output.rejections, &mut reported, observer);
         let desired = output.table;
         let started = std::time::Instant::now();
         let result = match (&programmed, full) {
@@ -69,14 +163,25 @@ pub async fn run(
                 let diff = current.diff(&desired);
                 if diff.is_empty() {
                     retry_at = None;
+                    observer.synced(&SyncReport {
+                        full: false,
+                        applied: false,
+                        elapsed: started.elapsed(),
+                        frontends: desired.len(),
+                        backends: desired.backend_count(),
+                        programming_latencies: triggers.programmed(&state.endpoint_slices),
+                        ..SyncReport::default()
+                    });
                     continue;
                 }
                 dataplane.apply(&diff)
             }
             _ => dataplane.reconcile(&desired),
         };
+        last_apply = Some(Instant::now());
         match result {
             Ok(stats) => {
+                let elapsed = started.elapsed();
                 // A periodic reconcile that had to write found the kernel
                 // different from what we programmed: someone changed it.
                 if full && programmed.is_some() && stats.map_writes + stats.map_deletes > 0 {
@@ -87,19 +192,29 @@ pub async fn run(
                         "full sync repaired drift in the kernel"
                     );
                 }
+                let report = SyncReport {
+                    full: programmed.is_none() || full,
+                    applied: true,
+                    elapsed,
+                    stats,
+                    frontends: desired.len(),
+                    backends: desired.backend_count(),
+                    programming_latencies: triggers.programmed(&state.endpoint_slices),
+                };
                 tracing::info!(
                     dataplane = dataplane.name(),
-                    full = programmed.is_none() || full,
-                    frontends = desired.len(),
-                    backends = desired.backend_count(),
+                    full = report.full,
+                    frontends = report.frontends,
+                    backends = report.backends,
                     added = stats.frontends_added,
                     changed = stats.frontends_changed,
                     removed = stats.frontends_removed,
                     writes = stats.map_writes,
                     deletes = stats.map_deletes,
-                    elapsed_us = started.elapsed().as_micros() as u64,
+                    elapsed_us = elapsed.as_micros() as u64,
                     "programmed service table"
                 );
+                observer.synced(&report);
                 programmed = Some(desired);
                 retry_at = None;
                 backoff = opts.retry_backoff;
@@ -109,21 +224,158 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::error!(dataplane = dataplane.name(), error = %e, retry_in_ms = backoff.as_millis() as u64, "sync failed; will retry with a full reconcile");
+                observer.failed();
                 programmed = None;
                 retry_at = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(opts.max_backoff);
             }
         }
+        if closed {
+            return;
+        }
     }
 }
 
-/// Logs each rejection once while it persists.
-fn report_rejections(current: &[Rejection], reported: &mut BTreeSet<Rejection>) {
+/// Logs each rejection once while it persists, and tells the observer.
+fn report_rejections(
+    current: &[Rejection],
+    reported: &mut BTreeSet<Rejection>,
+    observer: &dyn SyncObserver,
+) {
     let now: BTreeSet<Rejection> = current.iter().cloned().collect();
     for r in now.difference(reported) {
         tracing::warn!(kind = r.kind, namespace = %r.namespace, name = %r.name, reason = %r.reason, "object rejected");
+        observer.rejected(r);
     }
+    observer.rejections(now.len());
     *reported = now;
+}
+
+/// False when this node's Node object is being deleted or is about to be
+/// (kube-proxy then fails /healthz so load balancers drain the node).
+fn node_eligible(state: &ClusterState, node_name: &str) -> bool {
+    let Some(node) = state
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+    else {
+        return true;
+    };
+    !is_being_deleted(node)
+}
+
+fn is_being_deleted(node: &Node) -> bool {
+    node.metadata.deletion_timestamp.is_some()
+        || node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+}
+
+type ObjectId = (String, String);
+
+fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectId {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The resourceVersion of each object last seen, to count changed objects.
+#[derive(Default)]
+struct Versions {
+    services: HashMap<ObjectId, String>,
+    endpoint_slices: HashMap<ObjectId, String>,
+}
+
+impl Versions {
+    fn update(&mut self, state: &ClusterState) -> ObjectChanges {
+        fn count<'a>(
+            seen: &mut HashMap<ObjectId, String>,
+            objects: impl Iterator<
+                Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            >,
+        ) -> usize {
+            let mut next = HashMap::with_capacity(seen.len());
+            let mut changed = 0;
+            for meta in objects {
+                let id = object_id(meta);
+                let version = meta.resource_version.clone().unwrap_or_default();
+                if seen.get(&id) != Some(&version) {
+                    changed += 1;
+                }
+                next.insert(id, version);
+            }
+            changed += seen.keys().filter(|id| !next.contains_key(*id)).count();
+            *seen = next;
+            changed
+        }
+        ObjectChanges {
+            services: count(
+                &mut self.services,
+                state.services.iter().map(|s| &s.metadata),
+            ),
+            endpoint_slices: count(
+                &mut self.endpoint_slices,
+                state.endpoint_slices.iter().map(|s| &s.metadata),
+            ),
+        }
+    }
+}
+
+/// The last-change-trigger-time of each EndpointSlice as last programmed.
+struct TriggerTimes {
+    /// Trigger times before this are ignored, as kube-proxy does: at start
+    /// every slice is "new" but its change happened long before.
+    since: SystemTime,
+    programmed: HashMap<ObjectId, String>,
+}
+
+impl TriggerTimes {
+    fn new(since: SystemTime) -> Self {
+        Self {
+            since,
+            programmed: HashMap::new(),
+        }
+    }
+
+    /// Records that `slices` are now programmed; returns, for each new
+    /// trigger time, how long ago it was.
+    fn programmed(&mut self, slices: &[EndpointSlice]) -> Vec<Duration> {
+        self.programmed_at(slices, SystemTime::now())
+    }
+
+    fn programmed_at(&mut self, slices: &[EndpointSlice], now: SystemTime) -> Vec<Duration> {
+        let mut latencies = Vec::new();
+        let mut next = HashMap::with_capacity(self.programmed.len());
+        for slice in slices {
+            let Some(value) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+            else {
+                continue;
+            };
+            let id = object_id(&slice.metadata);
+            if self.programmed.get(&id) != Some(value)
+                && let Some(at) = parse_time(value)
+                && at >= self.since
+                && let Ok(latency) = now.duration_since(at)
+            {
+                latencies.push(latency);
+            }
+            next.insert(id, value.clone());
+        }
+        self.programmed = next;
+        latencies
+    }
+}
+
+fn parse_time(value: &str) -> Option<SystemTime> {
+    let ts: jiff::Timestamp = value.parse().ok()?;
+    Some(SystemTime::from(ts))
 }
 
 #[cfg(test)]
@@ -185,6 +437,7 @@ mod tests {
     fn options() -> SyncOptions {
         SyncOptions {
             sync_period: Duration::from_secs(3600),
+            min_sync_period: Duration::ZERO,
             retry_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(40),
         }
@@ -198,7 +451,7 @@ mod tests {
         let (tx, rx) = watch::channel(None);
         let mut dp = fake.clone();
         tokio::spawn(async move {
-            run(rx, &mut dp, &config(), &options()).await;
+            run(rx, &mut dp, &config(), &options(), &NoObserver).await;
         });
         tx
     }
@@ -276,5 +529,173 @@ mod tests {
             3,
             "no further calls once it succeeded: {calls:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn min_sync_period_spaces_applies_and_coalesces_what_comes_between() {
+        let fake = FakeDataplane::default();
+        let (tx, rx) = watch::channel(None);
+        let mut dp = fake.clone();
+        let opts = SyncOptions {
+            min_sync_period: Duration::from_millis(300),
+            ..options()
+        };
+        tokio::spawn(async move {
+            run(rx, &mut dp, &config(), &opts, &NoObserver).await;
+        });
+        tx.send(Some(web(&["10.1.0.1"]))).unwrap();
+        settle().await;
+        // Three changes 30 ms apart, all within the 300 ms after the first
+        // sync: one apply with the last of them, after the period.
+        for extra in ["10.1.0.2", "10.1.0.3", "10.1.0.4"] {
+            tx.send(Some(web(&["10.1.0.1", extra]))).unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(fake.calls.lock().unwrap().len(), 1, "applied too early");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let calls = fake.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        let Call::Apply(diff) = &calls[1] else {
+            panic!("{calls:?}")
+        };
+        assert_eq!(
+            diff.changed[0].added_backends(),
+            vec![backend("10.1.0.4", 8080)]
+        );
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        reports: Mutex<Vec<SyncReport>>,
+        queued: Mutex<Vec<ObjectChanges>>,
+        rejected: Mutex<Vec<Rejection>>,
+        eligible: Mutex<Vec<bool>>,
+    }
+
+    impl SyncObserver for Recorder {
+        fn queued(&self, changes: ObjectChanges) {
+            self.queued.lock().unwrap().push(changes);
+        }
+        fn synced(&self, report: &SyncReport) {
+            self.reports.lock().unwrap().push(report.clone());
+        }
+        fn rejected(&self, rejection: &Rejection) {
+            self.rejected.lock().unwrap().push(rejection.clone());
+        }
+        fn node_eligible(&self, eligible: bool) {
+            self.eligible.lock().unwrap().push(eligible);
+        }
+    }
+
+    fn with_trigger(mut state: ClusterState, at: &str) -> ClusterState {
+        for slice in &mut state.endpoint_slices {
+            slice
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(LAST_CHANGE_TRIGGER_TIME.to_string(), at.to_string());
+        }
+        state
+    }
+
+    #[tokio::test]
+    async fn observer_sees_queued_changes_syncs_latencies_and_rejections() {
+        let fake = FakeDataplane::default();
+        let recorder = Arc::new(Recorder::default());
+        let (tx, rx) = watch::channel(None);
+        let mut dp = fake.clone();
+        let obs = recorder.clone();
+        tokio::spawn(async move {
+            run(rx, &mut dp, &config(), &options(), obs.as_ref()).await;
+        });
+        // A trigger time from before the agent started is not a latency.
+        let old = with_trigger((*web(&["10.1.0.1"])).clone(), "2020-01-01T00:00:00Z");
+        tx.send(Some(Arc::new(old))).unwrap();
+        settle().await;
+        let changed_at = jiff::Timestamp::now() - jiff::SignedDuration::from_millis(50);
+        let mut new = with_trigger((*web(&["10.1.0.2"])).clone(), &changed_at.to_string());
+        new.endpoint_slices[0].metadata.resource_version = Some("2".into());
+        new.services
+            .push(simple_service("ns", "broken", "10.0.0.300", 80));
+        tx.send(Some(Arc::new(new))).unwrap();
+        settle().await;
+        let reports = recorder.reports.lock().unwrap().clone();
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        assert!(reports[0].full && reports[0].programming_latencies.is_empty());
+        assert!(!reports[1].full && reports[1].applied);
+        let latency = reports[1].programming_latencies.as_slice();
+        assert_eq!(latency.len(), 1, "{reports:?}");
+        assert!(
+            latency[0] >= Duration::from_millis(50) && latency[0] < Duration::from_secs(5),
+            "{latency:?}"
+        );
+        let queued = recorder.queued.lock().unwrap().clone();
+        assert_eq!(
+            queued,
+            vec![
+                ObjectChanges {
+                    services: 1,
+                    endpoint_slices: 1
+                },
+                ObjectChanges {
+                    services: 1,
+                    endpoint_slices: 1
+                },
+            ]
+        );
+        let rejected = recorder.rejected.lock().unwrap().clone();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].name, "broken");
+        assert_eq!(*recorder.eligible.lock().unwrap(), vec![true, true]);
+    }
+
+    #[test]
+    fn trigger_times_count_each_change_once() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut triggers = TriggerTimes::new(start);
+        let at = |secs: u64| {
+            jiff::Timestamp::from_second(1_700_000_000 + secs as i64)
+                .unwrap()
+                .to_string()
+        };
+        let slices = |t: &str| with_trigger((*web(&["10.1.0.1"])).clone(), t).endpoint_slices;
+        let now = start + Duration::from_secs(10);
+        assert_eq!(
+            triggers.programmed_at(&slices(&at(4)), now),
+            vec![Duration::from_secs(6)]
+        );
+        // The same trigger time again is not a new change.
+        assert!(triggers.programmed_at(&slices(&at(4)), now).is_empty());
+        assert_eq!(
+            triggers.programmed_at(&slices(&at(9)), now),
+            vec![Duration::from_secs(1)]
+        );
+        // Unparsable or future times are ignored rather than guessed.
+        assert!(triggers.programmed_at(&slices("yesterday"), now).is_empty());
+        assert!(triggers.programmed_at(&slices(&at(20)), now).is_empty());
+    }
+
+    #[test]
+    fn a_node_being_deleted_is_not_eligible() {
+        let mut s = (*web(&["10.1.0.1"])).clone();
+        assert!(node_eligible(&s, "node-a"), "no Node object: eligible");
+        let mut n = node("node-a");
+        s.nodes = vec![n.clone()];
+        assert!(node_eligible(&s, "node-a"));
+        n.spec.get_or_insert_with(Default::default).taints =
+            Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: TO_BE_DELETED_TAINT.into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]);
+        s.nodes = vec![n.clone()];
+        assert!(!node_eligible(&s, "node-a"));
+        assert!(node_eligible(&s, "node-b"));
+        let mut n = node("node-a");
+        n.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::now(),
+        ));
+        s.nodes = vec![n];
+        assert!(!node_eligible(&s, "node-a"));
     }
 }

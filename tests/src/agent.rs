@@ -131,13 +131,22 @@ fn remove_stale_run_dirs() {
     }
 }
 
+/// Where the agent reads Services, EndpointSlices and Nodes from.
+#[derive(Clone, Debug)]
+pub enum AgentSource {
+    /// `--manifests DIR`.
+    Manifests(PathBuf),
+    /// `--kubeconfig FILE` (the Kubernetes API source).
+    Kubeconfig(PathBuf),
+}
+
 /// How to start the agent.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub binary: PathBuf,
     /// The node namespace it runs in.
     pub netns: String,
-    pub manifests: PathBuf,
+    pub source: AgentSource,
     pub bpf_root: PathBuf,
     pub node_name: String,
     /// Appended to `run ...`, e.g. `--interfaces`.
@@ -152,6 +161,8 @@ pub struct Agent {
     config: AgentConfig,
     process: ChildGuard,
     log_path: PathBuf,
+    /// Skip `cleanup` on drop (see [`Agent::stop_keeping_pins`]).
+    keep_pins: bool,
     /// Holds the log file's directory; removed on drop.
     _log_dir: tempfile::TempDir,
 }
@@ -174,11 +185,12 @@ impl Agent {
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut command = netns_command(&config.netns, &config.binary);
+        command.arg("run").arg("--mode=ebpf");
+        match &config.source {
+            AgentSource::Manifests(dir) => command.arg("--manifests").arg(dir),
+            AgentSource::Kubeconfig(file) => command.arg("--kubeconfig").arg(file),
+        };
         command
-            .arg("run")
-            .arg("--mode=ebpf")
-            .arg("--manifests")
-            .arg(&config.manifests)
             .arg("--bpf-root")
             .arg(&config.bpf_root)
             .arg("--hostname-override")
@@ -193,6 +205,7 @@ impl Agent {
             config,
             process,
             log_path,
+            keep_pins: false,
             _log_dir: log_dir,
         })
     }
@@ -228,6 +241,15 @@ impl Agent {
         self.process.terminate(STOP_GRACE)
     }
 
+    /// Stops the agent and leaves its programs and pinned maps in place, as
+    /// an agent restart does (the next agent on the same --bpf-root takes
+    /// them over).
+    pub fn stop_keeping_pins(mut self) -> anyhow::Result<()> {
+        self.keep_pins = true;
+        self.stop()?;
+        Ok(())
+    }
+
     /// Runs `proxy-agent cleanup --bpf-root ...` in the node namespace.
     pub fn cleanup(&self) -> anyhow::Result<Output> {
         let mut command = netns_command(&self.config.netns, &self.config.binary);
@@ -248,14 +270,19 @@ impl Drop for Agent {
         if let Err(error) = self.stop() {
             eprintln!("proxy-tests: stopping proxy-agent: {error:#}");
         }
-        match self.cleanup() {
-            Ok(output) if !output.status.success() => eprintln!(
+        let cleanup = if self.keep_pins {
+            None
+        } else {
+            Some(self.cleanup())
+        };
+        match cleanup {
+            Some(Ok(output)) if !output.status.success() => eprintln!(
                 "proxy-tests: proxy-agent cleanup failed ({}): {}",
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
             ),
-            Ok(_) => {}
-            Err(error) => eprintln!("proxy-tests: proxy-agent cleanup: {error:#}"),
+            Some(Err(error)) => eprintln!("proxy-tests: proxy-agent cleanup: {error:#}"),
+            Some(Ok(_)) | None => {}
         }
         if std::thread::panicking() {
             eprintln!(

@@ -11,6 +11,7 @@
 //! addresses from the benchmarking range 198.18.0.0/15 (RFC 2544); only the
 //! namespace names differ (`pxt<pid>-<counter>-...`).
 pub mod agent;
+pub mod apiserver;
 pub mod bpf;
 pub mod client;
 pub mod demo;
@@ -35,6 +36,27 @@ pub fn privileged_skip_reason() -> Option<String> {
         return Some("`ip` (iproute2) is not installed; run `cargo xtask setup`".into());
     }
     None
+}
+
+/// Serialises the scenario tests of one test binary: the machine has two
+/// cores and some scenarios measure how fast the agent reacts. A failed test
+/// poisons the lock; the next one may still run.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether test `test` must be skipped here, printing why. Writes to stderr
+/// directly: the test harness captures `eprintln!` of passing tests.
+pub fn skipped(test: &str) -> bool {
+    match privileged_skip_reason() {
+        Some(reason) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{test}: skipped: {reason}");
+            true
+        }
+        None => false,
+    }
 }
 
 /// The first executable called `name` on PATH.

@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context, bail};
 
 pub use crate::{
-    agent::{Agent, AgentConfig, BpfFs, agent_binary},
+    agent::{Agent, AgentConfig, AgentSource, BpfFs, agent_binary},
     client::{ClientOptions, ClientReport, Protocol},
     manifests::{Endpoint, ManifestsDir, ServicePort, ServiceSpec},
 };
@@ -150,6 +150,29 @@ fn check(command: &Command, output: &Output) -> anyhow::Result<()> {
 /// `ip ARGS`, which must succeed.
 pub fn ip(args: &[&str]) -> anyhow::Result<String> {
     run(Command::new("ip").args(args))
+}
+
+/// Runs `f` on a thread of its own that has entered network namespace `ns`
+/// (setns changes only the calling thread's namespace). Sockets made there
+/// stay in `ns` when handed back, so this also serves to bind a listener
+/// inside a namespace.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    use std::os::fd::AsRawFd;
+    let path = std::path::Path::new("/run/netns").join(ns);
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> anyhow::Result<T> {
+                // SAFETY: `file` is an open namespace file for the duration
+                // of the call.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("setns");
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    })
 }
 
 /// A command that runs `program` inside namespace `ns`.
@@ -681,7 +704,7 @@ impl Topology {
         AgentConfig {
             binary: binary.to_path_buf(),
             netns: self.node_ns().to_string(),
-            manifests: manifests.path().to_path_buf(),
+            source: AgentSource::Manifests(manifests.path().to_path_buf()),
             bpf_root: bpffs.agent_root(),
             node_name: self.node_name.clone(),
             extra_args: Vec::new(),

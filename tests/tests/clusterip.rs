@@ -10,7 +10,6 @@ use std::{
     io::Write,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
-    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -22,6 +21,7 @@ use proxy_tests::{
         POD_TCP_PORT, POD_UDP_PORT, Protocol, READY_TIMEOUT, ServiceSpec, ToolPaths, Topology,
         agent_binary, exec_in,
     },
+    serial, skipped,
 };
 
 /// The tests' Service: default/echo, TCP 80 -> 8080 and UDP 53 -> 5353.
@@ -45,25 +45,6 @@ fn tools() -> ToolPaths {
         env!("CARGO_BIN_EXE_pod-server"),
         env!("CARGO_BIN_EXE_pod-client"),
     )
-}
-
-/// Serialises the tests of this binary.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    // A failed test poisons the lock; the next one may still run.
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Whether to skip, printing why. Writes to stderr directly: the test
-/// harness captures `eprintln!` of passing tests.
-fn skipped(test: &str) -> bool {
-    match proxy_tests::privileged_skip_reason() {
-        Some(reason) => {
-            let _ = writeln!(std::io::stderr(), "{test}: skipped: {reason}");
-            true
-        }
-        None => false,
-    }
 }
 
 fn service() -> ServiceSpec {

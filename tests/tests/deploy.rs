@@ -243,14 +243,9 @@ fn check_overlay(mode: &str, capabilities: &[&str], xtables_lock: bool) -> anyho
     }
     let mut wanted = BTreeSet::new();
     for (group, resource, verbs) in [
-        ("", "services", &["get", "list", "watch"][..]),
-        ("", "nodes", &["get", "list", "watch"]),
-        (
-            "discovery.k8s.io",
-            "endpointslices",
-            &["get", "list", "watch"],
-        ),
-        ("", "events", &["create", "patch"]),
+        ("", "services", &["list", "watch"][..]),
+        ("", "nodes", &["list", "watch"]),
+        ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ] {
         for verb in verbs {

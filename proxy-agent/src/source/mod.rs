@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::model::ClusterState;
 
+pub mod api;
 pub mod manifests;
 
 /// The channel a source publishes on.
@@ -31,6 +32,8 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the API watch streams ended unexpectedly")]
+    Ended,
     #[error("watching {path}: {source}")]
     Watch {
         path: std::path::PathBuf,

@@ -1,0 +1,694 @@
+//! The agent's Prometheus metrics, rendered by hand in the text exposition
+//! format 0.0.4. Names follow kube-proxy's (pkg/proxy/metrics/metrics.go) where
+//! a counterpart exists, so existing dashboards and alerts keep working; the
+//! rest are prefixed `proxy_agent_`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+/// `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// kube-proxy's sync duration buckets: exponential from 1 ms, factor 2, 15
+/// buckets (1 ms .. 16.384 s).
+pub fn sync_duration_buckets() -> Vec<f64> {
+    let mut bound = 0.001;
+    (0..15)
+        .map(|_| {
+            let b = bound;
+            bound *= 2.0;
+            b
+        })
+        .collect()
+}
+
+/// kube-proxy's network programming buckets: 0, 0.25 s, 0.5 s, every second up
+/// to 59 s, every 5 s up to 115 s, every 30 s up to 5 min (81 bounds; the
+/// leading 0 comes from kube-proxy's bucket-merging helper).
+pub fn network_programming_buckets() -> Vec<f64> {
+    let mut out = vec![0.0, 0.25, 0.5];
+    out.extend((1..=59).map(f64::from));
+    out.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    out.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    out
+}
+
+/// Kind of an on-demand [`Sample`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKind {
+    Gauge,
+    Counter,
+}
+
+impl SampleKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SampleKind::Gauge => "gauge",
+            SampleKind::Counter => "counter",
+        }
+    }
+}
+
+/// One line produced on demand by a registered collector, e.g. an eBPF
+/// dataplane's in-kernel packet counters read at scrape time. Samples sharing a
+/// `name` form one metric family; `help` and `kind` are taken from the first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub help: String,
+    pub kind: SampleKind,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+type Collector = Box<dyn Fn() -> Vec<Sample> + Send + Sync>;
+
+/// A fixed-bucket histogram. Buckets are stored non-cumulatively and summed
+/// at render time; one mutex keeps count, sum and buckets consistent.
+#[derive(Debug)]
+struct Histogram {
+    bounds: Vec<f64>,
+    state: Mutex<HistogramState>,
+}
+
+#[derive(Debug, Default)]
+struct HistogramState {
+    /// `counts[i]` = observations in `(bounds[i-1], bounds[i]]`; the extra last
+    /// slot holds those above every bound (the `+Inf` bucket).
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: Vec<f64>) -> Self {
+        let counts = vec![0; bounds.len() + 1];
+        Self {
+            bounds,
+            state: Mutex::new(HistogramState {
+                counts,
+                ..HistogramState::default()
+            }),
+        }
+    }
+
+    fn observe(&self, value: f64) {
+        // Prometheus buckets are upper-inclusive (`le`).
+        let idx = self.bounds.partition_point(|&b| b < value);
+        let mut state = lock(&self.state);
+        state.counts[idx] += 1;
+        state.sum += value;
+        state.count += 1;
+    }
+
+    fn count_and_sum(&self) -> (u64, f64) {
+        let state = lock(&self.state);
+        (state.count, state.sum)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, help, "histogram");
+        let state = lock(&self.state);
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&state.counts) {
+            cumulative += count;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                format_float(*bound)
+            );
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", state.count);
+        let _ = writeln!(out, "{name}_sum {}", format_float(state.sum));
+        let _ = writeln!(out, "{name}_count {}", state.count);
+    }
+}
+
+/// An `f64` gauge stored as bits so it can be set without a lock.
+#[derive(Debug, Default)]
+struct FloatGauge(AtomicU64);
+
+impl FloatGauge {
+    fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// The agent's metric registry, shared via `Arc` between the sync loop, the
+/// dataplane and the `/metrics` handler.
+pub struct Metrics {
+    sync_duration: Histogram,
+    sync_full_duration: Histogram,
+    sync_partial_duration: Histogram,
+    network_programming: Histogram,
+    last_sync_timestamp: FloatGauge,
+    last_queued_timestamp: FloatGauge,
+    endpoint_changes: AtomicU64,
+    service_changes: AtomicU64,
+    frontends: AtomicU64,
+    backends: AtomicU64,
+    rejected_objects: AtomicU64,
+    sync_errors: AtomicU64,
+    events_dropped: AtomicU64,
+    applies_full: AtomicU64,
+    applies_partial: AtomicU64,
+    process_start: f64,
+    collectors: Mutex<Vec<Collector>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry whose `process_start_time_seconds` is now; create it early
+    /// in `main`.
+    pub fn new() -> Self {
+        Self::with_start_time(Timestamp::now())
+    }
+
+    pub fn with_start_time(process_start: Timestamp) -> Self {
+        Self {
+            sync_duration: Histogram::new(sync_duration_buckets()),
+            sync_full_duration: Histogram::new(sync_duration_buckets()),
+            sync_partial_duration: Histogram::new(sync_duration_buckets()),
+            network_programming: Histogram::new(network_programming_buckets()),
+            last_sync_timestamp: FloatGauge::default(),
+            last_queued_timestamp: FloatGauge::default(),
+            endpoint_changes: AtomicU64::new(0),
+            service_changes: AtomicU64::new(0),
+            frontends: AtomicU64::new(0),
+            backends: AtomicU64::new(0),
+            rejected_objects: AtomicU64::new(0),
+            sync_errors: AtomicU64::new(0),
+            events_dropped: AtomicU64::new(0),
+            applies_full: AtomicU64::new(0),
+            applies_partial: AtomicU64::new(0),
+            process_start: unix_seconds(process_start),
+            collectors: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A successful sync (full or partial apply) that took `elapsed`.
+    pub fn observe_sync(&self, full: bool, elapsed: Duration) {
+        self.observe_sync_at(full, elapsed, Timestamp::now());
+    }
+
+    /// [`Self::observe_sync`] with an explicit completion time.
+    pub fn observe_sync_at(&self, full: bool, elapsed: Duration, finished: Timestamp) {
+        let secs = elapsed.as_secs_f64();
+        self.sync_duration.observe(secs);
+        if full {
+            self.sync_full_duration.observe(secs);
+            self.applies_full.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.sync_partial_duration.observe(secs);
+            self.applies_partial.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_sync_timestamp.set(unix_seconds(finished));
+    }
+
+    /// A sync was requested (kube-proxy sets this in `Sync()`); if it runs far
+    /// ahead of the last sync timestamp, programming is stuck.
+    pub fn sync_queued(&self) {
+        self.sync_queued_at(Timestamp::now());
+    }
+
+    pub fn sync_queued_at(&self, queued: Timestamp) {
+        self.last_queued_timestamp.set(unix_seconds(queued));
+    }
+
+    /// Time from an object change (e.g. an EndpointSlice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time`) to its programming.
+    pub fn observe_network_programming(&self, latency: Duration) {
+        self.network_programming.observe(latency.as_secs_f64());
+    }
+
+    /// `(count, sum in seconds)` of network programming observations.
+    pub fn network_programming_samples(&self) -> (u64, f64) {
+        self.network_programming.count_and_sum()
+    }
+
+    pub fn add_endpoint_changes(&self, n: u64) {
+        self.endpoint_changes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_service_changes(&self, n: u64) {
+        self.service_changes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Programmed frontends (service IP:port:protocol) and backends.
+    pub fn set_table_size(&self, frontends: u64, backends: u64) {
+        self.frontends.store(frontends, Ordering::Relaxed);
+        self.backends.store(backends, Ordering::Relaxed);
+    }
+
+    /// Objects currently refused by validation (not programmed).
+    pub fn set_rejected_objects(&self, n: u64) {
+        self.rejected_objects.store(n, Ordering::Relaxed);
+    }
+
+    pub fn inc_sync_errors(&self) {
+        self.sync_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A Kubernetes Event was not sent because of rate limiting.
+    pub fn inc_events_dropped(&self) {
+        self.events_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Registers a callback run at every scrape; its samples are appended
+    /// after the built-in metrics. It must be quick and must not call back
+    /// into [`Self::render`].
+    pub fn register_collector<F>(&self, collector: F)
+    where
+        F: Fn() -> Vec<Sample> + Send + Sync + 'static,
+    {
+        lock(&self.collectors).push(Box::new(collector));
+    }
+
+    /// The whole registry in the text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        self.sync_duration.render(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+        );
+        self.sync_full_duration.render(
+            &mut out,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+        );
+        self.sync_partial_duration.render(
+            &mut out,
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+        );
+        self.network_programming.render(
+            &mut out,
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+        );
+        gauge(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            self.last_sync_timestamp.get(),
+        );
+        gauge(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            self.last_queued_timestamp.get(),
+        );
+        counter(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "Cumulative proxy rules Endpoint changes",
+            load(&self.endpoint_changes),
+        );
+        counter(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "Cumulative proxy rules Service changes",
+            load(&self.service_changes),
+        );
+        gauge(
+            &mut out,
+            "proxy_agent_frontends",
+            "Service frontends (IP, port, protocol) programmed in the dataplane",
+            load(&self.frontends) as f64,
+        );
+        gauge(
+            &mut out,
+            "proxy_agent_backends",
+            "Backends programmed in the dataplane",
+            load(&self.backends) as f64,
+        );
+        gauge(
+            &mut out,
+            "proxy_agent_rejected_objects",
+            "Objects currently rejected by validation and not programmed",
+            load(&self.rejected_objects) as f64,
+        );
+        counter(
+            &mut out,
+            "proxy_agent_sync_errors_total",
+            "Failed dataplane syncs",
+            load(&self.sync_errors),
+        );
+        counter(
+            &mut out,
+            "proxy_agent_events_dropped_total",
+            "Kubernetes Events not sent because of rate limiting",
+            load(&self.events_dropped),
+        );
+        header(
+            &mut out,
+            "proxy_agent_applies_total",
+            "Dataplane applies by kind",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "proxy_agent_applies_total{{kind=\"full\"}} {}",
+            load(&self.applies_full)
+        );
+        let _ = writeln!(
+            out,
+            "proxy_agent_applies_total{{kind=\"partial\"}} {}",
+            load(&self.applies_partial)
+        );
+        gauge(
+            &mut out,
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            self.process_start,
+        );
+        self.render_collected(&mut out);
+        out
+    }
+
+    fn render_collected(&self, out: &mut String) {
+        let samples: Vec<Sample> = lock(&self.collectors).iter().flat_map(|c| c()).collect();
+        // Group by family, keeping first-appearance order, so each family
+        // gets exactly one HELP/TYPE header as the format requires.
+        let mut families: Vec<(&Sample, Vec<&Sample>)> = Vec::new();
+        for sample in &samples {
+            if !valid_metric_name(&sample.name)
+                || !sample.labels.iter().all(|(k, _)| valid_label_name(k))
+            {
+                // One bad sample must not make the whole scrape unparsable.
+                tracing::debug!(name = %sample.name, "skipping metric sample with an invalid name");
+                continue;
+            }
+            match families
+                .iter_mut()
+                .find(|(first, _)| first.name == sample.name)
+            {
+                Some((_, members)) => members.push(sample),
+                None => families.push((sample, vec![sample])),
+            }
+        }
+        for (first, members) in families {
+            header(out, &first.name, &first.help, first.kind.as_str());
+            for sample in members {
+                out.push_str(&sample.name);
+                write_labels(out, &sample.labels);
+                let _ = writeln!(out, " {}", format_float(sample.value));
+            }
+        }
+    }
+}
+
+fn load(v: &AtomicU64) -> u64 {
+    v.load(Ordering::Relaxed)
+}
+
+/// Plain counters and floats stay consistent after a panic elsewhere, so a
+/// poisoned lock is reused rather than failing the scrape.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn unix_seconds(ts: Timestamp) -> f64 {
+    ts.as_duration().as_secs_f64()
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
+    header(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {}", format_float(value));
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+fn write_labels(out: &mut String, labels: &[(String, String)]) {
+    if labels.is_empty() {
+        return;
+    }
+    out.push('{');
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{k}=\"{}\"", escape_label_value(v));
+    }
+    out.push('}');
+}
+
+/// Label values escape backslash, double quote and line feed.
+pub fn escape_label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// HELP text escapes backslash and line feed (not quotes).
+fn escape_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// Prometheus spells the special values `+Inf`, `-Inf`, `NaN`; Rust's
+/// shortest round-trip formatting is fine for the rest.
+fn format_float(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_owned()
+    } else if v == f64::INFINITY {
+        "+Inf".to_owned()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".to_owned()
+    } else {
+        v.to_string()
+    }
+}
+
+fn valid_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_layouts_match_kube_proxy() {
+        let sync = sync_duration_buckets();
+        assert_eq!(sync.len(), 15);
+        assert_eq!(sync[0], 0.001);
+        assert_eq!(sync[14], 16.384);
+        let np = network_programming_buckets();
+        assert_eq!(np.len(), 81);
+        assert_eq!(&np[..5], &[0.0, 0.25, 0.5, 1.0, 2.0]);
+        assert_eq!(np[61], 59.0);
+        assert_eq!(np[62], 60.0);
+        assert_eq!(np[73], 115.0);
+        assert_eq!(np[74], 120.0);
+        assert_eq!(np[80], 300.0);
+        assert!(np.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn histogram_renders_exact_text() {
+        let h = Histogram::new(vec![0.25, 0.5, 1.0]);
+        h.observe(0.25); // upper-inclusive: lands in le=0.25
+        h.observe(0.75);
+        h.observe(5.0); // only in +Inf
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "Some \"latency\"\nin s");
+        assert_eq!(
+            out,
+            "# HELP x_seconds Some \"latency\"\\nin s\n\
+             # TYPE x_seconds histogram\n\
+             x_seconds_bucket{le=\"0.25\"} 1\n\
+             x_seconds_bucket{le=\"0.5\"} 1\n\
+             x_seconds_bucket{le=\"1\"} 2\n\
+             x_seconds_bucket{le=\"+Inf\"} 3\n\
+             x_seconds_sum 6\n\
+             x_seconds_count 3\n"
+        );
+    }
+
+    #[test]
+    fn observe_sync_feeds_kube_proxy_histograms() {
+        let m = Metrics::with_start_time(Timestamp::from_second(1_700_000_000).expect("ts"));
+        m.observe_sync_at(
+            true,
+            Duration::from_millis(3),
+            Timestamp::from_second(1_700_000_100).expect("ts"),
+        );
+        m.observe_sync_at(
+            false,
+            Duration::from_millis(1),
+            Timestamp::from_second(1_700_000_200).expect("ts"),
+        );
+        let text = m.render();
+        let section: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("kubeproxy_sync_proxy_rules_duration_seconds"))
+            .collect();
+        let mut expected = vec![
+            "# HELP kubeproxy_sync_proxy_rules_duration_seconds SyncProxyRules latency in seconds"
+                .to_owned(),
+            "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram".to_owned(),
+        ];
+        let cumulative = [1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2];
+        for (bound, n) in sync_duration_buckets().iter().zip(cumulative) {
+            expected.push(format!(
+                "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{bound}\"}} {n}"
+            ));
+        }
+        expected
+            .push("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 2".to_owned());
+        expected.push("kubeproxy_sync_proxy_rules_duration_seconds_sum 0.004".to_owned());
+        expected.push("kubeproxy_sync_proxy_rules_duration_seconds_count 2".to_owned());
+        assert_eq!(section, expected);
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 2\n")
+        );
+        assert!(text.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 1\n"));
+        assert!(text.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 1\n"));
+        assert!(text.contains("proxy_agent_applies_total{kind=\"full\"} 1\n"));
+        assert!(text.contains("proxy_agent_applies_total{kind=\"partial\"} 1\n"));
+        assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 1700000200\n"));
+        assert!(text.contains("process_start_time_seconds 1700000000\n"));
+    }
+
+    #[test]
+    fn counters_gauges_and_network_programming() {
+        let m = Metrics::new();
+        m.observe_network_programming(Duration::from_millis(500));
+        m.observe_network_programming(Duration::from_secs(400));
+        assert_eq!(m.network_programming_samples(), (2, 400.5));
+        m.set_table_size(3, 7);
+        m.set_rejected_objects(2);
+        m.add_endpoint_changes(5);
+        m.add_service_changes(4);
+        m.inc_sync_errors();
+        m.inc_events_dropped();
+        m.inc_events_dropped();
+        m.sync_queued_at(Timestamp::from_second(1_700_000_000).expect("ts"));
+        let text = m.render();
+        for line in [
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0\"} 0\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 1\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"300\"} 1\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"+Inf\"} 2\n",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds 1700000000\n",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 5\n",
+            "kubeproxy_sync_proxy_rules_service_changes_total 4\n",
+            "proxy_agent_frontends 3\n",
+            "proxy_agent_backends 7\n",
+            "proxy_agent_rejected_objects 2\n",
+            "proxy_agent_sync_errors_total 1\n",
+            "proxy_agent_events_dropped_total 2\n",
+            "# TYPE proxy_agent_events_dropped_total counter\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // Every family is declared exactly once.
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert_eq!(types, 15);
+        assert_eq!(helps, types);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label_value("x\ny"), "x\\ny");
+        assert_eq!(escape_label_value("plain"), "plain");
+    }
+
+    #[test]
+    fn collectors_are_grouped_escaped_and_validated() {
+        let m = Metrics::new();
+        m.register_collector(|| {
+            let sample = |prog: &str, value: f64| Sample {
+                name: "proxy_agent_ebpf_packets_total".to_owned(),
+                help: "Packets seen by eBPF programs".to_owned(),
+                kind: SampleKind::Counter,
+                labels: vec![("program".to_owned(), prog.to_owned())],
+                value,
+            };
+            vec![
+                sample("tc\"ingress\"", 10.0),
+                Sample {
+                    name: "bad name".to_owned(),
+                    help: String::new(),
+                    kind: SampleKind::Gauge,
+                    labels: Vec::new(),
+                    value: 1.0,
+                },
+                sample("connect4", 3.0),
+            ]
+        });
+        m.register_collector(|| {
+            vec![Sample {
+                name: "proxy_agent_ebpf_map_fill_ratio".to_owned(),
+                help: "Fill ratio".to_owned(),
+                kind: SampleKind::Gauge,
+                labels: Vec::new(),
+                value: f64::NAN,
+            }]
+        });
+        let text = m.render();
+        let tail = text
+            .split_once("# HELP proxy_agent_ebpf_packets_total")
+            .map(|(_, t)| t)
+            .expect("collector family rendered");
+        assert_eq!(
+            tail,
+            " Packets seen by eBPF programs\n\
+             # TYPE proxy_agent_ebpf_packets_total counter\n\
+             proxy_agent_ebpf_packets_total{program=\"tc\\\"ingress\\\"\"} 10\n\
+             proxy_agent_ebpf_packets_total{program=\"connect4\"} 3\n\
+             # HELP proxy_agent_ebpf_map_fill_ratio Fill ratio\n\
+             # TYPE proxy_agent_ebpf_map_fill_ratio gauge\n\
+             proxy_agent_ebpf_map_fill_ratio NaN\n"
+        );
+        assert!(!text.contains("bad name"));
+    }
+}

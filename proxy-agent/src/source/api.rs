@@ -1,0 +1,435 @@
+//! The Kubernetes API source: watches Services, EndpointSlices and this
+//! node's Node object, and publishes a [`ClusterState`] once all three have
+//! been listed completely.
+//!
+//! Like kube-proxy, it asks the API server to filter with label selectors, so
+//! that objects it would ignore (services handled by another proxy, headless
+//! services' slices) never reach it. Each resource is followed by a
+//! reflector store; a relist (after `410 Gone` or a long outage) swaps the
+//! store's content atomically when the new list is complete, so a partial
+//! list is never published. While the API server cannot be reached, nothing
+//! is published: the dataplane keeps serving the last state.
+use std::{
+    fmt::Debug,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::{FutureExt, Stream, StreamExt, future::BoxFuture, stream::BoxStream};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        utils::Backoff,
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+
+use super::{Source, SourceError, StateSender};
+use crate::model::ClusterState;
+
+pub mod events;
+
+/// Objects kube-proxy never handles: those of a service owned by another
+/// proxy implementation, and the endpoints of headless services. The same
+/// selector serves Services and EndpointSlices, because the EndpointSlice
+/// controller copies the service's labels onto its slices.
+pub const PROXYABLE_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// Read access to the source's stores (for looking up objects to attach
+/// Events to).
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub endpoint_slices: Store<EndpointSlice>,
+    pub nodes: Store<Node>,
+}
+
+/// Watches the Kubernetes API.
+pub struct ApiSource {
+    client: Client,
+    node_name: String,
+    stores: Stores,
+    writers: Writers,
+    backoff: BackoffSettings,
+}
+
+struct Writers {
+    services: reflector::store::Writer<Service>,
+    endpoint_slices: reflector::store::Writer<EndpointSlice>,
+    nodes: reflector::store::Writer<Node>,
+}
+
+/// Retry timing after a failed list or watch.
+#[derive(Clone, Copy, Debug)]
+pub struct BackoffSettings {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for BackoffSettings {
+    /// Capped at 15 s: half of client-go's 30 s, as losing the API server
+    /// delays every service change on this node; the jitter spreads the
+    /// retries of many nodes when the API server comes back.
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(15),
+        }
+    }
+}
+
+impl ApiSource {
+    pub fn new(client: Client, node_name: String) -> Self {
+        let (services, services_w) = reflector::store();
+        let (endpoint_slices, endpoint_slices_w) = reflector::store();
+        let (nodes, nodes_w) = reflector::store();
+        Self {
+            client,
+            node_name,
+            stores: Stores {
+                services,
+                endpoint_slices,
+                nodes,
+            },
+            writers: Writers {
+                services: services_w,
+                endpoint_slices: endpoint_slices_w,
+                nodes: nodes_w,
+            },
+            backoff: BackoffSettings::default(),
+        }
+    }
+
+    pub fn with_backoff(mut self, backoff: BackoffSettings) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The stores this source fills (they stay empty until it runs).
+    pub fn stores(&self) -> Stores {
+        self.stores.clone()
+    }
+}
+
+/// Which watched resource an event came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Watched {
+    Services,
+    EndpointSlices,
+    Node,
+}
+
+impl Watched {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+            Self::Node => "node",
+        }
+    }
+}
+
+/// What a watched stream reports, stripped of the object.
+enum Progress {
+    /// The watcher (re)starts: it is about to list. Not a sign that the API
+    /// server answers.
+    Restarting,
+    /// The store changed (an object was added, modified or deleted, or a
+    /// relist completed).
+    Changed,
+    /// A (re)list has begun or is delivering pages: nothing to publish yet.
+    Listing,
+    /// A (re)list completed.
+    Listed,
+    Failed(watcher::Error),
+}
+
+fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    backoff: BackoffSettings,
+    which: Watched,
+) -> BoxStream<'static, (Watched, Progress)>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let backoff = JitteredBackoff::new(backoff);
+    let answered = backoff.answered.clone();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .backoff(backoff)
+        .map(move |item| {
+            let progress = match item {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Progress::Changed,
+                Ok(watcher::Event::Init) => Progress::Restarting,
+                Ok(watcher::Event::InitApply(_)) => Progress::Listing,
+                Ok(watcher::Event::InitDone) => Progress::Listed,
+                Err(e) => Progress::Failed(e),
+            };
+            if !matches!(progress, Progress::Restarting | Progress::Failed(_)) {
+                answered.store(true, Ordering::Relaxed);
+            }
+            (which, progress)
+        });
+    boxed(stream)
+}
+
+fn boxed<S: Stream + Send + 'static>(s: S) -> BoxStream<'static, S::Item> {
+    s.boxed()
+}
+
+impl Source for ApiSource {
+    fn run(self: Box<Self>, tx: StateSender) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(self.watch(tx))
+    }
+}
+
+impl ApiSource {
+    async fn watch(self, tx: StateSender) -> Result<(), SourceError> {
+        let Self {
+            client,
+            node_name,
+            stores,
+            writers,
+            backoff,
+        } = self;
+        let proxyable = watcher::Config::default()
+            .labels(PROXYABLE_SELECTOR)
+            .any_semantic();
+        let own_node = watcher::Config::default()
+            .fields(&format!("metadata.name={node_name}"))
+            .any_semantic();
+        let mut events = futures::stream::select_all([
+            follow(
+                Api::<Service>::all(client.clone()),
+                proxyable.clone(),
+                writers.services,
+                backoff,
+                Watched::Services,
+            ),
+            follow(
+                Api::<EndpointSlice>::all(client.clone()),
+                proxyable,
+                writers.endpoint_slices,
+                backoff,
+                Watched::EndpointSlices,
+            ),
+            follow(
+                Api::<Node>::all(client),
+                own_node,
+                writers.nodes,
+                backoff,
+                Watched::Node,
+            ),
+        ]);
+
+        let mut listed = [false; 3];
+        let mut failing = [0u32; 3];
+        let mut published = false;
+        while let Some(first) = events.next().await {
+            // Drain what is already waiting so that a burst of events leads to
+            // one snapshot, not one per event.
+            let mut dirty = false;
+            let mut next = Some(first);
+            while let Some((which, progress)) = next {
+                let i = which.index();
+                match progress {
+                    Progress::Failed(e) => {
+                        failing[i] += 1;
+                        log_failure(which, &e, failing[i]);
+                    }
+                    Progress::Restarting => {}
+                    progress => {
+                        if failing[i] > 0 {
+                            tracing::info!(
+                                resource = which.name(),
+                                failures = failing[i],
+                                "watch recovered"
+                            );
+                            failing[i] = 0;
+                        }
+                        match progress {
+                            Progress::Changed => dirty = true,
+                            Progress::Listed => {
+                                if !listed[i] {
+                                    tracing::info!(
+                                        resource = which.name(),
+                                        "initial list complete"
+                                    );
+                                }
+                                listed[i] = true;
+                                dirty = true;
+                            }
+                            Progress::Listing | Progress::Restarting | Progress::Failed(_) => {}
+                        }
+                    }
+                }
+                next = events.next().now_or_never().flatten();
+            }
+            if !dirty || !listed.iter().all(|&l| l) {
+                continue;
+            }
+            if !published {
+                tracing::info!(
+                    services = stores.services.len(),
+                    endpoint_slices = stores.endpoint_slices.len(),
+                    node_found = !stores.nodes.is_empty(),
+                    "all resources listed; publishing the first state"
+                );
+                if stores.nodes.is_empty() {
+                    tracing::warn!(node = %node_name, "no Node object with this name: check --hostname-override / NODE_NAME");
+                }
+                published = true;
+            }
+            if tx.send(Some(Arc::new(snapshot(&stores)))).is_err() {
+                // Nobody listens any more: the agent is shutting down.
+                return Ok(());
+            }
+        }
+        // select_all ends only when every watcher stream ends, which they
+        // never do on their own.
+        Err(SourceError::Ended)
+    }
+}
+
+fn log_failure(which: Watched, e: &watcher::Error, count: u32) {
+    // The first failure and then every tenth at warn level: the back-off
+    // already bounds the rate, and a long outage should not flood the log.
+    if count == 1 || count.is_multiple_of(10) {
+        tracing::warn!(resource = which.name(), failures = count, error = %e, "watch failed; keeping the last state and retrying with back-off");
+    } else {
+        tracing::debug!(resource = which.name(), failures = count, error = %e, "watch failed again");
+    }
+    if matches!(e, watcher::Error::WatchError(status) if status.code == 410) {
+        tracing::info!(
+            resource = which.name(),
+            "resource version expired (410 Gone); relisting"
+        );
+    }
+}
+
+fn snapshot(stores: &Stores) -> ClusterState {
+    fn owned<K: Clone>(items: Vec<Arc<K>>) -> Vec<K> {
+        items.into_iter().map(Arc::unwrap_or_clone).collect()
+    }
+    ClusterState {
+        services: owned(stores.services.state()),
+        endpoint_slices: owned(stores.endpoint_slices.state()),
+        nodes: owned(stores.nodes.state()),
+    }
+}
+
+/// Capped exponential back-off with "equal jitter": each delay is drawn from
+/// [d/2, d], where d doubles from `initial` up to `max`.
+///
+/// It starts over only once the API server has really answered (a list page,
+/// a completed list or a watch event). kube's `StreamBackoff` calls `reset`
+/// on every successful item, and the watcher emits one (`Init`) before each
+/// list attempt, which would keep the delay at its minimum forever while the
+/// server is down; so `reset` is ignored and the stream flags real answers.
+struct JitteredBackoff {
+    settings: BackoffSettings,
+    current: Duration,
+    rng: u64,
+    answered: Arc<AtomicBool>,
+}
+
+impl JitteredBackoff {
+    fn new(settings: BackoffSettings) -> Self {
+        // Seeded per process and stream, so nodes restarted together do not
+        // retry in lockstep.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = nanos ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+        Self {
+            settings,
+            current: settings.initial,
+            rng: seed | 1,
+            answered: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn random_fraction(&mut self) -> f64 {
+        // xorshift64: good enough for spreading retries.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl Iterator for JitteredBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        if self.answered.swap(false, Ordering::Relaxed) {
+            self.current = self.settings.initial;
+        }
+        let d = self.current;
+        self.current = (self.current * 2).min(self.settings.max);
+        let half = d / 2;
+        Some(half + half.mul_f64(self.random_fraction()))
+    }
+}
+
+impl Backoff for JitteredBackoff {
+    fn reset(&mut self) {
+        // See the type's comment: progress is signalled through `answered`.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_and_resets() {
+        let settings = BackoffSettings {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+        };
+        let mut b = JitteredBackoff::new(settings);
+        let bases = [100u64, 200, 400, 800, 1000, 1000, 1000];
+        for base in bases {
+            let d = b.next().unwrap_or_default();
+            let base = Duration::from_millis(base);
+            assert!(
+                d >= base / 2 && d <= base,
+                "{d:?} outside [{:?}, {base:?}]",
+                base / 2
+            );
+        }
+        // kube's reset (after the watcher's Init) does not shorten the delay...
+        b.reset();
+        let d = b.next().unwrap_or_default();
+        assert!(d >= Duration::from_millis(500), "{d:?} after reset");
+        // ...an answer from the API server does.
+        b.answered.store(true, Ordering::Relaxed);
+        let d = b.next().unwrap_or_default();
+        assert!(d <= Duration::from_millis(100), "{d:?} after an answer");
+    }
+
+    #[test]
+    fn backoff_jitter_varies() {
+        let mut b = JitteredBackoff::new(BackoffSettings {
+            initial: Duration::from_secs(10),
+            max: Duration::from_secs(10),
+        });
+        let draws: std::collections::BTreeSet<_> = (0..20).filter_map(|_| b.next()).collect();
+        assert!(draws.len() > 10, "only {} distinct delays", draws.len());
+    }
+}

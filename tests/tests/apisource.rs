@@ -1,0 +1,609 @@
+//! Scenario tests of the Kubernetes API source: the real agent (ebpf mode,
+//! `--kubeconfig`) in a node namespace, fed by the in-process fake API server
+//! of `proxy_tests::apiserver`, with real clients going through the VIP.
+//!
+//! The fake API server listens inside the node namespace (on its loopback),
+//! since that is where the agent runs. The tests take a lock so they run one
+//! at a time; they need root, and without it they print why and pass.
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use proxy_tests::{
+    apiserver::ApiServer,
+    manifests,
+    netns::{
+        Agent, AgentConfig, AgentSource, BpfFs, ClientReport, NODE_IP, POD_TCP_PORT, POD_UDP_PORT,
+        Protocol, READY_TIMEOUT, ServiceSpec, ToolPaths, Topology, agent_binary, in_netns,
+    },
+    serial, skipped,
+};
+use serde_json::{Value, json};
+
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1));
+const VIP2: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 2));
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+/// Where the agent serves /metrics inside the node namespace (its default).
+const METRICS: &str = "127.0.0.1:10249";
+/// Where it serves /healthz (its default port).
+const HEALTHZ: &str = "127.0.0.1:10256";
+/// How long a change may take to show in the traffic.
+const POLL_LIMIT: Duration = Duration::from_secs(10);
+const BATCH: u64 = 20;
+/// How long a change may take after the API server comes back: the agent's
+/// retry back-off is capped at 15 s.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(20);
+
+fn tools() -> ToolPaths {
+    ToolPaths::new(
+        env!("CARGO_BIN_EXE_pod-server"),
+        env!("CARGO_BIN_EXE_pod-client"),
+    )
+}
+
+fn echo() -> ServiceSpec {
+    ServiceSpec::cluster_ip("default", "echo", VIP)
+        .tcp(TCP_PORT, POD_TCP_PORT)
+        .udp(UDP_PORT, POD_UDP_PORT)
+}
+
+/// A topology, the fake API server in its node namespace, and the agent
+/// reading from it.
+struct Scenario {
+    // Drop order: the agent stops (and cleans up) first.
+    agent: Option<Agent>,
+    server: ApiServer,
+    bpffs: BpfFs,
+    topology: Topology,
+    kubeconfig_dir: tempfile::TempDir,
+    service: ServiceSpec,
+}
+
+impl Scenario {
+    /// `pods` pod namespaces; the API holds the Node, Service echo and its
+    /// slice listing `listed`.
+    fn start(pods: usize, listed: &[usize]) -> anyhow::Result<Self> {
+        let topology = Topology::builder().backends(pods).tools(tools()).build()?;
+        let server = in_netns(topology.node_ns(), ApiServer::start)??;
+        let kubeconfig_dir = tempfile::tempdir()?;
+        let bpffs = BpfFs::mount()?;
+        let service = echo();
+        let mut scenario = Scenario {
+            agent: None,
+            server,
+            bpffs,
+            topology,
+            kubeconfig_dir,
+            service,
+        };
+        scenario.put(manifests::node(
+            scenario.topology.node_name(),
+            IpAddr::V4(NODE_IP),
+        ))?;
+        scenario.put(scenario.service.service())?;
+        scenario.set_backends(listed)?;
+        scenario.start_agent()?;
+        Ok(scenario)
+    }
+
+    fn start_agent(&mut self) -> anyhow::Result<()> {
+        let kubeconfig = self.server.kubeconfig(self.kubeconfig_dir.path())?;
+        let binary = agent_binary()?;
+        let manifests_unused = proxy_tests::netns::ManifestsDir::new()?;
+        let config = AgentConfig {
+            source: AgentSource::Kubeconfig(kubeconfig),
+            ..self
+                .topology
+                .start_agent_config(&binary, &self.bpffs, &manifests_unused)
+        };
+        self.agent = Some(Agent::start(config)?);
+        Ok(())
+    }
+
+    /// The API server listens again (inside the node namespace).
+    fn resume_server(&self) -> anyhow::Result<()> {
+        in_netns(self.topology.node_ns(), || self.server.resume())?
+    }
+
+    fn agent(&mut self) -> anyhow::Result<&mut Agent> {
+        self.agent.as_mut().context("no agent running")
+    }
+
+    fn put(&self, object: Value) -> anyhow::Result<Value> {
+        self.server.apply_json(object)
+    }
+
+    fn set_backends(&self, indices: &[usize]) -> anyhow::Result<()> {
+        self.put(
+            self.service
+                .endpoint_slice(&self.topology.endpoints(indices), None),
+        )?;
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
+            let agent = self.agent.as_mut().context("no agent running")?;
+            self.topology
+                .wait_reachable(agent, protocol, SocketAddr::new(VIP, port), READY_TIMEOUT)
+                .context("waiting for the agent to serve the ClusterIP")?;
+        }
+        Ok(())
+    }
+
+    fn tcp_batch(&self, ip: IpAddr, port: u16, count: u64) -> anyhow::Result<ClientReport> {
+        let mut options = self.topology.client_options(Protocol::Tcp, ip, port, count);
+        options.timeout = Duration::from_millis(300);
+        self.topology.run_client(&options)
+    }
+
+    /// TCP batches to `ip:port` until `done` holds for one; returns how long
+    /// it took from `since`.
+    fn until(
+        &mut self,
+        ip: IpAddr,
+        port: u16,
+        since: Instant,
+        what: &str,
+        done: impl Fn(&ClientReport) -> bool,
+    ) -> anyhow::Result<Duration> {
+        self.until_within(ip, port, since, POLL_LIMIT, what, done)
+    }
+
+    fn until_within(
+        &mut self,
+        ip: IpAddr,
+        port: u16,
+        since: Instant,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&ClientReport) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let mut last = None;
+        for _ in 0..2000 {
+            if since.elapsed() > limit {
+                break;
+            }
+            self.agent()?.ensure_running()?;
+            let report = self.tcp_batch(ip, port, BATCH)?;
+            if done(&report) {
+                return Ok(since.elapsed());
+            }
+            last = Some(report);
+        }
+        bail!("{what}: not within {limit:?}; last batch: {last:?}")
+    }
+
+    /// Waits until the VIP's TCP port is answered by exactly `pods`.
+    fn until_backends(&mut self, pods: &[usize], what: &str) -> anyhow::Result<Duration> {
+        self.until_backends_within(pods, POLL_LIMIT, what)
+    }
+
+    fn until_backends_within(
+        &mut self,
+        pods: &[usize],
+        limit: Duration,
+        what: &str,
+    ) -> anyhow::Result<Duration> {
+        let want: BTreeSet<String> = pods
+            .iter()
+            .map(|&i| self.topology.pod(i).name.clone())
+            .collect();
+        self.until_within(VIP, TCP_PORT, Instant::now(), limit, what, |r| {
+            r.failed == 0
+                && r.backends()
+                    .into_iter()
+                    .map(String::from)
+                    .collect::<BTreeSet<_>>()
+                    == want
+        })
+    }
+
+    /// Every one of `count` connections succeeds and only `pods` answer.
+    fn check_backends(&self, pods: &[usize], count: u64, what: &str) -> anyhow::Result<()> {
+        let report = self.tcp_batch(VIP, TCP_PORT, count)?;
+        let want: BTreeSet<&str> = pods
+            .iter()
+            .map(|&i| self.topology.pod(i).name.as_str())
+            .collect();
+        ensure!(
+            report.ok == count && report.failed == 0 && report.backends() == want,
+            "{what}: expected {count} connections answered by {want:?}, got {report:?}"
+        );
+        Ok(())
+    }
+
+    /// GET `path` from the agent's server at `addr` in the node namespace.
+    fn http_get(&self, addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        let addr: SocketAddr = addr.parse()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+        in_netns(
+            self.topology.node_ns(),
+            move || -> anyhow::Result<(u16, String)> {
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                stream.write_all(request.as_bytes())?;
+                let mut response = String::new();
+                stream.read_to_string(&mut response)?;
+                let status = response
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .context("no status line")?;
+                let body = response
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_string())
+                    .unwrap_or_default();
+                Ok((status, body))
+            },
+        )?
+    }
+
+    /// The value of one sample in the agent's /metrics.
+    fn metric(&self, sample: &str) -> anyhow::Result<f64> {
+        let (status, body) = self.http_get(METRICS, "/metrics")?;
+        ensure!(status == 200, "/metrics answered {status}");
+        let value = body
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+            .with_context(|| format!("no sample {sample} in /metrics"))?;
+        value
+            .trim()
+            .parse()
+            .with_context(|| format!("{sample} = {value:?}"))
+    }
+
+    fn applies(&self) -> anyhow::Result<f64> {
+        Ok(self.metric("proxy_agent_applies_total{kind=\"partial\"}")?
+            + self.metric("proxy_agent_applies_total{kind=\"full\"}")?)
+    }
+}
+
+fn scenario(
+    test: &str,
+    pods: usize,
+    listed: &[usize],
+    body: impl FnOnce(&mut Scenario) -> anyhow::Result<()>,
+) {
+    let _serial = serial();
+    if skipped(test) {
+        return;
+    }
+    let mut scenario = Scenario::start(pods, listed)
+        .unwrap_or_else(|error| panic!("{test}: setting up: {error:?}"));
+    if let Err(error) = scenario.wait_ready().and_then(|()| body(&mut scenario)) {
+        panic!("{test}: {error:?}");
+    }
+}
+
+fn log(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Initial sync, then add / change / delete of Services and EndpointSlices,
+/// each seen in real traffic.
+#[test]
+fn api_initial_sync_then_changes_are_applied() {
+    scenario(
+        "api_initial_sync_then_changes_are_applied",
+        3,
+        &[0, 1],
+        |s| {
+            s.check_backends(&[0, 1], 60, "after the initial sync")?;
+            let (status, body) = s.http_get(HEALTHZ, "/healthz")?;
+            ensure!(
+                status == 200,
+                "/healthz after the first sync: {status} {body}"
+            );
+
+            // EndpointSlice change.
+            s.set_backends(&[1, 2])?;
+            let took = s.until_backends(&[1, 2], "slice change")?;
+            log(format_args!("slice change seen in traffic after {took:?}"));
+            s.check_backends(&[1, 2], 60, "after the slice change")?;
+
+            // Service change: the TCP port moves from 80 to 8081.
+            let moved = ServiceSpec::cluster_ip("default", "echo", VIP)
+                .tcp(8081, POD_TCP_PORT)
+                .udp(UDP_PORT, POD_UDP_PORT);
+            let mut service = moved.service();
+            // Keep the port name, so the slice's port still matches.
+            service["spec"]["ports"][0]["name"] = json!(s.service.ports[0].name);
+            s.put(service)?;
+            s.until(VIP, 8081, Instant::now(), "new service port", |r| {
+                r.failed == 0 && r.ok == BATCH
+            })?;
+            let old = s.tcp_batch(VIP, TCP_PORT, 5)?;
+            ensure!(old.ok == 0, "the old port still answers: {old:?}");
+            s.put(s.service.service())?;
+            s.until_backends(&[1, 2], "port moved back")?;
+
+            // A second Service appears, then goes.
+            let second =
+                ServiceSpec::cluster_ip("default", "second", VIP2).tcp(TCP_PORT, POD_TCP_PORT);
+            s.put(second.service())?;
+            s.put(second.endpoint_slice(&s.topology.endpoints(&[0]), None))?;
+            let pod0 = s.topology.pod(0).name.clone();
+            s.until(VIP2, TCP_PORT, Instant::now(), "second service", |r| {
+                r.failed == 0 && r.count(&pod0) == BATCH
+            })?;
+            s.server
+                .delete::<k8s_openapi::api::core::v1::Service>("default", "second")?;
+            s.until(
+                VIP2,
+                TCP_PORT,
+                Instant::now(),
+                "second service deleted",
+                |r| r.ok == 0,
+            )?;
+            s.server
+                .delete::<k8s_openapi::api::discovery::v1::EndpointSlice>("default", "second-1")?;
+
+            // The slice of echo goes: no backends left, nothing answers.
+            s.server
+                .delete::<k8s_openapi::api::discovery::v1::EndpointSlice>("default", "echo-1")?;
+            s.until(VIP, TCP_PORT, Instant::now(), "slice deleted", |r| {
+                r.ok == 0
+            })?;
+            s.set_backends(&[0])?;
+            s.until_backends(&[0], "slice back")?;
+            Ok(())
+        },
+    );
+}
+
+/// A malformed Service gets a Warning Event (de-duplicated on repeat) and
+/// does not disturb the other service; the agent uses exactly the API
+/// access deploy/'s ClusterRole grants.
+#[test]
+fn api_malformed_object_gets_an_event_and_rbac_matches() {
+    scenario(
+        "api_malformed_object_gets_an_event_and_rbac_matches",
+        2,
+        &[0, 1],
+        |s| {
+            let mut broken = ServiceSpec::cluster_ip("default", "broken", VIP2)
+                .tcp(TCP_PORT, POD_TCP_PORT)
+                .service();
+            let good_broken = broken.clone();
+            broken["spec"]["clusterIP"] = json!("198.19.0.300");
+            broken["spec"]["clusterIPs"] = json!(["198.19.0.300"]);
+            let stored = s.put(broken.clone())?;
+            let uid = stored["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+
+            let started = Instant::now();
+            let event = loop {
+                let found = s.server.events().into_iter().find(|e| {
+                    e["regarding"]["name"] == "broken" && e["regarding"]["kind"] == "Service"
+                });
+                if let Some(event) = found {
+                    break event;
+                }
+                ensure!(
+                    started.elapsed() < POLL_LIMIT,
+                    "no Event for the broken Service"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            log(format_args!("Event after {:?}: {event}", started.elapsed()));
+            ensure!(event["type"] == "Warning", "{event}");
+            ensure!(event["reason"] == "InvalidService", "{event}");
+            ensure!(
+                event["regarding"]["uid"] == json!(uid),
+                "Event not tied to the object's uid: {event}"
+            );
+            ensure!(event["metadata"]["namespace"] == "default", "{event}");
+            ensure!(
+                event["note"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("198.19.0.300"),
+                "{event}"
+            );
+            ensure!(event["reportingController"] == "proxy-agent", "{event}");
+            s.check_backends(&[0, 1], 60, "echo while another service is broken")?;
+
+            // Fixed, then broken again the same way: the Event's series counts
+            // the repeat instead of a second Event.
+            s.put(good_broken)?;
+            let started = Instant::now();
+            while s.metric("proxy_agent_rejected_objects")? != 0.0 {
+                ensure!(
+                    started.elapsed() < POLL_LIMIT,
+                    "the fixed Service is still rejected"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s.put(broken)?;
+            let started = Instant::now();
+            loop {
+                let events: Vec<Value> = s
+                    .server
+                    .events()
+                    .into_iter()
+                    .filter(|e| e["regarding"]["name"] == "broken")
+                    .collect();
+                ensure!(events.len() == 1, "expected one Event, got {events:?}");
+                if events[0]["series"]["count"] == 2 {
+                    break;
+                }
+                ensure!(
+                    started.elapsed() < POLL_LIMIT,
+                    "repeat not counted: {events:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+
+            // Exactly what deploy/'s ClusterRole grants, no more, no less.
+            let used = s.server.rbac_usage();
+            let granted = cluster_role_rules()?;
+            ensure!(
+                used == granted,
+                "the agent used {used:?}, the ClusterRole grants {granted:?}"
+            );
+            Ok(())
+        },
+    );
+}
+
+/// (verb, apiGroup, resource) granted by deploy/base/rbac.yaml's ClusterRole.
+fn cluster_role_rules() -> anyhow::Result<BTreeSet<(String, String, String)>> {
+    use serde::Deserialize;
+    let path = proxy_tests::agent::workspace_dir().join("deploy/base/rbac.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut granted = BTreeSet::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let doc = Value::deserialize(doc)?;
+        if doc["kind"] != "ClusterRole" {
+            continue;
+        }
+        for rule in doc["rules"].as_array().context("no rules")? {
+            let strings = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        granted.insert((verb, group.clone(), resource.clone()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(granted)
+}
+
+/// The watch is cut, a 410 Gone forces a relist, the API server is down for
+/// 10 s and a restarted agent cannot reach it: traffic keeps flowing through
+/// the last state throughout, and every change made meanwhile is applied.
+#[test]
+fn api_outages_keep_the_last_state_and_converge() {
+    scenario(
+        "api_outages_keep_the_last_state_and_converge",
+        3,
+        &[0, 1],
+        |s| {
+            use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+            // The watch stream is cut mid-way; a change right after is not lost,
+            // and the watcher resumes from its resourceVersion without a relist.
+            let lists = s.server.list_count::<EndpointSlice>();
+            s.server.drop_watches();
+            s.set_backends(&[1, 2])?;
+            s.until_backends(&[1, 2], "change after a cut watch")?;
+            ensure!(
+                s.server.list_count::<EndpointSlice>() == lists,
+                "a cut watch caused a relist ({} lists before, {} after)",
+                lists,
+                s.server.list_count::<EndpointSlice>()
+            );
+
+            // 410 Gone: history compacted, watches cut; a change made meanwhile
+            // arrives through the relist.
+            s.server.compact();
+            s.server.drop_watches();
+            s.set_backends(&[0, 2])?;
+            s.until_backends(&[0, 2], "change across a 410 relist")?;
+            ensure!(
+                s.server.list_count::<EndpointSlice>() > lists,
+                "no relist after 410 Gone"
+            );
+
+            // The API server is down for 10 s: traffic keeps flowing, /healthz
+            // stays up (nothing waits to be programmed).
+            s.server.stop();
+            let down = Instant::now();
+            while down.elapsed() < Duration::from_secs(10) {
+                s.agent()?.ensure_running()?;
+                s.check_backends(&[0, 2], 20, "while the API server is down")?;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let (status, _) = s.http_get(HEALTHZ, "/healthz")?;
+            ensure!(
+                status == 200,
+                "/healthz while the API server is down: {status}"
+            );
+            // It comes back with changes made while it was away.
+            s.set_backends(&[1])?;
+            s.resume_server()?;
+            // The watchers retry with capped exponential back-off (at most 15 s
+            // between attempts), so the change may wait that long.
+            let took = s.until_backends_within(
+                &[1],
+                RECOVERY_LIMIT,
+                "change made while the API server was down",
+            )?;
+            log(format_args!(
+                "API server back: change applied after {took:?}"
+            ));
+
+            // A restarting agent that cannot reach the API server must not
+            // program an empty table: the pinned programs keep serving.
+            s.agent.take().context("no agent")?.stop_keeping_pins()?;
+            s.server.stop();
+            s.start_agent()?;
+            std::thread::sleep(Duration::from_secs(2));
+            s.agent()?.ensure_running()?;
+            s.check_backends(&[1], 40, "restarted agent without an API server")?;
+            let (status, _) = s.http_get(HEALTHZ, "/healthz")?;
+            ensure!(status == 503, "/healthz before the first sync: {status}");
+            s.set_backends(&[0, 1])?;
+            s.resume_server()?;
+            s.until_backends_within(
+                &[0, 1],
+                RECOVERY_LIMIT,
+                "restarted agent after the API server came back",
+            )?;
+            Ok(())
+        },
+    );
+}
+
+/// 1 000 EndpointSlice updates in one burst lead to few applies, and the
+/// last one wins.
+#[test]
+fn api_burst_of_updates_is_coalesced() {
+    scenario("api_burst_of_updates_is_coalesced", 3, &[0], |s| {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let before = s.applies()?;
+        let mut updates = Vec::with_capacity(1000);
+        for i in 0..1000usize {
+            let pods: &[usize] = match i % 3 {
+                0 => &[0, 1],
+                1 => &[1, 2],
+                _ => &[0, 2],
+            };
+            let value = s.service.endpoint_slice(&s.topology.endpoints(pods), None);
+            updates.push(serde_json::from_value::<EndpointSlice>(value)?);
+        }
+        // The last update lists pods 0 and 1 (999 % 3 == 0).
+        let started = Instant::now();
+        s.server.apply_all(&updates)?;
+        let written = started.elapsed();
+        s.until_backends(&[0, 1], "last update of the burst")?;
+        // Let any straggling apply land before counting.
+        std::thread::sleep(Duration::from_millis(500));
+        let applies = s.applies()? - before;
+        log(format_args!(
+            "burst of 1000 slice updates written in {written:?}: {applies} applies"
+        ));
+        ensure!(applies >= 1.0, "the burst was not applied at all");
+        ensure!(applies <= 50.0, "{applies} applies for 1000 updates");
+        Ok(())
+    });
+}
