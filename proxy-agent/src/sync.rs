@@ -6,10 +6,14 @@
 //! apply of the combined difference.
 use std::{
     collections::{BTreeSet, HashMap},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use tokio::time::{Instant, sleep_until};
 
 use crate::{
@@ -153,10 +157,12 @@ pub async fn run(
             }
             continue;
         };
+        let building = std::time::Instant::now();
         observer.node_eligible(node_eligible(&state, &cfg.node_name));
         let output = build_table(&state, cfg);
         report_rejections(&output.rejections, &mut reported, observer);
         let desired = output.table;
+        let build_us = building.elapsed().as_micros() as u64;
         let started = std::time::Instant::now();
         let result = match (&programmed, full) {
             (Some(current), false) => {
@@ -211,6 +217,7 @@ pub async fn run(
                     removed = stats.frontends_removed,
                     writes = stats.map_writes,
                     deletes = stats.map_deletes,
+                    build_us,
                     elapsed_us = elapsed.as_micros() as u64,
                     "programmed service table"
                 );
@@ -282,44 +289,55 @@ fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
     )
 }
 
-/// The resourceVersion of each object last seen, to count changed objects.
+/// The objects of the last state seen, to count changed objects.
+///
+/// Sources share unchanged objects between states (the same `Arc`), so a
+/// pointer comparison finds what changed; identities (namespace/name) are
+/// computed only for those, keeping this cheap at thousands of objects.
 #[derive(Default)]
 struct Versions {
-    services: HashMap<ObjectId, String>,
-    endpoint_slices: HashMap<ObjectId, String>,
+    services: HashMap<usize, Arc<Service>>,
+    endpoint_slices: HashMap<usize, Arc<EndpointSlice>>,
 }
 
 impl Versions {
     fn update(&mut self, state: &ClusterState) -> ObjectChanges {
-        fn count<'a>(
-            seen: &mut HashMap<ObjectId, String>,
-            objects: impl Iterator<
-                Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-            >,
+        fn count<K>(
+            seen: &mut HashMap<usize, Arc<K>>,
+            objects: &[Arc<K>],
+            meta: impl Fn(&K) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
         ) -> usize {
-            let mut next = HashMap::with_capacity(seen.len());
-            let mut changed = 0;
-            for meta in objects {
-                let id = object_id(meta);
-                let version = meta.resource_version.clone().unwrap_or_default();
-                if seen.get(&id) != Some(&version) {
-                    changed += 1;
-                }
-                next.insert(id, version);
-            }
-            changed += seen.keys().filter(|id| !next.contains_key(*id)).count();
+            let next: HashMap<usize, Arc<K>> = objects
+                .iter()
+                .map(|o| (Arc::as_ptr(o) as usize, o.clone()))
+                .collect();
+            // Only objects whose pointer changed need a look: a new version
+            // of an object appears on both sides under one identity (it counts
+            // once), and a copy with the same resourceVersion not at all.
+            let version = |o: &K| meta(o).resource_version.clone().unwrap_or_default();
+            let gone: HashMap<ObjectId, String> = seen
+                .iter()
+                .filter(|(ptr, _)| !next.contains_key(ptr))
+                .map(|(_, o)| (object_id(meta(o)), version(o)))
+                .collect();
+            let came: HashMap<ObjectId, String> = next
+                .iter()
+                .filter(|(ptr, _)| !seen.contains_key(ptr))
+                .map(|(_, o)| (object_id(meta(o)), version(o)))
+                .collect();
+            let changed = came
+                .iter()
+                .filter(|(id, v)| gone.get(*id) != Some(*v))
+                .count()
+                + gone.keys().filter(|id| !came.contains_key(*id)).count();
             *seen = next;
             changed
         }
         ObjectChanges {
-            services: count(
-                &mut self.services,
-                state.services.iter().map(|s| &s.metadata),
-            ),
-            endpoint_slices: count(
-                &mut self.endpoint_slices,
-                state.endpoint_slices.iter().map(|s| &s.metadata),
-            ),
+            services: count(&mut self.services, &state.services, |s| &s.metadata),
+            endpoint_slices: count(&mut self.endpoint_slices, &state.endpoint_slices, |s| {
+                &s.metadata
+            }),
         }
     }
 }
@@ -342,11 +360,11 @@ impl TriggerTimes {
 
     /// Records that `slices` are now programmed; returns, for each new
     /// trigger time, how long ago it was.
-    fn programmed(&mut self, slices: &[EndpointSlice]) -> Vec<Duration> {
+    fn programmed(&mut self, slices: &[Arc<EndpointSlice>]) -> Vec<Duration> {
         self.programmed_at(slices, SystemTime::now())
     }
 
-    fn programmed_at(&mut self, slices: &[EndpointSlice], now: SystemTime) -> Vec<Duration> {
+    fn programmed_at(&mut self, slices: &[Arc<EndpointSlice>], now: SystemTime) -> Vec<Duration> {
         let mut latencies = Vec::new();
         let mut next = HashMap::with_capacity(self.programmed.len());
         for slice in slices {
@@ -589,7 +607,7 @@ mod tests {
 
     fn with_trigger(mut state: ClusterState, at: &str) -> ClusterState {
         for slice in &mut state.endpoint_slices {
-            slice
+            Arc::make_mut(slice)
                 .metadata
                 .annotations
                 .get_or_insert_with(Default::default)
@@ -614,9 +632,11 @@ mod tests {
         settle().await;
         let changed_at = jiff::Timestamp::now() - jiff::SignedDuration::from_millis(50);
         let mut new = with_trigger((*web(&["10.1.0.2"])).clone(), &changed_at.to_string());
-        new.endpoint_slices[0].metadata.resource_version = Some("2".into());
+        Arc::make_mut(&mut new.endpoint_slices[0])
+            .metadata
+            .resource_version = Some("2".into());
         new.services
-            .push(simple_service("ns", "broken", "10.0.0.300", 80));
+            .push(Arc::new(simple_service("ns", "broken", "10.0.0.300", 80)));
         tx.send(Some(Arc::new(new))).unwrap();
         settle().await;
         let reports = recorder.reports.lock().unwrap().clone();
@@ -680,7 +700,7 @@ mod tests {
         let mut s = (*web(&["10.1.0.1"])).clone();
         assert!(node_eligible(&s, "node-a"), "no Node object: eligible");
         let mut n = node("node-a");
-        s.nodes = vec![n.clone()];
+        s.nodes = vec![Arc::new(n.clone())];
         assert!(node_eligible(&s, "node-a"));
         n.spec.get_or_insert_with(Default::default).taints =
             Some(vec![k8s_openapi::api::core::v1::Taint {
@@ -688,14 +708,49 @@ mod tests {
                 effect: "NoSchedule".into(),
                 ..Default::default()
             }]);
-        s.nodes = vec![n.clone()];
+        s.nodes = vec![Arc::new(n.clone())];
         assert!(!node_eligible(&s, "node-a"));
         assert!(node_eligible(&s, "node-b"));
         let mut n = node("node-a");
         n.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             jiff::Timestamp::now(),
         ));
-        s.nodes = vec![n];
+        s.nodes = vec![Arc::new(n)];
         assert!(!node_eligible(&s, "node-a"));
+    }
+
+    #[test]
+    fn changed_objects_are_counted_once_and_copies_not_at_all() {
+        let mut versions = Versions::default();
+        let svc = |name: &str, rv: &str| {
+            let mut s = simple_service("ns", name, "10.0.0.1", 80);
+            s.metadata.resource_version = Some(rv.into());
+            Arc::new(s)
+        };
+        let (a, b) = (svc("a", "1"), svc("b", "1"));
+        let state = |services: Vec<Arc<Service>>| ClusterState {
+            services,
+            ..ClusterState::default()
+        };
+        let changes = |v: &mut Versions, s: &ClusterState| v.update(s).services;
+        assert_eq!(
+            changes(&mut versions, &state(vec![a.clone(), b.clone()])),
+            2
+        );
+        // The same objects: nothing changed.
+        assert_eq!(
+            changes(&mut versions, &state(vec![a.clone(), b.clone()])),
+            0
+        );
+        // An equal copy (same resourceVersion) is no change either.
+        assert_eq!(
+            changes(&mut versions, &state(vec![svc("a", "1"), b.clone()])),
+            0
+        );
+        // A new version of a, b deleted, c added: three changes.
+        assert_eq!(
+            changes(&mut versions, &state(vec![svc("a", "2"), svc("c", "1")])),
+            3
+        );
     }
 }

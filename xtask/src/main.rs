@@ -33,9 +33,11 @@ enum Task {
     /// Setup, build release binaries, then run the agent on a ClusterIP in
     /// network namespaces on this machine and show which pod answered.
     Demo,
-    /// Setup, then `cargo run --release -p proxy-bench -- ARGS`.
+    /// Setup, then the benchmarks: `packet` (per-packet cost of the eBPF
+    /// programs) and `sync` (API change to programmed map entry); both when
+    /// neither is named.
     Bench {
-        /// Passed to proxy-bench.
+        /// `packet ARGS` or `sync ARGS` run one benchmark with its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -267,9 +269,44 @@ fn demo(env: &Env) -> anyhow::Result<()> {
     proxy_tests::demo::run(&env.target_dir.join("release/proxy-agent"))
 }
 
+/// `bench [packet|sync] [ARGS]`: both benchmarks, or one with its arguments.
 fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
     setup(env)?;
-    let mut command = env.cargo(&["run", "--release", "-p", "proxy-bench", "--"]);
-    command.args(args);
-    run(&mut command)
+    let (which, rest) = match args.first().map(String::as_str) {
+        Some(w @ ("packet" | "sync")) => (Some(w), &args[1..]),
+        _ => (None, args),
+    };
+    if which.is_none_or(|w| w == "packet") {
+        let mut command = env.cargo(&[
+            "run",
+            "--release",
+            "-p",
+            "proxy-bench",
+            "--bin",
+            "proxy-bench",
+            "--",
+        ]);
+        command.args(rest);
+        run(&mut command)?;
+    }
+    if which.is_none_or(|w| w == "sync") {
+        // Timing matters: the agent under test is a release build too.
+        run(&mut env.cargo(&["build", "--release", "-p", "proxy-agent"]))?;
+        let agent = env.target_dir.join("release/proxy-agent");
+        let mut command = env.cargo(&[
+            "run",
+            "--release",
+            "-p",
+            "proxy-bench",
+            "--bin",
+            "sync-latency",
+            "--",
+        ]);
+        command.env("PROXY_AGENT_BIN", agent);
+        if which.is_some() {
+            command.args(rest);
+        }
+        run(&mut command)?;
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -29,7 +30,8 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
     // Nodes and the node name will drive locality and zones; until then only
     // the Nodes' validity matters.
     let _ = &cfg.node_name;
-    let mut rejections: Vec<Rejection> = state.nodes.iter().flat_map(validate_node).collect();
+    let mut rejections: Vec<Rejection> =
+        state.nodes.iter().flat_map(|n| validate_node(n)).collect();
 
     let backends = index_backends(&state.endpoint_slices, &mut rejections);
     let plans = service_plans(&state.services, &mut rejections);
@@ -101,7 +103,7 @@ struct BackendGroup {
 
 /// Ready backends of all slices, merged (a set: de-duplicated and sorted).
 fn index_backends(
-    slices: &[EndpointSlice],
+    slices: &[Arc<EndpointSlice>],
     rejections: &mut Vec<Rejection>,
 ) -> BTreeMap<BackendGroup, BTreeSet<Backend>> {
     let mut groups: BTreeMap<BackendGroup, BTreeSet<Backend>> = BTreeMap::new();
@@ -139,9 +141,9 @@ fn index_backends(
 /// Differing objects with one namespace/name (two manifest files defining
 /// the same Service, say) are all rejected: picking one would make the table
 /// depend on input order. Identical copies count as one.
-fn service_plans(services: &[Service], rejections: &mut Vec<Rejection>) -> Vec<ServicePlan> {
+fn service_plans(services: &[Arc<Service>], rejections: &mut Vec<Rejection>) -> Vec<ServicePlan> {
     let mut by_name: BTreeMap<ServiceName, Vec<&Service>> = BTreeMap::new();
-    for svc in services {
+    for svc in services.iter().map(|s| &**s) {
         by_name.entry(service_name_of(svc)).or_default().push(svc);
     }
 
@@ -1005,7 +1007,7 @@ mod tests {
             vec![simple_service("ns", "", "10.0.0.1", 80)],
             vec![simple_slice("ns", "", "web", 8080, &["10.1.0.1"])],
         );
-        state.nodes = vec![node(""), node("node-a")];
+        state.nodes = vec![Arc::new(node("")), Arc::new(node("node-a"))];
         let output = build_table(&state, &config());
         assert!(output.table.is_empty());
         assert_eq!(
@@ -1027,7 +1029,7 @@ mod tests {
             &ModelConfig::default(),
         );
         let mut with_nodes = state(services, slices);
-        with_nodes.nodes = vec![node("node-a"), node("node-b")];
+        with_nodes.nodes = vec![Arc::new(node("node-a")), Arc::new(node("node-b"))];
         assert_eq!(build_table(&with_nodes, &config()), plain);
     }
 

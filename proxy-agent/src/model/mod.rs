@@ -8,7 +8,7 @@
 //! - [`validate_service`], [`validate_endpoint_slice`] and [`validate_node`]
 //!   let a source decide whether an object is broken; [`build_table`] runs the
 //!   same checks, so the two never disagree.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -25,11 +25,30 @@ pub use builder::{BuildOutput, build_table};
 pub use validate::{validate_endpoint_slice, validate_node, validate_service};
 
 /// Everything the model needs to know about the cluster, as a source sees it.
+///
+/// Objects are shared (`Arc`), so that a source can publish a new state
+/// without copying the objects that did not change: with thousands of
+/// services, deep copies would cost more than building the table.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
+}
+
+impl ClusterState {
+    /// A state holding these objects.
+    pub fn new(
+        services: Vec<Service>,
+        endpoint_slices: Vec<EndpointSlice>,
+        nodes: Vec<Node>,
+    ) -> Self {
+        Self {
+            services: services.into_iter().map(Arc::new).collect(),
+            endpoint_slices: endpoint_slices.into_iter().map(Arc::new).collect(),
+            nodes: nodes.into_iter().map(Arc::new).collect(),
+        }
+    }
 }
 
 /// Node-level settings that shape the table.

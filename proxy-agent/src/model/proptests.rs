@@ -315,11 +315,7 @@ fn cluster_state() -> impl Strategy<Value = ClusterState> {
                 let slice_copies: Vec<EndpointSlice> =
                     endpoint_slices.iter().take(copies).cloned().collect();
                 endpoint_slices.extend(slice_copies);
-                ClusterState {
-                    services,
-                    endpoint_slices,
-                    nodes,
-                }
+                ClusterState::new(services, endpoint_slices, nodes)
             },
         )
 }
@@ -418,9 +414,14 @@ proptest! {
         let validated: Vec<_> = state
             .services
             .iter()
-            .flat_map(validate_service)
-            .chain(state.endpoint_slices.iter().flat_map(validate_endpoint_slice))
-            .chain(state.nodes.iter().flat_map(validate_node))
+            .flat_map(|s| validate_service(s))
+            .chain(
+                state
+                    .endpoint_slices
+                    .iter()
+                    .flat_map(|s| validate_endpoint_slice(s)),
+            )
+            .chain(state.nodes.iter().flat_map(|n| validate_node(n)))
             .collect();
         for rejection in &validated {
             prop_assert!(output.rejections.contains(rejection), "missing {:?}", rejection);

@@ -177,11 +177,7 @@ pub fn meta(namespace: &str, name: &str) -> ObjectMeta {
 }
 
 pub fn state(services: Vec<Service>, endpoint_slices: Vec<EndpointSlice>) -> ClusterState {
-    ClusterState {
-        services,
-        endpoint_slices,
-        nodes: Vec::new(),
-    }
+    ClusterState::new(services, endpoint_slices, Vec::new())
 }
 
 pub fn config() -> ModelConfig {

@@ -587,11 +587,11 @@ mod tests {
         // The good endpoints of the same slice still serve.
         let mixed = simple_slice("ns", "web-1", "web", 8080, &["127.0.0.1", "10.1.0.9"]);
         let out = build_table(
-            &ClusterState {
-                services: vec![simple_service("ns", "web", "10.0.0.1", 80)],
-                endpoint_slices: vec![mixed],
-                nodes: vec![],
-            },
+            &ClusterState::new(
+                vec![simple_service("ns", "web", "10.0.0.1", 80)],
+                vec![mixed],
+                vec![],
+            ),
             &ModelConfig::default(),
         );
         let backends: Vec<_> = out
@@ -681,11 +681,7 @@ mod tests {
         expected.sort();
         assert_eq!(expected.len(), 5);
 
-        let state = ClusterState {
-            services,
-            endpoint_slices: slices,
-            nodes,
-        };
+        let state = ClusterState::new(services, slices, nodes);
         assert_eq!(
             build_table(&state, &ModelConfig::default()).rejections,
             expected

@@ -321,14 +321,12 @@ fn log_failure(which: Watched, e: &watcher::Error, count: u32) {
     }
 }
 
+/// The stores' current content; the objects are shared, not copied.
 fn snapshot(stores: &Stores) -> ClusterState {
-    fn owned<K: Clone>(items: Vec<Arc<K>>) -> Vec<K> {
-        items.into_iter().map(Arc::unwrap_or_clone).collect()
-    }
     ClusterState {
-        services: owned(stores.services.state()),
-        endpoint_slices: owned(stores.endpoint_slices.state()),
-        nodes: owned(stores.nodes.state()),
+        services: stores.services.state(),
+        endpoint_slices: stores.endpoint_slices.state(),
+        nodes: stores.nodes.state(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Parsing one manifest file into typed objects. Pure: bytes in, objects or
 //! an error message out; never panics on file content.
-use std::{ffi::OsStr, fmt, path::Path};
+use std::{ffi::OsStr, fmt, path::Path, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -64,10 +64,11 @@ impl fmt::Display for ObjectKey {
 /// One object read from a manifest file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ManifestObject {
-    // Boxed: the k8s-openapi types are large (about 0.4 to 1.5 KiB).
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    // Shared: the k8s-openapi types are large (about 0.4 to 1.5 KiB), and
+    // each published state refers to them without copying.
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
 }
 
 impl ManifestObject {
@@ -106,9 +107,9 @@ impl ManifestObject {
     fn normalize(&mut self) -> Result<(), String> {
         let kind = self.kind();
         let meta = match self {
-            ManifestObject::Service(s) => &mut s.metadata,
-            ManifestObject::EndpointSlice(e) => &mut e.metadata,
-            ManifestObject::Node(n) => &mut n.metadata,
+            ManifestObject::Service(s) => &mut Arc::make_mut(s).metadata,
+            ManifestObject::EndpointSlice(e) => &mut Arc::make_mut(e).metadata,
+            ManifestObject::Node(n) => &mut Arc::make_mut(n).metadata,
         };
         if kind != ObjectKind::Node && meta.namespace.as_deref().is_none_or(str::is_empty) {
             meta.namespace = Some("default".to_owned());
@@ -223,11 +224,11 @@ fn collect_document(
     let api_version = string_field(&map, "apiVersion", loc)?;
     let kind = string_field(&map, "kind", loc)?;
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => out.push(ManifestObject::Service(Box::new(typed(map, loc)?))),
+        ("v1", "Service") => out.push(ManifestObject::Service(Arc::new(typed(map, loc)?))),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            out.push(ManifestObject::EndpointSlice(Box::new(typed(map, loc)?)))
+            out.push(ManifestObject::EndpointSlice(Arc::new(typed(map, loc)?)))
         }
-        ("v1", "Node") => out.push(ManifestObject::Node(Box::new(typed(map, loc)?))),
+        ("v1", "Node") => out.push(ManifestObject::Node(Arc::new(typed(map, loc)?))),
         ("v1", "List") if top_level => match map.remove("items") {
             None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {

@@ -261,9 +261,9 @@ impl DirectoryState {
         let mut state = ClusterState::default();
         for object in self.merged.values() {
             match object {
-                ManifestObject::Service(s) => state.services.push((**s).clone()),
-                ManifestObject::EndpointSlice(e) => state.endpoint_slices.push((**e).clone()),
-                ManifestObject::Node(n) => state.nodes.push((**n).clone()),
+                ManifestObject::Service(s) => state.services.push(s.clone()),
+                ManifestObject::EndpointSlice(e) => state.endpoint_slices.push(e.clone()),
+                ManifestObject::Node(n) => state.nodes.push(n.clone()),
             }
         }
         state
