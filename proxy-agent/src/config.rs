@@ -828,14 +828,15 @@ mod tests {
             ])
         );
         assert_eq!(c.sync_period, Some(Duration::from_secs(30)));
-        assert_eq!(c.min_sync_period, Some(Duration::from_secs(1)));
+        assert_eq!(c.min_sync_period, Some(Duration::ZERO));
         assert_eq!(
             c.metrics_bind_address,
             Some(BindAddress {
-                ip: Some("0.0.0.0".parse().unwrap()),
+                ip: Some("127.0.0.1".parse().unwrap()),
                 port: 10249
             })
         );
+        assert_eq!(c.client_connection.kubeconfig, None);
         let ct = c.conntrack.as_ref().unwrap();
         assert_eq!(ct.max_per_core, Some(32768));
         assert_eq!(ct.tcp_established_timeout, Some(Duration::from_secs(86400)));
@@ -853,6 +854,7 @@ mod tests {
         );
         assert!(c.not_yet_used().contains(&"conntrack"));
         assert!(!c.not_yet_used().contains(&"syncPeriod"));
+        assert!(!c.not_yet_used().contains(&"minSyncPeriod"));
     }
 
     #[test]
