@@ -301,11 +301,48 @@ fn api_initial_sync_then_changes_are_applied() {
                 "/healthz after the first sync: {status} {body}"
             );
 
-            // EndpointSlice change.
-            s.set_backends(&[1, 2])?;
+            // EndpointSlice change, stamped by "the controller" with the time
+            // of the change that caused it: the agent measures its network
+            // programming latency from there.
+            let latency_count = "kubeproxy_network_programming_duration_seconds_count";
+            let counted_before = s.metric(latency_count)?;
+            let mut slice = s
+                .service
+                .endpoint_slice(&s.topology.endpoints(&[1, 2]), None);
+            slice["metadata"]["annotations"] = json!({
+                "endpoints.kubernetes.io/last-change-trigger-time": jiff::Timestamp::now().to_string()
+            });
+            s.put(slice)?;
             let took = s.until_backends(&[1, 2], "slice change")?;
             log(format_args!("slice change seen in traffic after {took:?}"));
             s.check_backends(&[1, 2], 60, "after the slice change")?;
+            let counted = s.metric(latency_count)? - counted_before;
+            ensure!(
+                counted == 1.0,
+                "{counted} network programming latencies recorded, expected 1"
+            );
+
+            // The node is about to be removed by the cluster autoscaler:
+            // /healthz fails so that load balancers drain it, /livez does not
+            // (no restart).
+            let mut node = manifests::node(s.topology.node_name(), IpAddr::V4(NODE_IP));
+            node["spec"]["taints"] =
+                json!([{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]);
+            s.put(node)?;
+            let started = Instant::now();
+            while s.http_get(HEALTHZ, "/healthz")?.0 != 503 {
+                ensure!(
+                    started.elapsed() < POLL_LIMIT,
+                    "/healthz stays 200 on a node being deleted"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let (status, body) = s.http_get(HEALTHZ, "/livez")?;
+            ensure!(
+                status == 200,
+                "/livez on a node being deleted: {status} {body}"
+            );
+            s.put(manifests::node(s.topology.node_name(), IpAddr::V4(NODE_IP)))?;
 
             // Service change: the TCP port moves from 80 to 8081.
             let moved = ServiceSpec::cluster_ip("default", "echo", VIP)
@@ -440,6 +477,47 @@ fn api_malformed_object_gets_an_event_and_rbac_matches() {
                     "repeat not counted: {events:?}"
                 );
                 std::thread::sleep(Duration::from_millis(20));
+            }
+
+            // Objects of another proxy (and headless services' slices) are
+            // filtered by the API server, as kube-proxy asks for: every list and
+            // watch of Services and EndpointSlices carries both requirements, and
+            // a Service of another proxy is not served.
+            const OTHER_VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 3));
+            let other = ServiceSpec::cluster_ip("default", "other-proxy", OTHER_VIP)
+                .tcp(TCP_PORT, POD_TCP_PORT);
+            let mut other_service = other.service();
+            other_service["metadata"]["labels"] =
+                json!({"service.kubernetes.io/service-proxy-name": "someone-else"});
+            let mut other_slice = other.endpoint_slice(&s.topology.endpoints(&[0]), None);
+            other_slice["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] =
+                json!("someone-else");
+            s.put(other_service)?;
+            s.put(other_slice)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let report = s.tcp_batch(OTHER_VIP, TCP_PORT, 5)?;
+            ensure!(
+                report.ok == 0,
+                "a Service of another proxy is served: {report:?}"
+            );
+            for request in s.server.requests() {
+                let filtered = matches!(request.resource.as_str(), "services" | "endpointslices")
+                    && matches!(request.verb.as_str(), "list" | "watch");
+                if filtered {
+                    let uri = request
+                        .uri
+                        .replace("%21", "!")
+                        .replace("%2F", "/")
+                        .replace("%2C", ",");
+                    ensure!(
+                        uri.contains("!service.kubernetes.io/service-proxy-name")
+                            && uri.contains("!service.kubernetes.io/headless"),
+                        "unfiltered {} of {}: {}",
+                        request.verb,
+                        request.resource,
+                        request.uri
+                    );
+                }
             }
 
             // Exactly what deploy/'s ClusterRole grants, no more, no less.
