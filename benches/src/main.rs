@@ -26,7 +26,10 @@ use clap::Parser;
 use etherparse::PacketBuilder;
 use proxy_agent::{
     dataplane::{Dataplane, ebpf::load_unpinned},
-    model::{Backend, Frontend, FrontendKey, FrontendKind, Protocol, ServiceName, ServiceTable},
+    model::{
+        Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
+        ServiceTable,
+    },
 };
 use proxy_common::{PROG_EGRESS, PROG_FLOOR, PROG_INGRESS};
 
@@ -82,6 +85,7 @@ fn table(services: u32, backends: u32) -> ServiceTable {
                         port: 8080,
                     })
                     .collect(),
+                policy: FrontendPolicy::default(),
             },
         );
     }

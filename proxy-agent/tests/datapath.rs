@@ -17,7 +17,10 @@ use proxy_agent::{
         Dataplane,
         ebpf::{EbpfDataplane, load_unpinned},
     },
-    model::{Backend, Frontend, FrontendKey, FrontendKind, Protocol, ServiceName, ServiceTable},
+    model::{
+        Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
+        ServiceTable,
+    },
 };
 use proxy_common::{PROG_EGRESS, PROG_INGRESS, stat};
 
@@ -50,6 +53,7 @@ fn frontend(backends: &[[u8; 4]], port: u16) -> Frontend {
                 port,
             })
             .collect(),
+        policy: FrontendPolicy::default(),
     }
 }
 

@@ -8,8 +8,8 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
-    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, ModelConfig, Protocol, Rejection,
-    ServiceName, ServiceTable,
+    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
+    Protocol, Rejection, ServiceName, ServiceTable,
     validate::{IpFamily, ServicePlan, check_endpoint_slice, check_service, service_name_of},
     validate_node,
 };
@@ -80,6 +80,7 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
                         port_name: port.name.clone(),
                         kind: FrontendKind::ClusterIp,
                         backends,
+                        policy: FrontendPolicy::default(),
                     },
                 );
             }
@@ -252,6 +253,7 @@ mod tests {
                 port_name: "http".into(),
                 kind: FrontendKind::ClusterIp,
                 backends: vec![],
+                policy: FrontendPolicy::default(),
             })
         );
     }

@@ -10,6 +10,8 @@
 //!   same checks, so the two never disagree.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
+use ipnet::IpNet;
+
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
 mod builder;
@@ -108,7 +110,42 @@ impl std::fmt::Display for ServiceName {
 /// How traffic reaches a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FrontendKind {
+    /// `spec.clusterIP(s)`: traffic from inside the cluster.
     ClusterIp,
+    /// `spec.ports[].nodePort` on the node's own addresses. The key's `ip`
+    /// is the unspecified address of the family (0.0.0.0 or ::): "every
+    /// node address the dataplane accepts NodePorts on".
+    NodePort,
+    /// `spec.externalIPs`.
+    ExternalIp,
+    /// `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Whether traffic to it comes from outside the cluster (and so follows
+    /// `externalTrafficPolicy`).
+    pub fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+/// How a frontend treats clients and backends, beyond "a backend at random".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendPolicy {
+    /// `sessionAffinity: ClientIP`: a client stays on its backend until this
+    /// many seconds pass without a packet from it
+    /// (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800).
+    pub affinity_timeout_secs: Option<u32>,
+    /// The traffic policy that applies to this frontend is `Local`
+    /// (`externalTrafficPolicy` for external kinds, `internalTrafficPolicy`
+    /// for ClusterIP): `backends` hold this node's endpoints only, an external
+    /// client's source address is kept (no masquerade), and with no local
+    /// backend the traffic is dropped rather than rejected.
+    pub local_only: bool,
+    /// `spec.loadBalancerSourceRanges` (LoadBalancer frontends only; empty:
+    /// any source). Other sources are dropped.
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// What a packet is matched on: destination address, port and protocol.
@@ -126,7 +163,10 @@ pub struct Backend {
     pub port: u16,
 }
 
-/// A frontend and the backends it balances over (sorted, without duplicates).
+/// A frontend and the backends new connections may go to (sorted, without
+/// duplicates). The model has already applied every rule that decides which
+/// endpoints those are: readiness (serving-and-terminating ones only when no
+/// endpoint is ready), traffic policy, topology hints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub service: ServiceName,
@@ -134,6 +174,7 @@ pub struct Frontend {
     pub port_name: String,
     pub kind: FrontendKind,
     pub backends: Vec<Backend>,
+    pub policy: FrontendPolicy,
 }
 
 /// The desired (or programmed) set of frontends, ordered by key.

@@ -12,9 +12,10 @@ use k8s_openapi::{
 use proptest::{collection::vec, option, prelude::*, test_runner::FileFailurePersistence};
 
 use super::{
-    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, ModelConfig, Protocol, ServiceName,
-    ServiceTable, build_table, test_support::apply, validate::SERVICE_NAME_LABEL,
-    validate::SERVICE_PROXY_NAME_LABEL, validate_endpoint_slice, validate_node, validate_service,
+    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
+    Protocol, ServiceName, ServiceTable, build_table, test_support::apply,
+    validate::SERVICE_NAME_LABEL, validate::SERVICE_PROXY_NAME_LABEL, validate_endpoint_slice,
+    validate_node, validate_service,
 };
 
 /// Modest case counts keep the suite fast on small machines; failures are
@@ -373,6 +374,7 @@ fn frontend() -> impl Strategy<Value = Frontend> {
             port_name: port_name.into(),
             kind: FrontendKind::ClusterIp,
             backends,
+            policy: FrontendPolicy::default(),
         })
 }
 

@@ -10,8 +10,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, ModelConfig, Protocol, ServiceName,
-    ServiceTable, TableDiff, validate::SERVICE_NAME_LABEL,
+    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
+    Protocol, ServiceName, ServiceTable, TableDiff, validate::SERVICE_NAME_LABEL,
 };
 
 pub fn ip(text: &str) -> IpAddr {
@@ -48,6 +48,7 @@ pub fn frontend(namespace: &str, name: &str, backends: &[Backend]) -> Frontend {
         port_name: String::new(),
         kind: FrontendKind::ClusterIp,
         backends: backends.to_vec(),
+        policy: FrontendPolicy::default(),
     }
 }
 
