@@ -16,6 +16,11 @@
 //!   the node itself (a TCP reset, or a server the node runs) rather than
 //!   forwarded anywhere.
 //!
+//! With [`PodNetwork::Bridge`] the pods sit instead on a Linux bridge `pods0`
+//! of the node (198.18.1.1/24, each pod 198.18.1.<10+i>/24 with a default
+//! route via 198.18.1.1; the node ends of the pod veths are bridge ports,
+//! optionally with `hairpin_mode` on), as with bridge CNI plugins.
+//!
 //! Links are routed point-to-point (/32 with a peer route), so each pod and
 //! the client have a default route via the node and the node has a host route
 //! per pod. The namespaces have no link to the host namespace, so topologies
@@ -358,15 +363,36 @@ fn remove_stale_namespaces() {
     }
 }
 
+/// How pods connect to the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// A veth per pod with point-to-point /32 routes (the default).
+    Routed,
+    /// Pods on the node's bridge `pods0`; `hairpin` sets `hairpin_mode` on
+    /// the bridge ports (a frame may go back out the port it came in on).
+    Bridge { hairpin: bool },
+}
+
+/// The node's bridge for [`PodNetwork::Bridge`], and its address there.
+pub const POD_BRIDGE: &str = "pods0";
+pub const POD_GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+
 /// Configures a topology; see the module documentation.
 #[derive(Clone, Debug)]
 pub struct TopologyBuilder {
+    pod_network: PodNetwork,
     backends: usize,
     node_name: String,
     tools: Option<ToolPaths>,
 }
 
 impl TopologyBuilder {
+    /// How pods are connected (default [`PodNetwork::Routed`]).
+    pub fn pod_network(mut self, network: PodNetwork) -> Self {
+        self.pod_network = network;
+        self
+    }
+
     /// Number of backend pods (default 3).
     pub fn backends(mut self, count: usize) -> Self {
         self.backends = count;
@@ -424,16 +450,30 @@ impl TopologyBuilder {
         let client = Netns::create(format!("{id}-client"))?;
         link(&node, "to-client", NODE_IP, &client, CLIENT_IP)?;
 
+        if let PodNetwork::Bridge { .. } = self.pod_network {
+            let n = node.name();
+            ip(&["-n", n, "link", "add", POD_BRIDGE, "type", "bridge"])?;
+            ip(&[
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{POD_GATEWAY_IP}/24"),
+                "dev",
+                POD_BRIDGE,
+            ])?;
+            ip(&["-n", n, "link", "set", POD_BRIDGE, "up"])?;
+        }
         let mut pods = Vec::with_capacity(self.backends);
         for index in 0..self.backends {
             let ns = Netns::create(format!("{id}-pod{index}"))?;
-            link(
-                &node,
-                &format!("to-pod{index}"),
-                NODE_IP,
-                &ns,
-                pod_ip(index),
-            )?;
+            let node_if = format!("to-pod{index}");
+            match self.pod_network {
+                PodNetwork::Routed => link(&node, &node_if, NODE_IP, &ns, pod_ip(index))?,
+                PodNetwork::Bridge { hairpin } => {
+                    bridge_port(&node, &node_if, &ns, pod_ip(index), hairpin)?;
+                }
+            }
             let name = pod_name(index);
             let server = spawn_in(
                 ns.name(),
@@ -511,6 +551,52 @@ fn link(
     Ok(())
 }
 
+/// Connects `pod` to the node's bridge: `node_if` becomes a port of
+/// [`POD_BRIDGE`], `eth0` in the pod gets `pod_ip`/24 and a default route via
+/// [`POD_GATEWAY_IP`].
+fn bridge_port(
+    node: &Netns,
+    node_if: &str,
+    pod: &Netns,
+    pod_ip: Ipv4Addr,
+    hairpin: bool,
+) -> anyhow::Result<()> {
+    let (n, o) = (node.name(), pod.name());
+    ip(&[
+        "-n", n, "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", o,
+    ])?;
+    ip(&["-n", n, "link", "set", node_if, "master", POD_BRIDGE])?;
+    if hairpin {
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "set",
+            node_if,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ])?;
+    }
+    ip(&["-n", n, "link", "set", node_if, "up"])?;
+    ip(&[
+        "-n",
+        o,
+        "addr",
+        "add",
+        &format!("{pod_ip}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", o, "link", "set", "eth0", "up"])?;
+    let gateway = POD_GATEWAY_IP.to_string();
+    ip(&[
+        "-n", o, "route", "add", "default", "via", &gateway, "dev", "eth0",
+    ])?;
+    Ok(())
+}
+
 /// A backend pod: its namespace and the pod-server in it.
 pub struct Pod {
     /// `pod-<i>`; also what its server answers.
@@ -556,6 +642,7 @@ const CLIENT_PARALLEL: usize = 4;
 impl Topology {
     pub fn builder() -> TopologyBuilder {
         TopologyBuilder {
+            pod_network: PodNetwork::Routed,
             backends: 3,
             node_name: DEFAULT_NODE_NAME.to_string(),
             tools: None,

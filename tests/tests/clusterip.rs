@@ -17,9 +17,9 @@ use anyhow::{Context, bail, ensure};
 use proxy_tests::{
     bpf,
     netns::{
-        Agent, AgentConfig, BpfFs, ClientOptions, ClientReport, ManifestsDir, NODE_IP,
-        POD_TCP_PORT, POD_UDP_PORT, Protocol, READY_TIMEOUT, ServiceSpec, ToolPaths, Topology,
-        agent_binary, exec_in,
+        Agent, AgentConfig, BpfFs, ClientOptions, ClientReport, ManifestsDir, NODE_IP, POD_BRIDGE,
+        POD_TCP_PORT, POD_UDP_PORT, PodNetwork, Protocol, READY_TIMEOUT, ServiceSpec, ToolPaths,
+        Topology, agent_binary, exec_in,
     },
     serial, skipped,
 };
@@ -270,6 +270,43 @@ fn harness_reaches_pods_directly_without_agent() {
         .filter(|ns| Path::new("/run/netns").join(ns).exists())
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
+
+/// The bridge pod network of the harness: pods on the node's bridge answer
+/// the client directly, and `hairpin_mode` is set on the ports only when
+/// asked for.
+#[test]
+fn harness_bridge_pods_reachable_without_agent() {
+    let _serial = serial();
+    if skipped("harness_bridge_pods_reachable_without_agent") {
+        return;
+    }
+    for hairpin in [false, true] {
+        let topology = Topology::builder()
+            .backends(2)
+            .pod_network(PodNetwork::Bridge { hairpin })
+            .tools(tools())
+            .build()
+            .expect("building a bridge topology");
+        for pod in topology.pods() {
+            let tcp = topology
+                .client_tcp(IpAddr::V4(pod.ip), POD_TCP_PORT, 10)
+                .unwrap();
+            assert_eq!(tcp.count(&pod.name), 10, "TCP to {}: {tcp:?}", pod.name);
+        }
+        let ports = exec_in(
+            topology.node_ns(),
+            "ip",
+            &["-d", "link", "show", "master", POD_BRIDGE],
+        )
+        .unwrap();
+        let hairpins = ports.matches("hairpin on").count();
+        assert_eq!(
+            hairpins,
+            if hairpin { 2 } else { 0 },
+            "hairpin={hairpin}: {ports}"
+        );
+    }
 }
 
 /// (1) Many TCP connections and UDP exchanges through the VIP reach every
