@@ -1,7 +1,7 @@
 //! [`build_table`]: from cluster objects to the desired [`ServiceTable`].
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
@@ -21,75 +21,207 @@ pub struct BuildOutput {
     pub table: ServiceTable,
     /// Sorted and without duplicates.
     pub rejections: Vec<Rejection>,
+    /// Health check node ports to serve: NodePort and LoadBalancer Services
+    /// with `externalTrafficPolicy: Local` and `spec.healthCheckNodePort`.
+    pub health_check_node_ports: BTreeMap<ServiceName, HealthCheck>,
+}
+
+/// What a health check node port answers for one Service: healthy when this
+/// node has local endpoints (so the load balancer sends traffic here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    /// Distinct ready endpoint addresses of the Service on this node.
+    pub local_endpoints: usize,
 }
 
 /// Builds the desired table. Broken objects, or broken parts of objects, are
 /// skipped and reported in [`BuildOutput::rejections`]; they never affect
 /// other Services. The result does not depend on the order of the input.
 pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
-    // Nodes and the node name will drive locality and zones; until then only
-    // the Nodes' validity matters.
-    let _ = &cfg.node_name;
     let mut rejections: Vec<Rejection> =
         state.nodes.iter().flat_map(|n| validate_node(n)).collect();
 
-    let backends = index_backends(&state.endpoint_slices, &mut rejections);
+    let endpoints = index_endpoints(&state.endpoint_slices, cfg, &mut rejections);
     let plans = service_plans(&state.services, &mut rejections);
 
     let mut table = ServiceTable::new();
-    // Plans come sorted by name, so when two Services claim one frontend the
-    // lexically smaller namespace/name wins whatever the input order.
+    let mut health_check_node_ports = BTreeMap::new();
+    // Plans come sorted by name, and each yields its frontends in a fixed
+    // order, so when two Services (or two parts of one) claim one frontend
+    // the lexically smaller namespace/name wins whatever the input order.
     for plan in plans {
-        for &ip in &plan.cluster_ips {
-            for port in &plan.ports {
-                let key = FrontendKey {
-                    ip,
-                    port: port.port,
-                    protocol: port.protocol,
-                };
-                if let Some(owner) = table.get(&key) {
-                    rejections.push(Rejection {
-                        kind: "Service",
-                        namespace: plan.name.namespace.clone(),
-                        name: plan.name.name.clone(),
-                        reason: format!(
-                            "spec.ports[{}]: {}/{} is already claimed by Service {}",
-                            port.index,
-                            SocketAddr::new(ip, port.port),
-                            port.protocol,
-                            owner.service
-                        ),
-                    });
-                    continue;
-                }
-                let backends = backends
-                    .get(&BackendGroup {
-                        service: plan.name.clone(),
-                        family: IpFamily::of(ip),
-                        port_name: port.name.clone(),
-                        protocol: port.protocol,
-                    })
-                    .map(|set| set.iter().copied().collect())
-                    .unwrap_or_default();
-                // A frontend without backends stays: the dataplane must
-                // refuse its traffic rather than let it through unproxied.
-                table.insert(
-                    key,
-                    Frontend {
-                        service: plan.name.clone(),
-                        port_name: port.name.clone(),
-                        kind: FrontendKind::ClusterIp,
-                        backends,
-                        policy: FrontendPolicy::default(),
-                    },
-                );
+        for planned in plan_frontends(&plan, &endpoints) {
+            if let Some(owner) = table.get(&planned.key) {
+                rejections.push(Rejection {
+                    kind: "Service",
+                    namespace: plan.name.namespace.clone(),
+                    name: plan.name.name.clone(),
+                    reason: format!(
+                        "{}: {}/{} is already claimed by Service {}",
+                        planned.field,
+                        SocketAddr::new(planned.key.ip, planned.key.port),
+                        planned.key.protocol,
+                        owner.service
+                    ),
+                });
+                continue;
             }
+            // A frontend without backends stays: the dataplane must refuse
+            // its traffic rather than let it through unproxied.
+            table.insert(planned.key, planned.frontend);
+        }
+        if let Some(port) = plan.health_check_node_port {
+            let local_endpoints = endpoints
+                .range(BackendGroup::first_of(&plan.name)..)
+                .take_while(|(group, _)| group.service == plan.name)
+                .flat_map(|(_, entries)| entries)
+                .filter(|entry| entry.local && entry.ready)
+                .map(|entry| entry.backend.ip)
+                .collect::<BTreeSet<IpAddr>>()
+                .len();
+            health_check_node_ports.insert(
+                plan.name.clone(),
+                HealthCheck {
+                    port,
+                    local_endpoints,
+                },
+            );
         }
     }
 
     rejections.sort();
     rejections.dedup();
-    BuildOutput { table, rejections }
+    BuildOutput {
+        table,
+        rejections,
+        health_check_node_ports,
+    }
+}
+
+/// A frontend a Service asks for, and the spec field it comes from.
+struct PlannedFrontend {
+    field: String,
+    key: FrontendKey,
+    frontend: Frontend,
+}
+
+/// Every frontend of a valid Service, in a fixed order: per cluster IP and
+/// port the ClusterIP frontend, then NodePort, externalIPs and load balancer
+/// addresses.
+fn plan_frontends(
+    plan: &ServicePlan,
+    endpoints: &BTreeMap<BackendGroup, BTreeSet<EndpointEntry>>,
+) -> Vec<PlannedFrontend> {
+    let mut planned = Vec::new();
+    for &cluster_ip in &plan.cluster_ips {
+        let family = IpFamily::of(cluster_ip);
+        for port in &plan.ports {
+            let entries = endpoints.get(&BackendGroup {
+                service: plan.name.clone(),
+                family,
+                port_name: port.name.clone(),
+                protocol: port.protocol,
+            });
+            let mut add = |field: String, ip: IpAddr, number: u16, kind: FrontendKind| {
+                let local_only = if kind.is_external() {
+                    plan.external_local
+                } else {
+                    plan.internal_local
+                };
+                let source_ranges = if kind == FrontendKind::LoadBalancer {
+                    plan.source_ranges.clone()
+                } else {
+                    Vec::new()
+                };
+                planned.push(PlannedFrontend {
+                    field,
+                    key: FrontendKey {
+                        ip,
+                        port: number,
+                        protocol: port.protocol,
+                    },
+                    frontend: Frontend {
+                        service: plan.name.clone(),
+                        port_name: port.name.clone(),
+                        kind,
+                        backends: select_backends(entries, local_only),
+                        policy: FrontendPolicy {
+                            affinity_timeout_secs: plan.affinity_timeout_secs,
+                            local_only,
+                            source_ranges,
+                        },
+                    },
+                });
+            };
+            let index = port.index;
+            add(
+                format!("spec.ports[{index}]"),
+                cluster_ip,
+                port.port,
+                FrontendKind::ClusterIp,
+            );
+            if let Some(node_port) = port.node_port {
+                let any = match family {
+                    IpFamily::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    IpFamily::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                };
+                add(
+                    format!("spec.ports[{index}].nodePort"),
+                    any,
+                    node_port,
+                    FrontendKind::NodePort,
+                );
+            }
+            for &(i, ip) in &plan.external_ips {
+                if IpFamily::of(ip) == family {
+                    add(
+                        format!("spec.externalIPs[{i}] (spec.ports[{index}])"),
+                        ip,
+                        port.port,
+                        FrontendKind::ExternalIp,
+                    );
+                }
+            }
+            for &(i, ip) in &plan.load_balancer_ips {
+                if IpFamily::of(ip) == family {
+                    add(
+                        format!("status.loadBalancer.ingress[{i}].ip (spec.ports[{index}])"),
+                        ip,
+                        port.port,
+                        FrontendKind::LoadBalancer,
+                    );
+                }
+            }
+        }
+    }
+    planned
+}
+
+/// The backends new connections may go to, like kube-proxy's
+/// CategorizeEndpoints: the ready endpoints (of this node only when
+/// `local_only`); when there is none, the serving and terminating ones of
+/// that same set, so connections drain gracefully during rollouts.
+fn select_backends(entries: Option<&BTreeSet<EndpointEntry>>, local_only: bool) -> Vec<Backend> {
+    let candidates = || {
+        entries
+            .into_iter()
+            .flatten()
+            .filter(move |entry| !local_only || entry.local)
+    };
+    let ready: BTreeSet<Backend> = candidates()
+        .filter(|entry| entry.ready)
+        .map(|entry| entry.backend)
+        .collect();
+    if !ready.is_empty() {
+        return ready.into_iter().collect();
+    }
+    candidates()
+        .filter(|entry| entry.serving_terminating)
+        .map(|entry| entry.backend)
+        .collect::<BTreeSet<Backend>>()
+        .into_iter()
+        .collect()
 }
 
 /// The backends one Service port of one address family can use: how
@@ -102,12 +234,37 @@ struct BackendGroup {
     protocol: Protocol,
 }
 
-/// Ready backends of all slices, merged (a set: de-duplicated and sorted).
-fn index_backends(
+impl BackendGroup {
+    /// The smallest group of `service`, to iterate over all of its groups.
+    fn first_of(service: &ServiceName) -> BackendGroup {
+        BackendGroup {
+            service: service.clone(),
+            family: IpFamily::V4,
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+        }
+    }
+}
+
+/// An endpoint address and port with what decides whether it gets traffic.
+/// Kept as a set, so that one endpoint listed in several slices (even with
+/// differing conditions) gives the same result in any order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct EndpointEntry {
+    backend: Backend,
+    ready: bool,
+    serving_terminating: bool,
+    /// On the node this agent runs on.
+    local: bool,
+}
+
+/// Usable endpoints of all slices, merged per group.
+fn index_endpoints(
     slices: &[Arc<EndpointSlice>],
+    cfg: &ModelConfig,
     rejections: &mut Vec<Rejection>,
-) -> BTreeMap<BackendGroup, BTreeSet<Backend>> {
-    let mut groups: BTreeMap<BackendGroup, BTreeSet<Backend>> = BTreeMap::new();
+) -> BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> {
+    let mut groups: BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> = BTreeMap::new();
     for slice in slices {
         let check = check_endpoint_slice(slice);
         rejections.extend(check.rejections);
@@ -128,9 +285,15 @@ fn index_backends(
                     protocol: port.protocol,
                 })
                 .or_default();
-            group.extend(plan.ready_addresses.iter().map(|&ip| Backend {
-                ip,
-                port: port.port,
+            group.extend(plan.endpoints.iter().map(|endpoint| EndpointEntry {
+                backend: Backend {
+                    ip: endpoint.ip,
+                    port: port.port,
+                },
+                ready: endpoint.ready,
+                serving_terminating: endpoint.serving_terminating,
+                local: !cfg.node_name.is_empty()
+                    && endpoint.node_name.as_deref() == Some(cfg.node_name.as_str()),
             }));
         }
     }
@@ -1023,7 +1186,7 @@ mod tests {
     }
 
     #[test]
-    fn nodes_and_node_name_do_not_change_the_table_yet() {
+    fn nodes_and_node_name_do_not_change_a_cluster_policy_table() {
         let services = vec![simple_service("ns", "web", "10.0.0.1", 80)];
         let slices = vec![simple_slice("ns", "web-1", "web", 8080, &["10.1.0.1"])];
         let plain = build_table(
@@ -1094,5 +1257,485 @@ mod tests {
         sorted.sort();
         assert_eq!(forward.rejections, sorted);
         assert_eq!(forward.rejections.len(), 4);
+    }
+
+    fn frontend_at(output: &BuildOutput, frontend: FrontendKey) -> Frontend {
+        match output.table.get(&frontend) {
+            Some(found) => found.clone(),
+            None => panic!("no frontend {frontend:?} in {:?}", output.table),
+        }
+    }
+
+    fn kinds(output: &BuildOutput) -> Vec<(FrontendKey, FrontendKind)> {
+        output.table.iter().map(|(k, f)| (*k, f.kind)).collect()
+    }
+
+    fn web_slice(endpoints: &[k8s_openapi::api::discovery::v1::Endpoint]) -> EndpointSlice {
+        slice(
+            "ns",
+            "web-1",
+            "web",
+            "IPv4",
+            &[slice_port("", 8080, "")],
+            endpoints,
+        )
+    }
+
+    #[test]
+    fn node_port_service_gets_a_node_port_frontend_per_family() {
+        let mut svc = service(
+            "ns",
+            "web",
+            &["10.0.0.1", "fd00::1"],
+            &[with_node_port(service_port("", 80, ""), 30080)],
+        );
+        spec_mut(&mut svc).type_ = Some("NodePort".into());
+        let slices = vec![
+            web_slice(&[endpoint("10.1.0.1")]),
+            slice(
+                "ns",
+                "web-v6",
+                "web",
+                "IPv6",
+                &[slice_port("", 8080, "")],
+                &[endpoint("fd01::1")],
+            ),
+        ];
+        let output = build(vec![svc], slices);
+        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
+        assert_eq!(
+            kinds(&output),
+            vec![
+                (key("0.0.0.0", 30080), FrontendKind::NodePort),
+                (key("10.0.0.1", 80), FrontendKind::ClusterIp),
+                (key("::", 30080), FrontendKind::NodePort),
+                (key("fd00::1", 80), FrontendKind::ClusterIp),
+            ]
+        );
+        assert_eq!(
+            backends_of(&output, key("0.0.0.0", 30080)),
+            vec![backend("10.1.0.1", 8080)]
+        );
+        assert_eq!(
+            backends_of(&output, key("::", 30080)),
+            vec![backend("fd01::1", 8080)]
+        );
+        assert_eq!(
+            frontend_at(&output, key("::", 30080)).policy,
+            FrontendPolicy::default()
+        );
+    }
+
+    #[test]
+    fn node_ports_of_cluster_ip_services_and_unallocated_ones_give_nothing() {
+        let mut cluster_ip = typed_service("ns", "a", "ClusterIP", "10.0.0.1", 80, 30080);
+        spec_mut(&mut cluster_ip).type_ = None;
+        let mut lb = typed_service("ns", "b", "LoadBalancer", "10.0.0.2", 80, 0);
+        spec_mut(&mut lb).allocate_load_balancer_node_ports = Some(false);
+        spec_mut(&mut lb).ports = Some(vec![service_port("", 80, "")]);
+        let output = build(vec![cluster_ip, lb], vec![]);
+        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
+        assert_eq!(
+            keys(&output),
+            vec![key("10.0.0.1", 80), key("10.0.0.2", 80)]
+        );
+    }
+
+    #[test]
+    fn bad_node_port_loses_only_its_node_port_frontend() {
+        let svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 70000);
+        let output = build(vec![svc], vec![]);
+        assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
+        assert_eq!(
+            reasons(&output),
+            vec!["Service ns/web: spec.ports[0].nodePort: 70000 is outside 1..=65535"]
+        );
+    }
+
+    #[test]
+    fn node_port_conflict_goes_to_the_smaller_name_in_any_order() {
+        let a = typed_service("ns", "a", "NodePort", "10.0.0.1", 80, 30080);
+        let b = typed_service("ns", "b", "NodePort", "10.0.0.2", 80, 30080);
+        let forward = build(vec![a.clone(), b.clone()], vec![]);
+        assert_eq!(forward, build(vec![b, a], vec![]));
+        assert_eq!(
+            frontend_at(&forward, key("0.0.0.0", 30080)).service.name,
+            "a"
+        );
+        assert_eq!(
+            reasons(&forward),
+            vec![
+                "Service ns/b: spec.ports[0].nodePort: 0.0.0.0:30080/TCP is already claimed \
+                 by Service ns/a"
+            ]
+        );
+        assert!(forward.table.get(&key("10.0.0.2", 80)).is_some());
+    }
+
+    #[test]
+    fn external_ips_get_frontends_and_bad_ones_are_rejected_alone() {
+        let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
+        spec_mut(&mut svc).external_ips = Some(vec![
+            "192.0.2.1".into(),
+            "2001:db8::1".into(),
+            "nope".into(),
+            "0.0.0.0".into(),
+            "192.0.2.2".into(),
+        ]);
+        let output = build(vec![svc], vec![web_slice(&[endpoint("10.1.0.1")])]);
+        assert_eq!(
+            kinds(&output),
+            vec![
+                (key("10.0.0.1", 80), FrontendKind::ClusterIp),
+                (key("192.0.2.1", 80), FrontendKind::ExternalIp),
+                (key("192.0.2.2", 80), FrontendKind::ExternalIp),
+            ]
+        );
+        assert_eq!(
+            backends_of(&output, key("192.0.2.2", 80)),
+            vec![backend("10.1.0.1", 8080)]
+        );
+        assert_eq!(
+            reasons(&output),
+            vec![
+                "Service ns/web: spec.externalIPs[1]: \"2001:db8::1\" is IPv6, which is not a \
+                 family of the Service's cluster IPs",
+                "Service ns/web: spec.externalIPs[2]: \"nope\" is not an IP address",
+                "Service ns/web: spec.externalIPs[3]: \"0.0.0.0\" is the unspecified address",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_get_frontends_like_kube_proxy() {
+        let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
+        set_ingress(
+            &mut svc,
+            vec![
+                lb_ingress("192.0.2.10", "", ""),
+                lb_ingress("", "lb.example.com", ""),
+                lb_ingress("192.0.2.11", "", "Proxy"),
+                lb_ingress("192.0.2.12", "", "VIP"),
+                lb_ingress("192.0.2.300", "", ""),
+                lb_ingress("fd02::1", "", ""),
+            ],
+        );
+        let output = build(vec![svc], vec![web_slice(&[endpoint("10.1.0.1")])]);
+        assert_eq!(
+            kinds(&output),
+            vec![
+                (key("0.0.0.0", 30080), FrontendKind::NodePort),
+                (key("10.0.0.1", 80), FrontendKind::ClusterIp),
+                (key("192.0.2.10", 80), FrontendKind::LoadBalancer),
+                (key("192.0.2.12", 80), FrontendKind::LoadBalancer),
+            ]
+        );
+        assert_eq!(
+            backends_of(&output, key("192.0.2.10", 80)),
+            vec![backend("10.1.0.1", 8080)]
+        );
+        let found = reasons(&output);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("status.loadBalancer.ingress[4].ip: \"192.0.2.300\""));
+        assert!(found[1].contains("status.loadBalancer.ingress[5].ip: \"fd02::1\" is IPv6"));
+    }
+
+    #[test]
+    fn load_balancer_status_of_other_types_is_ignored() {
+        let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
+        set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
+        let output = build(vec![svc], vec![]);
+        assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
+    }
+
+    #[test]
+    fn source_ranges_apply_to_load_balancer_frontends_only() {
+        let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
+        spec_mut(&mut svc).external_ips = Some(vec!["192.0.2.1".into()]);
+        spec_mut(&mut svc).load_balancer_source_ranges = Some(vec![
+            " 203.0.113.0/24 ".into(),
+            "not-a-cidr".into(),
+            "198.51.100.7/16".into(),
+        ]);
+        set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
+        let output = build(vec![svc], vec![]);
+        assert_eq!(
+            reasons(&output),
+            vec!["Service ns/web: spec.loadBalancerSourceRanges[1]: \"not-a-cidr\" is not a CIDR"]
+        );
+        let expected: Vec<ipnet::IpNet> = vec![
+            "198.51.0.0/16".parse().unwrap(),
+            "203.0.113.0/24".parse().unwrap(),
+        ];
+        assert_eq!(
+            frontend_at(&output, key("192.0.2.10", 80))
+                .policy
+                .source_ranges,
+            expected
+        );
+        for other in [
+            key("10.0.0.1", 80),
+            key("0.0.0.0", 30080),
+            key("192.0.2.1", 80),
+        ] {
+            assert!(frontend_at(&output, other).policy.source_ranges.is_empty());
+        }
+    }
+
+    #[test]
+    fn all_invalid_source_ranges_leave_the_load_balancer_frontends_out() {
+        let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
+        spec_mut(&mut svc).load_balancer_source_ranges = Some(vec!["bad".into()]);
+        set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
+        let output = build(vec![svc], vec![]);
+        assert_eq!(
+            keys(&output),
+            vec![key("0.0.0.0", 30080), key("10.0.0.1", 80)]
+        );
+        assert_eq!(output.rejections.len(), 2, "{:?}", reasons(&output));
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
+        let svc = || simple_service("ns", "web", "10.0.0.1", 80);
+        let terminating = terminating_on("10.1.0.2", "");
+        // nil serving defers to ready (false here): not a fallback.
+        let not_serving = endpoint_full("10.1.0.3", Some(false), None, Some(true), "");
+        // nil terminating is false: serving but not terminating is no fallback.
+        let not_terminating = endpoint_full("10.1.0.4", Some(false), Some(true), None, "");
+        let output = build(
+            vec![svc()],
+            vec![web_slice(&[
+                endpoint("10.1.0.1"),
+                terminating.clone(),
+                not_serving.clone(),
+                not_terminating.clone(),
+            ])],
+        );
+        assert_eq!(
+            backends_of(&output, key("10.0.0.1", 80)),
+            vec![backend("10.1.0.1", 8080)]
+        );
+        let output = build(
+            vec![svc()],
+            vec![web_slice(&[terminating, not_serving, not_terminating])],
+        );
+        assert_eq!(
+            backends_of(&output, key("10.0.0.1", 80)),
+            vec![backend("10.1.0.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_local_endpoints_for_cluster_ip_only() {
+        let mut svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 30080);
+        spec_mut(&mut svc).internal_traffic_policy = Some("Local".into());
+        let slices = vec![web_slice(&[
+            endpoint_on("10.1.0.1", "node-a"),
+            endpoint_on("10.1.0.2", "node-b"),
+            endpoint("10.1.0.3"),
+        ])];
+        let output = build(vec![svc], slices);
+        let cluster = frontend_at(&output, key("10.0.0.1", 80));
+        assert_eq!(cluster.backends, vec![backend("10.1.0.1", 8080)]);
+        assert!(cluster.policy.local_only);
+        let node_port = frontend_at(&output, key("0.0.0.0", 30080));
+        assert_eq!(node_port.backends.len(), 3);
+        assert!(!node_port.policy.local_only);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_applies_to_external_frontends() {
+        let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
+        spec_mut(&mut svc).external_traffic_policy = Some("Local".into());
+        spec_mut(&mut svc).external_ips = Some(vec!["192.0.2.1".into()]);
+        set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
+        // The only local endpoint terminates: the local set falls back to it
+        // while the cluster-wide set still has a ready one elsewhere.
+        let slices = vec![web_slice(&[
+            terminating_on("10.1.0.1", "node-a"),
+            endpoint_on("10.1.0.2", "node-b"),
+        ])];
+        let output = build(vec![svc], slices);
+        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
+        let cluster = frontend_at(&output, key("10.0.0.1", 80));
+        assert_eq!(cluster.backends, vec![backend("10.1.0.2", 8080)]);
+        assert!(!cluster.policy.local_only);
+        for external in [
+            key("0.0.0.0", 30080),
+            key("192.0.2.1", 80),
+            key("192.0.2.10", 80),
+        ] {
+            let found = frontend_at(&output, external);
+            assert!(found.kind.is_external());
+            assert_eq!(
+                found.backends,
+                vec![backend("10.1.0.1", 8080)],
+                "{external:?}"
+            );
+            assert!(found.policy.local_only);
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy_local_on_cluster_ip_service_covers_external_ips() {
+        let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
+        spec_mut(&mut svc).external_traffic_policy = Some("Local".into());
+        spec_mut(&mut svc).external_ips = Some(vec!["192.0.2.1".into()]);
+        let slices = vec![web_slice(&[endpoint_on("10.1.0.2", "node-b")])];
+        let output = build(vec![svc], slices);
+        let external = frontend_at(&output, key("192.0.2.1", 80));
+        assert!(external.policy.local_only);
+        assert!(external.backends.is_empty());
+        assert!(!frontend_at(&output, key("10.0.0.1", 80)).policy.local_only);
+    }
+
+    #[test]
+    fn unknown_traffic_policy_or_affinity_rejects_the_service() {
+        let mut bad = vec![];
+        for (field, value) in [
+            ("internal", "local"),
+            ("external", "Nope"),
+            ("affinity", "Cookie"),
+        ] {
+            let mut svc = simple_service("ns", field, "10.0.0.1", 80);
+            let spec = spec_mut(&mut svc);
+            match field {
+                "internal" => spec.internal_traffic_policy = Some(value.into()),
+                "external" => spec.external_traffic_policy = Some(value.into()),
+                _ => spec.session_affinity = Some(value.into()),
+            }
+            bad.push(svc);
+        }
+        let output = build(bad, vec![]);
+        assert!(output.table.is_empty());
+        assert_eq!(
+            reasons(&output),
+            vec![
+                "Service ns/affinity: spec.sessionAffinity: \"Cookie\" is not None or ClientIP; \
+                 the Service is ignored",
+                "Service ns/external: spec.externalTrafficPolicy: \"Nope\" is not Cluster or \
+                 Local; the Service is ignored",
+                "Service ns/internal: spec.internalTrafficPolicy: \"local\" is not Cluster or \
+                 Local; the Service is ignored",
+            ]
+        );
+    }
+
+    #[test]
+    fn client_ip_affinity_sets_the_timeout_on_every_frontend() {
+        use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
+        let with_timeout = |timeout: Option<i32>| {
+            let mut svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 30080);
+            let spec = spec_mut(&mut svc);
+            spec.session_affinity = Some("ClientIP".into());
+            spec.session_affinity_config = timeout.map(|secs| SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(secs),
+                }),
+            });
+            build(vec![svc], vec![])
+        };
+        for (timeout, expected) in [(None, 10800), (Some(1), 1), (Some(86400), 86400)] {
+            let output = with_timeout(timeout);
+            assert!(output.rejections.is_empty());
+            assert_eq!(output.table.len(), 2);
+            for (_, found) in output.table.iter() {
+                assert_eq!(found.policy.affinity_timeout_secs, Some(expected));
+            }
+        }
+        for bad in [0, -5, 86401] {
+            let output = with_timeout(Some(bad));
+            assert!(output.table.is_empty(), "{bad}");
+            let found = reasons(&output);
+            assert_eq!(found.len(), 1);
+            assert!(
+                found[0].starts_with(
+                    "Service ns/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: "
+                ),
+                "{found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_check_node_port_counts_local_ready_endpoint_addresses() {
+        let mut svc = service(
+            "ns",
+            "web",
+            &["10.0.0.1"],
+            &[
+                with_node_port(service_port("http", 80, ""), 30080),
+                with_node_port(service_port("https", 443, ""), 30443),
+            ],
+        );
+        let spec = spec_mut(&mut svc);
+        spec.type_ = Some("LoadBalancer".into());
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(31000);
+        let endpoints = [
+            endpoint_on("10.1.0.1", "node-a"),
+            endpoint_on("10.1.0.2", "node-a"),
+            endpoint_on("10.1.0.3", "node-b"),
+            terminating_on("10.1.0.4", "node-a"),
+        ];
+        let slices = vec![slice(
+            "ns",
+            "web-1",
+            "web",
+            "IPv4",
+            &[slice_port("http", 8080, ""), slice_port("https", 8443, "")],
+            &endpoints,
+        )];
+        let output = build(vec![svc.clone()], slices);
+        let name = ServiceName {
+            namespace: "ns".into(),
+            name: "web".into(),
+        };
+        assert_eq!(
+            output.health_check_node_ports,
+            BTreeMap::from([(
+                name,
+                HealthCheck {
+                    port: 31000,
+                    local_endpoints: 2
+                }
+            )])
+        );
+
+        spec_mut(&mut svc).external_traffic_policy = Some("Cluster".into());
+        assert!(
+            build(vec![svc.clone()], vec![])
+                .health_check_node_ports
+                .is_empty()
+        );
+
+        spec_mut(&mut svc).external_traffic_policy = Some("Local".into());
+        spec_mut(&mut svc).health_check_node_port = Some(0);
+        let output = build(vec![svc], vec![]);
+        assert!(output.health_check_node_ports.is_empty());
+        assert_eq!(
+            reasons(&output),
+            vec!["Service ns/web: spec.healthCheckNodePort: 0 is outside 1..=65535"]
+        );
+    }
+
+    #[test]
+    fn unspecified_cluster_ip_rejects_the_service() {
+        let output = build(
+            vec![
+                simple_service("ns", "v4", "0.0.0.0", 80),
+                simple_service("ns", "v6", "::", 80),
+            ],
+            vec![],
+        );
+        assert!(output.table.is_empty());
+        assert_eq!(
+            reasons(&output),
+            vec![
+                "Service ns/v4: spec.clusterIPs[0]: \"0.0.0.0\" is the unspecified address",
+                "Service ns/v6: spec.clusterIPs[0]: \"::\" is the unspecified address",
+            ]
+        );
     }
 }

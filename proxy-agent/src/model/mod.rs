@@ -23,7 +23,7 @@ mod proptests;
 #[cfg(test)]
 pub(crate) mod test_support;
 
-pub use builder::{BuildOutput, build_table};
+pub use builder::{BuildOutput, HealthCheck, build_table};
 pub use validate::{validate_endpoint_slice, validate_node, validate_service};
 
 /// Everything the model needs to know about the cluster, as a source sees it.

@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Service, ServicePort, ServiceSpec},
+        core::v1::{
+            ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, Service, ServicePort,
+            ServiceSpec, ServiceStatus, SessionAffinityConfig,
+        },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -111,17 +114,107 @@ fn meta(
 }
 
 fn service_port() -> impl Strategy<Value = ServicePort> {
-    (port_name(), port_number(), protocol()).prop_map(|(name, port, protocol)| ServicePort {
-        name,
-        port,
-        protocol,
-        ..ServicePort::default()
-    })
+    let node_port = option::weighted(0.3, prop_oneof![8 => 30000..30003i32, 1 => any::<i32>()]);
+    (port_name(), port_number(), protocol(), node_port).prop_map(
+        |(name, port, protocol, node_port)| ServicePort {
+            name,
+            port,
+            protocol,
+            node_port,
+            ..ServicePort::default()
+        },
+    )
+}
+
+/// Addresses for externalIPs and load balancer ingress: a small pool that
+/// collides with cluster IPs and with itself, and junk.
+fn external_ip_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => (0u8..3).prop_map(|n| format!("192.0.2.{n}")),
+        2 => ipv6_text(),
+        2 => ipv4_text(),
+        1 => ip_text(),
+    ]
+}
+
+fn load_balancer_ingress() -> impl Strategy<Value = LoadBalancerIngress> {
+    (
+        mostly(external_ip_text()),
+        option::weighted(0.2, Just("lb.example.com".to_owned())),
+        option::weighted(0.3, text(&["VIP", "Proxy"])),
+    )
+        .prop_map(|(ip, hostname, ip_mode)| LoadBalancerIngress {
+            ip,
+            hostname,
+            ip_mode,
+            ..LoadBalancerIngress::default()
+        })
+}
+
+fn traffic_policy() -> impl Strategy<Value = Option<String>> {
+    option::weighted(0.3, text(&["Cluster", "Local", "Local"]))
+}
+
+/// The parts of a Service beyond cluster IPs and ports: external
+/// addresses, policies, affinity.
+#[derive(Clone, Debug)]
+struct ServiceExtras {
+    external_ips: Option<Vec<String>>,
+    internal_traffic_policy: Option<String>,
+    external_traffic_policy: Option<String>,
+    session_affinity: Option<String>,
+    affinity_timeout: Option<i32>,
+    source_ranges: Option<Vec<String>>,
+    health_check_node_port: Option<i32>,
+    ingress: Option<Vec<LoadBalancerIngress>>,
+}
+
+fn service_extras() -> impl Strategy<Value = ServiceExtras> {
+    (
+        option::weighted(0.25, vec(external_ip_text(), 0..3)),
+        traffic_policy(),
+        traffic_policy(),
+        option::weighted(0.2, text(&["ClientIP", "ClientIP", "None"])),
+        option::weighted(0.5, prop_oneof![8 => 1..86401i32, 1 => any::<i32>()]),
+        option::weighted(
+            0.4,
+            vec(
+                text(&["203.0.113.0/24", " 10.0.0.0/8", "fd00::/8", "nope"]),
+                0..3,
+            ),
+        ),
+        option::weighted(0.3, prop_oneof![8 => 31000..31002i32, 1 => any::<i32>()]),
+        option::weighted(0.6, vec(load_balancer_ingress(), 0..3)),
+    )
+        .prop_map(
+            |(
+                external_ips,
+                internal_traffic_policy,
+                external_traffic_policy,
+                session_affinity,
+                affinity_timeout,
+                source_ranges,
+                health_check_node_port,
+                ingress,
+            )| ServiceExtras {
+                external_ips,
+                internal_traffic_policy,
+                external_traffic_policy,
+                session_affinity,
+                affinity_timeout,
+                source_ranges,
+                health_check_node_port,
+                ingress,
+            },
+        )
 }
 
 fn service_spec() -> impl Strategy<Value = ServiceSpec> {
     (
-        option::weighted(0.2, text(&["ClusterIP", "NodePort", "ExternalName"])),
+        option::weighted(
+            0.4,
+            text(&["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]),
+        ),
         option::weighted(
             0.95,
             prop_oneof![4 => vec(ip_text(), 1..2), 1 => vec(ip_text(), 0..3)],
@@ -154,13 +247,40 @@ fn service() -> impl Strategy<Value = Service> {
             .prop_map(|label| BTreeMap::from([(label.to_owned(), String::new())])),
     );
     let names = &["a", "b", "c", "d", "e", "f", "g", "h"];
-    (meta(names, labels), option::weighted(0.95, service_spec())).prop_map(|(metadata, spec)| {
-        Service {
-            metadata,
-            spec,
-            ..Service::default()
-        }
-    })
+    (
+        meta(names, labels),
+        option::weighted(0.95, service_spec()),
+        service_extras(),
+    )
+        .prop_map(|(metadata, spec, extras)| {
+            let spec = spec.map(|spec| ServiceSpec {
+                external_ips: extras.external_ips,
+                internal_traffic_policy: extras.internal_traffic_policy,
+                external_traffic_policy: extras.external_traffic_policy,
+                session_affinity: extras.session_affinity,
+                session_affinity_config: extras.affinity_timeout.map(|secs| {
+                    SessionAffinityConfig {
+                        client_ip: Some(ClientIPConfig {
+                            timeout_seconds: Some(secs),
+                        }),
+                    }
+                }),
+                load_balancer_source_ranges: extras.source_ranges,
+                health_check_node_port: extras.health_check_node_port,
+                ..spec
+            });
+            let status = extras.ingress.map(|ingress| ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(ingress),
+                }),
+                ..ServiceStatus::default()
+            });
+            Service {
+                metadata,
+                spec,
+                status,
+            }
+        })
 }
 
 fn endpoint_port() -> impl Strategy<Value = EndpointPort> {
@@ -178,14 +298,21 @@ fn endpoint_port() -> impl Strategy<Value = EndpointPort> {
 fn endpoint(address_type: &str) -> impl Strategy<Value = Endpoint> + use<> {
     (
         prop_oneof![8 => vec(address_text(address_type), 1..2), 1 => vec(ip_text(), 0..3)],
-        option::of(option::of(any::<bool>())),
+        option::of((
+            option::of(any::<bool>()),
+            option::of(any::<bool>()),
+            option::of(any::<bool>()),
+        )),
+        option::weighted(0.6, text(&["node-a", "node-b", ""])),
     )
-        .prop_map(|(addresses, ready)| Endpoint {
+        .prop_map(|(addresses, conditions, node_name)| Endpoint {
             addresses,
-            conditions: ready.map(|ready| EndpointConditions {
+            conditions: conditions.map(|(ready, serving, terminating)| EndpointConditions {
                 ready,
-                ..EndpointConditions::default()
+                serving,
+                terminating,
             }),
+            node_name,
             ..Endpoint::default()
         })
 }
@@ -361,20 +488,47 @@ fn frontend() -> impl Strategy<Value = Frontend> {
         ip: format!("10.1.0.{host}").parse().unwrap(),
         port,
     });
+    // Mostly the default policy, so that equal frontends are common.
+    let policy = option::weighted(
+        0.3,
+        (
+            option::of(prop_oneof![Just(10800u32), Just(60u32)]),
+            any::<bool>(),
+            vec(
+                proptest::sample::select(&["203.0.113.0/24", "10.0.0.0/8"][..]),
+                0..2,
+            ),
+        ),
+    )
+    .prop_map(|policy| match policy {
+        None => FrontendPolicy::default(),
+        Some((affinity_timeout_secs, local_only, ranges)) => FrontendPolicy {
+            affinity_timeout_secs,
+            local_only,
+            source_ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+        },
+    });
     (
         proptest::sample::select(&["a", "b"][..]),
         proptest::sample::select(&["", "http"][..]),
         vec(backend, 0..4),
+        prop_oneof![
+            3 => Just(FrontendKind::ClusterIp),
+            1 => Just(FrontendKind::NodePort),
+            1 => Just(FrontendKind::ExternalIp),
+            1 => Just(FrontendKind::LoadBalancer),
+        ],
+        policy,
     )
-        .prop_map(|(name, port_name, backends)| Frontend {
+        .prop_map(|(name, port_name, backends, kind, policy)| Frontend {
             service: ServiceName {
                 namespace: "ns".into(),
                 name: name.into(),
             },
             port_name: port_name.into(),
-            kind: FrontendKind::ClusterIp,
+            kind,
             backends,
-            policy: FrontendPolicy::default(),
+            policy,
         })
 }
 
@@ -401,9 +555,30 @@ proptest! {
         let output = build_table(&state, &cfg);
 
         prop_assert!(is_strictly_sorted(&output.rejections));
+        for (service, check) in &output.health_check_node_ports {
+            prop_assert!(check.port != 0);
+            if cfg.node_name.is_empty() {
+                prop_assert_eq!(check.local_endpoints, 0, "{}", service);
+            }
+        }
         for (key, frontend) in output.table.iter() {
             prop_assert!(key.port != 0);
-            prop_assert_eq!(frontend.kind, FrontendKind::ClusterIp);
+            // Only NodePort keys use the unspecified address.
+            prop_assert_eq!(
+                key.ip.is_unspecified(),
+                frontend.kind == FrontendKind::NodePort,
+                "{:?}",
+                key
+            );
+            if frontend.kind != FrontendKind::LoadBalancer {
+                prop_assert!(frontend.policy.source_ranges.is_empty());
+            }
+            if let Some(secs) = frontend.policy.affinity_timeout_secs {
+                prop_assert!((1..=86400).contains(&secs));
+            }
+            if frontend.policy.local_only && cfg.node_name.is_empty() {
+                prop_assert!(frontend.backends.is_empty());
+            }
             prop_assert!(is_strictly_sorted(&frontend.backends));
             for backend in &frontend.backends {
                 prop_assert!(backend.port != 0);

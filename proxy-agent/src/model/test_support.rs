@@ -3,7 +3,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Service, ServicePort, ServiceSpec},
+        core::v1::{
+            LoadBalancerIngress, LoadBalancerStatus, Node, Service, ServicePort, ServiceSpec,
+            ServiceStatus,
+        },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -92,6 +95,59 @@ pub fn simple_service(namespace: &str, name: &str, cluster_ip: &str, port: i32) 
     )
 }
 
+/// The spec of a Service built by these helpers.
+pub fn spec_mut(svc: &mut Service) -> &mut ServiceSpec {
+    svc.spec.get_or_insert_with(ServiceSpec::default)
+}
+
+/// A port with `nodePort` set.
+pub fn with_node_port(port: ServicePort, node_port: i32) -> ServicePort {
+    ServicePort {
+        node_port: Some(node_port),
+        ..port
+    }
+}
+
+/// A Service of `type_` ("NodePort", "LoadBalancer") with one unnamed TCP
+/// port and its node port.
+pub fn typed_service(
+    namespace: &str,
+    name: &str,
+    type_: &str,
+    cluster_ip: &str,
+    port: i32,
+    node_port: i32,
+) -> Service {
+    let mut svc = service(
+        namespace,
+        name,
+        &[cluster_ip],
+        &[with_node_port(service_port("", port, ""), node_port)],
+    );
+    spec_mut(&mut svc).type_ = Some(type_.into());
+    svc
+}
+
+/// A load balancer ingress entry; "" leaves a field unset.
+pub fn lb_ingress(address: &str, hostname: &str, ip_mode: &str) -> LoadBalancerIngress {
+    LoadBalancerIngress {
+        ip: (!address.is_empty()).then(|| address.into()),
+        hostname: (!hostname.is_empty()).then(|| hostname.into()),
+        ip_mode: (!ip_mode.is_empty()).then(|| ip_mode.into()),
+        ..LoadBalancerIngress::default()
+    }
+}
+
+/// Sets `status.loadBalancer.ingress`.
+pub fn set_ingress(svc: &mut Service, ingress: Vec<LoadBalancerIngress>) {
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(ingress),
+        }),
+        ..ServiceStatus::default()
+    });
+}
+
 pub fn slice_port(name: &str, port: i32, protocol: &str) -> EndpointPort {
     EndpointPort {
         name: (!name.is_empty()).then(|| name.into()),
@@ -115,6 +171,36 @@ pub fn endpoint_with(addresses: &[&str], ready: Option<bool>) -> Endpoint {
         }),
         ..Endpoint::default()
     }
+}
+
+/// An endpoint with explicit conditions and node ("" leaves it unset).
+pub fn endpoint_full(
+    address: &str,
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+    node: &str,
+) -> Endpoint {
+    Endpoint {
+        addresses: vec![address.into()],
+        conditions: Some(EndpointConditions {
+            ready,
+            serving,
+            terminating,
+        }),
+        node_name: (!node.is_empty()).then(|| node.into()),
+        ..Endpoint::default()
+    }
+}
+
+/// A ready endpoint on `node`.
+pub fn endpoint_on(address: &str, node: &str) -> Endpoint {
+    endpoint_full(address, Some(true), None, None, node)
+}
+
+/// A terminating endpoint on `node` that still serves.
+pub fn terminating_on(address: &str, node: &str) -> Endpoint {
+    endpoint_full(address, Some(false), Some(true), Some(true), node)
 }
 
 /// An EndpointSlice labelled for `service` in `namespace`.

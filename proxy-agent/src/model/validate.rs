@@ -20,6 +20,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use ipnet::IpNet;
+
 use super::{Protocol, Rejection, ServiceName};
 
 /// Services with this label belong to another proxy, whatever its value.
@@ -91,6 +93,23 @@ pub(super) struct ServicePlan {
     pub cluster_ips: Vec<IpAddr>,
     /// Valid ports without (port, protocol) duplicates, in spec order.
     pub ports: Vec<ServicePortPlan>,
+    /// Valid `spec.externalIPs` of the Service's families: (index, address).
+    pub external_ips: Vec<(usize, IpAddr)>,
+    /// Valid `status.loadBalancer.ingress[].ip` of the Service's families
+    /// (LoadBalancer Services only; `ipMode: Proxy` and hostname-only entries
+    /// left out): (index, address).
+    pub load_balancer_ips: Vec<(usize, IpAddr)>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` on an externally reachable Service.
+    pub external_local: bool,
+    /// `sessionAffinity: ClientIP` timeout.
+    pub affinity_timeout_secs: Option<u32>,
+    /// Valid `spec.loadBalancerSourceRanges` (LoadBalancer Services only).
+    pub source_ranges: Vec<IpNet>,
+    /// `spec.healthCheckNodePort` of a NodePort or LoadBalancer Service with
+    /// `externalTrafficPolicy: Local`.
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +120,8 @@ pub(super) struct ServicePortPlan {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// `nodePort` of a NodePort or LoadBalancer Service, when set and valid.
+    pub node_port: Option<u16>,
 }
 
 pub(super) struct ServiceCheck {
@@ -118,8 +139,21 @@ pub(super) struct SlicePlan {
     pub family: IpFamily,
     /// Valid ports only.
     pub ports: Vec<SlicePortPlan>,
-    /// One address per ready, valid endpoint.
-    pub ready_addresses: Vec<IpAddr>,
+    /// One per valid endpoint that is ready or serving and terminating.
+    pub endpoints: Vec<EndpointPlan>,
+}
+
+/// A usable endpoint and the conditions that decide when it gets traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct EndpointPlan {
+    pub ip: IpAddr,
+    /// `conditions.ready`; nil means ready.
+    pub ready: bool,
+    /// `conditions.serving` (nil: same as ready) and `conditions.terminating`
+    /// (nil: false) both hold: a fallback when nothing is ready.
+    pub serving_terminating: bool,
+    /// `nodeName`, when set and not empty.
+    pub node_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,18 +207,215 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
 
     let mut reasons = Vec::new();
     let cluster_ips = check_cluster_ips(spec, &addresses, &mut reasons);
+    let type_ = spec.type_.as_deref();
+    let is_load_balancer = type_ == Some("LoadBalancer");
+    let has_node_ports = is_load_balancer || type_ == Some("NodePort");
     // Ports are checked even when the cluster IPs are bad, so one pass over a
     // broken manifest reports every problem.
-    let ports = check_service_ports(spec, &mut reasons);
-    let plan = cluster_ips.map(|cluster_ips| ServicePlan {
+    let ports = check_service_ports(spec, has_node_ports, &mut reasons);
+
+    // Values the API server refuses outright reject the whole Service, as
+    // the API server would: serving it without its affinity or with another
+    // traffic policy than asked for would silently change its behaviour
+    // (which backend a client sticks to, whose source address is kept).
+    fn keep<T>(result: Result<T, String>, reasons: &mut Vec<String>) -> Option<T> {
+        result.map_err(|reason| reasons.push(reason)).ok()
+    }
+    let affinity_timeout_secs = keep(check_affinity(spec), &mut reasons);
+    let internal_local = keep(
+        check_traffic_policy(
+            spec.internal_traffic_policy.as_deref(),
+            "spec.internalTrafficPolicy",
+        ),
+        &mut reasons,
+    );
+    let external_local = keep(
+        check_traffic_policy(
+            spec.external_traffic_policy.as_deref(),
+            "spec.externalTrafficPolicy",
+        ),
+        &mut reasons,
+    );
+    let (
+        Some(cluster_ips),
+        Some(affinity_timeout_secs),
+        Some(internal_local),
+        Some(external_local),
+    ) = (
+        cluster_ips,
+        affinity_timeout_secs,
+        internal_local,
+        external_local,
+    )
+    else {
+        return into_check(reasons, None);
+    };
+
+    let families: Vec<IpFamily> = cluster_ips.iter().map(|ip| IpFamily::of(*ip)).collect();
+    let external_ips = check_external_addresses(
+        spec.external_ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, raw)| (i, format!("spec.externalIPs[{i}]"), raw.as_str())),
+        &families,
+        &mut reasons,
+    );
+    let mut load_balancer_ips = Vec::new();
+    let mut source_ranges = Vec::new();
+    if is_load_balancer {
+        let ingress = svc
+            .status
+            .iter()
+            .filter_map(|status| status.load_balancer.as_ref())
+            .flat_map(|lb| lb.ingress.iter().flatten())
+            .enumerate()
+            // Like kube-proxy: a hostname-only entry gives nothing to match,
+            // and with ipMode Proxy the load balancer delivers the traffic to
+            // the nodes itself (node ports), so the address is not ours.
+            .filter(|(_, entry)| entry.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|(i, entry)| {
+                let raw = entry.ip.as_deref().filter(|ip| !ip.is_empty())?;
+                Some((i, format!("status.loadBalancer.ingress[{i}].ip"), raw))
+            });
+        load_balancer_ips = check_external_addresses(ingress, &families, &mut reasons);
+        match check_source_ranges(spec, &mut reasons) {
+            Some(ranges) => source_ranges = ranges,
+            // Every range was invalid: an empty list would open the load
+            // balancer addresses to every source, so leave them out.
+            None => load_balancer_ips.clear(),
+        }
+    }
+    // kube-proxy applies externalTrafficPolicy to every externally
+    // reachable Service, including ClusterIP ones with externalIPs.
+    let external_local =
+        external_local && (has_node_ports || spec.external_ips.iter().flatten().next().is_some());
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(number) if has_node_ports && external_local => {
+            let port = parse_port(number);
+            if port.is_none() {
+                reasons.push(format!(
+                    "spec.healthCheckNodePort: {number} is outside 1..=65535"
+                ));
+            }
+            port
+        }
+        _ => None,
+    };
+
+    let plan = ServicePlan {
         name: ServiceName {
             namespace: namespace.clone(),
             name: name.clone(),
         },
         cluster_ips,
         ports,
-    });
-    into_check(reasons, plan)
+        external_ips,
+        load_balancer_ips,
+        internal_local,
+        external_local,
+        affinity_timeout_secs,
+        source_ranges,
+        health_check_node_port,
+    };
+    into_check(reasons, Some(plan))
+}
+
+/// The default and the bounds the API server applies to
+/// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10800;
+const MAX_AFFINITY_TIMEOUT_SECS: i32 = 86400;
+
+fn check_affinity(spec: &ServiceSpec) -> Result<Option<u32>, String> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds);
+            match timeout {
+                None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_SECS)),
+                Some(secs @ 1..=MAX_AFFINITY_TIMEOUT_SECS) => Ok(u32::try_from(secs).ok()),
+                Some(secs) => Err(format!(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds: {secs} is outside \
+                     1..={MAX_AFFINITY_TIMEOUT_SECS}; the Service is ignored"
+                )),
+            }
+        }
+        Some(other) => Err(format!(
+            "spec.sessionAffinity: {other:?} is not None or ClientIP; the Service is ignored"
+        )),
+    }
+}
+
+/// Whether the policy is `Local`.
+fn check_traffic_policy(value: Option<&str>, field: &str) -> Result<bool, String> {
+    match value {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(format!(
+            "{field}: {other:?} is not Cluster or Local; the Service is ignored"
+        )),
+    }
+}
+
+/// Addresses external clients use (externalIPs, load balancer IPs): each must
+/// be an address of one of the Service's families, and never the unspecified
+/// address, which means "every node address" in a frontend key.
+fn check_external_addresses<'a>(
+    entries: impl Iterator<Item = (usize, String, &'a str)>,
+    families: &[IpFamily],
+    reasons: &mut Vec<String>,
+) -> Vec<(usize, IpAddr)> {
+    let mut addresses = Vec::new();
+    for (index, field, raw) in entries {
+        let Some(ip) = parse_ip(raw) else {
+            reasons.push(format!("{field}: {raw:?} is not an IP address"));
+            continue;
+        };
+        let family = IpFamily::of(ip);
+        if ip.is_unspecified() {
+            reasons.push(format!("{field}: {raw:?} is the unspecified address"));
+        } else if !families.contains(&family) {
+            reasons.push(format!(
+                "{field}: {raw:?} is {family}, which is not a family of the Service's cluster IPs"
+            ));
+        } else {
+            addresses.push((index, ip));
+        }
+    }
+    addresses
+}
+
+/// The valid source ranges (spaces trimmed, like kube-proxy), or `None` when
+/// some were given but none is valid.
+fn check_source_ranges(spec: &ServiceSpec, reasons: &mut Vec<String>) -> Option<Vec<IpNet>> {
+    let raw_ranges = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    let mut ranges = Vec::new();
+    for (i, raw) in raw_ranges.iter().enumerate() {
+        match raw.trim().parse::<IpNet>() {
+            Ok(range) => ranges.push(range.trunc()),
+            Err(_) => reasons.push(format!(
+                "spec.loadBalancerSourceRanges[{i}]: {raw:?} is not a CIDR"
+            )),
+        }
+    }
+    if ranges.is_empty() && !raw_ranges.is_empty() {
+        reasons.push(
+            "spec.loadBalancerSourceRanges: no valid range; the load balancer addresses \
+             are left out rather than opened to every source"
+                .into(),
+        );
+        return None;
+    }
+    ranges.sort();
+    ranges.dedup();
+    Some(ranges)
 }
 
 /// (field path, value) of every cluster IP: spec.clusterIPs, or spec.clusterIP
@@ -242,6 +473,11 @@ fn check_cluster_ips(
             reasons.push(format!("{field}: {raw:?} is not an IP address"));
             continue;
         };
+        // In a frontend key it would mean "every node address" (NodePort).
+        if ip.is_unspecified() {
+            reasons.push(format!("{field}: {raw:?} is the unspecified address"));
+            continue;
+        }
         let family = IpFamily::of(ip);
         if cluster_ips.iter().any(|seen| IpFamily::of(*seen) == family) {
             reasons.push(format!(
@@ -263,7 +499,11 @@ fn check_cluster_ips(
 
 /// The usable ports; a bad or duplicate port is skipped alone, since the
 /// Service's other ports are still meaningful.
-fn check_service_ports(spec: &ServiceSpec, reasons: &mut Vec<String>) -> Vec<ServicePortPlan> {
+fn check_service_ports(
+    spec: &ServiceSpec,
+    has_node_ports: bool,
+    reasons: &mut Vec<String>,
+) -> Vec<ServicePortPlan> {
     let mut ports: Vec<ServicePortPlan> = Vec::new();
     for (index, service_port) in spec.ports.iter().flatten().enumerate() {
         let port = parse_port(service_port.port);
@@ -294,11 +534,25 @@ fn check_service_ports(spec: &ServiceSpec, reasons: &mut Vec<String>) -> Vec<Ser
             ));
             continue;
         }
+        // A bad node port loses only the NodePort frontend of this port.
+        let node_port = match service_port.node_port {
+            Some(number) if has_node_ports => {
+                let node_port = parse_port(number);
+                if node_port.is_none() {
+                    reasons.push(format!(
+                        "spec.ports[{index}].nodePort: {number} is outside 1..=65535"
+                    ));
+                }
+                node_port
+            }
+            _ => None,
+        };
         ports.push(ServicePortPlan {
             index,
             name: service_port.name.clone().unwrap_or_default(),
             port,
             protocol,
+            node_port,
         });
     }
     ports
@@ -335,14 +589,20 @@ pub(super) fn check_endpoint_slice(slice: &EndpointSlice) -> SliceCheck {
         .enumerate()
         .filter_map(|(i, port)| check_slice_port(i, port, &mut reasons))
         .collect();
-    let ready_addresses = slice
+    let endpoints = slice
         .endpoints
         .iter()
         .flatten()
         .enumerate()
         .filter_map(|(i, endpoint)| {
-            let address = check_endpoint(i, endpoint, family, &mut reasons)?;
-            is_ready(endpoint).then_some(address)
+            let ip = check_endpoint(i, endpoint, family, &mut reasons)?;
+            let (ready, serving_terminating) = conditions(endpoint);
+            (ready || serving_terminating).then(|| EndpointPlan {
+                ip,
+                ready,
+                serving_terminating,
+                node_name: endpoint.node_name.clone().filter(|name| !name.is_empty()),
+            })
         })
         .collect();
 
@@ -356,7 +616,7 @@ pub(super) fn check_endpoint_slice(slice: &EndpointSlice) -> SliceCheck {
             .cloned(),
         family,
         ports,
-        ready_addresses,
+        endpoints,
     };
     into_check(reasons, Some(plan))
 }
@@ -478,13 +738,15 @@ fn unsafe_endpoint_range(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-/// The API documents a nil `ready` (and so nil conditions) as ready.
-fn is_ready(endpoint: &Endpoint) -> bool {
-    endpoint
-        .conditions
-        .as_ref()
-        .and_then(|conditions| conditions.ready)
-        .unwrap_or(true)
+/// (ready, serving and terminating) of an endpoint. The API documents a nil
+/// `ready` (and so nil conditions) as ready, a nil `serving` as "defer to
+/// ready" and a nil `terminating` as false.
+fn conditions(endpoint: &Endpoint) -> (bool, bool) {
+    let conditions = endpoint.conditions.clone().unwrap_or_default();
+    let ready = conditions.ready.unwrap_or(true);
+    let serving = conditions.serving.unwrap_or(ready);
+    let terminating = conditions.terminating.unwrap_or(false);
+    (ready, serving && terminating)
 }
 
 /// Parses an IP address the way kube-proxy does (Go's `ParseIPSloppy`):
