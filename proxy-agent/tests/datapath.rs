@@ -400,6 +400,54 @@ fn a_removed_backend_gets_no_new_flows_but_keeps_established_ones() {
 }
 
 #[test]
+fn a_udp_flow_to_a_removed_backend_moves_to_a_live_one() {
+    let mut f = Fixture::new();
+    // A UDP "flow" (one client socket) that landed on backend 0, and one on
+    // another backend.
+    let mut on_zero = None;
+    let mut elsewhere = None;
+    for sport in 42000..42200u16 {
+        let (_, out) = f.ingress(&udp(CLIENT, sport, VIP, 53));
+        let seen = inspect(&out);
+        if seen.dst == BACKENDS[0] {
+            on_zero.get_or_insert((sport, seen.dst));
+        } else {
+            elsewhere.get_or_insert((sport, seen.dst));
+        }
+        if on_zero.is_some() && elsewhere.is_some() {
+            break;
+        }
+    }
+    let (sport, _) = on_zero.expect("a UDP flow on backend 0");
+    let (other_sport, other_backend) = elsewhere.expect("a UDP flow elsewhere");
+    // Its reply is reverse-NATed while the backend is there.
+    let (_, reply) = f.egress(&udp(BACKENDS[0], 5353, CLIENT, sport));
+    assert_eq!(inspect(&reply).src, VIP);
+
+    let mut table = ServiceTable::new();
+    table.insert(
+        key(VIP, 80, Protocol::Tcp),
+        frontend(&BACKENDS, TARGET_PORT),
+    );
+    table.insert(key(VIP, 53, Protocol::Udp), frontend(&BACKENDS[1..], 5353));
+    f.set_table(table);
+
+    // The next datagram of the same socket goes to a live backend, at once.
+    let (_, out) = f.ingress(&udp(CLIENT, sport, VIP, 53));
+    assert_ne!(
+        inspect(&out).dst,
+        BACKENDS[0],
+        "UDP flow stuck on a removed backend"
+    );
+    // A late reply from the removed backend is no longer translated.
+    let (_, late) = f.egress(&udp(BACKENDS[0], 5353, CLIENT, sport));
+    assert_eq!(inspect(&late).src, BACKENDS[0]);
+    // Flows on other backends are untouched.
+    let (_, out) = f.ingress(&udp(CLIENT, other_sport, VIP, 53));
+    assert_eq!(inspect(&out).dst, other_backend);
+}
+
+#[test]
 fn a_service_without_backends_drops_and_a_deleted_one_passes() {
     let mut f = Fixture::new();
     let mut table = ServiceTable::new();

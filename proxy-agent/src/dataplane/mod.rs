@@ -12,6 +12,8 @@ pub struct ApplyStats {
     pub frontends_removed: usize,
     pub map_writes: usize,
     pub map_deletes: usize,
+    /// Connection-tracking entries deleted (UDP flows to removed backends).
+    pub conntrack_deletes: usize,
 }
 
 /// A kernel dataplane.

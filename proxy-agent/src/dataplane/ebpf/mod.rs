@@ -19,13 +19,15 @@ use aya::{
     programs::SchedClassifier,
 };
 use proxy_common::{
-    Addr, BackendId, BackendValue, CtKey, CtValue, FAMILY_V4, FAMILY_V6, MAP_BACKENDS,
-    MAP_CONNTRACK, MAP_SERVICES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, PROG_EGRESS, PROG_INGRESS,
-    ServiceKey, ServiceValue, stat,
+    Addr, BackendId, BackendValue, CT_FORWARD, CT_REPLY, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, PROG_EGRESS,
+    PROG_INGRESS, ServiceKey, ServiceValue, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError};
-use crate::model::{Backend, FrontendKey, Protocol, ServiceTable, TableDiff};
+use crate::model::{
+    Backend, Frontend, FrontendKey, FrontendKind, Protocol, ServiceTable, TableDiff,
+};
 
 pub mod attach;
 pub mod bpffs;
@@ -495,8 +497,74 @@ impl EbpfDataplane {
             )?;
             stats.frontends_changed += 1;
         }
+        let stale = stale_udp_flows(diff);
+        if !stale.is_empty() {
+            stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
+        }
         Ok(stats)
     }
+
+    /// Deletes the connection-tracking entries (both directions) of UDP
+    /// flows of `stale` (frontend, backend) pairs. UDP has no end, so a
+    /// client that keeps sending (DNS from one socket, say) would otherwise
+    /// stick to a backend that is gone; without its entry its next datagram
+    /// picks a live backend, as kube-proxy's conntrack flush achieves.
+    fn forget_udp_flows(
+        &mut self,
+        stale: &std::collections::HashSet<(Addr, u16, Addr, u16)>,
+    ) -> Result<usize, EbpfError> {
+        // Walks the whole table, but only when a UDP backend went away.
+        let doomed: Vec<CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                k.proto == Protocol::Udp.number()
+                    && match k.dir {
+                        // Client -> VIP; the value holds the backend.
+                        CT_FORWARD => stale.contains(&(k.dst, k.dport, v.nat_addr, v.nat_port)),
+                        // Backend -> client; the value holds the VIP.
+                        CT_REPLY => stale.contains(&(v.nat_addr, v.nat_port, k.src, k.sport)),
+                        _ => false,
+                    }
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in &doomed {
+            remove_ignoring_missing(&mut self.conntrack, key)?;
+        }
+        if !doomed.is_empty() {
+            tracing::debug!(
+                entries = doomed.len(),
+                "forgot UDP flows to removed backends"
+            );
+        }
+        Ok(doomed.len())
+    }
+}
+
+/// (VIP, port, backend, backend port), ports in network byte order, of every
+/// UDP backend that `diff` takes away from a frontend.
+fn stale_udp_flows(diff: &TableDiff) -> std::collections::HashSet<(Addr, u16, Addr, u16)> {
+    let mut stale = std::collections::HashSet::new();
+    let mut add = |key: &FrontendKey, backends: &mut dyn Iterator<Item = &Backend>| {
+        if key.protocol != Protocol::Udp {
+            return;
+        }
+        let (vip, _) = addr_of(key.ip);
+        for b in backends {
+            let (addr, _) = addr_of(b.ip);
+            stale.insert((vip, key.port.to_be(), addr, b.port.to_be()));
+        }
+    };
+    for (key, old) in &diff.removed {
+        add(key, &mut old.backends.iter());
+    }
+    for change in &diff.changed {
+        let gone: Vec<Backend> = change.removed_backends();
+        add(&change.key, &mut gone.iter());
+    }
+    stale
 }
 
 fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
@@ -515,17 +583,80 @@ fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
     }
 }
 
+/// Whether this datapath can serve `frontend` as the model means it. Not
+/// yet: NodePorts (they need the node's addresses), and LoadBalancer IPs
+/// restricted by `loadBalancerSourceRanges` (translating them without the
+/// check would open what the operator closed). Those are left out rather
+/// than half-served.
+fn programmable(frontend: &Frontend) -> bool {
+    match frontend.kind {
+        FrontendKind::NodePort => false,
+        FrontendKind::LoadBalancer => frontend.policy.source_ranges.is_empty(),
+        FrontendKind::ClusterIp | FrontendKind::ExternalIp => true,
+    }
+}
+
+/// `desired` without what [`programmable`] refuses.
+fn programmable_table(desired: &ServiceTable) -> ServiceTable {
+    let mut table = ServiceTable::new();
+    let mut skipped = 0usize;
+    for (key, frontend) in desired.iter() {
+        if programmable(frontend) {
+            table.insert(*key, frontend.clone());
+        } else {
+            skipped += 1;
+        }
+    }
+    if skipped > 0 {
+        tracing::debug!(
+            skipped,
+            "frontends not served by the eBPF datapath yet (NodePort, LoadBalancer with source ranges)"
+        );
+    }
+    table
+}
+
+/// `diff` as seen by this datapath: a frontend that becomes programmable is
+/// added, one that stops being so is removed.
+fn programmable_diff(diff: &TableDiff) -> TableDiff {
+    let mut out = TableDiff::default();
+    out.added.extend(
+        diff.added
+            .iter()
+            .filter(|(_, fe)| programmable(fe))
+            .cloned(),
+    );
+    out.removed.extend(
+        diff.removed
+            .iter()
+            .filter(|(_, fe)| programmable(fe))
+            .cloned(),
+    );
+    for change in &diff.changed {
+        match (programmable(&change.old), programmable(&change.new)) {
+            (true, true) => out.changed.push(change.clone()),
+            (true, false) => out.removed.push((change.key, change.old.clone())),
+            (false, true) => out.added.push((change.key, change.new.clone())),
+            (false, false) => {}
+        }
+    }
+    out
+}
+
 impl Dataplane for EbpfDataplane {
     fn name(&self) -> &'static str {
         "ebpf"
     }
 
     fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.apply_diff(diff)?)
+        Ok(self.apply_diff(&programmable_diff(diff))?)
     }
 
     fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError> {
-        Ok(EbpfDataplane::reconcile(self, desired)?)
+        Ok(EbpfDataplane::reconcile(
+            self,
+            &programmable_table(desired),
+        )?)
     }
 }
 
@@ -577,4 +708,53 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport, EbpfError> {
         Err(e) => return Err(EbpfError::Io(bpf_root.into(), e)),
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FrontendChange, test_support::*};
+
+    fn of_kind(kind: FrontendKind, ranges: &[&str]) -> Frontend {
+        let mut fe = frontend("ns", "web", &[backend("10.1.0.1", 8080)]);
+        fe.kind = kind;
+        fe.policy.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+        fe
+    }
+
+    #[test]
+    fn only_what_the_datapath_can_enforce_is_programmed() {
+        assert!(programmable(&of_kind(FrontendKind::ClusterIp, &[])));
+        assert!(programmable(&of_kind(FrontendKind::ExternalIp, &[])));
+        assert!(programmable(&of_kind(FrontendKind::LoadBalancer, &[])));
+        assert!(!programmable(&of_kind(
+            FrontendKind::LoadBalancer,
+            &["10.0.0.0/8"]
+        )));
+        assert!(!programmable(&of_kind(FrontendKind::NodePort, &[])));
+
+        // A LoadBalancer IP that gains source ranges is taken away, and one
+        // that loses them is added; NodePorts never appear.
+        let lb = key("192.0.2.1", 80);
+        let diff = TableDiff {
+            added: vec![(key("0.0.0.0", 30080), of_kind(FrontendKind::NodePort, &[]))],
+            changed: vec![FrontendChange {
+                key: lb,
+                old: of_kind(FrontendKind::LoadBalancer, &[]),
+                new: of_kind(FrontendKind::LoadBalancer, &["10.0.0.0/8"]),
+            }],
+            removed: vec![],
+        };
+        let seen = programmable_diff(&diff);
+        assert!(seen.added.is_empty() && seen.changed.is_empty());
+        assert_eq!(seen.removed.len(), 1);
+        assert_eq!(seen.removed[0].0, lb);
+
+        let mut table = ServiceTable::new();
+        table.insert(key("0.0.0.0", 30080), of_kind(FrontendKind::NodePort, &[]));
+        table.insert(key("10.0.0.1", 80), of_kind(FrontendKind::ClusterIp, &[]));
+        let programmed = programmable_table(&table);
+        assert_eq!(programmed.len(), 1);
+        assert!(programmed.get(&key("10.0.0.1", 80)).is_some());
+    }
 }
