@@ -1,6 +1,7 @@
 //! The proxy-agent binary: command line, logging, and wiring of source,
 //! model and dataplane.
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -12,8 +13,8 @@ use ipnet::IpNet;
 use proxy_agent::{
     config::{self, FileConfig},
     dataplane::ebpf::{self, EbpfOptions, InterfaceFilter},
-    model::{ModelConfig, Rejection},
-    serve::{self, Health, Metrics},
+    model::{HealthCheck, ModelConfig, Rejection, ServiceName},
+    serve::{self, Health, Metrics, healthcheck::HealthCheckServers},
     source::{
         Source,
         api::{
@@ -443,10 +444,17 @@ async fn run(args: Settings) -> Result<()> {
         min_sync_period: args.min_sync_period,
         ..SyncOptions::default()
     };
+    let health_checks = {
+        let health = health.clone();
+        // On every node address (kube-proxy binds them the same way); the
+        // load balancers probe the node's address.
+        HealthCheckServers::new(None, Arc::new(move || health.is_healthy()))
+    };
     let observer = AgentObserver {
         health,
         metrics,
         events,
+        health_checks: Mutex::new(health_checks),
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -512,6 +520,8 @@ struct AgentObserver {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     events: Option<EventPublisher>,
+    /// The HTTP servers of `spec.healthCheckNodePort`s.
+    health_checks: Mutex<HealthCheckServers>,
 }
 
 impl SyncObserver for AgentObserver {
@@ -553,6 +563,12 @@ impl SyncObserver for AgentObserver {
 
     fn node_eligible(&self, eligible: bool) {
         self.health.set_node_eligible(eligible);
+    }
+
+    fn health_checks(&self, checks: &BTreeMap<ServiceName, HealthCheck>) {
+        if let Ok(mut servers) = self.health_checks.lock() {
+            servers.update(checks);
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! `min_sync_period` spaces applies out, so a burst of updates becomes one
 //! apply of the combined difference.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -18,7 +18,9 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::{
     dataplane::{ApplyStats, Dataplane},
-    model::{ClusterState, ModelConfig, Rejection, ServiceTable, build_table},
+    model::{
+        ClusterState, HealthCheck, ModelConfig, Rejection, ServiceName, ServiceTable, build_table,
+    },
     source::StateReceiver,
 };
 
@@ -88,6 +90,8 @@ pub trait SyncObserver: Send + Sync {
     fn rejections(&self, _count: usize) {}
     /// Whether this node may take traffic (false while it is being deleted).
     fn node_eligible(&self, _eligible: bool) {}
+    /// The health check node ports the current state asks for.
+    fn health_checks(&self, _checks: &BTreeMap<ServiceName, HealthCheck>) {}
 }
 
 /// An observer that observes nothing.
@@ -161,6 +165,7 @@ pub async fn run(
         observer.node_eligible(node_eligible(&state, &cfg.node_name));
         let output = build_table(&state, cfg);
         report_rejections(&output.rejections, &mut reported, observer);
+        observer.health_checks(&output.health_check_node_ports);
         let desired = output.table;
         let build_us = building.elapsed().as_micros() as u64;
         let started = std::time::Instant::now();

@@ -35,6 +35,8 @@ const HEALTHZ: &str = "127.0.0.1:10256";
 /// How long a change may take to show in the traffic.
 const POLL_LIMIT: Duration = Duration::from_secs(10);
 const BATCH: u64 = 20;
+/// A `spec.healthCheckNodePort` (in the NodePort range).
+const HEALTH_CHECK_PORT: u16 = 32456;
 /// How long a change may take after the API server comes back: the agent's
 /// retry back-off is capped at 15 s.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(20);
@@ -389,6 +391,53 @@ fn api_initial_sync_then_changes_are_applied() {
             })?;
             s.set_backends(&[0])?;
             s.until_backends(&[0], "slice back")?;
+
+            // A LoadBalancer Service with externalTrafficPolicy Local gets
+            // its health check node port, answering for this node's
+            // endpoints; it closes when the Service goes.
+            let lb = ServiceSpec::cluster_ip("default", "lb", VIP2).tcp(TCP_PORT, POD_TCP_PORT);
+            let mut service = lb.service();
+            service["spec"]["type"] = json!("LoadBalancer");
+            service["spec"]["externalTrafficPolicy"] = json!("Local");
+            service["spec"]["healthCheckNodePort"] = json!(HEALTH_CHECK_PORT);
+            s.put(service)?;
+            let node = s.topology.node_name().to_string();
+            s.put(lb.endpoint_slice(&s.topology.endpoints(&[0, 1]), Some(&node)))?;
+            let addr = format!("127.0.0.1:{HEALTH_CHECK_PORT}");
+            let started = Instant::now();
+            let body = loop {
+                match s.http_get(&addr, "/") {
+                    Ok((200, body)) => break body,
+                    other => ensure!(
+                        started.elapsed() < POLL_LIMIT,
+                        "health check node port: {other:?}"
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let body: Value = serde_json::from_str(&body)?;
+            ensure!(body["localEndpoints"] == 2, "{body}");
+            ensure!(body["service"]["name"] == "lb", "{body}");
+            // The endpoints move to another node: none is local any more.
+            s.put(lb.endpoint_slice(&s.topology.endpoints(&[0, 1]), Some("elsewhere")))?;
+            let started = Instant::now();
+            while s.http_get(&addr, "/")?.0 != 503 {
+                ensure!(
+                    started.elapsed() < POLL_LIMIT,
+                    "still 200 without local endpoints"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s.server
+                .delete::<k8s_openapi::api::core::v1::Service>("default", "lb")?;
+            let started = Instant::now();
+            while s.http_get(&addr, "/").is_ok() {
+                ensure!(
+                    started.elapsed() < POLL_LIMIT,
+                    "health check port still open"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
             Ok(())
         },
     );

@@ -12,6 +12,7 @@
 //! can exit cleanly before spawning anything.
 
 pub mod health;
+pub mod healthcheck;
 pub mod metrics;
 
 use std::convert::Infallible;
