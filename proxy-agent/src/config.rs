@@ -214,14 +214,12 @@ pub fn parse_bind_address(s: &str) -> Result<BindAddress, String> {
 }
 
 /// `clientConnection:` (only the kubeconfig is used; the rest is validated).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientConnection {
     pub kubeconfig: Option<PathBuf>,
     /// Whether fields this build does not use (qps, burst, content types) are set.
     pub has_unused: bool,
 }
-
-impl Eq for ClientConnection {}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Conntrack {

@@ -112,7 +112,8 @@ struct RunArgs {
     kubeconfig: Option<PathBuf>,
 
     /// URL of the Kubernetes API server; overrides the server of the
-    /// kubeconfig (or of the in-cluster configuration).
+    /// kubeconfig. Without a kubeconfig the server is reached at this URL
+    /// without credentials, as kube-proxy does.
     #[arg(long, value_name = "URL")]
     master: Option<String>,
 
@@ -488,7 +489,13 @@ fn health_timeout(sync_period: Duration) -> Duration {
 /// A client for the Kubernetes API: the kubeconfig when given, else the
 /// in-cluster configuration; `master` overrides the server URL of either.
 async fn kube_client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<kube::Client> {
-    let mut config = match (kubeconfig, master) {
+    let master: Option<http::Uri> = master
+        .map(|url| {
+            url.parse()
+                .with_context(|| format!("--master {url:?} is not a URL"))
+        })
+        .transpose()?;
+    let mut config = match (kubeconfig, &master) {
         (Some(path), _) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("--kubeconfig {}", path.display()))?;
@@ -496,19 +503,14 @@ async fn kube_client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<
                 .await
                 .with_context(|| format!("--kubeconfig {}", path.display()))?
         }
-        (None, Some(url)) => kube::Config::new(
-            url.parse()
-                .with_context(|| format!("--master {url:?} is not a URL"))?,
-        ),
+        (None, Some(url)) => kube::Config::new(url.clone()),
         (None, None) => kube::Config::incluster().context(
             "no in-cluster Kubernetes configuration (not running in a pod?); \
              give --kubeconfig, --master or --manifests",
         )?,
     };
     if let (Some(url), Some(_)) = (master, kubeconfig) {
-        config.cluster_url = url
-            .parse()
-            .with_context(|| format!("--master {url:?} is not a URL"))?;
+        config.cluster_url = url;
     }
     tracing::info!(server = %config.cluster_url, "using the Kubernetes API");
     kube::Client::try_from(config).context("creating the Kubernetes client")

@@ -17,6 +17,7 @@ pub mod client;
 pub mod demo;
 pub mod manifests;
 pub mod netns;
+pub mod rbac;
 pub mod server;
 
 use std::time::{Duration, Instant};

@@ -788,10 +788,20 @@ impl Topology {
         bpffs: &BpfFs,
         manifests: &ManifestsDir,
     ) -> AgentConfig {
+        self.agent_config(
+            binary,
+            bpffs,
+            AgentSource::Manifests(manifests.path().to_path_buf()),
+        )
+    }
+
+    /// An agent in the node namespace reading from `source`, pinning under
+    /// `bpffs`.
+    pub fn agent_config(&self, binary: &Path, bpffs: &BpfFs, source: AgentSource) -> AgentConfig {
         AgentConfig {
             binary: binary.to_path_buf(),
             netns: self.node_ns().to_string(),
-            source: AgentSource::Manifests(manifests.path().to_path_buf()),
+            source,
             bpf_root: bpffs.agent_root(),
             node_name: self.node_name.clone(),
             extra_args: Vec::new(),

@@ -17,9 +17,10 @@ use proxy_tests::{
     apiserver::ApiServer,
     manifests,
     netns::{
-        Agent, AgentConfig, AgentSource, BpfFs, ClientReport, NODE_IP, POD_TCP_PORT, POD_UDP_PORT,
-        Protocol, READY_TIMEOUT, ServiceSpec, ToolPaths, Topology, agent_binary, in_netns,
+        Agent, AgentSource, BpfFs, ClientReport, NODE_IP, POD_TCP_PORT, POD_UDP_PORT, Protocol,
+        READY_TIMEOUT, ServiceSpec, ToolPaths, Topology, agent_binary, in_netns,
     },
+    rbac::cluster_role_grants,
     serial, skipped,
 };
 use serde_json::{Value, json};
@@ -95,14 +96,11 @@ impl Scenario {
 
     fn start_agent(&mut self) -> anyhow::Result<()> {
         let kubeconfig = self.server.kubeconfig(self.kubeconfig_dir.path())?;
-        let binary = agent_binary()?;
-        let manifests_unused = proxy_tests::netns::ManifestsDir::new()?;
-        let config = AgentConfig {
-            source: AgentSource::Kubeconfig(kubeconfig),
-            ..self
-                .topology
-                .start_agent_config(&binary, &self.bpffs, &manifests_unused)
-        };
+        let config = self.topology.agent_config(
+            &agent_binary()?,
+            &self.bpffs,
+            AgentSource::Kubeconfig(kubeconfig),
+        );
         self.agent = Some(Agent::start(config)?);
         Ok(())
     }
@@ -593,24 +591,7 @@ fn cluster_role_rules() -> anyhow::Result<BTreeSet<(String, String, String)>> {
         if doc["kind"] != "ClusterRole" {
             continue;
         }
-        for rule in doc["rules"].as_array().context("no rules")? {
-            let strings = |v: &Value| -> Vec<String> {
-                v.as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|s| s.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            for group in strings(&rule["apiGroups"]) {
-                for resource in strings(&rule["resources"]) {
-                    for verb in strings(&rule["verbs"]) {
-                        granted.insert((verb, group.clone(), resource.clone()));
-                    }
-                }
-            }
-        }
+        granted.extend(cluster_role_grants(&doc)?);
     }
     Ok(granted)
 }

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
+use proxy_tests::rbac::{cluster_role_grants, strings};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -60,18 +61,6 @@ fn only<'a>(docs: &'a [Value], kind: &str) -> anyhow::Result<&'a Value> {
         found.len()
     );
     Ok(found[0])
-}
-
-fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Whether `kubernetes-validate` can be run, installing it with pip if
@@ -228,19 +217,9 @@ fn check_overlay(mode: &str, capabilities: &[&str], xtables_lock: bool) -> anyho
         );
     }
 
-    // The ClusterRole grants exactly these (group, resource, verb) triples.
+    // The ClusterRole grants exactly these (verb, group, resource) triples.
     let role = only(&docs, "ClusterRole")?;
-    let mut granted = BTreeSet::new();
-    for rule in role["rules"].as_array().context("no rules")? {
-        ensure!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none());
-        for group in strings(&rule["apiGroups"]) {
-            for resource in strings(&rule["resources"]) {
-                for verb in strings(&rule["verbs"]) {
-                    granted.insert((group.clone(), resource.clone(), verb));
-                }
-            }
-        }
-    }
+    let granted = cluster_role_grants(role)?;
     let mut wanted = BTreeSet::new();
     for (group, resource, verbs) in [
         ("", "services", &["list", "watch"][..]),
@@ -249,7 +228,7 @@ fn check_overlay(mode: &str, capabilities: &[&str], xtables_lock: bool) -> anyho
         ("events.k8s.io", "events", &["create", "patch"]),
     ] {
         for verb in verbs {
-            wanted.insert((group.to_string(), resource.to_string(), verb.to_string()));
+            wanted.insert((verb.to_string(), group.to_string(), resource.to_string()));
         }
     }
     ensure!(

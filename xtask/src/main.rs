@@ -276,33 +276,19 @@ fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
         Some(w @ ("packet" | "sync")) => (Some(w), &args[1..]),
         _ => (None, args),
     };
+    let bench_bin =
+        |name: &str| env.cargo(&["run", "--release", "-p", "proxy-bench", "--bin", name, "--"]);
     if which.is_none_or(|w| w == "packet") {
-        let mut command = env.cargo(&[
-            "run",
-            "--release",
-            "-p",
-            "proxy-bench",
-            "--bin",
-            "proxy-bench",
-            "--",
-        ]);
-        command.args(rest);
-        run(&mut command)?;
+        run(bench_bin("proxy-bench").args(rest))?;
     }
     if which.is_none_or(|w| w == "sync") {
         // Timing matters: the agent under test is a release build too.
         run(&mut env.cargo(&["build", "--release", "-p", "proxy-agent"]))?;
-        let agent = env.target_dir.join("release/proxy-agent");
-        let mut command = env.cargo(&[
-            "run",
-            "--release",
-            "-p",
-            "proxy-bench",
-            "--bin",
-            "sync-latency",
-            "--",
-        ]);
-        command.env("PROXY_AGENT_BIN", agent);
+        let mut command = bench_bin("sync-latency");
+        command.env(
+            "PROXY_AGENT_BIN",
+            env.target_dir.join("release/proxy-agent"),
+        );
         if which.is_some() {
             command.args(rest);
         }

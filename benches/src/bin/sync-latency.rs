@@ -49,22 +49,8 @@ struct Args {
     #[arg(long, default_value_t = 300)]
     changes: u32,
     /// Pause between changes, so that each one is applied alone.
-    #[arg(long, default_value = "20ms", value_parser = humantime)]
+    #[arg(long, default_value = "20ms", value_parser = proxy_agent::config::parse_go_duration)]
     pause: Duration,
-}
-
-fn humantime(s: &str) -> Result<Duration, String> {
-    let (number, scale) = if let Some(ms) = s.strip_suffix("ms") {
-        (ms, 1e-3)
-    } else if let Some(secs) = s.strip_suffix('s') {
-        (secs, 1.0)
-    } else {
-        return Err(format!("{s:?}: use ms or s"));
-    };
-    number
-        .parse::<f64>()
-        .map(|n| Duration::from_secs_f64(n * scale))
-        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn cluster_ip(i: u32) -> IpAddr {

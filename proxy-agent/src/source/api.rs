@@ -18,7 +18,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::{FutureExt, Stream, StreamExt, future::BoxFuture, stream::BoxStream};
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, Resource,
@@ -184,11 +184,7 @@ where
             }
             (which, progress)
         });
-    boxed(stream)
-}
-
-fn boxed<S: Stream + Send + 'static>(s: S) -> BoxStream<'static, S::Item> {
-    s.boxed()
+    stream.boxed()
 }
 
 impl Source for ApiSource {

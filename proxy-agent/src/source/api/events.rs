@@ -8,10 +8,7 @@
 //! count instead of creating another, as client-go's event correlator does.
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -77,40 +74,31 @@ pub struct Reporter {
 pub struct EventPublisher {
     queue: mpsc::Sender<Rejection>,
     limiter: Arc<Mutex<Limiter>>,
-    dropped: Arc<AtomicU64>,
 }
 
 impl EventPublisher {
     /// Starts the sending task on the current tokio runtime.
     pub fn start(client: Client, stores: Stores, reporter: Reporter, limits: EventLimits) -> Self {
         let (queue, rx) = mpsc::channel(limits.queue.max(1));
-        let dropped = Arc::new(AtomicU64::new(0));
         tokio::spawn(send_events(client, stores, reporter, rx));
         Self {
             queue,
             limiter: Arc::new(Mutex::new(Limiter::new(limits))),
-            dropped,
         }
     }
 
     /// Queues an Event for `rejection`, unless a rate limit says no; returns
-    /// whether it was queued.
+    /// whether it was queued (the caller counts the others).
     pub fn report(&self, rejection: &Rejection) -> bool {
         let allowed = match self.limiter.lock() {
             Ok(mut limiter) => limiter.allow(&object_key(rejection), Instant::now()),
             Err(_) => false,
         };
         if !allowed || self.queue.try_send(rejection.clone()).is_err() {
-            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::debug!(kind = rejection.kind, namespace = %rejection.namespace, name = %rejection.name, dropped_total = n, "event not sent (rate limit)");
+            tracing::debug!(kind = rejection.kind, namespace = %rejection.namespace, name = %rejection.name, "event not sent (rate limit)");
             return false;
         }
         true
-    }
-
-    /// Events not sent because of the rate limits or a full queue.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -141,10 +129,15 @@ impl Bucket {
         }
     }
 
+    /// Tokens at `now`, before the cap of `burst`.
+    fn refilled(&self, interval: Duration, now: Instant) -> f64 {
+        self.tokens
+            + now.saturating_duration_since(self.at).as_secs_f64()
+                / interval.as_secs_f64().max(1e-9)
+    }
+
     fn take(&mut self, burst: u32, interval: Duration, now: Instant) -> bool {
-        let refill =
-            now.saturating_duration_since(self.at).as_secs_f64() / interval.as_secs_f64().max(1e-9);
-        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.tokens = self.refilled(interval, now).min(f64::from(burst));
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -155,9 +148,7 @@ impl Bucket {
     }
 
     fn is_full(&self, burst: u32, interval: Duration, now: Instant) -> bool {
-        let refill =
-            now.saturating_duration_since(self.at).as_secs_f64() / interval.as_secs_f64().max(1e-9);
-        self.tokens + refill >= f64::from(burst)
+        self.refilled(interval, now) >= f64::from(burst)
     }
 }
 
