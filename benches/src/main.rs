@@ -85,6 +85,7 @@ fn table(services: u32, backends: u32) -> ServiceTable {
                         port: 8080,
                     })
                     .collect(),
+                cluster_backends: Vec::new(),
                 policy: FrontendPolicy::default(),
             },
         );

@@ -448,6 +448,12 @@ mod tests {
                 .push(Call::Reconcile(desired.len()));
             Ok(ApplyStats::default())
         }
+        fn set_node_network(
+            &mut self,
+            _network: &crate::dataplane::NodeNetwork,
+        ) -> Result<(), DataplaneError> {
+            Ok(())
+        }
     }
 
     fn web(backends: &[&str]) -> Arc<ClusterState> {

@@ -53,6 +53,7 @@ fn frontend(backends: &[[u8; 4]], port: u16) -> Frontend {
                 port,
             })
             .collect(),
+        cluster_backends: Vec::new(),
         policy: FrontendPolicy::default(),
     }
 }

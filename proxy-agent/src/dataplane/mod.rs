@@ -1,5 +1,12 @@
 //! Dataplanes: one trait, one module per kernel interface. Each applies the
 //! difference between what it has programmed and what the model desires.
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+
 use crate::model::{ServiceTable, TableDiff};
 
 pub mod ebpf;
@@ -16,6 +23,24 @@ pub struct ApplyStats {
     pub conntrack_deletes: usize,
 }
 
+/// What a dataplane needs to know about the node itself, beyond the service
+/// table: where NodePorts are served, which address masqueraded traffic
+/// takes, and which sources count as inside the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeNetwork {
+    /// The node's addresses NodePorts are served on (after
+    /// `--nodeport-addresses`; loopback only when explicitly asked for).
+    pub nodeport_addresses: BTreeSet<IpAddr>,
+    /// The source address of masqueraded traffic, per family (the node's
+    /// primary address); `None` when the node has none of that family.
+    pub snat_v4: Option<Ipv4Addr>,
+    pub snat_v6: Option<Ipv6Addr>,
+    /// `--cluster-cidr`: at most one per family. Sources inside are pods.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// `--masquerade-all`: masquerade every service connection.
+    pub masquerade_all: bool,
+}
+
 /// A kernel dataplane.
 pub trait Dataplane: Send {
     /// Short name for logs ("ebpf", "nftables", ...).
@@ -29,6 +54,10 @@ pub trait Dataplane: Send {
     /// `desired` (first sync after start, periodic repair of drift, and
     /// recovery after a failed apply).
     fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError>;
+
+    /// Programs the node's own network facts. Called before the first
+    /// reconcile and whenever they change (an address added or removed).
+    fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError>;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -146,6 +146,11 @@ fn plan_frontends(
                         port_name: port.name.clone(),
                         kind,
                         backends: select_backends(entries, local_only),
+                        cluster_backends: if local_only {
+                            select_backends(entries, false)
+                        } else {
+                            Vec::new()
+                        },
                         policy: FrontendPolicy {
                             affinity_timeout_secs: plan.affinity_timeout_secs,
                             local_only,
@@ -416,6 +421,7 @@ mod tests {
                 port_name: "http".into(),
                 kind: FrontendKind::ClusterIp,
                 backends: vec![],
+                cluster_backends: vec![],
                 policy: FrontendPolicy::default(),
             })
         );

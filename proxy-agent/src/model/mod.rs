@@ -174,6 +174,12 @@ pub struct Frontend {
     pub port_name: String,
     pub kind: FrontendKind,
     pub backends: Vec<Backend>,
+    /// For a `local_only` frontend, the backends it would have under the
+    /// `Cluster` policy (sorted, without duplicates): in-cluster clients of
+    /// an external frontend use them, as kube-proxy short-circuits pod
+    /// traffic, and they tell "no local endpoint" (drop) from "no endpoint
+    /// at all" (reject). Empty for other frontends.
+    pub cluster_backends: Vec<Backend>,
     pub policy: FrontendPolicy,
 }
 

@@ -527,6 +527,11 @@ fn frontend() -> impl Strategy<Value = Frontend> {
             },
             port_name: port_name.into(),
             kind,
+            cluster_backends: if policy.local_only {
+                backends.clone()
+            } else {
+                Vec::new()
+            },
             backends,
             policy,
         })

