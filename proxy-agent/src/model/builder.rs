@@ -5,12 +5,18 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
 use super::{
     Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
     Protocol, Rejection, ServiceName, ServiceTable,
-    validate::{IpFamily, ServicePlan, check_endpoint_slice, check_service, service_name_of},
+    validate::{
+        EndpointPlan, IpFamily, ServicePlan, ZONE_LABEL, check_endpoint_slice, check_service,
+        service_name_of,
+    },
     validate_node,
 };
 
@@ -42,7 +48,12 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
     let mut rejections: Vec<Rejection> =
         state.nodes.iter().flat_map(|n| validate_node(n)).collect();
 
-    let endpoints = index_endpoints(&state.endpoint_slices, cfg, &mut rejections);
+    let zone = node_zone(&state.nodes, cfg, &mut rejections);
+    let place = Place {
+        node_name: &cfg.node_name,
+        zone: zone.as_deref(),
+    };
+    let endpoints = index_endpoints(&state.endpoint_slices, place, &mut rejections);
     let plans = service_plans(&state.services, &mut rejections);
 
     let mut table = ServiceTable::new();
@@ -145,9 +156,12 @@ fn plan_frontends(
                         service: plan.name.clone(),
                         port_name: port.name.clone(),
                         kind,
-                        backends: select_backends(entries, local_only),
+                        backends: select_backends(entries, local_only, plan.topology),
+                        // Topology applies here too: kube-proxy sends pod
+                        // traffic to an external Local frontend through its
+                        // cluster-wide (topology-filtered) endpoint set.
                         cluster_backends: if local_only {
-                            select_backends(entries, false)
+                            select_backends(entries, false, plan.topology)
                         } else {
                             Vec::new()
                         },
@@ -205,28 +219,94 @@ fn plan_frontends(
 
 /// The backends new connections may go to, like kube-proxy's
 /// CategorizeEndpoints: the ready endpoints (of this node only when
-/// `local_only`); when there is none, the serving and terminating ones of
-/// that same set, so connections drain gracefully during rollouts.
-fn select_backends(entries: Option<&BTreeSet<EndpointEntry>>, local_only: bool) -> Vec<Backend> {
+/// `local_only`; else, when the Service asks for `topology`, those its
+/// endpoints' hints meant for this node or zone); when there is none, the
+/// serving and terminating ones of that same node-local or cluster-wide set,
+/// regardless of hints, so connections drain gracefully during rollouts.
+fn select_backends(
+    entries: Option<&BTreeSet<EndpointEntry>>,
+    local_only: bool,
+    topology: bool,
+) -> Vec<Backend> {
     let candidates = || {
         entries
             .into_iter()
             .flatten()
             .filter(move |entry| !local_only || entry.local)
     };
+    // As in kube-proxy, traffic policy Local overrides topology.
+    let scope = if topology && !local_only {
+        TopologyScope::of(candidates().filter(|entry| entry.ready))
+    } else {
+        TopologyScope::Cluster
+    };
     let ready: BTreeSet<Backend> = candidates()
-        .filter(|entry| entry.ready)
+        .filter(|entry| entry.ready && scope.admits(entry))
         .map(|entry| entry.backend)
         .collect();
     if !ready.is_empty() {
         return ready.into_iter().collect();
     }
+    // A topology scope always admits a ready endpoint, so the set is empty
+    // only when nothing is ready at all: hints play no part in the fallback.
     candidates()
         .filter(|entry| entry.serving_terminating)
         .map(|entry| entry.backend)
         .collect::<BTreeSet<Backend>>()
         .into_iter()
         .collect()
+}
+
+/// Which ready endpoints the cluster-wide set of a Service that asks for
+/// topology-aware routing keeps, decided like kube-proxy's
+/// topologyModeFromHints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyScope {
+    /// Every ready endpoint: the hints are incomplete or name neither this
+    /// node nor its zone.
+    Cluster,
+    /// Those hinted for this node (`hints.forNodes`, PreferSameNode).
+    Node,
+    /// Those hinted for this node's zone (`hints.forZones`).
+    Zone,
+}
+
+impl TopologyScope {
+    /// The scope for these ready endpoints: node hints when every one has
+    /// some and one names this node; else zone hints when every one has some
+    /// and one names this node's zone; else all of them. A partial set of
+    /// hints means the hint writer is mid-update or gave up, so following it
+    /// could overload the few hinted endpoints.
+    fn of<'a>(ready: impl Iterator<Item = &'a EndpointEntry> + Clone) -> TopologyScope {
+        let complete_with_ours = |hint: fn(&EndpointEntry) -> Hint| {
+            let mut any = false;
+            let mut ours = false;
+            for entry in ready.clone() {
+                any = true;
+                match hint(entry) {
+                    Hint::Absent => return false,
+                    Hint::Elsewhere => {}
+                    Hint::Here => ours = true,
+                }
+            }
+            any && ours
+        };
+        if complete_with_ours(|entry| entry.node_hint) {
+            TopologyScope::Node
+        } else if complete_with_ours(|entry| entry.zone_hint) {
+            TopologyScope::Zone
+        } else {
+            TopologyScope::Cluster
+        }
+    }
+
+    fn admits(self, entry: &EndpointEntry) -> bool {
+        match self {
+            TopologyScope::Cluster => true,
+            TopologyScope::Node => entry.node_hint == Hint::Here,
+            TopologyScope::Zone => entry.zone_hint == Hint::Here,
+        }
+    }
 }
 
 /// The backends one Service port of one address family can use: how
@@ -253,7 +333,7 @@ impl BackendGroup {
 
 /// An endpoint address and port with what decides whether it gets traffic.
 /// Kept as a set, so that one endpoint listed in several slices (even with
-/// differing conditions) gives the same result in any order.
+/// differing conditions or hints) gives the same result in any order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct EndpointEntry {
     backend: Backend,
@@ -261,12 +341,103 @@ struct EndpointEntry {
     serving_terminating: bool,
     /// On the node this agent runs on.
     local: bool,
+    /// `hints.forZones` against this node's zone.
+    zone_hint: Hint,
+    /// `hints.forNodes` against this node.
+    node_hint: Hint,
+}
+
+/// What an endpoint's hints of one kind (zones or nodes) say about this
+/// node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Hint {
+    /// No hint of that kind.
+    Absent,
+    /// Hints that name neither this node nor its zone.
+    Elsewhere,
+    /// A hint for this node, or for its zone.
+    Here,
+}
+
+impl Hint {
+    fn of(hints: &[String], here: Option<&str>) -> Hint {
+        if hints.is_empty() {
+            Hint::Absent
+        } else if here.is_some_and(|here| hints.iter().any(|hint| hint == here)) {
+            Hint::Here
+        } else {
+            Hint::Elsewhere
+        }
+    }
+}
+
+/// Where this agent runs, as endpoints and their hints name it.
+#[derive(Clone, Copy, Debug)]
+struct Place<'a> {
+    /// "" when unknown.
+    node_name: &'a str,
+    /// The `topology.kubernetes.io/zone` label of this node's Node object.
+    zone: Option<&'a str>,
+}
+
+impl Place<'_> {
+    fn entry(&self, endpoint: &EndpointPlan, backend: Backend) -> EndpointEntry {
+        let node_name = Some(self.node_name).filter(|name| !name.is_empty());
+        EndpointEntry {
+            backend,
+            ready: endpoint.ready,
+            serving_terminating: endpoint.serving_terminating,
+            local: node_name.is_some() && endpoint.node_name.as_deref() == node_name,
+            zone_hint: Hint::of(&endpoint.zone_hints, self.zone),
+            node_hint: Hint::of(&endpoint.node_hints, node_name),
+        }
+    }
+}
+
+/// The zone of this node: the `topology.kubernetes.io/zone` label of the
+/// Node named in `cfg` (absent or empty: no zone, as for kube-proxy). Copies
+/// of that Node that disagree on it are reported and give no zone, so the
+/// result does not depend on their order.
+fn node_zone(
+    nodes: &[Arc<Node>],
+    cfg: &ModelConfig,
+    rejections: &mut Vec<Rejection>,
+) -> Option<String> {
+    if cfg.node_name.is_empty() {
+        return None;
+    }
+    let zones: BTreeSet<Option<&str>> = nodes
+        .iter()
+        .filter(|node| node.metadata.name.as_deref() == Some(cfg.node_name.as_str()))
+        .map(|node| {
+            node.metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(ZONE_LABEL))
+                .map(String::as_str)
+                .filter(|zone| !zone.is_empty())
+        })
+        .collect();
+    if zones.len() > 1 {
+        rejections.push(Rejection {
+            kind: "Node",
+            namespace: String::new(),
+            name: cfg.node_name.clone(),
+            reason: format!(
+                "metadata.labels[{ZONE_LABEL}]: {} Node objects share this name and differ in \
+                 it; topology hints are not used",
+                zones.len()
+            ),
+        });
+        return None;
+    }
+    zones.into_iter().next().flatten().map(str::to_owned)
 }
 
 /// Usable endpoints of all slices, merged per group.
 fn index_endpoints(
     slices: &[Arc<EndpointSlice>],
-    cfg: &ModelConfig,
+    place: Place<'_>,
     rejections: &mut Vec<Rejection>,
 ) -> BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> {
     let mut groups: BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> = BTreeMap::new();
@@ -290,15 +461,12 @@ fn index_endpoints(
                     protocol: port.protocol,
                 })
                 .or_default();
-            group.extend(plan.endpoints.iter().map(|endpoint| EndpointEntry {
-                backend: Backend {
+            group.extend(plan.endpoints.iter().map(|endpoint| {
+                let backend = Backend {
                     ip: endpoint.ip,
                     port: port.port,
-                },
-                ready: endpoint.ready,
-                serving_terminating: endpoint.serving_terminating,
-                local: !cfg.node_name.is_empty()
-                    && endpoint.node_name.as_deref() == Some(cfg.node_name.as_str()),
+                };
+                place.entry(endpoint, backend)
             }));
         }
     }
@@ -357,6 +525,7 @@ mod tests {
     use k8s_openapi::api::core::v1::ServiceSpec;
 
     use super::super::test_support::*;
+    use super::super::validate::{TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION};
     use super::*;
 
     fn build(services: Vec<Service>, slices: Vec<EndpointSlice>) -> BuildOutput {
@@ -1743,5 +1912,515 @@ mod tests {
                 "Service ns/v6: spec.clusterIPs[0]: \"::\" is the unspecified address",
             ]
         );
+    }
+
+    /// Topology-aware routing: this agent runs on node-a, in zone-1.
+    mod topology {
+        use k8s_openapi::api::{core::v1::Node, discovery::v1::Endpoint};
+
+        use super::*;
+
+        fn build_on(
+            nodes: Vec<Node>,
+            services: Vec<Service>,
+            slices: Vec<EndpointSlice>,
+        ) -> BuildOutput {
+            build_table(&ClusterState::new(services, slices, nodes), &config())
+        }
+
+        fn zone_1() -> Vec<Node> {
+            vec![
+                node_in_zone("node-a", "zone-1"),
+                node_in_zone("node-b", "zone-2"),
+            ]
+        }
+
+        /// A NodePort Service (Cluster policies) with `trafficDistribution`.
+        fn distributed(distribution: &str) -> Service {
+            let mut svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 30080);
+            spec_mut(&mut svc).traffic_distribution = Some(distribution.into());
+            svc
+        }
+
+        fn annotated(annotations: &[(&str, &str)]) -> Service {
+            let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
+            svc.metadata.annotations = Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            );
+            svc
+        }
+
+        fn ready_in(address: &str, zones: &[&str]) -> Endpoint {
+            for_zones(endpoint(address), zones)
+        }
+
+        fn backends(addresses: &[&str]) -> Vec<Backend> {
+            addresses.iter().map(|a| backend(a, 8080)).collect()
+        }
+
+        /// 10.1.0.1 and 10.1.0.3 are meant for zone-1, 10.1.0.2 for zone-2.
+        fn hinted() -> Vec<Endpoint> {
+            vec![
+                ready_in("10.1.0.1", &["zone-1"]),
+                ready_in("10.1.0.2", &["zone-2"]),
+                ready_in("10.1.0.3", &["zone-3", "zone-1"]),
+            ]
+        }
+
+        const ALL: &[&str] = &["10.1.0.1", "10.1.0.2", "10.1.0.3"];
+        const SAME_ZONE: &[&str] = &["10.1.0.1", "10.1.0.3"];
+
+        #[test]
+        fn prefer_close_with_complete_hints_keeps_same_zone_endpoints() {
+            for distribution in ["PreferClose", "PreferSameZone", "PreferSameNode"] {
+                let output = build_on(
+                    zone_1(),
+                    vec![distributed(distribution)],
+                    vec![web_slice(&hinted())],
+                );
+                assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
+                for frontend in [key("10.0.0.1", 80), key("0.0.0.0", 30080)] {
+                    assert_eq!(
+                        backends_of(&output, frontend),
+                        backends(SAME_ZONE),
+                        "{distribution} {frontend:?}"
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn incomplete_hints_fall_back_to_every_endpoint() {
+            let mut endpoints = hinted();
+            endpoints.push(endpoint("10.1.0.4"));
+            let output = build_on(
+                zone_1(),
+                vec![distributed("PreferClose")],
+                vec![web_slice(&endpoints)],
+            );
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"])
+            );
+
+            // Hints are required of ready endpoints only, as in kube-proxy.
+            let mut endpoints = hinted();
+            endpoints.push(terminating_on("10.1.0.4", "node-b"));
+            endpoints.push(endpoint_with(&["10.1.0.5"], Some(false)));
+            let output = build_on(
+                zone_1(),
+                vec![distributed("PreferClose")],
+                vec![web_slice(&endpoints)],
+            );
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(SAME_ZONE)
+            );
+        }
+
+        #[test]
+        fn hints_split_across_slices_are_all_considered() {
+            let slices = vec![
+                slice(
+                    "ns",
+                    "web-1",
+                    "web",
+                    "IPv4",
+                    &[slice_port("", 8080, "")],
+                    &hinted()[..2],
+                ),
+                slice(
+                    "ns",
+                    "web-2",
+                    "web",
+                    "IPv4",
+                    &[slice_port("", 8080, "")],
+                    &[endpoint("10.1.0.4")],
+                ),
+            ];
+            let output = build_on(zone_1(), vec![distributed("PreferClose")], slices.clone());
+            assert_eq!(backends_of(&output, key("10.0.0.1", 80)).len(), 3);
+
+            // The same endpoint in two slices, hinted in one only: its
+            // unhinted listing makes the hints incomplete, in any order.
+            let both = vec![
+                web_slice(&hinted()),
+                slice(
+                    "ns",
+                    "web-2",
+                    "web",
+                    "IPv4",
+                    &[slice_port("", 8080, "")],
+                    &[endpoint("10.1.0.2")],
+                ),
+            ];
+            let mut reversed = both.clone();
+            reversed.reverse();
+            let forward = build_on(zone_1(), vec![distributed("PreferClose")], both);
+            let backward = build_on(zone_1(), vec![distributed("PreferClose")], reversed);
+            assert_eq!(forward, backward);
+            assert_eq!(backends_of(&forward, key("10.0.0.1", 80)), backends(ALL));
+        }
+
+        #[test]
+        fn no_endpoint_for_our_zone_falls_back_to_every_endpoint() {
+            let endpoints = [
+                ready_in("10.1.0.1", &["zone-2"]),
+                ready_in("10.1.0.2", &["zone-3"]),
+            ];
+            let output = build_on(
+                zone_1(),
+                vec![distributed("PreferClose")],
+                vec![web_slice(&endpoints)],
+            );
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.1", "10.1.0.2"])
+            );
+        }
+
+        #[test]
+        fn node_without_zone_falls_back_to_every_endpoint() {
+            let svc = || vec![distributed("PreferClose")];
+            let slices = || vec![web_slice(&hinted())];
+            let cases = [
+                ("no label", vec![node("node-a")]),
+                ("empty label", vec![node_in_zone("node-a", "")]),
+                ("no Node object", vec![node_in_zone("node-b", "zone-1")]),
+            ];
+            for (case, nodes) in cases {
+                let output = build_on(nodes, svc(), slices());
+                assert!(
+                    output.rejections.is_empty(),
+                    "{case}: {:?}",
+                    reasons(&output)
+                );
+                assert_eq!(
+                    backends_of(&output, key("10.0.0.1", 80)),
+                    backends(ALL),
+                    "{case}"
+                );
+            }
+            // Without a node name, no Node is this node's.
+            let output = build_table(
+                &ClusterState::new(svc(), slices(), zone_1()),
+                &ModelConfig::default(),
+            );
+            assert_eq!(backends_of(&output, key("10.0.0.1", 80)), backends(ALL));
+        }
+
+        #[test]
+        fn differing_copies_of_our_node_give_no_zone_in_any_order() {
+            let copies = vec![
+                node_in_zone("node-a", "zone-1"),
+                node_in_zone("node-a", "zone-2"),
+            ];
+            let mut reversed = copies.clone();
+            reversed.reverse();
+            let forward = build_on(
+                copies,
+                vec![distributed("PreferClose")],
+                vec![web_slice(&hinted())],
+            );
+            let backward = build_on(
+                reversed,
+                vec![distributed("PreferClose")],
+                vec![web_slice(&hinted())],
+            );
+            assert_eq!(forward, backward);
+            assert_eq!(backends_of(&forward, key("10.0.0.1", 80)), backends(ALL));
+            assert_eq!(
+                reasons(&forward),
+                vec![
+                    "Node /node-a: metadata.labels[topology.kubernetes.io/zone]: 2 Node objects \
+                     share this name and differ in it; topology hints are not used"
+                ]
+            );
+
+            // Identical copies are one Node.
+            let same = vec![
+                node_in_zone("node-a", "zone-1"),
+                node_in_zone("node-a", "zone-1"),
+            ];
+            let output = build_on(
+                same,
+                vec![distributed("PreferClose")],
+                vec![web_slice(&hinted())],
+            );
+            assert!(output.rejections.is_empty());
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(SAME_ZONE)
+            );
+        }
+
+        #[test]
+        fn service_that_does_not_ask_for_topology_ignores_hints() {
+            let services = [
+                simple_service("ns", "web", "10.0.0.1", 80),
+                annotated(&[(TOPOLOGY_MODE_ANNOTATION, "Disabled")]),
+                annotated(&[(TOPOLOGY_AWARE_HINTS_ANNOTATION, "disabled")]),
+                // topology-mode is read first.
+                annotated(&[
+                    (TOPOLOGY_MODE_ANNOTATION, "Disabled"),
+                    (TOPOLOGY_AWARE_HINTS_ANNOTATION, "Auto"),
+                ]),
+            ];
+            for svc in services {
+                let output = build_on(zone_1(), vec![svc.clone()], vec![web_slice(&hinted())]);
+                assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
+                assert_eq!(
+                    backends_of(&output, key("10.0.0.1", 80)),
+                    backends(ALL),
+                    "{:?}",
+                    svc.metadata.annotations
+                );
+            }
+        }
+
+        #[test]
+        fn topology_annotations_set_to_auto_turn_topology_on() {
+            let services = [
+                annotated(&[(TOPOLOGY_MODE_ANNOTATION, "Auto")]),
+                annotated(&[(TOPOLOGY_MODE_ANNOTATION, "auto")]),
+                annotated(&[(TOPOLOGY_AWARE_HINTS_ANNOTATION, "Auto")]),
+                annotated(&[(TOPOLOGY_AWARE_HINTS_ANNOTATION, "auto")]),
+                // An empty topology-mode defers to the older annotation.
+                annotated(&[
+                    (TOPOLOGY_MODE_ANNOTATION, ""),
+                    (TOPOLOGY_AWARE_HINTS_ANNOTATION, "auto"),
+                ]),
+            ];
+            for svc in services {
+                let output = build_on(zone_1(), vec![svc.clone()], vec![web_slice(&hinted())]);
+                assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
+                assert_eq!(
+                    backends_of(&output, key("10.0.0.1", 80)),
+                    backends(SAME_ZONE),
+                    "{:?}",
+                    svc.metadata.annotations
+                );
+            }
+        }
+
+        #[test]
+        fn unknown_topology_requests_are_reported_and_ignored() {
+            let mut svc = annotated(&[(TOPOLOGY_MODE_ANNOTATION, "Custom")]);
+            spec_mut(&mut svc).traffic_distribution = Some("Nearby".into());
+            let output = build_on(zone_1(), vec![svc], vec![web_slice(&hinted())]);
+            assert_eq!(backends_of(&output, key("10.0.0.1", 80)), backends(ALL));
+            assert_eq!(
+                reasons(&output),
+                vec![
+                    "Service ns/web: metadata.annotations[service.kubernetes.io/topology-mode]: \
+                     \"Custom\" is not Auto or Disabled; topology hints are not used for it",
+                    "Service ns/web: spec.trafficDistribution: \"Nearby\" is not PreferClose, \
+                     PreferSameZone or PreferSameNode; it is ignored",
+                ]
+            );
+
+            // Either request is enough.
+            let mut svc = annotated(&[(TOPOLOGY_MODE_ANNOTATION, "Custom")]);
+            spec_mut(&mut svc).traffic_distribution = Some("PreferClose".into());
+            let output = build_on(zone_1(), vec![svc], vec![web_slice(&hinted())]);
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(SAME_ZONE)
+            );
+        }
+
+        #[test]
+        fn local_policy_ignores_topology_but_its_cluster_backends_follow_it() {
+            let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
+            spec_mut(&mut svc).traffic_distribution = Some("PreferClose".into());
+            spec_mut(&mut svc).external_traffic_policy = Some("Local".into());
+            set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
+            // The local endpoint is hinted for another zone.
+            let endpoints = [
+                for_zones(endpoint_on("10.1.0.1", "node-a"), &["zone-2"]),
+                for_zones(endpoint_on("10.1.0.2", "node-b"), &["zone-1"]),
+                for_zones(endpoint_on("10.1.0.3", "node-b"), &["zone-2"]),
+            ];
+            let output = build_on(zone_1(), vec![svc.clone()], vec![web_slice(&endpoints)]);
+            assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
+            for external in [key("0.0.0.0", 30080), key("192.0.2.10", 80)] {
+                let found = frontend_at(&output, external);
+                assert!(found.policy.local_only);
+                assert_eq!(found.backends, backends(&["10.1.0.1"]), "{external:?}");
+                assert_eq!(
+                    found.cluster_backends,
+                    backends(&["10.1.0.2"]),
+                    "{external:?}"
+                );
+            }
+            let cluster = frontend_at(&output, key("10.0.0.1", 80));
+            assert!(!cluster.policy.local_only);
+            assert_eq!(cluster.backends, backends(&["10.1.0.2"]));
+
+            // internalTrafficPolicy: Local likewise keeps the ClusterIP
+            // frontend to the local endpoint.
+            spec_mut(&mut svc).internal_traffic_policy = Some("Local".into());
+            let output = build_on(zone_1(), vec![svc], vec![web_slice(&endpoints)]);
+            let cluster = frontend_at(&output, key("10.0.0.1", 80));
+            assert!(cluster.policy.local_only);
+            assert_eq!(cluster.backends, backends(&["10.1.0.1"]));
+            assert_eq!(cluster.cluster_backends, backends(&["10.1.0.2"]));
+        }
+
+        #[test]
+        fn terminating_fallback_works_with_topology() {
+            let svc = || vec![distributed("PreferClose")];
+            // A ready endpoint exists only in another zone: topology falls
+            // back to it rather than to the terminating one in our zone.
+            let endpoints = [
+                for_zones(terminating_on("10.1.0.1", "node-a"), &["zone-1"]),
+                ready_in("10.1.0.2", &["zone-2"]),
+            ];
+            let output = build_on(zone_1(), svc(), vec![web_slice(&endpoints)]);
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.2"])
+            );
+
+            // Nothing ready: every serving and terminating endpoint, whatever
+            // its hints (as kube-proxy does).
+            let endpoints = [
+                for_zones(terminating_on("10.1.0.1", "node-a"), &["zone-1"]),
+                for_zones(terminating_on("10.1.0.2", "node-b"), &["zone-2"]),
+                terminating_on("10.1.0.3", "node-b"),
+            ];
+            let output = build_on(zone_1(), svc(), vec![web_slice(&endpoints)]);
+            assert_eq!(backends_of(&output, key("10.0.0.1", 80)), backends(ALL));
+
+            // Ready ones in our zone win over a terminating one there.
+            let mut endpoints = hinted();
+            endpoints.push(for_zones(terminating_on("10.1.0.4", "node-a"), &["zone-1"]));
+            let output = build_on(zone_1(), svc(), vec![web_slice(&endpoints)]);
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(SAME_ZONE)
+            );
+        }
+
+        #[test]
+        fn same_node_hints_come_before_zone_hints() {
+            let both = |address: &str, node: &str, zone: &str| {
+                for_nodes(ready_in(address, &[zone]), &[node])
+            };
+            let endpoints = vec![
+                both("10.1.0.1", "node-a", "zone-1"),
+                both("10.1.0.2", "node-c", "zone-1"),
+                both("10.1.0.3", "node-b", "zone-2"),
+            ];
+            let output = build_on(
+                zone_1(),
+                vec![distributed("PreferSameNode")],
+                vec![web_slice(&endpoints)],
+            );
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.1"])
+            );
+
+            // No endpoint for this node: zone hints decide.
+            let mut elsewhere = endpoints.clone();
+            elsewhere[0] = both("10.1.0.1", "node-d", "zone-1");
+            let output = build_on(
+                zone_1(),
+                vec![distributed("PreferSameNode")],
+                vec![web_slice(&elsewhere)],
+            );
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.1", "10.1.0.2"])
+            );
+
+            // A ready endpoint without a node hint: zone hints decide.
+            let mut partial = endpoints.clone();
+            partial[2] = ready_in("10.1.0.3", &["zone-2"]);
+            let output = build_on(
+                zone_1(),
+                vec![distributed("PreferSameNode")],
+                vec![web_slice(&partial)],
+            );
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.1", "10.1.0.2"])
+            );
+
+            // Node hints need no zone label on the Node.
+            let output = build_on(
+                vec![node("node-a")],
+                vec![distributed("PreferSameNode")],
+                vec![web_slice(&endpoints)],
+            );
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.1"])
+            );
+        }
+
+        #[test]
+        fn empty_hint_names_are_reported_and_count_as_no_hint() {
+            let mut endpoints = hinted();
+            endpoints[1] = ready_in("10.1.0.2", &[""]);
+            endpoints.push(for_nodes(ready_in("10.1.0.4", &["", "zone-1"]), &[""]));
+            let output = build_on(
+                zone_1(),
+                vec![distributed("PreferClose")],
+                vec![web_slice(&endpoints)],
+            );
+            // 10.1.0.2 lacks a usable hint, so the hints are incomplete.
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"])
+            );
+            assert_eq!(
+                reasons(&output),
+                vec![
+                    "EndpointSlice ns/web-1: endpoints[1].hints.forZones[0].name: empty; the \
+                     hint is ignored",
+                    "EndpointSlice ns/web-1: endpoints[3].hints.forNodes[0].name: empty; the \
+                     hint is ignored",
+                    "EndpointSlice ns/web-1: endpoints[3].hints.forZones[0].name: empty; the \
+                     hint is ignored",
+                ]
+            );
+
+            // The good hint beside an empty one still counts.
+            endpoints.remove(1);
+            let output = build_on(
+                zone_1(),
+                vec![distributed("PreferClose")],
+                vec![web_slice(&endpoints)],
+            );
+            assert_eq!(
+                backends_of(&output, key("10.0.0.1", 80)),
+                backends(&["10.1.0.1", "10.1.0.3", "10.1.0.4"])
+            );
+        }
+
+        #[test]
+        fn health_check_counts_ignore_topology() {
+            let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
+            let spec = spec_mut(&mut svc);
+            spec.traffic_distribution = Some("PreferClose".into());
+            spec.external_traffic_policy = Some("Local".into());
+            spec.health_check_node_port = Some(31000);
+            let endpoints = [
+                for_zones(endpoint_on("10.1.0.1", "node-a"), &["zone-2"]),
+                for_zones(endpoint_on("10.1.0.2", "node-b"), &["zone-1"]),
+            ];
+            let output = build_on(zone_1(), vec![svc], vec![web_slice(&endpoints)]);
+            let checks: Vec<usize> = output
+                .health_check_node_ports
+                .values()
+                .map(|check| check.local_endpoints)
+                .collect();
+            assert_eq!(checks, vec![1]);
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Property tests: the model survives any input, does not depend on input
 //! order, and its diffs are exact.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -8,7 +8,10 @@ use k8s_openapi::{
             ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, Service, ServicePort,
             ServiceSpec, ServiceStatus, SessionAffinityConfig,
         },
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
+            ForZone,
+        },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -16,9 +19,15 @@ use proptest::{collection::vec, option, prelude::*, test_runner::FileFailurePers
 
 use super::{
     Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
-    Protocol, ServiceName, ServiceTable, build_table, test_support::apply,
-    validate::SERVICE_NAME_LABEL, validate::SERVICE_PROXY_NAME_LABEL, validate_endpoint_slice,
-    validate_node, validate_service,
+    Protocol, ServiceName, ServiceTable, build_table,
+    test_support::{
+        apply, node as test_node, node_in_zone, slice, slice_port, spec_mut, typed_service,
+    },
+    validate::{
+        SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, TOPOLOGY_AWARE_HINTS_ANNOTATION,
+        TOPOLOGY_MODE_ANNOTATION, ZONE_LABEL,
+    },
+    validate_endpoint_slice, validate_node, validate_service,
 };
 
 /// Modest case counts keep the suite fast on small machines; failures are
@@ -167,6 +176,24 @@ struct ServiceExtras {
     source_ranges: Option<Vec<String>>,
     health_check_node_port: Option<i32>,
     ingress: Option<Vec<LoadBalancerIngress>>,
+    traffic_distribution: Option<String>,
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+/// The topology annotations, with values that turn hints on, off, or are
+/// unknown.
+fn topology_annotations() -> impl Strategy<Value = BTreeMap<String, String>> {
+    let value = || text(&["Auto", "auto", "Disabled", "", "Custom"]);
+    (option::of(value()), option::of(value())).prop_map(|(mode, hints)| {
+        let mut annotations = BTreeMap::new();
+        if let Some(mode) = mode {
+            annotations.insert(TOPOLOGY_MODE_ANNOTATION.to_owned(), mode);
+        }
+        if let Some(hints) = hints {
+            annotations.insert(TOPOLOGY_AWARE_HINTS_ANNOTATION.to_owned(), hints);
+        }
+        annotations
+    })
 }
 
 fn service_extras() -> impl Strategy<Value = ServiceExtras> {
@@ -185,6 +212,17 @@ fn service_extras() -> impl Strategy<Value = ServiceExtras> {
         ),
         option::weighted(0.3, prop_oneof![8 => 31000..31002i32, 1 => any::<i32>()]),
         option::weighted(0.6, vec(load_balancer_ingress(), 0..3)),
+        option::weighted(
+            0.4,
+            text(&[
+                "PreferClose",
+                "PreferClose",
+                "PreferSameZone",
+                "PreferSameNode",
+                "Nearby",
+            ]),
+        ),
+        option::weighted(0.3, topology_annotations()),
     )
         .prop_map(
             |(
@@ -196,6 +234,8 @@ fn service_extras() -> impl Strategy<Value = ServiceExtras> {
                 source_ranges,
                 health_check_node_port,
                 ingress,
+                traffic_distribution,
+                annotations,
             )| ServiceExtras {
                 external_ips,
                 internal_traffic_policy,
@@ -205,6 +245,8 @@ fn service_extras() -> impl Strategy<Value = ServiceExtras> {
                 source_ranges,
                 health_check_node_port,
                 ingress,
+                traffic_distribution,
+                annotations,
             },
         )
 }
@@ -252,7 +294,8 @@ fn service() -> impl Strategy<Value = Service> {
         option::weighted(0.95, service_spec()),
         service_extras(),
     )
-        .prop_map(|(metadata, spec, extras)| {
+        .prop_map(|(mut metadata, spec, extras)| {
+            metadata.annotations = extras.annotations;
             let spec = spec.map(|spec| ServiceSpec {
                 external_ips: extras.external_ips,
                 internal_traffic_policy: extras.internal_traffic_policy,
@@ -267,6 +310,7 @@ fn service() -> impl Strategy<Value = Service> {
                 }),
                 load_balancer_source_ranges: extras.source_ranges,
                 health_check_node_port: extras.health_check_node_port,
+                traffic_distribution: extras.traffic_distribution,
                 ..spec
             });
             let status = extras.ingress.map(|ingress| ServiceStatus {
@@ -295,6 +339,23 @@ fn endpoint_port() -> impl Strategy<Value = EndpointPort> {
     })
 }
 
+/// Topology hints: mostly zones (sometimes none, so that hints are
+/// incomplete), some nodes, and empty names.
+fn endpoint_hints() -> impl Strategy<Value = EndpointHints> {
+    let zones = || text(&["zone-1", "zone-1", "zone-2", ""]);
+    (
+        option::weighted(
+            0.9,
+            prop_oneof![8 => vec(zones(), 1..3), 1 => vec(zones(), 0..1)],
+        ),
+        option::weighted(0.3, vec(text(&["node-a", "node-b", ""]), 0..3)),
+    )
+        .prop_map(|(zones, nodes)| EndpointHints {
+            for_zones: zones.map(|zones| zones.into_iter().map(|name| ForZone { name }).collect()),
+            for_nodes: nodes.map(|nodes| nodes.into_iter().map(|name| ForNode { name }).collect()),
+        })
+}
+
 fn endpoint(address_type: &str) -> impl Strategy<Value = Endpoint> + use<> {
     (
         prop_oneof![8 => vec(address_text(address_type), 1..2), 1 => vec(ip_text(), 0..3)],
@@ -304,8 +365,9 @@ fn endpoint(address_type: &str) -> impl Strategy<Value = Endpoint> + use<> {
             option::of(any::<bool>()),
         )),
         option::weighted(0.6, text(&["node-a", "node-b", ""])),
+        option::weighted(0.7, endpoint_hints()),
     )
-        .prop_map(|(addresses, conditions, node_name)| Endpoint {
+        .prop_map(|(addresses, conditions, node_name, hints)| Endpoint {
             addresses,
             conditions: conditions.map(|(ready, serving, terminating)| EndpointConditions {
                 ready,
@@ -313,6 +375,7 @@ fn endpoint(address_type: &str) -> impl Strategy<Value = Endpoint> + use<> {
                 terminating,
             }),
             node_name,
+            hints,
             ..Endpoint::default()
         })
 }
@@ -343,13 +406,18 @@ fn endpoint_slice() -> impl Strategy<Value = EndpointSlice> {
 }
 
 fn node() -> impl Strategy<Value = Node> {
-    mostly(text(&["node-a", "node-b", ""])).prop_map(|name| Node {
-        metadata: ObjectMeta {
-            name,
-            ..ObjectMeta::default()
-        },
-        ..Node::default()
-    })
+    (
+        mostly(text(&["node-a", "node-b", ""])),
+        mostly(text(&["zone-1", "zone-1", "zone-2", ""])),
+    )
+        .prop_map(|(name, zone)| Node {
+            metadata: ObjectMeta {
+                name,
+                labels: zone.map(|zone| BTreeMap::from([(ZONE_LABEL.to_owned(), zone)])),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        })
 }
 
 /// A slice written for one of `services` (its namespace, name label and
@@ -466,6 +534,68 @@ fn state_and_shuffled() -> impl Strategy<Value = (ClusterState, ClusterState)> {
     })
 }
 
+/// A state made for topology: one NodePort Service (random traffic policies,
+/// usually asking for topology-aware routing), slices of random endpoints
+/// for it, and random Nodes beside node-a, where this agent runs. In half
+/// the states every endpoint has a zone hint, as hints are otherwise rarely
+/// complete.
+fn topology_state() -> impl Strategy<Value = (ClusterState, ModelConfig)> {
+    let request = option::weighted(
+        0.8,
+        text(&["PreferClose", "PreferSameZone", "PreferSameNode"]),
+    );
+    let slices = vec(vec(endpoint("IPv4"), 1..6), 1..3);
+    let our_zone = option::weighted(0.9, text(&["zone-1", "zone-2", ""]));
+    (
+        request,
+        traffic_policy(),
+        traffic_policy(),
+        slices,
+        any::<bool>(),
+        our_zone,
+        vec(node(), 0..2),
+    )
+        .prop_map(
+            |(request, internal, external, slices, complete, our_zone, mut nodes)| {
+                let mut svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 30080);
+                let spec = spec_mut(&mut svc);
+                spec.traffic_distribution = request;
+                spec.internal_traffic_policy = internal;
+                spec.external_traffic_policy = external;
+                let slices = slices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut endpoints)| {
+                        if complete {
+                            for (j, endpoint) in endpoints.iter_mut().enumerate() {
+                                let hints =
+                                    endpoint.hints.get_or_insert_with(EndpointHints::default);
+                                let zones = hints.for_zones.get_or_insert_with(Vec::new);
+                                if zones.iter().all(|zone| zone.name.is_empty()) {
+                                    let name = if (i + j) % 3 == 0 { "zone-2" } else { "zone-1" };
+                                    zones.push(ForZone {
+                                        name: name.to_owned(),
+                                    });
+                                }
+                            }
+                        }
+                        let name = format!("web-{i}");
+                        let port = [slice_port("", 8080, "")];
+                        slice("ns", &name, "web", "IPv4", &port, &endpoints)
+                    })
+                    .collect();
+                nodes.push(match our_zone {
+                    Some(zone) => node_in_zone("node-a", &zone),
+                    None => test_node("node-a"),
+                });
+                let cfg = ModelConfig {
+                    node_name: "node-a".to_owned(),
+                };
+                (ClusterState::new(vec![svc], slices, nodes), cfg)
+            },
+        )
+}
+
 fn model_config() -> impl Strategy<Value = ModelConfig> {
     text(&["node-a", ""]).prop_map(|node_name| ModelConfig { node_name })
 }
@@ -547,6 +677,29 @@ fn service_table() -> impl Strategy<Value = ServiceTable> {
     })
 }
 
+/// The same state with every topology hint removed.
+fn without_hints(state: &ClusterState) -> ClusterState {
+    let endpoint_slices = state
+        .endpoint_slices
+        .iter()
+        .map(|slice| {
+            let mut slice = (**slice).clone();
+            for endpoint in slice.endpoints.iter_mut().flatten() {
+                endpoint.hints = None;
+            }
+            Arc::new(slice)
+        })
+        .collect();
+    ClusterState {
+        endpoint_slices,
+        ..state.clone()
+    }
+}
+
+fn is_subset<T: Ord>(small: &[T], large: &[T]) -> bool {
+    small.iter().all(|item| large.binary_search(item).is_ok())
+}
+
 fn is_strictly_sorted<T: Ord>(items: &[T]) -> bool {
     items.windows(2).all(|pair| pair[0] < pair[1])
 }
@@ -612,7 +765,8 @@ proptest! {
             prop_assert!(
                 validated.contains(rejection)
                     || rejection.reason.contains("is already claimed by")
-                    || rejection.reason.contains("share this namespace/name"),
+                    || rejection.reason.contains("share this namespace/name")
+                    || rejection.reason.contains("Node objects share this name"),
                 "unexplained {:?}",
                 rejection
             );
@@ -626,6 +780,52 @@ proptest! {
         cfg in model_config(),
     ) {
         prop_assert_eq!(build_table(&state, &cfg), build_table(&shuffled, &cfg));
+    }
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Topology hints only narrow a cluster-wide set of backends, never
+    /// empty it, and never touch a node-local one; the order of endpoints
+    /// and Nodes does not matter.
+    #[test]
+    fn topology_only_narrows_cluster_wide_backends((state, cfg) in topology_state()) {
+        let hinted = build_table(&state, &cfg);
+        let plain = build_table(&without_hints(&state), &cfg);
+        // The slices, their endpoints and the Nodes in reverse order.
+        let mut reversed = state.clone();
+        reversed.nodes.reverse();
+        reversed.endpoint_slices.reverse();
+        for slice in &mut reversed.endpoint_slices {
+            let mut changed = (**slice).clone();
+            changed.endpoints.iter_mut().for_each(|endpoints| endpoints.reverse());
+            *slice = Arc::new(changed);
+        }
+        // (Rejections name endpoints by position, so only the table compares.)
+        prop_assert_eq!(&build_table(&reversed, &cfg).table, &hinted.table);
+        let keys = |output: &super::BuildOutput| -> Vec<FrontendKey> {
+            output.table.iter().map(|(key, _)| *key).collect()
+        };
+        prop_assert_eq!(keys(&hinted), keys(&plain));
+        prop_assert_eq!(&hinted.health_check_node_ports, &plain.health_check_node_ports);
+        for (key, with) in hinted.table.iter() {
+            let Some(without) = plain.table.get(key) else { continue };
+            let cluster_wide = [
+                (&with.cluster_backends, &without.cluster_backends),
+                (&with.backends, &without.backends),
+            ];
+            let checked = if with.policy.local_only {
+                prop_assert_eq!(&with.backends, &without.backends, "{:?}", key);
+                &cluster_wide[..1]
+            } else {
+                &cluster_wide[..]
+            };
+            for (narrowed, all) in checked {
+                prop_assert!(is_subset(narrowed, all), "{:?}: {:?} {:?}", key, narrowed, all);
+                prop_assert_eq!(narrowed.is_empty(), all.is_empty(), "{:?}", key);
+            }
+        }
     }
 }
 

@@ -7,14 +7,18 @@ use k8s_openapi::{
             LoadBalancerIngress, LoadBalancerStatus, Node, Service, ServicePort, ServiceSpec,
             ServiceStatus,
         },
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
+            ForZone,
+        },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use super::{
     Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
-    Protocol, ServiceName, ServiceTable, TableDiff, validate::SERVICE_NAME_LABEL,
+    Protocol, ServiceName, ServiceTable, TableDiff,
+    validate::{SERVICE_NAME_LABEL, ZONE_LABEL},
 };
 
 pub fn ip(text: &str) -> IpAddr {
@@ -204,6 +208,34 @@ pub fn terminating_on(address: &str, node: &str) -> Endpoint {
     endpoint_full(address, Some(false), Some(true), Some(true), node)
 }
 
+/// `endpoint` with `hints.forZones` naming `zones`.
+pub fn for_zones(mut endpoint: Endpoint, zones: &[&str]) -> Endpoint {
+    let hints = endpoint.hints.get_or_insert_with(EndpointHints::default);
+    hints.for_zones = Some(
+        zones
+            .iter()
+            .map(|zone| ForZone {
+                name: (*zone).into(),
+            })
+            .collect(),
+    );
+    endpoint
+}
+
+/// `endpoint` with `hints.forNodes` naming `nodes`.
+pub fn for_nodes(mut endpoint: Endpoint, nodes: &[&str]) -> Endpoint {
+    let hints = endpoint.hints.get_or_insert_with(EndpointHints::default);
+    hints.for_nodes = Some(
+        nodes
+            .iter()
+            .map(|node| ForNode {
+                name: (*node).into(),
+            })
+            .collect(),
+    );
+    endpoint
+}
+
 /// An EndpointSlice labelled for `service` in `namespace`.
 pub fn slice(
     namespace: &str,
@@ -253,6 +285,13 @@ pub fn node(name: &str) -> Node {
         },
         ..Node::default()
     }
+}
+
+/// A Node labelled with `zone` (`topology.kubernetes.io/zone`).
+pub fn node_in_zone(name: &str, zone: &str) -> Node {
+    let mut node = node(name);
+    node.metadata.labels = Some(BTreeMap::from([(ZONE_LABEL.to_owned(), zone.to_owned())]));
+    node
 }
 
 /// Object metadata; "" leaves namespace or name unset.

@@ -28,6 +28,13 @@ use super::{Protocol, Rejection, ServiceName};
 pub(super) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Links an EndpointSlice to the Service (same namespace) it serves.
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The zone of a Node, which topology hints name.
+pub(super) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Asks for topology-aware routing ("Auto"); read before the older one.
+pub(super) const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// The older spelling of [`TOPOLOGY_MODE_ANNOTATION`].
+pub(super) const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str =
+    "service.kubernetes.io/topology-aware-hints";
 
 const SERVICE: &str = "Service";
 const ENDPOINT_SLICE: &str = "EndpointSlice";
@@ -110,6 +117,10 @@ pub(super) struct ServicePlan {
     /// `spec.healthCheckNodePort` of a NodePort or LoadBalancer Service with
     /// `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
+    /// The Service asks for topology-aware routing (`spec.trafficDistribution`
+    /// or the topology annotations): its cluster-wide endpoint set follows
+    /// the endpoints' hints when they allow it.
+    pub topology: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,6 +165,10 @@ pub(super) struct EndpointPlan {
     pub serving_terminating: bool,
     /// `nodeName`, when set and not empty.
     pub node_name: Option<String>,
+    /// `hints.forZones[].name`: sorted, without duplicates or empty names.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`: sorted, without duplicates or empty names.
+    pub node_hints: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,6 +228,7 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
     // Ports are checked even when the cluster IPs are bad, so one pass over a
     // broken manifest reports every problem.
     let ports = check_service_ports(spec, has_node_ports, &mut reasons);
+    let topology = check_topology(svc, &mut reasons);
 
     // Values the API server refuses outright reject the whole Service, as
     // the API server would: serving it without its affinity or with another
@@ -317,8 +333,49 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
         affinity_timeout_secs,
         source_ranges,
         health_check_node_port,
+        topology,
     };
     into_check(reasons, Some(plan))
+}
+
+/// Whether the Service asks for topology-aware routing. Like kube-proxy,
+/// `topology-mode` is read first and `topology-aware-hints` only when it is
+/// absent or empty, and only "Auto" or "auto" turns hints on. Values the
+/// model does not know are reported and ignored, not held against the
+/// Service: both fields are preferences, which a proxy may leave unmet.
+fn check_topology(svc: &Service, reasons: &mut Vec<String>) -> bool {
+    let annotations = svc.metadata.annotations.as_ref();
+    let annotation = [TOPOLOGY_MODE_ANNOTATION, TOPOLOGY_AWARE_HINTS_ANNOTATION]
+        .into_iter()
+        .find_map(|key| {
+            let value = annotations?.get(key).filter(|value| !value.is_empty())?;
+            Some((key, value.as_str()))
+        });
+    let by_annotation = match annotation {
+        None | Some((_, "Disabled" | "disabled")) => false,
+        Some((_, "Auto" | "auto")) => true,
+        Some((key, other)) => {
+            reasons.push(format!(
+                "metadata.annotations[{key}]: {other:?} is not Auto or Disabled; \
+                 topology hints are not used for it"
+            ));
+            false
+        }
+    };
+    let spec = svc.spec.as_ref();
+    let by_distribution = match spec.and_then(|spec| spec.traffic_distribution.as_deref()) {
+        None => false,
+        // PreferClose is the older name of PreferSameZone.
+        Some("PreferClose" | "PreferSameZone" | "PreferSameNode") => true,
+        Some(other) => {
+            reasons.push(format!(
+                "spec.trafficDistribution: {other:?} is not PreferClose, PreferSameZone or \
+                 PreferSameNode; it is ignored"
+            ));
+            false
+        }
+    };
+    by_annotation || by_distribution
 }
 
 /// The default and the bounds the API server applies to
@@ -597,11 +654,17 @@ pub(super) fn check_endpoint_slice(slice: &EndpointSlice) -> SliceCheck {
         .filter_map(|(i, endpoint)| {
             let ip = check_endpoint(i, endpoint, family, &mut reasons)?;
             let (ready, serving_terminating) = conditions(endpoint);
-            (ready || serving_terminating).then(|| EndpointPlan {
+            if !(ready || serving_terminating) {
+                return None;
+            }
+            let (zone_hints, node_hints) = check_hints(i, endpoint, &mut reasons);
+            Some(EndpointPlan {
                 ip,
                 ready,
                 serving_terminating,
                 node_name: endpoint.node_name.clone().filter(|name| !name.is_empty()),
+                zone_hints,
+                node_hints,
             })
         })
         .collect();
@@ -699,6 +762,44 @@ fn check_endpoint(
         return None;
     }
     first
+}
+
+/// The zone and node names an endpoint is hinted for (sorted, without
+/// duplicates). An empty name is reported and counts as no hint, so an
+/// endpoint whose only hint is empty lacks hints (and so turns topology off
+/// for its Service) rather than being meant for a zone called "".
+fn check_hints(
+    index: usize,
+    endpoint: &Endpoint,
+    reasons: &mut Vec<String>,
+) -> (Vec<String>, Vec<String>) {
+    let Some(hints) = &endpoint.hints else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut names = |field: &str, given: &mut dyn Iterator<Item = &String>| {
+        let mut kept = Vec::new();
+        for (i, name) in given.enumerate() {
+            if name.is_empty() {
+                reasons.push(format!(
+                    "endpoints[{index}].hints.{field}[{i}].name: empty; the hint is ignored"
+                ));
+            } else {
+                kept.push(name.clone());
+            }
+        }
+        kept.sort();
+        kept.dedup();
+        kept
+    };
+    let zones = names(
+        "forZones",
+        &mut hints.for_zones.iter().flatten().map(|zone| &zone.name),
+    );
+    let nodes = names(
+        "forNodes",
+        &mut hints.for_nodes.iter().flatten().map(|node| &node.name),
+    );
+    (zones, nodes)
 }
 
 /// Ranges the API server refuses as endpoint addresses (its
