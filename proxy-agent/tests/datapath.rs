@@ -26,6 +26,7 @@ use proxy_common::{PROG_EGRESS, PROG_INGRESS, stat};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: [u8; 4] = [10, 0, 0, 7];
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -449,14 +450,40 @@ fn a_udp_flow_to_a_removed_backend_moves_to_a_live_one() {
 }
 
 #[test]
-fn a_service_without_backends_drops_and_a_deleted_one_passes() {
+fn a_service_without_backends_rejects_and_a_deleted_one_passes() {
     let mut f = Fixture::new();
     let mut table = ServiceTable::new();
     table.insert(key(VIP, 80, Protocol::Tcp), frontend(&[], TARGET_PORT));
     f.set_table(table);
-    let (verdict, _) = f.ingress(&tcp(CLIENT, 42000, VIP, 80, Tcp::Syn));
+    // The SYN comes back as a RST+ACK from the VIP, out of the interface it
+    // arrived on, so the client fails at once.
+    let (verdict, out) = f.ingress(&tcp(CLIENT, 42000, VIP, 80, Tcp::Syn));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        inspect(&out),
+        Seen {
+            src: VIP,
+            dst: CLIENT,
+            sport: 80,
+            dport: 42000
+        }
+    );
+    let sliced = SlicedPacket::from_ethernet(&out).expect("output parses");
+    let Some(TransportSlice::Tcp(rst)) = sliced.transport else {
+        panic!("not TCP")
+    };
+    assert!(rst.rst() && rst.ack() && !rst.syn(), "RST+ACK");
+    assert_eq!(rst.acknowledgment_number(), 1001, "acknowledges the SYN");
+    assert_eq!(rst.sequence_number(), 0);
+    assert_eq!(
+        &out[0..12],
+        &[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2][..],
+        "MACs swapped"
+    );
+    assert_eq!(f.stat(stat::REJECT), 1);
+    // A later non-SYN packet of such a connection is dropped, not answered.
+    let (verdict, _) = f.ingress(&tcp(CLIENT, 42000, VIP, 80, Tcp::Ack));
     assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(f.stat(stat::DROP_NO_BACKEND), 1);
 
     f.set_table(ServiceTable::new());
     let packet = tcp(CLIENT, 42001, VIP, 80, Tcp::Syn);

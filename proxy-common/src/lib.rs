@@ -24,16 +24,37 @@ pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX - 1;
 pub const SERVICES_MAX_ENTRIES: u32 = 1_048_576;
 pub const BACKENDS_MAX_ENTRIES: u32 = 524_288;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
+pub const AFFINITY_MAX_ENTRIES: u32 = 131_072;
+pub const MEMBERS_MAX_ENTRIES: u32 = 524_288;
+pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
+pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
 
 /// Names of the maps, as pinned under `<bpf-root>/maps/`.
 pub const MAP_SERVICES: &str = "PA_SERVICES";
 pub const MAP_BACKENDS: &str = "PA_BACKENDS";
 pub const MAP_CONNTRACK: &str = "PA_CONNTRACK";
 pub const MAP_STATS: &str = "PA_STATS";
+pub const MAP_AFFINITY: &str = "PA_AFFINITY";
+pub const MAP_MEMBERS: &str = "PA_MEMBERS";
+pub const MAP_SOURCE_RANGES: &str = "PA_SOURCE_RANGES";
+pub const MAP_NODE_ADDRS: &str = "PA_NODE_ADDRS";
+pub const MAP_CONFIG: &str = "PA_CONFIG";
+pub const MAP_PROGS: &str = "PA_PROGS";
 
 /// Names of the TC programs in the object file.
 pub const PROG_INGRESS: &str = "pa_ingress";
 pub const PROG_EGRESS: &str = "pa_egress";
+/// Tail-called by `pa_ingress` for a packet of no known flow: service
+/// lookup, backend choice, connection-tracking entries, masquerade.
+pub const PROG_NEW_FLOW: &str = "pa_new_flow";
+/// Tail-called by `pa_new_flow` for a service with no usable endpoint.
+pub const PROG_REJECT: &str = "pa_reject";
+
+/// Slots of the program array (`MAP_PROGS`). The stages are separate
+/// programs so that each is verified, and gets its stack, on its own.
+pub const TAIL_NEW_FLOW: u32 = 0;
+pub const TAIL_REJECT: u32 = 1;
+pub const TAIL_SLOTS: u32 = 2;
 /// An empty TC program: the floor of the per-packet benchmark harness.
 pub const PROG_FLOOR: &str = "pa_floor";
 
@@ -55,14 +76,38 @@ pub struct ServiceKey {
     pub port: u16,
     pub proto: u8,
     pub family: u8,
-    /// Reserved for traffic-policy scopes (external / internal view).
+    /// [`SCOPE_EXTERNAL`] or [`SCOPE_INTERNAL`].
     pub scope: u8,
     pub _pad0: u8,
     pub slot: u16,
 }
 
-/// Value of the services map. Slot 0 uses `count` and `flags`; backend slots
-/// use `backend_id`.
+/// The view every frontend has: the backends its traffic policy allows.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// A second view of an external frontend with `externalTrafficPolicy:
+/// Local`: the cluster-wide backends, for clients inside the cluster CIDR
+/// (kube-proxy short-circuits pod traffic to external IPs the same way).
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// Flags of a service entry (slot 0).
+/// External frontend (NodePort, externalIP, LoadBalancer).
+pub const SVC_EXTERNAL: u32 = 1 << 0;
+/// Traffic policy Local: the client's source is kept.
+pub const SVC_LOCAL: u32 = 1 << 1;
+/// Session affinity ClientIP; `affinity_timeout_secs` holds the timeout.
+pub const SVC_AFFINITY: u32 = 1 << 2;
+/// `loadBalancerSourceRanges` apply; the ranges are in the source-ranges map
+/// under `svc_id`.
+pub const SVC_SOURCE_RANGES: u32 = 1 << 3;
+/// A [`SCOPE_INTERNAL`] entry exists for clients inside the cluster CIDR.
+pub const SVC_INTERNAL_SCOPE: u32 = 1 << 4;
+/// With no backend in this view, drop instead of rejecting: the service has
+/// endpoints, only not here (a Local policy with no local endpoint).
+pub const SVC_DROP_EMPTY: u32 = 1 << 5;
+
+/// Value of the services map. Slot 0 (the service entry) uses `count`,
+/// `flags`, `affinity_timeout_secs` and `svc_id`; backend slots use
+/// `backend_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
@@ -70,6 +115,10 @@ pub struct ServiceValue {
     pub count: u16,
     pub _pad0: u16,
     pub flags: u32,
+    pub affinity_timeout_secs: u32,
+    /// Identifies this frontend view (frontend key and scope) in the
+    /// affinity, members and source-ranges maps.
+    pub svc_id: u32,
     pub _pad1: u32,
 }
 
@@ -89,8 +138,17 @@ pub struct BackendValue {
 }
 
 /// Direction tags of connection-tracking keys.
+/// Client -> frontend, seen at ingress; the value is the backend.
 pub const CT_FORWARD: u8 = 0;
+/// Backend -> client, seen at egress; the value is the frontend, restored as
+/// the source.
 pub const CT_REPLY: u8 = 1;
+/// Client -> backend of a masqueraded flow, seen at egress after the DNAT;
+/// the value is the node address and port the source becomes.
+pub const CT_SNAT_OUT: u8 = 2;
+/// Backend -> node address and port of a masqueraded flow, seen at ingress;
+/// the value is the client, restored as the destination.
+pub const CT_SNAT_IN: u8 = 3;
 
 /// Key of the connection-tracking map: the 5-tuple as the packet carries it.
 ///
@@ -112,6 +170,11 @@ pub struct CtKey {
 /// Connection-tracking flags.
 pub const CT_FLAG_SEEN_FIN: u16 = 1 << 0;
 pub const CT_FLAG_SEEN_RST: u16 = 1 << 1;
+/// The flow is masqueraded (it has `CT_SNAT_OUT`/`CT_SNAT_IN` entries).
+pub const CT_FLAG_SNAT: u16 = 1 << 2;
+/// The flow's service has session affinity: its packets keep the client's
+/// affinity entry fresh.
+pub const CT_FLAG_AFFINITY: u16 = 1 << 3;
 
 /// Value of the connection-tracking map.
 ///
@@ -127,9 +190,97 @@ pub struct CtValue {
     pub nat_port: u16,
     pub flags: u16,
     pub backend_id: BackendId,
+    /// The frontend view (`ServiceValue::svc_id`) the flow was sent through.
+    pub svc_id: u32,
+    pub _pad0: u32,
     /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
 }
+
+/// Key of the affinity map: a client of one frontend view.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub family: u8,
+    pub _pad0: [u8; 3],
+    pub client: Addr,
+}
+
+/// Value of the affinity map: the backend a client was last sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityValue {
+    pub backend_id: BackendId,
+    pub _pad0: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Key of the members map: a backend of a frontend view with affinity. An
+/// affinity entry is used only while its backend is still a member, so a
+/// client never returns to a backend that left.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MemberKey {
+    pub svc_id: u32,
+    pub backend_id: BackendId,
+}
+
+/// Data of the source-ranges LPM trie key (the prefix length counts the
+/// 32 bits of `svc_id`, then address bits). An IPv4 range uses the first
+/// four bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceRangeKey {
+    /// Big-endian, so that it is the leading 32 bits of the trie key.
+    pub svc_id_be: u32,
+    pub addr: Addr,
+}
+
+/// Key of the node-addresses map: an address of this node NodePorts are
+/// served on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NodeAddrKey {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad0: [u8; 3],
+}
+
+/// Flags of [`NodeConfig`].
+pub const CFG_SNAT_V4: u32 = 1 << 0;
+pub const CFG_SNAT_V6: u32 = 1 << 1;
+pub const CFG_CLUSTER_V4: u32 = 1 << 2;
+pub const CFG_CLUSTER_V6: u32 = 1 << 3;
+pub const CFG_MASQUERADE_ALL: u32 = 1 << 4;
+
+/// The single entry of the config array: the node's network facts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NodeConfig {
+    /// Source address of masqueraded traffic, per family.
+    pub snat_v4: Addr,
+    pub snat_v6: Addr,
+    /// The cluster (pod) CIDR per family, and prefix lengths.
+    pub cluster_v4: Addr,
+    pub cluster_v6: Addr,
+    pub cluster_v4_len: u8,
+    pub cluster_v6_len: u8,
+    pub _pad0: u16,
+    pub flags: u32,
+    /// Masquerade source ports, inclusive, host byte order.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad1: u32,
+}
+
+/// Default masquerade port range: above Linux's default ephemeral range
+/// (32768-60999), so masqueraded flows never collide with the node's own
+/// connections, and clear of the NodePort range.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+/// Ports tried for one new masqueraded flow before giving up.
+pub const SNAT_PORT_ATTEMPTS: u32 = 32;
 
 /// Lifetimes of connection-tracking entries, in nanoseconds.
 pub const CT_LIFETIME_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
@@ -154,7 +305,20 @@ pub mod stat {
     pub const ERR_REWRITE: u32 = 10;
     pub const PASS_IPV6: u32 = 11;
     pub const PASS_NO_REPLY: u32 = 12;
-    pub const COUNT: u32 = 16;
+    pub const DROP_SOURCE_RANGE: u32 = 13;
+    pub const REJECT: u32 = 14;
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 15;
+    pub const AFFINITY_HIT: u32 = 16;
+    pub const SNAT_NEW: u32 = 17;
+    pub const DROP_SNAT_EXHAUSTED: u32 = 18;
+    pub const SNAT_OUT: u32 = 19;
+    pub const SNAT_IN: u32 = 20;
+    pub const PASS_NO_SNAT_ADDRESS: u32 = 21;
+    pub const ERR_REJECT: u32 = 22;
+    /// A tail call to the next stage failed (its slot is empty): the
+    /// program array was not filled, which only a broken load can cause.
+    pub const ERR_TAIL_CALL: u32 = 23;
+    pub const COUNT: u32 = 32;
 
     /// Human names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -171,9 +335,25 @@ pub mod stat {
         "err_rewrite",
         "pass_ipv6",
         "pass_no_reply",
-        "unused13",
-        "unused14",
-        "unused15",
+        "drop_source_range",
+        "reject",
+        "drop_no_local_backend",
+        "affinity_hit",
+        "snat_new",
+        "drop_snat_exhausted",
+        "snat_out",
+        "snat_in",
+        "pass_no_snat_address",
+        "err_reject",
+        "err_tail_call",
+        "unused24",
+        "unused25",
+        "unused26",
+        "unused27",
+        "unused28",
+        "unused29",
+        "unused30",
+        "unused31",
     ];
 }
 
@@ -191,6 +371,18 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MemberKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SourceRangeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NodeAddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NodeConfig {}
 }
 
 #[cfg(test)]
@@ -201,9 +393,15 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1 + 1 + 1 + 2);
-        assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 4 + 4);
+        assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<BackendValue>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<CtKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 1 + 1);
-        assert_eq!(size_of::<CtValue>(), 16 + 2 + 2 + 4 + 8);
+        assert_eq!(size_of::<CtValue>(), 16 + 2 + 2 + 4 + 4 + 4 + 8);
+        assert_eq!(size_of::<AffinityKey>(), 4 + 1 + 3 + 16);
+        assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
+        assert_eq!(size_of::<MemberKey>(), 8);
+        assert_eq!(size_of::<SourceRangeKey>(), 4 + 16);
+        assert_eq!(size_of::<NodeAddrKey>(), 16 + 1 + 3);
+        assert_eq!(size_of::<NodeConfig>(), 4 * 16 + 1 + 1 + 2 + 4 + 2 + 2 + 4);
     }
 }

@@ -7,7 +7,7 @@
 //! slots are written before the count that exposes them, and surplus slots
 //! and unused backends are removed after it.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -15,19 +15,26 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::SchedClassifier,
 };
+use ipnet::IpNet;
 use proxy_common::{
-    Addr, BackendId, BackendValue, CT_FORWARD, CT_REPLY, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, PROG_EGRESS,
-    PROG_INGRESS, ServiceKey, ServiceValue, stat,
+    Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6,
+    CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_SNAT_IN,
+    CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
+    MAP_CONNTRACK, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES, MAP_SOURCE_RANGES,
+    MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS,
+    PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL,
+    SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, TAIL_NEW_FLOW, TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
-use crate::model::{
-    Backend, Frontend, FrontendKey, FrontendKind, Protocol, ServiceTable, TableDiff,
-};
+use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, TableDiff};
 
 pub mod attach;
 pub mod bpffs;
@@ -43,7 +50,21 @@ pub fn object() -> &'static [u8] {
     OBJECT
 }
 
-const PINNED_MAPS: [&str; 4] = [MAP_SERVICES, MAP_BACKENDS, MAP_CONNTRACK, MAP_STATS];
+/// Every map is pinned, the program array too: its slots are cleared when
+/// the last user reference to it goes, and the attached programs, which
+/// outlive the agent, need them.
+const PINNED_MAPS: [&str; 10] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_CONNTRACK,
+    MAP_AFFINITY,
+    MAP_MEMBERS,
+    MAP_SOURCE_RANGES,
+    MAP_NODE_ADDRS,
+    MAP_CONFIG,
+    MAP_STATS,
+    MAP_PROGS,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -75,6 +96,8 @@ pub enum EbpfError {
     Rtnetlink(String),
     #[error("no free backend ID left")]
     BackendIdsExhausted,
+    #[error("no free frontend ID left")]
+    ServiceIdsExhausted,
     #[error("frontend {0} has {1} backends; at most {max} fit", max = MAX_BACKENDS_PER_SERVICE)]
     TooManyBackends(String, usize),
 }
@@ -105,14 +128,14 @@ fn addr_of(ip: IpAddr) -> (Addr, u8) {
     }
 }
 
-fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
+fn service_key(key: &FrontendKey, scope: u8, slot: u16) -> ServiceKey {
     let (addr, family) = addr_of(key.ip);
     ServiceKey {
         addr,
         port: key.port.to_be(),
         proto: key.protocol.number(),
         family,
-        scope: 0,
+        scope,
         _pad0: 0,
         slot,
     }
@@ -129,17 +152,137 @@ fn backend_value(b: &BackendRef) -> BackendValue {
     }
 }
 
-fn slot_value(backend_id: BackendId) -> ServiceValue {
-    ServiceValue {
-        backend_id,
-        ..Default::default()
+fn frontend_name(key: &FrontendKey) -> String {
+    format!("{}:{}/{}", key.ip, key.port, key.protocol)
+}
+
+/// The views of a frontend the datapath keeps: every frontend has the
+/// external one (its traffic policy's backends); an external frontend with
+/// the Local policy also has the internal one (cluster-wide backends) for
+/// clients inside the cluster CIDR.
+fn scopes_of(frontend: &Frontend) -> &'static [u8] {
+    if frontend.kind.is_external() && frontend.policy.local_only {
+        &[SCOPE_EXTERNAL, SCOPE_INTERNAL]
+    } else {
+        &[SCOPE_EXTERNAL]
     }
 }
 
-fn head_value(count: u16) -> ServiceValue {
-    ServiceValue {
-        count,
-        ..Default::default()
+/// The backends and service-entry flags of one view of a frontend.
+fn view(frontend: &Frontend, scope: u8) -> (&[Backend], u32) {
+    let policy = &frontend.policy;
+    let mut flags = 0;
+    if frontend.kind.is_external() {
+        flags |= SVC_EXTERNAL;
+    }
+    if policy.affinity_timeout_secs.is_some() {
+        flags |= SVC_AFFINITY;
+    }
+    if scope == SCOPE_INTERNAL {
+        return (&frontend.cluster_backends, flags);
+    }
+    if policy.local_only {
+        flags |= SVC_LOCAL;
+        if frontend.backends.is_empty() && !frontend.cluster_backends.is_empty() {
+            flags |= SVC_DROP_EMPTY;
+        }
+        if frontend.kind.is_external() {
+            flags |= SVC_INTERNAL_SCOPE;
+        }
+    }
+    if !policy.source_ranges.is_empty() {
+        flags |= SVC_SOURCE_RANGES;
+    }
+    (&frontend.backends, flags)
+}
+
+/// Key of the source-ranges trie for `range` of frontend view `svc_id`.
+/// A range of the other address family than the frontend can never match,
+/// and is left out (so a frontend whose ranges are all of the other family
+/// admits nobody of its own: a restriction is never widened).
+fn source_range_key(svc_id: u32, family: u8, range: &IpNet) -> Option<LpmKey<SourceRangeKey>> {
+    let (addr, range_family) = addr_of(range.network());
+    if range_family != family {
+        return None;
+    }
+    Some(LpmKey::new(
+        32 + u32::from(range.prefix_len()),
+        SourceRangeKey {
+            svc_id_be: svc_id.to_be(),
+            addr,
+        },
+    ))
+}
+
+/// Everything one frontend puts in the maps (besides its backends).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Entries {
+    services: HashMap<ServiceKey, ServiceValue>,
+    members: HashSet<MemberKey>,
+    ranges: HashSet<SourceRangeSlot>,
+}
+
+/// A source-ranges trie key, hashable for the shadow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SourceRangeSlot {
+    prefix_len: u32,
+    data: SourceRangeKey,
+}
+
+impl SourceRangeSlot {
+    fn key(&self) -> LpmKey<SourceRangeKey> {
+        LpmKey::new(self.prefix_len, self.data)
+    }
+}
+
+/// What this agent wrote for one frontend.
+#[derive(Clone, Debug, Default)]
+struct Programmed {
+    entries: Entries,
+    /// The backends it holds a reference on.
+    backends: Vec<BackendRef>,
+    /// svc_id per scope (index = scope).
+    svc_ids: [Option<u32>; 2],
+}
+
+/// Allocates small integer IDs, reusing freed ones.
+#[derive(Debug)]
+struct IdAllocator {
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Default for IdAllocator {
+    fn default() -> Self {
+        Self {
+            free: Vec::new(),
+            next: 1,
+        }
+    }
+}
+
+impl IdAllocator {
+    fn alloc(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop() {
+            return Some(id);
+        }
+        let id = self.next;
+        self.next = self.next.checked_add(1)?;
+        Some(id)
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.push(id);
+    }
+
+    /// Restarts after IDs `used` were adopted from the kernel: everything
+    /// below the highest one that is not used is free.
+    fn reset(&mut self, used: &BTreeSet<u32>) {
+        self.next = used.iter().next_back().map_or(1, |m| m + 1);
+        self.free = (1..self.next)
+            .filter(|id| !used.contains(id))
+            .rev()
+            .collect();
     }
 }
 
@@ -148,13 +291,19 @@ pub struct EbpfDataplane {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, BackendId, BackendValue>,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
+    members: BpfHashMap<MapData, MemberKey, u32>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    node_addrs: BpfHashMap<MapData, NodeAddrKey, u32>,
+    config: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, u64>,
-    /// Backend IDs in slot order, per programmed frontend.
-    programmed: HashMap<FrontendKey, Vec<BackendId>>,
-    /// Every programmed backend, its ID and how many frontends use it.
+    programmed: HashMap<FrontendKey, Programmed>,
+    /// Every programmed backend, its ID and how many frontend views use it.
     backend_ids: HashMap<BackendRef, (BackendId, usize)>,
-    free_ids: Vec<BackendId>,
-    next_id: BackendId,
+    backend_alloc: IdAllocator,
+    svc_alloc: IdAllocator,
+    /// The node addresses written to the node-addresses map.
+    node_addresses: BTreeSet<IpAddr>,
 }
 
 /// Loads the programs and opens (or creates) the pinned maps under
@@ -199,40 +348,59 @@ pub fn load_unpinned() -> Result<(EbpfDataplane, Ebpf), EbpfError> {
     Ok((dataplane, ebpf))
 }
 
+/// Loads every program, and points the program array's slots at the
+/// tail-called stages (replacing what an earlier run left there).
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
-    for name in [PROG_INGRESS, PROG_EGRESS] {
+    for name in [PROG_INGRESS, PROG_EGRESS, PROG_NEW_FLOW, PROG_REJECT] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(EbpfError::MissingProgram(name))?
             .try_into()?;
         prog.load()?;
     }
+    let mut stages = Vec::new();
+    for (slot, name) in [(TAIL_NEW_FLOW, PROG_NEW_FLOW), (TAIL_REJECT, PROG_REJECT)] {
+        let prog: &SchedClassifier = ebpf
+            .program(name)
+            .ok_or(EbpfError::MissingProgram(name))?
+            .try_into()?;
+        let fd = prog
+            .fd()?
+            .try_clone()
+            .map_err(|e| EbpfError::Io(PathBuf::from(name), e))?;
+        stages.push((slot, fd));
+    }
+    let mut progs = ProgramArray::try_from(
+        ebpf.map_mut(MAP_PROGS)
+            .ok_or(EbpfError::MissingMap(MAP_PROGS))?,
+    )?;
+    for (slot, fd) in &stages {
+        progs.set(*slot, fd, 0)?;
+    }
     Ok(())
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
+    ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
 }
 
 impl EbpfDataplane {
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
-        let services = ebpf
-            .take_map(MAP_SERVICES)
-            .ok_or(EbpfError::MissingMap(MAP_SERVICES))?;
-        let backends = ebpf
-            .take_map(MAP_BACKENDS)
-            .ok_or(EbpfError::MissingMap(MAP_BACKENDS))?;
-        let conntrack = ebpf
-            .take_map(MAP_CONNTRACK)
-            .ok_or(EbpfError::MissingMap(MAP_CONNTRACK))?;
-        let stats = ebpf
-            .take_map(MAP_STATS)
-            .ok_or(EbpfError::MissingMap(MAP_STATS))?;
         Ok(Self {
-            services: BpfHashMap::try_from(services)?,
-            backends: BpfHashMap::try_from(backends)?,
-            conntrack: BpfHashMap::try_from(conntrack)?,
-            stats: PerCpuArray::try_from(stats)?,
+            services: BpfHashMap::try_from(take_map(ebpf, MAP_SERVICES)?)?,
+            backends: BpfHashMap::try_from(take_map(ebpf, MAP_BACKENDS)?)?,
+            conntrack: BpfHashMap::try_from(take_map(ebpf, MAP_CONNTRACK)?)?,
+            affinity: BpfHashMap::try_from(take_map(ebpf, MAP_AFFINITY)?)?,
+            members: BpfHashMap::try_from(take_map(ebpf, MAP_MEMBERS)?)?,
+            source_ranges: LpmTrie::try_from(take_map(ebpf, MAP_SOURCE_RANGES)?)?,
+            node_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_NODE_ADDRS)?)?,
+            config: Array::try_from(take_map(ebpf, MAP_CONFIG)?)?,
+            stats: PerCpuArray::try_from(take_map(ebpf, MAP_STATS)?)?,
             programmed: HashMap::new(),
             backend_ids: HashMap::new(),
-            free_ids: Vec::new(),
-            next_id: 1,
+            backend_alloc: IdAllocator::default(),
+            svc_alloc: IdAllocator::default(),
+            node_addresses: BTreeSet::new(),
         })
     }
 
@@ -253,16 +421,9 @@ impl EbpfDataplane {
         self.conntrack.keys().filter(|k| k.is_ok()).count()
     }
 
-    fn alloc_id(&mut self) -> Result<BackendId, EbpfError> {
-        if let Some(id) = self.free_ids.pop() {
-            return Ok(id);
-        }
-        let id = self.next_id;
-        self.next_id = self
-            .next_id
-            .checked_add(1)
-            .ok_or(EbpfError::BackendIdsExhausted)?;
-        Ok(id)
+    /// Number of session-affinity entries (walks the map; for tests).
+    pub fn affinity_len(&self) -> usize {
+        self.affinity.keys().filter(|k| k.is_ok()).count()
     }
 
     fn acquire(&mut self, b: BackendRef, stats: &mut ApplyStats) -> Result<BackendId, EbpfError> {
@@ -270,7 +431,10 @@ impl EbpfDataplane {
             *refs += 1;
             return Ok(*id);
         }
-        let id = self.alloc_id()?;
+        let id = self
+            .backend_alloc
+            .alloc()
+            .ok_or(EbpfError::BackendIdsExhausted)?;
         self.backends.insert(id, backend_value(&b), 0)?;
         stats.map_writes += 1;
         self.backend_ids.insert(b, (id, 1));
@@ -287,221 +451,379 @@ impl EbpfDataplane {
             self.backend_ids.remove(b);
             remove_ignoring_missing(&mut self.backends, &id)?;
             stats.map_deletes += 1;
-            self.free_ids.push(id);
+            self.backend_alloc.release(id);
         }
         Ok(())
     }
 
-    fn refs_of(key: &FrontendKey, backends: &[Backend]) -> Vec<BackendRef> {
-        backends
-            .iter()
-            .map(|b| BackendRef {
-                ip: b.ip,
-                port: b.port,
-                protocol: key.protocol,
-            })
-            .collect()
-    }
-
-    /// Writes one frontend's slots and head entry, make-before-break.
-    fn program_frontend(
+    /// The entries `frontend` needs, given its views' IDs; acquires (and
+    /// returns) a reference on every backend it uses.
+    fn entries_for(
         &mut self,
         key: &FrontendKey,
-        backends: &[Backend],
-        old: &[Backend],
+        frontend: &Frontend,
+        svc_ids: &[Option<u32>; 2],
         stats: &mut ApplyStats,
-    ) -> Result<(), EbpfError> {
-        if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
-            return Err(EbpfError::TooManyBackends(
-                format!("{}:{}/{:?}", key.ip, key.port, key.protocol),
-                backends.len(),
-            ));
-        }
-        let old_ids = self.programmed.get(key).cloned().unwrap_or_default();
-        let mut new_ids = Vec::with_capacity(backends.len());
-        for b in Self::refs_of(key, backends) {
-            new_ids.push(self.acquire(b, stats)?);
-        }
-        for (i, id) in new_ids.iter().enumerate() {
-            if old_ids.get(i) != Some(id) {
-                self.services
-                    .insert(service_key(key, i as u16 + 1), slot_value(*id), 0)?;
-                stats.map_writes += 1;
-            }
-        }
-        if old_ids.len() != new_ids.len() || !self.programmed.contains_key(key) {
-            self.services
-                .insert(service_key(key, 0), head_value(new_ids.len() as u16), 0)?;
-            stats.map_writes += 1;
-        }
-        for slot in new_ids.len()..old_ids.len() {
-            remove_ignoring_missing(&mut self.services, &service_key(key, slot as u16 + 1))?;
-            stats.map_deletes += 1;
-        }
-        for b in Self::refs_of(key, old) {
-            self.release(&b, stats)?;
-        }
-        self.programmed.insert(*key, new_ids);
-        Ok(())
-    }
-
-    fn remove_frontend(
-        &mut self,
-        key: &FrontendKey,
-        old: &[Backend],
-        stats: &mut ApplyStats,
-    ) -> Result<(), EbpfError> {
-        let Some(ids) = self.programmed.remove(key) else {
-            return Ok(());
-        };
-        // The head first, so no new flow picks a slot being removed.
-        remove_ignoring_missing(&mut self.services, &service_key(key, 0))?;
-        stats.map_deletes += 1;
-        for slot in 0..ids.len() {
-            remove_ignoring_missing(&mut self.services, &service_key(key, slot as u16 + 1))?;
-            stats.map_deletes += 1;
-        }
-        for b in Self::refs_of(key, old) {
-            self.release(&b, stats)?;
-        }
-        Ok(())
-    }
-
-    /// Makes the maps hold exactly `desired`, whatever they held before (an
-    /// earlier run's pinned state, or entries changed behind our back), and
-    /// resets the shadow to match. Backend IDs already in the kernel are
-    /// kept for the same backends, so existing flows are undisturbed.
-    pub fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, EbpfError> {
-        let mut stats = ApplyStats::default();
-        let kernel_backends: BTreeMap<BackendId, BackendValue> =
-            self.backends.iter().filter_map(Result::ok).collect();
-        let kernel_services: HashMap<ServiceKey, ServiceValue> =
-            self.services.iter().filter_map(Result::ok).collect();
-
-        // Adopt IDs of backends already in the kernel.
-        let mut by_value: HashMap<BackendValue, BackendId> = HashMap::new();
-        for (id, v) in &kernel_backends {
-            by_value.entry(*v).or_insert(*id);
-        }
-        let mut wanted: BTreeMap<BackendRef, usize> = BTreeMap::new();
-        for (key, fe) in desired.iter() {
-            for b in Self::refs_of(key, &fe.backends) {
-                *wanted.entry(b).or_default() += 1;
-            }
-        }
-        self.backend_ids.clear();
-        self.programmed.clear();
-        self.free_ids.clear();
-        let mut used: std::collections::BTreeSet<BackendId> = std::collections::BTreeSet::new();
-        let mut unassigned = Vec::new();
-        for (b, refs) in &wanted {
-            match by_value.get(&backend_value(b)) {
-                Some(id) => {
-                    used.insert(*id);
-                    self.backend_ids.insert(*b, (*id, *refs));
-                }
-                None => unassigned.push((*b, *refs)),
-            }
-        }
-        self.next_id = used.iter().next_back().map_or(1, |m| m + 1);
-        let stale_ids: Vec<BackendId> = kernel_backends
-            .keys()
-            .filter(|id| !used.contains(id))
-            .copied()
-            .collect();
-        for (b, refs) in unassigned {
-            let id = self.alloc_id()?;
-            self.backend_ids.insert(b, (id, refs));
-        }
-        // Backends first, then slots, then heads (make-before-break).
-        for (b, (id, _)) in &self.backend_ids {
-            let v = backend_value(b);
-            if kernel_backends.get(id) != Some(&v) {
-                self.backends.insert(*id, v, 0)?;
-                stats.map_writes += 1;
-            }
-        }
-        let mut desired_entries: HashMap<ServiceKey, ServiceValue> = HashMap::new();
-        let mut heads = Vec::new();
-        for (key, fe) in desired.iter() {
-            let ids: Vec<BackendId> = Self::refs_of(key, &fe.backends)
-                .iter()
-                .filter_map(|b| self.backend_ids.get(b).map(|(id, _)| *id))
-                .collect();
-            if ids.len() > MAX_BACKENDS_PER_SERVICE as usize {
+    ) -> Result<(Entries, Vec<BackendRef>), EbpfError> {
+        let mut entries = Entries::default();
+        let mut refs = Vec::new();
+        let (_, family) = addr_of(key.ip);
+        for &scope in scopes_of(frontend) {
+            let (backends, flags) = view(frontend, scope);
+            if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
                 return Err(EbpfError::TooManyBackends(
-                    format!("{}:{}/{:?}", key.ip, key.port, key.protocol),
-                    ids.len(),
+                    frontend_name(key),
+                    backends.len(),
                 ));
             }
-            for (i, id) in ids.iter().enumerate() {
-                desired_entries.insert(service_key(key, i as u16 + 1), slot_value(*id));
+            let svc_id = svc_ids[scope as usize].ok_or(EbpfError::ServiceIdsExhausted)?;
+            for (i, b) in backends.iter().enumerate() {
+                let r = BackendRef {
+                    ip: b.ip,
+                    port: b.port,
+                    protocol: key.protocol,
+                };
+                let id = self.acquire(r, stats)?;
+                refs.push(r);
+                entries.services.insert(
+                    service_key(key, scope, i as u16 + 1),
+                    ServiceValue {
+                        backend_id: id,
+                        ..Default::default()
+                    },
+                );
+                if flags & SVC_AFFINITY != 0 {
+                    entries.members.insert(MemberKey {
+                        svc_id,
+                        backend_id: id,
+                    });
+                }
             }
-            heads.push((service_key(key, 0), head_value(ids.len() as u16)));
-            self.programmed.insert(*key, ids);
-        }
-        for (k, v) in &desired_entries {
-            if kernel_services.get(k) != Some(v) {
-                self.services.insert(*k, *v, 0)?;
-                stats.map_writes += 1;
+            entries.services.insert(
+                service_key(key, scope, 0),
+                ServiceValue {
+                    count: backends.len() as u16,
+                    flags,
+                    affinity_timeout_secs: frontend.policy.affinity_timeout_secs.unwrap_or(0),
+                    svc_id,
+                    ..Default::default()
+                },
+            );
+            if scope == SCOPE_EXTERNAL {
+                for range in &frontend.policy.source_ranges {
+                    if let Some(k) = source_range_key(svc_id, family, range) {
+                        entries.ranges.insert(SourceRangeSlot {
+                            prefix_len: k.prefix_len(),
+                            data: k.data(),
+                        });
+                    }
+                }
             }
         }
-        for (k, v) in &heads {
-            if kernel_services.get(k) != Some(v) {
-                self.services.insert(*k, *v, 0)?;
-                stats.map_writes += 1;
+        Ok((entries, refs))
+    }
+
+    /// IDs for the views `frontend` needs, keeping those it already has.
+    fn svc_ids_for(
+        &mut self,
+        frontend: &Frontend,
+        current: [Option<u32>; 2],
+    ) -> Result<[Option<u32>; 2], EbpfError> {
+        let mut ids = [None, None];
+        let wanted = scopes_of(frontend);
+        for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
+            let i = scope as usize;
+            if wanted.contains(&scope) {
+                ids[i] = match current[i] {
+                    Some(id) => Some(id),
+                    None => Some(
+                        self.svc_alloc
+                            .alloc()
+                            .ok_or(EbpfError::ServiceIdsExhausted)?,
+                    ),
+                };
+            } else if let Some(id) = current[i] {
+                self.svc_alloc.release(id);
             }
-            desired_entries.insert(*k, *v);
         }
-        // Stale entries: heads before slots, then unused backends.
-        let mut stale: Vec<&ServiceKey> = kernel_services
+        Ok(ids)
+    }
+
+    /// Writes what is in `new` and not in `old`, then removes what is only
+    /// in `old`, in make-before-break order: members, source ranges and
+    /// slots before the service entries that expose them; service entries
+    /// before the slots, ranges and members they stop exposing.
+    fn write_entries(
+        &mut self,
+        old: &Entries,
+        new: &Entries,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        for m in new.members.difference(&old.members) {
+            self.members.insert(*m, 1, 0)?;
+            stats.map_writes += 1;
+        }
+        for r in new.ranges.difference(&old.ranges) {
+            self.source_ranges.insert(&r.key(), 1, 0)?;
+            stats.map_writes += 1;
+        }
+        for heads in [false, true] {
+            for (k, v) in &new.services {
+                if (k.slot == 0) == heads && old.services.get(k) != Some(v) {
+                    self.services.insert(*k, *v, 0)?;
+                    stats.map_writes += 1;
+                }
+            }
+        }
+        let mut stale: Vec<&ServiceKey> = old
+            .services
             .keys()
-            .filter(|k| !desired_entries.contains_key(k))
+            .filter(|k| !new.services.contains_key(k))
             .collect();
         stale.sort_by_key(|k| k.slot);
         for k in stale {
             remove_ignoring_missing(&mut self.services, k)?;
             stats.map_deletes += 1;
         }
-        for id in stale_ids {
-            remove_ignoring_missing(&mut self.backends, &id)?;
+        for r in old.ranges.difference(&new.ranges) {
+            match self.source_ranges.remove(&r.key()) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
             stats.map_deletes += 1;
         }
-        // IDs below next_id that nobody uses are free again.
-        let in_use: std::collections::BTreeSet<BackendId> =
-            self.backend_ids.values().map(|(id, _)| *id).collect();
-        self.free_ids = (1..self.next_id)
-            .filter(|id| !in_use.contains(id))
-            .rev()
+        for m in old.members.difference(&new.members) {
+            remove_ignoring_missing(&mut self.members, m)?;
+            stats.map_deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Programs one frontend (new or changed), make-before-break.
+    fn program_frontend(
+        &mut self,
+        key: &FrontendKey,
+        frontend: &Frontend,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        let old = self.programmed.remove(key).unwrap_or_default();
+        let svc_ids = self.svc_ids_for(frontend, old.svc_ids)?;
+        let (entries, backends) = self.entries_for(key, frontend, &svc_ids, stats)?;
+        self.write_entries(&old.entries, &entries, stats)?;
+        for b in &old.backends {
+            self.release(b, stats)?;
+        }
+        self.programmed.insert(
+            *key,
+            Programmed {
+                entries,
+                backends,
+                svc_ids,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_frontend(
+        &mut self,
+        key: &FrontendKey,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        let Some(old) = self.programmed.remove(key) else {
+            return Ok(());
+        };
+        self.write_entries(&old.entries, &Entries::default(), stats)?;
+        for b in &old.backends {
+            self.release(b, stats)?;
+        }
+        for id in old.svc_ids.into_iter().flatten() {
+            self.svc_alloc.release(id);
+        }
+        Ok(())
+    }
+
+    /// Makes the maps hold exactly `desired`, whatever they held before (an
+    /// earlier run's pinned state, or entries changed behind our back), and
+    /// resets the shadow to match. Backend and frontend IDs already in the
+    /// kernel are kept for the same backends and frontends, so existing
+    /// flows and affinities are undisturbed.
+    pub fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, EbpfError> {
+        let mut stats = ApplyStats::default();
+        let kernel_backends: BTreeMap<BackendId, BackendValue> =
+            self.backends.iter().filter_map(Result::ok).collect();
+        let kernel_services: HashMap<ServiceKey, ServiceValue> =
+            self.services.iter().filter_map(Result::ok).collect();
+        let kernel_members: HashSet<MemberKey> =
+            self.members.keys().filter_map(Result::ok).collect();
+        let kernel_ranges: HashSet<SourceRangeSlot> = self
+            .source_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| SourceRangeSlot {
+                prefix_len: k.prefix_len(),
+                data: k.data(),
+            })
             .collect();
+
+        // Adopt the IDs of backends already in the kernel.
+        let mut by_value: HashMap<BackendValue, BackendId> = HashMap::new();
+        for (id, v) in &kernel_backends {
+            by_value.entry(*v).or_insert(*id);
+        }
+        let mut wanted: BTreeMap<BackendRef, usize> = BTreeMap::new();
+        for (key, fe) in desired.iter() {
+            for &scope in scopes_of(fe) {
+                for b in view(fe, scope).0 {
+                    let r = BackendRef {
+                        ip: b.ip,
+                        port: b.port,
+                        protocol: key.protocol,
+                    };
+                    *wanted.entry(r).or_default() += 1;
+                }
+            }
+        }
+        let mut used_backend_ids = BTreeSet::new();
+        let mut adopted = HashMap::new();
+        for b in wanted.keys() {
+            if let Some(id) = by_value.get(&backend_value(b)) {
+                used_backend_ids.insert(*id);
+                adopted.insert(*b, *id);
+            }
+        }
+        self.backend_alloc.reset(&used_backend_ids);
+        self.backend_ids.clear();
+        for (b, id) in adopted {
+            // Counted up again as frontends take them below.
+            self.backend_ids.insert(b, (id, 0));
+        }
+        // Adopt the IDs of frontend views from their kernel service entries.
+        let mut used_svc_ids = BTreeSet::new();
+        let mut current_ids: HashMap<FrontendKey, [Option<u32>; 2]> = HashMap::new();
+        for (key, fe) in desired.iter() {
+            let mut ids = [None, None];
+            for &scope in scopes_of(fe) {
+                if let Some(head) = kernel_services.get(&service_key(key, scope, 0))
+                    && head.svc_id != 0
+                    && used_svc_ids.insert(head.svc_id)
+                {
+                    ids[scope as usize] = Some(head.svc_id);
+                }
+            }
+            current_ids.insert(*key, ids);
+        }
+        self.svc_alloc.reset(&used_svc_ids);
+
+        // Pretend the kernel's content is what we programmed, then program
+        // the desired table over it: one diff writes what differs.
+        self.programmed.clear();
+        let kernel = Entries {
+            services: kernel_services,
+            members: kernel_members,
+            ranges: kernel_ranges,
+        };
+        let mut all_new = Entries::default();
+        let mut programmed = HashMap::new();
+        for (key, fe) in desired.iter() {
+            let current = current_ids.get(key).copied().unwrap_or([None, None]);
+            let svc_ids = self.svc_ids_for(fe, current)?;
+            let (entries, backends) = self.entries_for(key, fe, &svc_ids, &mut stats)?;
+            all_new
+                .services
+                .extend(entries.services.iter().map(|(k, v)| (*k, *v)));
+            all_new.members.extend(entries.members.iter().copied());
+            all_new.ranges.extend(entries.ranges.iter().copied());
+            programmed.insert(
+                *key,
+                Programmed {
+                    entries,
+                    backends,
+                    svc_ids,
+                },
+            );
+        }
+        // Adopted backends are in the kernel already and `acquire` wrote the
+        // new ones; what is left is the service entries, then stale backends.
+        self.write_entries(&kernel, &all_new, &mut stats)?;
+        let in_use: BTreeSet<BackendId> = self.backend_ids.values().map(|(id, _)| *id).collect();
+        for id in kernel_backends.keys().filter(|id| !in_use.contains(id)) {
+            remove_ignoring_missing(&mut self.backends, id)?;
+            stats.map_deletes += 1;
+        }
+        self.backend_alloc.reset(&in_use);
+        self.programmed = programmed;
         stats.frontends_added = desired.len();
         Ok(stats)
     }
 
-    /// Programs the node's addresses and masquerade settings.
+    /// Programs the node's NodePort addresses and masquerade settings.
     pub fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), EbpfError> {
-        // Filled in with the NodePort and masquerade maps.
-        let _ = network;
+        let mut cfg = NodeConfig {
+            snat_port_min: SNAT_PORT_MIN,
+            snat_port_max: SNAT_PORT_MAX,
+            ..Default::default()
+        };
+        if let Some(v4) = network.snat_v4 {
+            cfg.snat_v4 = addr_of(IpAddr::V4(v4)).0;
+            cfg.flags |= CFG_SNAT_V4;
+        }
+        if let Some(v6) = network.snat_v6 {
+            cfg.snat_v6 = addr_of(IpAddr::V6(v6)).0;
+            cfg.flags |= CFG_SNAT_V6;
+        }
+        for cidr in &network.cluster_cidrs {
+            let (addr, family) = addr_of(cidr.network());
+            if family == FAMILY_V4 {
+                cfg.cluster_v4 = addr;
+                cfg.cluster_v4_len = cidr.prefix_len();
+                cfg.flags |= CFG_CLUSTER_V4;
+            } else {
+                cfg.cluster_v6 = addr;
+                cfg.cluster_v6_len = cidr.prefix_len();
+                cfg.flags |= CFG_CLUSTER_V6;
+            }
+        }
+        if network.masquerade_all {
+            cfg.flags |= CFG_MASQUERADE_ALL;
+        }
+        self.config.set(0, cfg, 0)?;
+        // Addresses: add the new ones, then remove the old ones.
+        let kernel: BTreeSet<IpAddr> = self
+            .node_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| match k.family {
+                FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
+                    k.addr[0], k.addr[1], k.addr[2], k.addr[3],
+                ))),
+                FAMILY_V6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(k.addr))),
+                _ => None,
+            })
+            .collect();
+        for ip in network.nodeport_addresses.difference(&kernel) {
+            self.node_addrs.insert(node_addr_key(*ip), 1, 0)?;
+        }
+        for ip in kernel.difference(&network.nodeport_addresses) {
+            remove_ignoring_missing(&mut self.node_addrs, &node_addr_key(*ip))?;
+        }
+        self.node_addresses = network.nodeport_addresses.clone();
         Ok(())
     }
 
     fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, EbpfError> {
         let mut stats = ApplyStats::default();
-        for (key, old) in &diff.removed {
-            self.remove_frontend(key, &old.backends, &mut stats)?;
+        for (key, _) in &diff.removed {
+            self.remove_frontend(key, &mut stats)?;
             stats.frontends_removed += 1;
         }
         for (key, fe) in &diff.added {
-            self.program_frontend(key, &fe.backends, &[], &mut stats)?;
+            self.program_frontend(key, fe, &mut stats)?;
             stats.frontends_added += 1;
         }
         for change in &diff.changed {
-            self.program_frontend(
-                &change.key,
-                &change.new.backends,
-                &change.old.backends,
-                &mut stats,
-            )?;
+            self.program_frontend(&change.key, &change.new, &mut stats)?;
             stats.frontends_changed += 1;
         }
         let stale = stale_udp_flows(diff);
@@ -511,32 +833,63 @@ impl EbpfDataplane {
         Ok(stats)
     }
 
-    /// Deletes the connection-tracking entries (both directions) of UDP
-    /// flows of `stale` (frontend, backend) pairs. UDP has no end, so a
-    /// client that keeps sending (DNS from one socket, say) would otherwise
-    /// stick to a backend that is gone; without its entry its next datagram
-    /// picks a live backend, as kube-proxy's conntrack flush achieves.
+    /// Deletes the connection-tracking entries (every direction, masquerade
+    /// legs included) of UDP flows of `stale` (frontend, backend) pairs. UDP
+    /// has no end, so a client that keeps sending (DNS from one socket, say)
+    /// would otherwise stick to a backend that is gone; without its entries
+    /// its next datagram picks a live backend, as kube-proxy's conntrack
+    /// flush achieves.
     fn forget_udp_flows(
         &mut self,
-        stale: &std::collections::HashSet<(Addr, u16, Addr, u16)>,
+        stale: &HashSet<(Addr, u16, Addr, u16)>,
     ) -> Result<usize, EbpfError> {
         // Walks the whole table, but only when a UDP backend went away.
-        let doomed: Vec<CtKey> = self
+        let udp = Protocol::Udp.number();
+        let all: Vec<(CtKey, CtValue)> = self
             .conntrack
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                k.proto == Protocol::Udp.number()
-                    && match k.dir {
-                        // Client -> VIP; the value holds the backend.
-                        CT_FORWARD => stale.contains(&(k.dst, k.dport, v.nat_addr, v.nat_port)),
-                        // Backend -> client; the value holds the VIP.
-                        CT_REPLY => stale.contains(&(v.nat_addr, v.nat_port, k.src, k.sport)),
-                        _ => false,
-                    }
-            })
-            .map(|(k, _)| k)
+            .filter(|(k, _)| k.proto == udp)
             .collect();
+        let mut doomed: HashSet<CtKey> = HashSet::new();
+        let mut snat_out: HashSet<CtKey> = HashSet::new();
+        for (k, v) in &all {
+            let hit = match k.dir {
+                // Client -> VIP; the value holds the backend.
+                CT_FORWARD => stale.contains(&(k.dst, k.dport, v.nat_addr, v.nat_port)),
+                // Backend -> client; the value holds the VIP.
+                CT_REPLY => stale.contains(&(v.nat_addr, v.nat_port, k.src, k.sport)),
+                _ => false,
+            };
+            if hit {
+                doomed.insert(*k);
+                if k.dir == CT_FORWARD && v.flags & CT_FLAG_SNAT != 0 {
+                    snat_out.insert(CtKey {
+                        src: k.src,
+                        dst: v.nat_addr,
+                        sport: k.sport,
+                        dport: v.nat_port,
+                        dir: CT_SNAT_OUT,
+                        ..*k
+                    });
+                }
+            }
+        }
+        // The masquerade legs: client -> backend at egress, and the node
+        // port it was given at ingress.
+        for (k, v) in &all {
+            if k.dir == CT_SNAT_OUT && snat_out.contains(k) {
+                doomed.insert(*k);
+                doomed.insert(CtKey {
+                    src: k.dst,
+                    dst: v.nat_addr,
+                    sport: k.dport,
+                    dport: v.nat_port,
+                    dir: CT_SNAT_IN,
+                    ..*k
+                });
+            }
+        }
         for key in &doomed {
             remove_ignoring_missing(&mut self.conntrack, key)?;
         }
@@ -550,10 +903,19 @@ impl EbpfDataplane {
     }
 }
 
+fn node_addr_key(ip: IpAddr) -> NodeAddrKey {
+    let (addr, family) = addr_of(ip);
+    NodeAddrKey {
+        addr,
+        family,
+        _pad0: [0; 3],
+    }
+}
+
 /// (VIP, port, backend, backend port), ports in network byte order, of every
 /// UDP backend that `diff` takes away from a frontend.
-fn stale_udp_flows(diff: &TableDiff) -> std::collections::HashSet<(Addr, u16, Addr, u16)> {
-    let mut stale = std::collections::HashSet::new();
+fn stale_udp_flows(diff: &TableDiff) -> HashSet<(Addr, u16, Addr, u16)> {
+    let mut stale = HashSet::new();
     let mut add = |key: &FrontendKey, backends: &mut dyn Iterator<Item = &Backend>| {
         if key.protocol != Protocol::Udp {
             return;
@@ -565,11 +927,18 @@ fn stale_udp_flows(diff: &TableDiff) -> std::collections::HashSet<(Addr, u16, Ad
         }
     };
     for (key, old) in &diff.removed {
-        add(key, &mut old.backends.iter());
+        add(key, &mut old.backends.iter().chain(&old.cluster_backends));
     }
     for change in &diff.changed {
-        let gone: Vec<Backend> = change.removed_backends();
-        add(&change.key, &mut gone.iter());
+        let gone = |old: &[Backend], new: &[Backend]| -> Vec<Backend> {
+            old.iter().filter(|b| !new.contains(b)).copied().collect()
+        };
+        let mut removed = gone(&change.old.backends, &change.new.backends);
+        removed.extend(gone(
+            &change.old.cluster_backends,
+            &change.new.cluster_backends,
+        ));
+        add(&change.key, &mut removed.iter());
     }
     stale
 }
@@ -590,80 +959,17 @@ fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-/// Whether this datapath can serve `frontend` as the model means it. Not
-/// yet: NodePorts (they need the node's addresses), and LoadBalancer IPs
-/// restricted by `loadBalancerSourceRanges` (translating them without the
-/// check would open what the operator closed). Those are left out rather
-/// than half-served.
-fn programmable(frontend: &Frontend) -> bool {
-    match frontend.kind {
-        FrontendKind::NodePort => false,
-        FrontendKind::LoadBalancer => frontend.policy.source_ranges.is_empty(),
-        FrontendKind::ClusterIp | FrontendKind::ExternalIp => true,
-    }
-}
-
-/// `desired` without what [`programmable`] refuses.
-fn programmable_table(desired: &ServiceTable) -> ServiceTable {
-    let mut table = ServiceTable::new();
-    let mut skipped = 0usize;
-    for (key, frontend) in desired.iter() {
-        if programmable(frontend) {
-            table.insert(*key, frontend.clone());
-        } else {
-            skipped += 1;
-        }
-    }
-    if skipped > 0 {
-        tracing::debug!(
-            skipped,
-            "frontends not served by the eBPF datapath yet (NodePort, LoadBalancer with source ranges)"
-        );
-    }
-    table
-}
-
-/// `diff` as seen by this datapath: a frontend that becomes programmable is
-/// added, one that stops being so is removed.
-fn programmable_diff(diff: &TableDiff) -> TableDiff {
-    let mut out = TableDiff::default();
-    out.added.extend(
-        diff.added
-            .iter()
-            .filter(|(_, fe)| programmable(fe))
-            .cloned(),
-    );
-    out.removed.extend(
-        diff.removed
-            .iter()
-            .filter(|(_, fe)| programmable(fe))
-            .cloned(),
-    );
-    for change in &diff.changed {
-        match (programmable(&change.old), programmable(&change.new)) {
-            (true, true) => out.changed.push(change.clone()),
-            (true, false) => out.removed.push((change.key, change.old.clone())),
-            (false, true) => out.added.push((change.key, change.new.clone())),
-            (false, false) => {}
-        }
-    }
-    out
-}
-
 impl Dataplane for EbpfDataplane {
     fn name(&self) -> &'static str {
         "ebpf"
     }
 
     fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.apply_diff(&programmable_diff(diff))?)
+        Ok(self.apply_diff(diff)?)
     }
 
     fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError> {
-        Ok(EbpfDataplane::reconcile(
-            self,
-            &programmable_table(desired),
-        )?)
+        Ok(EbpfDataplane::reconcile(self, desired)?)
     }
 
     fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
@@ -719,53 +1025,4 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport, EbpfError> {
         Err(e) => return Err(EbpfError::Io(bpf_root.into(), e)),
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{FrontendChange, test_support::*};
-
-    fn of_kind(kind: FrontendKind, ranges: &[&str]) -> Frontend {
-        let mut fe = frontend("ns", "web", &[backend("10.1.0.1", 8080)]);
-        fe.kind = kind;
-        fe.policy.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
-        fe
-    }
-
-    #[test]
-    fn only_what_the_datapath_can_enforce_is_programmed() {
-        assert!(programmable(&of_kind(FrontendKind::ClusterIp, &[])));
-        assert!(programmable(&of_kind(FrontendKind::ExternalIp, &[])));
-        assert!(programmable(&of_kind(FrontendKind::LoadBalancer, &[])));
-        assert!(!programmable(&of_kind(
-            FrontendKind::LoadBalancer,
-            &["10.0.0.0/8"]
-        )));
-        assert!(!programmable(&of_kind(FrontendKind::NodePort, &[])));
-
-        // A LoadBalancer IP that gains source ranges is taken away, and one
-        // that loses them is added; NodePorts never appear.
-        let lb = key("192.0.2.1", 80);
-        let diff = TableDiff {
-            added: vec![(key("0.0.0.0", 30080), of_kind(FrontendKind::NodePort, &[]))],
-            changed: vec![FrontendChange {
-                key: lb,
-                old: of_kind(FrontendKind::LoadBalancer, &[]),
-                new: of_kind(FrontendKind::LoadBalancer, &["10.0.0.0/8"]),
-            }],
-            removed: vec![],
-        };
-        let seen = programmable_diff(&diff);
-        assert!(seen.added.is_empty() && seen.changed.is_empty());
-        assert_eq!(seen.removed.len(), 1);
-        assert_eq!(seen.removed[0].0, lb);
-
-        let mut table = ServiceTable::new();
-        table.insert(key("0.0.0.0", 30080), of_kind(FrontendKind::NodePort, &[]));
-        table.insert(key("10.0.0.1", 80), of_kind(FrontendKind::ClusterIp, &[]));
-        let programmed = programmable_table(&table);
-        assert_eq!(programmed.len(), 1);
-        assert!(programmed.get(&key("10.0.0.1", 80)).is_some());
-    }
 }
