@@ -252,6 +252,15 @@ pub struct Rules {
     pub min_sync_period: Option<Duration>,
 }
 
+impl Rules {
+    /// Whether fields other than `masqueradeAll` (not used yet) are set.
+    fn has_unused(&self) -> bool {
+        self.masquerade_bit.is_some()
+            || self.sync_period.is_some()
+            || self.min_sync_period.is_some()
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Logging {
     pub format: Option<LogFormat>,
@@ -299,8 +308,6 @@ impl FileConfig {
                 out.push(name);
             }
         };
-        add(self.cluster_cidrs.is_some(), "clusterCIDR");
-        add(self.node_port_addresses.is_some(), "nodePortAddresses");
         add(self.bind_address.is_some(), "bindAddress");
         add(
             self.client_connection.has_unused,
@@ -308,9 +315,31 @@ impl FileConfig {
         );
         add(self.conntrack.is_some(), "conntrack");
         add(self.ipvs.is_some(), "ipvs");
-        add(self.iptables.is_some(), "iptables");
-        add(self.nftables.is_some(), "nftables");
+        add(
+            self.iptables.as_ref().is_some_and(Rules::has_unused),
+            "iptables (except masqueradeAll)",
+        );
+        add(
+            self.nftables.as_ref().is_some_and(Rules::has_unused),
+            "nftables (except masqueradeAll)",
+        );
         out
+    }
+
+    /// `masqueradeAll` for `mode`: the `iptables:` or `nftables:` section
+    /// matching the mode (ipvs uses `iptables:`, as in kube-proxy), else
+    /// the other one; in ebpf mode, true when either section says true.
+    pub fn masquerade_all(&self, mode: ProxyMode) -> Option<bool> {
+        let of = |rules: &Option<Rules>| rules.as_ref().and_then(|r| r.masquerade_all);
+        let (iptables, nftables) = (of(&self.iptables), of(&self.nftables));
+        match mode {
+            ProxyMode::Iptables | ProxyMode::Ipvs => iptables.or(nftables),
+            ProxyMode::Nftables => nftables.or(iptables),
+            ProxyMode::Ebpf => match (iptables, nftables) {
+                (None, None) => None,
+                (a, b) => Some(a == Some(true) || b == Some(true)),
+            },
+        }
     }
 }
 
@@ -436,22 +465,14 @@ impl Validator {
             cidrs
         });
         let node_port_addresses = raw.node_port_addresses.map(|list| {
-            if list.iter().any(|a| a == "primary") {
-                if list.len() > 1 {
-                    self.err(
-                        "nodePortAddresses",
-                        "\"primary\" cannot be combined with other entries",
-                    );
+            let (value, errors) = node_port_addresses(&list);
+            for (index, msg) in errors {
+                match index {
+                    Some(i) => self.err(&format!("nodePortAddresses[{i}]"), msg),
+                    None => self.err("nodePortAddresses", msg),
                 }
-                NodePortAddresses::Primary
-            } else {
-                NodePortAddresses::Cidrs(
-                    list.iter()
-                        .enumerate()
-                        .filter_map(|(i, c)| self.cidr(&format!("nodePortAddresses[{i}]"), c))
-                        .collect(),
-                )
             }
+            value
         });
         let sync_period = self.positive("syncPeriod", raw.sync_period);
         let min_sync_period = self.non_negative("minSyncPeriod", raw.min_sync_period);
@@ -700,6 +721,57 @@ impl Validator {
             exclude_interfaces: names("proxyAgent.excludeInterfaces", p.exclude_interfaces),
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// nodePortAddresses.
+
+/// Parses `--nodeport-addresses`: comma-separated CIDRs, or the word
+/// `primary`, validated as the file's `nodePortAddresses`. An empty value
+/// is an empty list (every local address but loopback, as kube-proxy).
+pub fn parse_node_port_addresses(s: &str) -> Result<NodePortAddresses, String> {
+    let list: Vec<&str> = if s.trim().is_empty() {
+        Vec::new()
+    } else {
+        s.split(',').map(str::trim).collect()
+    };
+    let (value, errors) = node_port_addresses(&list);
+    if errors.is_empty() {
+        return Ok(value);
+    }
+    Err(errors
+        .into_iter()
+        .map(|(_, msg)| msg)
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+/// The entries of `nodePortAddresses`, and each error with the index of
+/// the entry it is about (`None`: the list as a whole).
+fn node_port_addresses<S: AsRef<str>>(
+    list: &[S],
+) -> (NodePortAddresses, Vec<(Option<usize>, String)>) {
+    let mut errors = Vec::new();
+    if list.iter().any(|a| a.as_ref() == "primary") {
+        if list.len() > 1 {
+            errors.push((
+                None,
+                "\"primary\" cannot be combined with other entries".to_string(),
+            ));
+        }
+        return (NodePortAddresses::Primary, errors);
+    }
+    let cidrs = list
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let c = c.as_ref();
+            c.parse::<IpNet>()
+                .map_err(|_| errors.push((Some(i), format!("{c:?} is not a CIDR"))))
+                .ok()
+        })
+        .collect();
+    (NodePortAddresses::Cidrs(cidrs), errors)
 }
 
 // ---------------------------------------------------------------------------
@@ -1035,6 +1107,89 @@ mod tests {
         );
         assert!(parse_bind_address("10249").is_err());
         assert!(parse_bind_address("host:1").is_err());
+    }
+
+    #[test]
+    fn nodeport_addresses_flag_parses_like_the_file() {
+        let cidrs = |list: &[&str]| {
+            Ok(NodePortAddresses::Cidrs(
+                list.iter().map(|c| c.parse().unwrap()).collect(),
+            ))
+        };
+        for (flag, want) in [
+            ("primary", Ok(NodePortAddresses::Primary)),
+            ("10.0.0.0/8", cidrs(&["10.0.0.0/8"])),
+            (
+                "10.0.0.0/8, fd00::/64,127.0.0.1/32",
+                cidrs(&["10.0.0.0/8", "fd00::/64", "127.0.0.1/32"]),
+            ),
+            ("", cidrs(&[])),
+        ] {
+            assert_eq!(parse_node_port_addresses(flag), want, "{flag:?}");
+        }
+        for (flag, want) in [
+            ("10.0.0.0/33", "\"10.0.0.0/33\" is not a CIDR"),
+            ("10.0.0.0/8,nope", "\"nope\" is not a CIDR"),
+            ("10.0.0.1", "\"10.0.0.1\" is not a CIDR"),
+            ("10.0.0.0/8,,fd00::/64", "\"\" is not a CIDR"),
+            ("primary,10.0.0.0/8", "\"primary\" cannot be combined"),
+        ] {
+            let e = parse_node_port_addresses(flag).unwrap_err();
+            assert!(e.contains(want), "{flag:?}: {e}");
+        }
+        // The file takes the same entries.
+        let c = parse(&format!(
+            "{HEAD}nodePortAddresses: [\"10.0.0.0/8\", \"::1/128\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.node_port_addresses,
+            cidrs(&["10.0.0.0/8", "::1/128"]).ok()
+        );
+    }
+
+    #[test]
+    fn masquerade_all_comes_from_the_section_of_the_mode() {
+        let file = |iptables: Option<bool>, nftables: Option<bool>| FileConfig {
+            iptables: Some(Rules {
+                masquerade_all: iptables,
+                ..Rules::default()
+            }),
+            nftables: Some(Rules {
+                masquerade_all: nftables,
+                ..Rules::default()
+            }),
+            ..FileConfig::default()
+        };
+        use ProxyMode::*;
+        for (ipt, nft, mode, want) in [
+            (None, None, Ebpf, None),
+            (Some(false), None, Ebpf, Some(false)),
+            (Some(true), Some(false), Ebpf, Some(true)),
+            (Some(false), Some(true), Ebpf, Some(true)),
+            (Some(true), Some(false), Iptables, Some(true)),
+            (Some(true), Some(false), Ipvs, Some(true)),
+            (Some(true), Some(false), Nftables, Some(false)),
+            (None, Some(true), Iptables, Some(true)),
+            (Some(true), None, Nftables, Some(true)),
+        ] {
+            assert_eq!(
+                file(ipt, nft).masquerade_all(mode),
+                want,
+                "iptables {ipt:?} nftables {nft:?} mode {mode:?}"
+            );
+        }
+        assert_eq!(FileConfig::default().masquerade_all(Ebpf), None);
+    }
+
+    #[test]
+    fn node_network_fields_are_used_now() {
+        let c = parse(&format!(
+            "{HEAD}clusterCIDR: 10.244.0.0/16\nnodePortAddresses: [primary]\n\
+             iptables:\n  masqueradeAll: true\nnftables:\n  masqueradeAll: true\n  masqueradeBit: 3\n"
+        ))
+        .unwrap();
+        assert_eq!(c.not_yet_used(), vec!["nftables (except masqueradeAll)"]);
     }
 
     #[test]

@@ -12,7 +12,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use proxy_agent::{
     config::{self, FileConfig},
-    dataplane::ebpf::{self, EbpfOptions, InterfaceFilter},
+    dataplane::{
+        addresses::{self, NodeNetworkSettings},
+        ebpf::{self, EbpfOptions, InterfaceFilter},
+    },
     model::{HealthCheck, ModelConfig, Rejection, ServiceName},
     serve::{self, Health, Metrics, healthcheck::HealthCheckServers},
     source::{
@@ -127,6 +130,27 @@ struct RunArgs {
     #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
     cluster_cidr: Option<Vec<IpNet>>,
 
+    /// The node addresses NodePorts are served on: comma-separated CIDRs
+    /// (the local addresses inside them), or `primary` (the node's primary
+    /// IP of each family). Loopback and IPv6 link-local addresses only when
+    /// a CIDR names them (e.g. 127.0.0.0/8). Default: every local address
+    /// except loopback and link-local.
+    #[arg(long, value_name = "CIDR[,CIDR]|primary", value_parser = config::parse_node_port_addresses)]
+    nodeport_addresses: Option<config::NodePortAddresses>,
+
+    /// Masquerade (SNAT) every connection to a service, not only those that
+    /// need it. `--masquerade-all=false` overrides a config file's true.
+    /// Default: `masqueradeAll` of the config file's iptables/nftables
+    /// section, else false.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    masquerade_all: Option<bool>,
+
     /// Directory (on bpffs; mounted if missing) where maps and links are pinned.
     /// Default: /sys/fs/bpf/proxy-agent.
     #[arg(long, value_name = "PATH")]
@@ -194,6 +218,17 @@ impl From<config::ProxyMode> for Mode {
     }
 }
 
+impl From<Mode> for config::ProxyMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Ebpf => config::ProxyMode::Ebpf,
+            Mode::Nftables => config::ProxyMode::Nftables,
+            Mode::Iptables => config::ProxyMode::Iptables,
+            Mode::Ipvs => config::ProxyMode::Ipvs,
+        }
+    }
+}
+
 impl From<config::LogFormat> for LogFormat {
     fn from(f: config::LogFormat) -> Self {
         match f {
@@ -215,6 +250,8 @@ struct Settings {
     master: Option<String>,
     hostname_override: Option<String>,
     cluster_cidr: Vec<IpNet>,
+    nodeport_addresses: Option<config::NodePortAddresses>,
+    masquerade_all: bool,
     bpf_root: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
@@ -230,8 +267,12 @@ struct Settings {
 impl Settings {
     fn resolve(args: RunArgs, file: Option<FileConfig>) -> Self {
         let f = file.clone().unwrap_or_default();
-        let pa = f.proxy_agent;
         let mode = args.mode.or(f.mode.map(Mode::from)).unwrap_or(Mode::Ebpf);
+        let masquerade_all = args
+            .masquerade_all
+            .or_else(|| f.masquerade_all(mode.into()))
+            .unwrap_or(false);
+        let pa = f.proxy_agent;
         // A kubeconfig or master given as a flag means "use the API", even
         // when the file names a manifest directory.
         let api_flag = args.kubeconfig.is_some() || args.master.is_some();
@@ -246,6 +287,8 @@ impl Settings {
             master: args.master,
             hostname_override: args.hostname_override.or(f.hostname_override),
             cluster_cidr: args.cluster_cidr.or(f.cluster_cidrs).unwrap_or_default(),
+            nodeport_addresses: args.nodeport_addresses.or(f.node_port_addresses),
+            masquerade_all,
             bpf_root: args
                 .bpf_root
                 .or(pa.bpf_root)
@@ -398,6 +441,8 @@ async fn run(args: Settings) -> Result<()> {
     let (mut dataplane, attacher) = ebpf::load(&opts).context("loading the eBPF dataplane")?;
     let attacher = Arc::new(Mutex::new(attacher));
     let links = tokio::spawn(ebpf::follow_links(attacher.clone()));
+    let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
+    let node_addresses = tokio::spawn(addresses::follow_addresses(addresses_tx));
 
     // The health and metrics servers bind before anything else starts, so
     // a taken port fails the start instead of a later probe.
@@ -440,6 +485,11 @@ async fn run(args: Settings) -> Result<()> {
     let source_task = tokio::spawn(source.run(tx));
 
     let cfg = ModelConfig { node_name: node };
+    let network = NodeNetworkSettings {
+        nodeport_addresses: args.nodeport_addresses.clone(),
+        cluster_cidrs: args.cluster_cidr.clone(),
+        masquerade_all: args.masquerade_all,
+    };
     let sync_opts = SyncOptions {
         sync_period: args.sync_period,
         min_sync_period: args.min_sync_period,
@@ -457,15 +507,21 @@ async fn run(args: Settings) -> Result<()> {
         events,
         health_checks: Mutex::new(health_checks),
     };
+    // The follower sends its first list at once (or fails, which the select
+    // below reports): wait for it, so the first node network is complete.
+    addresses_rx.changed().await.ok();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
-        () = sync::run(rx, &mut dataplane, &cfg, &sync_opts, &observer) => {}
+        () = sync::run(rx, addresses_rx, &mut dataplane, &cfg, &network, &sync_opts, &observer) => {}
         res = source_task => {
             res.context("source task panicked")?.context("service source failed")?;
         }
         res = links => {
             res.context("link watcher panicked")?.context("following interfaces failed")?;
+        }
+        res = node_addresses => {
+            res.context("address watcher panicked")?.context("following interface addresses failed")?;
         }
         Some(res) = servers.join_next() => {
             res.context("health or metrics server panicked")?;

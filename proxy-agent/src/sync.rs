@@ -14,10 +14,16 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use tokio::time::{Instant, sleep_until};
+use tokio::{
+    sync::watch,
+    time::{Instant, sleep_until},
+};
 
 use crate::{
-    dataplane::{ApplyStats, Dataplane},
+    dataplane::{
+        ApplyStats, Dataplane, NodeNetwork,
+        addresses::{InterfaceAddress, NodeNetworkSettings, node_network},
+    },
     model::{
         ClusterState, HealthCheck, ModelConfig, Rejection, ServiceName, ServiceTable, build_table,
     },
@@ -99,13 +105,23 @@ pub struct NoObserver;
 impl SyncObserver for NoObserver {}
 
 /// Runs until the source's channel closes.
+///
+/// Besides the service table, keeps the dataplane's [`NodeNetwork`] equal to
+/// what `addresses` (the node's interface addresses), this node's Node
+/// object and `network` give: it is set before the first reconcile, and
+/// again whenever it changes.
 pub async fn run(
     mut rx: StateReceiver,
+    mut addresses: watch::Receiver<Vec<InterfaceAddress>>,
     dataplane: &mut dyn Dataplane,
     cfg: &ModelConfig,
+    network: &NodeNetworkSettings,
     opts: &SyncOptions,
     observer: &dyn SyncObserver,
 ) {
+    // What the dataplane was last given successfully.
+    let mut node_net: Option<NodeNetwork> = None;
+    let mut addresses_open = true;
     // None: the next sync must be a full reconcile (first one, or after a
     // failure left the kernel in an unknown state).
     let mut programmed: Option<ServiceTable> = None;
@@ -145,6 +161,21 @@ pub async fn run(
                 }
                 continue;
             }
+            changed = addresses.changed(), if addresses_open => {
+                if changed.is_err() {
+                    tracing::warn!("interface address follower stopped; node addresses are no longer followed");
+                    addresses_open = false;
+                    continue;
+                }
+                // Not before the first state: the Node object may change
+                // the choice, and the first sync sets it anyway.
+                let state = rx.borrow().clone();
+                if let Some(state) = state {
+                    let list = addresses.borrow_and_update().clone();
+                    update_node_network(dataplane, &mut node_net, &list, &state, cfg, network);
+                }
+                continue;
+            }
             () = sleep_until(deadline) => {}
         }
         let now = Instant::now();
@@ -161,6 +192,10 @@ pub async fn run(
             }
             continue;
         };
+        // The node's network first: NodePorts of the table are served on
+        // the addresses it names. Also retries a failed earlier attempt.
+        let list = addresses.borrow_and_update().clone();
+        update_node_network(dataplane, &mut node_net, &list, &state, cfg, network);
         let building = std::time::Instant::now();
         observer.node_eligible(node_eligible(&state, &cfg.node_name));
         let output = build_table(&state, cfg);
@@ -246,6 +281,63 @@ pub async fn run(
             return;
         }
     }
+}
+
+/// Gives the dataplane the node's network when it differs from what it was
+/// last given (`given`: None before the first success). A failure is
+/// logged and leaves `given` as it was, so the next sync tries again.
+fn update_node_network(
+    dataplane: &mut dyn Dataplane,
+    given: &mut Option<NodeNetwork>,
+    addresses: &[InterfaceAddress],
+    state: &ClusterState,
+    cfg: &ModelConfig,
+    settings: &NodeNetworkSettings,
+) {
+    let node = state
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(cfg.node_name.as_str()))
+        .map(|n| n.as_ref());
+    let net = node_network(addresses, node, settings);
+    if given.as_ref() == Some(&net) {
+        return;
+    }
+    match dataplane.set_node_network(&net) {
+        Ok(()) => {
+            log_node_network(dataplane.name(), given.as_ref(), &net);
+            *given = Some(net);
+        }
+        Err(e) => {
+            tracing::error!(dataplane = dataplane.name(), error = %e, "setting the node network failed; will retry on the next sync");
+        }
+    }
+}
+
+fn log_node_network(dataplane: &str, old: Option<&NodeNetwork>, new: &NodeNetwork) {
+    fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+        items
+            .into_iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+        v.map_or_else(|| "none".to_string(), |v| v.to_string())
+    }
+    let empty = BTreeSet::new();
+    let before = old.map_or(&empty, |o| &o.nodeport_addresses);
+    tracing::info!(
+        dataplane,
+        nodeport_added = %list(new.nodeport_addresses.difference(before)),
+        nodeport_removed = %list(before.difference(&new.nodeport_addresses)),
+        nodeport_addresses = new.nodeport_addresses.len(),
+        snat_v4 = %opt(new.snat_v4),
+        snat_v6 = %opt(new.snat_v6),
+        cluster_cidrs = %list(&new.cluster_cidrs),
+        masquerade_all = new.masquerade_all,
+        "node network set"
+    );
 }
 
 /// Logs each rejection once while it persists, and tells the observer.
@@ -417,13 +509,42 @@ mod tests {
     enum Call {
         Apply(TableDiff),
         Reconcile(usize),
+        SetNodeNetwork(NodeNetwork),
     }
 
-    /// Records calls; fails the first `fail_applies` applies.
+    /// Records calls; fails the first `fail_applies` applies and the first
+    /// `fail_node_network` node network updates.
     #[derive(Clone, Default)]
     struct FakeDataplane {
         calls: Arc<Mutex<Vec<Call>>>,
         fail_applies: Arc<Mutex<usize>>,
+        fail_node_network: Arc<Mutex<usize>>,
+    }
+
+    impl FakeDataplane {
+        /// The service table calls (applies and reconciles) only.
+        fn table_calls(&self) -> Vec<Call> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| !matches!(c, Call::SetNodeNetwork(_)))
+                .cloned()
+                .collect()
+        }
+
+        /// The node networks given, in order.
+        fn node_networks(&self) -> Vec<NodeNetwork> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|c| match c {
+                    Call::SetNodeNetwork(n) => Some(n.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
     }
 
     impl Dataplane for FakeDataplane {
@@ -448,10 +569,18 @@ mod tests {
                 .push(Call::Reconcile(desired.len()));
             Ok(ApplyStats::default())
         }
-        fn set_node_network(
-            &mut self,
-            _network: &crate::dataplane::NodeNetwork,
-        ) -> Result<(), DataplaneError> {
+        fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(Call::SetNodeNetwork(network.clone()));
+            let mut fail = self.fail_node_network.lock().unwrap();
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(DataplaneError::Ebpf(
+                    crate::dataplane::ebpf::EbpfError::BackendIdsExhausted,
+                ));
+            }
             Ok(())
         }
     }
@@ -476,13 +605,57 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    fn spawn(fake: &FakeDataplane) -> watch::Sender<Option<Arc<ClusterState>>> {
+    type StateTx = watch::Sender<Option<Arc<ClusterState>>>;
+    type AddressTx = watch::Sender<Vec<InterfaceAddress>>;
+
+    fn spawn(fake: &FakeDataplane) -> StateTx {
+        spawn_with_addresses(fake, host_addresses()).0
+    }
+
+    fn spawn_with_addresses(
+        fake: &FakeDataplane,
+        addresses: Vec<InterfaceAddress>,
+    ) -> (StateTx, AddressTx) {
         let (tx, rx) = watch::channel(None);
+        let (addr_tx, addr_rx) = watch::channel(addresses);
         let mut dp = fake.clone();
         tokio::spawn(async move {
-            run(rx, &mut dp, &config(), &options(), &NoObserver).await;
+            let network = NodeNetworkSettings::default();
+            run(
+                rx,
+                addr_rx,
+                &mut dp,
+                &config(),
+                &network,
+                &options(),
+                &NoObserver,
+            )
+            .await;
         });
-        tx
+        (tx, addr_tx)
+    }
+
+    /// An interface address: index, CIDR, and whether its scope is link/host.
+    fn iface(ifindex: u32, cidr: &str, link_scope: bool) -> InterfaceAddress {
+        let net: ipnet::IpNet = cidr.parse().unwrap();
+        InterfaceAddress {
+            ifindex,
+            ip: net.addr(),
+            prefix_len: net.prefix_len(),
+            link_scope,
+        }
+    }
+
+    fn host_addresses() -> Vec<InterfaceAddress> {
+        vec![
+            iface(1, "127.0.0.1/8", true),
+            iface(2, "10.0.0.5/24", false),
+            iface(3, "192.168.1.7/24", false),
+        ]
+    }
+
+    fn ips(list: &[&str]) -> BTreeSet<std::net::IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
     }
 
     #[tokio::test]
@@ -494,7 +667,7 @@ mod tests {
         assert!(fake.calls.lock().unwrap().is_empty());
         tx.send(Some(web(&["10.1.0.1"]))).unwrap();
         settle().await;
-        assert_eq!(*fake.calls.lock().unwrap(), vec![Call::Reconcile(1)]);
+        assert_eq!(fake.table_calls(), vec![Call::Reconcile(1)]);
     }
 
     #[tokio::test]
@@ -508,7 +681,7 @@ mod tests {
         // The same state again changes nothing and applies nothing.
         tx.send(Some(web(&["10.1.0.1", "10.1.0.2"]))).unwrap();
         settle().await;
-        let calls = fake.calls.lock().unwrap().clone();
+        let calls = fake.table_calls();
         assert_eq!(calls.len(), 2, "{calls:?}");
         let Call::Apply(diff) = &calls[1] else {
             panic!("second call is an apply: {calls:?}")
@@ -533,7 +706,7 @@ mod tests {
             tx.send(Some(web(&["10.1.0.1", &addr]))).unwrap();
         }
         settle().await;
-        let calls = fake.calls.lock().unwrap().clone();
+        let calls = fake.table_calls();
         assert_eq!(calls.len(), 2, "one reconcile and one apply: {calls:?}");
         let Call::Apply(diff) = &calls[1] else {
             panic!("{calls:?}")
@@ -550,7 +723,7 @@ mod tests {
         settle().await;
         tx.send(Some(web(&["10.1.0.2"]))).unwrap();
         settle().await;
-        let calls = fake.calls.lock().unwrap().clone();
+        let calls = fake.table_calls();
         assert!(matches!(calls[1], Call::Apply(_)), "{calls:?}");
         assert_eq!(calls[2], Call::Reconcile(1), "retry reconciles: {calls:?}");
         assert_eq!(
@@ -570,7 +743,18 @@ mod tests {
             ..options()
         };
         tokio::spawn(async move {
-            run(rx, &mut dp, &config(), &opts, &NoObserver).await;
+            let (_keep, addr_rx) = watch::channel(host_addresses());
+            let network = NodeNetworkSettings::default();
+            run(
+                rx,
+                addr_rx,
+                &mut dp,
+                &config(),
+                &network,
+                &opts,
+                &NoObserver,
+            )
+            .await;
         });
         tx.send(Some(web(&["10.1.0.1"]))).unwrap();
         settle().await;
@@ -580,9 +764,9 @@ mod tests {
             tx.send(Some(web(&["10.1.0.1", extra]))).unwrap();
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
-        assert_eq!(fake.calls.lock().unwrap().len(), 1, "applied too early");
+        assert_eq!(fake.table_calls().len(), 1, "applied too early");
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let calls = fake.calls.lock().unwrap().clone();
+        let calls = fake.table_calls();
         assert_eq!(calls.len(), 2, "{calls:?}");
         let Call::Apply(diff) = &calls[1] else {
             panic!("{calls:?}")
@@ -635,7 +819,18 @@ mod tests {
         let mut dp = fake.clone();
         let obs = recorder.clone();
         tokio::spawn(async move {
-            run(rx, &mut dp, &config(), &options(), obs.as_ref()).await;
+            let (_keep, addr_rx) = watch::channel(host_addresses());
+            let network = NodeNetworkSettings::default();
+            run(
+                rx,
+                addr_rx,
+                &mut dp,
+                &config(),
+                &network,
+                &options(),
+                obs.as_ref(),
+            )
+            .await;
         });
         // A trigger time from before the agent started is not a latency.
         let old = with_trigger((*web(&["10.1.0.1"])).clone(), "2020-01-01T00:00:00Z");
@@ -678,6 +873,123 @@ mod tests {
         assert_eq!(rejected.len(), 1, "{rejected:?}");
         assert_eq!(rejected[0].name, "broken");
         assert_eq!(*recorder.eligible.lock().unwrap(), vec![true, true]);
+    }
+
+    #[tokio::test]
+    async fn the_node_network_is_set_before_the_first_reconcile() {
+        let fake = FakeDataplane::default();
+        let (tx, addr_tx) = spawn_with_addresses(&fake, host_addresses());
+        // Address changes before the first state program nothing yet.
+        addr_tx.send(host_addresses()).unwrap();
+        settle().await;
+        assert!(fake.calls.lock().unwrap().is_empty());
+        tx.send(Some(web(&["10.1.0.1"]))).unwrap();
+        settle().await;
+        let calls = fake.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        let Call::SetNodeNetwork(net) = &calls[0] else {
+            panic!("the node network comes first: {calls:?}")
+        };
+        assert_eq!(net.nodeport_addresses, ips(&["10.0.0.5", "192.168.1.7"]));
+        assert_eq!(net.snat_v4, Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(calls[1], Call::Reconcile(1));
+    }
+
+    #[tokio::test]
+    async fn an_address_change_sets_the_node_network_once_and_no_change_never() {
+        let fake = FakeDataplane::default();
+        let (tx, addr_tx) = spawn_with_addresses(&fake, host_addresses());
+        tx.send(Some(web(&["10.1.0.1"]))).unwrap();
+        settle().await;
+        assert_eq!(fake.node_networks().len(), 1);
+
+        // The same list again, and an address that changes nothing (IPv6
+        // link-local serves no NodePort and is no SNAT address): no call.
+        addr_tx.send(host_addresses()).unwrap();
+        settle().await;
+        let mut with_link_local = host_addresses();
+        with_link_local.push(iface(2, "fe80::1/64", true));
+        addr_tx.send(with_link_local.clone()).unwrap();
+        settle().await;
+        assert_eq!(fake.node_networks().len(), 1, "{:?}", fake.calls);
+
+        // An address added: exactly one call, and the table is left alone.
+        let mut added = with_link_local;
+        added.push(iface(2, "10.0.0.6/24", false));
+        addr_tx.send(added).unwrap();
+        settle().await;
+        let nets = fake.node_networks();
+        assert_eq!(nets.len(), 2, "{nets:?}");
+        assert_eq!(
+            nets[1].nodeport_addresses,
+            ips(&["10.0.0.5", "10.0.0.6", "192.168.1.7"])
+        );
+        assert_eq!(fake.table_calls(), vec![Call::Reconcile(1)]);
+
+        // An address removed: the SNAT address moves to the next one.
+        addr_tx
+            .send(vec![
+                iface(1, "127.0.0.1/8", true),
+                iface(3, "192.168.1.7/24", false),
+            ])
+            .unwrap();
+        settle().await;
+        let nets = fake.node_networks();
+        assert_eq!(nets.len(), 3, "{nets:?}");
+        assert_eq!(nets[2].nodeport_addresses, ips(&["192.168.1.7"]));
+        assert_eq!(nets[2].snat_v4, Some("192.168.1.7".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn the_node_object_changes_the_snat_address() {
+        let fake = FakeDataplane::default();
+        let tx = spawn(&fake);
+        tx.send(Some(web(&["10.1.0.1"]))).unwrap();
+        settle().await;
+        let mut s = (*web(&["10.1.0.1"])).clone();
+        let mut n = node("node-a");
+        n.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+                type_: "InternalIP".into(),
+                address: "192.168.1.7".into(),
+            }]),
+            ..Default::default()
+        });
+        // Another node's object does not count.
+        let mut other = n.clone();
+        other.metadata.name = Some("node-b".into());
+        s.nodes = vec![Arc::new(other)];
+        tx.send(Some(Arc::new(s.clone()))).unwrap();
+        settle().await;
+        assert_eq!(fake.node_networks().len(), 1);
+        s.nodes.push(Arc::new(n));
+        tx.send(Some(Arc::new(s))).unwrap();
+        settle().await;
+        let nets = fake.node_networks();
+        assert_eq!(nets.len(), 2, "{nets:?}");
+        assert_eq!(nets[1].snat_v4, Some("192.168.1.7".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_failed_node_network_is_retried_on_the_next_sync() {
+        let fake = FakeDataplane::default();
+        *fake.fail_node_network.lock().unwrap() = 1;
+        let tx = spawn(&fake);
+        tx.send(Some(web(&["10.1.0.1"]))).unwrap();
+        settle().await;
+        // The failure does not hold the table back.
+        assert_eq!(fake.table_calls(), vec![Call::Reconcile(1)]);
+        assert_eq!(fake.node_networks().len(), 1);
+        tx.send(Some(web(&["10.1.0.1", "10.1.0.2"]))).unwrap();
+        settle().await;
+        let calls = fake.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        assert!(matches!(calls[2], Call::SetNodeNetwork(_)), "{calls:?}");
+        assert!(matches!(calls[3], Call::Apply(_)), "{calls:?}");
+        // Succeeded now: an unchanged state sets nothing more.
+        tx.send(Some(web(&["10.1.0.1", "10.1.0.2"]))).unwrap();
+        settle().await;
+        assert_eq!(fake.node_networks().len(), 2);
     }
 
     #[test]

@@ -73,3 +73,44 @@ fn mode_flag_overrides_the_file() {
     );
     assert!(!stderr.contains("nftables"), "{stderr}");
 }
+
+#[test]
+fn bad_nodeport_addresses_flag_fails_at_start() {
+    for (value, want) in [
+        ("10.0.0.0/33", "\"10.0.0.0/33\" is not a CIDR"),
+        ("10.0.0.0/8,nope", "\"nope\" is not a CIDR"),
+        ("primary,10.0.0.0/8", "\"primary\" cannot be combined"),
+    ] {
+        let (code, stderr) = run(&["run", "--nodeport-addresses", value]);
+        assert_eq!(code, 2, "{value}: {stderr}");
+        assert!(
+            stderr.contains("--nodeport-addresses") && stderr.contains(want),
+            "{value}: {stderr}"
+        );
+    }
+    let (code, stderr) = run(&["run", "--masquerade-all=maybe"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--masquerade-all"), "{stderr}");
+}
+
+#[test]
+fn node_network_flags_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let missing = missing.to_str().unwrap();
+    for flags in [
+        &["--nodeport-addresses", "10.0.0.0/8,127.0.0.1/32"][..],
+        &["--nodeport-addresses=primary", "--masquerade-all"][..],
+        &["--nodeport-addresses=", "--masquerade-all=false"][..],
+    ] {
+        // Parsed, then stopped by the --manifests check that follows.
+        let mut args = vec!["run", "--manifests", missing];
+        args.extend_from_slice(flags);
+        let (code, stderr) = run(&args);
+        assert_ne!(code, 0, "{flags:?}: {stderr}");
+        assert!(
+            stderr.contains("--manifests") && stderr.contains("is not a directory"),
+            "{flags:?}: {stderr}"
+        );
+    }
+}

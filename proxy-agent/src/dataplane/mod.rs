@@ -9,6 +9,7 @@ use ipnet::IpNet;
 
 use crate::model::{ServiceTable, TableDiff};
 
+pub mod addresses;
 pub mod ebpf;
 
 /// Counts of what one apply did, for logs and metrics.
