@@ -1,53 +1,101 @@
-//! What `pod-server` does: answer every TCP connection and every UDP datagram
-//! with its name, so a client can tell which backend it reached.
+//! What `pod-server` does: answer every TCP connection, SCTP association and
+//! UDP datagram with one line, `<name> <peer>` (e.g. `pod-0
+//! 198.18.0.2:40312`): its name, so a client can tell which backend it
+//! reached, and the address the exchange came from as the server saw it, so
+//! a scenario can tell whether the client's address was preserved or
+//! masqueraded. Bound to `::`, it serves IPv4 and IPv6 on one socket per
+//! protocol (IPv4 peers are reported as IPv4, not IPv4-mapped).
 use std::{
-    io::{Read, Write},
+    io::{self, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 
+use crate::client::{Answer, sctp_socket, sockaddr};
+
 /// How long a TCP connection may keep sending after we answered; bounds the
 /// per-connection thread.
 const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Which ports a pod server serves; `Some(0)` picks a free port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerPorts {
+    pub tcp: Option<u16>,
+    pub udp: Option<u16>,
+    /// One-to-one style SCTP; binding fails where SCTP is unavailable (see
+    /// [`crate::client::sctp_skip_reason`]).
+    pub sctp: Option<u16>,
+}
 
 /// A bound pod server, not yet serving.
 pub struct PodServer {
     name: String,
     tcp: Option<TcpListener>,
     udp: Option<UdpSocket>,
+    /// An SCTP listener, held as a `TcpListener`: accept and the streams it
+    /// yields only use generic socket calls (see `client::sctp_connect`).
+    sctp: Option<TcpListener>,
 }
 
 impl PodServer {
-    /// Binds the requested ports on `bind` (port 0 picks a free port).
+    /// Binds the requested TCP and UDP ports on `bind` (port 0 picks a free
+    /// port).
     pub fn bind(
         name: &str,
         bind: IpAddr,
         tcp_port: Option<u16>,
         udp_port: Option<u16>,
     ) -> anyhow::Result<Self> {
+        Self::bind_ports(
+            name,
+            bind,
+            ServerPorts {
+                tcp: tcp_port,
+                udp: udp_port,
+                sctp: None,
+            },
+        )
+    }
+
+    /// Binds the requested ports on `bind`. `::` serves both IPv4 and IPv6
+    /// (IPV6_V6ONLY off, whatever the namespace's default).
+    pub fn bind_ports(name: &str, bind: IpAddr, ports: ServerPorts) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            tcp_port.is_some() || udp_port.is_some(),
-            "nothing to serve: give --tcp and/or --udp"
+            ports.tcp.is_some() || ports.udp.is_some() || ports.sctp.is_some(),
+            "nothing to serve: give --tcp, --udp and/or --sctp"
         );
-        let tcp = tcp_port
+        let tcp = ports
+            .tcp
             .map(|port| {
-                TcpListener::bind(SocketAddr::new(bind, port))
-                    .with_context(|| format!("binding TCP {bind}:{port}"))
+                let addr = SocketAddr::new(bind, port);
+                stream_listener(addr, libc::IPPROTO_TCP)
+                    .with_context(|| format!("binding TCP {addr}"))
             })
             .transpose()?;
-        let udp = udp_port
+        let udp = ports
+            .udp
             .map(|port| {
-                UdpSocket::bind(SocketAddr::new(bind, port))
-                    .with_context(|| format!("binding UDP {bind}:{port}"))
+                let addr = SocketAddr::new(bind, port);
+                udp_socket(addr).with_context(|| format!("binding UDP {addr}"))
+            })
+            .transpose()?;
+        let sctp = ports
+            .sctp
+            .map(|port| {
+                let addr = SocketAddr::new(bind, port);
+                stream_listener(addr, libc::IPPROTO_SCTP)
+                    .with_context(|| format!("binding SCTP {addr}"))
             })
             .transpose()?;
         Ok(PodServer {
             name: name.to_string(),
             tcp,
             udp,
+            sctp,
         })
     }
 
@@ -59,17 +107,21 @@ impl PodServer {
         self.udp.as_ref().and_then(|s| s.local_addr().ok())
     }
 
+    pub fn sctp_addr(&self) -> Option<SocketAddr> {
+        self.sctp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Starts serving on background threads, which run for the life of the
     /// process.
     pub fn spawn(self) -> Vec<JoinHandle<()>> {
-        let answer = format!("{}\n", self.name).into_bytes();
         let mut threads = Vec::new();
-        if let Some(listener) = self.tcp {
-            let answer = answer.clone();
-            threads.push(std::thread::spawn(move || serve_tcp(listener, answer)));
+        for listener in [self.tcp, self.sctp].into_iter().flatten() {
+            let name = self.name.clone();
+            threads.push(std::thread::spawn(move || serve_stream(listener, name)));
         }
         if let Some(socket) = self.udp {
-            threads.push(std::thread::spawn(move || serve_udp(socket, answer)));
+            let name = self.name.clone();
+            threads.push(std::thread::spawn(move || serve_udp(socket, name)));
         }
         threads
     }
@@ -85,12 +137,89 @@ impl PodServer {
     }
 }
 
-fn serve_tcp(listener: TcpListener, answer: Vec<u8>) {
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                let answer = answer.clone();
-                std::thread::spawn(move || answer_tcp(stream, &answer));
+/// A socket of `addr`'s family, of type `ty` and protocol `protocol`, bound
+/// to `addr`; dual-stack if `addr` is `::`.
+fn bound_socket(addr: SocketAddr, ty: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = if protocol == libc::IPPROTO_SCTP {
+        sctp_socket(addr.ip())?
+    } else {
+        let domain = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: socket has no memory-safety preconditions.
+        let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new socket that nothing else refers to.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    };
+    let raw = fd.as_raw_fd();
+    if ty == libc::SOCK_STREAM {
+        // As std does for listeners: a restarted server may rebind at once.
+        set_int_option(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    }
+    if let IpAddr::V6(ip) = addr.ip()
+        && ip.is_unspecified()
+    {
+        set_int_option(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    }
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: storage/len describe a valid sockaddr for the call.
+    if unsafe { libc::bind(raw, (&storage as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn set_int_option(
+    fd: libc::c_int,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: value outlives the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A listening TCP or (one-to-one) SCTP socket on `addr`.
+fn stream_listener(addr: SocketAddr, protocol: libc::c_int) -> io::Result<TcpListener> {
+    let fd = bound_socket(addr, libc::SOCK_STREAM, protocol)?;
+    // SAFETY: listen on a bound socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(TcpListener::from(fd))
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    Ok(UdpSocket::from(bound_socket(
+        addr,
+        libc::SOCK_DGRAM,
+        libc::IPPROTO_UDP,
+    )?))
+}
+
+fn serve_stream(listener: TcpListener, name: String) {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let answer = Answer::line(&name, peer);
+                std::thread::spawn(move || answer_stream(stream, answer.as_bytes()));
             }
             Err(error) => {
                 // E.g. a connection reset before accept, or out of fds: keep serving.
@@ -101,7 +230,7 @@ fn serve_tcp(listener: TcpListener, answer: Vec<u8>) {
     }
 }
 
-fn answer_tcp(mut stream: TcpStream, answer: &[u8]) {
+fn answer_stream(mut stream: TcpStream, answer: &[u8]) {
     // Errors mean the client went away (or reset); nothing to do about it.
     if stream.write_all(answer).is_err() {
         return;
@@ -123,12 +252,13 @@ fn answer_tcp(mut stream: TcpStream, answer: &[u8]) {
     }
 }
 
-fn serve_udp(socket: UdpSocket, answer: Vec<u8>) {
+fn serve_udp(socket: UdpSocket, name: String) {
     let mut buf = [0u8; 2048];
     loop {
         match socket.recv_from(&mut buf) {
             Ok((_, from)) => {
-                if let Err(error) = socket.send_to(&answer, from) {
+                let answer = Answer::line(&name, from);
+                if let Err(error) = socket.send_to(answer.as_bytes(), from) {
                     eprintln!("pod-server: reply to {from}: {error}");
                 }
             }
@@ -162,6 +292,59 @@ mod tests {
             });
             assert_eq!(report.ok, 20, "{protocol}: {report:?}");
             assert_eq!(report.count("pod-x"), 20);
+        }
+    }
+
+    #[test]
+    fn dual_stack_server_reports_each_peer_in_its_own_family() {
+        let server = PodServer::bind("pod-z", "::".parse().unwrap(), Some(0), Some(0)).unwrap();
+        let (tcp, udp) = (server.tcp_addr().unwrap(), server.udp_addr().unwrap());
+        server.spawn();
+        for loopback in ["127.0.0.1", "::1"] {
+            let loopback: IpAddr = loopback.parse().unwrap();
+            for (protocol, port) in [(Protocol::Tcp, tcp.port()), (Protocol::Udp, udp.port())] {
+                let report = run(&ClientOptions {
+                    protocol,
+                    target: SocketAddr::new(loopback, port),
+                    count: 4,
+                    timeout: Duration::from_secs(2),
+                    parallel: 2,
+                });
+                assert_eq!(
+                    report.count("pod-z"),
+                    4,
+                    "{protocol} {loopback}: {report:?}"
+                );
+                assert_eq!(report.source_count(loopback), 4, "{report:?}");
+                assert_eq!(report.sources().len(), 1, "{report:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn answers_sctp_where_available() {
+        if let Some(reason) = crate::client::sctp_skip_reason() {
+            eprintln!("answers_sctp_where_available: skipped: {reason}");
+            return;
+        }
+        let ports = ServerPorts {
+            sctp: Some(0),
+            ..ServerPorts::default()
+        };
+        let server = PodServer::bind_ports("pod-s", "::".parse().unwrap(), ports).unwrap();
+        let sctp = server.sctp_addr().unwrap();
+        server.spawn();
+        for loopback in ["127.0.0.1", "::1"] {
+            let loopback: IpAddr = loopback.parse().unwrap();
+            let report = run(&ClientOptions {
+                protocol: Protocol::Sctp,
+                target: SocketAddr::new(loopback, sctp.port()),
+                count: 3,
+                timeout: Duration::from_secs(2),
+                parallel: 1,
+            });
+            assert_eq!(report.count("pod-s"), 3, "{loopback}: {report:?}");
+            assert_eq!(report.source_count(loopback), 3, "{report:?}");
         }
     }
 

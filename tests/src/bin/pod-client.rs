@@ -1,6 +1,6 @@
 //! A test client: makes N exchanges with a pod-server (directly or through a
 //! service VIP), each on a new socket, and prints a JSON report of which
-//! backends answered.
+//! backends answered and which source addresses they saw (`by_source`).
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
@@ -11,6 +11,7 @@ use proxy_tests::client::{ClientOptions, Protocol, run};
 enum Proto {
     Tcp,
     Udp,
+    Sctp,
 }
 
 #[derive(Parser)]
@@ -36,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         protocol: match args.protocol {
             Proto::Tcp => Protocol::Tcp,
             Proto::Udp => Protocol::Udp,
+            Proto::Sctp => Protocol::Sctp,
         },
         target: args.target,
         count: args.count,

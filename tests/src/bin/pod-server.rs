@@ -1,13 +1,17 @@
-//! A test pod: answers each TCP connection and each UDP datagram with its
-//! name, so clients can count which backend they reached.
+//! A test pod: answers each TCP connection, SCTP association and UDP
+//! datagram with its name and the peer address it saw, so clients can count
+//! which backend they reached and from where it saw them.
 use std::net::IpAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use proxy_tests::server::PodServer;
+use proxy_tests::server::{PodServer, ServerPorts};
 
 #[derive(Parser)]
-#[command(about = "Answers every TCP connection and UDP datagram with NAME")]
+#[command(
+    about = "Answers every TCP connection, SCTP association and UDP datagram with \
+                   `NAME PEER-ADDR:PORT`"
+)]
 struct Args {
     /// The name written back to clients.
     #[arg(long)]
@@ -18,14 +22,23 @@ struct Args {
     /// UDP port to serve.
     #[arg(long)]
     udp: Option<u16>,
-    /// Address to bind.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// SCTP port to serve (one-to-one style); fails where the kernel has no
+    /// SCTP.
+    #[arg(long)]
+    sctp: Option<u16>,
+    /// Address to bind; `::` (the default) serves IPv4 and IPv6.
+    #[arg(long, default_value = "::")]
     bind: IpAddr,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let server = PodServer::bind(&args.name, args.bind, args.tcp, args.udp)
+    let ports = ServerPorts {
+        tcp: args.tcp,
+        udp: args.udp,
+        sctp: args.sctp,
+    };
+    let server = PodServer::bind_ports(&args.name, args.bind, ports)
         .with_context(|| format!("starting pod-server {}", args.name))?;
     server.run()
 }
