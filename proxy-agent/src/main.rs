@@ -440,7 +440,8 @@ async fn run(args: Settings) -> Result<()> {
     };
     let (mut dataplane, attacher) = ebpf::load(&opts).context("loading the eBPF dataplane")?;
     let attacher = Arc::new(Mutex::new(attacher));
-    let links = tokio::spawn(ebpf::follow_links(attacher.clone()));
+    let (links_attached_tx, links_attached) = tokio::sync::oneshot::channel();
+    let links = tokio::spawn(ebpf::follow_links(attacher.clone(), links_attached_tx));
     let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
     let node_addresses = tokio::spawn(addresses::follow_addresses(addresses_tx));
 
@@ -510,6 +511,10 @@ async fn run(args: Settings) -> Result<()> {
     // The follower sends its first list at once (or fails, which the select
     // below reports): wait for it, so the first node network is complete.
     addresses_rx.changed().await.ok();
+    // Every current interface has the programs before the maps are
+    // programmed (see `follow_links`); a failure to attach is reported by
+    // the select below.
+    links_attached.await.ok();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

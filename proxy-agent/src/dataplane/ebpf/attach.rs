@@ -205,10 +205,18 @@ fn is_candidate(msg: &LinkMessage) -> bool {
     !msg.header.flags.contains(LinkFlags::Loopback)
 }
 
-/// Attaches to every current interface, then follows link events until the
-/// netlink socket fails. Subscribes before listing so no interface that
-/// appears in between is missed.
-pub async fn follow_links(attacher: Arc<Mutex<Attacher>>) -> Result<(), EbpfError> {
+/// Attaches to every current interface, says so on `attached`, then follows
+/// link events until the netlink socket fails. Subscribes before listing so
+/// no interface that appears in between is missed.
+///
+/// Programming the maps should wait for `attached`: a flow translated at
+/// the ingress of an attached interface and sent out of one not attached
+/// yet would miss its source translation there (and a masqueraded flow to
+/// another node would go out with the client's address).
+pub async fn follow_links(
+    attacher: Arc<Mutex<Attacher>>,
+    attached: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), EbpfError> {
     let (conn, _mc_handle, mut events) =
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(EbpfError::Netlink)?;
     tokio::spawn(conn);
@@ -228,6 +236,8 @@ pub async fn follow_links(attacher: Arc<Mutex<Attacher>>) -> Result<(), EbpfErro
         }
     }
     lock(&attacher).remove_stale_pins(&existing)?;
+    // The receiver may have stopped waiting; that is its business.
+    let _ = attached.send(());
 
     while let Some((message, _)) = events.next().await {
         let NetlinkPayload::InnerMessage(inner) = message.payload else {
