@@ -37,7 +37,10 @@ pub struct BuildOutput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     pub port: u16,
-    /// Distinct ready endpoint addresses of the Service on this node.
+    /// Ready endpoints of the Service on this node: distinct addresses of
+    /// one family, the larger count of the two. kube-proxy runs one proxier
+    /// per family, each reporting its own count, so a dual-stack pod (one
+    /// address of each family) counts once, not twice.
     pub local_endpoints: usize,
 }
 
@@ -83,14 +86,15 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
             table.insert(planned.key, planned.frontend);
         }
         if let Some(port) = plan.health_check_node_port {
-            let local_endpoints = endpoints
+            let local: BTreeSet<IpAddr> = endpoints
                 .range(BackendGroup::first_of(&plan.name)..)
                 .take_while(|(group, _)| group.service == plan.name)
                 .flat_map(|(_, entries)| entries)
                 .filter(|entry| entry.local && entry.ready)
                 .map(|entry| entry.backend.ip)
-                .collect::<BTreeSet<IpAddr>>()
-                .len();
+                .collect();
+            let v4 = local.iter().filter(|ip| ip.is_ipv4()).count();
+            let local_endpoints = v4.max(local.len() - v4);
             health_check_node_ports.insert(
                 plan.name.clone(),
                 HealthCheck {
@@ -1831,6 +1835,53 @@ mod tests {
                 "{found:?}"
             );
         }
+    }
+
+    #[test]
+    fn health_check_node_port_counts_a_dual_stack_pod_once() {
+        let mut svc = service(
+            "ns",
+            "web",
+            &["10.0.0.1", "fd00::1"],
+            &[with_node_port(service_port("http", 80, ""), 30080)],
+        );
+        let spec = spec_mut(&mut svc);
+        spec.type_ = Some("NodePort".into());
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(31000);
+        let port = [slice_port("http", 8080, "")];
+        let slices = vec![
+            slice(
+                "ns",
+                "web-1",
+                "web",
+                "IPv4",
+                &port,
+                &[
+                    endpoint_on("10.1.0.1", "node-a"),
+                    endpoint_on("10.1.0.2", "node-a"),
+                ],
+            ),
+            slice(
+                "ns",
+                "web-2",
+                "web",
+                "IPv6",
+                &port,
+                &[
+                    endpoint_on("fd00:1::1", "node-a"),
+                    endpoint_on("fd00:1::2", "node-a"),
+                    endpoint_on("fd00:1::3", "node-b"),
+                ],
+            ),
+        ];
+        let output = build(vec![svc], slices);
+        let counts: Vec<usize> = output
+            .health_check_node_ports
+            .values()
+            .map(|check| check.local_endpoints)
+            .collect();
+        assert_eq!(counts, [2], "two pods with an address of each family");
     }
 
     #[test]
