@@ -149,11 +149,13 @@ pub struct AgentConfig {
     pub source: AgentSource,
     pub bpf_root: PathBuf,
     pub node_name: String,
+    /// `--mode`: `ebpf`, `nftables`, `iptables` or `ipvs`.
+    pub mode: String,
     /// Appended to `run ...`, e.g. `--interfaces`.
     pub extra_args: Vec<String>,
 }
 
-/// A running `proxy-agent run --mode=ebpf`, logging to a file.
+/// A running `proxy-agent run --mode=<mode>`, logging to a file.
 ///
 /// On drop it stops the agent, runs `proxy-agent cleanup`, and, when the
 /// thread is panicking (a failed test), prints the agent's log.
@@ -185,7 +187,7 @@ impl Agent {
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut command = netns_command(&config.netns, &config.binary);
-        command.arg("run").arg("--mode=ebpf");
+        command.arg("run").arg(format!("--mode={}", config.mode));
         match &config.source {
             AgentSource::Manifests(dir) => command.arg("--manifests").arg(dir),
             AgentSource::Kubeconfig(file) => command.arg("--kubeconfig").arg(file),

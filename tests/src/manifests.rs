@@ -114,6 +114,11 @@ pub struct ServiceSpec {
     pub load_balancer_ips: Vec<IpAddr>,
     /// `sessionAffinity: ClientIP` with this timeout in seconds.
     pub session_affinity_timeout: Option<u32>,
+    /// `spec.loadBalancerSourceRanges`, as written (so tests can also write
+    /// invalid ones).
+    pub load_balancer_source_ranges: Vec<String>,
+    /// `spec.trafficDistribution` (e.g. `PreferClose`).
+    pub traffic_distribution: Option<String>,
 }
 
 /// One port of a Service and the port its endpoints serve it on.
@@ -145,6 +150,8 @@ pub struct SliceEndpoint {
     pub node: Option<String>,
     /// `zone`.
     pub zone: Option<String>,
+    /// `hints.forZones[].name`; empty: no hints.
+    pub zone_hints: Vec<String>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -157,6 +164,7 @@ impl From<Endpoint> for SliceEndpoint {
             ip: endpoint.ip,
             node: None,
             zone: None,
+            zone_hints: Vec::new(),
             ready: true,
             serving: true,
             terminating: false,
@@ -174,6 +182,12 @@ impl SliceEndpoint {
     /// In zone `zone`.
     pub fn in_zone(mut self, zone: &str) -> Self {
         self.zone = Some(zone.to_string());
+        self
+    }
+
+    /// With `hints.forZones` naming `zones`.
+    pub fn hinted_for(mut self, zones: &[&str]) -> Self {
+        self.zone_hints = zones.iter().map(|z| z.to_string()).collect();
         self
     }
 
@@ -201,6 +215,14 @@ impl SliceEndpoint {
         if let Some(zone) = &self.zone {
             endpoint["zone"] = json!(zone);
         }
+        if !self.zone_hints.is_empty() {
+            let zones: Vec<Value> = self
+                .zone_hints
+                .iter()
+                .map(|z| json!({ "name": z }))
+                .collect();
+            endpoint["hints"] = json!({ "forZones": zones });
+        }
         endpoint
     }
 }
@@ -223,6 +245,8 @@ impl ServiceSpec {
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
             session_affinity_timeout: None,
+            load_balancer_source_ranges: Vec::new(),
+            traffic_distribution: None,
         }
     }
 
@@ -317,6 +341,18 @@ impl ServiceSpec {
         self
     }
 
+    /// `spec.loadBalancerSourceRanges`.
+    pub fn source_ranges(mut self, ranges: &[&str]) -> Self {
+        self.load_balancer_source_ranges = ranges.iter().map(|r| r.to_string()).collect();
+        self
+    }
+
+    /// `spec.trafficDistribution`.
+    pub fn traffic_distribution(mut self, value: &str) -> Self {
+        self.traffic_distribution = Some(value.to_string());
+        self
+    }
+
     /// `sessionAffinity: ClientIP` with `timeout_seconds`.
     pub fn session_affinity(mut self, timeout_seconds: u32) -> Self {
         self.session_affinity_timeout = Some(timeout_seconds);
@@ -391,6 +427,12 @@ impl ServiceSpec {
         if let Some(timeout) = self.session_affinity_timeout {
             spec["sessionAffinity"] = json!("ClientIP");
             spec["sessionAffinityConfig"] = json!({ "clientIP": { "timeoutSeconds": timeout } });
+        }
+        if !self.load_balancer_source_ranges.is_empty() {
+            spec["loadBalancerSourceRanges"] = json!(self.load_balancer_source_ranges);
+        }
+        if let Some(value) = &self.traffic_distribution {
+            spec["trafficDistribution"] = json!(value);
         }
         if !self.load_balancer_ips.is_empty() {
             let ingress: Vec<Value> = self

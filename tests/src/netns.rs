@@ -109,6 +109,9 @@ pub const MAX_REMOTE_PODS: usize = 30;
 pub const POD_TCP_PORT: u16 = 8080;
 /// The port every pod-server serves UDP on.
 pub const POD_UDP_PORT: u16 = 5353;
+/// The TCP port every pod-server serves sessions on (each line answered,
+/// the connection kept open).
+pub const POD_SESSION_PORT: u16 = 8081;
 /// The port every pod-server serves SCTP on, where the kernel has SCTP.
 pub const POD_SCTP_PORT: u16 = 9090;
 /// The Node name used unless the builder is told otherwise.
@@ -641,6 +644,8 @@ impl TopologyBuilder {
                 POD_TCP_PORT.to_string(),
                 "--udp".to_string(),
                 POD_UDP_PORT.to_string(),
+                "--session".to_string(),
+                POD_SESSION_PORT.to_string(),
             ];
             if sctp_skip_reason.is_none() {
                 args.extend(["--sctp".to_string(), POD_SCTP_PORT.to_string()]);
@@ -1086,7 +1091,7 @@ impl Topology {
         let ports = ServerPorts {
             tcp: Some(tcp_port),
             udp: Some(udp_port),
-            sctp: None,
+            ..ServerPorts::default()
         };
         self.spawn_server_ports(ns, name, bind, ports)
     }
@@ -1110,6 +1115,7 @@ impl Topology {
             ("--tcp", ports.tcp),
             ("--udp", ports.udp),
             ("--sctp", ports.sctp),
+            ("--session", ports.session),
         ] {
             if let Some(port) = port {
                 args.extend([flag.to_string(), port.to_string()]);
@@ -1210,6 +1216,7 @@ impl Topology {
             source,
             bpf_root: bpffs.agent_root(),
             node_name: self.node_name.clone(),
+            mode: "ebpf".to_string(),
             extra_args: Vec::new(),
         }
     }

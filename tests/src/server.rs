@@ -29,6 +29,10 @@ pub struct ServerPorts {
     /// One-to-one style SCTP; binding fails where SCTP is unavailable (see
     /// [`crate::client::sctp_skip_reason`]).
     pub sctp: Option<u16>,
+    /// TCP sessions: every line the client sends is answered with the
+    /// answer line, and the connection stays open until the client closes
+    /// it (for scenarios about long-lived flows).
+    pub session: Option<u16>,
 }
 
 /// A bound pod server, not yet serving.
@@ -39,6 +43,7 @@ pub struct PodServer {
     /// An SCTP listener, held as a `TcpListener`: accept and the streams it
     /// yields only use generic socket calls (see `client::sctp_connect`).
     sctp: Option<TcpListener>,
+    session: Option<TcpListener>,
 }
 
 impl PodServer {
@@ -56,7 +61,7 @@ impl PodServer {
             ServerPorts {
                 tcp: tcp_port,
                 udp: udp_port,
-                sctp: None,
+                ..ServerPorts::default()
             },
         )
     }
@@ -65,8 +70,11 @@ impl PodServer {
     /// (IPV6_V6ONLY off, whatever the namespace's default).
     pub fn bind_ports(name: &str, bind: IpAddr, ports: ServerPorts) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            ports.tcp.is_some() || ports.udp.is_some() || ports.sctp.is_some(),
-            "nothing to serve: give --tcp, --udp and/or --sctp"
+            ports.tcp.is_some()
+                || ports.udp.is_some()
+                || ports.sctp.is_some()
+                || ports.session.is_some(),
+            "nothing to serve: give --tcp, --udp, --sctp and/or --session"
         );
         let tcp = ports
             .tcp
@@ -91,11 +99,20 @@ impl PodServer {
                     .with_context(|| format!("binding SCTP {addr}"))
             })
             .transpose()?;
+        let session = ports
+            .session
+            .map(|port| {
+                let addr = SocketAddr::new(bind, port);
+                stream_listener(addr, libc::IPPROTO_TCP)
+                    .with_context(|| format!("binding TCP session {addr}"))
+            })
+            .transpose()?;
         Ok(PodServer {
             name: name.to_string(),
             tcp,
             udp,
             sctp,
+            session,
         })
     }
 
@@ -111,6 +128,10 @@ impl PodServer {
         self.sctp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    pub fn session_addr(&self) -> Option<SocketAddr> {
+        self.session.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Starts serving on background threads, which run for the life of the
     /// process.
     pub fn spawn(self) -> Vec<JoinHandle<()>> {
@@ -122,6 +143,10 @@ impl PodServer {
         if let Some(socket) = self.udp {
             let name = self.name.clone();
             threads.push(std::thread::spawn(move || serve_udp(socket, name)));
+        }
+        if let Some(listener) = self.session {
+            let name = self.name.clone();
+            threads.push(std::thread::spawn(move || serve_sessions(listener, name)));
         }
         threads
     }
@@ -248,6 +273,46 @@ fn answer_stream(mut stream: TcpStream, answer: &[u8]) {
         match stream.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
+        }
+    }
+}
+
+/// How long a session may stay silent before the server gives up on it;
+/// bounds the per-session thread.
+const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn serve_sessions(listener: TcpListener, name: String) {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let answer = Answer::line(&name, peer);
+                std::thread::spawn(move || answer_session(stream, answer.as_bytes()));
+            }
+            Err(error) => {
+                eprintln!("pod-server: accept (session): {error}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Answers each newline the client sends, until it closes or stays silent
+/// for [`SESSION_IDLE_TIMEOUT`].
+fn answer_session(mut stream: TcpStream, answer: &[u8]) {
+    if stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT)).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                for _ in buf[..n].iter().filter(|&&b| b == b'\n') {
+                    if stream.write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
 }

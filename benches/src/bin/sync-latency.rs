@@ -163,6 +163,7 @@ fn main() -> Result<()> {
         source: AgentSource::Kubeconfig(kubeconfig.clone()),
         bpf_root: bpffs.agent_root(),
         node_name: "bench-node".into(),
+        mode: "ebpf".into(),
         extra_args: Vec::new(),
     })?;
     let map = loop {

@@ -26,6 +26,10 @@ struct Args {
     /// SCTP.
     #[arg(long)]
     sctp: Option<u16>,
+    /// TCP port for sessions: each line sent is answered, and the
+    /// connection stays open until the client closes it.
+    #[arg(long)]
+    session: Option<u16>,
     /// Address to bind; `::` (the default) serves IPv4 and IPv6.
     #[arg(long, default_value = "::")]
     bind: IpAddr,
@@ -37,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         tcp: args.tcp,
         udp: args.udp,
         sctp: args.sctp,
+        session: args.session,
     };
     let server = PodServer::bind_ports(&args.name, args.bind, ports)
         .with_context(|| format!("starting pod-server {}", args.name))?;
