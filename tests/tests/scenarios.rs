@@ -1,0 +1,1283 @@
+//! The Service scenario suite: each behaviour a kube-proxy replacement owes
+//! a cluster, shown with real clients in network namespaces (see
+//! `proxy_tests::netns` for the topology and its addresses), against one
+//! dataplane mode.
+//!
+//! The mode is a parameter, not a copy: every scenario is a function of
+//! [`Mode`], and [`suite!`] instantiates the list once per mode. A mode that
+//! cannot express a scenario says so in [`Mode::cannot`]; that scenario is
+//! then skipped with the reason printed, never silently passed.
+//!
+//! Each scenario builds its own topology and agent, tears both down on drop
+//! (also when it fails, printing the agent's log), and takes the suite's
+//! lock: the machine has two cores, and some scenarios time reactions.
+//! Without root they print why and pass.
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use proxy_tests::manifests::TrafficPolicy;
+use proxy_tests::{
+    netns::{
+        Agent, AgentConfig, BpfFs, CLIENT_IP, CLIENT_IP6, CLUSTER_CIDR, ClientOptions,
+        ClientReport, IpFamily, ManifestsDir, NODE_IP, NODE_IP6, POD_SCTP_PORT, POD_SESSION_PORT,
+        POD_TCP_PORT, POD_UDP_PORT, PodNetwork, Protocol, ServiceSpec, SliceEndpoint, ToolPaths,
+        Topology, agent_binary, in_netns,
+    },
+    poll_until, serial, skipped,
+};
+
+// ---------------------------------------------------------------------------
+// Modes and the suite.
+
+/// A dataplane mode the suite runs against (`--mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Ebpf,
+}
+
+impl Mode {
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+        }
+    }
+
+    /// Why this mode cannot express `scenario`, if it cannot.
+    fn cannot(self, scenario: &str) -> Option<&'static str> {
+        match (self, scenario) {
+            (Mode::Ebpf, _) => None,
+        }
+    }
+}
+
+/// One `#[test]` per scenario and mode: `<mode>::<scenario>`.
+macro_rules! suite {
+    ($($scenario:ident),* $(,)?) => {
+        mod ebpf {
+            $(
+                #[test]
+                fn $scenario() {
+                    super::run(stringify!($scenario), super::Mode::Ebpf, super::$scenario);
+                }
+            )*
+        }
+    };
+}
+
+suite![
+    clusterip_dual_stack_tcp_and_udp,
+    clusterip_sctp,
+    nodeport_on_node_addresses_never_loopback,
+    nodeport_follows_node_addresses,
+    external_and_load_balancer_ips_with_source_ranges,
+    session_affinity_client_ip,
+    terminating_endpoints_serve_only_when_none_is_ready,
+    established_flow_survives_backend_removal,
+    udp_flow_moves_off_a_removed_backend,
+    internal_traffic_policy_local,
+    external_traffic_policy_local,
+    topology_prefers_the_zone_of_the_node,
+    services_without_endpoints_reject,
+    masquerade_follows_the_cluster_cidr,
+    masquerade_all_masquerades_pods_too,
+    nodeport_to_backends_on_another_node,
+    hairpin_routed,
+    hairpin_bridge,
+    hairpin_bridge_with_hairpin_mode,
+    churn_10000_connections_while_endpoints_change,
+];
+
+fn run(test: &str, mode: Mode, scenario: fn(Mode) -> anyhow::Result<()>) {
+    let name = format!("{}::{test}", mode.flag());
+    let _serial = serial();
+    if skipped(&name) {
+        return;
+    }
+    if let Some(reason) = mode.cannot(test) {
+        let _ = writeln!(std::io::stderr(), "{name}: skipped: {reason}");
+        return;
+    }
+    if let Err(error) = scenario(mode) {
+        let evidence = LAST_CLUSTER.with(|last| last.take());
+        panic!("{name}: {error:?}\n{evidence}");
+    }
+}
+
+thread_local! {
+    /// What the last [`Cluster`] of this thread left as evidence when it was
+    /// dropped: the agent's log and the datapath's counters. A failing
+    /// scenario has dropped its cluster by the time [`run`] sees the error.
+    static LAST_CLUSTER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+// ---------------------------------------------------------------------------
+// Addresses and ports.
+
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
+const VIP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10));
+const EXTERNAL_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 1, 10));
+const LB_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 2, 10));
+const LB_IP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 2, 0x10));
+const NODE: IpAddr = IpAddr::V4(NODE_IP);
+const NODE6: IpAddr = IpAddr::V6(NODE_IP6);
+const CLIENT: IpAddr = IpAddr::V4(CLIENT_IP);
+const CLIENT6: IpAddr = IpAddr::V6(CLIENT_IP6);
+
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+const SESSION_PORT: u16 = 81;
+const SCTP_PORT: u16 = 99;
+const TCP_NODE_PORT: u16 = 30080;
+const UDP_NODE_PORT: u16 = 30053;
+const HEALTH_CHECK_PORT: u16 = 30256;
+
+/// How long the agent may take to serve a change.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a check may keep polling for an expected change.
+const POLL_LIMIT: Duration = Duration::from_secs(10);
+/// Exchanges per check: with two backends, each is missed by chance with
+/// probability 2^-30.
+const COUNT: u64 = 30;
+
+/// The suite's Service: TCP 80 -> 8080 and UDP 53 -> 5353.
+fn echo() -> ServiceSpec {
+    ServiceSpec::cluster_ip("default", "echo", VIP)
+        .tcp(TCP_PORT, POD_TCP_PORT)
+        .udp(UDP_PORT, POD_UDP_PORT)
+}
+
+fn names<'a>(names: &[&'a str]) -> BTreeSet<&'a str> {
+    names.iter().copied().collect()
+}
+
+// ---------------------------------------------------------------------------
+// A cluster: the topology, its Node objects, and the agent.
+
+/// How to build a [`Cluster`].
+struct Setup {
+    pods: usize,
+    network: PodNetwork,
+    node2_pods: usize,
+    zones: Option<(&'static str, &'static str)>,
+    args: Vec<String>,
+}
+
+impl Setup {
+    fn pods(pods: usize) -> Self {
+        Setup {
+            pods,
+            network: PodNetwork::Routed,
+            node2_pods: 0,
+            zones: None,
+            args: vec![format!("--cluster-cidr={CLUSTER_CIDR}")],
+        }
+    }
+
+    fn network(mut self, network: PodNetwork) -> Self {
+        self.network = network;
+        self
+    }
+
+    fn second_node(mut self, pods: usize) -> Self {
+        self.node2_pods = pods;
+        self
+    }
+
+    /// Zone labels of the node and of the second node.
+    fn zones(mut self, node: &'static str, node2: &'static str) -> Self {
+        self.zones = Some((node, node2));
+        self
+    }
+
+    fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
+        self
+    }
+}
+
+struct Cluster {
+    // Field order is drop order: the agent stops and cleans up while its
+    // namespace and bpffs still exist.
+    // In a cell so that waiting (which checks the agent is alive) does not
+    // need the cluster mutably while scenarios hold views of it.
+    agent: std::cell::RefCell<Agent>,
+    manifests: ManifestsDir,
+    _bpffs: BpfFs,
+    t: Topology,
+}
+
+impl Cluster {
+    fn start(mode: Mode, setup: Setup) -> anyhow::Result<Self> {
+        let binary = agent_binary()?;
+        let mut builder = Topology::builder()
+            .backends(setup.pods)
+            .pod_network(setup.network)
+            .tools(ToolPaths::new(
+                env!("CARGO_BIN_EXE_pod-server"),
+                env!("CARGO_BIN_EXE_pod-client"),
+            ));
+        if setup.node2_pods > 0 {
+            builder = builder.second_node(setup.node2_pods);
+        }
+        let t = builder.build()?;
+        let bpffs = BpfFs::mount()?;
+        let mut manifests = ManifestsDir::new()?;
+        let (zone, zone2) = match setup.zones {
+            Some((a, b)) => (Some(a), Some(b)),
+            None => (None, None),
+        };
+        let mut node = t.node_spec();
+        if let Some(zone) = zone {
+            node = node.zone(zone);
+        }
+        manifests.write_own_node(&node)?;
+        if let Some(mut node2) = t.node2_spec() {
+            if let Some(zone) = zone2 {
+                node2 = node2.zone(zone);
+            }
+            manifests.write_other_node(&node2)?;
+        }
+        let agent = Agent::start(AgentConfig {
+            mode: mode.flag().to_string(),
+            extra_args: setup.args,
+            ..t.start_agent_config(&binary, &bpffs, &manifests)
+        })?;
+        Ok(Cluster {
+            agent: std::cell::RefCell::new(agent),
+            manifests,
+            _bpffs: bpffs,
+            t,
+        })
+    }
+
+    /// Writes the Service and its EndpointSlices (one per family).
+    fn publish(&self, service: &ServiceSpec, endpoints: &[SliceEndpoint]) -> anyhow::Result<()> {
+        self.manifests.write_service(service)?;
+        self.manifests.write_endpoint_slices(service, endpoints)
+    }
+
+    /// Rewrites the Service's EndpointSlices.
+    fn set_endpoints(
+        &self,
+        service: &ServiceSpec,
+        endpoints: &[SliceEndpoint],
+    ) -> anyhow::Result<()> {
+        self.manifests.write_endpoint_slices(service, endpoints)
+    }
+
+    /// Endpoints of every family of `service`: the node's pods `local` and
+    /// the second node's pods `remote`.
+    fn endpoints(
+        &self,
+        service: &ServiceSpec,
+        local: &[usize],
+        remote: &[usize],
+    ) -> Vec<SliceEndpoint> {
+        service
+            .ip_families()
+            .into_iter()
+            .flat_map(|family| self.t.slice_endpoints(family, local, remote))
+            .collect()
+    }
+
+    /// Waits until `target` answers `protocol` from the client.
+    fn wait(&self, protocol: Protocol, target: SocketAddr) -> anyhow::Result<()> {
+        self.t
+            .wait_reachable(
+                &mut self.agent.borrow_mut(),
+                protocol,
+                target,
+                READY_TIMEOUT,
+            )
+            .map(|_| ())
+    }
+
+    /// `count` exchanges from namespace `ns`.
+    fn exchange_in(
+        &self,
+        ns: &str,
+        protocol: Protocol,
+        target: SocketAddr,
+        count: u64,
+    ) -> anyhow::Result<ClientReport> {
+        let options = self
+            .t
+            .client_options(protocol, target.ip(), target.port(), count);
+        self.t.run_client_in(ns, &options)
+    }
+
+    /// `count` exchanges from the client namespace.
+    fn exchange(
+        &self,
+        protocol: Protocol,
+        target: SocketAddr,
+        count: u64,
+    ) -> anyhow::Result<ClientReport> {
+        self.exchange_in(self.t.client_ns(), protocol, target, count)
+    }
+
+    /// A few exchanges with a short timeout, for checks that expect failure.
+    fn probe_in(
+        &self,
+        ns: &str,
+        protocol: Protocol,
+        target: SocketAddr,
+        count: u64,
+    ) -> anyhow::Result<ClientReport> {
+        let options = ClientOptions {
+            protocol,
+            target,
+            count,
+            timeout: Duration::from_millis(300),
+            parallel: 1,
+        };
+        self.t.run_client_in(ns, &options)
+    }
+
+    /// Polls with batches from `ns` until `done` holds for one.
+    fn until_in(
+        &self,
+        ns: &str,
+        protocol: Protocol,
+        target: SocketAddr,
+        what: &str,
+        done: impl Fn(&ClientReport) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let mut last = None;
+        let result = poll_until(POLL_LIMIT, Duration::from_millis(20), || {
+            let report = self.probe_in(ns, protocol, target, 10)?;
+            let ok = done(&report);
+            last = Some(report);
+            Ok(ok.then_some(()))
+        });
+        result
+            .map(|((), took)| took)
+            .with_context(|| format!("{what}; last batch: {last:?}"))
+    }
+
+    fn until(
+        &self,
+        protocol: Protocol,
+        target: SocketAddr,
+        what: &str,
+        done: impl Fn(&ClientReport) -> bool,
+    ) -> anyhow::Result<Duration> {
+        self.until_in(self.t.client_ns(), protocol, target, what, done)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let agent = self.agent.borrow();
+        let stats_pin = agent.config().bpf_root.join("maps/PA_STATS");
+        let counters = match std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&stats_pin)
+            .output()
+        {
+            Ok(out) => datapath_counters(&String::from_utf8_lossy(&out.stdout)),
+            Err(e) => format!("(bpftool: {e})"),
+        };
+        let evidence = format!(
+            "---- datapath counters ----\n{counters}\n---- proxy-agent log ----\n{}",
+            agent.log()
+        );
+        LAST_CLUSTER.with(|last| *last.borrow_mut() = evidence);
+    }
+}
+
+/// The non-zero per-reason counters of a `bpftool map dump` of the stats
+/// map (per-CPU values summed), one `name: count` per line.
+fn datapath_counters(dump: &str) -> String {
+    let Ok(entries) = serde_json::from_str::<serde_json::Value>(dump) else {
+        return format!("(unparsed) {dump}");
+    };
+    let mut lines = Vec::new();
+    for entry in entries.as_array().into_iter().flatten() {
+        let index = json_u64(&entry["key"]).unwrap_or(u64::MAX) as usize;
+        let total: u64 = entry["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| json_u64(&v["value"]))
+            .sum();
+        if total > 0 {
+            let name = proxy_common::stat::NAMES.get(index).copied().unwrap_or("?");
+            lines.push(format!("{name}: {total}"));
+        }
+    }
+    lines.join("\n")
+}
+
+/// A number as bpftool prints it: plain (with BTF), or as little-endian
+/// bytes in hex strings (without).
+fn json_u64(value: &serde_json::Value) -> Option<u64> {
+    if let Some(n) = value.as_u64() {
+        return Some(n);
+    }
+    let bytes = value.as_array()?;
+    let mut n = 0u64;
+    for (i, byte) in bytes.iter().enumerate().take(8) {
+        let byte = u8::from_str_radix(byte.as_str()?.trim_start_matches("0x"), 16).ok()?;
+        n |= u64::from(byte) << (8 * i);
+    }
+    Some(n)
+}
+
+/// All `count` exchanges succeeded, answered by exactly `backends`, each
+/// with a fair share (a tenth at least), and the servers saw only `sources`.
+fn check(
+    what: &str,
+    report: &ClientReport,
+    count: u64,
+    backends: &[&str],
+    sources: &[IpAddr],
+) -> anyhow::Result<()> {
+    ensure!(
+        report.ok == count && report.failed == 0,
+        "{what}: {} of {count} succeeded: {report:?}",
+        report.ok
+    );
+    ensure!(
+        report.backends() == names(backends),
+        "{what}: answered by {:?}, expected {backends:?}: {report:?}",
+        report.backends()
+    );
+    for backend in backends {
+        ensure!(
+            report.count(backend) >= count / 10,
+            "{what}: {backend} got only {} of {count}: {report:?}",
+            report.count(backend)
+        );
+    }
+    ensure!(
+        report.sources() == sources.iter().copied().collect(),
+        "{what}: servers saw sources {:?}, expected {sources:?}",
+        report.sources()
+    );
+    Ok(())
+}
+
+/// None of `count` exchanges got an answer.
+fn check_unanswered(what: &str, report: &ClientReport, count: u64) -> anyhow::Result<()> {
+    ensure!(
+        report.ok == 0 && report.failed == count,
+        "{what}: expected no answer: {report:?}"
+    );
+    Ok(())
+}
+
+fn at(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+// ---------------------------------------------------------------------------
+// Frontends and families.
+
+/// A dual-stack ClusterIP: TCP and UDP over both families reach exactly the
+/// listed pods. The client is outside the cluster CIDR, so the pods see the
+/// node's address; a pod client keeps its own.
+fn clusterip_dual_stack_tcp_and_udp(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(3))?;
+    let service = echo().dual_stack(VIP6);
+    c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
+    for (vip, node) in [(VIP, NODE), (VIP6, NODE6)] {
+        for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
+            c.wait(protocol, at(vip, port))?;
+            let report = c.exchange(protocol, at(vip, port), COUNT)?;
+            // The client is outside the cluster CIDR: masqueraded.
+            check(
+                &format!("{protocol} {vip}"),
+                &report,
+                COUNT,
+                &["pod-0", "pod-1"],
+                &[node],
+            )?;
+        }
+    }
+    // A pod client keeps its own address, over both families.
+    let pod = c.t.pod(2);
+    for (vip, family) in [(VIP, IpFamily::V4), (VIP6, IpFamily::V6)] {
+        let report = c.exchange_in(pod.ns(), Protocol::Tcp, at(vip, TCP_PORT), COUNT)?;
+        check(
+            &format!("pod-2 to {vip}"),
+            &report,
+            COUNT,
+            &["pod-0", "pod-1"],
+            &[pod.ip_of(family)],
+        )?;
+    }
+    Ok(())
+}
+
+/// SCTP through a dual-stack ClusterIP, with a port translation (the CRC32c
+/// must be fixed for the association to come up).
+fn clusterip_sctp(mode: Mode) -> anyhow::Result<()> {
+    if let Some(reason) = proxy_tests::client::sctp_skip_reason() {
+        let _ = writeln!(std::io::stderr(), "clusterip_sctp: skipped: {reason}");
+        return Ok(());
+    }
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let service = ServiceSpec::cluster_ip("default", "sctp", VIP)
+        .sctp(SCTP_PORT, POD_SCTP_PORT)
+        .dual_stack(VIP6);
+    c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
+    for vip in [VIP, VIP6] {
+        c.wait(Protocol::Sctp, at(vip, SCTP_PORT))?;
+        let report = c.t.client_sctp(vip, SCTP_PORT, 20)?;
+        ensure!(
+            report.ok == 20 && report.backends() == names(&["pod-0", "pod-1"]),
+            "SCTP {vip}: {report:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A NodePort answers on the node's addresses of both families, from an
+/// external client, masqueraded (Cluster policy); never on loopback.
+fn nodeport_on_node_addresses_never_loopback(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let service = echo()
+        .dual_stack(VIP6)
+        .node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
+    c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
+    for node in [NODE, NODE6] {
+        for (protocol, port) in [
+            (Protocol::Tcp, TCP_NODE_PORT),
+            (Protocol::Udp, UDP_NODE_PORT),
+        ] {
+            c.wait(protocol, at(node, port))?;
+            let report = c.exchange(protocol, at(node, port), COUNT)?;
+            check(
+                &format!("{protocol} NodePort on {node}"),
+                &report,
+                COUNT,
+                &["pod-0", "pod-1"],
+                &[node],
+            )?;
+        }
+    }
+    // CVE-2020-8558: loopback is not a NodePort address.
+    let node_ns = c.t.node_ns().to_string();
+    for loopback in ["127.0.0.1", "::1"] {
+        let target = at(loopback.parse()?, TCP_NODE_PORT);
+        let report = c.probe_in(&node_ns, Protocol::Tcp, target, 3)?;
+        check_unanswered(&format!("NodePort on {target}"), &report, 3)?;
+    }
+    Ok(())
+}
+
+/// An address added to the node serves NodePorts at once, and stops when
+/// it is removed; no restart.
+fn nodeport_follows_node_addresses(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1))?;
+    let service = echo().node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    c.wait(Protocol::Tcp, at(NODE, TCP_NODE_PORT))?;
+    let extra: IpAddr = "198.18.0.9".parse()?;
+    let target = at(extra, TCP_NODE_PORT);
+    let node_ns = c.t.node_ns().to_string();
+    let before = c.probe_in(c.t.client_ns(), Protocol::Tcp, target, 2)?;
+    check_unanswered("NodePort on an address the node lacks", &before, 2)?;
+    c.t.exec_in(
+        &node_ns,
+        "ip",
+        &["addr", "add", "198.18.0.9/32", "dev", "to-client"],
+    )?;
+    let took = c.until(Protocol::Tcp, target, "NodePort on an added address", |r| {
+        r.ok == 10 && r.backends() == names(&["pod-0"])
+    })?;
+    eprintln!("nodeport_follows_node_addresses: added address served after {took:?}");
+    c.t.exec_in(
+        &node_ns,
+        "ip",
+        &["addr", "del", "198.18.0.9/32", "dev", "to-client"],
+    )?;
+    c.until(
+        Protocol::Tcp,
+        target,
+        "NodePort on a removed address",
+        |r| r.ok == 0,
+    )?;
+    Ok(())
+}
+
+/// externalIPs and LoadBalancer ingress IPs answer; source ranges drop
+/// other clients at the LoadBalancer IPs only, and follow changes.
+fn external_and_load_balancer_ips_with_source_ranges(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let base = echo()
+        .dual_stack(VIP6)
+        .load_balancer(&[LB_IP, LB_IP6], &[TCP_NODE_PORT, UDP_NODE_PORT])
+        .external_ips(&[EXTERNAL_IP]);
+    c.publish(&base, &c.endpoints(&base, &[0, 1], &[]))?;
+    for (ip, node) in [(EXTERNAL_IP, NODE), (LB_IP, NODE), (LB_IP6, NODE6)] {
+        for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
+            c.wait(protocol, at(ip, port))?;
+            let report = c.exchange(protocol, at(ip, port), COUNT)?;
+            check(
+                &format!("{protocol} {ip}"),
+                &report,
+                COUNT,
+                &["pod-0", "pod-1"],
+                &[node],
+            )?;
+        }
+    }
+    // Ranges that leave the client out: the LB IPs drop it; the external
+    // IP and the ClusterIP still serve it.
+    let closed = base
+        .clone()
+        .source_ranges(&["203.0.113.0/24", "2001:db8::/32"]);
+    c.manifests.write_service(&closed)?;
+    for ip in [LB_IP, LB_IP6] {
+        c.until(
+            Protocol::Tcp,
+            at(ip, TCP_PORT),
+            "source ranges closing",
+            |r| r.ok == 0,
+        )?;
+        let report = c.probe_in(c.t.client_ns(), Protocol::Udp, at(ip, UDP_PORT), 3)?;
+        check_unanswered(&format!("UDP {ip} outside the ranges"), &report, 3)?;
+    }
+    for ip in [EXTERNAL_IP, VIP] {
+        let report = c.exchange(Protocol::Tcp, at(ip, TCP_PORT), 10)?;
+        ensure!(report.ok == 10, "{ip} must not be restricted: {report:?}");
+    }
+    // Ranges holding the client open the LB IPs again.
+    let open = base.source_ranges(&["198.18.0.2/32", "2001:2::2/128", "203.0.113.0/24"]);
+    c.manifests.write_service(&open)?;
+    for ip in [LB_IP, LB_IP6] {
+        c.until(
+            Protocol::Tcp,
+            at(ip, TCP_PORT),
+            "source ranges opening",
+            |r| r.ok == 10,
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Backend choice and state.
+
+/// ClientIP affinity: a client stays on one backend while it keeps sending
+/// within the timeout, gets a fresh choice after the timeout, and is never
+/// sent to a backend that left.
+fn session_affinity_client_ip(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(3))?;
+    let service = echo().session_affinity(1);
+    c.publish(&service, &c.endpoints(&service, &[0, 1, 2], &[]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    // The probes may have set an affinity; let it lapse first.
+    std::thread::sleep(Duration::from_millis(1300));
+    let one = |c: &Cluster| -> anyhow::Result<String> {
+        let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), 1)?;
+        ensure!(report.ok == 1, "affinity exchange failed: {report:?}");
+        Ok(report.by_backend.keys().next().cloned().unwrap_or_default())
+    };
+    // 3 s of connections 200 ms apart: longer than the timeout, but the
+    // timeout runs from the last packet, so all stay on one backend.
+    let first = one(&c)?;
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        let got = one(&c)?;
+        ensure!(got == first, "affinity broken: {first} then {got}");
+    }
+    // Idle past the timeout: fresh choices; over 8 of them, one backend of
+    // 3 each time by chance has probability (1/3)^7 < 0.05%.
+    let mut chosen = BTreeSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        chosen.insert(one(&c)?);
+    }
+    ensure!(
+        chosen.len() > 1,
+        "the timeout never gave a fresh choice: {chosen:?}"
+    );
+    // The backend the client is on leaves: the client moves, and stays.
+    let current = one(&c)?;
+    let left: Vec<usize> = (0..3).filter(|&i| c.t.pod(i).name != current).collect();
+    c.set_endpoints(&service, &c.endpoints(&service, &left, &[]))?;
+    c.until(
+        Protocol::Tcp,
+        at(VIP, TCP_PORT),
+        "affinity to a removed backend",
+        |r| r.ok == 10 && !r.backends().contains(current.as_str()),
+    )?;
+    let next = one(&c)?;
+    for _ in 0..10 {
+        let got = one(&c)?;
+        ensure!(
+            got == next,
+            "affinity after the move broken: {next} then {got}"
+        );
+    }
+    Ok(())
+}
+
+/// Ready endpoints first; serving-and-terminating ones only when none is
+/// ready; terminating ones that stopped serving never.
+fn terminating_endpoints_serve_only_when_none_is_ready(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(3))?;
+    let service = echo();
+    let slice = |ready: &[usize], serving: &[usize], gone: &[usize]| -> Vec<SliceEndpoint> {
+        let of = |list: &[usize], f: &dyn Fn(SliceEndpoint) -> SliceEndpoint| {
+            c.t.slice_endpoints(IpFamily::V4, list, &[])
+                .into_iter()
+                .map(f)
+                .collect::<Vec<_>>()
+        };
+        let mut all = of(ready, &|e| e);
+        all.extend(of(serving, &|e| e.terminating(true)));
+        all.extend(of(gone, &|e| e.terminating(false)));
+        all
+    };
+    c.publish(&service, &slice(&[0], &[1], &[2]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), COUNT)?;
+    check("ready first", &report, COUNT, &["pod-0"], &[NODE])?;
+    c.set_endpoints(&service, &slice(&[], &[1], &[0, 2]))?;
+    c.until(
+        Protocol::Tcp,
+        at(VIP, TCP_PORT),
+        "terminating fallback",
+        |r| r.ok == 10 && r.backends() == names(&["pod-1"]),
+    )?;
+    let report = c.exchange(Protocol::Udp, at(VIP, UDP_PORT), COUNT)?;
+    check(
+        "terminating fallback (UDP)",
+        &report,
+        COUNT,
+        &["pod-1"],
+        &[NODE],
+    )?;
+    Ok(())
+}
+
+/// Opens a session (a long-lived TCP connection) from namespace `ns`.
+fn open_session(ns: &str, target: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = in_netns(ns, || {
+        TcpStream::connect_timeout(&target, Duration::from_secs(2))
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(stream)
+}
+
+/// One request on a session; the answering backend's name.
+fn ask(stream: &mut TcpStream) -> anyhow::Result<String> {
+    stream.write_all(b"again\n")?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        let n = stream.read(&mut byte).context("reading a session answer")?;
+        ensure!(n == 1, "session closed after {line:?}");
+        line.push(byte[0]);
+        ensure!(line.len() < 256, "session answer too long");
+    }
+    let text = String::from_utf8(line)?;
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// A backend that leaves keeps its established connections until they end;
+/// new connections never start there.
+fn established_flow_survives_backend_removal(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let service = echo().tcp(SESSION_PORT, POD_SESSION_PORT);
+    c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let client_ns = c.t.client_ns().to_string();
+    // Sessions until one lands on pod-0 (each does with probability 1/2).
+    let mut on_pod0 = None;
+    for _ in 0..40 {
+        let mut session = open_session(&client_ns, at(VIP, SESSION_PORT))?;
+        if ask(&mut session)? == "pod-0" {
+            on_pod0 = Some(session);
+            break;
+        }
+    }
+    let mut session = on_pod0.context("no session reached pod-0 in 40 tries")?;
+    // pod-0 terminates (serving) and then leaves the slice entirely.
+    let terminating: Vec<SliceEndpoint> =
+        c.t.slice_endpoints(IpFamily::V4, &[0], &[])
+            .into_iter()
+            .map(|e| e.terminating(true))
+            .chain(c.t.slice_endpoints(IpFamily::V4, &[1], &[]))
+            .collect();
+    c.set_endpoints(&service, &terminating)?;
+    c.until(
+        Protocol::Tcp,
+        at(VIP, TCP_PORT),
+        "no new flow to a terminating pod",
+        |r| r.ok == 10 && r.backends() == names(&["pod-1"]),
+    )?;
+    ensure!(ask(&mut session)? == "pod-0", "the session moved");
+    c.set_endpoints(&service, &c.endpoints(&service, &[1], &[]))?;
+    c.until(
+        Protocol::Tcp,
+        at(VIP, TCP_PORT),
+        "no new flow to a removed pod",
+        |r| r.ok == 10 && r.backends() == names(&["pod-1"]),
+    )?;
+    // The agent has applied the removal; the session still works, for a
+    // while and several exchanges.
+    for _ in 0..5 {
+        ensure!(ask(&mut session)? == "pod-0", "the session moved");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), COUNT)?;
+    check(
+        "new flows after removal",
+        &report,
+        COUNT,
+        &["pod-1"],
+        &[NODE],
+    )?;
+    Ok(())
+}
+
+/// A connected UDP socket (one flow) whose backend leaves is answered by a
+/// live backend at once: the stale flow is forgotten (the DNS case).
+fn udp_flow_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let service = echo();
+    c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
+    c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
+    let client_ns = c.t.client_ns().to_string();
+    let socket = in_netns(&client_ns, || -> std::io::Result<UdpSocket> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(at(VIP, UDP_PORT))?;
+        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok(socket)
+    })??;
+    let query = |socket: &UdpSocket| -> Option<String> {
+        socket.send(b"q\n").ok()?;
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        text.split_whitespace().next().map(str::to_string)
+    };
+    let first = query(&socket).context("first UDP query unanswered")?;
+    for _ in 0..5 {
+        ensure!(
+            query(&socket).as_deref() == Some(first.as_str()),
+            "flow not stable"
+        );
+    }
+    let keep = if first == "pod-0" { 1 } else { 0 };
+    c.set_endpoints(&service, &c.endpoints(&service, &[keep], &[]))?;
+    let removed_at = Instant::now();
+    let expected = c.t.pod(keep).name.clone();
+    let ((), took) = poll_until(POLL_LIMIT, Duration::from_millis(10), || {
+        Ok((query(&socket).as_deref() == Some(expected.as_str())).then_some(()))
+    })
+    .context("the UDP flow never moved off its removed backend")?;
+    eprintln!(
+        "udp_flow_moves_off_a_removed_backend: moved {took:?} after the slice change ({:?} since)",
+        removed_at.elapsed()
+    );
+    for _ in 0..5 {
+        ensure!(
+            query(&socket).as_deref() == Some(expected.as_str()),
+            "flow went back"
+        );
+    }
+    Ok(())
+}
+
+/// internalTrafficPolicy Local: ClusterIP traffic goes to this node's
+/// endpoints only, and is dropped when it has none.
+fn internal_traffic_policy_local(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1).second_node(1))?;
+    let service = echo().internal_traffic_policy(TrafficPolicy::Local);
+    c.publish(&service, &c.endpoints(&service, &[0], &[0]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let pod = c.t.pod(0).name.clone();
+    let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), COUNT)?;
+    check("iTP Local", &report, COUNT, &[&pod], &[NODE])?;
+    c.set_endpoints(&service, &c.endpoints(&service, &[], &[0]))?;
+    c.until(
+        Protocol::Tcp,
+        at(VIP, TCP_PORT),
+        "iTP Local without local endpoints",
+        |r| {
+            r.ok == 0
+                && r.errors
+                    .keys()
+                    .all(|e| e.contains("timeout") || e.contains("TimedOut"))
+        },
+    )?;
+    Ok(())
+}
+
+/// A minimal HTTP GET from namespace `ns`: the status code and the body.
+fn http_get(ns: &str, target: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    let response = in_netns(ns, || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })??;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status in {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// externalTrafficPolicy Local: external clients reach only this node's
+/// endpoints with their own address kept; without a local endpoint their
+/// traffic is dropped while pods are still served cluster-wide; the health
+/// check node port tells load balancers which it is.
+fn external_traffic_policy_local(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1).second_node(1))?;
+    let local = echo()
+        .dual_stack(VIP6)
+        .load_balancer(&[LB_IP], &[TCP_NODE_PORT, UDP_NODE_PORT])
+        .external_traffic_policy(TrafficPolicy::Local)
+        .health_check_node_port(HEALTH_CHECK_PORT);
+    c.publish(&local, &c.endpoints(&local, &[0], &[0]))?;
+    let (pod, remote) = (c.t.pod(0).name.clone(), c.t.remote_pod(0).name.clone());
+    for target in [at(NODE, TCP_NODE_PORT), at(LB_IP, TCP_PORT)] {
+        c.wait(Protocol::Tcp, target)?;
+        let report = c.exchange(Protocol::Tcp, target, COUNT)?;
+        check(
+            &format!("eTP Local {target}"),
+            &report,
+            COUNT,
+            &[&pod],
+            &[CLIENT],
+        )?;
+    }
+    let report = c.exchange(Protocol::Udp, at(NODE, UDP_NODE_PORT), COUNT)?;
+    check("eTP Local UDP", &report, COUNT, &[&pod], &[CLIENT])?;
+    c.wait(Protocol::Tcp, at(NODE6, TCP_NODE_PORT))?;
+    let report = c.exchange(Protocol::Tcp, at(NODE6, TCP_NODE_PORT), COUNT)?;
+    check("eTP Local IPv6", &report, COUNT, &[&pod], &[CLIENT6])?;
+    let client_ns = c.t.client_ns().to_string();
+    let (status, body) = http_get(&client_ns, at(NODE, HEALTH_CHECK_PORT), "/")?;
+    ensure!(
+        status == 200 && body.contains("\"localEndpoints\":1"),
+        "health check with a local endpoint: {status} {body}"
+    );
+    // Only the remote endpoint left.
+    c.set_endpoints(&local, &c.endpoints(&local, &[], &[0]))?;
+    c.until(
+        Protocol::Tcp,
+        at(NODE, TCP_NODE_PORT),
+        "eTP Local without local endpoints",
+        |r| r.ok == 0,
+    )?;
+    let report = c.probe_in(&client_ns, Protocol::Tcp, at(LB_IP, TCP_PORT), 3)?;
+    check_unanswered("LB IP without local endpoints", &report, 3)?;
+    let (status, body) = http_get(&client_ns, at(NODE, HEALTH_CHECK_PORT), "/")?;
+    ensure!(
+        status == 503,
+        "health check without local endpoints: {status} {body}"
+    );
+    // A pod (inside the cluster CIDR) is served cluster-wide, unmasqueraded.
+    let pod0 = c.t.pod(0);
+    let report = c.exchange_in(pod0.ns(), Protocol::Tcp, at(LB_IP, TCP_PORT), 10)?;
+    check(
+        "pod to eTP Local LB",
+        &report,
+        10,
+        &[&remote],
+        &[pod0.ip_of(IpFamily::V4)],
+    )?;
+    // The Cluster policy reaches the remote pod, masqueraded.
+    let cluster = local
+        .clone()
+        .external_traffic_policy(TrafficPolicy::Cluster);
+    c.manifests.write_service(&cluster)?;
+    c.until(Protocol::Tcp, at(NODE, TCP_NODE_PORT), "eTP Cluster", |r| {
+        r.ok == 10
+    })?;
+    let report = c.exchange(Protocol::Tcp, at(NODE, TCP_NODE_PORT), COUNT)?;
+    check("eTP Cluster", &report, COUNT, &[&remote], &[NODE])?;
+    // No Local policy, no health check port.
+    c.until(
+        Protocol::Tcp,
+        at(NODE, HEALTH_CHECK_PORT),
+        "health check port closed with the Cluster policy",
+        |r| r.ok == 0,
+    )?;
+    Ok(())
+}
+
+/// trafficDistribution PreferClose with zone hints: endpoints hinted for
+/// this node's zone only; all of them when the hints are incomplete.
+fn topology_prefers_the_zone_of_the_node(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(
+        mode,
+        Setup::pods(2).second_node(1).zones("zone-a", "zone-b"),
+    )?;
+    let service = echo().traffic_distribution("PreferClose");
+    let hinted = |remote_hint: bool| -> Vec<SliceEndpoint> {
+        let mut all: Vec<SliceEndpoint> =
+            c.t.slice_endpoints(IpFamily::V4, &[0, 1], &[])
+                .into_iter()
+                .map(|e| e.in_zone("zone-a").hinted_for(&["zone-a"]))
+                .collect();
+        let remote = c.t.slice_endpoints(IpFamily::V4, &[], &[0]);
+        all.extend(remote.into_iter().map(|e| {
+            let e = e.in_zone("zone-b");
+            if remote_hint {
+                e.hinted_for(&["zone-b"])
+            } else {
+                e
+            }
+        }));
+        all
+    };
+    c.publish(&service, &hinted(true))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), COUNT)?;
+    check("zone hints", &report, COUNT, &["pod-0", "pod-1"], &[NODE])?;
+    c.set_endpoints(&service, &hinted(false))?;
+    let remote = c.t.remote_pod(0).name.clone();
+    c.until(Protocol::Tcp, at(VIP, TCP_PORT), "incomplete hints", |r| {
+        r.backends().contains(remote.as_str())
+    })?;
+    let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), 60)?;
+    check(
+        "incomplete hints",
+        &report,
+        60,
+        &["pod-0", "pod-1", &remote],
+        &[NODE],
+    )?;
+    Ok(())
+}
+
+/// A Service with no endpoint refuses at once: TCP gets a reset, UDP an
+/// ICMP port unreachable, over both families.
+fn services_without_endpoints_reject(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1))?;
+    let service = echo().dual_stack(VIP6);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    c.wait(Protocol::Tcp, at(VIP6, TCP_PORT))?;
+    c.set_endpoints(&service, &[])?;
+    let client_ns = c.t.client_ns().to_string();
+    for vip in [VIP, VIP6] {
+        c.until(
+            Protocol::Tcp,
+            at(vip, TCP_PORT),
+            "reject after the last endpoint left",
+            |r| r.ok == 0,
+        )?;
+        let started = Instant::now();
+        let refused = in_netns(&client_ns, || {
+            TcpStream::connect_timeout(&at(vip, TCP_PORT), Duration::from_secs(3))
+        })?;
+        let took = started.elapsed();
+        match refused {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            other => bail!("TCP to {vip} without endpoints: {other:?}"),
+        }
+        ensure!(
+            took < Duration::from_millis(500),
+            "TCP refusal took {took:?}"
+        );
+        let udp = in_netns(&client_ns, || -> std::io::Result<()> {
+            let bind = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let socket = UdpSocket::bind(bind)?;
+            socket.connect(at(vip, UDP_PORT))?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send(b"q\n")?;
+            let mut buf = [0u8; 64];
+            socket.recv(&mut buf).map(|_| ())
+        })?;
+        match udp {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            other => bail!("UDP to {vip} without endpoints: {other:?} (expected ICMP unreachable)"),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Address translation.
+
+/// Clients outside the cluster CIDR are masqueraded to the node's address;
+/// pods keep theirs.
+fn masquerade_follows_the_cluster_cidr(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let service = echo().dual_stack(VIP6);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    for (vip, node, family) in [(VIP, NODE, IpFamily::V4), (VIP6, NODE6, IpFamily::V6)] {
+        c.wait(Protocol::Tcp, at(vip, TCP_PORT))?;
+        let report = c.exchange(Protocol::Tcp, at(vip, TCP_PORT), 10)?;
+        check("client outside", &report, 10, &["pod-0"], &[node])?;
+        let pod1 = c.t.pod(1);
+        let report = c.exchange_in(pod1.ns(), Protocol::Udp, at(vip, UDP_PORT), 10)?;
+        check("pod inside", &report, 10, &["pod-0"], &[pod1.ip_of(family)])?;
+    }
+    Ok(())
+}
+
+/// `--masquerade-all`: pods are masqueraded too.
+fn masquerade_all_masquerades_pods_too(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2).arg("--masquerade-all"))?;
+    let service = echo().dual_stack(VIP6);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    for (vip, node) in [(VIP, NODE), (VIP6, NODE6)] {
+        c.wait(Protocol::Tcp, at(vip, TCP_PORT))?;
+        let pod1 = c.t.pod(1);
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let port = if protocol == Protocol::Tcp {
+                TCP_PORT
+            } else {
+                UDP_PORT
+            };
+            let report = c.exchange_in(pod1.ns(), protocol, at(vip, port), 10)?;
+            check("masquerade-all", &report, 10, &["pod-0"], &[node])?;
+        }
+    }
+    Ok(())
+}
+
+/// NodePort traffic to backends on another node is masqueraded, so replies
+/// come back through this node; many concurrent flows never collide.
+fn nodeport_to_backends_on_another_node(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1).second_node(2))?;
+    let service = echo()
+        .dual_stack(VIP6)
+        .node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
+    c.publish(&service, &c.endpoints(&service, &[], &[0, 1]))?;
+    let remote: Vec<String> = c.t.remote_pods().iter().map(|p| p.name.clone()).collect();
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+    for node in [NODE, NODE6] {
+        c.wait(Protocol::Tcp, at(node, TCP_NODE_PORT))?;
+        let mut options = c.t.client_options(Protocol::Tcp, node, TCP_NODE_PORT, 400);
+        options.parallel = 8;
+        let report = c.t.run_client(&options)?;
+        check("NodePort to another node", &report, 400, &remote, &[node])?;
+        let report = c.exchange(Protocol::Udp, at(node, UDP_NODE_PORT), COUNT)?;
+        check(
+            "UDP NodePort to another node",
+            &report,
+            COUNT,
+            &remote,
+            &[node],
+        )?;
+    }
+    Ok(())
+}
+
+/// A pod that reaches a service and is chosen as its own backend gets an
+/// answer: it is masqueraded to the node, so the reply comes back through
+/// the dataplane.
+fn hairpin(mode: Mode, network: PodNetwork) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2).network(network))?;
+    let service = echo().dual_stack(VIP6);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    let pod0 = c.t.pod(0);
+    for (vip, node) in [(VIP, NODE), (VIP6, NODE6)] {
+        c.wait(Protocol::Tcp, at(vip, TCP_PORT))?;
+        for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
+            let report = c.exchange_in(pod0.ns(), protocol, at(vip, port), 10)?;
+            check(
+                &format!("hairpin {protocol} {vip}"),
+                &report,
+                10,
+                &["pod-0"],
+                &[node],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn hairpin_routed(mode: Mode) -> anyhow::Result<()> {
+    hairpin(mode, PodNetwork::Routed)
+}
+
+fn hairpin_bridge(mode: Mode) -> anyhow::Result<()> {
+    hairpin(mode, PodNetwork::Bridge { hairpin: false })
+}
+
+fn hairpin_bridge_with_hairpin_mode(mode: Mode) -> anyhow::Result<()> {
+    hairpin(mode, PodNetwork::Bridge { hairpin: true })
+}
+
+// ---------------------------------------------------------------------------
+// Churn.
+
+/// 10 000 short connections through a VIP while its EndpointSlice changes
+/// every 100 ms: none reaches a backend that was never ready, and none
+/// fails (some backend is always ready, so nothing is rejected).
+fn churn_10000_connections_while_endpoints_change(mode: Mode) -> anyhow::Result<()> {
+    const CONNECTIONS: u64 = 10_000;
+    let c = Cluster::start(mode, Setup::pods(4))?;
+    let service = echo();
+    // pod-3 is listed all along, but never ready (nor serving).
+    let never_ready: Vec<SliceEndpoint> =
+        c.t.slice_endpoints(IpFamily::V4, &[3], &[])
+            .into_iter()
+            .map(|e| e.terminating(false))
+            .collect();
+    let subsets: [&[usize]; 6] = [&[0, 1, 2], &[0], &[1, 2], &[2], &[0, 1], &[1]];
+    let slice = |ready: &[usize]| -> Vec<SliceEndpoint> {
+        let mut all = c.t.slice_endpoints(IpFamily::V4, ready, &[]);
+        all.extend(never_ready.iter().cloned());
+        all
+    };
+    c.publish(&service, &slice(subsets[0]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let mut options =
+        c.t.client_options(Protocol::Tcp, VIP, TCP_PORT, CONNECTIONS);
+    options.parallel = 8;
+    options.timeout = Duration::from_secs(3);
+    let started = Instant::now();
+    let report = std::thread::scope(|scope| -> anyhow::Result<ClientReport> {
+        let client = scope.spawn(|| c.t.run_client(&options));
+        let mut changes = 0usize;
+        while !client.is_finished() && started.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(100));
+            changes += 1;
+            c.set_endpoints(&service, &slice(subsets[changes % subsets.len()]))?;
+        }
+        let report = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        eprintln!(
+            "churn: {CONNECTIONS} connections in {:?} over {changes} EndpointSlice changes",
+            started.elapsed()
+        );
+        Ok(report)
+    })?;
+    ensure!(
+        !report.backends().contains("pod-3"),
+        "a never-ready backend answered: {report:?}"
+    );
+    ensure!(
+        report.ok == CONNECTIONS && report.failed == 0,
+        "{} of {CONNECTIONS} connections failed: {:?}",
+        report.failed,
+        report.errors
+    );
+    ensure!(
+        report.backends() == names(&["pod-0", "pod-1", "pod-2"]),
+        "not every ready backend was used: {report:?}"
+    );
+    Ok(())
+}
