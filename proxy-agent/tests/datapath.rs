@@ -7,37 +7,20 @@
 //! `etherparse`. Needs root (CAP_BPF + CAP_NET_ADMIN).
 use std::net::{IpAddr, Ipv4Addr};
 
-use aya::{
-    Ebpf,
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-};
 use etherparse::{Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use proxy_agent::{
-    dataplane::{
-        Dataplane,
-        ebpf::{EbpfDataplane, load_unpinned},
-    },
-    model::{
-        Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
-        ServiceTable,
-    },
+use proxy_agent::model::{
+    Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
+    ServiceTable,
 };
 use proxy_common::{PROG_EGRESS, PROG_INGRESS, stat};
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+mod common;
+use common::{Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Tcp};
 
 const CLIENT: [u8; 4] = [10, 0, 0, 7];
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const BACKENDS: [[u8; 4]; 3] = [[10, 244, 1, 1], [10, 244, 1, 2], [10, 244, 1, 3]];
 const TARGET_PORT: u16 = 8080;
-
-struct Fixture {
-    ebpf: Ebpf,
-    dp: EbpfDataplane,
-    table: ServiceTable,
-}
 
 fn frontend(backends: &[[u8; 4]], port: u16) -> Frontend {
     Frontend {
@@ -71,12 +54,7 @@ impl Fixture {
     /// Loads the programs and programs VIP:80/TCP and VIP:53/UDP over the
     /// three backends.
     fn new() -> Self {
-        let (dp, ebpf) = load_unpinned().expect("load the eBPF object (are we root?)");
-        let mut f = Fixture {
-            ebpf,
-            dp,
-            table: ServiceTable::new(),
-        };
+        let mut f = Fixture::load();
         let mut table = ServiceTable::new();
         table.insert(
             key(VIP, 80, Protocol::Tcp),
@@ -86,50 +64,6 @@ impl Fixture {
         f.set_table(table);
         f
     }
-
-    fn set_table(&mut self, table: ServiceTable) {
-        let diff = self.table.diff(&table);
-        self.dp.apply(&diff).expect("apply diff");
-        self.table = table;
-    }
-
-    fn run(&self, prog: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(prog)
-            .expect("program present")
-            .try_into()
-            .expect("a TC program");
-        let mut out = vec![0u8; packet.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    fn ingress(&self, packet: &[u8]) -> (u32, Vec<u8>) {
-        self.run(PROG_INGRESS, packet)
-    }
-
-    fn egress(&self, packet: &[u8]) -> (u32, Vec<u8>) {
-        self.run(PROG_EGRESS, packet)
-    }
-
-    fn stat(&self, index: u32) -> u64 {
-        self.dp.stats().expect("read stats")[index as usize]
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Tcp {
-    Syn,
-    Ack,
-    SynAck,
 }
 
 fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, kind: Tcp) -> Vec<u8> {
