@@ -93,10 +93,12 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
 // IPv4 header offsets.
+const IP_TOT_LEN: usize = 2;
 const IP_CSUM: usize = 10;
 const IP_SADDR: usize = 12;
 const IP_DADDR: usize = 16;
 // IPv6 header offsets and length.
+const IP6_PAYLOAD_LEN: usize = 4;
 const IP6_NEXTHDR: usize = 6;
 const IP6_SADDR: usize = 8;
 const IP6_DADDR: usize = 24;
@@ -542,7 +544,24 @@ fn sctp_port_changed(ctx: &mut TcContext, pkt: &Packet, port_at: usize, delta: u
         }
         i += 1;
     }
-    let sctp_len = (ctx.len() as usize).saturating_sub(pkt.l4_off);
+    // The SCTP packet ends where the IP header says, not at the end of the
+    // skb: at ingress a short frame still carries its Ethernet padding.
+    let skb_end = ctx.len() as usize;
+    let ip_end = if pkt.family == FAMILY_V4 {
+        match ctx.load::<u16>(ETH_HLEN + IP_TOT_LEN) {
+            Ok(v) => ETH_HLEN + u16::from_be(v) as usize,
+            Err(e) => return e,
+        }
+    } else {
+        match ctx.load::<u16>(ETH_HLEN + IP6_PAYLOAD_LEN) {
+            // Zero: a jumbogram, whose length is in an option; the skb's.
+            Ok(0) => skb_end,
+            Ok(v) => ETH_HLEN + IP6_HLEN + u16::from_be(v) as usize,
+            Err(e) => return e,
+        }
+    };
+    let end = if ip_end < skb_end { ip_end } else { skb_end };
+    let sctp_len = end.saturating_sub(pkt.l4_off);
     let after = sctp_len.saturating_sub(port_at + 2) as u32;
     let crc = crc_shift_zeros(crc, after);
     let off = pkt.l4_off + SCTP_CSUM;
