@@ -38,6 +38,7 @@ use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, Table
 
 pub mod attach;
 pub mod bpffs;
+pub mod counters;
 
 pub use attach::{Attacher, InterfaceFilter, follow_links};
 pub use bpffs::PinLayout;
@@ -826,11 +827,31 @@ impl EbpfDataplane {
             self.program_frontend(&change.key, &change.new, &mut stats)?;
             stats.frontends_changed += 1;
         }
-        let stale = stale_udp_flows(diff);
+        let stale = self.at_node_addresses(stale_udp_flows(diff));
         if !stale.is_empty() {
             stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
         }
         Ok(stats)
+    }
+
+    /// A NodePort frontend is keyed on the unspecified address, but its
+    /// flows carry the node address the client sent to: stands every node
+    /// address in for the unspecified one in `stale`.
+    fn at_node_addresses(
+        &self,
+        mut stale: HashSet<(Addr, u16, Addr, u16)>,
+    ) -> HashSet<(Addr, u16, Addr, u16)> {
+        let unspecified: Vec<_> = stale
+            .iter()
+            .filter(|(vip, ..)| *vip == [0u8; 16])
+            .copied()
+            .collect();
+        for (_, port, backend, backend_port) in unspecified {
+            for ip in &self.node_addresses {
+                stale.insert((addr_of(*ip).0, port, backend, backend_port));
+            }
+        }
+        stale
     }
 
     /// Deletes the connection-tracking entries (every direction, masquerade
