@@ -464,6 +464,8 @@ async fn run(args: Settings) -> Result<()> {
         servers.spawn(serve::run_metrics(listener, metrics.clone(), mode_name));
     }
 
+    register_datapath_counters(&metrics, &args.bpf_root);
+
     let (tx, rx) = watch::channel(None);
     let mut events = None;
     let source: Box<dyn Source> = match &args.manifests {
@@ -543,6 +545,36 @@ async fn run(args: Settings) -> Result<()> {
 
 /// kube-proxy's health timeout: twice the sync period (a change waiting
 /// longer than that to be programmed makes /healthz fail).
+/// Exports the datapath's per-reason counters at every scrape as
+/// `proxy_agent_datapath_packets_total{reason}` (kube-proxy has no
+/// counterpart: it never sees packets). Failing to open them is logged,
+/// not fatal: the dataplane itself works without.
+fn register_datapath_counters(metrics: &Metrics, bpf_root: &std::path::Path) {
+    let counters = match ebpf::counters::DatapathCounters::open(bpf_root) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "datapath counters unavailable; not exported");
+            return;
+        }
+    };
+    metrics.register_collector(move || match counters.read() {
+        Ok(list) => list
+            .into_iter()
+            .map(|(reason, packets)| serve::metrics::Sample {
+                name: "proxy_agent_datapath_packets_total".into(),
+                help: "Packets the eBPF programs handled, by the reason of their verdict".into(),
+                kind: serve::metrics::SampleKind::Counter,
+                labels: vec![("reason".into(), reason.into())],
+                value: packets as f64,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "reading datapath counters");
+            Vec::new()
+        }
+    });
+}
+
 fn health_timeout(sync_period: Duration) -> Duration {
     sync_period * 2
 }

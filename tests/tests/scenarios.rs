@@ -512,6 +512,29 @@ fn clusterip_dual_stack_tcp_and_udp(mode: Mode) -> anyhow::Result<()> {
             &[pod.ip_of(family)],
         )?;
     }
+    // The datapath counted what it did, and /metrics says so.
+    let node_ns = c.t.node_ns().to_string();
+    let (status, metrics) = http_get(&node_ns, "127.0.0.1:10249".parse()?, "/metrics")?;
+    ensure!(status == 200, "/metrics: {status}");
+    let counter = |reason: &str| -> Option<f64> {
+        let prefix = format!("proxy_agent_datapath_packets_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    // Pods made 2 x COUNT plain new flows, the client 4 x COUNT masqueraded
+    // ones (each counted once, under the reason of its verdict).
+    for (reason, at_least) in [
+        ("dnat_new", 2.0 * COUNT as f64),
+        ("snat_new", 4.0 * COUNT as f64),
+    ] {
+        let value = counter(reason).with_context(|| format!("no {reason} counter in /metrics"))?;
+        ensure!(
+            value >= at_least,
+            "{reason} = {value}, expected at least {at_least}"
+        );
+    }
     Ok(())
 }
 
