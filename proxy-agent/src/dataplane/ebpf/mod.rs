@@ -39,7 +39,6 @@ use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, Table
 pub mod attach;
 pub mod bpffs;
 pub mod counters;
-pub mod counters;
 
 pub use attach::{Attacher, InterfaceFilter, follow_links};
 pub use bpffs::PinLayout;
