@@ -28,9 +28,7 @@ use proxy_agent::{
         ServiceTable,
     },
 };
-use proxy_common::{
-    PROG_EGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, SNAT_PORT_MAX, SNAT_PORT_MIN, stat,
-};
+use proxy_common::{CtKey, CtValue, PROG_EGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, stat};
 
 mod common;
 use common::{Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Tcp};
@@ -337,8 +335,15 @@ fn backend_set() -> Vec<IpAddr> {
     v4s(&BACKENDS)
 }
 
+/// Whether `port` is one a masqueraded flow may get: from 1024 up, clear
+/// of the NodePort range and of this namespace's ephemeral ports (read
+/// here independently of the agent).
 fn in_snat_range(port: u16) -> bool {
-    (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port)
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("reading ip_local_port_range");
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().unwrap());
+    let (eph_min, eph_max) = (parts.next().unwrap(), parts.next().unwrap());
+    port >= 1024 && !(30_000..=32_767).contains(&port) && !(eph_min..=eph_max).contains(&port)
 }
 
 // ---------------------------------------------------------------------------
@@ -1272,4 +1277,134 @@ fn every_program_stays_well_inside_the_verifier_budget() {
         over.is_empty(),
         "over {BUDGET} verified instructions: {over:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Masquerade ports.
+
+/// A second handle on the fixture's connection-tracking map, found through
+/// the map IDs of the program that writes it.
+fn conntrack_handle(f: &Fixture) -> aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue> {
+    let info = f.program(PROG_NEW_FLOW).info().expect("program info");
+    for id in info.map_ids().expect("map ids").unwrap_or_default() {
+        let data = aya::maps::MapData::from_id(id).expect("map by id");
+        let name = data
+            .info()
+            .expect("map info")
+            .name_as_str()
+            .map(str::to_string);
+        if name.as_deref() == Some(proxy_common::MAP_CONNTRACK) {
+            return aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                .expect("conntrack map");
+        }
+    }
+    panic!("no conntrack map among the program's maps");
+}
+
+/// `CLOCK_MONOTONIC` in ns: what `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Claims every masquerade port towards `backend` with a reply-side entry
+/// last seen at `last_seen_ns`, as earlier flows would have; returns how
+/// many ports there are.
+fn occupy_every_snat_port(
+    f: &Fixture,
+    backend: SocketAddr,
+    flags: u16,
+    last_seen_ns: u64,
+) -> usize {
+    let mut ct = conntrack_handle(f);
+    let to_addr = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            a
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut ports = 0;
+    for port in (1024..=u16::MAX).filter(|&p| in_snat_range(p)) {
+        let key = CtKey {
+            src: to_addr(backend.ip()),
+            dst: to_addr(ip(NODE)),
+            sport: backend.port().to_be(),
+            dport: port.to_be(),
+            proto: proxy_common::PROTO_TCP,
+            family: proxy_common::FAMILY_V4,
+            dir: proxy_common::CT_SNAT_IN,
+            _pad0: 0,
+        };
+        let value = CtValue {
+            nat_addr: to_addr(ip(CLIENT)),
+            nat_port: 1u16.to_be(),
+            flags,
+            backend_id: 0,
+            svc_id: 0,
+            _pad0: 0,
+            last_seen_ns,
+        };
+        ct.insert(key, value, 0).expect("insert a masquerade entry");
+        ports += 1;
+    }
+    ports
+}
+
+/// Every masquerade port towards a backend is held by a live flow: a new
+/// flow is dropped (never given a live flow's port); once those flows are
+/// over (closed, and past the TIME_WAIT hold), a new flow takes a port.
+#[test]
+fn masquerade_ports_of_live_flows_are_never_taken_and_expired_ones_are_reused() {
+    let mut f = Fixture::load();
+    f.set_network(&node_network());
+    let backend = BACKENDS[0];
+    f.set_table(table([(
+        node_port_key(Protocol::Tcp),
+        frontend(FrontendKind::NodePort, &[ip(backend)]),
+    )]));
+    let to_backend = sa(backend, TARGET_PORT);
+    let node_port = sa(NODE, NODE_PORT);
+
+    // Live (closed 1 s ago: still inside the 65 s hold).
+    let ports = occupy_every_snat_port(
+        &f,
+        to_backend,
+        proxy_common::CT_FLAG_SEEN_FIN,
+        monotonic_ns() - 1_000_000_000,
+    );
+    assert!(ports > 30_000, "{ports} masquerade ports on this machine");
+    let (verdict, _) = f.ingress(&tcp(sa(CLIENT, 41000), node_port, Tcp::Syn));
+    assert_eq!(verdict, TC_ACT_SHOT, "no port left: dropped");
+    assert_eq!(f.stat(stat::DROP_SNAT_EXHAUSTED), 1);
+
+    // Over: closed 70 s ago.
+    occupy_every_snat_port(
+        &f,
+        to_backend,
+        proxy_common::CT_FLAG_SEEN_FIN,
+        monotonic_ns() - 70_000_000_000,
+    );
+    let client = sa(CLIENT, 41001);
+    let dnated = ingress_ok(&f, &tcp(client, node_port, Tcp::Syn));
+    assert_eq!(dnated, flow(client, to_backend));
+    let out = egress_ok(&f, &tcp(client, to_backend, Tcp::Syn));
+    assert_eq!(out.src.ip(), ip(NODE));
+    assert!(in_snat_range(out.src.port()));
+    let back = ingress_ok(&f, &tcp(to_backend, out.src, Tcp::SynAck));
+    assert_eq!(
+        back,
+        flow(to_backend, client),
+        "the reused port leads back to the new client"
+    );
+    assert_eq!(f.stat(stat::DROP_SNAT_EXHAUSTED), 1);
 }

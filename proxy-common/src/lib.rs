@@ -268,17 +268,27 @@ pub struct NodeConfig {
     pub cluster_v6_len: u8,
     pub _pad0: u16,
     pub flags: u32,
-    /// Masquerade source ports, inclusive, host byte order.
+    /// Masquerade source ports: two inclusive ranges, host byte order,
+    /// around the node's ephemeral range and the NodePort range. A range
+    /// whose `min` is 0 is empty.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad1: u32,
+    pub snat_low_min: u16,
+    pub snat_low_max: u16,
 }
 
-/// Default masquerade port range: above Linux's default ephemeral range
-/// (32768-60999), so masqueraded flows never collide with the node's own
-/// connections, and clear of the NodePort range.
+/// Default masquerade port ranges, for Linux's default ephemeral range
+/// (32768-60999) and the default NodePort range (30000-32767): masqueraded
+/// flows never collide with the node's own connections nor with NodePorts.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
+pub const SNAT_LOW_PORT_MIN: u16 = 1_024;
+pub const SNAT_LOW_PORT_MAX: u16 = 29_999;
+/// A TCP flow's masquerade port is not given to another flow for this long
+/// after its last packet, even once the flow has closed: the backend may
+/// hold its end in TIME_WAIT (60 s on Linux) and would refuse a SYN from
+/// another client on that tuple.
+pub const SNAT_TCP_HOLD_NS: u64 = 65 * 1_000_000_000;
 /// Ports tried for one new masqueraded flow before giving up.
 pub const SNAT_PORT_ATTEMPTS: u32 = 32;
 

@@ -32,9 +32,10 @@ use proxy_common::{
     CT_FLAG_SEEN_RST, CT_FLAG_SNAT, CT_FORWARD, CT_LIFETIME_NON_TCP_NS, CT_LIFETIME_TCP_CLOSING_NS,
     CT_LIFETIME_TCP_NS, CT_REFRESH_NS, CT_REPLY, CT_SNAT_IN, CT_SNAT_OUT, CtKey, CtValue,
     FAMILY_V4, FAMILY_V6, MemberKey, NodeAddrKey, NodeConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY,
-    SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey,
-    ServiceValue, SourceRangeKey, TAIL_NEW_FLOW, TAIL_REJECT, TAIL_SLOTS, stat,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_TCP_HOLD_NS, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL,
+    SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
+    TAIL_NEW_FLOW, TAIL_REJECT, TAIL_SLOTS, stat,
 };
 
 #[map]
@@ -1022,15 +1023,31 @@ fn allocate_snat(
     backend: &BackendValue,
     node: &Addr,
 ) -> bool {
-    let (mut min, mut max) = match config() {
-        Some(c) => (c.snat_port_min as u32, c.snat_port_max as u32),
-        None => (SNAT_PORT_MIN as u32, SNAT_PORT_MAX as u32),
+    let (mut min, mut max, low_min, low_max) = match config() {
+        Some(c) => (
+            c.snat_port_min as u32,
+            c.snat_port_max as u32,
+            c.snat_low_min as u32,
+            c.snat_low_max as u32,
+        ),
+        None => (
+            SNAT_PORT_MIN as u32,
+            SNAT_PORT_MAX as u32,
+            SNAT_LOW_PORT_MIN as u32,
+            SNAT_LOW_PORT_MAX as u32,
+        ),
     };
     if min == 0 || max < min {
         min = SNAT_PORT_MIN as u32;
         max = SNAT_PORT_MAX as u32;
     }
-    let range = max - min + 1;
+    // Offsets below `low` fall in the low range, the rest in the high one.
+    let low = if low_min != 0 && low_max >= low_min {
+        low_max - low_min + 1
+    } else {
+        0
+    };
+    let range = max - min + 1 + low;
     let start = random();
     scratch.key = CtKey {
         src: backend.addr,
@@ -1045,12 +1062,14 @@ fn allocate_snat(
     let mut i = 0;
     while i < SNAT_PORT_ATTEMPTS {
         let offset = start.wrapping_add(i).checked_rem(range).unwrap_or(0);
-        let port = ((min + offset) as u16).to_be();
+        let port = if offset < low {
+            low_min + offset
+        } else {
+            min + offset - low
+        };
+        let port = (port as u16).to_be();
         scratch.key.dport = port;
-        if PA_CONNTRACK
-            .insert(&scratch.key, &scratch.value, BPF_NOEXIST as u64)
-            .is_ok()
-        {
+        if claim_snat_port(scratch, pkt.proto) {
             scratch.key2 = CtKey {
                 src: pkt.saddr,
                 dst: backend.addr,
@@ -1078,6 +1097,38 @@ fn allocate_snat(
         i += 1;
     }
     false
+}
+
+/// Claims the masquerade tuple `scratch.key` for the flow in
+/// `scratch.value`: inserts it if free, or takes it over from a flow that
+/// is over (expired, and for TCP past [`SNAT_TCP_HOLD_NS`]). Only a
+/// `BPF_NOEXIST` insert claims, so two CPUs never both get one tuple; the
+/// delete before it only makes room.
+#[inline(always)]
+fn claim_snat_port(scratch: &mut FlowScratch, proto: u8) -> bool {
+    let insert = |s: &FlowScratch| {
+        PA_CONNTRACK
+            .insert(&s.key, &s.value, BPF_NOEXIST as u64)
+            .is_ok()
+    };
+    if insert(scratch) {
+        return true;
+    }
+    // SAFETY: copied out at once; plain data.
+    let Some(old) = (unsafe { PA_CONNTRACK.get(&scratch.key) }).copied() else {
+        // Gone in between: free now.
+        return insert(scratch);
+    };
+    let idle = scratch.value.last_seen_ns.wrapping_sub(old.last_seen_ns);
+    let mut hold = lifetime(proto, old.flags);
+    if proto == PROTO_TCP && hold < SNAT_TCP_HOLD_NS {
+        hold = SNAT_TCP_HOLD_NS;
+    }
+    if idle <= hold {
+        return false;
+    }
+    let _ = PA_CONNTRACK.remove(&scratch.key);
+    insert(scratch)
 }
 
 /// Refuses a connection to a service without any endpoint, so the client

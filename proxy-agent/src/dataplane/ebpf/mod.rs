@@ -28,9 +28,10 @@ use proxy_common::{
     CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
     MAP_CONNTRACK, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES, MAP_SOURCE_RANGES,
     MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS,
-    PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL,
-    SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, TAIL_NEW_FLOW, TAIL_REJECT, stat,
+    PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MIN,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE,
+    SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, TAIL_NEW_FLOW,
+    TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
@@ -761,9 +762,15 @@ impl EbpfDataplane {
 
     /// Programs the node's NodePort addresses and masquerade settings.
     pub fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), EbpfError> {
+        let ephemeral = std::fs::read_to_string(EPHEMERAL_PORTS_SYSCTL)
+            .ok()
+            .and_then(|text| parse_port_range(&text));
+        let [(low_min, low_max), (high_min, high_max)] = snat_port_ranges(ephemeral);
         let mut cfg = NodeConfig {
-            snat_port_min: SNAT_PORT_MIN,
-            snat_port_max: SNAT_PORT_MAX,
+            snat_port_min: high_min,
+            snat_port_max: high_max,
+            snat_low_min: low_min,
+            snat_low_max: low_max,
             ..Default::default()
         };
         if let Some(v4) = network.snat_v4 {
@@ -924,6 +931,41 @@ impl EbpfDataplane {
     }
 }
 
+/// The node's own ephemeral ports (this network namespace's).
+const EPHEMERAL_PORTS_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// The default NodePort range's first port; masquerade ports stay below it.
+const NODE_PORT_RANGE_MIN: u16 = 30_000;
+
+/// `"32768\t60999\n"` -> (32768, 60999).
+fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    let (low, high) = (parts.next()?.ok()?, parts.next()?.ok()?);
+    (low <= high).then_some((low, high))
+}
+
+/// The masquerade port ranges `[low, high]` (inclusive; `(0, 0)` is
+/// empty): every port from 1024 up that is neither one of the node's
+/// ephemeral ports (its own connections) nor in the NodePort range, as one
+/// range below both and one above. Unknown ephemeral ports: Linux's
+/// default. When nothing is left above, the default high range is kept so
+/// that masquerade still works, at the risk of a rare collision.
+fn snat_port_ranges(ephemeral: Option<(u16, u16)>) -> [(u16, u16); 2] {
+    let (eph_min, eph_max) = ephemeral.unwrap_or((32_768, 60_999));
+    let low_end = eph_min.min(NODE_PORT_RANGE_MIN);
+    let low = if low_end > SNAT_LOW_PORT_MIN {
+        (SNAT_LOW_PORT_MIN, low_end - 1)
+    } else {
+        (0, 0)
+    };
+    let high_start = eph_max.max(NODE_PORT_RANGE_MIN + 2_767).saturating_add(1);
+    let high = if eph_max < u16::MAX && high_start > eph_max {
+        (high_start, u16::MAX)
+    } else {
+        (SNAT_PORT_MIN, SNAT_PORT_MAX)
+    };
+    [low, high]
+}
+
 fn node_addr_key(ip: IpAddr) -> NodeAddrKey {
     let (addr, family) = addr_of(ip);
     NodeAddrKey {
@@ -1046,4 +1088,31 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport, EbpfError> {
         Err(e) => return Err(EbpfError::Io(bpf_root.into(), e)),
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masquerade_ports_avoid_ephemeral_and_node_ports() {
+        for (ephemeral, want) in [
+            // Linux's default: 1024-29999 and 61000-65535.
+            (Some((32_768, 60_999)), [(1_024, 29_999), (61_000, 65_535)]),
+            (None, [(1_024, 29_999), (61_000, 65_535)]),
+            // A wide ephemeral range leaves less on each side.
+            (Some((10_000, 64_999)), [(1_024, 9_999), (65_000, 65_535)]),
+            // Ephemeral ports below the NodePorts: the high range starts
+            // above the NodePorts.
+            (Some((20_000, 25_000)), [(1_024, 19_999), (32_768, 65_535)]),
+            // Nothing left: no low range, and the default high range.
+            (Some((1_024, 65_535)), [(0, 0), (61_000, 65_535)]),
+        ] {
+            assert_eq!(snat_port_ranges(ephemeral), want, "{ephemeral:?}");
+        }
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32_768, 60_999)));
+        for bad in ["", "32768", "60999 32768", "a b", "1 70000"] {
+            assert_eq!(parse_port_range(bad), None, "{bad:?}");
+        }
+    }
 }
