@@ -13,6 +13,14 @@
 //!   misses the connection table and creates its entries.
 //! - "established" sends the same packet of one already-created flow.
 //! - "reply" sends the backend's reply of an established flow to egress.
+//! - "NodePort new flow + SNAT" sends a SYN from an external client to a
+//!   node address through ingress (DNAT, port allocation, four entries),
+//!   then its output through egress (SNAT); the two durations are added.
+//! - "masqueraded reply" sends the backend's reply to the node address and
+//!   port through ingress (un-SNAT), then its output through egress
+//!   (reverse NAT), added likewise.
+//! - "affinity hit" is a new flow (new source port) of a client that
+//!   already has an affinity entry for a ClientIP service.
 //! - The non-service path and the floor leave the packet unchanged, so they
 //!   are also measured with one call of a large repeat count, for reference.
 use std::net::{IpAddr, Ipv4Addr};
@@ -25,7 +33,7 @@ use aya::{
 use clap::Parser;
 use etherparse::PacketBuilder;
 use proxy_agent::{
-    dataplane::{Dataplane, ebpf::load_unpinned},
+    dataplane::{Dataplane, NodeNetwork, ebpf::load_unpinned},
     model::{
         Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
         ServiceTable,
@@ -50,7 +58,16 @@ struct Args {
     backends: u32,
 }
 
+/// A pod client (inside [`CLUSTER_CIDR`]): ClusterIP flows are not
+/// masqueraded.
 const CLIENT: [u8; 4] = [10, 0, 0, 7];
+/// The cluster CIDR of the bench's node network.
+const CLUSTER_CIDR: &str = "10.0.0.0/8";
+/// The node's address: NodePorts and masquerade.
+const NODE: [u8; 4] = [192, 0, 2, 10];
+/// A client outside the cluster, for NodePorts.
+const EXTERNAL: [u8; 4] = [203, 0, 113, 7];
+const NODE_PORT: u16 = 30080;
 
 fn vip(i: u32) -> [u8; 4] {
     // 10.96.0.0/12 holds a million services.
@@ -91,6 +108,60 @@ fn table(services: u32, backends: u32) -> ServiceTable {
         );
     }
     t
+}
+
+/// A NodePort and a ClientIP-affinity ClusterIP (VIP `vip(services)`) over
+/// the backends of the last service.
+fn extra_frontends(table: &mut ServiceTable, services: u32, backends: u32) {
+    let last = services - 1;
+    let frontend = |kind: FrontendKind, policy: FrontendPolicy| Frontend {
+        service: ServiceName {
+            namespace: "bench".into(),
+            name: format!("svc-{last}"),
+        },
+        port_name: "http".into(),
+        kind,
+        backends: (0..backends)
+            .map(|j| Backend {
+                ip: IpAddr::V4(Ipv4Addr::from(backend_ip(last, j))),
+                port: 8080,
+            })
+            .collect(),
+        cluster_backends: Vec::new(),
+        policy,
+    };
+    table.insert(
+        FrontendKey {
+            ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: NODE_PORT,
+            protocol: Protocol::Tcp,
+        },
+        frontend(FrontendKind::NodePort, FrontendPolicy::default()),
+    );
+    table.insert(
+        FrontendKey {
+            ip: IpAddr::V4(Ipv4Addr::from(vip(services))),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        frontend(
+            FrontendKind::ClusterIp,
+            FrontendPolicy {
+                affinity_timeout_secs: Some(10_800),
+                ..FrontendPolicy::default()
+            },
+        ),
+    );
+}
+
+fn node_network() -> Result<NodeNetwork> {
+    Ok(NodeNetwork {
+        nodeport_addresses: [IpAddr::V4(Ipv4Addr::from(NODE))].into(),
+        snat_v4: Some(Ipv4Addr::from(NODE)),
+        snat_v6: None,
+        cluster_cidrs: vec![CLUSTER_CIDR.parse()?],
+        masquerade_all: false,
+    })
 }
 
 fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Result<Vec<u8>> {
@@ -149,6 +220,33 @@ impl Harness {
         Ok(total as f64 / calls as f64)
     }
 
+    /// Mean kernel-measured ns over `calls` packets from `make`, each run
+    /// through `first` and its output through `second`; the two durations
+    /// are added. `check` sees the final output.
+    fn mean_two_stage_ns(
+        &self,
+        (first, second): (&str, &str),
+        calls: u32,
+        mut make: impl FnMut(u32) -> Result<Vec<u8>>,
+        mut check: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<f64> {
+        let mut total: u128 = 0;
+        for i in 0..calls {
+            let packet = make(i)?;
+            let (verdict, mid, ns1) = self.once(first, &packet)?;
+            if verdict != 0 {
+                bail!("{first}: unexpected verdict {verdict}");
+            }
+            let (verdict, out, ns2) = self.once(second, &mid)?;
+            if verdict != 0 {
+                bail!("{second}: unexpected verdict {verdict}");
+            }
+            check(&out)?;
+            total += ns1 + ns2;
+        }
+        Ok(total as f64 / calls as f64)
+    }
+
     /// ns per run from one call with a large repeat count (unchanged packets only).
     fn repeated_ns(&self, prog: &str, packet: &[u8], repeat: u32) -> Result<f64> {
         let mut out = vec![0u8; packet.len() + 128];
@@ -170,6 +268,12 @@ fn dst_of(p: &[u8]) -> [u8; 4] {
 }
 fn src_of(p: &[u8]) -> [u8; 4] {
     [p[26], p[27], p[28], p[29]]
+}
+fn sport_of(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[34], p[35]])
+}
+fn dport_of(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[36], p[37]])
 }
 
 struct Row {
@@ -201,6 +305,18 @@ fn main() -> Result<()> {
             ns: vec![],
         },
         Row {
+            name: "NodePort new flow + SNAT",
+            ns: vec![],
+        },
+        Row {
+            name: "masqueraded reply (2 stages)",
+            ns: vec![],
+        },
+        Row {
+            name: "ClusterIP new flow, affinity hit",
+            ns: vec![],
+        },
+        Row {
             name: "floor, repeat=N",
             ns: vec![],
         },
@@ -219,7 +335,10 @@ fn main() -> Result<()> {
                 .try_into()?;
             floor.load()?;
         }
-        let desired = table(n, args.backends);
+        let mut desired = table(n, args.backends);
+        extra_frontends(&mut desired, n, args.backends);
+        dp.set_node_network(&node_network()?)
+            .context("program the node network")?;
         let started = std::time::Instant::now();
         dp.apply(&ServiceTable::new().diff(&desired))
             .context("program the table")?;
@@ -292,6 +411,53 @@ fn main() -> Result<()> {
                 Ok(())
             },
         )?;
+        // NodePort from an external client: DNAT at ingress, SNAT at egress.
+        let nodeport = h.mean_two_stage_ns(
+            (PROG_INGRESS, PROG_EGRESS),
+            args.calls,
+            |i| {
+                let client = [203, 0, 113, (i / 60000) as u8];
+                tcp(client, (i % 60000) as u16 + 1024, NODE, NODE_PORT, true)
+            },
+            |out| {
+                if src_of(out) != NODE || !backends.contains(&dst_of(out)) {
+                    bail!("NodePort flow not DNATed and SNATed");
+                }
+                Ok(())
+            },
+        )?;
+        // One masqueraded flow, and its backend's replies.
+        let syn = tcp(EXTERNAL, 4242, NODE, NODE_PORT, true)?;
+        let (_, mid, _) = h.once(PROG_INGRESS, &syn)?;
+        let (_, out, _) = h.once(PROG_EGRESS, &mid)?;
+        let (np_backend, snat_port) = (dst_of(&out), sport_of(&out));
+        let masq_reply = h.mean_two_stage_ns(
+            (PROG_INGRESS, PROG_EGRESS),
+            args.calls,
+            |_| tcp(np_backend, 8080, NODE, snat_port, false),
+            |out| {
+                if (src_of(out), dst_of(out), dport_of(out)) != (NODE, EXTERNAL, 4242) {
+                    bail!("masqueraded reply not translated back");
+                }
+                Ok(())
+            },
+        )?;
+        // Affinity: the first SYN sets the entry; every later new flow of
+        // the same client hits it.
+        let affinity_vip = vip(n);
+        let (_, first, _) = h.once(PROG_INGRESS, &tcp(CLIENT, 1, affinity_vip, 80, true)?)?;
+        let sticky = dst_of(&first);
+        let affinity_hit = h.mean_ns(
+            PROG_INGRESS,
+            args.calls,
+            |i| tcp(CLIENT, (i % 60000) as u16 + 2, affinity_vip, 80, true),
+            |_, out| {
+                if dst_of(out) != sticky {
+                    bail!("affinity not followed");
+                }
+                Ok(())
+            },
+        )?;
         let floor_rep =
             h.repeated_ns(PROG_FLOOR, &tcp(CLIENT, 1, target, 80, true)?, args.repeat)?;
         let pass_rep =
@@ -302,6 +468,9 @@ fn main() -> Result<()> {
             new_flow,
             established,
             reply,
+            nodeport,
+            masq_reply,
+            affinity_hit,
             floor_rep,
             pass_rep,
         ]) {
@@ -324,7 +493,7 @@ fn main() -> Result<()> {
         print!("{:<32}", row.name);
         for (i, v) in row.ns.iter().enumerate() {
             let floor = if row.name.contains("repeat") {
-                rows[5].ns[i]
+                rows[8].ns[i]
             } else {
                 rows[0].ns[i]
             };
@@ -334,16 +503,16 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "How: rows 1-5 are means over {} calls with repeat=1, each call from the",
+        "How: rows 1-8 are means over {} calls with repeat=1, each call from the",
         args.calls
     );
     println!("original bytes (a rewritten packet must not be re-fed); 'new flow' uses a new");
     println!("source port (and address every 60000 ports) per call, so each call misses the");
     println!("connection table; 'established' re-sends one flow's ACK; 'reply' sends its");
-    println!(
-        "backend's reply to egress. Rows 6-7 use one call with repeat={} on",
-        args.repeat
-    );
+    println!("backend's reply to egress; the two-stage rows add an ingress and an egress run");
+    println!("(NodePort: DNAT then SNAT; masqueraded reply: un-SNAT then reverse NAT), and");
+    println!("'affinity hit' is a new flow of a client with an affinity entry. Rows 9-10");
+    println!("use one call with repeat={} on", args.repeat);
     println!("packets the program leaves unchanged (verified).");
     Ok(())
 }
