@@ -14,60 +14,27 @@
 //! Every header read goes through bounds-checked loads: a truncated or
 //! malformed packet makes a load fail and the packet is passed untouched.
 use aya_ebpf::{
-    bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
-        TC_ACT_SHOT,
-    },
-    helpers::{
-        bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail,
-        bpf_skb_load_bytes,
-    },
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key},
+    maps::{PerCpuArray, ProgramArray, lpm_trie::Key},
     programs::TcContext,
 };
 use proxy_common::{
-    Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6,
-    CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, CT_FLAG_AFFINITY, CT_FLAG_SEEN_FIN,
-    CT_FLAG_SEEN_RST, CT_FLAG_SNAT, CT_FORWARD, CT_LIFETIME_NON_TCP_NS, CT_LIFETIME_TCP_CLOSING_NS,
-    CT_LIFETIME_TCP_NS, CT_REFRESH_NS, CT_REPLY, CT_SNAT_IN, CT_SNAT_OUT, CtKey, CtValue,
-    FAMILY_V4, FAMILY_V6, MemberKey, NodeAddrKey, NodeConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_TCP_HOLD_NS, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL,
-    SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
-    TAIL_NEW_FLOW, TAIL_REJECT, TAIL_SLOTS, stat,
+    Addr, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6,
+    CFG_MASQUERADE_ALL, CT_FLAG_AFFINITY, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST, CT_FLAG_SNAT,
+    CT_FORWARD, CT_LIFETIME_NON_TCP_NS, CT_LIFETIME_TCP_CLOSING_NS, CT_LIFETIME_TCP_NS,
+    CT_REFRESH_NS, CT_REPLY, CT_SNAT_IN, CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
+    NodeConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SNAT_TCP_HOLD_NS, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL,
+    SVC_SOURCE_RANGES, ServiceValue, SourceRangeKey, TAIL_NEW_FLOW, TAIL_REJECT, TAIL_SLOTS, stat,
 };
 
-#[map]
-static PA_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(proxy_common::SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map]
-static PA_BACKENDS: HashMap<BackendId, BackendValue> =
-    HashMap::with_max_entries(proxy_common::BACKENDS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map]
-static PA_CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::with_max_entries(proxy_common::CONNTRACK_MAX_ENTRIES, 0);
-
-#[map]
-static PA_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::with_max_entries(proxy_common::AFFINITY_MAX_ENTRIES, 0);
-
-#[map]
-static PA_MEMBERS: HashMap<MemberKey, u32> =
-    HashMap::with_max_entries(proxy_common::MEMBERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map]
-static PA_SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
-    LpmTrie::with_max_entries(proxy_common::SOURCE_RANGES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map]
-static PA_NODE_ADDRS: HashMap<NodeAddrKey, u32> =
-    HashMap::with_max_entries(proxy_common::NODE_ADDRS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map]
-static PA_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+use crate::maps::{
+    PA_AFFINITY, PA_CONNTRACK, PA_SERVICES, PA_SOURCE_RANGES, affinity_backend, affinity_key,
+    config, count, lookup_frontend, now, pick_slot, random, snat_addr,
+};
 
 /// Working space of a new flow: the connection-tracking entries it writes
 /// are built here, in this CPU's slot, rather than on the 512-byte stack.
@@ -85,9 +52,6 @@ static PA_SCRATCH: PerCpuArray<FlowScratch> = PerCpuArray::with_max_entries(1, 0
 /// The later stages of ingress, tail-called (see `proxy_common::TAIL_*`).
 #[map]
 static PA_PROGS: ProgramArray = ProgramArray::with_max_entries(TAIL_SLOTS, 0);
-
-#[map]
-static PA_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -136,15 +100,6 @@ struct Packet {
     sport: u16,
     dport: u16,
     tcp_flags: u8,
-}
-
-#[inline(always)]
-fn count(index: u32) {
-    if let Some(counter) = PA_STATS.get_ptr_mut(index) {
-        // SAFETY: the pointer comes from a per-CPU array slot of this CPU and
-        // is valid for the duration of the program; no other CPU writes it.
-        unsafe { *counter += 1 };
-    }
 }
 
 /// Reads a `T` at `off` from the linear part of the packet, bounds-checked
@@ -260,19 +215,6 @@ fn parse_v6(ctx: &TcContext) -> Result<L3, u32> {
     // are passed (counted as another protocol) rather than half-parsed.
     let addrs = read::<[Addr; 2]>(ctx, l3 + IP6_SADDR).ok_or(stat::PASS_TRUNCATED)?;
     Ok((FAMILY_V6, proto, addrs[0], addrs[1], l3 + IP6_HLEN))
-}
-
-/// Monotonic clock, read only on paths that touch connection tracking.
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    unsafe { bpf_ktime_get_ns() }
-}
-
-#[inline(always)]
-fn random() -> u32 {
-    // SAFETY: bpf_get_prandom_u32 has no preconditions.
-    unsafe { bpf_get_prandom_u32() }
 }
 
 #[inline(always)]
@@ -578,11 +520,6 @@ fn sctp_port_changed(ctx: &mut TcContext, pkt: &Packet, port_at: usize, delta: u
     }
 }
 
-#[inline(always)]
-fn config() -> Option<&'static NodeConfig> {
-    PA_CONFIG.get(0)
-}
-
 /// Whether `addr` lies in `prefix`/`len` (both in network byte order).
 #[inline(always)]
 fn in_prefix(addr: &Addr, prefix: &Addr, len: u8) -> bool {
@@ -621,20 +558,6 @@ fn in_cluster(cfg: Option<&NodeConfig>, family: u8, addr: &Addr) -> Option<bool>
         }
         Some(in_prefix(addr, &cfg.cluster_v6, cfg.cluster_v6_len))
     }
-}
-
-/// The masquerade address of `family`, if the node has one.
-#[inline(always)]
-fn snat_addr(cfg: Option<&NodeConfig>, family: u8) -> Option<Addr> {
-    let cfg = cfg?;
-    if family == FAMILY_V4 {
-        if cfg.flags & CFG_SNAT_V4 != 0 {
-            return Some(cfg.snat_v4);
-        }
-    } else if cfg.flags & CFG_SNAT_V6 != 0 {
-        return Some(cfg.snat_v6);
-    }
-    None
 }
 
 #[classifier]
@@ -727,40 +650,11 @@ pub fn pa_reject(mut ctx: TcContext) -> i32 {
     stage(&mut ctx, TC_ACT_SHOT as i32, reject)
 }
 
-/// The service entry (slot 0) for the packet's destination: its frontend
-/// address, else a NodePort when the destination is one of the node's
-/// NodePort addresses.
-#[inline(always)]
-fn lookup_service(pkt: &Packet) -> Option<(ServiceKey, ServiceValue)> {
-    let mut key = ServiceKey {
-        addr: pkt.daddr,
-        port: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        scope: SCOPE_EXTERNAL,
-        _pad0: 0,
-        slot: 0,
-    };
-    // SAFETY: values are copied out at once; they are plain data.
-    if let Some(svc) = unsafe { PA_SERVICES.get(&key) } {
-        return Some((key, *svc));
-    }
-    let node_addr = NodeAddrKey {
-        addr: pkt.daddr,
-        family: pkt.family,
-        _pad0: [0; 3],
-    };
-    // SAFETY: as above.
-    unsafe { PA_NODE_ADDRS.get(&node_addr) }?;
-    key.addr = [0; 16];
-    // SAFETY: as above.
-    let svc = unsafe { PA_SERVICES.get(&key) }?;
-    Some((key, *svc))
-}
-
 #[inline(always)]
 fn new_flow(ctx: &mut TcContext, pkt: &Packet, cfg: Option<&NodeConfig>) -> Verdict {
-    let Some((mut svc_key, mut svc)) = lookup_service(pkt) else {
+    let Some((mut svc_key, mut svc)) =
+        lookup_frontend(pkt.family, pkt.proto, &pkt.daddr, pkt.dport)
+    else {
         return (TC_ACT_OK as i32, stat::PASS_NO_SERVICE);
     };
     if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc.svc_id, pkt) {
@@ -788,31 +682,19 @@ fn new_flow(ctx: &mut TcContext, pkt: &Packet, cfg: Option<&NodeConfig>) -> Verd
     let now = now();
     let mut chosen: Option<(BackendId, BackendValue)> = None;
     let affinity = svc.flags & SVC_AFFINITY != 0;
-    if affinity && let Some(found) = affinity_backend(&svc, pkt, now) {
+    if affinity && let Some(found) = affinity_backend(&svc, pkt.family, &pkt.saddr, now) {
         chosen = Some(found);
     }
     let from_affinity = chosen.is_some();
     let (backend_id, backend) = match chosen {
         Some(found) => found,
-        None => {
-            // `checked_rem`: count is non-zero here, but the compiler
-            // cannot see it, and a panic path would not pass the verifier.
-            let pick = random().checked_rem(svc.count as u32).unwrap_or(0);
-            svc_key.slot = pick as u16 + 1;
-            // SAFETY: copied out at once; plain data.
-            let Some(slot) = (unsafe { PA_SERVICES.get(&svc_key) }) else {
-                return (TC_ACT_OK as i32, stat::PASS_BACKEND_MISSING);
-            };
-            let id = slot.backend_id;
-            // SAFETY: as above.
-            let Some(backend) = (unsafe { PA_BACKENDS.get(&id) }) else {
-                return (TC_ACT_OK as i32, stat::PASS_BACKEND_MISSING);
-            };
-            (id, *backend)
-        }
+        None => match pick_slot(&svc, &svc_key) {
+            Some(found) => found,
+            None => return (TC_ACT_OK as i32, stat::PASS_BACKEND_MISSING),
+        },
     };
     if affinity {
-        let key = affinity_key(svc.svc_id, pkt);
+        let key = affinity_key(svc.svc_id, pkt.family, &pkt.saddr);
         let value = AffinityValue {
             backend_id,
             _pad0: 0,
@@ -922,48 +804,11 @@ fn source_allowed(svc_id: u32, pkt: &Packet) -> bool {
     PA_SOURCE_RANGES.get(&key).is_some()
 }
 
-#[inline(always)]
-fn affinity_key(svc_id: u32, pkt: &Packet) -> AffinityKey {
-    AffinityKey {
-        svc_id,
-        family: pkt.family,
-        _pad0: [0; 3],
-        client: pkt.saddr,
-    }
-}
-
-/// The backend this client was last sent to, if within the timeout and
-/// still a member of the frontend.
-#[inline(always)]
-fn affinity_backend(
-    svc: &ServiceValue,
-    pkt: &Packet,
-    now: u64,
-) -> Option<(BackendId, BackendValue)> {
-    let key = affinity_key(svc.svc_id, pkt);
-    // SAFETY: copied out at once; plain data.
-    let entry = unsafe { PA_AFFINITY.get(&key) }?;
-    let timeout_ns = svc.affinity_timeout_secs as u64 * 1_000_000_000;
-    if now.wrapping_sub(entry.last_seen_ns) > timeout_ns {
-        return None;
-    }
-    let id = entry.backend_id;
-    let member = MemberKey {
-        svc_id: svc.svc_id,
-        backend_id: id,
-    };
-    // SAFETY: as above.
-    unsafe { PA_MEMBERS.get(&member) }?;
-    // SAFETY: as above.
-    let backend = unsafe { PA_BACKENDS.get(&id) }?;
-    Some((id, *backend))
-}
-
 /// Keeps a client's affinity alive while its connections carry packets
 /// (the timeout runs from the client's last packet).
 #[inline(always)]
 fn refresh_affinity(svc_id: u32, pkt: &Packet, backend_id: BackendId, now: u64) {
-    let key = affinity_key(svc_id, pkt);
+    let key = affinity_key(svc_id, pkt.family, &pkt.saddr);
     if let Some(entry) = PA_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: a live map value of plain data; see ingress.
         let entry = unsafe { &mut *entry };
@@ -1047,8 +892,15 @@ fn allocate_snat(
     } else {
         0
     };
-    let range = max - min + 1 + low;
-    let start = random();
+    // One range is chosen, in proportion to its size, before the loop: a
+    // choice per attempt would double the verifier's paths at each one.
+    let high = max - min + 1;
+    let pick = random().checked_rem(high + low).unwrap_or(0);
+    let (base, span, start) = if pick < low {
+        (low_min, low, pick)
+    } else {
+        (min, high, pick - low)
+    };
     scratch.key = CtKey {
         src: backend.addr,
         dst: *node,
@@ -1061,13 +913,8 @@ fn allocate_snat(
     };
     let mut i = 0;
     while i < SNAT_PORT_ATTEMPTS {
-        let offset = start.wrapping_add(i).checked_rem(range).unwrap_or(0);
-        let port = if offset < low {
-            low_min + offset
-        } else {
-            min + offset - low
-        };
-        let port = (port as u16).to_be();
+        let offset = start.wrapping_add(i).checked_rem(span).unwrap_or(0);
+        let port = ((base + offset) as u16).to_be();
         scratch.key.dport = port;
         if claim_snat_port(scratch, pkt.proto) {
             scratch.key2 = CtKey {
@@ -1104,7 +951,7 @@ fn allocate_snat(
 /// is over (expired, and for TCP past [`SNAT_TCP_HOLD_NS`]). Only a
 /// `BPF_NOEXIST` insert claims, so two CPUs never both get one tuple; the
 /// delete before it only makes room.
-#[inline(always)]
+#[inline(never)]
 fn claim_snat_port(scratch: &mut FlowScratch, proto: u8) -> bool {
     let insert = |s: &FlowScratch| {
         PA_CONNTRACK

@@ -1,0 +1,190 @@
+//! The maps every program family shares (TC datapath and socket hooks),
+//! and the lookups both make in them: the frontend of a destination,
+//! session affinity, and the random backend of a frontend.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_SNAT_V4, CFG_SNAT_V6, CtKey,
+    CtValue, FAMILY_V4, MemberKey, NodeAddrKey, NodeConfig, SCOPE_EXTERNAL, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, stat,
+};
+
+#[map]
+pub(crate) static PA_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(proxy_common::SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static PA_BACKENDS: HashMap<BackendId, BackendValue> =
+    HashMap::with_max_entries(proxy_common::BACKENDS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static PA_CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(proxy_common::CONNTRACK_MAX_ENTRIES, 0);
+
+#[map]
+pub(crate) static PA_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(proxy_common::AFFINITY_MAX_ENTRIES, 0);
+
+#[map]
+pub(crate) static PA_MEMBERS: HashMap<MemberKey, u32> =
+    HashMap::with_max_entries(proxy_common::MEMBERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static PA_SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
+    LpmTrie::with_max_entries(proxy_common::SOURCE_RANGES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static PA_NODE_ADDRS: HashMap<NodeAddrKey, u32> =
+    HashMap::with_max_entries(proxy_common::NODE_ADDRS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static PA_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// The network namespace cookie of the agent: the only namespace whose
+/// sockets the socket hooks translate (0: none).
+#[map]
+pub(crate) static PA_SOCK_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// For each socket translated by the socket hooks and the backend it was
+/// given: the frontend it asked for, restored on receive and getpeername.
+#[map]
+pub(crate) static PA_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(proxy_common::SOCK_REVNAT_MAX_ENTRIES, 0);
+
+#[map]
+pub(crate) static PA_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[inline(always)]
+pub(crate) fn count(index: u32) {
+    if let Some(counter) = PA_STATS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from a per-CPU array slot of this CPU and
+        // is valid for the duration of the program; no other CPU writes it.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Monotonic clock, read only on paths that touch connection tracking.
+#[inline(always)]
+pub(crate) fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub(crate) fn random() -> u32 {
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+#[inline(always)]
+pub(crate) fn config() -> Option<&'static NodeConfig> {
+    PA_CONFIG.get(0)
+}
+
+/// The masquerade address of `family`, if the node has one.
+#[inline(always)]
+pub(crate) fn snat_addr(cfg: Option<&NodeConfig>, family: u8) -> Option<Addr> {
+    let cfg = cfg?;
+    if family == FAMILY_V4 {
+        if cfg.flags & CFG_SNAT_V4 != 0 {
+            return Some(cfg.snat_v4);
+        }
+    } else if cfg.flags & CFG_SNAT_V6 != 0 {
+        return Some(cfg.snat_v6);
+    }
+    None
+}
+
+/// The service entry (slot 0) for a destination: its frontend address,
+/// else a NodePort when the destination is one of the node's NodePort
+/// addresses. `port` as in memory (network order).
+#[inline(always)]
+pub(crate) fn lookup_frontend(
+    family: u8,
+    proto: u8,
+    addr: &Addr,
+    port: u16,
+) -> Option<(ServiceKey, ServiceValue)> {
+    let mut key = ServiceKey {
+        addr: *addr,
+        port,
+        proto,
+        family,
+        scope: SCOPE_EXTERNAL,
+        _pad0: 0,
+        slot: 0,
+    };
+    // SAFETY: values are copied out at once; they are plain data.
+    if let Some(svc) = unsafe { PA_SERVICES.get(&key) } {
+        return Some((key, *svc));
+    }
+    let node_addr = NodeAddrKey {
+        addr: *addr,
+        family,
+        _pad0: [0; 3],
+    };
+    // SAFETY: as above.
+    unsafe { PA_NODE_ADDRS.get(&node_addr) }?;
+    key.addr = [0; 16];
+    // SAFETY: as above.
+    let svc = unsafe { PA_SERVICES.get(&key) }?;
+    Some((key, *svc))
+}
+
+/// A backend of `svc` at random (`key`: its service entry's key).
+#[inline(always)]
+pub(crate) fn pick_slot(svc: &ServiceValue, key: &ServiceKey) -> Option<(BackendId, BackendValue)> {
+    // `checked_rem`: the callers check count is non-zero, but the compiler
+    // cannot see it, and a panic path would not pass the verifier.
+    let pick = random().checked_rem(svc.count as u32)?;
+    let mut slot_key = *key;
+    slot_key.slot = pick as u16 + 1;
+    // SAFETY: copied out at once; plain data.
+    let slot = unsafe { PA_SERVICES.get(&slot_key) }?;
+    let id = slot.backend_id;
+    // SAFETY: as above.
+    let backend = unsafe { PA_BACKENDS.get(&id) }?;
+    Some((id, *backend))
+}
+
+#[inline(always)]
+pub(crate) fn affinity_key(svc_id: u32, family: u8, client: &Addr) -> AffinityKey {
+    AffinityKey {
+        svc_id,
+        family,
+        _pad0: [0; 3],
+        client: *client,
+    }
+}
+
+/// The backend `client` was last sent to, if within the timeout and still
+/// a member of the frontend.
+#[inline(always)]
+pub(crate) fn affinity_backend(
+    svc: &ServiceValue,
+    family: u8,
+    client: &Addr,
+    now: u64,
+) -> Option<(BackendId, BackendValue)> {
+    let key = affinity_key(svc.svc_id, family, client);
+    // SAFETY: copied out at once; plain data.
+    let entry = unsafe { PA_AFFINITY.get(&key) }?;
+    let timeout_ns = svc.affinity_timeout_secs as u64 * 1_000_000_000;
+    if now.wrapping_sub(entry.last_seen_ns) > timeout_ns {
+        return None;
+    }
+    let id = entry.backend_id;
+    let member = MemberKey {
+        svc_id: svc.svc_id,
+        backend_id: id,
+    };
+    // SAFETY: as above.
+    unsafe { PA_MEMBERS.get(&member) }?;
+    // SAFETY: as above.
+    let backend = unsafe { PA_BACKENDS.get(&id) }?;
+    Some((id, *backend))
+}
