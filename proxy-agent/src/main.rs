@@ -165,6 +165,15 @@ struct RunArgs {
     #[arg(long, value_name = "IFACE[,IFACE]", value_delimiter = ',')]
     exclude_interfaces: Option<Vec<String>>,
 
+    /// The cgroup v2 directory whose processes reach services through the
+    /// socket hooks: the node's own processes and hostNetwork pods (their
+    /// traffic never crosses a pod interface), and localhost NodePorts.
+    /// Only sockets of the agent's network namespace are translated.
+    /// Default: the first cgroup v2 mount; without one, node processes
+    /// cannot reach services (logged at start).
+    #[arg(long, value_name = "PATH")]
+    cgroup_root: Option<PathBuf>,
+
     /// Interval of the full reconcile that repairs drift in the kernel (Go
     /// duration, e.g. 30s, 1m, 1m30s). Default: 30s.
     #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration)]
@@ -255,6 +264,7 @@ struct Settings {
     bpf_root: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
+    cgroup_root: Option<PathBuf>,
     sync_period: Duration,
     min_sync_period: Duration,
     healthz_bind_address: Option<config::BindAddress>,
@@ -298,6 +308,7 @@ impl Settings {
                 .exclude_interfaces
                 .or(pa.exclude_interfaces)
                 .unwrap_or_default(),
+            cgroup_root: args.cgroup_root.or_else(ebpf::sockets::cgroup2_mount),
             sync_period: args
                 .sync_period
                 .or(f.sync_period)
@@ -437,7 +448,13 @@ async fn run(args: Settings) -> Result<()> {
             include: args.interfaces.clone(),
             exclude: args.exclude_interfaces.clone(),
         },
+        cgroup: args.cgroup_root.clone(),
     };
+    if opts.cgroup.is_none() {
+        tracing::warn!(
+            "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
+        );
+    }
     let (mut dataplane, attacher) = ebpf::load(&opts).context("loading the eBPF dataplane")?;
     let attacher = Arc::new(Mutex::new(attacher));
     let (links_attached_tx, links_attached) = tokio::sync::oneshot::channel();

@@ -1262,8 +1262,14 @@ fn every_program_stays_well_inside_the_verifier_budget() {
     const BUDGET: u32 = 500_000;
     let f = Fixture::load();
     let mut over = Vec::new();
-    for name in [PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROG_EGRESS] {
-        let info = f.program(name).info().expect("program info");
+    let tc = [PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROG_EGRESS];
+    for name in tc.into_iter().chain(proxy_common::PROGS_SOCKET) {
+        let info = f
+            .ebpf
+            .program(name)
+            .expect("program present")
+            .info()
+            .expect("program info");
         let count = info
             .verified_instruction_count()
             .expect("kernel reports verified instructions (5.16+)");

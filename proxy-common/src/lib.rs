@@ -28,6 +28,7 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 131_072;
 pub const MEMBERS_MAX_ENTRIES: u32 = 524_288;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
+pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 262_144;
 
 /// Names of the maps, as pinned under `<bpf-root>/maps/`.
 pub const MAP_SERVICES: &str = "PA_SERVICES";
@@ -40,6 +41,8 @@ pub const MAP_SOURCE_RANGES: &str = "PA_SOURCE_RANGES";
 pub const MAP_NODE_ADDRS: &str = "PA_NODE_ADDRS";
 pub const MAP_CONFIG: &str = "PA_CONFIG";
 pub const MAP_PROGS: &str = "PA_PROGS";
+pub const MAP_SOCK_NETNS: &str = "PA_SOCK_NETNS";
+pub const MAP_SOCK_REVNAT: &str = "PA_SOCK_REVNAT";
 
 /// Names of the TC programs in the object file.
 pub const PROG_INGRESS: &str = "pa_ingress";
@@ -49,6 +52,19 @@ pub const PROG_EGRESS: &str = "pa_egress";
 pub const PROG_NEW_FLOW: &str = "pa_new_flow";
 /// Tail-called by `pa_new_flow` for a service with no usable endpoint.
 pub const PROG_REJECT: &str = "pa_reject";
+
+/// The socket hooks (cgroup `sock_addr`), by attach point: they translate
+/// the node's own connections and datagrams to services.
+pub const PROGS_SOCKET: [&str; 8] = [
+    "pa_connect4",
+    "pa_sendmsg4",
+    "pa_recvmsg4",
+    "pa_getpeername4",
+    "pa_connect6",
+    "pa_sendmsg6",
+    "pa_recvmsg6",
+    "pa_getpeername6",
+];
 
 /// Slots of the program array (`MAP_PROGS`). The stages are separate
 /// programs so that each is verified, and gets its stack, on its own.
@@ -247,6 +263,29 @@ pub struct NodeAddrKey {
     pub _pad0: [u8; 3],
 }
 
+/// Key of the socket reverse-translation map: a socket (its cookie) and the
+/// backend the socket hooks gave it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Network byte order, as in memory.
+    pub port: u16,
+    pub family: u8,
+    pub _pad0: [u8; 5],
+}
+
+/// Value of the socket reverse-translation map: the frontend the socket
+/// asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevValue {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad0: [u8; 6],
+}
+
 /// Flags of [`NodeConfig`].
 pub const CFG_SNAT_V4: u32 = 1 << 0;
 pub const CFG_SNAT_V6: u32 = 1 << 1;
@@ -328,6 +367,12 @@ pub mod stat {
     /// A tail call to the next stage failed (its slot is empty): the
     /// program array was not filled, which only a broken load can cause.
     pub const ERR_TAIL_CALL: u32 = 23;
+    /// A socket call of the node's own to a frontend was given a backend.
+    pub const SOCK_TRANSLATED: u32 = 24;
+    /// A socket call to a frontend without endpoints was refused.
+    pub const SOCK_REFUSED: u32 = 25;
+    /// A received datagram or a peer name was given its frontend back.
+    pub const SOCK_REVNAT: u32 = 26;
     pub const COUNT: u32 = 32;
 
     /// Human names, indexed like the constants above.
@@ -356,9 +401,9 @@ pub mod stat {
         "pass_no_snat_address",
         "err_reject",
         "err_tail_call",
-        "unused24",
-        "unused25",
-        "unused26",
+        "sock_translated",
+        "sock_refused",
+        "sock_revnat",
         "unused27",
         "unused28",
         "unused29",
@@ -393,6 +438,10 @@ mod pod {
     unsafe impl aya::Pod for NodeAddrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockRevValue {}
 }
 
 #[cfg(test)]
@@ -412,6 +461,8 @@ mod tests {
         assert_eq!(size_of::<MemberKey>(), 8);
         assert_eq!(size_of::<SourceRangeKey>(), 4 + 16);
         assert_eq!(size_of::<NodeAddrKey>(), 16 + 1 + 3);
+        assert_eq!(size_of::<SockRevKey>(), 8 + 16 + 2 + 1 + 5);
+        assert_eq!(size_of::<SockRevValue>(), 16 + 2 + 6);
         assert_eq!(size_of::<NodeConfig>(), 4 * 16 + 1 + 1 + 2 + 4 + 2 + 2 + 4);
     }
 }

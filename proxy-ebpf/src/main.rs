@@ -3,6 +3,10 @@
 
 #[cfg(target_arch = "bpf")]
 mod datapath;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod socket;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

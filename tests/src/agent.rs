@@ -88,8 +88,10 @@ impl Drop for BpfFs {
 }
 
 fn unmount_and_remove(dir: &Path) {
-    let mount_point = dir.join("bpffs");
-    if is_mount_point(&mount_point) {
+    for mount_point in [dir.join("bpffs"), dir.join("cgroup2")] {
+        if !is_mount_point(&mount_point) {
+            continue;
+        }
         let unmounted = run(Command::new("umount").arg(&mount_point))
             // Busy (a process still has it open): detach it now, the kernel
             // frees it when the last user goes.
@@ -165,6 +167,9 @@ pub struct Agent {
     log_path: PathBuf,
     /// Skip `cleanup` on drop (see [`Agent::stop_keeping_pins`]).
     keep_pins: bool,
+    /// The agent's own cgroup for its socket hooks (`--cgroup-root`), so
+    /// they never see the machine's other processes; removed on drop.
+    cgroup: Option<CgroupDir>,
     /// Holds the log file's directory; removed on drop.
     _log_dir: tempfile::TempDir,
 }
@@ -197,7 +202,12 @@ impl Agent {
             .arg(&config.bpf_root)
             .arg("--hostname-override")
             .arg(&config.node_name)
-            .args(["--log-format", "text", "-v"])
+            .args(["--log-format", "text", "-v"]);
+        let cgroup = CgroupDir::create()?;
+        if let Some(cgroup) = &cgroup {
+            command.arg("--cgroup-root").arg(cgroup.path());
+        }
+        command
             .args(&config.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating the log file")?)
@@ -208,12 +218,20 @@ impl Agent {
             process,
             log_path,
             keep_pins: false,
+            cgroup,
             _log_dir: log_dir,
         })
     }
 
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// The cgroup the agent's socket hooks apply to (`None` where the
+    /// machine has no cgroup v2): node processes started in it reach
+    /// services through the hooks.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_ref().map(CgroupDir::path)
     }
 
     pub fn log_path(&self) -> &Path {
@@ -294,6 +312,87 @@ impl Drop for Agent {
             );
         }
     }
+}
+
+/// A cgroup v2 directory of the test's own, removed on drop.
+///
+/// The cgroup v2 hierarchy is mounted again under [`RUN_DIR`]: `ip netns
+/// exec` remounts `/sys`, which hides `/sys/fs/cgroup/...` from the agent,
+/// while mounts made elsewhere stay visible. Every cgroup2 mount shows the
+/// one hierarchy, so the directory is the same cgroup everywhere.
+pub struct CgroupDir {
+    /// `/run/proxy-tests/<pid>-<counter>`, removed on drop.
+    dir: PathBuf,
+    /// `<dir>/cgroup2/proxy-tests-<pid>-<counter>`: the cgroup.
+    path: PathBuf,
+}
+
+impl CgroupDir {
+    /// A new cgroup; `None` where the kernel has no cgroup v2 mounted.
+    pub fn create() -> anyhow::Result<Option<Self>> {
+        if !has_cgroup2() {
+            return Ok(None);
+        }
+        remove_stale_run_dirs();
+        let suffix = crate::unique_suffix();
+        let dir = Path::new(RUN_DIR).join(&suffix);
+        let mount_point = dir.join("cgroup2");
+        std::fs::create_dir_all(&mount_point)
+            .with_context(|| format!("creating {}", mount_point.display()))?;
+        let mut cgroup = CgroupDir {
+            path: mount_point.join(format!("proxy-tests-{suffix}")),
+            dir,
+        };
+        if let Err(error) = run(Command::new("mount")
+            .args(["-t", "cgroup2", "cgroup2"])
+            .arg(&mount_point))
+        {
+            // Nothing to remove inside; the guard still removes the dir.
+            cgroup.path = PathBuf::new();
+            return Err(error.context("mounting cgroup2 for the agent's socket hooks"));
+        }
+        std::fs::create_dir(&cgroup.path)
+            .with_context(|| format!("creating cgroup {}", cgroup.path.display()))?;
+        Ok(Some(cgroup))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        // Its processes have exited, but the kernel may take a moment to
+        // see them out: a bounded retry.
+        if !self.path.as_os_str().is_empty() {
+            let removed = (0..50).any(|_| {
+                let done = std::fs::remove_dir(&self.path).is_ok() || !self.path.exists();
+                if !done {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                done
+            });
+            if !removed {
+                eprintln!(
+                    "proxy-tests: could not remove cgroup {}",
+                    self.path.display()
+                );
+            }
+        }
+        unmount_and_remove(&self.dir);
+    }
+}
+
+/// Whether a cgroup v2 hierarchy is mounted anywhere.
+fn has_cgroup2() -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|mounts| {
+            mounts
+                .lines()
+                .any(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+        })
+        .unwrap_or(false)
 }
 
 fn indent(text: &str) -> String {

@@ -121,6 +121,24 @@ pub const DEFAULT_NODE2_NAME: &str = "test-node2";
 
 /// Prefix of every namespace this harness creates.
 const NETNS_PREFIX: &str = "pxt";
+fn client_args(options: &ClientOptions) -> Vec<String> {
+    vec![
+        options.protocol.as_str().to_string(),
+        options.target.to_string(),
+        "--count".to_string(),
+        options.count.to_string(),
+        "--timeout-ms".to_string(),
+        options.timeout.as_millis().to_string(),
+        "--parallel".to_string(),
+        options.parallel.to_string(),
+    ]
+}
+
+fn parse_report(stdout: &str) -> anyhow::Result<ClientReport> {
+    serde_json::from_str(stdout.trim())
+        .with_context(|| format!("parsing pod-client output {stdout:?}"))
+}
+
 /// Routes the second node's pods, in namespace `ns`, via `v4`/`v6` on `dev`.
 fn route_remote_pods(ns: &str, v4: Ipv4Addr, v6: Ipv6Addr, dev: &str) -> anyhow::Result<()> {
     for (range, via) in [
@@ -1132,22 +1150,29 @@ impl Topology {
     /// Runs pod-client in namespace `ns`: a pod's (in-cluster traffic,
     /// hairpin), a node's, or the client's.
     pub fn run_client_in(&self, ns: &str, options: &ClientOptions) -> anyhow::Result<ClientReport> {
-        let stdout = exec_in(
-            ns,
-            &self.tools.pod_client,
-            &[
-                options.protocol.as_str(),
-                &options.target.to_string(),
-                "--count",
-                &options.count.to_string(),
-                "--timeout-ms",
-                &options.timeout.as_millis().to_string(),
-                "--parallel",
-                &options.parallel.to_string(),
-            ],
-        )?;
-        serde_json::from_str(stdout.trim())
-            .with_context(|| format!("parsing pod-client output {stdout:?}"))
+        let stdout = exec_in(ns, &self.tools.pod_client, &client_args(options))?;
+        parse_report(&stdout)
+    }
+
+    /// Runs pod-client in namespace `ns` as a member of cgroup `cgroup` (a
+    /// node process under the agent's socket hooks).
+    pub fn run_client_in_cgroup(
+        &self,
+        ns: &str,
+        cgroup: &Path,
+        options: &ClientOptions,
+    ) -> anyhow::Result<ClientReport> {
+        // The shell joins the cgroup, then becomes the client: nothing of
+        // the client runs outside it.
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+            .arg(cgroup)
+            .args(["ip", "netns", "exec", ns])
+            .arg(&self.tools.pod_client)
+            .args(client_args(options));
+        parse_report(&run(&mut command)?)
     }
 
     /// `count` TCP connections from the client to `ip:port`.

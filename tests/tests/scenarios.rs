@@ -86,6 +86,8 @@ suite![
     masquerade_follows_the_cluster_cidr,
     masquerade_all_masquerades_pods_too,
     nodeport_to_backends_on_another_node,
+    node_processes_reach_services_through_socket_hooks,
+    localhost_nodeport_only_when_asked,
     hairpin_routed,
     hairpin_bridge,
     hairpin_bridge_with_hairpin_mode,
@@ -383,8 +385,18 @@ impl Drop for Cluster {
             Ok(out) => datapath_counters(&String::from_utf8_lossy(&out.stdout)),
             Err(e) => format!("(bpftool: {e})"),
         };
+        let hooks = match agent.cgroup() {
+            Some(cgroup) => std::process::Command::new("bpftool")
+                .args(["cgroup", "show"])
+                .arg(cgroup)
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .unwrap_or_else(|e| format!("(bpftool: {e})")),
+            None => "(no cgroup)".to_string(),
+        };
         let evidence = format!(
-            "---- datapath counters ----\n{counters}\n---- proxy-agent log ----\n{}",
+            "---- datapath counters ----\n{counters}\n---- socket hooks ----\n{hooks}\n\
+             ---- proxy-agent log ----\n{}",
             agent.log()
         );
         LAST_CLUSTER.with(|last| *last.borrow_mut() = evidence);
@@ -585,11 +597,21 @@ fn nodeport_on_node_addresses_never_loopback(mode: Mode) -> anyhow::Result<()> {
             )?;
         }
     }
-    // CVE-2020-8558: loopback is not a NodePort address.
+    // CVE-2020-8558: loopback is not a NodePort address, not even for the
+    // node's own processes under the socket hooks.
     let node_ns = c.t.node_ns().to_string();
     for loopback in ["127.0.0.1", "::1"] {
         let target = at(loopback.parse()?, TCP_NODE_PORT);
-        let report = c.probe_in(&node_ns, Protocol::Tcp, target, 3)?;
+        let report = match c.cgroup() {
+            Some(cgroup) => c.exchange_from_node(
+                &cgroup,
+                Protocol::Tcp,
+                target,
+                3,
+                Duration::from_millis(300),
+            )?,
+            None => c.probe_in(&node_ns, Protocol::Tcp, target, 3)?,
+        };
         check_unanswered(&format!("NodePort on {target}"), &report, 3)?;
     }
     Ok(())
@@ -1240,6 +1262,155 @@ fn hairpin_bridge(mode: Mode) -> anyhow::Result<()> {
 
 fn hairpin_bridge_with_hairpin_mode(mode: Mode) -> anyhow::Result<()> {
     hairpin(mode, PodNetwork::Bridge { hairpin: true })
+}
+
+// ---------------------------------------------------------------------------
+// The node's own processes.
+
+impl Cluster {
+    /// The agent's socket-hook cgroup, or why there is none.
+    fn cgroup(&self) -> Option<std::path::PathBuf> {
+        self.agent
+            .borrow()
+            .cgroup()
+            .map(std::path::Path::to_path_buf)
+    }
+
+    /// `count` exchanges from a node process under the socket hooks.
+    fn exchange_from_node(
+        &self,
+        cgroup: &std::path::Path,
+        protocol: Protocol,
+        target: SocketAddr,
+        count: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<ClientReport> {
+        let mut options = self
+            .t
+            .client_options(protocol, target.ip(), target.port(), count);
+        options.timeout = timeout;
+        self.t
+            .run_client_in_cgroup(self.t.node_ns(), cgroup, &options)
+    }
+}
+
+fn skip_without_cgroup(test: &str) -> bool {
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: skipped: no cgroup v2 on this machine for the socket hooks"
+    );
+    true
+}
+
+/// Processes of the node itself (and hostNetwork pods) reach ClusterIPs and
+/// NodePorts: their connections and datagrams are given a backend by the
+/// socket hooks, and UDP replies come back from the VIP. A service without
+/// endpoints refuses at once; processes outside the hooks' cgroup are left
+/// alone.
+fn node_processes_reach_services_through_socket_hooks(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let Some(cgroup) = c.cgroup() else {
+        skip_without_cgroup("node_processes_reach_services_through_socket_hooks");
+        return Ok(());
+    };
+    let service = echo()
+        .dual_stack(VIP6)
+        .node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
+    c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let quick = Duration::from_secs(2);
+    for (target, node) in [
+        (at(VIP, TCP_PORT), NODE),
+        (at(VIP6, TCP_PORT), NODE6),
+        (at(NODE, TCP_NODE_PORT), NODE),
+        (at(NODE6, TCP_NODE_PORT), NODE6),
+    ] {
+        let report = c.exchange_from_node(&cgroup, Protocol::Tcp, target, COUNT, quick)?;
+        // The node's source address is the one its route to the pod picks.
+        check(
+            &format!("node to {target}"),
+            &report,
+            COUNT,
+            &["pod-0", "pod-1"],
+            &[node],
+        )?;
+    }
+    // pod-client rejects a UDP reply from any address but the one it sent
+    // to: these prove the VIP is restored on receive.
+    for (target, node) in [(at(VIP, UDP_PORT), NODE), (at(VIP6, UDP_PORT), NODE6)] {
+        let report = c.exchange_from_node(&cgroup, Protocol::Udp, target, COUNT, quick)?;
+        check(
+            &format!("node to {target}"),
+            &report,
+            COUNT,
+            &["pod-0", "pod-1"],
+            &[node],
+        )?;
+    }
+    // Outside the hooks' cgroup, the node answers the VIP itself (its
+    // local route for the service range): a refusal, not a pod.
+    let outside = c.probe_in(c.t.node_ns(), Protocol::Tcp, at(VIP, TCP_PORT), 3)?;
+    ensure!(
+        outside.ok == 0,
+        "a process outside the cgroup was translated: {outside:?}"
+    );
+    // No endpoints: the connect fails at once.
+    c.set_endpoints(&service, &[])?;
+    let ((), took) = poll_until(POLL_LIMIT, Duration::from_millis(50), || {
+        let r = c.exchange_from_node(&cgroup, Protocol::Tcp, at(VIP, TCP_PORT), 1, quick)?;
+        Ok(r.errors
+            .keys()
+            .any(|e| e.contains("ConnectionRefused"))
+            .then_some(()))
+    })
+    .context("node connects to a service without endpoints were not refused")?;
+    eprintln!("node_processes_reach_services_through_socket_hooks: refused after {took:?}");
+    let started = Instant::now();
+    let refused = c.exchange_from_node(&cgroup, Protocol::Tcp, at(VIP, TCP_PORT), 5, quick)?;
+    ensure!(
+        refused.errors.get("connect: ConnectionRefused") == Some(&5),
+        "refusals: {refused:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(1),
+        "refusing 5 connects took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// NodePorts on loopback: never by default (CVE-2020-8558), and served to
+/// the node's own processes when `--nodeport-addresses` names 127.0.0.0/8
+/// and ::1.
+fn localhost_nodeport_only_when_asked(mode: Mode) -> anyhow::Result<()> {
+    let setup =
+        Setup::pods(1).arg("--nodeport-addresses=127.0.0.0/8,::1/128,198.18.0.0/24,2001:2::/112");
+    let c = Cluster::start(mode, setup)?;
+    let Some(cgroup) = c.cgroup() else {
+        skip_without_cgroup("localhost_nodeport_only_when_asked");
+        return Ok(());
+    };
+    let service = echo()
+        .dual_stack(VIP6)
+        .node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    c.wait(Protocol::Tcp, at(NODE, TCP_NODE_PORT))?;
+    let quick = Duration::from_secs(2);
+    for loopback in ["127.0.0.1", "::1"] {
+        let target = at(loopback.parse()?, TCP_NODE_PORT);
+        let report = c.exchange_from_node(&cgroup, Protocol::Tcp, target, 10, quick)?;
+        ensure!(
+            report.ok == 10 && report.backends() == names(&["pod-0"]),
+            "NodePort on {target}: {report:?}"
+        );
+        let target = at(loopback.parse()?, UDP_NODE_PORT);
+        let report = c.exchange_from_node(&cgroup, Protocol::Udp, target, 10, quick)?;
+        ensure!(
+            report.ok == 10 && report.backends() == names(&["pod-0"]),
+            "UDP NodePort on {target}: {report:?}"
+        );
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -21,8 +21,14 @@ impl PinLayout {
     pub fn maps(&self) -> PathBuf {
         self.root.join("maps")
     }
+    /// TC links, one pin per interface and direction.
     pub fn links(&self) -> PathBuf {
         self.root.join("links")
+    }
+    /// Cgroup links of the socket hooks, one pin per hook (apart from the
+    /// TC links, which are pruned by interface).
+    pub fn socket_links(&self) -> PathBuf {
+        self.root.join("socket-links")
     }
 }
 

@@ -19,19 +19,19 @@ use aya::{
         Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
-    programs::SchedClassifier,
+    programs::{CgroupSockAddr, SchedClassifier},
 };
 use ipnet::IpNet;
 use proxy_common::{
     Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6,
     CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_SNAT_IN,
     CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_CONNTRACK, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES, MAP_SOURCE_RANGES,
-    MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS,
-    PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MIN,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE,
-    SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, TAIL_NEW_FLOW,
-    TAIL_REJECT, stat,
+    MAP_CONNTRACK, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES, MAP_SOCK_NETNS,
+    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey,
+    NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY,
+    SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRangeKey, TAIL_NEW_FLOW, TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
@@ -40,6 +40,7 @@ use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, Table
 pub mod attach;
 pub mod bpffs;
 pub mod counters;
+pub mod sockets;
 
 pub use attach::{Attacher, InterfaceFilter, follow_links};
 pub use bpffs::PinLayout;
@@ -55,7 +56,7 @@ pub fn object() -> &'static [u8] {
 /// Every map is pinned, the program array too: its slots are cleared when
 /// the last user reference to it goes, and the attached programs, which
 /// outlive the agent, need them.
-const PINNED_MAPS: [&str; 10] = [
+const PINNED_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -66,6 +67,8 @@ const PINNED_MAPS: [&str; 10] = [
     MAP_CONFIG,
     MAP_STATS,
     MAP_PROGS,
+    MAP_SOCK_NETNS,
+    MAP_SOCK_REVNAT,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,10 @@ pub enum EbpfError {
 pub struct EbpfOptions {
     pub bpf_root: PathBuf,
     pub interfaces: InterfaceFilter,
+    /// The cgroup v2 directory the socket hooks attach to (the node's own
+    /// processes below it reach services through them); `None`: no socket
+    /// hooks.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// A backend as the kernel identifies it.
@@ -331,6 +338,9 @@ pub fn load(opts: &EbpfOptions) -> Result<(EbpfDataplane, Attacher), EbpfError> 
     }
     let mut ebpf = loader.load(OBJECT)?;
     load_programs(&mut ebpf)?;
+    if let Some(cgroup) = &opts.cgroup {
+        sockets::attach(&mut ebpf, &layout, cgroup)?;
+    }
     let dataplane = EbpfDataplane::from_ebpf(&mut ebpf)?;
     Ok((
         dataplane,
@@ -355,6 +365,13 @@ pub fn load_unpinned() -> Result<(EbpfDataplane, Ebpf), EbpfError> {
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     for name in [PROG_INGRESS, PROG_EGRESS, PROG_NEW_FLOW, PROG_REJECT] {
         let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?
+            .try_into()?;
+        prog.load()?;
+    }
+    for name in PROGS_SOCKET {
+        let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or(EbpfError::MissingProgram(name))?
             .try_into()?;
@@ -1059,10 +1076,16 @@ pub fn cleanup(bpf_root: &Path) -> Result<CleanupReport, EbpfError> {
     let layout = PinLayout::new(bpf_root);
     let on_bpffs = bpffs::is_bpffs(bpf_root).map_err(|e| EbpfError::BpfFs(bpf_root.into(), e))?;
     if on_bpffs {
-        for (dir, counter) in [
-            (layout.links(), &mut report.links),
-            (layout.maps(), &mut report.maps),
+        for (dir, is_link) in [
+            (layout.links(), true),
+            (layout.socket_links(), true),
+            (layout.maps(), false),
         ] {
+            let counter = if is_link {
+                &mut report.links
+            } else {
+                &mut report.maps
+            };
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

@@ -1,0 +1,400 @@
+//! Socket-level load balancing for the node's own processes (cgroup
+//! `sock_addr` hooks): a `connect()` or `sendmsg()` to a service frontend is
+//! given a backend's address before any packet exists, and `recvmsg()` /
+//! `getpeername()` give the frontend's address back.
+//!
+//! The node's own traffic never crosses the TC hooks of a pod interface on
+//! its way out (a ClusterIP is routed out of the node's uplink, and a
+//! NodePort on a local address goes over loopback), so without these hooks
+//! host processes and hostNetwork pods could not reach services, nor
+//! localhost NodePorts when `--nodeport-addresses` asks for them.
+//!
+//! Only sockets of the agent's own network namespace are translated (the
+//! cgroup hooks see every namespace of the cgroup): pods keep the packet
+//! path, where masquerade, source ranges and hairpin are decided.
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    Addr, AffinityValue, BackendValue, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
+    SVC_AFFINITY, SVC_INTERNAL_SCOPE, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, stat,
+};
+
+use crate::maps::{
+    PA_AFFINITY, PA_SERVICES, PA_SOCK_NETNS, PA_SOCK_REVNAT, affinity_backend, affinity_key,
+    config, count, lookup_frontend, now, pick_slot, snat_addr,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const ECONNREFUSED: i32 = 111;
+
+/// What a hook does with the socket call.
+enum Outcome {
+    /// Not a service (or not ours to translate): the call goes on as is.
+    Untouched,
+    /// The address was rewritten to a backend.
+    Translated,
+    /// A service without endpoints: the call fails with ECONNREFUSED.
+    Refused,
+}
+
+/// Whether this socket lives in the agent's network namespace.
+#[inline(always)]
+fn ours(ctx: &SockAddrContext) -> bool {
+    let Some(&netns) = PA_SOCK_NETNS.get(0) else {
+        return false;
+    };
+    // SAFETY: the context pointer is this program's.
+    netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == netns
+}
+
+#[inline(always)]
+fn protocol(sa: &bpf_sock_addr) -> Option<u8> {
+    match sa.protocol {
+        IPPROTO_TCP => Some(PROTO_TCP),
+        IPPROTO_UDP => Some(PROTO_UDP),
+        _ => None,
+    }
+}
+
+/// Picks a backend for a call to `addr:port` (`port` as in memory,
+/// network order) and records the way back for this socket.
+#[inline(always)]
+fn balance(
+    ctx: &SockAddrContext,
+    family: u8,
+    proto: u8,
+    addr: &Addr,
+    port: u16,
+) -> Result<BackendValue, Outcome> {
+    let Some((mut key, mut svc)) = lookup_frontend(family, proto, addr, port) else {
+        return Err(Outcome::Untouched);
+    };
+    if svc.flags & SVC_SOURCE_RANGES != 0 {
+        // Source ranges are checked on packets, where the source is known.
+        return Err(Outcome::Untouched);
+    }
+    // The node is inside the cluster: an external Local frontend serves it
+    // from every endpoint, as kube-proxy does for node-local traffic.
+    if svc.flags & SVC_INTERNAL_SCOPE != 0 {
+        key.scope = SCOPE_INTERNAL;
+        // SAFETY: copied out at once; plain data.
+        if let Some(internal) = unsafe { PA_SERVICES.get(&key) } {
+            svc = *internal;
+        }
+    }
+    if svc.count == 0 {
+        return Err(Outcome::Refused);
+    }
+    let client = node_identity(family);
+    let Some(backend) = choose(&svc, &key, family, client.as_ref()) else {
+        return Err(Outcome::Untouched);
+    };
+    // SAFETY: the context pointer is this program's.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rev_key = SockRevKey {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        family,
+        _pad0: [0; 5],
+    };
+    let rev = SockRevValue {
+        addr: *addr,
+        port,
+        _pad0: [0; 6],
+    };
+    // A lost entry only costs the reply its frontend address.
+    let _ = PA_SOCK_REVNAT.insert(&rev_key, &rev, 0);
+    Ok(backend)
+}
+
+/// The client address the node's own traffic has in the affinity map: the
+/// node's masquerade address of the family (what a backend sees).
+#[inline(always)]
+fn node_identity(family: u8) -> Option<Addr> {
+    snat_addr(config(), family)
+}
+
+#[inline(always)]
+fn choose(
+    svc: &ServiceValue,
+    key: &ServiceKey,
+    family: u8,
+    client: Option<&Addr>,
+) -> Option<BackendValue> {
+    let affinity = svc.flags & SVC_AFFINITY != 0;
+    let now = now();
+    if affinity
+        && let Some(client) = client
+        && let Some(found) = affinity_backend(svc, family, client, now)
+    {
+        count(stat::AFFINITY_HIT);
+        return Some(found.1);
+    }
+    let (id, backend) = pick_slot(svc, key)?;
+    if affinity && let Some(client) = client {
+        let value = AffinityValue {
+            backend_id: id,
+            _pad0: 0,
+            last_seen_ns: now,
+        };
+        let _ = PA_AFFINITY.insert(&affinity_key(svc.svc_id, family, client), &value, 0);
+    }
+    Some(backend)
+}
+
+#[inline(always)]
+fn finish(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Untouched => 1,
+        Outcome::Translated => {
+            count(stat::SOCK_TRANSLATED);
+            1
+        }
+        Outcome::Refused => {
+            count(stat::SOCK_REFUSED);
+            // SAFETY: only sets this call's return value.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            0
+        }
+    }
+}
+
+/// `connect()` and `sendmsg()` over IPv4.
+#[inline(always)]
+fn forward4(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !ours(ctx) {
+        return 1;
+    }
+    let Some(proto) = protocol(sa) else {
+        return 1;
+    };
+    let mut addr = [0u8; 16];
+    let ip = sa.user_ip4.to_ne_bytes();
+    addr[0] = ip[0];
+    addr[1] = ip[1];
+    addr[2] = ip[2];
+    addr[3] = ip[3];
+    let port = sa.user_port as u16;
+    match balance(ctx, FAMILY_V4, proto, &addr, port) {
+        Ok(backend) => {
+            sa.user_ip4 = u32::from_ne_bytes([
+                backend.addr[0],
+                backend.addr[1],
+                backend.addr[2],
+                backend.addr[3],
+            ]);
+            sa.user_port = backend.port as u32;
+            finish(Outcome::Translated)
+        }
+        Err(outcome) => finish(outcome),
+    }
+}
+
+/// Reads the IPv6 address of `sa` (four 32-bit loads, as the verifier
+/// requires of this context).
+#[inline(always)]
+fn user_ip6(sa: &bpf_sock_addr) -> Addr {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let word = sa.user_ip6[i].to_ne_bytes();
+        addr[i * 4] = word[0];
+        addr[i * 4 + 1] = word[1];
+        addr[i * 4 + 2] = word[2];
+        addr[i * 4 + 3] = word[3];
+        i += 1;
+    }
+    addr
+}
+
+#[inline(always)]
+fn set_user_ip6(sa: &mut bpf_sock_addr, addr: &Addr) {
+    let mut i = 0;
+    while i < 4 {
+        sa.user_ip6[i] = u32::from_ne_bytes([
+            addr[i * 4],
+            addr[i * 4 + 1],
+            addr[i * 4 + 2],
+            addr[i * 4 + 3],
+        ]);
+        i += 1;
+    }
+}
+
+/// `::ffff:a.b.c.d`: an IPv4 peer of a dual-stack socket.
+#[inline(always)]
+fn v4_mapped(addr: &Addr) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// `connect()` and `sendmsg()` over IPv6, IPv4-mapped peers included.
+#[inline(always)]
+fn forward6(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !ours(ctx) {
+        return 1;
+    }
+    let Some(proto) = protocol(sa) else {
+        return 1;
+    };
+    let full = user_ip6(sa);
+    let port = sa.user_port as u16;
+    let mapped = v4_mapped(&full);
+    let (family, addr) = if mapped {
+        let mut v4 = [0u8; 16];
+        v4[0] = full[12];
+        v4[1] = full[13];
+        v4[2] = full[14];
+        v4[3] = full[15];
+        (FAMILY_V4, v4)
+    } else {
+        (FAMILY_V6, full)
+    };
+    match balance(ctx, family, proto, &addr, port) {
+        Ok(backend) => {
+            let mut out = backend.addr;
+            if mapped {
+                out = [0u8; 16];
+                out[10] = 0xff;
+                out[11] = 0xff;
+                out[12] = backend.addr[0];
+                out[13] = backend.addr[1];
+                out[14] = backend.addr[2];
+                out[15] = backend.addr[3];
+            }
+            set_user_ip6(sa, &out);
+            sa.user_port = backend.port as u32;
+            finish(Outcome::Translated)
+        }
+        Err(outcome) => finish(outcome),
+    }
+}
+
+/// The frontend a socket of ours reached `addr:port` through, if any.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, family: u8, addr: &Addr, port: u16) -> Option<SockRevValue> {
+    // SAFETY: the context pointer is this program's.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevKey {
+        cookie,
+        addr: *addr,
+        port,
+        family,
+        _pad0: [0; 5],
+    };
+    // SAFETY: copied out at once; plain data.
+    unsafe { PA_SOCK_REVNAT.get(&key) }.copied()
+}
+
+/// `recvmsg()` and `getpeername()` over IPv4: the backend's address
+/// becomes the frontend's again.
+#[inline(always)]
+fn backward4(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let mut addr = [0u8; 16];
+    let ip = sa.user_ip4.to_ne_bytes();
+    addr[0] = ip[0];
+    addr[1] = ip[1];
+    addr[2] = ip[2];
+    addr[3] = ip[3];
+    if let Some(rev) = reverse(ctx, FAMILY_V4, &addr, sa.user_port as u16) {
+        sa.user_ip4 = u32::from_ne_bytes([rev.addr[0], rev.addr[1], rev.addr[2], rev.addr[3]]);
+        sa.user_port = rev.port as u32;
+        count(stat::SOCK_REVNAT);
+    }
+    1
+}
+
+#[inline(always)]
+fn backward6(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let full = user_ip6(sa);
+    let port = sa.user_port as u16;
+    let mapped = v4_mapped(&full);
+    let (family, addr) = if mapped {
+        let mut v4 = [0u8; 16];
+        v4[0] = full[12];
+        v4[1] = full[13];
+        v4[2] = full[14];
+        v4[3] = full[15];
+        (FAMILY_V4, v4)
+    } else {
+        (FAMILY_V6, full)
+    };
+    if let Some(rev) = reverse(ctx, family, &addr, port) {
+        let mut out = rev.addr;
+        if mapped {
+            out = [0u8; 16];
+            out[10] = 0xff;
+            out[11] = 0xff;
+            out[12] = rev.addr[0];
+            out[13] = rev.addr[1];
+            out[14] = rev.addr[2];
+            out[15] = rev.addr[3];
+        }
+        set_user_ip6(sa, &out);
+        sa.user_port = rev.port as u32;
+        count(stat::SOCK_REVNAT);
+    }
+    1
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn pa_connect4(ctx: SockAddrContext) -> i32 {
+    forward4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn pa_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn pa_recvmsg4(ctx: SockAddrContext) -> i32 {
+    backward4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn pa_getpeername4(ctx: SockAddrContext) -> i32 {
+    backward4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn pa_connect6(ctx: SockAddrContext) -> i32 {
+    forward6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn pa_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn pa_recvmsg6(ctx: SockAddrContext) -> i32 {
+    backward6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn pa_getpeername6(ctx: SockAddrContext) -> i32 {
+    backward6(&ctx)
+}
