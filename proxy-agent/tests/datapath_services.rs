@@ -951,7 +951,6 @@ fn udp_over_ipv6_to_a_service_without_backends_gets_icmpv6_port_unreachable() {
 /// client never learns of it (no ECONNREFUSED, a PMTU black hole).
 /// kube-proxy gets this from netfilter's conntrack (related ICMP is NATed).
 #[test]
-#[ignore = "datapath bug: ICMP errors about translated flows are not reverse-NATed (ICMP is passed as another protocol)"]
 fn an_icmp_error_from_a_backend_reaches_the_client_as_from_the_vip() {
     let mut f = Fixture::load();
     f.set_table(table([(
@@ -985,6 +984,108 @@ fn an_icmp_error_from_a_backend_reaches_the_client_as_from_the_vip() {
     let original = udp(client, vip);
     let expected = icmp_error(VIP, &original[ETH_HLEN..ETH_HLEN + 28]);
     assert_eq!(out, expected, "the error is about the client's own flow");
+}
+
+/// An ICMP error from `src` to `dst` of `kind`, quoting `quoted`.
+fn icmp_error(src: IpAddr, dst: IpAddr, kind: &IcmpKind, quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match kind {
+        IcmpKind::V4(kind) => {
+            let b = eth_ip(src, dst).icmpv4(kind.clone());
+            b.write(&mut out, quoted).expect("build ICMP packet");
+        }
+        IcmpKind::V6(kind) => {
+            let b = eth_ip(src, dst).icmpv6(kind.clone());
+            b.write(&mut out, quoted).expect("build ICMPv6 packet");
+        }
+    }
+    out
+}
+
+enum IcmpKind {
+    V4(Icmpv4Type),
+    V6(Icmpv6Type),
+}
+
+/// A router between the node and a backend of a masqueraded NodePort flow
+/// says "fragmentation needed": at ingress the error is given back its
+/// client (outer destination, quoted source), at egress the quoted
+/// destination becomes the NodePort again, and the router's own address
+/// stays as the source. What the client gets quotes its own packet.
+#[test]
+fn a_routers_error_about_a_masqueraded_flow_reaches_the_client() {
+    let mut f = Fixture::load();
+    f.set_network(&node_network());
+    let backend = BACKENDS[0];
+    f.set_table(table([(
+        node_port_key(Protocol::Tcp),
+        frontend(FrontendKind::NodePort, &[ip(backend)]),
+    )]));
+    let client = sa(CLIENT, 40123);
+    let node_port = sa(NODE, NODE_PORT);
+    let syn = tcp(client, node_port, Tcp::Syn);
+    let (_, dnated) = f.ingress(&syn);
+    let (_, snated) = f.egress(&dnated);
+    assert_eq!(inspect(&snated).src.ip(), ip(NODE), "masqueraded");
+
+    let router = ip(Ipv4Addr::new(192, 0, 2, 254));
+    let frag_needed = IcmpKind::V4(Icmpv4Type::DestinationUnreachable(
+        icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+    ));
+    let quote = |p: &[u8]| p[ETH_HLEN..ETH_HLEN + 28].to_vec();
+    let error = icmp_error(router, ip(NODE), &frag_needed, &quote(&snated));
+    let (verdict, unsnated) = f.ingress(&error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        unsnated,
+        icmp_error(router, ip(CLIENT), &frag_needed, &quote(&dnated)),
+        "at ingress: the client's again, about the packet sent to the backend"
+    );
+    let (verdict, out) = f.egress(&unsnated);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        icmp_error(router, ip(CLIENT), &frag_needed, &quote(&syn)),
+        "what the client gets: about its own packet to the NodePort"
+    );
+    assert_eq!(f.stat(stat::ICMP_ERROR_NAT), 2);
+
+    // An error about no flow of ours passes as it is.
+    let stranger = tcp(sa(CLIENT, 999), sa(backend, TARGET_PORT), Tcp::Syn);
+    let unrelated = icmp_error(router, ip(CLIENT), &frag_needed, &quote(&stranger));
+    assert_untouched(&f, PROG_EGRESS, &unrelated);
+    assert_untouched(&f, PROG_INGRESS, &unrelated);
+}
+
+/// IPv6: a backend's packet-too-big about a ClusterIP flow reaches the
+/// client from the VIP, quoting the client's own packet (the ICMPv6
+/// checksum covers a pseudo-header with the outer addresses).
+#[test]
+fn an_ipv6_packet_too_big_from_a_backend_reaches_the_client_as_from_the_vip() {
+    let mut f = Fixture::load();
+    let vip6: Ipv6Addr = "fd00:96::10".parse().expect("v6");
+    let client6: Ipv6Addr = "fd00:244:2::7".parse().expect("v6");
+    let backend6: Ipv6Addr = "fd00:244:1::1".parse().expect("v6");
+    f.set_table(table([(
+        key(vip6, SVC_PORT, Protocol::Tcp),
+        frontend(FrontendKind::ClusterIp, &[ip(backend6)]),
+    )]));
+    let client = sa(client6, 49100);
+    let ack = tcp(client, sa(vip6, SVC_PORT), Tcp::Ack);
+    let (_, dnated) = f.ingress(&ack);
+    assert_eq!(inspect(&dnated).dst, sa(backend6, TARGET_PORT));
+    let too_big = IcmpKind::V6(Icmpv6Type::PacketTooBig { mtu: 1280 });
+    // Quote the IPv6 header and the whole TCP header (its checksum too).
+    let quote = |p: &[u8]| p[ETH_HLEN..ETH_HLEN + 60].to_vec();
+    let error = icmp_error(ip(backend6), ip(client6), &too_big, &quote(&dnated));
+    let (verdict, out) = f.egress(&error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        icmp_error(ip(vip6), ip(client6), &too_big, &quote(&ack)),
+        "from the VIP, about the client's own packet"
+    );
+    assert_eq!(f.stat(stat::ICMP_ERROR_NAT), 1);
 }
 
 // ---------------------------------------------------------------------------

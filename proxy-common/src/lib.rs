@@ -52,6 +52,10 @@ pub const PROG_EGRESS: &str = "pa_egress";
 pub const PROG_NEW_FLOW: &str = "pa_new_flow";
 /// Tail-called by `pa_new_flow` for a service with no usable endpoint.
 pub const PROG_REJECT: &str = "pa_reject";
+/// Tail-called by `pa_ingress` / `pa_egress` for ICMP: errors about
+/// translated flows are translated with them.
+pub const PROG_ICMP_INGRESS: &str = "pa_icmp_ingress";
+pub const PROG_ICMP_EGRESS: &str = "pa_icmp_egress";
 
 /// The socket hooks (cgroup `sock_addr`), by attach point: they translate
 /// the node's own connections and datagrams to services.
@@ -70,7 +74,9 @@ pub const PROGS_SOCKET: [&str; 8] = [
 /// programs so that each is verified, and gets its stack, on its own.
 pub const TAIL_NEW_FLOW: u32 = 0;
 pub const TAIL_REJECT: u32 = 1;
-pub const TAIL_SLOTS: u32 = 2;
+pub const TAIL_ICMP_INGRESS: u32 = 2;
+pub const TAIL_ICMP_EGRESS: u32 = 3;
+pub const TAIL_SLOTS: u32 = 4;
 /// An empty TC program: the floor of the per-packet benchmark harness.
 pub const PROG_FLOOR: &str = "pa_floor";
 
@@ -373,6 +379,8 @@ pub mod stat {
     pub const SOCK_REFUSED: u32 = 25;
     /// A received datagram or a peer name was given its frontend back.
     pub const SOCK_REVNAT: u32 = 26;
+    /// An ICMP error about a translated flow was translated with it.
+    pub const ICMP_ERROR_NAT: u32 = 27;
     pub const COUNT: u32 = 32;
 
     /// Human names, indexed like the constants above.
@@ -404,7 +412,7 @@ pub mod stat {
         "sock_translated",
         "sock_refused",
         "sock_revnat",
-        "unused27",
+        "icmp_error_nat",
         "unused28",
         "unused29",
         "unused30",

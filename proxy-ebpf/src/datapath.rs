@@ -28,7 +28,8 @@ use proxy_common::{
     NodeConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN,
     SNAT_TCP_HOLD_NS, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL,
-    SVC_SOURCE_RANGES, ServiceValue, SourceRangeKey, TAIL_NEW_FLOW, TAIL_REJECT, TAIL_SLOTS, stat,
+    SVC_SOURCE_RANGES, ServiceValue, SourceRangeKey, TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS,
+    TAIL_NEW_FLOW, TAIL_REJECT, TAIL_SLOTS, stat,
 };
 
 use crate::maps::{
@@ -562,20 +563,30 @@ fn in_cluster(cfg: Option<&NodeConfig>, family: u8, addr: &Addr) -> Option<bool>
 
 #[classifier]
 pub fn pa_ingress(mut ctx: TcContext) -> i32 {
-    stage(&mut ctx, TC_ACT_OK as i32, ingress)
+    stage(&mut ctx, TC_ACT_OK as i32, Some(TAIL_ICMP_INGRESS), ingress)
 }
 
 /// Parses the packet and runs `body` on it, counting the reason it gives;
-/// a packet that does not parse is counted and gets `unparsed`.
+/// a packet that does not parse is counted and gets `unparsed`, unless it
+/// is ICMP and `icmp` names the stage for it.
 #[inline(always)]
 fn stage(
     ctx: &mut TcContext,
     unparsed: i32,
+    icmp: Option<u32>,
     body: impl FnOnce(&mut TcContext, &Packet) -> Verdict,
 ) -> i32 {
     let pkt = match parse(ctx) {
         Ok(pkt) => pkt,
         Err(reason) => {
+            if reason == stat::PASS_OTHER_PROTO
+                && let Some(slot) = icmp
+                && crate::icmp::is_icmp(ctx)
+            {
+                let (_, failed) = tail_call(ctx, slot);
+                count(failed);
+                return unparsed;
+            }
             count(reason);
             return unparsed;
         }
@@ -638,7 +649,7 @@ fn tail_call(ctx: &TcContext, slot: u32) -> Verdict {
 
 #[classifier]
 pub fn pa_new_flow(mut ctx: TcContext) -> i32 {
-    stage(&mut ctx, TC_ACT_OK as i32, |ctx, pkt| {
+    stage(&mut ctx, TC_ACT_OK as i32, None, |ctx, pkt| {
         new_flow(ctx, pkt, config())
     })
 }
@@ -647,7 +658,7 @@ pub fn pa_new_flow(mut ctx: TcContext) -> i32 {
 /// longer parses is dropped, as a rejected packet would be.
 #[classifier]
 pub fn pa_reject(mut ctx: TcContext) -> i32 {
-    stage(&mut ctx, TC_ACT_SHOT as i32, reject)
+    stage(&mut ctx, TC_ACT_SHOT as i32, None, reject)
 }
 
 #[inline(always)]
@@ -1177,7 +1188,13 @@ fn icmp6_unreachable(ctx: &mut TcContext, pkt: &Packet) -> Result<(), i64> {
 pub fn pa_egress(mut ctx: TcContext) -> i32 {
     let pkt = match parse(&ctx) {
         Ok(pkt) => pkt,
-        Err(_) => return TC_ACT_OK as i32,
+        Err(reason) => {
+            if reason == stat::PASS_OTHER_PROTO && crate::icmp::is_icmp(&ctx) {
+                let (_, failed) = tail_call(&ctx, TAIL_ICMP_EGRESS);
+                count(failed);
+            }
+            return TC_ACT_OK as i32;
+        }
     };
     let (verdict, reason) = egress(&mut ctx, &pkt);
     if reason != u32::MAX {

@@ -4,6 +4,8 @@
 #[cfg(target_arch = "bpf")]
 mod datapath;
 #[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod socket;

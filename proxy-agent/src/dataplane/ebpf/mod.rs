@@ -28,10 +28,11 @@ use proxy_common::{
     CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
     MAP_CONNTRACK, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES, MAP_SOCK_NETNS,
     MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey,
-    NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY,
-    SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey,
-    ServiceValue, SourceRangeKey, TAIL_NEW_FLOW, TAIL_REJECT, stat,
+    NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS, PROG_INGRESS,
+    PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MIN,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE,
+    SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, TAIL_ICMP_EGRESS,
+    TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
@@ -363,7 +364,14 @@ pub fn load_unpinned() -> Result<(EbpfDataplane, Ebpf), EbpfError> {
 /// Loads every program, and points the program array's slots at the
 /// tail-called stages (replacing what an earlier run left there).
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
-    for name in [PROG_INGRESS, PROG_EGRESS, PROG_NEW_FLOW, PROG_REJECT] {
+    for name in [
+        PROG_INGRESS,
+        PROG_EGRESS,
+        PROG_NEW_FLOW,
+        PROG_REJECT,
+        PROG_ICMP_INGRESS,
+        PROG_ICMP_EGRESS,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(EbpfError::MissingProgram(name))?
@@ -378,7 +386,12 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
         prog.load()?;
     }
     let mut stages = Vec::new();
-    for (slot, name) in [(TAIL_NEW_FLOW, PROG_NEW_FLOW), (TAIL_REJECT, PROG_REJECT)] {
+    for (slot, name) in [
+        (TAIL_NEW_FLOW, PROG_NEW_FLOW),
+        (TAIL_REJECT, PROG_REJECT),
+        (TAIL_ICMP_INGRESS, PROG_ICMP_INGRESS),
+        (TAIL_ICMP_EGRESS, PROG_ICMP_EGRESS),
+    ] {
         let prog: &SchedClassifier = ebpf
             .program(name)
             .ok_or(EbpfError::MissingProgram(name))?
