@@ -20,6 +20,7 @@ use proxy_tests::{
         Agent, AgentSource, BpfFs, ClientReport, NODE_IP, POD_TCP_PORT, POD_UDP_PORT, Protocol,
         READY_TIMEOUT, ServiceSpec, ToolPaths, Topology, agent_binary, in_netns,
     },
+    poll_until,
     rbac::cluster_role_grants,
     serial, skipped,
 };
@@ -665,11 +666,20 @@ fn api_outages_keep_the_last_state_and_converge() {
             s.agent.take().context("no agent")?.stop_keeping_pins()?;
             s.server.stop();
             s.start_agent()?;
-            std::thread::sleep(Duration::from_secs(2));
-            s.agent()?.ensure_running()?;
+            // Until the new agent has loaded its programs (seconds of
+            // verification), its health server is not up yet.
+            let (status, took) =
+                poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+                    s.agent()?.ensure_running()?;
+                    Ok(s.http_get(HEALTHZ, "/healthz")
+                        .ok()
+                        .map(|(status, _)| status))
+                })?;
+            ensure!(
+                status == 503,
+                "/healthz before the first sync: {status} (up after {took:?})"
+            );
             s.check_backends(&[1], 40, "restarted agent without an API server")?;
-            let (status, _) = s.http_get(HEALTHZ, "/healthz")?;
-            ensure!(status == 503, "/healthz before the first sync: {status}");
             s.set_backends(&[0, 1])?;
             s.resume_server()?;
             s.until_backends_within(

@@ -83,6 +83,7 @@ suite![
     external_traffic_policy_local,
     topology_prefers_the_zone_of_the_node,
     services_without_endpoints_reject,
+    icmp_errors_of_backends_reach_clients,
     masquerade_follows_the_cluster_cidr,
     masquerade_all_masquerades_pods_too,
     nodeport_to_backends_on_another_node,
@@ -1154,6 +1155,42 @@ fn services_without_endpoints_reject(mode: Mode) -> anyhow::Result<()> {
         match udp {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             other => bail!("UDP to {vip} without endpoints: {other:?} (expected ICMP unreachable)"),
+        }
+    }
+    Ok(())
+}
+
+/// A backend's ICMP error about a translated flow reaches the client as one
+/// about its own: a UDP service port whose pods do not listen gets the
+/// pod's port unreachable back to the (masqueraded) client as a refusal,
+/// instead of a timeout.
+fn icmp_errors_of_backends_reach_clients(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1))?;
+    // 5999: nothing listens there in the pods.
+    let service = echo().udp(54, 5999).dual_stack(VIP6);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
+    c.wait(Protocol::Udp, at(VIP6, UDP_PORT))?;
+    let client_ns = c.t.client_ns().to_string();
+    let pod = c.t.pod(0).ns().to_string();
+    for vip in [VIP, VIP6] {
+        for (ns, what) in [(&client_ns, "masqueraded client"), (&pod, "pod")] {
+            let result = in_netns(ns, || -> std::io::Result<()> {
+                let bind = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let socket = UdpSocket::bind(bind)?;
+                socket.connect(at(vip, 54))?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                socket.send(b"q\n")?;
+                let mut buf = [0u8; 64];
+                socket.recv(&mut buf).map(|_| ())
+            })?;
+            match result {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                other => bail!(
+                    "UDP from the {what} to {vip}:54 (no listener on the pod): {other:?}, \
+                     expected the pod's port unreachable as a refusal"
+                ),
+            }
         }
     }
     Ok(())
