@@ -120,6 +120,7 @@ struct RawLogging {
 struct RawProxyAgent {
     manifests: Option<PathBuf>,
     bpf_root: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
     interfaces: Option<Vec<String>>,
     exclude_interfaces: Option<Vec<String>>,
 }
@@ -273,6 +274,8 @@ pub struct Logging {
 pub struct ProxyAgent {
     pub manifests: Option<PathBuf>,
     pub bpf_root: Option<PathBuf>,
+    /// The cgroup v2 directory of the socket hooks (`--cgroup-root`).
+    pub cgroup_root: Option<PathBuf>,
     pub interfaces: Option<Vec<String>>,
     pub exclude_interfaces: Option<Vec<String>>,
 }
@@ -363,6 +366,7 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
     for p in [
         &mut cfg.proxy_agent.manifests,
         &mut cfg.proxy_agent.bpf_root,
+        &mut cfg.proxy_agent.cgroup_root,
     ]
     .into_iter()
     .flatten()
@@ -702,6 +706,7 @@ impl Validator {
         };
         let manifests = paths("proxyAgent.manifests", p.manifests);
         let bpf_root = paths("proxyAgent.bpfRoot", p.bpf_root);
+        let cgroup_root = paths("proxyAgent.cgroupRoot", p.cgroup_root);
         let mut names = |field: &str, list: Option<Vec<String>>| {
             list.inspect(|list| {
                 for (i, name) in list.iter().enumerate() {
@@ -717,6 +722,7 @@ impl Validator {
         ProxyAgent {
             manifests,
             bpf_root,
+            cgroup_root,
             interfaces: names("proxyAgent.interfaces", p.interfaces),
             exclude_interfaces: names("proxyAgent.excludeInterfaces", p.exclude_interfaces),
         }
@@ -1054,6 +1060,10 @@ mod tests {
             (
                 "proxyAgent:\n  bpfRoot: \"\"\n",
                 "proxyAgent.bpfRoot: must not be empty",
+            ),
+            (
+                "proxyAgent:\n  cgroupRoot: \"\"\n",
+                "proxyAgent.cgroupRoot: must not be empty",
             ),
             (
                 "proxyAgent:\n  interfaces: [eth0, \"a/b\"]\n",

@@ -308,7 +308,10 @@ impl Settings {
                 .exclude_interfaces
                 .or(pa.exclude_interfaces)
                 .unwrap_or_default(),
-            cgroup_root: args.cgroup_root.or_else(ebpf::sockets::cgroup2_mount),
+            cgroup_root: args
+                .cgroup_root
+                .or(pa.cgroup_root)
+                .or_else(ebpf::sockets::cgroup2_mount),
             sync_period: args
                 .sync_period
                 .or(f.sync_period)
