@@ -995,7 +995,7 @@ fn icmp_error(src: IpAddr, dst: IpAddr, kind: &IcmpKind, quoted: &[u8]) -> Vec<u
             b.write(&mut out, quoted).expect("build ICMP packet");
         }
         IcmpKind::V6(kind) => {
-            let b = eth_ip(src, dst).icmpv6(kind.clone());
+            let b = eth_ip(src, dst).icmpv6(*kind);
             b.write(&mut out, quoted).expect("build ICMPv6 packet");
         }
     }
