@@ -244,6 +244,37 @@ fn v4_mapped(addr: &Addr) -> bool {
     addr[10] == 0xff && addr[11] == 0xff
 }
 
+/// The family and address a dual-stack socket's peer really has: an
+/// IPv4-mapped address is IPv4. The last value says it was mapped.
+#[inline(always)]
+fn unmap(full: &Addr) -> (u8, Addr, bool) {
+    if !v4_mapped(full) {
+        return (FAMILY_V6, *full, false);
+    }
+    let mut v4 = [0u8; 16];
+    v4[0] = full[12];
+    v4[1] = full[13];
+    v4[2] = full[14];
+    v4[3] = full[15];
+    (FAMILY_V4, v4, true)
+}
+
+/// `addr` as the socket must see it: mapped again if its peer was.
+#[inline(always)]
+fn remap(addr: &Addr, mapped: bool) -> Addr {
+    if !mapped {
+        return *addr;
+    }
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12] = addr[0];
+    out[13] = addr[1];
+    out[14] = addr[2];
+    out[15] = addr[3];
+    out
+}
+
 /// `connect()` and `sendmsg()` over IPv6, IPv4-mapped peers included.
 #[inline(always)]
 fn forward6(ctx: &SockAddrContext) -> i32 {
@@ -257,30 +288,10 @@ fn forward6(ctx: &SockAddrContext) -> i32 {
     };
     let full = user_ip6(sa);
     let port = sa.user_port as u16;
-    let mapped = v4_mapped(&full);
-    let (family, addr) = if mapped {
-        let mut v4 = [0u8; 16];
-        v4[0] = full[12];
-        v4[1] = full[13];
-        v4[2] = full[14];
-        v4[3] = full[15];
-        (FAMILY_V4, v4)
-    } else {
-        (FAMILY_V6, full)
-    };
+    let (family, addr, mapped) = unmap(&full);
     match balance(ctx, family, proto, &addr, port) {
         Ok(backend) => {
-            let mut out = backend.addr;
-            if mapped {
-                out = [0u8; 16];
-                out[10] = 0xff;
-                out[11] = 0xff;
-                out[12] = backend.addr[0];
-                out[13] = backend.addr[1];
-                out[14] = backend.addr[2];
-                out[15] = backend.addr[3];
-            }
-            set_user_ip6(sa, &out);
+            set_user_ip6(sa, &remap(&backend.addr, mapped));
             sa.user_port = backend.port as u32;
             finish(Outcome::Translated)
         }
@@ -330,29 +341,9 @@ fn backward6(ctx: &SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let full = user_ip6(sa);
     let port = sa.user_port as u16;
-    let mapped = v4_mapped(&full);
-    let (family, addr) = if mapped {
-        let mut v4 = [0u8; 16];
-        v4[0] = full[12];
-        v4[1] = full[13];
-        v4[2] = full[14];
-        v4[3] = full[15];
-        (FAMILY_V4, v4)
-    } else {
-        (FAMILY_V6, full)
-    };
+    let (family, addr, mapped) = unmap(&full);
     if let Some(rev) = reverse(ctx, family, &addr, port) {
-        let mut out = rev.addr;
-        if mapped {
-            out = [0u8; 16];
-            out[10] = 0xff;
-            out[11] = 0xff;
-            out[12] = rev.addr[0];
-            out[13] = rev.addr[1];
-            out[14] = rev.addr[2];
-            out[15] = rev.addr[3];
-        }
-        set_user_ip6(sa, &out);
+        set_user_ip6(sa, &remap(&rev.addr, mapped));
         sa.user_port = rev.port as u32;
         count(stat::SOCK_REVNAT);
     }

@@ -186,7 +186,7 @@ impl Attacher {
     }
 }
 
-fn remove_pin(path: &Path) -> Result<(), EbpfError> {
+pub(super) fn remove_pin(path: &Path) -> Result<(), EbpfError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

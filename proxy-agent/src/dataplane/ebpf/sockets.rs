@@ -15,7 +15,7 @@ use aya::{
 };
 use proxy_common::{MAP_SOCK_NETNS, PROGS_SOCKET};
 
-use super::{EbpfError, PinLayout};
+use super::{EbpfError, PinLayout, attach::remove_pin};
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the cookie of a socket's namespace.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -101,14 +101,6 @@ pub fn attach(ebpf: &mut Ebpf, layout: &PinLayout, cgroup: &Path) -> Result<(), 
     }
     tracing::info!(cgroup = %cgroup.display(), netns_cookie = cookie, "socket hooks attached");
     Ok(())
-}
-
-fn remove_pin(path: &Path) -> Result<(), EbpfError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(EbpfError::Io(path.to_path_buf(), e)),
-    }
 }
 
 #[cfg(test)]
