@@ -1113,6 +1113,25 @@ fn topology_prefers_the_zone_of_the_node(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One datagram from a connected UDP socket in namespace `ns`, and the
+/// answer's outcome: a connected socket is where ICMP errors surface (as
+/// `ConnectionRefused`).
+fn udp_query_in(ns: &str, target: SocketAddr) -> anyhow::Result<std::io::Result<()>> {
+    in_netns(ns, move || -> std::io::Result<()> {
+        let bind = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let socket = UdpSocket::bind(bind)?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.send(b"q\n")?;
+        let mut buf = [0u8; 64];
+        socket.recv(&mut buf).map(|_| ())
+    })
+}
+
 /// A Service with no endpoint refuses at once: TCP gets a reset, UDP an
 /// ICMP port unreachable, over both families.
 fn services_without_endpoints_reject(mode: Mode) -> anyhow::Result<()> {
@@ -1143,15 +1162,7 @@ fn services_without_endpoints_reject(mode: Mode) -> anyhow::Result<()> {
             took < Duration::from_millis(500),
             "TCP refusal took {took:?}"
         );
-        let udp = in_netns(&client_ns, || -> std::io::Result<()> {
-            let bind = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-            let socket = UdpSocket::bind(bind)?;
-            socket.connect(at(vip, UDP_PORT))?;
-            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-            socket.send(b"q\n")?;
-            let mut buf = [0u8; 64];
-            socket.recv(&mut buf).map(|_| ())
-        })?;
+        let udp = udp_query_in(&client_ns, at(vip, UDP_PORT))?;
         match udp {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             other => bail!("UDP to {vip} without endpoints: {other:?} (expected ICMP unreachable)"),
@@ -1175,15 +1186,7 @@ fn icmp_errors_of_backends_reach_clients(mode: Mode) -> anyhow::Result<()> {
     let pod = c.t.pod(0).ns().to_string();
     for vip in [VIP, VIP6] {
         for (ns, what) in [(&client_ns, "masqueraded client"), (&pod, "pod")] {
-            let result = in_netns(ns, || -> std::io::Result<()> {
-                let bind = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-                let socket = UdpSocket::bind(bind)?;
-                socket.connect(at(vip, 54))?;
-                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-                socket.send(b"q\n")?;
-                let mut buf = [0u8; 64];
-                socket.recv(&mut buf).map(|_| ())
-            })?;
+            let result = udp_query_in(ns, at(vip, 54))?;
             match result {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                 other => bail!(
