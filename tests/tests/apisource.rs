@@ -721,7 +721,15 @@ fn api_burst_of_updates_is_coalesced() {
             "burst of 1000 slice updates written in {written:?}: {applies} applies"
         ));
         ensure!(applies >= 1.0, "the burst was not applied at all");
-        ensure!(applies <= 50.0, "{applies} applies for 1000 updates");
+        // The agent applies as fast as it can (no --min-sync-period), so the
+        // count follows how long the burst took to write (about one apply
+        // per 2-3 ms here); what must hold on any machine is coalescing: at
+        // least 10 updates per apply on average, where one apply per update
+        // would give 1000.
+        ensure!(
+            applies <= 100.0,
+            "{applies} applies for 1000 updates written in {written:?}"
+        );
         Ok(())
     });
 }
