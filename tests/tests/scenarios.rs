@@ -141,6 +141,16 @@ const HEALTH_CHECK_PORT: u16 = 30256;
 
 /// How long the agent may take to serve a change.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the agent may take to serve after it starts: [`READY_TIMEOUT`],
+/// or `PROXY_TESTS_READY_TIMEOUT_SECS` for slow runs (a VM under software
+/// emulation takes minutes to verify the programs).
+fn ready_timeout() -> Duration {
+    std::env::var("PROXY_TESTS_READY_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(READY_TIMEOUT, Duration::from_secs)
+}
 /// How long a check may keep polling for an expected change.
 const POLL_LIMIT: Duration = Duration::from_secs(10);
 /// Exchanges per check: with two backends, each is missed by chance with
@@ -295,7 +305,7 @@ impl Cluster {
                 &mut self.agent.borrow_mut(),
                 protocol,
                 target,
-                READY_TIMEOUT,
+                ready_timeout(),
             )
             .map(|_| ())
     }
