@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 #[derive(Parser)]
 #[command(about = "proxy-agent project tasks")]
 struct Cli {
@@ -24,7 +26,9 @@ enum Task {
     /// Install what a fresh Debian 12 machine lacks: apt packages, nightly
     /// rust-src, bpf-linker. Skips what is present.
     Setup,
-    /// Setup, `cargo build -p proxy-agent`, then `cargo test --workspace`.
+    /// Setup, `cargo build -p proxy-agent`, then `cargo test --workspace`,
+    /// then the scenarios that need a kernel this machine lacks (SCTP), in
+    /// a VM. With test arguments, only the `cargo test` part, filtered.
     Test {
         /// Passed to the test binaries, e.g. a test name filter.
         #[arg(last = true)]
@@ -172,7 +176,13 @@ fn apt_installed(env: &Env, package: &str) -> bool {
 }
 
 fn install_apt_packages(env: &Env) -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    install_packages(env, APT_PACKAGES)
+}
+
+/// Installs the Debian `packages` that are missing (apt-get, as root or
+/// through sudo).
+fn install_packages(env: &Env, packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !apt_installed(env, package))
@@ -253,7 +263,11 @@ fn test(env: &Env, test_args: &[String]) -> anyhow::Result<()> {
         "--test-threads=2",
     ]);
     command.args(test_args).env("PROXY_AGENT_BIN", agent);
-    run(&mut command)
+    run(&mut command)?;
+    if test_args.is_empty() {
+        vm::run_scenarios(env)?;
+    }
+    Ok(())
 }
 
 fn demo(env: &Env) -> anyhow::Result<()> {

@@ -1,0 +1,226 @@
+//! Scenarios that need a kernel feature this machine's kernel lacks (SCTP
+//! today, IPVS next), run in a VM: virtme-ng boots Debian's kernel over a
+//! snapshot of this machine's filesystem, under software emulation (qemu's
+//! KVM path fails on these machines), and runs the scenario binary there.
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use anyhow::{Context, bail};
+
+use crate::{Env, describe, query, run};
+
+/// The Debian kernel the VM boots; its modules are copied to this
+/// machine's /lib/modules, where the VM (sharing the filesystem) finds them.
+const KERNEL: &str = "6.12.100+deb12-amd64";
+const PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
+/// The scenarios run in the VM (exact test names) and the modules they
+/// need.
+const SCENARIOS: &[&str] = &["ebpf::clusterip_sctp"];
+const MODULES: &[&str] = &["sctp"];
+/// The agent verifies its programs many times slower under emulation.
+const READY_TIMEOUT_SECS: &str = "600";
+
+/// Sets the VM up (packages, kernel, virtme-ng) and runs [`SCENARIOS`]
+/// in it; an error unless each ran and passed (a skip is a failure here:
+/// the VM exists to provide what the scenario would skip for).
+pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
+    if !proxy_tests::is_root() {
+        eprintln!("xtask: VM scenarios skipped: they need root");
+        return Ok(());
+    }
+    crate::install_packages(env, PACKAGES)?;
+    let vng = virtme_ng(env)?;
+    let dir = env.target_dir.join("vm");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let vmlinuz = kernel(env, &dir)?;
+    let binary = scenario_binary(env)?;
+
+    let results = dir.join("results.txt");
+    let _ = std::fs::remove_file(&results);
+    let script = dir.join("run.sh");
+    let mut text = String::from("#!/bin/sh\n");
+    for module in MODULES {
+        text.push_str(&format!(
+            "modprobe {module} || echo 'modprobe {module} failed'\n"
+        ));
+    }
+    let agent = env.target_dir.join("debug/proxy-agent");
+    for scenario in SCENARIOS {
+        text.push_str(&format!(
+            "cd {tests} && PROXY_TESTS_READY_TIMEOUT_SECS={READY_TIMEOUT_SECS} PROXY_AGENT_BIN={agent} \
+             {binary} --exact {scenario} --nocapture >> {results} 2>&1\n\
+             echo \"VM-RC {scenario} $?\" >> {results}\n",
+            tests = env.workspace.join("tests").display(),
+            agent = agent.display(),
+            binary = binary.display(),
+            results = results.display(),
+        ));
+    }
+    std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
+    make_executable(&script)?;
+
+    let mut command = env.command(&vng);
+    command
+        .args(["--verbose", "--disable-kvm", "--run"])
+        .arg(&vmlinuz)
+        .args(["--user", "root", "--memory", "2G", "--rw", "--exec"])
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    eprintln!("xtask: running {} (a few minutes)", describe(&command));
+    // vng exits 255 even when the command succeeded: the verdict comes
+    // from the results file.
+    let _ = command.status().context("starting vng")?;
+    let out = std::fs::read_to_string(&results)
+        .with_context(|| format!("the VM wrote no results to {}", results.display()))?;
+    let verdict = verdict(&out);
+    for line in out
+        .lines()
+        .filter(|l| l.starts_with("test ") || l.contains("skipped"))
+    {
+        eprintln!("xtask: VM: {line}");
+    }
+    match verdict {
+        Ok(passed) => {
+            eprintln!("xtask: VM scenarios: {passed} passed, 0 failed");
+            Ok(())
+        }
+        Err(e) => bail!("VM scenarios: {e}\n{out}"),
+    }
+}
+
+/// How many scenarios passed, or why the run does not count.
+fn verdict(out: &str) -> Result<usize, String> {
+    if let Some(line) = out.lines().find(|l| l.contains(": skipped:")) {
+        return Err(format!("a scenario skipped in the VM: {line}"));
+    }
+    let mut passed = 0;
+    for scenario in SCENARIOS {
+        let rc = out
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("VM-RC {scenario} ")))
+            .ok_or_else(|| format!("{scenario} did not run"))?;
+        if rc.trim() != "0" {
+            return Err(format!("{scenario} failed (exit {rc})"));
+        }
+        if !out.contains(&format!("test {scenario} ... ok")) {
+            return Err(format!("{scenario} did not report ok"));
+        }
+        passed += 1;
+    }
+    Ok(passed)
+}
+
+/// `vng`, installed from PyPI when missing.
+fn virtme_ng(env: &Env) -> anyhow::Result<PathBuf> {
+    let find = || {
+        query(env.command("sh").args(["-c", "command -v vng"]))
+            .map(|p| PathBuf::from(p.trim()))
+            .filter(|p| p.is_file())
+            .or_else(|| {
+                query(env.command("python3").args([
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_path('scripts'))",
+                ]))
+                .map(|dir| Path::new(dir.trim()).join("vng"))
+                .filter(|p| p.is_file())
+            })
+    };
+    if let Some(vng) = find() {
+        return Ok(vng);
+    }
+    run(env
+        .command("python3")
+        .args(["-m", "pip", "install", "--quiet", "virtme-ng"]))?;
+    find().context("virtme-ng installed, but no `vng` found")
+}
+
+/// The kernel image, downloaded and unpacked under `dir` when missing; its
+/// modules installed under /lib/modules.
+fn kernel(env: &Env, dir: &Path) -> anyhow::Result<PathBuf> {
+    let root = dir.join(KERNEL);
+    let vmlinuz = root.join(format!("boot/vmlinuz-{KERNEL}"));
+    if !vmlinuz.is_file() {
+        let package = format!("linux-image-{KERNEL}");
+        run(env
+            .command("apt-get")
+            .args(["download", &package])
+            .current_dir(dir))?;
+        let deb = std::fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+            })
+            .context("apt-get download left no .deb")?;
+        run(env.command("dpkg").arg("-x").arg(&deb).arg(&root))?;
+    }
+    let modules = Path::new("/lib/modules").join(KERNEL);
+    if !modules.is_dir() {
+        std::fs::create_dir_all("/lib/modules")?;
+        run(env
+            .command("cp")
+            .arg("-a")
+            .arg(root.join("lib/modules").join(KERNEL))
+            .arg(&modules))?;
+        run(env.command("depmod").arg(KERNEL))?;
+    }
+    Ok(vmlinuz)
+}
+
+/// The scenario suite's test binary, built.
+fn scenario_binary(env: &Env) -> anyhow::Result<PathBuf> {
+    let output = env
+        .cargo(&[
+            "test",
+            "-p",
+            "proxy-tests",
+            "--test",
+            "scenarios",
+            "--no-run",
+        ])
+        .stderr(Stdio::piped())
+        .output()
+        .context("building the scenario binary")?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("building the scenario binary failed:\n{stderr}");
+    }
+    // "  Executable tests/scenarios.rs (target/debug/deps/scenarios-...)"
+    let path = stderr
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("Executable tests/scenarios.rs (")?;
+            rest.strip_suffix(')')
+        })
+        .context("cargo did not name the scenario binary")?;
+    Ok(env.workspace.join(path))
+}
+
+fn make_executable(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut perms = std::fs::metadata(path)?.permissions();
+    perms.set_mode(0o755);
+    std::fs::set_permissions(path, perms)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_run_counts_only_when_every_scenario_passed_without_skipping() {
+        let ok = "test ebpf::clusterip_sctp ... ok\nVM-RC ebpf::clusterip_sctp 0\n";
+        assert_eq!(verdict(ok), Ok(1));
+        let failed = "test ebpf::clusterip_sctp ... FAILED\nVM-RC ebpf::clusterip_sctp 101\n";
+        assert!(verdict(failed).unwrap_err().contains("failed"));
+        let skipped = "ebpf::clusterip_sctp: skipped: no SCTP\ntest ebpf::clusterip_sctp ... ok\nVM-RC ebpf::clusterip_sctp 0\n";
+        assert!(verdict(skipped).unwrap_err().contains("skipped"));
+        assert!(verdict("").unwrap_err().contains("did not run"));
+    }
+}
