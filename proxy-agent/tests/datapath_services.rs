@@ -1515,3 +1515,32 @@ fn masquerade_ports_of_live_flows_are_never_taken_and_expired_ones_are_reused() 
     );
     assert_eq!(f.stat(stat::DROP_SNAT_EXHAUSTED), 1);
 }
+
+/// Traffic to addresses no frontend has passes after one lookup; a
+/// Service's address stays known while its established flows may live, so
+/// those keep their translation after the Service is deleted (as
+/// conntrack keeps them for kube-proxy), while new connections pass.
+#[test]
+fn established_flows_outlive_their_service_and_other_traffic_passes_early() {
+    let mut f = Fixture::load();
+    f.set_table(table([(
+        key(VIP, SVC_PORT, Protocol::Tcp),
+        frontend(FrontendKind::ClusterIp, &[ip(BACKENDS[0])]),
+    )]));
+    let client = sa(POD_CLIENT, 41000);
+    let vip = sa(VIP, SVC_PORT);
+    let dnated = ingress_ok(&f, &tcp(client, vip, Tcp::Syn));
+    assert_eq!(dnated.dst, sa(BACKENDS[0], TARGET_PORT));
+
+    f.set_table(ServiceTable::new());
+    assert_eq!(
+        ingress_ok(&f, &tcp(client, vip, Tcp::Ack)),
+        dnated,
+        "the established flow keeps its backend"
+    );
+    assert_untouched(&f, PROG_INGRESS, &tcp(sa(POD_CLIENT, 41001), vip, Tcp::Syn));
+    let before = f.stat(stat::DNAT_ESTABLISHED);
+    let other = tcp(client, sa(Ipv4Addr::new(192, 0, 2, 99), SVC_PORT), Tcp::Ack);
+    assert_untouched(&f, PROG_INGRESS, &other);
+    assert_eq!(f.stat(stat::DNAT_ESTABLISHED), before);
+}

@@ -29,6 +29,7 @@ pub const MEMBERS_MAX_ENTRIES: u32 = 524_288;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 262_144;
+pub const FRONTEND_ADDRS_MAX_ENTRIES: u32 = 131_072;
 
 /// Names of the maps, as pinned under `<bpf-root>/maps/`.
 pub const MAP_SERVICES: &str = "PA_SERVICES";
@@ -43,6 +44,10 @@ pub const MAP_CONFIG: &str = "PA_CONFIG";
 pub const MAP_PROGS: &str = "PA_PROGS";
 pub const MAP_SOCK_NETNS: &str = "PA_SOCK_NETNS";
 pub const MAP_SOCK_REVNAT: &str = "PA_SOCK_REVNAT";
+/// Every address a frontend has (or had, while its flows may live on),
+/// keyed like the node-addresses map: traffic to any other address is no
+/// service traffic, and leaves ingress after one lookup.
+pub const MAP_FRONTEND_ADDRS: &str = "PA_FRONTEND_ADDRS";
 
 /// Names of the TC programs in the object file.
 pub const PROG_INGRESS: &str = "pa_ingress";

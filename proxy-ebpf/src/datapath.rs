@@ -34,7 +34,7 @@ use proxy_common::{
 
 use crate::maps::{
     PA_AFFINITY, PA_CONNTRACK, PA_SERVICES, PA_SOURCE_RANGES, affinity_backend, affinity_key,
-    config, count, lookup_frontend, now, pick_slot, random, snat_addr,
+    config, count, lookup_frontend, may_be_frontend, now, pick_slot, random, snat_addr,
 };
 
 /// Working space of a new flow: the connection-tracking entries it writes
@@ -619,6 +619,10 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         }
     }
 
+    // Traffic to anything but a frontend has no flow and no service here.
+    if !may_be_frontend(pkt.family, &pkt.daddr) {
+        return (TC_ACT_OK as i32, stat::PASS_NO_SERVICE);
+    }
     let fwd_key = ct_key(pkt, CT_FORWARD);
     if let Some(ct) = PA_CONNTRACK.get_ptr_mut(&fwd_key) {
         // SAFETY: as above.

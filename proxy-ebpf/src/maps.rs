@@ -44,6 +44,10 @@ pub(crate) static PA_NODE_ADDRS: HashMap<NodeAddrKey, u32> =
 #[map]
 pub(crate) static PA_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
+#[map]
+pub(crate) static PA_FRONTEND_ADDRS: HashMap<NodeAddrKey, u32> =
+    HashMap::with_max_entries(proxy_common::FRONTEND_ADDRS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
 /// The network namespace cookie of the agent: the only namespace whose
 /// sockets the socket hooks translate (0: none).
 #[map]
@@ -97,6 +101,20 @@ pub(crate) fn snat_addr(cfg: Option<&NodeConfig>, family: u8) -> Option<Addr> {
         return Some(cfg.snat_v6);
     }
     None
+}
+
+/// Whether a destination can be a frontend at all: an address a frontend
+/// has (or had, while its flows may live on), or a NodePort address. The
+/// one lookup that traffic to anything else pays.
+#[inline(always)]
+pub(crate) fn may_be_frontend(family: u8, addr: &Addr) -> bool {
+    let key = NodeAddrKey {
+        addr: *addr,
+        family,
+        _pad0: [0; 3],
+    };
+    // SAFETY: only presence is read.
+    unsafe { PA_FRONTEND_ADDRS.get(&key).is_some() || PA_NODE_ADDRS.get(&key).is_some() }
 }
 
 /// The service entry (slot 0) for a destination: its frontend address,

@@ -26,13 +26,13 @@ use proxy_common::{
     Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6,
     CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_SNAT_IN,
     CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_CONNTRACK, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES, MAP_SOCK_NETNS,
-    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey,
-    NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS, PROG_INGRESS,
-    PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MIN,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE,
-    SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, TAIL_ICMP_EGRESS,
-    TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
+    MAP_CONNTRACK, MAP_FRONTEND_ADDRS, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES,
+    MAP_SOCK_NETNS, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE,
+    MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS,
+    PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL,
+    SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
+    TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
@@ -57,7 +57,7 @@ pub fn object() -> &'static [u8] {
 /// Every map is pinned, the program array too: its slots are cleared when
 /// the last user reference to it goes, and the attached programs, which
 /// outlive the agent, need them.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -70,6 +70,7 @@ const PINNED_MAPS: [&str; 12] = [
     MAP_PROGS,
     MAP_SOCK_NETNS,
     MAP_SOCK_REVNAT,
+    MAP_FRONTEND_ADDRS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -314,7 +315,21 @@ pub struct EbpfDataplane {
     svc_alloc: IdAllocator,
     /// The node addresses written to the node-addresses map.
     node_addresses: BTreeSet<IpAddr>,
+    frontend_addrs: BpfHashMap<MapData, NodeAddrKey, u32>,
+    /// Addresses no frontend has any more, kept in the frontend-address
+    /// filter until the given time (see [`FRONTEND_ADDR_LINGER`]).
+    lingering: HashMap<IpAddr, std::time::Instant>,
+    /// Whether the filter was synced once by this agent (before that, what
+    /// an earlier run left in it lingers rather than going at once).
+    frontend_addrs_synced: bool,
 }
+
+/// How long an address no frontend has any more stays in the
+/// frontend-address filter: as long as an established TCP flow through it
+/// may live, so such flows keep their translation after their Service is
+/// gone, as netfilter's conntrack keeps them for kube-proxy.
+const FRONTEND_ADDR_LINGER: std::time::Duration =
+    std::time::Duration::from_nanos(proxy_common::CT_LIFETIME_TCP_NS);
 
 /// Loads the programs and opens (or creates) the pinned maps under
 /// `opts.bpf_root`. Programs are loaded but not attached: attach them with
@@ -426,6 +441,9 @@ impl EbpfDataplane {
             members: BpfHashMap::try_from(take_map(ebpf, MAP_MEMBERS)?)?,
             source_ranges: LpmTrie::try_from(take_map(ebpf, MAP_SOURCE_RANGES)?)?,
             node_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_NODE_ADDRS)?)?,
+            frontend_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_FRONTEND_ADDRS)?)?,
+            lingering: HashMap::new(),
+            frontend_addrs_synced: false,
             config: Array::try_from(take_map(ebpf, MAP_CONFIG)?)?,
             stats: PerCpuArray::try_from(take_map(ebpf, MAP_STATS)?)?,
             programmed: HashMap::new(),
@@ -787,7 +805,51 @@ impl EbpfDataplane {
         self.backend_alloc.reset(&in_use);
         self.programmed = programmed;
         stats.frontends_added = desired.len();
+        self.sync_frontend_addrs(&mut stats)?;
         Ok(stats)
+    }
+
+    /// Makes the frontend-address filter hold every address of a programmed
+    /// frontend, and those that lost their last frontend less than
+    /// [`FRONTEND_ADDR_LINGER`] ago. NodePorts (the unspecified address)
+    /// are served through the node-addresses map instead.
+    fn sync_frontend_addrs(&mut self, stats: &mut ApplyStats) -> Result<(), EbpfError> {
+        let now = std::time::Instant::now();
+        let current: BTreeSet<IpAddr> = self
+            .programmed
+            .keys()
+            .map(|k| k.ip)
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        let kernel = addresses_in(&self.frontend_addrs);
+        let known: BTreeSet<IpAddr> = if self.frontend_addrs_synced {
+            self.lingering.keys().copied().collect()
+        } else {
+            kernel.clone()
+        };
+        let programmed_before: BTreeSet<IpAddr> = kernel.union(&known).copied().collect();
+        for ip in programmed_before.difference(&current) {
+            self.lingering
+                .entry(*ip)
+                .or_insert(now + FRONTEND_ADDR_LINGER);
+        }
+        self.lingering
+            .retain(|ip, until| !current.contains(ip) && *until > now);
+        let wanted: BTreeSet<IpAddr> = current
+            .iter()
+            .chain(self.lingering.keys())
+            .copied()
+            .collect();
+        for ip in wanted.difference(&kernel) {
+            self.frontend_addrs.insert(node_addr_key(*ip), 1, 0)?;
+            stats.map_writes += 1;
+        }
+        for ip in kernel.difference(&wanted) {
+            remove_ignoring_missing(&mut self.frontend_addrs, &node_addr_key(*ip))?;
+            stats.map_deletes += 1;
+        }
+        self.frontend_addrs_synced = true;
+        Ok(())
     }
 
     /// Programs the node's NodePort addresses and masquerade settings.
@@ -828,18 +890,7 @@ impl EbpfDataplane {
         }
         self.config.set(0, cfg, 0)?;
         // Addresses: add the new ones, then remove the old ones.
-        let kernel: BTreeSet<IpAddr> = self
-            .node_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .filter_map(|k| match k.family {
-                FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
-                    k.addr[0], k.addr[1], k.addr[2], k.addr[3],
-                ))),
-                FAMILY_V6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(k.addr))),
-                _ => None,
-            })
-            .collect();
+        let kernel = addresses_in(&self.node_addrs);
         for ip in network.nodeport_addresses.difference(&kernel) {
             self.node_addrs.insert(node_addr_key(*ip), 1, 0)?;
         }
@@ -868,6 +919,7 @@ impl EbpfDataplane {
         if !stale.is_empty() {
             stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
         }
+        self.sync_frontend_addrs(&mut stats)?;
         Ok(stats)
     }
 
@@ -994,6 +1046,20 @@ fn snat_port_ranges(ephemeral: Option<(u16, u16)>) -> [(u16, u16); 2] {
         (SNAT_PORT_MIN, SNAT_PORT_MAX)
     };
     [low, high]
+}
+
+/// The addresses an address-keyed map (node or frontend addresses) holds.
+fn addresses_in(map: &BpfHashMap<MapData, NodeAddrKey, u32>) -> BTreeSet<IpAddr> {
+    map.keys()
+        .filter_map(Result::ok)
+        .filter_map(|k| match k.family {
+            FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
+                k.addr[0], k.addr[1], k.addr[2], k.addr[3],
+            ))),
+            FAMILY_V6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(k.addr))),
+            _ => None,
+        })
+        .collect()
 }
 
 fn node_addr_key(ip: IpAddr) -> NodeAddrKey {
