@@ -316,12 +316,12 @@ pub struct EbpfDataplane {
     /// The node addresses written to the node-addresses map.
     node_addresses: BTreeSet<IpAddr>,
     frontend_addrs: BpfHashMap<MapData, NodeAddrKey, u32>,
+    /// The addresses written to the frontend-address filter (read back from
+    /// the kernel only by a reconcile).
+    frontend_addresses: BTreeSet<IpAddr>,
     /// Addresses no frontend has any more, kept in the frontend-address
     /// filter until the given time (see [`FRONTEND_ADDR_LINGER`]).
     lingering: HashMap<IpAddr, std::time::Instant>,
-    /// Whether the filter was synced once by this agent (before that, what
-    /// an earlier run left in it lingers rather than going at once).
-    frontend_addrs_synced: bool,
 }
 
 /// How long an address no frontend has any more stays in the
@@ -442,8 +442,8 @@ impl EbpfDataplane {
             source_ranges: LpmTrie::try_from(take_map(ebpf, MAP_SOURCE_RANGES)?)?,
             node_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_NODE_ADDRS)?)?,
             frontend_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_FRONTEND_ADDRS)?)?,
+            frontend_addresses: BTreeSet::new(),
             lingering: HashMap::new(),
-            frontend_addrs_synced: false,
             config: Array::try_from(take_map(ebpf, MAP_CONFIG)?)?,
             stats: PerCpuArray::try_from(take_map(ebpf, MAP_STATS)?)?,
             programmed: HashMap::new(),
@@ -805,15 +805,23 @@ impl EbpfDataplane {
         self.backend_alloc.reset(&in_use);
         self.programmed = programmed;
         stats.frontends_added = desired.len();
-        self.sync_frontend_addrs(&mut stats)?;
+        // What is really in the filter: drift, or an earlier run's
+        // addresses, which linger rather than go at once.
+        let in_kernel = addresses_in(&self.frontend_addrs);
+        self.sync_frontend_addrs(in_kernel, &mut stats)?;
         Ok(stats)
     }
 
-    /// Makes the frontend-address filter hold every address of a programmed
-    /// frontend, and those that lost their last frontend less than
-    /// [`FRONTEND_ADDR_LINGER`] ago. NodePorts (the unspecified address)
-    /// are served through the node-addresses map instead.
-    fn sync_frontend_addrs(&mut self, stats: &mut ApplyStats) -> Result<(), EbpfError> {
+    /// Makes the frontend-address filter, which holds `in_kernel`, hold
+    /// every address of a programmed frontend, and those that lost their
+    /// last frontend less than [`FRONTEND_ADDR_LINGER`] ago. NodePorts (the
+    /// unspecified address) are served through the node-addresses map
+    /// instead.
+    fn sync_frontend_addrs(
+        &mut self,
+        in_kernel: BTreeSet<IpAddr>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
         let now = std::time::Instant::now();
         let current: BTreeSet<IpAddr> = self
             .programmed
@@ -821,14 +829,7 @@ impl EbpfDataplane {
             .map(|k| k.ip)
             .filter(|ip| !ip.is_unspecified())
             .collect();
-        let kernel = addresses_in(&self.frontend_addrs);
-        let known: BTreeSet<IpAddr> = if self.frontend_addrs_synced {
-            self.lingering.keys().copied().collect()
-        } else {
-            kernel.clone()
-        };
-        let programmed_before: BTreeSet<IpAddr> = kernel.union(&known).copied().collect();
-        for ip in programmed_before.difference(&current) {
+        for ip in in_kernel.difference(&current) {
             self.lingering
                 .entry(*ip)
                 .or_insert(now + FRONTEND_ADDR_LINGER);
@@ -840,15 +841,15 @@ impl EbpfDataplane {
             .chain(self.lingering.keys())
             .copied()
             .collect();
-        for ip in wanted.difference(&kernel) {
+        for ip in wanted.difference(&in_kernel) {
             self.frontend_addrs.insert(node_addr_key(*ip), 1, 0)?;
             stats.map_writes += 1;
         }
-        for ip in kernel.difference(&wanted) {
+        for ip in in_kernel.difference(&wanted) {
             remove_ignoring_missing(&mut self.frontend_addrs, &node_addr_key(*ip))?;
             stats.map_deletes += 1;
         }
-        self.frontend_addrs_synced = true;
+        self.frontend_addresses = wanted;
         Ok(())
     }
 
@@ -919,7 +920,8 @@ impl EbpfDataplane {
         if !stale.is_empty() {
             stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
         }
-        self.sync_frontend_addrs(&mut stats)?;
+        let written = self.frontend_addresses.clone();
+        self.sync_frontend_addrs(written, &mut stats)?;
         Ok(stats)
     }
 
