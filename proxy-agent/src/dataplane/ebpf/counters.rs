@@ -27,14 +27,24 @@ impl DatapathCounters {
     /// `(reason, packets)` for every named reason, summed over CPUs.
     /// Unused slots (`unusedN`) are left out.
     pub fn read(&self) -> Result<Vec<(&'static str, u64)>, EbpfError> {
-        let mut out = Vec::with_capacity(stat::COUNT as usize);
-        for (index, name) in stat::NAMES.iter().enumerate() {
-            if name.starts_with("unused") {
-                continue;
-            }
-            let values = self.stats.get(&(index as u32), 0)?;
-            out.push((*name, values.iter().sum()));
-        }
-        Ok(out)
+        let totals = sum_over_cpus(&self.stats)?;
+        Ok(stat::NAMES
+            .iter()
+            .zip(totals)
+            .filter(|(name, _)| !name.starts_with("unused"))
+            .map(|(name, packets)| (*name, packets))
+            .collect())
     }
+}
+
+/// Every counter of a stats map, summed over CPUs, indexed like
+/// [`proxy_common::stat`].
+pub(super) fn sum_over_cpus<T: std::borrow::Borrow<MapData>>(
+    stats: &PerCpuArray<T, u64>,
+) -> Result<[u64; stat::COUNT as usize], EbpfError> {
+    let mut out = [0u64; stat::COUNT as usize];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = stats.get(&(i as u32), 0)?.iter().sum();
+    }
+    Ok(out)
 }

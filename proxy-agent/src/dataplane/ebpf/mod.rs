@@ -457,12 +457,7 @@ impl EbpfDataplane {
     /// Per-reason packet counters summed over CPUs, indexed like
     /// [`proxy_common::stat`].
     pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], EbpfError> {
-        let mut out = [0u64; stat::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let values = self.stats.get(&(i as u32), 0)?;
-            *slot = values.iter().sum();
-        }
-        Ok(out)
+        counters::sum_over_cpus(&self.stats)
     }
 
     /// Number of connection-tracking entries (walks the map; for tests and
