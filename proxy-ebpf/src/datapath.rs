@@ -36,6 +36,7 @@ use crate::maps::{
     PA_AFFINITY, PA_CONNTRACK, PA_SERVICES, PA_SOURCE_RANGES, affinity_backend, affinity_key,
     config, count, lookup_frontend, may_be_frontend, now, pick_slot, random, snat_addr,
 };
+use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP6_HLEN, v4_addr, v4_raw};
 
 /// Working space of a new flow: the connection-tracking entries it writes
 /// are built here, in this CPU's slot, rather than on the 512-byte stack.
@@ -54,10 +55,6 @@ static PA_SCRATCH: PerCpuArray<FlowScratch> = PerCpuArray::with_max_entries(1, 0
 #[map]
 static PA_PROGS: ProgramArray = ProgramArray::with_max_entries(TAIL_SLOTS, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-
 // IPv4 header offsets.
 const IP_TOT_LEN: usize = 2;
 const IP_CSUM: usize = 10;
@@ -68,7 +65,6 @@ const IP6_PAYLOAD_LEN: usize = 4;
 const IP6_NEXTHDR: usize = 6;
 const IP6_SADDR: usize = 8;
 const IP6_DADDR: usize = 24;
-const IP6_HLEN: usize = 40;
 const IPPROTO_FRAGMENT: u8 = 44;
 
 // L4 offsets.
@@ -216,21 +212,6 @@ fn parse_v6(ctx: &TcContext) -> Result<L3, u32> {
     // are passed (counted as another protocol) rather than half-parsed.
     let addrs = read::<[Addr; 2]>(ctx, l3 + IP6_SADDR).ok_or(stat::PASS_TRUNCATED)?;
     Ok((FAMILY_V6, proto, addrs[0], addrs[1], l3 + IP6_HLEN))
-}
-
-#[inline(always)]
-fn v4_addr(b: [u8; 4]) -> Addr {
-    let mut addr = [0u8; 16];
-    addr[0] = b[0];
-    addr[1] = b[1];
-    addr[2] = b[2];
-    addr[3] = b[3];
-    addr
-}
-
-#[inline(always)]
-fn v4_raw(addr: &Addr) -> u32 {
-    u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
 }
 
 #[inline(always)]

@@ -18,14 +18,13 @@ use proxy_common::{
     Addr, CT_REPLY, CT_SNAT_IN, CtKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, stat,
 };
 
-use crate::maps::{PA_CONNTRACK, config, count, snat_addr};
+use crate::{
+    maps::{PA_CONNTRACK, config, count, snat_addr},
+    packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP6_HLEN, v4_addr, v4_raw},
+};
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
-const IP6_HLEN: usize = 40;
 
 /// Where the parts of an ICMP error sit, and what its quoted packet says.
 struct IcmpError {
@@ -48,16 +47,6 @@ struct IcmpError {
 #[inline(always)]
 fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     ctx.load::<T>(off).ok()
-}
-
-#[inline(always)]
-fn v4(b: [u8; 4]) -> Addr {
-    let mut a = [0u8; 16];
-    a[0] = b[0];
-    a[1] = b[1];
-    a[2] = b[2];
-    a[3] = b[3];
-    a
 }
 
 /// Whether an Ethernet frame is ICMP or ICMPv6 (checked by the first
@@ -90,7 +79,7 @@ fn parse(ctx: &TcContext) -> Option<IcmpError> {
         if kind != 3 && kind != 11 && kind != 12 {
             return None;
         }
-        (FAMILY_V4, icmp, v4(addrs[0]), v4(addrs[1]))
+        (FAMILY_V4, icmp, v4_addr(addrs[0]), v4_addr(addrs[1]))
     } else if ethertype == ETH_P_IPV6 {
         let addrs = load::<[Addr; 2]>(ctx, ETH_HLEN + 8)?;
         let icmp = ETH_HLEN + IP6_HLEN;
@@ -113,7 +102,7 @@ fn parse(ctx: &TcContext) -> Option<IcmpError> {
         }
         let proto = load::<u8>(ctx, inner_l3 + 9)?;
         let addrs = load::<[[u8; 4]; 2]>(ctx, inner_l3 + 12)?;
-        (proto, v4(addrs[0]), v4(addrs[1]), inner_l3 + ihl)
+        (proto, v4_addr(addrs[0]), v4_addr(addrs[1]), inner_l3 + ihl)
     } else {
         let proto = load::<u8>(ctx, inner_l3 + 6)?;
         let addrs = load::<[Addr; 2]>(ctx, inner_l3 + 8)?;
@@ -161,11 +150,6 @@ fn fix_addr16(ctx: &mut TcContext, csum: usize, old: &Addr, new: &Addr) -> Resul
     Ok(())
 }
 
-#[inline(always)]
-fn raw4(a: &Addr) -> u32 {
-    u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
-}
-
 /// Rewrites one address and port of the quoted packet (its destination
 /// when `dst`), fixing the quoted checksums and the ICMP checksum.
 #[inline(always)]
@@ -189,7 +173,7 @@ fn rewrite_inner(
         && !(e.inner_proto == PROTO_UDP && e.family == FAMILY_V4 && old_csum == 0)
     {
         if e.family == FAMILY_V4 {
-            fix(ctx, l4_csum, raw4(&old_addr), raw4(new_addr), 4)?;
+            fix(ctx, l4_csum, v4_raw(&old_addr), v4_raw(new_addr), 4)?;
         } else {
             fix_addr16(ctx, l4_csum, &old_addr, new_addr)?;
         }
@@ -203,11 +187,11 @@ fn rewrite_inner(
         let addr_off = e.inner_l3 + if dst { 16 } else { 12 };
         let ip_csum = e.inner_l3 + 10;
         let old_ip_csum = ctx.load::<u16>(ip_csum)?;
-        fix(ctx, ip_csum, raw4(&old_addr), raw4(new_addr), 4)?;
+        fix(ctx, ip_csum, v4_raw(&old_addr), v4_raw(new_addr), 4)?;
         let new_ip_csum = ctx.load::<u16>(ip_csum)?;
         fix(ctx, e.icmp_csum, old_ip_csum as u32, new_ip_csum as u32, 2)?;
-        fix(ctx, e.icmp_csum, raw4(&old_addr), raw4(new_addr), 4)?;
-        ctx.store(addr_off, &raw4(new_addr), 0)?;
+        fix(ctx, e.icmp_csum, v4_raw(&old_addr), v4_raw(new_addr), 4)?;
+        ctx.store(addr_off, &v4_raw(new_addr), 0)?;
     } else {
         let addr_off = e.inner_l3 + if dst { 24 } else { 8 };
         fix_addr16(ctx, e.icmp_csum, &old_addr, new_addr)?;
@@ -222,8 +206,8 @@ fn rewrite_outer(ctx: &mut TcContext, e: &IcmpError, dst: bool, new: &Addr) -> R
     let old = if dst { e.outer_dst } else { e.outer_src };
     if e.family == FAMILY_V4 {
         let off = ETH_HLEN + if dst { 16 } else { 12 };
-        fix(ctx, ETH_HLEN + 10, raw4(&old), raw4(new), 4)?;
-        ctx.store(off, &raw4(new), 0)?;
+        fix(ctx, ETH_HLEN + 10, v4_raw(&old), v4_raw(new), 4)?;
+        ctx.store(off, &v4_raw(new), 0)?;
     } else {
         let off = ETH_HLEN + if dst { 24 } else { 8 };
         // ICMPv6 sums a pseudo-header with the outer addresses.

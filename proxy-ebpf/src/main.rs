@@ -8,6 +8,8 @@ mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
 mod socket;
 
 #[cfg(not(target_arch = "bpf"))]

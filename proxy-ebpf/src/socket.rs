@@ -29,6 +29,7 @@ use crate::maps::{
     PA_AFFINITY, PA_SERVICES, PA_SOCK_NETNS, PA_SOCK_REVNAT, affinity_backend, affinity_key,
     config, count, lookup_frontend, now, pick_slot, snat_addr,
 };
+use crate::packet::{v4_addr, v4_raw};
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -178,21 +179,11 @@ fn forward4(ctx: &SockAddrContext) -> i32 {
     let Some(proto) = protocol(sa) else {
         return 1;
     };
-    let mut addr = [0u8; 16];
-    let ip = sa.user_ip4.to_ne_bytes();
-    addr[0] = ip[0];
-    addr[1] = ip[1];
-    addr[2] = ip[2];
-    addr[3] = ip[3];
+    let addr = v4_addr(sa.user_ip4.to_ne_bytes());
     let port = sa.user_port as u16;
     match balance(ctx, FAMILY_V4, proto, &addr, port) {
         Ok(backend) => {
-            sa.user_ip4 = u32::from_ne_bytes([
-                backend.addr[0],
-                backend.addr[1],
-                backend.addr[2],
-                backend.addr[3],
-            ]);
+            sa.user_ip4 = v4_raw(&backend.addr);
             sa.user_port = backend.port as u32;
             finish(Outcome::Translated)
         }
@@ -251,12 +242,11 @@ fn unmap(full: &Addr) -> (u8, Addr, bool) {
     if !v4_mapped(full) {
         return (FAMILY_V6, *full, false);
     }
-    let mut v4 = [0u8; 16];
-    v4[0] = full[12];
-    v4[1] = full[13];
-    v4[2] = full[14];
-    v4[3] = full[15];
-    (FAMILY_V4, v4, true)
+    (
+        FAMILY_V4,
+        v4_addr([full[12], full[13], full[14], full[15]]),
+        true,
+    )
 }
 
 /// `addr` as the socket must see it: mapped again if its peer was.
@@ -321,14 +311,9 @@ fn reverse(ctx: &SockAddrContext, family: u8, addr: &Addr, port: u16) -> Option<
 fn backward4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let mut addr = [0u8; 16];
-    let ip = sa.user_ip4.to_ne_bytes();
-    addr[0] = ip[0];
-    addr[1] = ip[1];
-    addr[2] = ip[2];
-    addr[3] = ip[3];
+    let addr = v4_addr(sa.user_ip4.to_ne_bytes());
     if let Some(rev) = reverse(ctx, FAMILY_V4, &addr, sa.user_port as u16) {
-        sa.user_ip4 = u32::from_ne_bytes([rev.addr[0], rev.addr[1], rev.addr[2], rev.addr[3]]);
+        sa.user_ip4 = v4_raw(&rev.addr);
         sa.user_port = rev.port as u32;
         count(stat::SOCK_REVNAT);
     }
