@@ -87,6 +87,36 @@ impl ClientReport {
     }
 }
 
+/// All `count` exchanges succeeded, every backend in `expected` got a fair
+/// share (at least a tenth of the exchanges; a fair coin falls below that
+/// with negligible probability at these counts) and no other backend
+/// answered.
+pub fn check_spread(
+    what: &str,
+    report: &ClientReport,
+    count: u64,
+    expected: &BTreeSet<&str>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        report.ok == count && report.failed == 0,
+        "{what}: {} of {count} succeeded: {report:?}",
+        report.ok
+    );
+    anyhow::ensure!(
+        report.backends() == *expected,
+        "{what}: answered by {:?}, expected exactly {expected:?}: {report:?}",
+        report.backends()
+    );
+    for backend in expected {
+        anyhow::ensure!(
+            report.count(backend) >= count / 10,
+            "{what}: {backend} got only {} of {count}: {report:?}",
+            report.count(backend)
+        );
+    }
+    Ok(())
+}
+
 /// One server answer: who answered, and where it saw the exchange come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {

@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use proxy_tests::{
     bpf,
+    client::check_spread,
     netns::{
         Agent, AgentConfig, BpfFs, ClientOptions, ClientReport, ManifestsDir, NODE_IP, POD_BRIDGE,
         POD_TCP_PORT, POD_UDP_PORT, PodNetwork, Protocol, READY_TIMEOUT, ServiceSpec, ToolPaths,
@@ -181,35 +182,6 @@ fn scenario(
 
 fn names(names: &[&'static str]) -> BTreeSet<&'static str> {
     names.iter().copied().collect()
-}
-
-/// Every backend in `expected` got a fair share (at least a tenth of the
-/// exchanges; a fair coin falls below that with negligible probability at
-/// these counts) and no other backend answered.
-fn check_spread(
-    what: &str,
-    report: &ClientReport,
-    count: u64,
-    expected: &BTreeSet<&str>,
-) -> anyhow::Result<()> {
-    ensure!(
-        report.ok == count && report.failed == 0,
-        "{what}: {} of {count} succeeded: {report:?}",
-        report.ok
-    );
-    ensure!(
-        report.backends() == *expected,
-        "{what}: answered by {:?}, expected exactly {expected:?}",
-        report.backends()
-    );
-    for backend in expected {
-        ensure!(
-            report.count(backend) >= count / 10,
-            "{what}: {backend} got only {} of {count}: {report:?}",
-            report.count(backend)
-        );
-    }
-    Ok(())
 }
 
 /// The harness alone: namespaces, links, routes and pod servers work, the

@@ -22,6 +22,7 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use proxy_tests::manifests::TrafficPolicy;
 use proxy_tests::{
+    client::check_spread,
     netns::{
         Agent, AgentConfig, BpfFs, CLIENT_IP, CLIENT_IP6, CLUSTER_CIDR, ClientOptions,
         ClientReport, IpFamily, ManifestsDir, NODE_IP, NODE_IP6, POD_SCTP_PORT, POD_SESSION_PORT,
@@ -461,23 +462,7 @@ fn check(
     backends: &[&str],
     sources: &[IpAddr],
 ) -> anyhow::Result<()> {
-    ensure!(
-        report.ok == count && report.failed == 0,
-        "{what}: {} of {count} succeeded: {report:?}",
-        report.ok
-    );
-    ensure!(
-        report.backends() == names(backends),
-        "{what}: answered by {:?}, expected {backends:?}: {report:?}",
-        report.backends()
-    );
-    for backend in backends {
-        ensure!(
-            report.count(backend) >= count / 10,
-            "{what}: {backend} got only {} of {count}: {report:?}",
-            report.count(backend)
-        );
-    }
+    check_spread(what, report, count, &names(backends))?;
     ensure!(
         report.sources() == sources.iter().copied().collect(),
         "{what}: servers saw sources {:?}, expected {sources:?}",
