@@ -14,7 +14,9 @@ use proxy_agent::{
     config::{self, FileConfig},
     dataplane::{
         addresses::{self, NodeNetworkSettings},
+        Dataplane,
         ebpf::{self, EbpfOptions, InterfaceFilter},
+        nftables::{self, NftablesDataplane},
     },
     model::{HealthCheck, ModelConfig, Rejection, ServiceName},
     serve::{self, Health, Metrics, healthcheck::HealthCheckServers},
@@ -73,7 +75,7 @@ enum Command {
 enum Mode {
     /// TC programs (tcx) with maps pinned under --bpf-root.
     Ebpf,
-    /// nftables rules (not in this build yet).
+    /// nftables rules in the table `inet proxy-agent`.
     Nftables,
     /// iptables rules (not in this build yet).
     Iptables,
@@ -215,6 +217,18 @@ const DEFAULT_METRICS: config::BindAddress = config::BindAddress {
     ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
     port: 10249,
 };
+
+impl Mode {
+    /// The spelling of `--mode`.
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Nftables => "nftables",
+            Mode::Iptables => "iptables",
+            Mode::Ipvs => "ipvs",
+        }
+    }
+}
 
 impl From<config::ProxyMode> for Mode {
     fn from(m: config::ProxyMode) -> Self {
@@ -404,13 +418,13 @@ fn validate(args: &Settings) -> Result<()> {
     if v4 > 1 || v6 > 1 {
         bail!("--cluster-cidr: at most one CIDR per IP family, got {v4} IPv4 and {v6} IPv6");
     }
-    if args.mode != Mode::Ebpf {
+    if !matches!(args.mode, Mode::Ebpf | Mode::Nftables) {
         let name = args
             .mode
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_string());
         bail!(
-            "{}={name}: this build implements only mode ebpf so far",
+            "{}={name}: this build implements modes ebpf and nftables only so far",
             args.origin(args.mode_from_file, "--mode", "mode")
         );
     }
@@ -433,7 +447,8 @@ fn validate(args: &Settings) -> Result<()> {
 async fn run(args: Settings) -> Result<()> {
     validate(&args)?;
     let node = node_name(args.hostname_override.clone())?;
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %node, mode = "ebpf", bpf_root = %args.bpf_root.display(), "starting");
+    let mode_name = args.mode.name();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %node, mode = mode_name, bpf_root = %args.bpf_root.display(), "starting");
     if let (Some(path), Some(file)) = (&args.config_path, &args.file) {
         let unused = file.not_yet_used();
         if !unused.is_empty() {
@@ -445,23 +460,36 @@ async fn run(args: Settings) -> Result<()> {
         }
     }
 
-    let opts = EbpfOptions {
-        bpf_root: args.bpf_root.clone(),
-        interfaces: InterfaceFilter {
-            include: args.interfaces.clone(),
-            exclude: args.exclude_interfaces.clone(),
-        },
-        cgroup: args.cgroup_root.clone(),
+    // What other modes left behind goes first: two dataplanes translating
+    // the same packets would fight.
+    remove_other_modes(args.mode, &args.bpf_root);
+    let mut links = None;
+    let mut links_attached = None;
+    let mut dataplane: Box<dyn Dataplane> = match args.mode {
+        Mode::Ebpf => {
+            let opts = EbpfOptions {
+                bpf_root: args.bpf_root.clone(),
+                interfaces: InterfaceFilter {
+                    include: args.interfaces.clone(),
+                    exclude: args.exclude_interfaces.clone(),
+                },
+                cgroup: args.cgroup_root.clone(),
+            };
+            if opts.cgroup.is_none() {
+                tracing::warn!(
+                    "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
+                );
+            }
+            let (dataplane, attacher) =
+                ebpf::load(&opts).context("loading the eBPF dataplane")?;
+            let attacher = Arc::new(Mutex::new(attacher));
+            let (links_attached_tx, attached) = tokio::sync::oneshot::channel();
+            links = Some(tokio::spawn(ebpf::follow_links(attacher, links_attached_tx)));
+            links_attached = Some(attached);
+            Box::new(dataplane)
+        }
+        _ => Box::new(NftablesDataplane::new()),
     };
-    if opts.cgroup.is_none() {
-        tracing::warn!(
-            "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
-        );
-    }
-    let (mut dataplane, attacher) = ebpf::load(&opts).context("loading the eBPF dataplane")?;
-    let attacher = Arc::new(Mutex::new(attacher));
-    let (links_attached_tx, links_attached) = tokio::sync::oneshot::channel();
-    let links = tokio::spawn(ebpf::follow_links(attacher.clone(), links_attached_tx));
     let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
     let node_addresses = tokio::spawn(addresses::follow_addresses(addresses_tx));
 
@@ -469,7 +497,6 @@ async fn run(args: Settings) -> Result<()> {
     // a taken port fails the start instead of a later probe.
     let health = Arc::new(Health::new(health_timeout(args.sync_period)));
     let metrics = Arc::new(Metrics::new());
-    let mode_name = "ebpf";
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = &args.healthz_bind_address {
         let listener = serve::bind(addr.socket_addr())
@@ -484,7 +511,9 @@ async fn run(args: Settings) -> Result<()> {
         servers.spawn(serve::run_metrics(listener, metrics.clone(), mode_name));
     }
 
-    register_datapath_counters(&metrics, &args.bpf_root);
+    if args.mode == Mode::Ebpf {
+        register_datapath_counters(&metrics, &args.bpf_root);
+    }
 
     let (tx, rx) = watch::channel(None);
     let mut events = None;
@@ -536,15 +565,22 @@ async fn run(args: Settings) -> Result<()> {
     // Every current interface has the programs before the maps are
     // programmed (see `follow_links`); a failure to attach is reported by
     // the select below.
-    links_attached.await.ok();
+    if let Some(attached) = links_attached {
+        attached.await.ok();
+    }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
-        () = sync::run(rx, addresses_rx, &mut dataplane, &cfg, &network, &sync_opts, &observer) => {}
+        () = sync::run(rx, addresses_rx, dataplane.as_mut(), &cfg, &network, &sync_opts, &observer) => {}
         res = source_task => {
             res.context("source task panicked")?.context("service source failed")?;
         }
-        res = links => {
+        res = async {
+            match links.as_mut() {
+                Some(links) => links.await,
+                None => std::future::pending().await,
+            }
+        } => {
             res.context("link watcher panicked")?.context("following interfaces failed")?;
         }
         res = node_addresses => {
@@ -558,7 +594,8 @@ async fn run(args: Settings) -> Result<()> {
         _ = sigterm.recv() => tracing::info!("terminated"),
     }
     tracing::info!(
-        "exiting; programs stay attached and keep serving the last table (remove them with `proxy-agent cleanup`)"
+        mode = mode_name,
+        "exiting; the dataplane keeps serving the last table (remove it with `proxy-agent cleanup`)"
     );
     Ok(())
 }
@@ -690,14 +727,40 @@ impl SyncObserver for AgentObserver {
 fn cleanup(args: CleanupArgs) -> Result<()> {
     let report = ebpf::cleanup(&args.bpf_root)
         .with_context(|| format!("cleaning up {}", args.bpf_root.display()))?;
+    let table = nftables::cleanup().context("deleting the nftables table")?;
     tracing::info!(
         links = report.links,
         maps = report.maps,
         unmounted = report.unmounted,
         bpf_root = %args.bpf_root.display(),
+        nftables_table = table,
         "cleanup done"
     );
     Ok(())
+}
+
+/// Removes what the modes other than `mode` program. Failures are logged:
+/// a mode that was never used has nothing to remove, and a leftover that
+/// cannot be removed is reported but does not stop this mode.
+fn remove_other_modes(mode: Mode, bpf_root: &Path) {
+    if mode != Mode::Ebpf {
+        match ebpf::cleanup(bpf_root) {
+            Ok(report) if report.links + report.maps > 0 => tracing::info!(
+                links = report.links,
+                maps = report.maps,
+                "removed what the ebpf mode left behind"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "removing the ebpf mode's leftovers"),
+        }
+    }
+    if mode != Mode::Nftables {
+        match nftables::cleanup() {
+            Ok(true) => tracing::info!(table = nftables::TABLE, "removed the nftables mode's table"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "removing the nftables mode's table"),
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -10,7 +10,10 @@ use ipnet::IpNet;
 use crate::model::{ServiceTable, TableDiff};
 
 pub mod addresses;
+pub mod conntrack;
 pub mod ebpf;
+pub mod netfilter;
+pub mod nftables;
 
 /// Counts of what one apply did, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,4 +68,6 @@ pub trait Dataplane: Send {
 pub enum DataplaneError {
     #[error("eBPF: {0}")]
     Ebpf(#[from] ebpf::EbpfError),
+    #[error("nftables: {0}")]
+    Nftables(#[from] nftables::NftablesError),
 }

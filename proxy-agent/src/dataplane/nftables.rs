@@ -1,0 +1,1170 @@
+//! The nftables dataplane: one `inet` table, `proxy-agent`, that nobody
+//! confuses with kube-proxy's `kube-proxy` tables; nothing outside it is
+//! touched.
+//!
+//! Layout (names are what an operator sees in `nft list table inet proxy-agent`):
+//! - `nat-prerouting` / `nat-output` jump to `services`, which looks the
+//!   packet up in verdict maps keyed by `daddr . l4proto . dport`
+//!   (`services4`/`services6`) and, on the node's NodePort addresses
+//!   (`nodeport-ips4`/`6`), by `l4proto . dport` (`nodeports4`/`6`): the
+//!   lookup does not grow with the number of services.
+//! - One chain per frontend, `svc-<proto>-<ip>-<port>` (and `…-cluster` for
+//!   the pods' view of an external frontend whose policy is Local): source
+//!   ranges, the masquerade mark, then the endpoint choice.
+//! - The choice is a cascade of `numgen random mod (n-i) == 0` rules, each
+//!   DNATing to one endpoint (the last one unconditionally): a uniform
+//!   choice for the first packet of a connection only. Per-endpoint chains
+//!   and per-service verdict maps, as upstream's nftables proxier uses them,
+//!   cost us measurably: `nft` fills its cache with every chain and set of
+//!   the table before each transaction, and the kernel's dump of 110 000
+//!   chains (10 000 services of 10 endpoints) takes about 2 s, which every
+//!   partial sync would pay. With one chain per frontend and no anonymous
+//!   sets, adding one service at that size takes about 0.1 s.
+//! - Session affinity: a dynamic set per endpoint with the service's
+//!   timeout; a client found in one is sent to that endpoint, and every
+//!   choice refreshes the chosen endpoint's entry.
+//! - `nat-postrouting` masquerades marked packets and hairpin connections
+//!   (`hairpin4`/`6` hold `endpoint . endpoint`).
+//!
+//! Every change is an atomic `nft -j -f -` transaction built with the
+//! `nftables` crate's schema. A large change is split into transactions of
+//! [`FRONTENDS_PER_TRANSACTION`] frontends, each complete in itself (a
+//! frontend's chain, its rules and its map element go together): `nft`'s
+//! and the kernel's costs grow faster than the size of one transaction.
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashSet},
+    io::Write,
+    net::IpAddr,
+    process::{Command, Stdio},
+};
+
+use ::nftables::{
+    expr::{
+        BinaryOperation, CT, Expression, Meta, MetaKey, NamedExpression, NgMode, Numgen, Payload,
+        PayloadField, Prefix, SetItem, Verdict,
+    },
+    schema::{
+        Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Rule, Set,
+        SetFlag, SetType, SetTypeValue, Table,
+    },
+    stmt::{
+        JumpTarget, Mangle, Match, NAT, NATFamily, NATFlag, Operator, Reject, RejectType,
+        Set as SetStmt, SetOp, Statement, VerdictMap,
+    },
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
+
+use super::{
+    ApplyStats, Dataplane, DataplaneError, NodeNetwork, conntrack,
+    netfilter::{self, Action, Family, FrontendPlan, MASQUERADE_MARK, Masquerade, View},
+};
+use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, TableDiff};
+
+/// The agent's table (family `inet`).
+pub const TABLE: &str = "proxy-agent";
+const FAMILY: NfFamily = NfFamily::INet;
+
+/// Frontends per transaction of a large change (see the module comment).
+pub const FRONTENDS_PER_TRANSACTION: usize = 500;
+
+const SERVICES_CHAIN: &str = "services";
+const REJECT_CHAIN: &str = "reject";
+const BASE_CHAINS: [&str; 5] = [
+    "nat-prerouting",
+    "nat-output",
+    "nat-postrouting",
+    SERVICES_CHAIN,
+    REJECT_CHAIN,
+];
+const BASE_SETS: [&str; 8] = [
+    "services4",
+    "services6",
+    "nodeports4",
+    "nodeports6",
+    "nodeport-ips4",
+    "nodeport-ips6",
+    "hairpin4",
+    "hairpin6",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftablesError {
+    #[error("running nft: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("nft refused the transaction: {0}")]
+    Refused(String),
+    #[error("encoding the transaction: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("reading nft's listing: {0}")]
+    Listing(String),
+    #[error("deleting stale UDP flows: {0}")]
+    Conntrack(#[from] conntrack::ConntrackError),
+}
+
+/// One transaction being built: the crate's schema objects, plus raw JSON
+/// where the schema has no word for it (verdict maps: its `SetType` lacks
+/// `verdict`).
+#[derive(Default)]
+struct Tx {
+    objects: Vec<serde_json::Value>,
+    error: Option<serde_json::Error>,
+}
+
+impl Tx {
+    fn new() -> Self {
+        Tx::default()
+    }
+
+    fn push(&mut self, object: NfObject<'static>) {
+        match serde_json::to_value(&object) {
+            Ok(v) => self.objects.push(v),
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    fn add(&mut self, object: NfListObject<'static>) {
+        self.push(NfObject::CmdObject(NfCmd::Add(object)));
+    }
+
+    fn delete(&mut self, object: NfListObject<'static>) {
+        self.push(NfObject::CmdObject(NfCmd::Delete(object)));
+    }
+
+    fn add_cmd(&mut self, cmd: NfCmd<'static>) {
+        self.push(NfObject::CmdObject(cmd));
+    }
+
+    fn append(&mut self, other: Tx) {
+        self.objects.extend(other.objects);
+        if other.error.is_some() {
+            self.error = other.error;
+        }
+    }
+
+}
+
+/// Runs one `nft -j -f -` transaction (all of it or nothing). The crate's
+/// own runner leaves nft's error text on the agent's stderr; this one
+/// keeps it for the error.
+fn run(tx: Tx) -> Result<(), NftablesError> {
+    if let Some(e) = tx.error {
+        return Err(e.into());
+    }
+    let payload = serde_json::to_vec(&serde_json::json!({ "nftables": tx.objects }))?;
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(NftablesError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&payload).map_err(NftablesError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(NftablesError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let text = String::from_utf8_lossy(&out.stderr);
+        // nft repeats the whole offending input; the first lines say why.
+        let short: Vec<&str> = text.lines().take(6).collect();
+        Err(NftablesError::Refused(short.join(" | ")))
+    }
+}
+
+/// `nft -j <args>`'s objects (`None`: the object listed does not exist).
+/// Read as plain JSON: the crate's schema cannot read verdict maps, nor
+/// every object other software may keep in the family.
+fn list(args: &[&str]) -> Result<Option<Vec<serde_json::Value>>, NftablesError> {
+    let out = Command::new("nft")
+        .arg("-j")
+        .args(args)
+        .output()
+        .map_err(NftablesError::Spawn)?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        if text.contains("No such file or directory") {
+            return Ok(None);
+        }
+        return Err(NftablesError::Listing(text.trim().to_string()));
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| NftablesError::Listing(e.to_string()))?;
+    match value.get_mut("nftables").map(serde_json::Value::take) {
+        Some(serde_json::Value::Array(objects)) => Ok(Some(objects)),
+        _ => Err(NftablesError::Listing("no \"nftables\" array".into())),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Names.
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// The chain of a frontend (its external view).
+pub fn frontend_chain(key: &FrontendKey) -> String {
+    format!("svc-{}-{}-{}", proto_name(key.protocol), key.ip, key.port)
+}
+
+fn cluster_chain(key: &FrontendKey) -> String {
+    format!("{}-cluster", frontend_chain(key))
+}
+
+fn affinity_set(key: &FrontendKey, backend: &Backend, timeout: u32) -> String {
+    format!(
+        "{}-aff{timeout}-{}-{}",
+        frontend_chain(key),
+        backend.ip,
+        backend.port
+    )
+}
+
+fn suffix(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "4",
+        Family::V6 => "6",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Expressions and statements.
+
+fn s(text: impl Into<Cow<'static, str>>) -> Expression<'static> {
+    Expression::String(text.into())
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn ip_proto(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn saddr(family: Family) -> Expression<'static> {
+    payload(ip_proto(family), "saddr")
+}
+
+fn daddr(family: Family) -> Expression<'static> {
+    payload(ip_proto(family), "daddr")
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn prefix(net: &ipnet::IpNet) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s(net.network().to_string())),
+        len: u32::from(net.prefix_len()),
+    }))
+}
+
+fn goto(chain: impl Into<Cow<'static, str>>) -> Statement<'static> {
+    Statement::Goto(JumpTarget {
+        target: chain.into(),
+    })
+}
+
+fn set_mark() -> Statement<'static> {
+    Statement::Mangle(Mangle {
+        key: meta(MetaKey::Mark),
+        value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+            meta(MetaKey::Mark),
+            Expression::Number(MASQUERADE_MARK),
+        ]))),
+    })
+}
+
+fn dnat(family: Family, protocol: Protocol, backend: &Backend) -> [Statement<'static>; 2] {
+    [
+        matches(meta(MetaKey::L4proto), Operator::EQ, s(proto_name(protocol))),
+        Statement::DNAT(Some(NAT {
+            addr: Some(s(backend.ip.to_string())),
+            family: Some(match family {
+                Family::V4 => NATFamily::IP,
+                Family::V6 => NATFamily::IP6,
+            }),
+            port: Some(Expression::Number(u32::from(backend.port))),
+            flags: None,
+        })),
+    ]
+}
+
+fn rule(chain: &str, expr: Vec<Statement<'static>>, comment: Option<&str>) -> NfListObject<'static> {
+    NfListObject::Rule(Rule {
+        family: FAMILY,
+        table: TABLE.into(),
+        chain: chain.to_string().into(),
+        expr: expr.into(),
+        handle: None,
+        index: None,
+        comment: comment.map(|c| c.to_string().into()),
+    })
+}
+
+fn chain(name: &str) -> Chain<'static> {
+    Chain {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: name.to_string().into(),
+        ..Chain::default()
+    }
+}
+
+fn base_chain(name: &str, hook: NfHook, prio: i32) -> Chain<'static> {
+    Chain {
+        _type: Some(NfChainType::NAT),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(NfChainPolicy::Accept),
+        ..chain(name)
+    }
+}
+
+fn set(name: &str, set_type: SetTypeValue<'static>) -> Set<'static> {
+    Set {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: name.to_string().into(),
+        set_type,
+        ..Set::default()
+    }
+}
+
+fn addr_type(family: Family) -> SetType {
+    match family {
+        Family::V4 => SetType::Ipv4Addr,
+        Family::V6 => SetType::Ipv6Addr,
+    }
+}
+
+fn element(name: &str, elem: Vec<Expression<'static>>) -> NfListObject<'static> {
+    NfListObject::Element(Element {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: name.to_string().into(),
+        elem: elem.into(),
+    })
+}
+
+fn table() -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family: FAMILY,
+        name: TABLE.into(),
+        handle: None,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// What a frontend is in nftables.
+
+/// The map a frontend's element lives in, and its key.
+fn map_entry(plan: &FrontendPlan) -> (String, Expression<'static>) {
+    let proto = s(proto_name(plan.key.protocol));
+    let port = Expression::Number(u32::from(plan.key.port));
+    if plan.is_node_port() {
+        (
+            format!("nodeports{}", suffix(plan.family)),
+            Expression::Named(NamedExpression::Concat(vec![proto, port])),
+        )
+    } else {
+        (
+            format!("services{}", suffix(plan.family)),
+            Expression::Named(NamedExpression::Concat(vec![
+                s(plan.key.ip.to_string()),
+                proto,
+                port,
+            ])),
+        )
+    }
+}
+
+fn map_element(plan: &FrontendPlan) -> NfListObject<'static> {
+    let (map, key) = map_entry(plan);
+    element(
+        &map,
+        vec![Expression::List(vec![
+            key,
+            Expression::Verdict(Verdict::Goto(JumpTarget {
+                target: frontend_chain(&plan.key).into(),
+            })),
+        ])],
+    )
+}
+
+/// The chains, rules and affinity sets of one frontend.
+#[derive(Clone, Debug, Default)]
+struct Rendered {
+    /// Chain name and its rules, in order.
+    chains: Vec<(String, Vec<NfListObject<'static>>)>,
+    /// Affinity sets: name, family, timeout.
+    sets: Vec<(String, Family, u32)>,
+}
+
+fn render(plan: &FrontendPlan, comment: &str) -> Rendered {
+    let mut out = Rendered::default();
+    let main = frontend_chain(&plan.key);
+    let mut rules = Vec::new();
+    let family = plan.family;
+    match &plan.source_ranges {
+        Some(ranges) if ranges.is_empty() => rules.push(rule(&main, vec![Statement::Drop(None)], Some(comment))),
+        Some(ranges) => {
+            let set = ranges
+                .iter()
+                .map(|r| SetItem::Element(prefix(r)))
+                .collect();
+            rules.push(rule(
+                &main,
+                vec![
+                    matches(saddr(family), Operator::NEQ, Expression::Named(NamedExpression::Set(set))),
+                    Statement::Drop(None),
+                ],
+                Some(comment),
+            ));
+        }
+        None => {}
+    }
+    if let Some((cidr, view)) = &plan.cluster_view {
+        let cluster = cluster_chain(&plan.key);
+        rules.push(rule(
+            &main,
+            vec![matches(saddr(family), Operator::EQ, prefix(cidr)), goto(cluster.clone())],
+            Some(comment),
+        ));
+        let cluster_rules = view_rules(plan, &cluster, view, false, comment, &mut out.sets);
+        out.chains.push((cluster, cluster_rules));
+    }
+    rules.extend(view_rules(plan, &main, &plan.view, plan.masquerade_loopback, comment, &mut out.sets));
+    out.chains.insert(0, (main, rules));
+    out.sets.sort();
+    out.sets.dedup();
+    out
+}
+
+fn view_rules(
+    plan: &FrontendPlan,
+    chain: &str,
+    view: &View,
+    masquerade_loopback: bool,
+    comment: &str,
+    sets: &mut Vec<(String, Family, u32)>,
+) -> Vec<NfListObject<'static>> {
+    let family = plan.family;
+    let c = Some(comment);
+    let mut rules = Vec::new();
+    match &view.masquerade {
+        Masquerade::Never => {}
+        Masquerade::Always => rules.push(rule(chain, vec![set_mark()], c)),
+        Masquerade::SourceOutside(cidr) => rules.push(rule(
+            chain,
+            vec![matches(saddr(family), Operator::NEQ, prefix(cidr)), set_mark()],
+            c,
+        )),
+    }
+    if masquerade_loopback {
+        let lo: ipnet::IpNet = ipnet::Ipv4Net::new(std::net::Ipv4Addr::LOCALHOST, 8)
+            .map(ipnet::IpNet::V4)
+            .unwrap_or_default();
+        rules.push(rule(
+            chain,
+            vec![matches(saddr(family), Operator::EQ, prefix(&lo)), set_mark()],
+            c,
+        ));
+    }
+    let backends = match &view.action {
+        Action::Reject => {
+            rules.push(rule(chain, vec![goto(REJECT_CHAIN)], c));
+            return rules;
+        }
+        Action::Drop => {
+            rules.push(rule(chain, vec![Statement::Drop(None)], c));
+            return rules;
+        }
+        Action::Balance(backends) => backends,
+    };
+    let affinity: Vec<Option<String>> = backends
+        .iter()
+        .map(|b| {
+            plan.affinity_timeout_secs
+                .map(|t| affinity_set(&plan.key, b, t))
+        })
+        .collect();
+    for (b, set) in backends.iter().zip(&affinity) {
+        if let (Some(set), Some(timeout)) = (set, plan.affinity_timeout_secs) {
+            sets.push((set.clone(), family, timeout));
+            let mut expr = vec![
+                matches(saddr(family), Operator::EQ, s(format!("@{set}"))),
+                update(family, set),
+            ];
+            expr.extend(dnat(family, plan.key.protocol, b));
+            rules.push(rule(chain, expr, c));
+        }
+    }
+    let n = backends.len();
+    for (i, (b, set)) in backends.iter().zip(&affinity).enumerate() {
+        let mut expr = Vec::new();
+        if i + 1 < n {
+            expr.push(matches(
+                Expression::Named(NamedExpression::Numgen(Numgen {
+                    mode: NgMode::Random,
+                    ng_mod: (n - i) as u32,
+                    offset: None,
+                })),
+                Operator::EQ,
+                Expression::Number(0),
+            ));
+        }
+        if let Some(set) = set {
+            expr.push(update(family, set));
+        }
+        expr.extend(dnat(family, plan.key.protocol, b));
+        rules.push(rule(chain, expr, c));
+    }
+    rules
+}
+
+fn update(family: Family, set: &str) -> Statement<'static> {
+    Statement::Set(SetStmt {
+        op: SetOp::Update,
+        elem: saddr(family),
+        set: format!("@{set}").into(),
+    })
+}
+
+fn affinity_set_object(name: &str, family: Family, timeout: u32) -> NfListObject<'static> {
+    NfListObject::Set(Box::new(Set {
+        // `dynamic` too, which nft adds itself for a set updated from the
+        // packet path (nft 1.0.6 refuses the word in JSON).
+        flags: Some([SetFlag::Timeout].into_iter().collect()),
+        timeout: Some(timeout),
+        ..set(name, SetTypeValue::Single(addr_type(family)))
+    }))
+}
+
+/// `add map` of a verdict map keyed by `key_type`.
+fn verdict_map(name: &str, key_type: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({ "add": { "map": {
+        "family": "inet", "table": TABLE, "name": name, "type": key_type, "map": "verdict",
+    } } })
+}
+
+/// The objects every table has, and the rules of its base chains.
+fn base_objects(batch: &mut Tx) {
+    batch.add(table());
+    for family in [Family::V4, Family::V6] {
+        let addr = addr_type(family);
+        let sfx = suffix(family);
+        let addr_name = match family {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        };
+        batch.objects.push(verdict_map(
+            &format!("services{sfx}"),
+            serde_json::json!([addr_name, "inet_proto", "inet_service"]),
+        ));
+        batch.objects.push(verdict_map(
+            &format!("nodeports{sfx}"),
+            serde_json::json!(["inet_proto", "inet_service"]),
+        ));
+        batch.add(NfListObject::Set(Box::new(set(
+            &format!("nodeport-ips{sfx}"),
+            SetTypeValue::Single(addr),
+        ))));
+        batch.add(NfListObject::Set(Box::new(set(
+            &format!("hairpin{sfx}"),
+            SetTypeValue::Concatenated(vec![addr, addr].into()),
+        ))));
+    }
+    batch.add(NfListObject::Chain(base_chain("nat-prerouting", NfHook::Prerouting, -100)));
+    batch.add(NfListObject::Chain(base_chain("nat-output", NfHook::Output, -100)));
+    batch.add(NfListObject::Chain(base_chain("nat-postrouting", NfHook::Postrouting, 100)));
+    batch.add(NfListObject::Chain(chain(SERVICES_CHAIN)));
+    batch.add(NfListObject::Chain(chain(REJECT_CHAIN)));
+    for name in BASE_CHAINS {
+        batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
+    }
+    let jump = Statement::Jump(JumpTarget {
+        target: SERVICES_CHAIN.into(),
+    });
+    batch.add(rule("nat-prerouting", vec![jump.clone()], None));
+    batch.add(rule("nat-output", vec![jump], None));
+    for family in [Family::V4, Family::V6] {
+        let sfx = suffix(family);
+        let key = Expression::Named(NamedExpression::Concat(vec![
+            daddr(family),
+            meta(MetaKey::L4proto),
+            payload("th", "dport"),
+        ]));
+        batch.add(rule(
+            SERVICES_CHAIN,
+            vec![Statement::VerdictMap(VerdictMap {
+                key,
+                data: s(format!("@services{sfx}")),
+            })],
+            None,
+        ));
+    }
+    for family in [Family::V4, Family::V6] {
+        let sfx = suffix(family);
+        batch.add(rule(
+            SERVICES_CHAIN,
+            vec![
+                matches(daddr(family), Operator::EQ, s(format!("@nodeport-ips{sfx}"))),
+                Statement::VerdictMap(VerdictMap {
+                    key: Expression::Named(NamedExpression::Concat(vec![
+                        meta(MetaKey::L4proto),
+                        payload("th", "dport"),
+                    ])),
+                    data: s(format!("@nodeports{sfx}")),
+                }),
+            ],
+            None,
+        ));
+    }
+    let masquerade = || {
+        Statement::Masquerade(Some(NAT {
+            addr: None,
+            family: None,
+            port: None,
+            flags: Some([NATFlag::FullyRandom].into_iter().collect()),
+        }))
+    };
+    for family in [Family::V4, Family::V6] {
+        batch.add(rule(
+            "nat-postrouting",
+            vec![
+                matches(
+                    Expression::Named(NamedExpression::CT(CT {
+                        key: "status".into(),
+                        family: None,
+                        dir: None,
+                    })),
+                    Operator::IN,
+                    s("dnat"),
+                ),
+                matches(
+                    Expression::Named(NamedExpression::Concat(vec![saddr(family), daddr(family)])),
+                    Operator::EQ,
+                    s(format!("@hairpin{}", suffix(family))),
+                ),
+                masquerade(),
+            ],
+            Some("hairpin"),
+        ));
+    }
+    batch.add(rule(
+        "nat-postrouting",
+        vec![
+            matches(
+                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    meta(MetaKey::Mark),
+                    Expression::Number(MASQUERADE_MARK),
+                ))),
+                Operator::EQ,
+                Expression::Number(0),
+            ),
+            Statement::Return(None),
+        ],
+        None,
+    ));
+    batch.add(rule(
+        "nat-postrouting",
+        vec![
+            Statement::Mangle(Mangle {
+                key: meta(MetaKey::Mark),
+                value: Expression::BinaryOperation(Box::new(BinaryOperation::XOR(
+                    meta(MetaKey::Mark),
+                    Expression::Number(MASQUERADE_MARK),
+                ))),
+            }),
+            masquerade(),
+        ],
+        None,
+    ));
+    batch.add(rule(
+        REJECT_CHAIN,
+        vec![
+            matches(meta(MetaKey::L4proto), Operator::EQ, s("tcp")),
+            Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+        ],
+        None,
+    ));
+    batch.add(rule(REJECT_CHAIN, vec![Statement::Reject(None)], None));
+}
+
+// ---------------------------------------------------------------------------
+// The dataplane.
+
+/// What is programmed for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    frontend: Frontend,
+    plan: FrontendPlan,
+    comment: String,
+}
+
+impl Programmed {
+    fn chains(&self) -> Vec<String> {
+        let mut chains = vec![frontend_chain(&self.plan.key)];
+        if self.plan.cluster_view.is_some() {
+            chains.push(cluster_chain(&self.plan.key));
+        }
+        chains
+    }
+
+    fn sets(&self) -> Vec<String> {
+        render(&self.plan, &self.comment)
+            .sets
+            .into_iter()
+            .map(|(name, ..)| name)
+            .collect()
+    }
+}
+
+fn comment_of(frontend: &Frontend) -> String {
+    let port = if frontend.port_name.is_empty() {
+        String::new()
+    } else {
+        format!(":{}", frontend.port_name)
+    };
+    format!("{}{port}", frontend.service)
+}
+
+/// Programs services into the `inet proxy-agent` table.
+pub struct NftablesDataplane {
+    network: NodeNetwork,
+    /// What the kernel holds, per frontend.
+    programmed: BTreeMap<FrontendKey, Programmed>,
+    /// Endpoints of every programmed frontend, counted, for the hairpin sets.
+    hairpin: BTreeMap<IpAddr, usize>,
+    /// Whether the table and its base chains are known to exist.
+    based: bool,
+}
+
+impl Default for NftablesDataplane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NftablesDataplane {
+    pub fn new() -> Self {
+        NftablesDataplane {
+            network: NodeNetwork::default(),
+            programmed: BTreeMap::new(),
+            hairpin: BTreeMap::new(),
+            based: false,
+        }
+    }
+
+    fn program(&self, key: &FrontendKey, frontend: &Frontend) -> Programmed {
+        Programmed {
+            frontend: frontend.clone(),
+            plan: netfilter::plan(key, frontend, &self.network),
+            comment: comment_of(frontend),
+        }
+    }
+
+    /// Writes `wanted` in place of what is programmed for the frontends of
+    /// `keys` (a frontend missing from `wanted` is removed), in
+    /// transactions of [`FRONTENDS_PER_TRANSACTION`] frontends. On error
+    /// the transactions before the failed one stay programmed.
+    fn write(
+        &mut self,
+        keys: &[FrontendKey],
+        wanted: &BTreeMap<FrontendKey, Programmed>,
+        existing: Option<&HashSet<String>>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), NftablesError> {
+        for chunk in keys.chunks(FRONTENDS_PER_TRANSACTION) {
+            let mut adds = Tx::new();
+            let mut flushes = Tx::new();
+            let mut rules = Tx::new();
+            let mut elements = Tx::new();
+            let mut deletes = Tx::new();
+            let mut hairpin_delta: BTreeMap<IpAddr, isize> = BTreeMap::new();
+            for key in chunk {
+                let old = self.programmed.get(key);
+                let new = wanted.get(key);
+                if old == new && old.is_some() {
+                    continue;
+                }
+                let old_chains: BTreeSet<String> = old.map(|o| o.chains()).unwrap_or_default().into_iter().collect();
+                let old_sets: BTreeSet<String> = old.map(|o| o.sets()).unwrap_or_default().into_iter().collect();
+                let mut new_chains = BTreeSet::new();
+                let mut new_sets = BTreeSet::new();
+                if let Some(new) = new {
+                    let rendered = render(&new.plan, &new.comment);
+                    for (name, family, timeout) in &rendered.sets {
+                        if !old_sets.contains(name) {
+                            adds.add(affinity_set_object(name, *family, *timeout));
+                        }
+                        new_sets.insert(name.clone());
+                    }
+                    for (name, chain_rules) in rendered.chains {
+                        if old_chains.contains(&name) || existing.is_some_and(|e| e.contains(&name)) {
+                            flushes.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(&name))));
+                        } else {
+                            adds.add(NfListObject::Chain(chain(&name)));
+                        }
+                        for r in chain_rules {
+                            rules.add(r);
+                        }
+                        new_chains.insert(name);
+                    }
+                    for b in new.plan.backends() {
+                        *hairpin_delta.entry(b.ip).or_default() += 1;
+                    }
+                    if old.is_none() {
+                        elements.add(map_element(&new.plan));
+                        stats.map_writes += 1;
+                    }
+                }
+                if let Some(old) = old {
+                    for b in old.plan.backends() {
+                        *hairpin_delta.entry(b.ip).or_default() -= 1;
+                    }
+                    if new.is_none() {
+                        elements.delete(map_element(&old.plan));
+                        stats.map_deletes += 1;
+                    }
+                }
+                for name in old_chains.difference(&new_chains) {
+                    flushes.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
+                    deletes.delete(NfListObject::Chain(chain(name)));
+                }
+                for name in old_sets.difference(&new_sets) {
+                    deletes.delete(NfListObject::Set(Box::new(set(
+                        name,
+                        SetTypeValue::Single(SetType::Ipv4Addr),
+                    ))));
+                }
+            }
+            // Hairpin pairs of endpoints that come or go with this chunk.
+            let mut hairpin = self.hairpin.clone();
+            for (ip, delta) in &hairpin_delta {
+                let before = hairpin.get(ip).copied().unwrap_or(0);
+                let after = (before as isize + delta).max(0) as usize;
+                let pair = || {
+                    element(
+                        &format!("hairpin{}", suffix(Family::of(*ip))),
+                        vec![Expression::Named(NamedExpression::Concat(vec![
+                            s(ip.to_string()),
+                            s(ip.to_string()),
+                        ]))],
+                    )
+                };
+                if before == 0 && after > 0 {
+                    elements.add(pair());
+                } else if before > 0 && after == 0 {
+                    elements.delete(pair());
+                }
+                if after == 0 {
+                    hairpin.remove(ip);
+                } else {
+                    hairpin.insert(*ip, after);
+                }
+            }
+            let mut batch = Tx::new();
+            batch.add(table());
+            for objects in [adds, flushes, rules, elements, deletes] {
+                batch.append(objects);
+            }
+            run(batch)?;
+            self.hairpin = hairpin;
+            for key in chunk {
+                match wanted.get(key) {
+                    Some(p) => {
+                        self.programmed.insert(*key, p.clone());
+                    }
+                    None => {
+                        self.programmed.remove(key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_base(&mut self) -> Result<(), NftablesError> {
+        let mut batch = Tx::new();
+        base_objects(&mut batch);
+        self.node_network_objects(&mut batch);
+        run(batch)?;
+        self.based = true;
+        Ok(())
+    }
+
+    fn node_network_objects(&self, batch: &mut Tx) {
+        for family in [Family::V4, Family::V6] {
+            let name = format!("nodeport-ips{}", suffix(family));
+            batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(
+                &name,
+                SetTypeValue::Single(addr_type(family)),
+            )))));
+            let ips: Vec<Expression<'static>> = self
+                .network
+                .nodeport_addresses
+                .iter()
+                .filter(|ip| Family::of(**ip) == family)
+                .map(|ip| s(ip.to_string()))
+                .collect();
+            if !ips.is_empty() {
+                batch.add(element(&name, ips));
+            }
+        }
+    }
+
+    fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, NftablesError> {
+        if !self.based {
+            self.ensure_base()?;
+        }
+        let mut stats = ApplyStats {
+            frontends_added: diff.added.len(),
+            frontends_changed: diff.changed.len(),
+            frontends_removed: diff.removed.len(),
+            ..ApplyStats::default()
+        };
+        let mut wanted = BTreeMap::new();
+        let mut keys = Vec::new();
+        for (key, fe) in &diff.added {
+            wanted.insert(*key, self.program(key, fe));
+            keys.push(*key);
+        }
+        for change in &diff.changed {
+            wanted.insert(change.key, self.program(&change.key, &change.new));
+            keys.push(change.key);
+        }
+        for (key, _) in &diff.removed {
+            keys.push(*key);
+        }
+        self.write(&keys, &wanted, None, &mut stats)?;
+        stats.conntrack_deletes = self.forget_udp_flows(diff)?;
+        Ok(stats)
+    }
+
+    /// Deletes the kernel's connection-tracking entries of UDP flows whose
+    /// backend `diff` takes away, so their next datagram picks a live one.
+    fn forget_udp_flows(&self, diff: &TableDiff) -> Result<usize, NftablesError> {
+        let flows: Vec<conntrack::StaleFlow> = netfilter::stale_udp_flows(diff)
+            .into_iter()
+            .map(|f| conntrack::StaleFlow {
+                vip: f.vip,
+                port: f.port,
+                backend: f.backend.ip,
+                backend_port: f.backend.port,
+            })
+            .collect();
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        Ok(conntrack::delete_stale_udp_flows(&flows)?)
+    }
+
+    /// Reads the chains and sets of the table and the elements of its maps,
+    /// and makes them equal to `desired`: every frontend chain is rewritten
+    /// (which repairs edited rules too), and what is missing or extra is
+    /// added or deleted and counted.
+    pub fn reconcile_table(&mut self, desired: &ServiceTable) -> Result<ApplyStats, NftablesError> {
+        let existing = Existing::read()?;
+        self.ensure_base()?;
+        let mut stats = ApplyStats::default();
+        let wanted: BTreeMap<FrontendKey, Programmed> = desired
+            .iter()
+            .map(|(k, f)| (*k, self.program(k, f)))
+            .collect();
+        let wanted_chains: HashSet<String> = wanted.values().flat_map(Programmed::chains).collect();
+        let wanted_sets: HashSet<String> = wanted.values().flat_map(Programmed::sets).collect();
+        // Forget what we believe is programmed: every wanted frontend is
+        // rewritten from scratch, over whatever the kernel holds.
+        self.programmed.clear();
+        self.hairpin.clear();
+        let mut batch = Tx::new();
+        batch.add(table());
+        // Elements of frontends that should not be there, then their chains.
+        let wanted_elements: HashSet<(String, String)> = wanted
+            .values()
+            .map(|p| (map_entry(&p.plan).0, frontend_chain(&p.plan.key)))
+            .collect();
+        for (map, key, target) in &existing.elements {
+            if !wanted_elements.contains(&(map.clone(), target.clone())) {
+                batch.objects.push(serde_json::json!({ "delete": { "element": {
+                    "family": "inet", "table": TABLE, "name": map, "elem": [key],
+                } } }));
+                stats.map_deletes += 1;
+            }
+        }
+        let mut late = Tx::new();
+        for name in &existing.chains {
+            if !wanted_chains.contains(name) && !BASE_CHAINS.contains(&name.as_str()) {
+                batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
+                late.delete(NfListObject::Chain(chain(name)));
+                stats.map_deletes += 1;
+            }
+        }
+        for name in &existing.sets {
+            if !wanted_sets.contains(name) && !BASE_SETS.contains(&name.as_str()) {
+                late.delete(NfListObject::Set(Box::new(set(
+                    name,
+                    SetTypeValue::Single(SetType::Ipv4Addr),
+                ))));
+                stats.map_deletes += 1;
+            }
+        }
+        batch.append(late);
+        run(batch)?;
+        // Drift: what is wanted and missing.
+        let existing_elements: HashSet<(String, String)> = existing
+            .elements
+            .iter()
+            .map(|(m, _, t)| (m.clone(), t.clone()))
+            .collect();
+        stats.map_writes += wanted_elements.difference(&existing_elements).count();
+        stats.map_writes += wanted_chains
+            .iter()
+            .filter(|c| !existing.chains.contains(*c))
+            .count();
+        // Rewrite every wanted frontend; chains the kernel holds are
+        // flushed in the same transaction as their new rules.
+        let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
+        let mut write_stats = ApplyStats::default();
+        self.write(&keys, &wanted, Some(&existing.chains), &mut write_stats)?;
+        stats.frontends_added = wanted.len();
+        Ok(stats)
+    }
+
+    fn set_network(&mut self, network: &NodeNetwork) -> Result<(), NftablesError> {
+        allow_localhost_nodeports(network);
+        let replan = network.cluster_cidrs != self.network.cluster_cidrs
+            || network.masquerade_all != self.network.masquerade_all;
+        self.network = network.clone();
+        if !self.based {
+            return self.ensure_base();
+        }
+        let mut batch = Tx::new();
+        batch.add(table());
+        self.node_network_objects(&mut batch);
+        run(batch)?;
+        if replan && !self.programmed.is_empty() {
+            let wanted: BTreeMap<FrontendKey, Programmed> = self
+                .programmed
+                .iter()
+                .map(|(k, p)| (*k, self.program(k, &p.frontend)))
+                .collect();
+            let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
+            let mut stats = ApplyStats::default();
+            self.write(&keys, &wanted, None, &mut stats)?;
+        }
+        Ok(())
+    }
+}
+
+/// A NodePort on 127.0.0.1 (asked for with `--nodeport-addresses`) is
+/// DNATed to a pod with its loopback source, which the kernel routes out of
+/// the node only with `route_localnet` (kube-proxy sets it the same way).
+/// IPv6 has no counterpart: `::1` NodePorts are served by the eBPF mode only.
+fn allow_localhost_nodeports(network: &NodeNetwork) {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    if !network.nodeport_addresses.iter().any(|ip| matches!(ip, IpAddr::V4(v4) if v4.is_loopback())) {
+        return;
+    }
+    if std::fs::read_to_string(SYSCTL).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    match std::fs::write(SYSCTL, "1") {
+        Ok(()) => tracing::info!(sysctl = SYSCTL, "set to 1 for NodePorts on 127.0.0.0/8"),
+        Err(e) => tracing::warn!(sysctl = SYSCTL, error = %e, "cannot set; NodePorts on 127.0.0.0/8 will not work"),
+    }
+}
+
+/// What the kernel's table holds, by name.
+#[derive(Debug, Default)]
+struct Existing {
+    chains: HashSet<String>,
+    sets: HashSet<String>,
+    /// (map, key as nft lists it, goto target) of the four frontend maps.
+    elements: Vec<(String, serde_json::Value, String)>,
+}
+
+impl Existing {
+    fn read() -> Result<Existing, NftablesError> {
+        let mut existing = Existing::default();
+        let ours = |o: &serde_json::Value| o.get("table").and_then(|t| t.as_str()) == Some(TABLE);
+        let name = |o: &serde_json::Value| o.get("name").and_then(|n| n.as_str()).map(str::to_string);
+        for object in list(&["list", "chains", "inet"])?.unwrap_or_default() {
+            if let Some(c) = object.get("chain").filter(|c| ours(c)) {
+                existing.chains.extend(name(c));
+            }
+        }
+        for object in list(&["list", "sets", "inet"])?.unwrap_or_default() {
+            if let Some(set) = object.get("set").filter(|c| ours(c)) {
+                existing.sets.extend(name(set));
+            }
+        }
+        for map in ["services4", "services6", "nodeports4", "nodeports6"] {
+            for object in list(&["list", "map", "inet", TABLE, map])?.unwrap_or_default() {
+                let Some(elems) = object.pointer("/map/elem").and_then(|e| e.as_array()) else {
+                    continue;
+                };
+                for pair in elems {
+                    let (Some(key), Some(target)) =
+                        (pair.get(0), pair.pointer("/1/goto/target").and_then(|t| t.as_str()))
+                    else {
+                        continue;
+                    };
+                    existing.elements.push((map.to_string(), key.clone(), target.to_string()));
+                }
+            }
+        }
+        Ok(existing)
+    }
+}
+
+impl Dataplane for NftablesDataplane {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
+        Ok(self.apply_diff(diff)?)
+    }
+
+    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError> {
+        Ok(self.reconcile_table(desired)?)
+    }
+
+    fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
+        Ok(self.set_network(network)?)
+    }
+}
+
+/// Deletes the agent's table, if present. Returns whether it was there.
+pub fn cleanup() -> Result<bool, NftablesError> {
+    if list(&["list", "table", "inet", TABLE])?.is_none() {
+        return Ok(false);
+    }
+    let mut batch = Tx::new();
+    batch.delete(table());
+    run(batch)?;
+    Ok(true)
+}
