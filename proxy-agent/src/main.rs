@@ -13,9 +13,10 @@ use ipnet::IpNet;
 use proxy_agent::{
     config::{self, FileConfig},
     dataplane::{
-        addresses::{self, NodeNetworkSettings},
         Dataplane,
+        addresses::{self, NodeNetworkSettings},
         ebpf::{self, EbpfOptions, InterfaceFilter},
+        iptables::{self, IptablesDataplane},
         nftables::{self, NftablesDataplane},
     },
     model::{HealthCheck, ModelConfig, Rejection, ServiceName},
@@ -67,7 +68,8 @@ struct Cli {
 enum Command {
     /// Run the agent in the foreground.
     Run(Box<RunArgs>),
-    /// Remove every program, link and pinned map the agent created. Safe to run twice.
+    /// Remove every program, link, pinned map, nftables table and iptables chain the
+    /// agent created (and a kube-proxy's KUBE-* chains). Safe to run twice.
     Cleanup(CleanupArgs),
 }
 
@@ -77,7 +79,7 @@ enum Mode {
     Ebpf,
     /// nftables rules in the table `inet proxy-agent`.
     Nftables,
-    /// iptables rules (not in this build yet).
+    /// iptables rules (iptables-restore) in kube-proxy's KUBE-* chains.
     Iptables,
     /// IPVS virtual servers (not in this build yet).
     Ipvs,
@@ -104,6 +106,13 @@ struct RunArgs {
     /// Which dataplane programs the services. Default: ebpf.
     #[arg(long = "mode", visible_alias = "proxy-mode", value_enum)]
     mode: Option<Mode>,
+
+    /// At start, also remove what a kube-proxy left on this node: its
+    /// nftables tables (`ip`/`ip6 kube-proxy`) and its KUBE-* iptables
+    /// chains (which the ebpf and nftables modes remove anyway, as they are
+    /// also the iptables mode's).
+    #[arg(long)]
+    cleanup_kube_proxy: bool,
 
     /// Read Services, EndpointSlices and Nodes from the YAML/JSON files of this
     /// directory and follow its changes (instead of the Kubernetes API).
@@ -190,19 +199,25 @@ struct RunArgs {
     /// Where /healthz and /livez are served (IP:port; "" disables).
     /// Default: 0.0.0.0:10256.
     #[arg(long, value_name = "IP:PORT", value_parser = optional_bind_address)]
-    healthz_bind_address: Option<Option<config::BindAddress>>,
+    healthz_bind_address: Option<BindFlag>,
 
     /// Where /metrics is served (IP:port; "" disables). Default: 127.0.0.1:10249.
     #[arg(long, value_name = "IP:PORT", value_parser = optional_bind_address)]
-    metrics_bind_address: Option<Option<config::BindAddress>>,
+    metrics_bind_address: Option<BindFlag>,
 }
 
 /// A bind address flag: "" means disabled.
-fn optional_bind_address(s: &str) -> Result<Option<config::BindAddress>, String> {
+/// A bind-address flag's value: an address, or "" (serve nothing). A type
+/// of its own: clap reads `Option<Option<T>>` as a flag whose value may be
+/// left out, not as a value that may be empty.
+#[derive(Clone, Debug)]
+struct BindFlag(Option<config::BindAddress>);
+
+fn optional_bind_address(s: &str) -> Result<BindFlag, String> {
     if s.trim().is_empty() {
-        return Ok(None);
+        return Ok(BindFlag(None));
     }
-    config::parse_bind_address(s).map(Some)
+    config::parse_bind_address(s).map(|a| BindFlag(Some(a)))
 }
 
 const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/proxy-agent";
@@ -275,6 +290,7 @@ struct Settings {
     cluster_cidr: Vec<IpNet>,
     nodeport_addresses: Option<config::NodePortAddresses>,
     masquerade_all: bool,
+    cleanup_kube_proxy: bool,
     bpf_root: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
@@ -313,6 +329,7 @@ impl Settings {
             cluster_cidr: args.cluster_cidr.or(f.cluster_cidrs).unwrap_or_default(),
             nodeport_addresses: args.nodeport_addresses.or(f.node_port_addresses),
             masquerade_all,
+            cleanup_kube_proxy: args.cleanup_kube_proxy,
             bpf_root: args
                 .bpf_root
                 .or(pa.bpf_root)
@@ -339,9 +356,11 @@ impl Settings {
                 }),
             healthz_bind_address: args
                 .healthz_bind_address
+                .map(|flag| flag.0)
                 .unwrap_or(Some(f.healthz_bind_address.unwrap_or(DEFAULT_HEALTHZ))),
             metrics_bind_address: args
                 .metrics_bind_address
+                .map(|flag| flag.0)
                 .unwrap_or(Some(f.metrics_bind_address.unwrap_or(DEFAULT_METRICS))),
             config_path: args.config,
             file,
@@ -418,13 +437,13 @@ fn validate(args: &Settings) -> Result<()> {
     if v4 > 1 || v6 > 1 {
         bail!("--cluster-cidr: at most one CIDR per IP family, got {v4} IPv4 and {v6} IPv6");
     }
-    if !matches!(args.mode, Mode::Ebpf | Mode::Nftables) {
+    if args.mode == Mode::Ipvs {
         let name = args
             .mode
             .to_possible_value()
             .map_or_else(String::new, |v| v.get_name().to_string());
         bail!(
-            "{}={name}: this build implements modes ebpf and nftables only so far",
+            "{}={name}: this build implements modes ebpf, nftables and iptables only so far",
             args.origin(args.mode_from_file, "--mode", "mode")
         );
     }
@@ -463,6 +482,9 @@ async fn run(args: Settings) -> Result<()> {
     // What other modes left behind goes first: two dataplanes translating
     // the same packets would fight.
     remove_other_modes(args.mode, &args.bpf_root);
+    if args.cleanup_kube_proxy {
+        remove_kube_proxy_leftovers();
+    }
     let mut links = None;
     let mut links_attached = None;
     let mut dataplane: Box<dyn Dataplane> = match args.mode {
@@ -480,14 +502,17 @@ async fn run(args: Settings) -> Result<()> {
                     "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
                 );
             }
-            let (dataplane, attacher) =
-                ebpf::load(&opts).context("loading the eBPF dataplane")?;
+            let (dataplane, attacher) = ebpf::load(&opts).context("loading the eBPF dataplane")?;
             let attacher = Arc::new(Mutex::new(attacher));
             let (links_attached_tx, attached) = tokio::sync::oneshot::channel();
-            links = Some(tokio::spawn(ebpf::follow_links(attacher, links_attached_tx)));
+            links = Some(tokio::spawn(ebpf::follow_links(
+                attacher,
+                links_attached_tx,
+            )));
             links_attached = Some(attached);
             Box::new(dataplane)
         }
+        Mode::Iptables => Box::new(IptablesDataplane::new()),
         _ => Box::new(NftablesDataplane::new()),
     };
     let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
@@ -728,15 +753,32 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
     let report = ebpf::cleanup(&args.bpf_root)
         .with_context(|| format!("cleaning up {}", args.bpf_root.display()))?;
     let table = nftables::cleanup().context("deleting the nftables table")?;
+    let chains = iptables::cleanup().context("removing the iptables chains")?;
     tracing::info!(
         links = report.links,
         maps = report.maps,
         unmounted = report.unmounted,
         bpf_root = %args.bpf_root.display(),
         nftables_table = table,
+        iptables_chains = chains,
         "cleanup done"
     );
     Ok(())
+}
+
+/// `--cleanup-kube-proxy`: kube-proxy's nftables tables and iptables chains.
+/// Failures are logged, as for the other modes' leftovers.
+fn remove_kube_proxy_leftovers() {
+    match nftables::cleanup_kube_proxy() {
+        Ok(0) => {}
+        Ok(tables) => tracing::info!(tables, "removed kube-proxy's nftables tables"),
+        Err(e) => tracing::warn!(error = %e, "removing kube-proxy's nftables tables"),
+    }
+    match iptables::cleanup_kube_proxy() {
+        Ok(true) => tracing::info!("removed kube-proxy's KUBE-* iptables chains"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "removing kube-proxy's iptables chains"),
+    }
 }
 
 /// Removes what the modes other than `mode` program. Failures are logged:
@@ -756,9 +798,22 @@ fn remove_other_modes(mode: Mode, bpf_root: &Path) {
     }
     if mode != Mode::Nftables {
         match nftables::cleanup() {
-            Ok(true) => tracing::info!(table = nftables::TABLE, "removed the nftables mode's table"),
+            Ok(true) => {
+                tracing::info!(table = nftables::TABLE, "removed the nftables mode's table")
+            }
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "removing the nftables mode's table"),
+        }
+    }
+    // The iptables mode's chains are kube-proxy's: this also removes what a
+    // kube-proxy in iptables mode left.
+    if mode != Mode::Iptables {
+        match iptables::cleanup() {
+            Ok(true) => {
+                tracing::info!("removed the iptables mode's (or kube-proxy's) KUBE-* chains")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "removing the iptables mode's chains"),
         }
     }
 }

@@ -48,14 +48,14 @@ fn unknown_field_fails_naming_it() {
 #[test]
 fn mode_flag_overrides_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(&dir, "mode: nftables\n");
+    let cfg = write_config(&dir, "mode: ipvs\n");
     let missing = dir.path().join("no-such-dir");
     let missing = missing.to_str().unwrap();
 
     // The file's mode alone is refused by this build, naming the file's field.
     let (code, stderr) = run(&["run", "--config", &cfg, "--manifests", missing]);
     assert_ne!(code, 0, "{stderr}");
-    assert!(stderr.contains("mode=nftables"), "{stderr}");
+    assert!(stderr.contains("mode=ipvs"), "{stderr}");
 
     // With --mode=ebpf the run gets past the mode to the --manifests check.
     let (code, stderr) = run(&[
@@ -71,7 +71,7 @@ fn mode_flag_overrides_the_file() {
         stderr.contains("--manifests") && stderr.contains("is not a directory"),
         "{stderr}"
     );
-    assert!(!stderr.contains("nftables"), "{stderr}");
+    assert!(!stderr.contains("ipvs"), "{stderr}");
 }
 
 #[test]
@@ -102,6 +102,11 @@ fn node_network_flags_are_accepted() {
         &["--nodeport-addresses", "10.0.0.0/8,127.0.0.1/32"][..],
         &["--nodeport-addresses=primary", "--masquerade-all"][..],
         &["--nodeport-addresses=", "--masquerade-all=false"][..],
+        &["--healthz-bind-address=", "--metrics-bind-address="][..],
+        &[
+            "--healthz-bind-address=127.0.0.1:0",
+            "--metrics-bind-address=[::1]:0",
+        ][..],
     ] {
         // Parsed, then stopped by the --manifests check that follows.
         let mut args = vec!["run", "--manifests", missing];

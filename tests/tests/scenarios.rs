@@ -26,9 +26,8 @@ use proxy_tests::{
     netns::{
         Agent, AgentConfig, BpfFs, CLIENT_IP, CLIENT_IP6, CLUSTER_CIDR, ClientOptions,
         ClientReport, IpFamily, ManifestsDir, NODE_IP, NODE_IP6, POD_GATEWAY_IP, POD_GATEWAY_IP6,
-        POD_SCTP_PORT, POD_SESSION_PORT,
-        POD_TCP_PORT, POD_UDP_PORT, PodNetwork, Protocol, ServiceSpec, SliceEndpoint, ToolPaths,
-        Topology, agent_binary, in_netns,
+        POD_SCTP_PORT, POD_SESSION_PORT, POD_TCP_PORT, POD_UDP_PORT, PodNetwork, Protocol,
+        ServiceSpec, SliceEndpoint, ToolPaths, Topology, agent_binary, in_netns,
     },
     poll_until, serial, skipped,
 };
@@ -41,6 +40,7 @@ use proxy_tests::{
 enum Mode {
     Ebpf,
     Nftables,
+    Iptables,
 }
 
 impl Mode {
@@ -48,6 +48,7 @@ impl Mode {
         match self {
             Mode::Ebpf => "ebpf",
             Mode::Nftables => "nftables",
+            Mode::Iptables => "iptables",
         }
     }
 
@@ -55,13 +56,13 @@ impl Mode {
     fn cannot(self, scenario: &str) -> Option<&'static str> {
         match (self, scenario) {
             (Mode::Ebpf, _) => None,
-            (Mode::Nftables, "hairpin_bridge") => Some(
+            (Mode::Nftables | Mode::Iptables, "hairpin_bridge") => Some(
                 "with br_netfilter on (bridge-nf-call-iptables=1, the kernel's default), netfilter \
                  DNATs a pod's frame to its own service inside the bridge, which cannot send it \
                  back out of the port it came from without hairpin_mode (kube-proxy's documented \
                  requirement; see hairpin_bridge_with_hairpin_mode)",
             ),
-            (Mode::Nftables, _) => None,
+            (Mode::Nftables | Mode::Iptables, _) => None,
         }
     }
 
@@ -75,7 +76,7 @@ impl Mode {
     fn cannot_serve_ipv6_localhost(self) -> Option<&'static str> {
         match self {
             Mode::Ebpf => None,
-            Mode::Nftables => Some(
+            Mode::Nftables | Mode::Iptables => Some(
                 "a DNATed packet with source ::1 cannot leave the node (IPv6 has no \
                  route_localnet); kube-proxy serves localhost NodePorts on IPv4 only",
             ),
@@ -88,6 +89,7 @@ macro_rules! suite {
     ($($scenario:ident),* $(,)?) => {
         suite!(@mode ebpf, Ebpf, $($scenario),*);
         suite!(@mode nftables, Nftables, $($scenario),*);
+        suite!(@mode iptables, Iptables, $($scenario),*);
     };
     (@mode $module:ident, $mode:ident, $($scenario:ident),*) => {
         mod $module {
@@ -420,11 +422,23 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let agent = self.agent.borrow();
         if agent.config().mode != "ebpf" {
-            let ruleset = std::process::Command::new("ip")
-                .args(["netns", "exec", self.t.node_ns(), "nft", "list", "ruleset"])
-                .output()
-                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-                .unwrap_or_else(|e| format!("(nft: {e})"));
+            // The iptables mode's rules read best as iptables-save prints them.
+            let listers: &[&[&str]] = if agent.config().mode == "iptables" {
+                &[&["iptables-save"], &["ip6tables-save"]]
+            } else {
+                &[&["nft", "list", "ruleset"]]
+            };
+            let ruleset: String = listers
+                .iter()
+                .map(|lister| {
+                    std::process::Command::new("ip")
+                        .args(["netns", "exec", self.t.node_ns()])
+                        .args(*lister)
+                        .output()
+                        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                        .unwrap_or_else(|e| format!("({}: {e})", lister[0]))
+                })
+                .collect();
             let evidence = format!(
                 "---- node ruleset ----\n{ruleset}\n---- proxy-agent log ----\n{}",
                 agent.log()
@@ -1456,7 +1470,10 @@ fn node_processes_reach_services_through_socket_hooks(mode: Mode) -> anyhow::Res
             "a process outside the cgroup was translated: {outside:?}"
         );
     } else {
-        ensure!(outside.ok == 3, "a node process was not served: {outside:?}");
+        ensure!(
+            outside.ok == 3,
+            "a node process was not served: {outside:?}"
+        );
     }
     // No endpoints: the connect fails at once.
     c.set_endpoints(&service, &[])?;

@@ -38,10 +38,11 @@ enum Task {
     /// network namespaces on this machine and show which pod answered.
     Demo,
     /// Setup, then the benchmarks: `packet` (per-packet cost of the eBPF
-    /// programs) and `sync` (API change to programmed map entry); both when
-    /// neither is named.
+    /// programs), `sync` (API change to programmed map entry) and
+    /// `dataplane` (full and one-endpoint sync time of each mode at 10 000
+    /// services); all when none is named.
     Bench {
-        /// `packet ARGS` or `sync ARGS` run one benchmark with its arguments.
+        /// `packet ARGS`, `sync ARGS` or `dataplane ARGS` run one benchmark with its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -283,11 +284,11 @@ fn demo(env: &Env) -> anyhow::Result<()> {
     proxy_tests::demo::run(&env.target_dir.join("release/proxy-agent"))
 }
 
-/// `bench [packet|sync] [ARGS]`: both benchmarks, or one with its arguments.
+/// `bench [packet|sync|dataplane] [ARGS]`: every benchmark, or one with its arguments.
 fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
     setup(env)?;
     let (which, rest) = match args.first().map(String::as_str) {
-        Some(w @ ("packet" | "sync")) => (Some(w), &args[1..]),
+        Some(w @ ("packet" | "sync" | "dataplane")) => (Some(w), &args[1..]),
         _ => (None, args),
     };
     let bench_bin =
@@ -303,6 +304,13 @@ fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
             "PROXY_AGENT_BIN",
             env.target_dir.join("release/proxy-agent"),
         );
+        if which.is_some() {
+            command.args(rest);
+        }
+        run(&mut command)?;
+    }
+    if which.is_none_or(|w| w == "dataplane") {
+        let mut command = bench_bin("dataplane-sync");
         if which.is_some() {
             command.args(rest);
         }

@@ -17,7 +17,11 @@ const KERNEL: &str = "6.12.100+deb12-amd64";
 const PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
 /// The scenarios run in the VM (exact test names) and the modules they
 /// need.
-const SCENARIOS: &[&str] = &["ebpf::clusterip_sctp"];
+const SCENARIOS: &[&str] = &[
+    "ebpf::clusterip_sctp",
+    "nftables::clusterip_sctp",
+    "iptables::clusterip_sctp",
+];
 const MODULES: &[&str] = &["sctp"];
 /// The agent verifies its programs many times slower under emulation.
 const READY_TIMEOUT_SECS: &str = "600";

@@ -12,6 +12,7 @@ use crate::model::{ServiceTable, TableDiff};
 pub mod addresses;
 pub mod conntrack;
 pub mod ebpf;
+pub mod iptables;
 pub mod netfilter;
 pub mod nftables;
 
@@ -70,4 +71,6 @@ pub enum DataplaneError {
     Ebpf(#[from] ebpf::EbpfError),
     #[error("nftables: {0}")]
     Nftables(#[from] nftables::NftablesError),
+    #[error("iptables: {0}")]
+    Iptables(#[from] iptables::IptablesError),
 }

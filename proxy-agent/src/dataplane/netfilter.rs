@@ -186,6 +186,31 @@ pub fn plan(key: &FrontendKey, frontend: &Frontend, network: &NodeNetwork) -> Fr
     }
 }
 
+/// A NodePort on 127.0.0.1 (asked for with `--nodeport-addresses`) is
+/// DNATed to a pod with its loopback source, which the kernel routes out of
+/// the node only with `route_localnet` (kube-proxy sets it the same way).
+/// IPv6 has no counterpart: `::1` NodePorts are served by the eBPF mode
+/// only.
+pub fn allow_localhost_nodeports(network: &NodeNetwork) {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    if !network
+        .nodeport_addresses
+        .iter()
+        .any(|ip| matches!(ip, IpAddr::V4(v4) if v4.is_loopback()))
+    {
+        return;
+    }
+    if std::fs::read_to_string(SYSCTL).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    match std::fs::write(SYSCTL, "1") {
+        Ok(()) => tracing::info!(sysctl = SYSCTL, "set to 1 for NodePorts on 127.0.0.0/8"),
+        Err(e) => {
+            tracing::warn!(sysctl = SYSCTL, error = %e, "cannot set; NodePorts on 127.0.0.0/8 will not work")
+        }
+    }
+}
+
 /// A UDP flow whose backend went away: (frontend, backend). The frontend's
 /// address is unspecified for a NodePort (any node address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -247,7 +272,12 @@ mod tests {
         }
     }
 
-    fn external(kind: FrontendKind, local: bool, backends: &[Backend], all: &[Backend]) -> Frontend {
+    fn external(
+        kind: FrontendKind,
+        local: bool,
+        backends: &[Backend],
+        all: &[Backend],
+    ) -> Frontend {
         let mut f = frontend("ns", "a", backends);
         f.kind = kind;
         f.policy.local_only = local;
@@ -266,19 +296,38 @@ mod tests {
             p.view.masquerade,
             Masquerade::SourceOutside("10.1.0.0/16".parse().unwrap())
         );
-        assert_eq!(plan(&k, &f, &network(&[], false)).view.masquerade, Masquerade::Never);
-        assert_eq!(plan(&k, &f, &network(&[], true)).view.masquerade, Masquerade::Always);
+        assert_eq!(
+            plan(&k, &f, &network(&[], false)).view.masquerade,
+            Masquerade::Never
+        );
+        assert_eq!(
+            plan(&k, &f, &network(&[], true)).view.masquerade,
+            Masquerade::Always
+        );
         assert!(p.cluster_view.is_none() && p.source_ranges.is_none());
-        assert_eq!(p.view.action, Action::Balance(vec![backend("10.1.0.1", 8080)]));
+        assert_eq!(
+            p.view.action,
+            Action::Balance(vec![backend("10.1.0.1", 8080)])
+        );
     }
 
     #[test]
     fn external_cluster_policy_masquerades_unless_the_client_is_a_pod() {
         let k = key("0.0.0.0", 30080);
-        let f = external(FrontendKind::NodePort, false, &[backend("10.1.0.1", 80)], &[]);
-        assert_eq!(plan(&k, &f, &network(&[], false)).view.masquerade, Masquerade::Always);
+        let f = external(
+            FrontendKind::NodePort,
+            false,
+            &[backend("10.1.0.1", 80)],
+            &[],
+        );
         assert_eq!(
-            plan(&k, &f, &network(&["10.1.0.0/16"], false)).view.masquerade,
+            plan(&k, &f, &network(&[], false)).view.masquerade,
+            Masquerade::Always
+        );
+        assert_eq!(
+            plan(&k, &f, &network(&["10.1.0.0/16"], false))
+                .view
+                .masquerade,
             Masquerade::SourceOutside("10.1.0.0/16".parse().unwrap())
         );
         assert!(plan(&k, &f, &network(&[], false)).masquerade_loopback);
@@ -302,7 +351,13 @@ mod tests {
         let none = external(FrontendKind::ExternalIp, true, &[], &[]);
         let p = plan(&k, &none, &network(&["10.1.0.0/16"], true));
         assert_eq!(p.view.action, Action::Reject);
-        assert_eq!(p.cluster_view.unwrap().1, View { action: Action::Reject, masquerade: Masquerade::Always });
+        assert_eq!(
+            p.cluster_view.unwrap().1,
+            View {
+                action: Action::Reject,
+                masquerade: Masquerade::Always
+            }
+        );
         // Without a cluster CIDR nobody is known to be a pod.
         assert!(plan(&k, &f, &network(&[], false)).cluster_view.is_none());
     }
@@ -321,10 +376,20 @@ mod tests {
     #[test]
     fn source_ranges_keep_the_frontends_family_and_never_widen() {
         let k = key("192.0.2.1", 80);
-        let mut f = external(FrontendKind::LoadBalancer, false, &[backend("10.1.0.1", 80)], &[]);
+        let mut f = external(
+            FrontendKind::LoadBalancer,
+            false,
+            &[backend("10.1.0.1", 80)],
+            &[],
+        );
         f.policy.source_ranges = vec!["fd00::/64".parse().unwrap()];
-        assert_eq!(plan(&k, &f, &network(&[], false)).source_ranges, Some(vec![]));
-        f.policy.source_ranges.push("198.51.100.7/24".parse().unwrap());
+        assert_eq!(
+            plan(&k, &f, &network(&[], false)).source_ranges,
+            Some(vec![])
+        );
+        f.policy
+            .source_ranges
+            .push("198.51.100.7/24".parse().unwrap());
         assert_eq!(
             plan(&k, &f, &network(&[], false)).source_ranges,
             Some(vec!["198.51.100.0/24".parse().unwrap()])
@@ -335,16 +400,28 @@ mod tests {
     fn stale_udp_flows_are_the_udp_backends_that_left() {
         use crate::model::test_support::key_proto;
         let k = key_proto("10.96.0.10", 53, Protocol::Udp);
-        let old = frontend("ns", "dns", &[backend("10.1.0.1", 53), backend("10.1.0.2", 53)]);
+        let old = frontend(
+            "ns",
+            "dns",
+            &[backend("10.1.0.1", 53), backend("10.1.0.2", 53)],
+        );
         let new = frontend("ns", "dns", &[backend("10.1.0.2", 53)]);
         let diff = TableDiff {
-            changed: vec![crate::model::FrontendChange { key: k, old: old.clone(), new }],
+            changed: vec![crate::model::FrontendChange {
+                key: k,
+                old: old.clone(),
+                new,
+            }],
             removed: vec![(key("10.96.0.11", 80), old)],
             ..TableDiff::default()
         };
         assert_eq!(
             stale_udp_flows(&diff),
-            vec![StaleUdpFlow { vip: k.ip, port: 53, backend: backend("10.1.0.1", 53) }]
+            vec![StaleUdpFlow {
+                vip: k.ip,
+                port: 53,
+                backend: backend("10.1.0.1", 53)
+            }]
         );
     }
 }

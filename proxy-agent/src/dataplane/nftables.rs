@@ -37,6 +37,7 @@ use std::{
     io::Write,
     net::IpAddr,
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use ::nftables::{
@@ -45,8 +46,8 @@ use ::nftables::{
         PayloadField, Prefix, SetItem, Verdict,
     },
     schema::{
-        Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Rule, Set,
-        SetFlag, SetType, SetTypeValue, Table,
+        Chain, Element, FlushObject, NfCmd, NfListObject, NfObject, Rule, Set, SetFlag, SetType,
+        SetTypeValue, Table,
     },
     stmt::{
         JumpTarget, Mangle, Match, NAT, NATFamily, NATFlag, Operator, Reject, RejectType,
@@ -64,6 +65,11 @@ use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, Table
 /// The agent's table (family `inet`).
 pub const TABLE: &str = "proxy-agent";
 const FAMILY: NfFamily = NfFamily::INet;
+
+/// How often a reconcile rewrites every frontend chain even when the
+/// table's structure shows no drift (kube-proxy's nftables mode makes a full
+/// sync hourly too).
+pub const FULL_REWRITE_PERIOD: Duration = Duration::from_secs(3600);
 
 /// Frontends per transaction of a large change (see the module comment).
 pub const FRONTENDS_PER_TRANSACTION: usize = 500;
@@ -141,7 +147,6 @@ impl Tx {
             self.error = other.error;
         }
     }
-
 }
 
 /// Runs one `nft -j -f -` transaction (all of it or nothing). The crate's
@@ -268,7 +273,11 @@ fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
 }
 
-fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
     Statement::Match(Match { left, right, op })
 }
 
@@ -297,7 +306,11 @@ fn set_mark() -> Statement<'static> {
 
 fn dnat(family: Family, protocol: Protocol, backend: &Backend) -> [Statement<'static>; 2] {
     [
-        matches(meta(MetaKey::L4proto), Operator::EQ, s(proto_name(protocol))),
+        matches(
+            meta(MetaKey::L4proto),
+            Operator::EQ,
+            s(proto_name(protocol)),
+        ),
         Statement::DNAT(Some(NAT {
             addr: Some(s(backend.ip.to_string())),
             family: Some(match family {
@@ -310,7 +323,11 @@ fn dnat(family: Family, protocol: Protocol, backend: &Backend) -> [Statement<'st
     ]
 }
 
-fn rule(chain: &str, expr: Vec<Statement<'static>>, comment: Option<&str>) -> NfListObject<'static> {
+fn rule(
+    chain: &str,
+    expr: Vec<Statement<'static>>,
+    comment: Option<&str>,
+) -> NfListObject<'static> {
     NfListObject::Rule(Rule {
         family: FAMILY,
         table: TABLE.into(),
@@ -427,16 +444,19 @@ fn render(plan: &FrontendPlan, comment: &str) -> Rendered {
     let mut rules = Vec::new();
     let family = plan.family;
     match &plan.source_ranges {
-        Some(ranges) if ranges.is_empty() => rules.push(rule(&main, vec![Statement::Drop(None)], Some(comment))),
+        Some(ranges) if ranges.is_empty() => {
+            rules.push(rule(&main, vec![Statement::Drop(None)], Some(comment)))
+        }
         Some(ranges) => {
-            let set = ranges
-                .iter()
-                .map(|r| SetItem::Element(prefix(r)))
-                .collect();
+            let set = ranges.iter().map(|r| SetItem::Element(prefix(r))).collect();
             rules.push(rule(
                 &main,
                 vec![
-                    matches(saddr(family), Operator::NEQ, Expression::Named(NamedExpression::Set(set))),
+                    matches(
+                        saddr(family),
+                        Operator::NEQ,
+                        Expression::Named(NamedExpression::Set(set)),
+                    ),
                     Statement::Drop(None),
                 ],
                 Some(comment),
@@ -448,13 +468,23 @@ fn render(plan: &FrontendPlan, comment: &str) -> Rendered {
         let cluster = cluster_chain(&plan.key);
         rules.push(rule(
             &main,
-            vec![matches(saddr(family), Operator::EQ, prefix(cidr)), goto(cluster.clone())],
+            vec![
+                matches(saddr(family), Operator::EQ, prefix(cidr)),
+                goto(cluster.clone()),
+            ],
             Some(comment),
         ));
         let cluster_rules = view_rules(plan, &cluster, view, false, comment, &mut out.sets);
         out.chains.push((cluster, cluster_rules));
     }
-    rules.extend(view_rules(plan, &main, &plan.view, plan.masquerade_loopback, comment, &mut out.sets));
+    rules.extend(view_rules(
+        plan,
+        &main,
+        &plan.view,
+        plan.masquerade_loopback,
+        comment,
+        &mut out.sets,
+    ));
     out.chains.insert(0, (main, rules));
     out.sets.sort();
     out.sets.dedup();
@@ -477,7 +507,10 @@ fn view_rules(
         Masquerade::Always => rules.push(rule(chain, vec![set_mark()], c)),
         Masquerade::SourceOutside(cidr) => rules.push(rule(
             chain,
-            vec![matches(saddr(family), Operator::NEQ, prefix(cidr)), set_mark()],
+            vec![
+                matches(saddr(family), Operator::NEQ, prefix(cidr)),
+                set_mark(),
+            ],
             c,
         )),
     }
@@ -487,7 +520,10 @@ fn view_rules(
             .unwrap_or_default();
         rules.push(rule(
             chain,
-            vec![matches(saddr(family), Operator::EQ, prefix(&lo)), set_mark()],
+            vec![
+                matches(saddr(family), Operator::EQ, prefix(&lo)),
+                set_mark(),
+            ],
             c,
         ));
     }
@@ -595,9 +631,21 @@ fn base_objects(batch: &mut Tx) {
             SetTypeValue::Concatenated(vec![addr, addr].into()),
         ))));
     }
-    batch.add(NfListObject::Chain(base_chain("nat-prerouting", NfHook::Prerouting, -100)));
-    batch.add(NfListObject::Chain(base_chain("nat-output", NfHook::Output, -100)));
-    batch.add(NfListObject::Chain(base_chain("nat-postrouting", NfHook::Postrouting, 100)));
+    batch.add(NfListObject::Chain(base_chain(
+        "nat-prerouting",
+        NfHook::Prerouting,
+        -100,
+    )));
+    batch.add(NfListObject::Chain(base_chain(
+        "nat-output",
+        NfHook::Output,
+        -100,
+    )));
+    batch.add(NfListObject::Chain(base_chain(
+        "nat-postrouting",
+        NfHook::Postrouting,
+        100,
+    )));
     batch.add(NfListObject::Chain(chain(SERVICES_CHAIN)));
     batch.add(NfListObject::Chain(chain(REJECT_CHAIN)));
     for name in BASE_CHAINS {
@@ -629,7 +677,11 @@ fn base_objects(batch: &mut Tx) {
         batch.add(rule(
             SERVICES_CHAIN,
             vec![
-                matches(daddr(family), Operator::EQ, s(format!("@nodeport-ips{sfx}"))),
+                matches(
+                    daddr(family),
+                    Operator::EQ,
+                    s(format!("@nodeport-ips{sfx}")),
+                ),
                 Statement::VerdictMap(VerdictMap {
                     key: Expression::Named(NamedExpression::Concat(vec![
                         meta(MetaKey::L4proto),
@@ -759,6 +811,8 @@ pub struct NftablesDataplane {
     hairpin: BTreeMap<IpAddr, usize>,
     /// Whether the table and its base chains are known to exist.
     based: bool,
+    /// When every frontend chain was last rewritten by a reconcile.
+    last_rewrite: Option<Instant>,
 }
 
 impl Default for NftablesDataplane {
@@ -774,6 +828,7 @@ impl NftablesDataplane {
             programmed: BTreeMap::new(),
             hairpin: BTreeMap::new(),
             based: false,
+            last_rewrite: None,
         }
     }
 
@@ -809,8 +864,16 @@ impl NftablesDataplane {
                 if old == new && old.is_some() {
                     continue;
                 }
-                let old_chains: BTreeSet<String> = old.map(|o| o.chains()).unwrap_or_default().into_iter().collect();
-                let old_sets: BTreeSet<String> = old.map(|o| o.sets()).unwrap_or_default().into_iter().collect();
+                let old_chains: BTreeSet<String> = old
+                    .map(|o| o.chains())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                let old_sets: BTreeSet<String> = old
+                    .map(|o| o.sets())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
                 let mut new_chains = BTreeSet::new();
                 let mut new_sets = BTreeSet::new();
                 if let Some(new) = new {
@@ -822,7 +885,8 @@ impl NftablesDataplane {
                         new_sets.insert(name.clone());
                     }
                     for (name, chain_rules) in rendered.chains {
-                        if old_chains.contains(&name) || existing.is_some_and(|e| e.contains(&name)) {
+                        if old_chains.contains(&name) || existing.is_some_and(|e| e.contains(&name))
+                        {
                             flushes.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(&name))));
                         } else {
                             adds.add(NfListObject::Chain(chain(&name)));
@@ -982,23 +1046,26 @@ impl NftablesDataplane {
     }
 
     /// Reads the chains and sets of the table and the elements of its maps,
-    /// and makes them equal to `desired`: every frontend chain is rewritten
-    /// (which repairs edited rules too), and what is missing or extra is
-    /// added or deleted and counted.
+    /// and makes them equal to `desired`. What is missing or extra is
+    /// counted (`map_writes`/`map_deletes`: drift). When nothing is, and
+    /// the last full rewrite is younger than [`FULL_REWRITE_PERIOD`], only
+    /// the frontends that differ from `desired` are written (a periodic
+    /// sync at 10 000 services then costs a listing, not a rewrite);
+    /// otherwise every frontend chain is rewritten, which also repairs rules
+    /// edited by hand.
     pub fn reconcile_table(&mut self, desired: &ServiceTable) -> Result<ApplyStats, NftablesError> {
         let existing = Existing::read()?;
         self.ensure_base()?;
         let mut stats = ApplyStats::default();
+        let rewrite_all = self
+            .last_rewrite
+            .is_none_or(|at| at.elapsed() >= FULL_REWRITE_PERIOD);
         let wanted: BTreeMap<FrontendKey, Programmed> = desired
             .iter()
             .map(|(k, f)| (*k, self.program(k, f)))
             .collect();
         let wanted_chains: HashSet<String> = wanted.values().flat_map(Programmed::chains).collect();
         let wanted_sets: HashSet<String> = wanted.values().flat_map(Programmed::sets).collect();
-        // Forget what we believe is programmed: every wanted frontend is
-        // rewritten from scratch, over whatever the kernel holds.
-        self.programmed.clear();
-        self.hairpin.clear();
         let mut batch = Tx::new();
         batch.add(table());
         // Elements of frontends that should not be there, then their chains.
@@ -1008,7 +1075,9 @@ impl NftablesDataplane {
             .collect();
         for (map, key, target) in &existing.elements {
             if !wanted_elements.contains(&(map.clone(), target.clone())) {
-                batch.objects.push(serde_json::json!({ "delete": { "element": {
+                batch
+                    .objects
+                    .push(serde_json::json!({ "delete": { "element": {
                     "family": "inet", "table": TABLE, "name": map, "elem": [key],
                 } } }));
                 stats.map_deletes += 1;
@@ -1032,7 +1101,6 @@ impl NftablesDataplane {
             }
         }
         batch.append(late);
-        run(batch)?;
         // Drift: what is wanted and missing.
         let existing_elements: HashSet<(String, String)> = existing
             .elements
@@ -1044,17 +1112,36 @@ impl NftablesDataplane {
             .iter()
             .filter(|c| !existing.chains.contains(*c))
             .count();
-        // Rewrite every wanted frontend; chains the kernel holds are
-        // flushed in the same transaction as their new rules.
-        let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
+        let drift = stats.map_writes + stats.map_deletes > 0;
         let mut write_stats = ApplyStats::default();
+        if !rewrite_all && !drift {
+            // The kernel holds what we programmed: write what differs.
+            let keys: BTreeSet<FrontendKey> = wanted
+                .keys()
+                .chain(self.programmed.keys())
+                .copied()
+                .collect();
+            let keys: Vec<FrontendKey> = keys.into_iter().collect();
+            self.write(&keys, &wanted, None, &mut write_stats)?;
+            stats.frontends_changed = write_stats.map_writes + write_stats.map_deletes;
+            return Ok(stats);
+        }
+        // Forget what we believe is programmed, remove what is not wanted,
+        // and rewrite every wanted frontend; chains the kernel holds are
+        // flushed in the same transaction as their new rules.
+        self.last_rewrite = None;
+        self.programmed.clear();
+        self.hairpin.clear();
+        run(batch)?;
+        let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
         self.write(&keys, &wanted, Some(&existing.chains), &mut write_stats)?;
+        self.last_rewrite = Some(Instant::now());
         stats.frontends_added = wanted.len();
         Ok(stats)
     }
 
     fn set_network(&mut self, network: &NodeNetwork) -> Result<(), NftablesError> {
-        allow_localhost_nodeports(network);
+        netfilter::allow_localhost_nodeports(network);
         let replan = network.cluster_cidrs != self.network.cluster_cidrs
             || network.masquerade_all != self.network.masquerade_all;
         self.network = network.clone();
@@ -1079,24 +1166,6 @@ impl NftablesDataplane {
     }
 }
 
-/// A NodePort on 127.0.0.1 (asked for with `--nodeport-addresses`) is
-/// DNATed to a pod with its loopback source, which the kernel routes out of
-/// the node only with `route_localnet` (kube-proxy sets it the same way).
-/// IPv6 has no counterpart: `::1` NodePorts are served by the eBPF mode only.
-fn allow_localhost_nodeports(network: &NodeNetwork) {
-    const SYSCTL: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
-    if !network.nodeport_addresses.iter().any(|ip| matches!(ip, IpAddr::V4(v4) if v4.is_loopback())) {
-        return;
-    }
-    if std::fs::read_to_string(SYSCTL).is_ok_and(|v| v.trim() == "1") {
-        return;
-    }
-    match std::fs::write(SYSCTL, "1") {
-        Ok(()) => tracing::info!(sysctl = SYSCTL, "set to 1 for NodePorts on 127.0.0.0/8"),
-        Err(e) => tracing::warn!(sysctl = SYSCTL, error = %e, "cannot set; NodePorts on 127.0.0.0/8 will not work"),
-    }
-}
-
 /// What the kernel's table holds, by name.
 #[derive(Debug, Default)]
 struct Existing {
@@ -1110,7 +1179,8 @@ impl Existing {
     fn read() -> Result<Existing, NftablesError> {
         let mut existing = Existing::default();
         let ours = |o: &serde_json::Value| o.get("table").and_then(|t| t.as_str()) == Some(TABLE);
-        let name = |o: &serde_json::Value| o.get("name").and_then(|n| n.as_str()).map(str::to_string);
+        let name =
+            |o: &serde_json::Value| o.get("name").and_then(|n| n.as_str()).map(str::to_string);
         for object in list(&["list", "chains", "inet"])?.unwrap_or_default() {
             if let Some(c) = object.get("chain").filter(|c| ours(c)) {
                 existing.chains.extend(name(c));
@@ -1127,12 +1197,15 @@ impl Existing {
                     continue;
                 };
                 for pair in elems {
-                    let (Some(key), Some(target)) =
-                        (pair.get(0), pair.pointer("/1/goto/target").and_then(|t| t.as_str()))
-                    else {
+                    let (Some(key), Some(target)) = (
+                        pair.get(0),
+                        pair.pointer("/1/goto/target").and_then(|t| t.as_str()),
+                    ) else {
                         continue;
                     };
-                    existing.elements.push((map.to_string(), key.clone(), target.to_string()));
+                    existing
+                        .elements
+                        .push((map.to_string(), key.clone(), target.to_string()));
                 }
             }
         }
@@ -1167,4 +1240,318 @@ pub fn cleanup() -> Result<bool, NftablesError> {
     batch.delete(table());
     run(batch)?;
     Ok(true)
+}
+
+/// Deletes the tables of kube-proxy's nftables mode (`ip kube-proxy` and
+/// `ip6 kube-proxy`), for `--cleanup-kube-proxy`. Returns how many were there.
+pub fn cleanup_kube_proxy() -> Result<usize, NftablesError> {
+    let mut deleted = 0;
+    for family in ["ip", "ip6"] {
+        if list(&["list", "table", family, "kube-proxy"])?.is_none() {
+            continue;
+        }
+        let mut tx = Tx::new();
+        tx.objects.push(serde_json::json!({ "delete": { "table": {
+            "family": family, "name": "kube-proxy",
+        } } }));
+        run(tx)?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        FrontendChange, FrontendKind,
+        test_support::{backend, frontend, key, key_proto},
+    };
+
+    fn network() -> NodeNetwork {
+        NodeNetwork {
+            cluster_cidrs: vec![
+                "10.1.0.0/16".parse().unwrap(),
+                "fd00:1::/64".parse().unwrap(),
+            ],
+            nodeport_addresses: ["192.0.2.1".parse().unwrap()].into_iter().collect(),
+            ..NodeNetwork::default()
+        }
+    }
+
+    /// The rules of `chain` in `rendered`, as nft's JSON text.
+    fn rules_of(rendered: &Rendered, chain: &str) -> Vec<String> {
+        rendered
+            .chains
+            .iter()
+            .find(|(name, _)| name == chain)
+            .map(|(_, rules)| {
+                rules
+                    .iter()
+                    .map(|r| serde_json::to_string(r).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn rendered(k: &FrontendKey, f: &Frontend) -> Rendered {
+        render(&netfilter::plan(k, f, &network()), &comment_of(f))
+    }
+
+    #[test]
+    fn backends_are_chosen_by_a_uniform_cascade_after_the_masquerade_mark() {
+        let k = key("10.96.0.1", 80);
+        let f = frontend(
+            "ns",
+            "web",
+            &[
+                backend("10.1.0.1", 8080),
+                backend("10.1.0.2", 8080),
+                backend("10.1.0.3", 8080),
+            ],
+        );
+        let r = rendered(&k, &f);
+        assert_eq!(r.chains.len(), 1);
+        assert!(r.sets.is_empty());
+        let rules = rules_of(&r, "svc-tcp-10.96.0.1-80");
+        assert_eq!(rules.len(), 4, "{rules:#?}");
+        assert!(
+            rules[0].contains(r#""op":"!=""#) && rules[0].contains(r#""addr":"10.1.0.0","len":16"#)
+        );
+        assert!(rules[0].contains(r#""mangle""#));
+        assert!(
+            rules[1].contains(r#""mod":3"#)
+                && rules[1].contains(r#""addr":"10.1.0.1","family":"ip","port":8080"#)
+        );
+        assert!(rules[2].contains(r#""mod":2"#) && rules[2].contains(r#""addr":"10.1.0.2""#));
+        assert!(!rules[3].contains("numgen") && rules[3].contains(r#""addr":"10.1.0.3""#));
+        assert!(rules.iter().all(|r| r.contains(r#""comment":"ns/web""#)));
+    }
+
+    #[test]
+    fn affinity_checks_every_endpoints_set_first_and_refreshes_the_chosen_one() {
+        let k = key("10.96.0.1", 80);
+        let mut f = frontend(
+            "ns",
+            "web",
+            &[backend("10.1.0.1", 80), backend("10.1.0.2", 80)],
+        );
+        f.policy.affinity_timeout_secs = Some(30);
+        let r = rendered(&k, &f);
+        let names: Vec<&str> = r.sets.iter().map(|(n, ..)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "svc-tcp-10.96.0.1-80-aff30-10.1.0.1-80",
+                "svc-tcp-10.96.0.1-80-aff30-10.1.0.2-80"
+            ]
+        );
+        let rules = rules_of(&r, "svc-tcp-10.96.0.1-80");
+        // Mark, two affinity hits, two choices.
+        assert_eq!(rules.len(), 5, "{rules:#?}");
+        assert!(rules[1].contains(r#""right":"@svc-tcp-10.96.0.1-80-aff30-10.1.0.1-80""#));
+        assert!(rules[1].contains(r#""op":"update""#));
+        assert!(
+            rules[3].contains("numgen")
+                && rules[3].contains(r#""set":"@svc-tcp-10.96.0.1-80-aff30-10.1.0.1-80""#)
+        );
+        let set = serde_json::to_string(&affinity_set_object(names[0], Family::V4, 30)).unwrap();
+        assert!(set.contains(r#""flags":["timeout"]"#) && set.contains(r#""timeout":30"#));
+    }
+
+    #[test]
+    fn local_external_frontends_send_pods_to_the_cluster_view_and_drop_the_rest() {
+        let k = key("0.0.0.0", 30080);
+        let mut f = frontend("ns", "web", &[]);
+        f.kind = FrontendKind::NodePort;
+        f.policy.local_only = true;
+        f.cluster_backends = vec![backend("10.1.0.9", 80)];
+        let r = rendered(&k, &f);
+        let main = rules_of(&r, "svc-tcp-0.0.0.0-30080");
+        assert!(
+            main[0].contains(r#""goto":{"target":"svc-tcp-0.0.0.0-30080-cluster"}"#),
+            "{main:#?}"
+        );
+        assert!(
+            main.last().unwrap().contains(r#"{"drop":null}"#),
+            "{main:#?}"
+        );
+        assert!(
+            !main
+                .iter()
+                .any(|r| r.contains("mangle") && !r.contains("127.0.0.0"))
+        );
+        let cluster = rules_of(&r, "svc-tcp-0.0.0.0-30080-cluster");
+        assert_eq!(cluster.len(), 1, "pods keep their source: {cluster:#?}");
+        assert!(cluster[0].contains(r#""addr":"10.1.0.9""#));
+        let (map, _) = map_entry(&netfilter::plan(&k, &f, &network()));
+        assert_eq!(map, "nodeports4");
+    }
+
+    #[test]
+    fn services_without_endpoints_reject_and_source_ranges_drop_others() {
+        let k = key_proto("fd00:2::10", 53, Protocol::Udp);
+        let f = frontend("ns", "dns", &[]);
+        let rules = rules_of(&rendered(&k, &f), "svc-udp-fd00:2::10-53");
+        assert!(
+            rules
+                .last()
+                .unwrap()
+                .contains(r#""goto":{"target":"reject"}"#),
+            "{rules:#?}"
+        );
+        let k = key("192.0.2.10", 443);
+        let mut f = frontend("ns", "lb", &[backend("10.1.0.1", 8443)]);
+        f.kind = FrontendKind::LoadBalancer;
+        f.policy.source_ranges = vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "fd00::/8".parse().unwrap(),
+        ];
+        let rules = rules_of(&rendered(&k, &f), "svc-tcp-192.0.2.10-443");
+        assert!(
+            rules[0].contains(r#""op":"!=""#)
+                && rules[0].contains(r#""addr":"198.51.100.0","len":24"#)
+        );
+        assert!(!rules[0].contains("fd00::") && rules[0].contains(r#"{"drop":null}"#));
+    }
+
+    #[test]
+    fn ipv6_backends_are_translated_with_the_ip6_family() {
+        let k = key("fd00:2::10", 80);
+        let f = frontend("ns", "web", &[backend("fd00:1::5", 8080)]);
+        let rules = rules_of(&rendered(&k, &f), "svc-tcp-fd00:2::10-80");
+        assert!(
+            rules
+                .last()
+                .unwrap()
+                .contains(r#""addr":"fd00:1::5","family":"ip6","port":8080"#),
+            "{rules:#?}"
+        );
+    }
+
+    // -----------------------------------------------------------------------
+    // Against the kernel, in a network namespace of the test's own.
+
+    fn nft_out(args: &[&str]) -> String {
+        let out = Command::new("nft").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn in_own_netns(test: impl FnOnce() + Send + 'static) {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for a network namespace and nftables");
+            return;
+        }
+        let outcome = std::thread::spawn(move || {
+            // SAFETY: moves only this fresh thread (no sockets yet) into a
+            // new network namespace; its children (nft) inherit it.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("skipped: cannot create a network namespace");
+                return;
+            }
+            test();
+        })
+        .join();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    #[test]
+    fn partial_syncs_touch_only_the_changed_frontend_and_reconcile_repairs_drift() {
+        in_own_netns(|| {
+            let mut dp = NftablesDataplane::new();
+            dp.set_network(&network()).unwrap();
+            let a = key("10.96.0.1", 80);
+            let b = key("10.96.0.2", 80);
+            let mut table = ServiceTable::new();
+            table.insert(a, frontend("ns", "a", &[backend("10.1.0.1", 80)]));
+            table.insert(b, frontend("ns", "b", &[backend("10.1.0.2", 80)]));
+            let stats = dp.reconcile_table(&table).unwrap();
+            assert_eq!(
+                stats.map_writes, 4,
+                "2 elements and 2 chains were missing: {stats:?}"
+            );
+            let handles = |chain: &str| nft_out(&["-a", "list", "chain", "inet", TABLE, chain]);
+            let b_before = handles("svc-tcp-10.96.0.2-80");
+            assert!(b_before.contains("dnat ip to 10.1.0.2:80"), "{b_before}");
+
+            // One endpoint more for `a`: `b`'s rules keep their handles.
+            let old = table.get(&a).unwrap().clone();
+            let new = frontend(
+                "ns",
+                "a",
+                &[backend("10.1.0.1", 80), backend("10.1.0.3", 80)],
+            );
+            let diff = TableDiff {
+                changed: vec![FrontendChange {
+                    key: a,
+                    old,
+                    new: new.clone(),
+                }],
+                ..TableDiff::default()
+            };
+            dp.apply_diff(&diff).unwrap();
+            table.insert(a, new);
+            assert_eq!(handles("svc-tcp-10.96.0.2-80"), b_before);
+            let a_rules = handles("svc-tcp-10.96.0.1-80");
+            assert!(
+                a_rules.contains("numgen random mod 2") && a_rules.contains("10.1.0.3:80"),
+                "{a_rules}"
+            );
+            let hairpin = nft_out(&["list", "set", "inet", TABLE, "hairpin4"]);
+            assert!(hairpin.contains("10.1.0.3 . 10.1.0.3"), "{hairpin}");
+
+            // Someone deletes `b`'s element and chain, and adds a chain.
+            let sh = |script: &str| {
+                let mut child = Command::new("nft")
+                    .args(["-f", "-"])
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(script.as_bytes())
+                    .unwrap();
+                assert!(child.wait().unwrap().success(), "{script}");
+            };
+            sh(&format!(
+                "delete element inet {TABLE} services4 {{ 10.96.0.2 . tcp . 80 }}\n\
+                 flush chain inet {TABLE} svc-tcp-10.96.0.2-80\n\
+                 delete chain inet {TABLE} svc-tcp-10.96.0.2-80\n\
+                 add chain inet {TABLE} svc-tcp-10.96.0.99-80\n"
+            ));
+            let stats = dp.reconcile_table(&table).unwrap();
+            assert_eq!((stats.map_writes, stats.map_deletes), (2, 1), "{stats:?}");
+            assert!(handles("svc-tcp-10.96.0.2-80").contains("dnat ip to 10.1.0.2:80"));
+            let chains = nft_out(&["list", "chains", "inet"]);
+            assert!(!chains.contains("10.96.0.99"), "{chains}");
+            let map = nft_out(&["list", "map", "inet", TABLE, "services4"]);
+            assert!(
+                map.contains("10.96.0.2 . tcp . 80 : goto svc-tcp-10.96.0.2-80"),
+                "{map}"
+            );
+            // A reconcile of an unchanged kernel finds nothing to repair.
+            let stats = dp.reconcile_table(&table).unwrap();
+            assert_eq!((stats.map_writes, stats.map_deletes), (0, 0), "{stats:?}");
+
+            // Removing everything leaves only the base objects; cleanup the table.
+            dp.reconcile_table(&ServiceTable::new()).unwrap();
+            let left = nft_out(&["list", "table", "inet", TABLE]);
+            assert!(!left.contains("svc-"), "{left}");
+            assert!(cleanup().unwrap());
+            assert!(!cleanup().unwrap(), "a second cleanup finds nothing");
+
+            // kube-proxy's tables go with --cleanup-kube-proxy, nothing else.
+            sh(
+                "add table ip kube-proxy\nadd chain ip kube-proxy c\nadd table ip6 kube-proxy\nadd table ip other\n",
+            );
+            assert_eq!(cleanup_kube_proxy().unwrap(), 2);
+            assert_eq!(cleanup_kube_proxy().unwrap(), 0);
+            assert!(nft_out(&["list", "tables"]).contains("table ip other"));
+        });
+    }
 }

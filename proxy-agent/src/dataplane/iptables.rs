@@ -1,0 +1,2064 @@
+//! The iptables dataplane: `iptables-restore` / `ip6tables-restore` input
+//! in kube-proxy's chain layout, so that operators' habits (`iptables-save
+//! | grep KUBE-SVC`, the comments, the masquerade bit) keep working. What
+//! each frontend means is decided in [`super::netfilter`]; this module only
+//! spells it in iptables.
+//!
+//! Layout, per family (`iptables` for IPv4, `ip6tables` for IPv6):
+//! - nat `KUBE-SERVICES`, jumped to from `PREROUTING` and `OUTPUT`: one rule
+//!   per frontend address (`-d vip -p proto --dport port`), to `KUBE-SVC-…`
+//!   (ClusterIP), `KUBE-EXT-…` (externalIPs, LoadBalancer IPs) or
+//!   `KUBE-FW-…` (LoadBalancer IPs with source ranges); last, one
+//!   `-d <address> -j KUBE-NODEPORTS` per NodePort address of the node
+//!   (never `--dst-type LOCAL`: loopback is served only when asked for,
+//!   CVE-2020-8558).
+//! - nat `KUBE-NODEPORTS`: `-p proto --dport nodePort -j KUBE-EXT-…`.
+//! - `KUBE-FW-<hash>`: `-s <range> -j KUBE-EXT-…` per source range; other
+//!   sources fall through untranslated and are dropped by the filter
+//!   table's `KUBE-PROXY-FIREWALL`.
+//! - `KUBE-EXT-<hash>`: the pods' short-circuit of a frontend whose policy
+//!   is Local (`-s <cluster CIDR> -j KUBE-SVC-…`), the masquerade mark, then
+//!   the endpoint choice of the frontend's own view (`KUBE-SVL-…` when the
+//!   pods have a view of their own, as kube-proxy names local endpoints).
+//! - `KUBE-SVC-<hash>` / `KUBE-SVL-<hash>`: the masquerade mark of a
+//!   ClusterIP, the session affinity checks (`-m recent --rcheck`), then the
+//!   `-m statistic --mode random --probability 1/(n-i)` cascade to the
+//!   `KUBE-SEP-…` chains, the last one unconditional.
+//! - `KUBE-SEP-<hash>`: one endpoint of one frontend: hairpin (`-s <ep> -j
+//!   KUBE-MARK-MASQ`), then `-j DNAT` (with `-m recent --set` under
+//!   affinity; the recent list is named like the chain).
+//! - nat `KUBE-MARK-MASQ` sets the mark 0x4000, `KUBE-POSTROUTING` (from
+//!   `POSTROUTING`) masquerades marked packets (`--random-fully`).
+//!
+//! The nat table cannot drop or reject. As in kube-proxy, a view that
+//! rejects or drops is simply not translated, and the filter table catches
+//! the packets still addressed to the frontend: `KUBE-SERVICES` (rejects of
+//! ClusterIPs, externalIPs, LoadBalancer IPs; drops of ClusterIPs with the
+//! Local internal policy), `KUBE-EXTERNAL-SERVICES` (rejects of NodePorts,
+//! drops of external frontends without a local endpoint, for non-pods only
+//! when the pods have a view) and `KUBE-PROXY-FIREWALL` (sources outside
+//! the source ranges), each jumped to from `INPUT`, `FORWARD` and `OUTPUT`
+//! for `--ctstate NEW`, the firewall first, so a source outside the ranges
+//! is dropped before a reject, as the nftables mode orders it. (kube-proxy
+//! hooks `KUBE-SERVICES` from FORWARD and OUTPUT only and
+//! `KUBE-EXTERNAL-SERVICES` from INPUT and FORWARD; a VIP the node has a
+//! local route for, or a node process reaching a NodePort, needs all three
+//! for a drop to mean the same as in the nftables mode.)
+//!
+//! Chain names carry a hash of the frontend (and endpoint): 16 base32
+//! characters of a 128-bit FNV-1a (see [`hash16`]), the same on every run
+//! and version, since the kernel keeps the chains across restarts of the
+//! agent; at most 25 characters, under iptables' limit of 28.
+//!
+//! A sync is at most one `iptables-restore --noflush` per family (nat and
+//! filter in it), holding the chains of the changed frontends (only those
+//! whose rules changed), the deletions (`-X`) of the chains they no longer
+//! have, and the top-level chains (`KUBE-SERVICES`, `KUBE-NODEPORTS`, the
+//! filter chains), rewritten whole. There is no chunking as in the nftables
+//! mode: one restore is one atomic transaction per table, and its cost grows
+//! linearly with its size (kube-proxy writes everything in one as well).
+//! The jumps from the built-in chains are checked (against `iptables-save`)
+//! at start and by every reconcile, never by a partial sync. The reconcile
+//! rewrites every chain of ours and deletes the per-frontend chains (by
+//! prefix, so kube-proxy's too) that no frontend wants. `-w 5` waits for
+//! the xtables lock; nothing else is locked.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    io::Write,
+    net::IpAddr,
+    process::{Command, Stdio},
+};
+
+use ipnet::IpNet;
+
+use super::{
+    ApplyStats, Dataplane, DataplaneError, NodeNetwork, conntrack,
+    netfilter::{self, Action, Family, FrontendPlan, MASQUERADE_MARK, Masquerade, View},
+};
+use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, TableDiff};
+
+/// nat: the services' entry point (also a filter chain of that name).
+pub const SERVICES_CHAIN: &str = "KUBE-SERVICES";
+/// nat: NodePorts, jumped to from the end of `KUBE-SERVICES`.
+pub const NODEPORTS_CHAIN: &str = "KUBE-NODEPORTS";
+const POSTROUTING_CHAIN: &str = "KUBE-POSTROUTING";
+const MARK_MASQ_CHAIN: &str = "KUBE-MARK-MASQ";
+/// filter: packets to external frontends that were not translated.
+const EXTERNAL_SERVICES_CHAIN: &str = "KUBE-EXTERNAL-SERVICES";
+/// filter: packets to LoadBalancer IPs from outside their source ranges.
+const FIREWALL_CHAIN: &str = "KUBE-PROXY-FIREWALL";
+
+/// Prefixes of the per-frontend chains (kube-proxy's too, `KUBE-XLB-` of
+/// its older versions included): every chain of the nat table with one of
+/// them is ours, wanted or not.
+const FRONTEND_PREFIXES: [&str; 6] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-SEP-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-XLB-",
+];
+
+/// iptables' limit on chain names.
+pub const MAX_CHAIN_NAME: usize = 28;
+
+/// How long iptables-restore waits for the xtables lock (`-w`), seconds.
+const LOCK_WAIT_SECS: &str = "5";
+
+/// How many lines of iptables-restore's stderr an error keeps.
+const STDERR_LINES: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("running {binary}: {source}")]
+    Spawn {
+        binary: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{binary} refused the input{}: {stderr}", line_text(*.line, .text))]
+    Refused {
+        binary: &'static str,
+        /// Its first lines of stderr, joined with " | ".
+        stderr: String,
+        /// The input line it reported, if it did.
+        line: Option<usize>,
+        /// That line of our input.
+        text: Option<String>,
+    },
+    #[error("{binary} failed: {stderr}")]
+    Save {
+        binary: &'static str,
+        stderr: String,
+    },
+    #[error("deleting stale UDP flows: {0}")]
+    Conntrack(#[from] conntrack::ConntrackError),
+}
+
+fn line_text(line: Option<usize>, text: &Option<String>) -> String {
+    match (line, text) {
+        (Some(n), Some(t)) => format!(" at line {n} ({t:?})"),
+        (Some(n), None) => format!(" at line {n}"),
+        _ => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Running iptables.
+
+fn restore_binary(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables-restore",
+        Family::V6 => "ip6tables-restore",
+    }
+}
+
+fn save_binary(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables-save",
+        Family::V6 => "ip6tables-save",
+    }
+}
+
+/// Feeds `input` to `iptables-restore --noflush` of `family`.
+fn restore(family: Family, input: &str) -> Result<(), IptablesError> {
+    let binary = restore_binary(family);
+    let spawn = |source| IptablesError::Spawn { binary, source };
+    let mut child = Command::new(binary)
+        .args(["-w", LOCK_WAIT_SECS, "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A refusal may close stdin early; the exit status tells.
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(spawn)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&out.stderr);
+    Err(refusal(binary, &text, input))
+}
+
+/// The error of a refused restore: the first lines of stderr, and the
+/// offending input line when iptables-restore names one ("Error occurred at
+/// line: N", or "line N failed").
+fn refusal(binary: &'static str, stderr: &str, input: &str) -> IptablesError {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Try `"))
+        .take(STDERR_LINES)
+        .collect();
+    let line = stderr.lines().find_map(|l| {
+        let rest = l.split("line").nth(1)?;
+        rest.trim_start_matches([':', ' '])
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse::<usize>()
+            .ok()
+    });
+    let text = line
+        .filter(|n| *n > 0)
+        .and_then(|n| input.lines().nth(n - 1))
+        .map(str::to_string);
+    IptablesError::Refused {
+        binary,
+        stderr: if lines.is_empty() {
+            "(no message)".to_string()
+        } else {
+            lines.join(" | ")
+        },
+        line,
+        text,
+    }
+}
+
+/// `iptables-save -t <table>` of `family`, parsed. A missing binary reads
+/// as an empty table when `missing_is_empty` (cleanup on a node without
+/// iptables).
+fn save(family: Family, table: &str, missing_is_empty: bool) -> Result<Saved, IptablesError> {
+    let binary = save_binary(family);
+    let out = match Command::new(binary).args(["-t", table]).output() {
+        Ok(out) => out,
+        Err(e) if missing_is_empty && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Saved::default());
+        }
+        Err(source) => return Err(IptablesError::Spawn { binary, source }),
+    };
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        // A table the kernel does not have is empty.
+        if text.contains("does not exist") || text.contains("Table does not exist") {
+            return Ok(Saved::default());
+        }
+        return Err(IptablesError::Save {
+            binary,
+            stderr: text
+                .lines()
+                .take(STDERR_LINES)
+                .collect::<Vec<_>>()
+                .join(" | "),
+        });
+    }
+    Ok(Saved::parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// One table as iptables-save prints it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Saved {
+    /// Every chain (built-in ones included) and its rules, each the text
+    /// after `-A <chain> `.
+    chains: BTreeMap<String, Vec<String>>,
+}
+
+impl Saved {
+    fn parse(text: &str) -> Saved {
+        let mut saved = Saved::default();
+        for line in text.lines() {
+            if let Some(decl) = line.strip_prefix(':') {
+                if let Some(name) = decl.split_whitespace().next() {
+                    saved.chains.entry(name.to_string()).or_default();
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+                saved
+                    .chains
+                    .entry(chain.to_string())
+                    .or_default()
+                    .push(spec.to_string());
+            }
+        }
+        saved
+    }
+
+    fn has(&self, chain: &str) -> bool {
+        self.chains.contains_key(chain)
+    }
+
+    fn rules(&self, chain: &str) -> &[String] {
+        self.chains.get(chain).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The jump target of a rule's text (`-j X` or `-g X`).
+fn target_of(spec: &str) -> Option<&str> {
+    let mut words = spec.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "-j" || w == "-g" || w == "--jump" || w == "--goto" {
+            return words.next();
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// Names.
+
+/// 128-bit FNV-1a: short, stable across versions (it is written here, not
+/// taken from a library that might change), and enough bits for chain
+/// names that must not collide.
+fn fnv1a_128(data: &[u8]) -> u128 {
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    let mut hash = OFFSET;
+    for b in data {
+        hash ^= u128::from(*b);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    hash
+}
+
+/// 16 characters of RFC 4648 base32 of the first 80 bits of the hash of
+/// `text`. The hash's own 16 bytes are hashed once more: FNV-1a mixes its
+/// last input bytes into few bits, and names of endpoints that differ in
+/// one digit should not look alike.
+fn hash16(text: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let once = fnv1a_128(text.as_bytes()).to_be_bytes();
+    let bits = fnv1a_128(&once) >> 48;
+    (0..16)
+        .rev()
+        .map(|i| char::from(ALPHABET[((bits >> (i * 5)) & 31) as usize]))
+        .collect()
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// The text a frontend's names are hashed from. Changing it renames every
+/// chain on upgrade: don't.
+fn key_text(key: &FrontendKey) -> String {
+    format!("{}/{}/{}", proto_name(key.protocol), key.ip, key.port)
+}
+
+fn frontend_hash(key: &FrontendKey) -> String {
+    hash16(&key_text(key))
+}
+
+/// `KUBE-SVC-<hash>`: the choice among every endpoint of the frontend's
+/// main view (or of the pods' view, when it has one).
+pub fn svc_chain(key: &FrontendKey) -> String {
+    format!("KUBE-SVC-{}", frontend_hash(key))
+}
+
+/// `KUBE-SVL-<hash>`: the choice among the local endpoints of a frontend
+/// whose pods have a view of their own.
+pub fn svl_chain(key: &FrontendKey) -> String {
+    format!("KUBE-SVL-{}", frontend_hash(key))
+}
+
+/// `KUBE-EXT-<hash>`: the entry of an external frontend.
+pub fn ext_chain(key: &FrontendKey) -> String {
+    format!("KUBE-EXT-{}", frontend_hash(key))
+}
+
+/// `KUBE-FW-<hash>`: the source ranges of a LoadBalancer frontend.
+pub fn fw_chain(key: &FrontendKey) -> String {
+    format!("KUBE-FW-{}", frontend_hash(key))
+}
+
+/// `KUBE-SEP-<hash>`: one endpoint of one frontend.
+pub fn sep_chain(key: &FrontendKey, backend: &Backend) -> String {
+    let text = format!("{}>{}", key_text(key), addr_port(backend));
+    format!("KUBE-SEP-{}", hash16(&text))
+}
+
+fn addr_port(backend: &Backend) -> String {
+    match backend.ip {
+        IpAddr::V4(ip) => format!("{ip}:{}", backend.port),
+        IpAddr::V6(ip) => format!("[{ip}]:{}", backend.port),
+    }
+}
+
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => format!("{ip}/32"),
+        IpAddr::V6(ip) => format!("{ip}/128"),
+    }
+}
+
+fn net(n: &IpNet) -> String {
+    format!("{}/{}", n.network(), n.prefix_len())
+}
+
+/// `-m comment --comment "<text>"`, with what the restore parser cannot
+/// take inside quotes left out (names are DNS labels; this is a guard).
+fn comment(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .filter(|c| !matches!(c, '"' | '\\' | '\n' | '\r'))
+        .take(250)
+        .collect();
+    format!("-m comment --comment \"{clean}\"")
+}
+
+fn comment_of(frontend: &Frontend) -> String {
+    let port = if frontend.port_name.is_empty() {
+        String::new()
+    } else {
+        format!(":{}", frontend.port_name)
+    };
+    format!("{}{port}", frontend.service)
+}
+
+/// `-p proto -m proto --dport port`.
+fn dport(key: &FrontendKey) -> String {
+    let p = proto_name(key.protocol);
+    format!("-p {p} -m {p} --dport {}", key.port)
+}
+
+/// kube-proxy's spelling of the cascade's probabilities.
+fn probability(n: usize) -> String {
+    format!("{:.10}", 1.0 / n as f64)
+}
+
+// ---------------------------------------------------------------------------
+// What a frontend is in iptables.
+
+/// The nat chains of one frontend, and the rule that enters them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rendered {
+    /// Chain name and its rules (the text after `-A <chain> `), in order.
+    chains: BTreeMap<String, Vec<String>>,
+    /// The rule of `KUBE-SERVICES` (or of `KUBE-NODEPORTS`, for a NodePort)
+    /// that enters the frontend; `None` when nothing is translated.
+    entry: Option<String>,
+}
+
+fn balances(view: &View) -> bool {
+    matches!(view.action, Action::Balance(_))
+}
+
+/// The nat chains of `plan`; `external`: the frontend is reached from
+/// outside the cluster (its kind is not ClusterIP) and enters through
+/// `KUBE-EXT-…`.
+fn render(plan: &FrontendPlan, comment_text: &str, external: bool) -> Rendered {
+    let mut out = Rendered::default();
+    let c = comment(comment_text);
+    let key = &plan.key;
+    let cluster_balances = plan.cluster_view.as_ref().is_some_and(|(_, v)| balances(v));
+    if !balances(&plan.view) && !cluster_balances {
+        // Nothing is translated: the filter table refuses.
+        return out;
+    }
+    // The endpoint choice of each view that balances.
+    let main_choice = if plan.cluster_view.is_some() {
+        svl_chain(key)
+    } else {
+        svc_chain(key)
+    };
+    if let Action::Balance(backends) = &plan.view.action {
+        // A ClusterIP marks in its choice chain, an external frontend in
+        // its KUBE-EXT chain.
+        let masquerade = (!external).then_some(&plan.view.masquerade);
+        let rules = choice_rules(plan, backends, masquerade, &c);
+        out.chains.insert(main_choice.clone(), rules);
+    }
+    if let Some((_, view)) = &plan.cluster_view
+        && let Action::Balance(backends) = &view.action
+    {
+        let rules = choice_rules(plan, backends, Some(&view.masquerade), &c);
+        out.chains.insert(svc_chain(key), rules);
+    }
+    for b in plan.backends() {
+        out.chains
+            .insert(sep_chain(key, &b), sep_rules(plan, &b, &c));
+    }
+    if !external {
+        out.entry = Some(format!(
+            "{c} -d {} {} -j {main_choice}",
+            host(key.ip),
+            dport(key)
+        ));
+        return out;
+    }
+    // KUBE-EXT: the pods' short-circuit, the masquerade mark, the main view.
+    let ext = ext_chain(key);
+    let mut rules = Vec::new();
+    if let Some((cidr, view)) = &plan.cluster_view {
+        let target = if balances(view) {
+            svc_chain(key)
+        } else {
+            // The pods' view refuses: the filter table does it for them.
+            "RETURN".to_string()
+        };
+        rules.push(format!("{c} -s {} -j {target}", net(cidr)));
+    }
+    if balances(&plan.view) {
+        rules.extend(mark_rule(&plan.view.masquerade, &c));
+        if plan.masquerade_loopback {
+            rules.push(format!("{c} -s 127.0.0.0/8 -j {MARK_MASQ_CHAIN}"));
+        }
+        rules.push(format!("{c} -j {main_choice}"));
+    }
+    out.chains.insert(ext.clone(), rules);
+    let mut target = ext;
+    if let Some(ranges) = &plan.source_ranges {
+        let fw = fw_chain(key);
+        let rules = ranges
+            .iter()
+            .map(|r| format!("{c} -s {} -j {target}", net(r)))
+            .chain(std::iter::once(comment(&format!(
+                "other traffic to {comment_text} will be dropped by {FIREWALL_CHAIN}"
+            ))))
+            .collect();
+        out.chains.insert(fw.clone(), rules);
+        target = fw;
+    }
+    out.entry = Some(if plan.is_node_port() {
+        format!("{c} {} -j {target}", dport(key))
+    } else {
+        format!("{c} -d {} {} -j {target}", host(key.ip), dport(key))
+    });
+    out
+}
+
+/// The masquerade mark rule of a view, if it marks.
+fn mark_rule(masquerade: &Masquerade, c: &str) -> Option<String> {
+    match masquerade {
+        Masquerade::Never => None,
+        Masquerade::Always => Some(format!("{c} -j {MARK_MASQ_CHAIN}")),
+        Masquerade::SourceOutside(cidr) => {
+            Some(format!("{c} ! -s {} -j {MARK_MASQ_CHAIN}", net(cidr)))
+        }
+    }
+}
+
+/// A choice chain: masquerade mark (ClusterIP), affinity checks, cascade.
+fn choice_rules(
+    plan: &FrontendPlan,
+    backends: &[Backend],
+    masquerade: Option<&Masquerade>,
+    c: &str,
+) -> Vec<String> {
+    let mut rules = Vec::new();
+    if let Some(m) = masquerade {
+        rules.extend(mark_rule(m, c));
+    }
+    let seps: Vec<String> = backends.iter().map(|b| sep_chain(&plan.key, b)).collect();
+    if let Some(timeout) = plan.affinity_timeout_secs {
+        for sep in &seps {
+            rules.push(format!(
+                "{c} -m recent --name {sep} --rcheck --seconds {timeout} --reap --rsource -j {sep}"
+            ));
+        }
+    }
+    let n = seps.len();
+    for (i, sep) in seps.iter().enumerate() {
+        if i + 1 < n {
+            rules.push(format!(
+                "{c} -m statistic --mode random --probability {} -j {sep}",
+                probability(n - i)
+            ));
+        } else {
+            rules.push(format!("{c} -j {sep}"));
+        }
+    }
+    rules
+}
+
+/// An endpoint chain: hairpin, then DNAT (remembering the client under
+/// affinity).
+fn sep_rules(plan: &FrontendPlan, backend: &Backend, c: &str) -> Vec<String> {
+    let sep = sep_chain(&plan.key, backend);
+    let p = proto_name(plan.key.protocol);
+    let affinity = if plan.affinity_timeout_secs.is_some() {
+        format!(" -m recent --name {sep} --set --rsource")
+    } else {
+        String::new()
+    };
+    vec![
+        format!("{c} -s {} -j {MARK_MASQ_CHAIN}", host(backend.ip)),
+        format!(
+            "{c} -p {p}{affinity} -m {p} -j DNAT --to-destination {}",
+            addr_port(backend)
+        ),
+    ]
+}
+
+/// Which filter chain a refusal goes to, and its rules: (chain, rule).
+fn filter_rules(
+    plan: &FrontendPlan,
+    comment_text: &str,
+    nodeport_addresses: &BTreeSet<IpAddr>,
+    external: bool,
+) -> Vec<(&'static str, String)> {
+    let c = comment(comment_text);
+    let key = &plan.key;
+    let destinations: Vec<String> = if plan.is_node_port() {
+        nodeport_addresses
+            .iter()
+            .filter(|ip| Family::of(**ip) == plan.family)
+            .map(|ip| format!("-d {} {}", host(*ip), dport(key)))
+            .collect()
+    } else {
+        vec![format!("-d {} {}", host(key.ip), dport(key))]
+    };
+    let verdict = |action: &Action| -> Option<String> {
+        match action {
+            Action::Balance(_) => None,
+            Action::Reject if key.protocol == Protocol::Tcp => {
+                Some("-j REJECT --reject-with tcp-reset".to_string())
+            }
+            Action::Reject => Some("-j REJECT".to_string()),
+            Action::Drop => Some("-j DROP".to_string()),
+        }
+    };
+    let chain_of = |action: &Action| -> &'static str {
+        match action {
+            Action::Reject if !plan.is_node_port() => SERVICES_CHAIN,
+            Action::Drop if !external => SERVICES_CHAIN,
+            _ => EXTERNAL_SERVICES_CHAIN,
+        }
+    };
+    // (source match, action) per view.
+    let mut refusals: Vec<(String, &Action)> = Vec::new();
+    match &plan.cluster_view {
+        Some((_, view)) if view.action == plan.view.action => {
+            refusals.push((String::new(), &plan.view.action));
+        }
+        Some((cidr, view)) => {
+            refusals.push((format!(" -s {}", net(cidr)), &view.action));
+            refusals.push((format!(" ! -s {}", net(cidr)), &plan.view.action));
+        }
+        None => refusals.push((String::new(), &plan.view.action)),
+    }
+    let mut out = Vec::new();
+    // Sources outside the ranges: dropped whatever the views do. Admitted
+    // sources that reach this point were not translated because their view
+    // refuses: they go on to that refusal. (A RETURN only skips rules of
+    // other frontends, which cannot match the same destination.)
+    if let Some(ranges) = &plan.source_ranges {
+        let refuses = refusals
+            .iter()
+            .any(|(_, a)| !matches!(a, Action::Balance(_)));
+        for d in &destinations {
+            if refuses {
+                for r in ranges {
+                    out.push((FIREWALL_CHAIN, format!("{c} -s {} {d} -j RETURN", net(r))));
+                }
+            }
+            out.push((
+                FIREWALL_CHAIN,
+                format!(
+                    "{} {d} -j DROP",
+                    comment(&format!(
+                        "{comment_text} traffic not accepted by {}",
+                        fw_chain(key)
+                    ))
+                ),
+            ));
+        }
+    }
+    for (src, action) in refusals {
+        let Some(verdict) = verdict(action) else {
+            continue;
+        };
+        for d in &destinations {
+            out.push((chain_of(action), format!("{c}{src} {d} {verdict}")));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Restore input.
+
+/// The lines of one table of a restore: declarations (which create or
+/// flush), rules, then deletions of chains.
+#[derive(Debug, Default)]
+struct TableInput {
+    declare: BTreeSet<String>,
+    rules: Vec<String>,
+    delete: BTreeSet<String>,
+}
+
+impl TableInput {
+    fn is_empty(&self) -> bool {
+        self.declare.is_empty() && self.rules.is_empty() && self.delete.is_empty()
+    }
+
+    /// Declares `chain` and appends its rules.
+    fn chain(&mut self, chain: &str, rules: &[String]) {
+        self.declare.insert(chain.to_string());
+        for r in rules {
+            self.rules.push(format!("-A {chain} {r}"));
+        }
+    }
+
+    /// Flushes and deletes `chain`.
+    fn remove(&mut self, chain: &str) {
+        self.declare.insert(chain.to_string());
+        self.delete.insert(chain.to_string());
+    }
+
+    fn write(&self, table: &str, out: &mut String) {
+        if self.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "*{table}");
+        for chain in &self.declare {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for rule in &self.rules {
+            let _ = writeln!(out, "{rule}");
+        }
+        for chain in &self.delete {
+            let _ = writeln!(out, "-X {chain}");
+        }
+        let _ = writeln!(out, "COMMIT");
+    }
+}
+
+/// One family's restore: nat then filter.
+#[derive(Debug, Default)]
+struct RestoreInput {
+    nat: TableInput,
+    filter: TableInput,
+}
+
+impl RestoreInput {
+    fn text(&self) -> String {
+        let mut out = String::new();
+        self.nat.write("nat", &mut out);
+        self.filter.write("filter", &mut out);
+        out
+    }
+}
+
+/// A jump from a built-in chain to one of ours.
+struct Hook {
+    table: &'static str,
+    from: &'static str,
+    spec: &'static str,
+    to: &'static str,
+}
+
+/// The jumps, in the order they stand at the top of their built-in chains.
+const HOOKS: [Hook; 12] = [
+    Hook {
+        table: "nat",
+        from: "PREROUTING",
+        spec: "-m comment --comment \"kubernetes service portals\"",
+        to: SERVICES_CHAIN,
+    },
+    Hook {
+        table: "nat",
+        from: "OUTPUT",
+        spec: "-m comment --comment \"kubernetes service portals\"",
+        to: SERVICES_CHAIN,
+    },
+    Hook {
+        table: "nat",
+        from: "POSTROUTING",
+        spec: "-m comment --comment \"kubernetes postrouting rules\"",
+        to: POSTROUTING_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "INPUT",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\"",
+        to: FIREWALL_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "INPUT",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\"",
+        to: SERVICES_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "INPUT",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\"",
+        to: EXTERNAL_SERVICES_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "FORWARD",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\"",
+        to: FIREWALL_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "FORWARD",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\"",
+        to: SERVICES_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "FORWARD",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\"",
+        to: EXTERNAL_SERVICES_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "OUTPUT",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\"",
+        to: FIREWALL_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "OUTPUT",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\"",
+        to: SERVICES_CHAIN,
+    },
+    Hook {
+        table: "filter",
+        from: "OUTPUT",
+        spec: "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\"",
+        to: EXTERNAL_SERVICES_CHAIN,
+    },
+];
+
+/// The rules of the base chains that hold no frontend.
+fn base_chain_rules() -> [(&'static str, Vec<String>); 2] {
+    let mark = format!("{MASQUERADE_MARK:#x}");
+    [
+        (MARK_MASQ_CHAIN, vec![format!("-j MARK --or-mark {mark}")]),
+        (
+            POSTROUTING_CHAIN,
+            vec![
+                format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
+                format!("-j MARK --xor-mark {mark}"),
+                format!(
+                    "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+                ),
+            ],
+        ),
+    ]
+}
+
+/// Adds what the base needs against what `nat` and `filter` hold: base
+/// chains (rewritten), the top-level chains when missing (created empty
+/// unless `top` rewrites them anyway), and the missing jumps of the
+/// built-in chains (extra copies deleted). Returns (writes, deletes) done
+/// to repair drift.
+fn base_input(input: &mut RestoreInput, nat: &Saved, filter: &Saved) -> (usize, usize) {
+    let (mut writes, mut deletes) = (0, 0);
+    for (chain, rules) in base_chain_rules() {
+        if nat.has(chain) && nat.rules(chain).len() != rules.len() {
+            writes += 1;
+        }
+        input.nat.chain(chain, &rules);
+    }
+    for chain in [SERVICES_CHAIN, NODEPORTS_CHAIN] {
+        if !nat.has(chain) {
+            input.nat.declare.insert(chain.to_string());
+        }
+    }
+    for chain in [SERVICES_CHAIN, EXTERNAL_SERVICES_CHAIN, FIREWALL_CHAIN] {
+        if !filter.has(chain) {
+            input.filter.declare.insert(chain.to_string());
+        }
+    }
+    // Jumps: inserted at the top in reverse, so they end up in HOOKS' order.
+    let mut inserts: Vec<(&'static str, String)> = Vec::new();
+    let mut removals: Vec<(&'static str, String)> = Vec::new();
+    let mut seen: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
+    for hook in &HOOKS {
+        if !seen.insert((hook.table, hook.from, hook.to)) {
+            continue;
+        }
+        let saved = if hook.table == "nat" { nat } else { filter };
+        let present: Vec<&String> = saved
+            .rules(hook.from)
+            .iter()
+            .filter(|r| target_of(r) == Some(hook.to))
+            .collect();
+        if present.is_empty() {
+            inserts.push((
+                hook.table,
+                format!("-I {} 1 {} -j {}", hook.from, hook.spec, hook.to),
+            ));
+            writes += 1;
+        }
+        for extra in present.iter().skip(1) {
+            removals.push((hook.table, format!("-D {} {extra}", hook.from)));
+            deletes += 1;
+        }
+    }
+    for (table, line) in removals.into_iter().chain(inserts.into_iter().rev()) {
+        match table {
+            "nat" => input.nat.rules.push(line),
+            _ => input.filter.rules.push(line),
+        }
+    }
+    (writes, deletes)
+}
+
+// ---------------------------------------------------------------------------
+// The dataplane.
+
+/// What is programmed for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    frontend: Frontend,
+    plan: FrontendPlan,
+    comment: String,
+    rendered: Rendered,
+}
+
+impl Programmed {
+    fn new(key: &FrontendKey, frontend: &Frontend, network: &NodeNetwork) -> Programmed {
+        let plan = netfilter::plan(key, frontend, network);
+        let comment = comment_of(frontend);
+        let rendered = render(&plan, &comment, frontend.kind.is_external());
+        Programmed {
+            frontend: frontend.clone(),
+            plan,
+            comment,
+            rendered,
+        }
+    }
+
+    fn external(&self) -> bool {
+        self.frontend.kind.is_external()
+    }
+}
+
+/// Programs services with iptables-restore, in kube-proxy's chains.
+pub struct IptablesDataplane {
+    network: NodeNetwork,
+    /// What the kernel holds, per frontend.
+    programmed: BTreeMap<FrontendKey, Programmed>,
+    /// Whether the base chains and jumps are known to exist.
+    based: bool,
+}
+
+impl Default for IptablesDataplane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IptablesDataplane {
+    pub fn new() -> Self {
+        IptablesDataplane {
+            network: NodeNetwork::default(),
+            programmed: BTreeMap::new(),
+            based: false,
+        }
+    }
+
+    fn program(&self, key: &FrontendKey, frontend: &Frontend) -> Programmed {
+        Programmed::new(key, frontend, &self.network)
+    }
+
+    /// The top-level chains of `family`, from `frontends` (all of them).
+    fn top_level<'a>(
+        frontends: impl Iterator<Item = &'a Programmed>,
+        network: &NodeNetwork,
+        family: Family,
+        input: &mut RestoreInput,
+    ) {
+        let mut services = Vec::new();
+        let mut nodeports = Vec::new();
+        let mut filter: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+        for p in frontends.filter(|p| p.plan.family == family) {
+            if let Some(entry) = &p.rendered.entry {
+                if p.plan.is_node_port() {
+                    nodeports.push(entry.clone());
+                } else {
+                    services.push(entry.clone());
+                }
+            }
+            for (chain, rule) in filter_rules(
+                &p.plan,
+                &p.comment,
+                &network.nodeport_addresses,
+                p.external(),
+            ) {
+                filter.entry(chain).or_default().push(rule);
+            }
+        }
+        for ip in network
+            .nodeport_addresses
+            .iter()
+            .filter(|ip| Family::of(**ip) == family)
+        {
+            services.push(format!(
+                "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d {} -j {NODEPORTS_CHAIN}",
+                host(*ip)
+            ));
+        }
+        input.nat.chain(SERVICES_CHAIN, &services);
+        input.nat.chain(NODEPORTS_CHAIN, &nodeports);
+        for chain in [SERVICES_CHAIN, EXTERNAL_SERVICES_CHAIN, FIREWALL_CHAIN] {
+            input
+                .filter
+                .chain(chain, filter.get(chain).map_or(&[][..], Vec::as_slice));
+        }
+    }
+
+    /// The restore of `family` that turns what is programmed for `keys`
+    /// into `wanted` (a key missing from `wanted` is removed): the chains
+    /// whose rules change, the deletions of those that go, and the
+    /// top-level chains as they will be after it.
+    fn frontend_input(
+        &self,
+        family: Family,
+        keys: &[FrontendKey],
+        wanted: &BTreeMap<FrontendKey, Programmed>,
+    ) -> RestoreInput {
+        let mut input = RestoreInput::default();
+        let mut new_chains: BTreeSet<&str> = BTreeSet::new();
+        let mut gone: BTreeSet<&str> = BTreeSet::new();
+        let touched: BTreeSet<&FrontendKey> = keys.iter().collect();
+        for key in keys.iter().filter(|k| Family::of(k.ip) == family) {
+            let old = self.programmed.get(key).map(|p| &p.rendered.chains);
+            if let Some(new) = wanted.get(key) {
+                for (chain, rules) in &new.rendered.chains {
+                    if old.and_then(|o| o.get(chain)) != Some(rules) {
+                        input.nat.chain(chain, rules);
+                    }
+                    new_chains.insert(chain);
+                }
+            }
+            if let Some(old) = old {
+                gone.extend(old.keys().map(String::as_str));
+            }
+        }
+        for chain in gone.difference(&new_chains) {
+            input.nat.remove(chain);
+        }
+        // What is programmed after this restore, in key order (so the
+        // top-level chains keep theirs from one sync to the next).
+        let mut after: BTreeMap<&FrontendKey, &Programmed> = self
+            .programmed
+            .iter()
+            .filter(|(k, _)| Family::of(k.ip) == family && !touched.contains(k))
+            .collect();
+        after.extend(touched.iter().filter_map(|k| Some((*k, wanted.get(*k)?))));
+        Self::top_level(after.into_values(), &self.network, family, &mut input);
+        input
+    }
+
+    /// Writes `wanted` for `keys`: one restore per family that has a key
+    /// (or is in `force`). On error, the families written before the
+    /// failed one stay programmed (and remembered).
+    fn write(
+        &mut self,
+        keys: &[FrontendKey],
+        wanted: &BTreeMap<FrontendKey, Programmed>,
+        force: &[Family],
+    ) -> Result<(), IptablesError> {
+        for family in [Family::V4, Family::V6] {
+            let mine: Vec<FrontendKey> = keys
+                .iter()
+                .filter(|k| Family::of(k.ip) == family)
+                .copied()
+                .collect();
+            if mine.is_empty() && !force.contains(&family) {
+                continue;
+            }
+            let input = self.frontend_input(family, &mine, wanted);
+            restore(family, &input.text())?;
+            for key in mine {
+                match wanted.get(&key) {
+                    Some(p) => {
+                        self.programmed.insert(key, p.clone());
+                    }
+                    None => {
+                        self.programmed.remove(&key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_base(&mut self) -> Result<(), IptablesError> {
+        for family in [Family::V4, Family::V6] {
+            let nat = save(family, "nat", false)?;
+            let filter = save(family, "filter", false)?;
+            let mut input = RestoreInput::default();
+            base_input(&mut input, &nat, &filter);
+            restore(family, &input.text())?;
+        }
+        self.based = true;
+        Ok(())
+    }
+
+    fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, IptablesError> {
+        if !self.based {
+            self.ensure_base()?;
+        }
+        let mut stats = ApplyStats {
+            frontends_added: diff.added.len(),
+            frontends_changed: diff.changed.len(),
+            frontends_removed: diff.removed.len(),
+            map_writes: diff.added.len(),
+            map_deletes: diff.removed.len(),
+            ..ApplyStats::default()
+        };
+        let (keys, wanted) = self.wanted_of(diff);
+        self.write(&keys, &wanted, &[])?;
+        stats.conntrack_deletes = self.forget_udp_flows(diff)?;
+        Ok(stats)
+    }
+
+    /// The keys `diff` touches, and what is wanted for those it keeps.
+    fn wanted_of(&self, diff: &TableDiff) -> (Vec<FrontendKey>, BTreeMap<FrontendKey, Programmed>) {
+        let mut wanted = BTreeMap::new();
+        let mut keys = Vec::new();
+        for (key, fe) in &diff.added {
+            wanted.insert(*key, self.program(key, fe));
+            keys.push(*key);
+        }
+        for change in &diff.changed {
+            wanted.insert(change.key, self.program(&change.key, &change.new));
+            keys.push(change.key);
+        }
+        for (key, _) in &diff.removed {
+            keys.push(*key);
+        }
+        (keys, wanted)
+    }
+
+    /// Deletes the kernel's connection-tracking entries of UDP flows whose
+    /// backend `diff` takes away, so their next datagram picks a live one.
+    fn forget_udp_flows(&self, diff: &TableDiff) -> Result<usize, IptablesError> {
+        let flows: Vec<conntrack::StaleFlow> = netfilter::stale_udp_flows(diff)
+            .into_iter()
+            .map(|f| conntrack::StaleFlow {
+                vip: f.vip,
+                port: f.port,
+                backend: f.backend.ip,
+                backend_port: f.backend.port,
+            })
+            .collect();
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        Ok(conntrack::delete_stale_udp_flows(&flows)?)
+    }
+
+    /// Reads our chains in both families and makes them equal to
+    /// `desired`: every wanted chain is rewritten (which repairs edited
+    /// rules too), our chains nobody wants are deleted, and what was missing
+    /// or extra is counted (a wanted chain missing or holding another number
+    /// of rules is a write; an unwanted chain, or an extra copy of a jump,
+    /// a delete).
+    pub fn reconcile_table(&mut self, desired: &ServiceTable) -> Result<ApplyStats, IptablesError> {
+        let mut stats = ApplyStats::default();
+        let wanted: BTreeMap<FrontendKey, Programmed> = desired
+            .iter()
+            .map(|(k, f)| (*k, self.program(k, f)))
+            .collect();
+        let mut programmed = BTreeMap::new();
+        for family in [Family::V4, Family::V6] {
+            let nat = save(family, "nat", false)?;
+            let filter = save(family, "filter", false)?;
+            let mut input = RestoreInput::default();
+            let (w, d) = base_input(&mut input, &nat, &filter);
+            stats.map_writes += w;
+            stats.map_deletes += d;
+            let mut wanted_chains: BTreeSet<&str> = BTreeSet::new();
+            for p in wanted.values().filter(|p| p.plan.family == family) {
+                for (chain, rules) in &p.rendered.chains {
+                    if nat.rules(chain).len() != rules.len() || !nat.has(chain) {
+                        stats.map_writes += 1;
+                    }
+                    input.nat.chain(chain, rules);
+                    wanted_chains.insert(chain);
+                }
+            }
+            let unwanted: BTreeSet<&String> = nat
+                .chains
+                .keys()
+                .filter(|c| {
+                    FRONTEND_PREFIXES.iter().any(|p| c.starts_with(p))
+                        && !wanted_chains.contains(c.as_str())
+                })
+                .collect();
+            // A chain of ours that a chain we do not rewrite jumps to (an
+            // operator's rule) cannot be deleted: it is flushed and kept,
+            // rather than failing every reconcile.
+            let kept = foreign_references(&nat, |c| {
+                unwanted.contains(c) || wanted_chains.contains(c.as_str()) || is_top_level(c)
+            });
+            for chain in unwanted {
+                if !kept.contains(chain.as_str()) {
+                    input.nat.remove(chain);
+                    stats.map_deletes += 1;
+                } else if !nat.rules(chain).is_empty() {
+                    // Once flushed, it is left alone (and not counted again).
+                    tracing::warn!(chain = %chain, "another chain jumps to this unwanted chain; flushing it, not deleting it");
+                    input.nat.declare.insert(chain.clone());
+                    stats.map_deletes += 1;
+                }
+            }
+            let mine: BTreeMap<FrontendKey, Programmed> = wanted
+                .iter()
+                .filter(|(k, _)| Family::of(k.ip) == family)
+                .map(|(k, p)| (*k, p.clone()))
+                .collect();
+            Self::top_level(mine.values(), &self.network, family, &mut input);
+            for (saved, table, chains) in [
+                (&nat, &input.nat, &[SERVICES_CHAIN, NODEPORTS_CHAIN][..]),
+                (
+                    &filter,
+                    &input.filter,
+                    &[SERVICES_CHAIN, EXTERNAL_SERVICES_CHAIN, FIREWALL_CHAIN][..],
+                ),
+            ] {
+                for chain in chains {
+                    let prefix = format!("-A {chain} ");
+                    let count = table
+                        .rules
+                        .iter()
+                        .filter(|r| r.starts_with(&prefix))
+                        .count();
+                    if saved.has(chain) && saved.rules(chain).len() != count {
+                        stats.map_writes += 1;
+                    }
+                }
+            }
+            restore(family, &input.text())?;
+            programmed.extend(mine);
+            // What the first family holds is programmed even if the second
+            // fails.
+            self.programmed = programmed.clone();
+        }
+        self.based = true;
+        stats.frontends_added = wanted.len();
+        Ok(stats)
+    }
+
+    fn set_network(&mut self, network: &NodeNetwork) -> Result<(), IptablesError> {
+        netfilter::allow_localhost_nodeports(network);
+        let replan = network.cluster_cidrs != self.network.cluster_cidrs
+            || network.masquerade_all != self.network.masquerade_all;
+        let readdress = network.nodeport_addresses != self.network.nodeport_addresses;
+        self.network = network.clone();
+        if !self.based {
+            return self.ensure_base();
+        }
+        if replan && !self.programmed.is_empty() {
+            let wanted: BTreeMap<FrontendKey, Programmed> = self
+                .programmed
+                .iter()
+                .map(|(k, p)| (*k, self.program(k, &p.frontend)))
+                .collect();
+            let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
+            self.write(&keys, &wanted, &[Family::V4, Family::V6])?;
+        } else if readdress {
+            self.write(&[], &BTreeMap::new(), &[Family::V4, Family::V6])?;
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
+        Ok(self.apply_diff(diff)?)
+    }
+
+    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError> {
+        Ok(self.reconcile_table(desired)?)
+    }
+
+    fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
+        Ok(self.set_network(network)?)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cleanup.
+
+/// The chains kube-proxy's iptables mode creates, by table, besides the
+/// per-frontend ones ([`FRONTEND_PREFIXES`]). Ours are a subset (same
+/// names), so one cleanup serves both. Not kubelet's: `KUBE-FIREWALL`,
+/// `KUBE-KUBELET-CANARY`, `KUBE-MARK-DROP` stay.
+const KUBE_PROXY_CHAINS: [(&str, &[&str]); 3] = [
+    (
+        "nat",
+        &[
+            SERVICES_CHAIN,
+            NODEPORTS_CHAIN,
+            POSTROUTING_CHAIN,
+            MARK_MASQ_CHAIN,
+            "KUBE-PROXY-CANARY",
+        ],
+    ),
+    (
+        "filter",
+        &[
+            SERVICES_CHAIN,
+            EXTERNAL_SERVICES_CHAIN,
+            FIREWALL_CHAIN,
+            NODEPORTS_CHAIN,
+            "KUBE-FORWARD",
+            "KUBE-PROXY-CANARY",
+        ],
+    ),
+    ("mangle", &["KUBE-PROXY-CANARY"]),
+];
+
+const BUILT_IN: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+
+/// The nat chains this mode writes whole besides the frontends' ones.
+fn is_top_level(chain: &str) -> bool {
+    [
+        SERVICES_CHAIN,
+        NODEPORTS_CHAIN,
+        POSTROUTING_CHAIN,
+        MARK_MASQ_CHAIN,
+    ]
+    .contains(&chain)
+}
+
+/// The targets of rules in chains of `saved` that `ours` does not claim
+/// (built-in chains included).
+fn foreign_references(saved: &Saved, ours: impl Fn(&String) -> bool) -> BTreeSet<&str> {
+    saved
+        .chains
+        .iter()
+        .filter(|(chain, _)| !ours(chain))
+        .flat_map(|(_, rules)| rules.iter().filter_map(|r| target_of(r)))
+        .collect()
+}
+
+/// What to remove from one table: jumps from built-in chains to `ours`
+/// (deleted by their exact text), then `ours` flushed and deleted. A chain
+/// of ours that another chain (not ours, not built in) jumps to is flushed
+/// but kept: deleting it would fail the whole restore.
+fn cleanup_input(
+    table: &str,
+    saved: &Saved,
+    ours: &BTreeSet<String>,
+    input: &mut TableInput,
+) -> usize {
+    let mut removed = 0;
+    let mut referenced: BTreeSet<&str> = BTreeSet::new();
+    for (chain, rules) in &saved.chains {
+        if ours.contains(chain) {
+            continue;
+        }
+        for rule in rules {
+            let Some(target) = target_of(rule).filter(|t| ours.contains(*t)) else {
+                continue;
+            };
+            if BUILT_IN.contains(&chain.as_str()) {
+                input.rules.push(format!("-D {chain} {rule}"));
+                removed += 1;
+            } else {
+                tracing::warn!(table, chain = %chain, target, "a foreign chain jumps to ours; keeping ours (flushed)");
+                referenced.insert(target);
+            }
+        }
+    }
+    for chain in ours.iter().filter(|c| saved.has(c)) {
+        if !referenced.contains(chain.as_str()) {
+            input.remove(chain);
+            removed += 1;
+        } else if !saved.rules(chain).is_empty() {
+            // Kept, empty: a second cleanup finds nothing more to do.
+            input.declare.insert(chain.clone());
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Removes every rule and chain this mode creates, in both families and in
+/// the nat and filter tables: the jumps from the built-in chains first, then
+/// our chains, flushed and deleted. Returns whether there was anything.
+/// Safe to run twice. The names are kube-proxy's, so this is also
+/// [`cleanup_kube_proxy`].
+pub fn cleanup() -> Result<bool, IptablesError> {
+    cleanup_kube_proxy()
+}
+
+/// Removes what kube-proxy's iptables mode leaves: its `KUBE-*` chains of
+/// the nat, filter and mangle tables (the per-service ones by prefix) and
+/// the jumps to them. Since this mode uses kube-proxy's names, this is what
+/// [`cleanup`] does as well. A node without iptables has nothing to remove.
+pub fn cleanup_kube_proxy() -> Result<bool, IptablesError> {
+    let mut any = false;
+    for family in [Family::V4, Family::V6] {
+        let mut input = RestoreInput::default();
+        let mut mangle = TableInput::default();
+        for (table, chains) in KUBE_PROXY_CHAINS {
+            let saved = save(family, table, true)?;
+            let mut ours: BTreeSet<String> = chains.iter().map(|c| c.to_string()).collect();
+            if table == "nat" {
+                ours.extend(
+                    saved
+                        .chains
+                        .keys()
+                        .filter(|c| FRONTEND_PREFIXES.iter().any(|p| c.starts_with(p)))
+                        .cloned(),
+                );
+            }
+            let target = match table {
+                "nat" => &mut input.nat,
+                "filter" => &mut input.filter,
+                _ => &mut mangle,
+            };
+            if cleanup_input(table, &saved, &ours, target) > 0 {
+                any = true;
+            }
+        }
+        let mut text = input.text();
+        mangle.write("mangle", &mut text);
+        if !text.is_empty() {
+            restore(family, &text)?;
+        }
+    }
+    Ok(any)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        FrontendChange, FrontendKind,
+        test_support::{backend, frontend, ip, key, key_proto},
+    };
+
+    fn network() -> NodeNetwork {
+        NodeNetwork {
+            nodeport_addresses: [ip("198.18.0.1"), ip("2001:2::1")].into_iter().collect(),
+            cluster_cidrs: vec![
+                "198.18.1.0/24".parse().unwrap(),
+                "2001:2::1:0/112".parse().unwrap(),
+            ],
+            ..NodeNetwork::default()
+        }
+    }
+
+    fn dataplane() -> IptablesDataplane {
+        IptablesDataplane {
+            network: network(),
+            ..IptablesDataplane::new()
+        }
+    }
+
+    fn external(kind: FrontendKind, backends: &[Backend]) -> Frontend {
+        let mut f = frontend("ns", "web", backends);
+        f.kind = kind;
+        f.port_name = "http".into();
+        f
+    }
+
+    fn local(kind: FrontendKind, local: &[Backend], all: &[Backend]) -> Frontend {
+        let mut f = external(kind, local);
+        f.policy.local_only = true;
+        f.cluster_backends = all.to_vec();
+        f
+    }
+
+    /// The restore text of a diff applied to `dp` (nothing runs).
+    fn restore_text(dp: &IptablesDataplane, diff: &TableDiff, family: Family) -> String {
+        let (keys, wanted) = dp.wanted_of(diff);
+        let keys: Vec<FrontendKey> = keys
+            .into_iter()
+            .filter(|k| Family::of(k.ip) == family)
+            .collect();
+        dp.frontend_input(family, &keys, &wanted).text()
+    }
+
+    fn added(frontends: &[(FrontendKey, Frontend)]) -> TableDiff {
+        TableDiff {
+            added: frontends.to_vec(),
+            ..TableDiff::default()
+        }
+    }
+
+    /// The rules of `chain` in `table` of a restore text (after `-A chain `).
+    fn rules<'a>(text: &'a str, table: &str, chain: &str) -> Vec<&'a str> {
+        let prefix = format!("-A {chain} ");
+        let mut in_table = false;
+        let mut out = Vec::new();
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                in_table = t == table;
+            } else if in_table && let Some(rule) = line.strip_prefix(prefix.as_str()) {
+                out.push(rule);
+            }
+        }
+        out
+    }
+
+    fn declared(text: &str) -> BTreeSet<&str> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect()
+    }
+
+    const C: &str = "-m comment --comment \"ns/web:http\"";
+
+    #[test]
+    fn cluster_ip_with_three_endpoints_cascades_with_kube_proxys_probabilities() {
+        let dp = dataplane();
+        let k = key("198.19.0.10", 80);
+        let bs = [
+            backend("198.18.1.10", 8080),
+            backend("198.18.1.11", 8080),
+            backend("198.18.1.12", 8080),
+        ];
+        let text = restore_text(
+            &dp,
+            &added(&[(k, external(FrontendKind::ClusterIp, &bs))]),
+            Family::V4,
+        );
+        let svc = svc_chain(&k);
+        let seps: Vec<String> = bs.iter().map(|b| sep_chain(&k, b)).collect();
+        assert_eq!(
+            rules(&text, "nat", &svc),
+            vec![
+                format!("{C} ! -s 198.18.1.0/24 -j KUBE-MARK-MASQ"),
+                format!(
+                    "{C} -m statistic --mode random --probability 0.3333333333 -j {}",
+                    seps[0]
+                ),
+                format!(
+                    "{C} -m statistic --mode random --probability 0.5000000000 -j {}",
+                    seps[1]
+                ),
+                format!("{C} -j {}", seps[2]),
+            ]
+        );
+        assert_eq!(
+            rules(&text, "nat", &seps[1]),
+            vec![
+                format!("{C} -s 198.18.1.11/32 -j KUBE-MARK-MASQ"),
+                format!("{C} -p tcp -m tcp -j DNAT --to-destination 198.18.1.11:8080"),
+            ]
+        );
+        assert_eq!(
+            rules(&text, "nat", SERVICES_CHAIN),
+            vec![
+                format!("{C} -d 198.19.0.10/32 -p tcp -m tcp --dport 80 -j {svc}"),
+                "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -d 198.18.0.1/32 -j KUBE-NODEPORTS".to_string(),
+            ]
+        );
+        // Nothing refuses: the filter chains are declared (rewritten) empty.
+        for chain in [SERVICES_CHAIN, EXTERNAL_SERVICES_CHAIN, FIREWALL_CHAIN] {
+            assert!(rules(&text, "filter", chain).is_empty(), "{chain}: {text}");
+        }
+        assert!(
+            text.starts_with("*nat\n")
+                && text.contains("COMMIT\n*filter\n")
+                && text.ends_with("COMMIT\n")
+        );
+        assert!(!text.contains("-X "), "{text}");
+    }
+
+    #[test]
+    fn session_affinity_checks_every_endpoint_before_the_cascade() {
+        let dp = dataplane();
+        let k = key_proto("198.19.0.10", 53, Protocol::Udp);
+        let bs = [backend("198.18.1.10", 5353), backend("198.18.1.11", 5353)];
+        let mut f = external(FrontendKind::ClusterIp, &bs);
+        f.policy.affinity_timeout_secs = Some(10800);
+        let text = restore_text(&dp, &added(&[(k, f)]), Family::V4);
+        let s0 = sep_chain(&k, &bs[0]);
+        let s1 = sep_chain(&k, &bs[1]);
+        assert_eq!(
+            rules(&text, "nat", &svc_chain(&k))[1..],
+            [
+                format!(
+                    "{C} -m recent --name {s0} --rcheck --seconds 10800 --reap --rsource -j {s0}"
+                ),
+                format!(
+                    "{C} -m recent --name {s1} --rcheck --seconds 10800 --reap --rsource -j {s1}"
+                ),
+                format!("{C} -m statistic --mode random --probability 0.5000000000 -j {s0}"),
+                format!("{C} -j {s1}"),
+            ]
+        );
+        assert_eq!(
+            rules(&text, "nat", &s1)[1],
+            format!(
+                "{C} -p udp -m recent --name {s1} --set --rsource -m udp -j DNAT --to-destination 198.18.1.11:5353"
+            )
+        );
+    }
+
+    #[test]
+    fn local_policy_short_circuits_pods_and_drops_others_without_a_local_endpoint() {
+        let dp = dataplane();
+        let k = key("198.19.2.10", 80);
+        let remote = [backend("198.18.1.224", 8080)];
+        let text = restore_text(
+            &dp,
+            &added(&[(k, local(FrontendKind::LoadBalancer, &[], &remote))]),
+            Family::V4,
+        );
+        let ext = ext_chain(&k);
+        // Pods go to every endpoint; the others are not translated...
+        assert_eq!(
+            rules(&text, "nat", &ext),
+            vec![format!("{C} -s 198.18.1.0/24 -j {}", svc_chain(&k))]
+        );
+        assert!(!declared(&text).contains(svl_chain(&k).as_str()));
+        assert_eq!(rules(&text, "nat", &svc_chain(&k)).len(), 1, "{text}");
+        assert_eq!(
+            rules(&text, "nat", SERVICES_CHAIN)[0],
+            format!("{C} -d 198.19.2.10/32 -p tcp -m tcp --dport 80 -j {ext}")
+        );
+        // ...and dropped by the filter table (non-pods only).
+        assert_eq!(
+            rules(&text, "filter", EXTERNAL_SERVICES_CHAIN),
+            vec![format!(
+                "{C} ! -s 198.18.1.0/24 -d 198.19.2.10/32 -p tcp -m tcp --dport 80 -j DROP"
+            )]
+        );
+        // With a local endpoint: the others use it, unmasqueraded.
+        let here = [backend("198.18.1.10", 8080)];
+        let all = [here[0], remote[0]];
+        let text = restore_text(
+            &dp,
+            &added(&[(k, local(FrontendKind::LoadBalancer, &here, &all))]),
+            Family::V4,
+        );
+        assert_eq!(
+            rules(&text, "nat", &ext),
+            vec![
+                format!("{C} -s 198.18.1.0/24 -j {}", svc_chain(&k)),
+                format!("{C} -j {}", svl_chain(&k)),
+            ]
+        );
+        assert_eq!(
+            rules(&text, "nat", &svl_chain(&k)),
+            vec![format!("{C} -j {}", sep_chain(&k, &here[0]))]
+        );
+        assert_eq!(rules(&text, "nat", &svc_chain(&k)).len(), 2);
+        assert!(rules(&text, "filter", EXTERNAL_SERVICES_CHAIN).is_empty());
+    }
+
+    #[test]
+    fn frontends_without_endpoints_are_not_translated_and_rejected_in_filter() {
+        let dp = dataplane();
+        let tcp = key("198.19.0.10", 80);
+        let udp = key_proto("198.19.0.10", 53, Protocol::Udp);
+        let np = key("0.0.0.0", 30080);
+        let ext = key("198.19.1.10", 80);
+        let text = restore_text(
+            &dp,
+            &added(&[
+                (tcp, external(FrontendKind::ClusterIp, &[])),
+                (udp, external(FrontendKind::ClusterIp, &[])),
+                (np, external(FrontendKind::NodePort, &[])),
+                (ext, external(FrontendKind::ExternalIp, &[])),
+            ]),
+            Family::V4,
+        );
+        assert_eq!(
+            declared(&text),
+            [
+                SERVICES_CHAIN,
+                NODEPORTS_CHAIN,
+                EXTERNAL_SERVICES_CHAIN,
+                FIREWALL_CHAIN
+            ]
+            .into_iter()
+            .collect()
+        );
+        assert!(rules(&text, "nat", NODEPORTS_CHAIN).is_empty());
+        assert_eq!(
+            rules(&text, "nat", SERVICES_CHAIN).len(),
+            1,
+            "only the NodePort jump: {text}"
+        );
+        assert_eq!(
+            rules(&text, "filter", SERVICES_CHAIN),
+            vec![
+                format!("{C} -d 198.19.0.10/32 -p udp -m udp --dport 53 -j REJECT"),
+                format!(
+                    "{C} -d 198.19.0.10/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset"
+                ),
+                format!(
+                    "{C} -d 198.19.1.10/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset"
+                ),
+            ]
+        );
+        assert_eq!(
+            rules(&text, "filter", EXTERNAL_SERVICES_CHAIN),
+            vec![format!(
+                "{C} -d 198.18.0.1/32 -p tcp -m tcp --dport 30080 -j REJECT --reject-with tcp-reset"
+            )]
+        );
+    }
+
+    #[test]
+    fn internal_local_policy_without_a_local_endpoint_drops() {
+        let dp = dataplane();
+        let k = key("198.19.0.10", 80);
+        let mut f = external(FrontendKind::ClusterIp, &[]);
+        f.policy.local_only = true;
+        f.cluster_backends = vec![backend("198.18.1.224", 8080)];
+        let text = restore_text(&dp, &added(&[(k, f)]), Family::V4);
+        assert_eq!(
+            rules(&text, "filter", SERVICES_CHAIN),
+            vec![format!(
+                "{C} -d 198.19.0.10/32 -p tcp -m tcp --dport 80 -j DROP"
+            )]
+        );
+        assert!(!declared(&text).contains(svc_chain(&k).as_str()));
+    }
+
+    #[test]
+    fn source_ranges_admit_through_the_fw_chain_and_the_firewall_drops_the_rest() {
+        let dp = dataplane();
+        let k = key("198.19.2.10", 80);
+        let mut f = external(FrontendKind::LoadBalancer, &[backend("198.18.1.10", 8080)]);
+        f.policy.source_ranges = vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        let text = restore_text(&dp, &added(&[(k, f.clone())]), Family::V4);
+        let (fw, ext) = (fw_chain(&k), ext_chain(&k));
+        assert_eq!(
+            rules(&text, "nat", SERVICES_CHAIN)[0],
+            format!("{C} -d 198.19.2.10/32 -p tcp -m tcp --dport 80 -j {fw}")
+        );
+        assert_eq!(
+            rules(&text, "nat", &fw),
+            vec![
+                format!("{C} -s 203.0.113.0/24 -j {ext}"),
+                "-m comment --comment \"other traffic to ns/web:http will be dropped by KUBE-PROXY-FIREWALL\"".to_string(),
+            ]
+        );
+        assert_eq!(
+            rules(&text, "nat", &ext),
+            vec![
+                format!("{C} ! -s 198.18.1.0/24 -j KUBE-MARK-MASQ"),
+                format!("{C} -j {}", svc_chain(&k))
+            ]
+        );
+        assert_eq!(
+            rules(&text, "filter", FIREWALL_CHAIN),
+            vec![format!(
+                "-m comment --comment \"ns/web:http traffic not accepted by {fw}\" -d 198.19.2.10/32 -p tcp -m tcp --dport 80 -j DROP"
+            )]
+        );
+        // Without endpoints, admitted sources are rejected, the others dropped.
+        f.backends.clear();
+        let text = restore_text(&dp, &added(&[(k, f)]), Family::V4);
+        assert_eq!(
+            rules(&text, "filter", FIREWALL_CHAIN),
+            vec![
+                format!(
+                    "{C} -s 203.0.113.0/24 -d 198.19.2.10/32 -p tcp -m tcp --dport 80 -j RETURN"
+                ),
+                format!(
+                    "-m comment --comment \"ns/web:http traffic not accepted by {fw}\" -d 198.19.2.10/32 -p tcp -m tcp --dport 80 -j DROP"
+                ),
+            ]
+        );
+        assert_eq!(
+            rules(&text, "filter", SERVICES_CHAIN),
+            vec![format!(
+                "{C} -d 198.19.2.10/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset"
+            )]
+        );
+    }
+
+    #[test]
+    fn node_ports_enter_through_kube_nodeports_on_the_nodeport_addresses_only() {
+        let mut dp = dataplane();
+        dp.network.nodeport_addresses.insert(ip("127.0.0.1"));
+        let k = key_proto("0.0.0.0", 30053, Protocol::Udp);
+        let b = backend("198.18.1.10", 5353);
+        let text = restore_text(
+            &dp,
+            &added(&[(k, external(FrontendKind::NodePort, &[b]))]),
+            Family::V4,
+        );
+        let ext = ext_chain(&k);
+        assert_eq!(
+            rules(&text, "nat", NODEPORTS_CHAIN),
+            vec![format!("{C} -p udp -m udp --dport 30053 -j {ext}")]
+        );
+        assert_eq!(
+            rules(&text, "nat", &ext),
+            vec![
+                format!("{C} ! -s 198.18.1.0/24 -j KUBE-MARK-MASQ"),
+                format!("{C} -s 127.0.0.0/8 -j KUBE-MARK-MASQ"),
+                format!("{C} -j {}", svc_chain(&k)),
+            ]
+        );
+        let jumps: Vec<&str> = rules(&text, "nat", SERVICES_CHAIN);
+        assert_eq!(jumps.len(), 2);
+        assert!(
+            jumps[0].ends_with("-d 127.0.0.1/32 -j KUBE-NODEPORTS")
+                && jumps[1].ends_with("-d 198.18.0.1/32 -j KUBE-NODEPORTS")
+        );
+        assert!(!text.contains("addrtype"), "{text}");
+    }
+
+    #[test]
+    fn ipv6_frontends_render_with_bracketed_destinations() {
+        let dp = dataplane();
+        let k = key("2001:2:0:ff::10", 80);
+        let b = backend("2001:2::1:a", 8080);
+        let np = key("::", 30080);
+        let diff = added(&[
+            (k, external(FrontendKind::ClusterIp, &[b])),
+            (np, external(FrontendKind::NodePort, &[])),
+        ]);
+        let text = restore_text(&dp, &diff, Family::V6);
+        assert_eq!(
+            rules(&text, "nat", &sep_chain(&k, &b)),
+            vec![
+                format!("{C} -s 2001:2::1:a/128 -j KUBE-MARK-MASQ"),
+                format!("{C} -p tcp -m tcp -j DNAT --to-destination [2001:2::1:a]:8080"),
+            ]
+        );
+        assert_eq!(
+            rules(&text, "nat", &svc_chain(&k)),
+            vec![
+                format!("{C} ! -s 2001:2::1:0/112 -j KUBE-MARK-MASQ"),
+                format!("{C} -j {}", sep_chain(&k, &b))
+            ]
+        );
+        assert!(
+            rules(&text, "nat", SERVICES_CHAIN)[1].ends_with("-d 2001:2::1/128 -j KUBE-NODEPORTS")
+        );
+        assert_eq!(
+            rules(&text, "filter", EXTERNAL_SERVICES_CHAIN),
+            vec![format!(
+                "{C} -d 2001:2::1/128 -p tcp -m tcp --dport 30080 -j REJECT --reject-with tcp-reset"
+            )]
+        );
+        // IPv4 is another restore: nothing of these in it.
+        assert!(!restore_text(&dp, &diff, Family::V4).contains("2001:"));
+    }
+
+    #[test]
+    fn chain_names_are_stable_and_short() {
+        let k = key("198.19.0.10", 80);
+        let b = backend("198.18.1.10", 8080);
+        // Names persist in the kernel across restarts and upgrades: these
+        // values must never change. (Computed independently: FNV-1a 128 of
+        // "tcp/198.19.0.10/80", FNV-1a 128 of its 16 big-endian bytes, top
+        // 80 bits in RFC 4648 base32.)
+        assert_eq!(svc_chain(&k), "KUBE-SVC-DEKHJ2P7TAIRGTG7");
+        assert_eq!(sep_chain(&k, &b), "KUBE-SEP-3OAMRHB65YO446FJ");
+        for name in [
+            svc_chain(&k),
+            svl_chain(&k),
+            ext_chain(&k),
+            fw_chain(&k),
+            sep_chain(&k, &b),
+        ] {
+            assert!(name.len() <= MAX_CHAIN_NAME, "{name}");
+        }
+        let k6 = key_proto(
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            65535,
+            Protocol::Sctp,
+        );
+        let b6 = backend("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe", 65535);
+        assert!(sep_chain(&k6, &b6).len() <= MAX_CHAIN_NAME);
+        // Distinct for neighbours.
+        let names: BTreeSet<String> = (0..=255u8)
+            .flat_map(|i| {
+                let k = key(&format!("198.19.0.{i}"), 80);
+                let other = backend("198.18.2.1", 9090);
+                [
+                    svc_chain(&k),
+                    sep_chain(&k, &backend(&format!("198.18.1.{i}"), 8080)),
+                    sep_chain(&k, &other),
+                ]
+            })
+            .collect();
+        assert_eq!(names.len(), 3 * 256);
+        assert!(
+            hash16("x")
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || ('2'..='7').contains(&c))
+        );
+    }
+
+    #[test]
+    fn a_partial_restore_holds_only_the_changed_frontend_and_the_top_level_chains() {
+        let mut dp = dataplane();
+        let a = key("198.19.0.10", 80);
+        let b = key("198.19.0.11", 80);
+        let a0 = [backend("198.18.1.10", 8080), backend("198.18.1.11", 8080)];
+        let b0 = [backend("198.18.1.12", 8080)];
+        for (k, bs) in [(a, &a0[..]), (b, &b0[..])] {
+            let p = dp.program(&k, &external(FrontendKind::ClusterIp, bs));
+            dp.programmed.insert(k, p);
+        }
+        // a loses an endpoint.
+        let diff = TableDiff {
+            changed: vec![FrontendChange {
+                key: a,
+                old: external(FrontendKind::ClusterIp, &a0),
+                new: external(FrontendKind::ClusterIp, &a0[..1]),
+            }],
+            ..TableDiff::default()
+        };
+        let text = restore_text(&dp, &diff, Family::V4);
+        let gone = sep_chain(&a, &a0[1]);
+        assert_eq!(
+            declared(&text),
+            [
+                SERVICES_CHAIN,
+                NODEPORTS_CHAIN,
+                &svc_chain(&a),
+                &gone,
+                EXTERNAL_SERVICES_CHAIN,
+                FIREWALL_CHAIN
+            ]
+            .into_iter()
+            .collect(),
+            "only a's changed chains, the chain it deletes and the top level: {text}"
+        );
+        // The unchanged endpoint chain of a is not rewritten; b is untouched
+        // but still entered from KUBE-SERVICES.
+        assert!(!text.contains(&sep_chain(&a, &a0[0]).to_string().replace("KUBE", "-A KUBE")));
+        assert!(!text.contains(&format!(":{}", svc_chain(&b))));
+        assert_eq!(rules(&text, "nat", SERVICES_CHAIN).len(), 3);
+        assert!(rules(&text, "nat", SERVICES_CHAIN)[1].ends_with(&format!("-j {}", svc_chain(&b))));
+        assert!(text.contains(&format!("-X {gone}\nCOMMIT\n")), "{text}");
+        // Removing b deletes its chains.
+        let diff = TableDiff {
+            removed: vec![(b, external(FrontendKind::ClusterIp, &b0))],
+            ..TableDiff::default()
+        };
+        let text = restore_text(&dp, &diff, Family::V4);
+        assert!(
+            text.contains(&format!("-X {}\n", svc_chain(&b)))
+                && text.contains(&format!("-X {}\n", sep_chain(&b, &b0[0])))
+        );
+        assert_eq!(rules(&text, "nat", SERVICES_CHAIN).len(), 2);
+    }
+
+    #[test]
+    fn base_input_adds_missing_jumps_in_order_and_removes_extra_copies() {
+        let nat = Saved::parse(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
+             -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A PREROUTING -j KUBE-SERVICES\nCOMMIT\n",
+        );
+        let mut input = RestoreInput::default();
+        let (writes, deletes) = base_input(&mut input, &nat, &Saved::default());
+        // OUTPUT and POSTROUTING in nat, 9 in filter; one copy too many.
+        assert_eq!((writes, deletes), (11, 1));
+        let text = input.text();
+        assert!(text.contains("-D PREROUTING -j KUBE-SERVICES\n"), "{text}");
+        assert!(
+            !text.contains(":KUBE-SERVICES - [0:0]\n-A"),
+            "an existing KUBE-SERVICES is not flushed: {text}"
+        );
+        let filter: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("-I INPUT 1"))
+            .collect();
+        assert_eq!(filter.len(), 3);
+        assert!(
+            filter[0].ends_with("-j KUBE-EXTERNAL-SERVICES")
+                && filter[2].ends_with("-j KUBE-PROXY-FIREWALL")
+        );
+        assert!(text.contains("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n"));
+        assert!(text.contains("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n"));
+        assert!(text.contains("-j MASQUERADE --random-fully\n"));
+    }
+
+    #[test]
+    fn cleanup_deletes_jumps_then_chains_and_keeps_what_a_foreign_chain_uses() {
+        let saved = Saved::parse(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-AAAA - [0:0]\n:CNI-X - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n\
+             -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A PREROUTING -j CNI-X\n-A CNI-X -j KUBE-MARK-MASQ\n-A KUBE-SERVICES -j KUBE-SVC-AAAA\nCOMMIT\n",
+        );
+        let ours: BTreeSet<String> = [
+            "KUBE-SERVICES",
+            "KUBE-SVC-AAAA",
+            "KUBE-MARK-MASQ",
+            "KUBE-NODEPORTS",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let mut input = TableInput::default();
+        // KUBE-MARK-MASQ is used by CNI-X, and empty already: left alone.
+        assert_eq!(cleanup_input("nat", &saved, &ours, &mut input), 3);
+        let mut text = String::new();
+        input.write("nat", &mut text);
+        assert_eq!(
+            text,
+            "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-AAAA - [0:0]\n\
+             -D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -X KUBE-SERVICES\n-X KUBE-SVC-AAAA\nCOMMIT\n"
+        );
+        // Nothing left: nothing to do.
+        let mut input = TableInput::default();
+        assert_eq!(
+            cleanup_input("nat", &Saved::default(), &ours, &mut input),
+            0
+        );
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn refusals_carry_stderr_and_the_offending_line() {
+        let input = "*nat\n:KUBE-A - [0:0]\n-A KUBE-A -j NOPE\nCOMMIT\n";
+        let stderr = "iptables-restore v1.8.9 (nf_tables): Chain 'NOPE' does not exist\nError occurred at line: 3\nTry `iptables-restore -h' or 'iptables-restore --help' for more information.\n";
+        match refusal("iptables-restore", stderr, input) {
+            IptablesError::Refused {
+                stderr, line, text, ..
+            } => {
+                assert_eq!(line, Some(3));
+                assert_eq!(text.as_deref(), Some("-A KUBE-A -j NOPE"));
+                assert!(stderr.contains("Chain 'NOPE' does not exist") && !stderr.contains("Try"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let legacy = refusal(
+            "iptables-restore",
+            "iptables-restore: line 99 failed\n",
+            input,
+        );
+        assert!(
+            matches!(
+                legacy,
+                IptablesError::Refused {
+                    line: Some(99),
+                    text: None,
+                    ..
+                }
+            ),
+            "{legacy:?}"
+        );
+        assert!(matches!(
+            refusal("x", "", input),
+            IptablesError::Refused { line: None, .. }
+        ));
+        assert!(legacy.to_string().contains("at line 99"));
+    }
+
+    #[test]
+    fn saved_tables_parse_into_chains_and_rules() {
+        let saved = Saved::parse(
+            "# Generated\n*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SEP-X - [0:0]\n\
+             -A KUBE-SEP-X -p tcp -m comment --comment \"a b\" -j DNAT --to-destination 1.2.3.4:80\nCOMMIT\n",
+        );
+        assert_eq!(saved.rules("PREROUTING").len(), 0);
+        assert!(saved.has("PREROUTING"));
+        assert_eq!(target_of(&saved.rules("KUBE-SEP-X")[0]), Some("DNAT"));
+        assert_eq!(target_of("-m mark --mark 1 -g KUBE-X"), Some("KUBE-X"));
+    }
+}
