@@ -1,8 +1,10 @@
-//! The nftables dataplane: one `inet` table, `proxy-agent`, that nobody
-//! confuses with kube-proxy's `kube-proxy` tables; nothing outside it is
-//! touched.
+//! The nftables dataplane: [`SHARDS`] `inet` tables, `proxy-agent-0` to
+//! `proxy-agent-7`, that nobody confuses with kube-proxy's `kube-proxy`
+//! tables; nothing outside them is touched. A frontend lives in the table
+//! of a stable hash of its key ([`shard_of`]); every table is complete in
+//! itself (a chain can only jump within its table).
 //!
-//! Layout (names are what an operator sees in `nft list table inet proxy-agent`):
+//! Layout of each table (what an operator sees in `nft list ruleset`):
 //! - `nat-prerouting` / `nat-output` jump to `services`, which looks the
 //!   packet up in verdict maps keyed by `daddr . l4proto . dport`
 //!   (`services4`/`services6`) and, on the node's NodePort addresses
@@ -13,24 +15,32 @@
 //!   ranges, the masquerade mark, then the endpoint choice.
 //! - The choice is a cascade of `numgen random mod (n-i) == 0` rules, each
 //!   DNATing to one endpoint (the last one unconditionally): a uniform
-//!   choice for the first packet of a connection only. Per-endpoint chains
-//!   and per-service verdict maps, as upstream's nftables proxier uses them,
-//!   cost us measurably: `nft` fills its cache with every chain and set of
-//!   the table before each transaction, and the kernel's dump of 110 000
-//!   chains (10 000 services of 10 endpoints) takes about 2 s, which every
-//!   partial sync would pay. With one chain per frontend and no anonymous
-//!   sets, adding one service at that size takes about 0.1 s.
+//!   choice, made for the first packet of a connection only.
 //! - Session affinity: a dynamic set per endpoint with the service's
 //!   timeout; a client found in one is sent to that endpoint, and every
 //!   choice refreshes the chosen endpoint's entry.
 //! - `nat-postrouting` masquerades marked packets and hairpin connections
 //!   (`hairpin4`/`6` hold `endpoint . endpoint`).
 //!
-//! Every change is an atomic `nft -j -f -` transaction built with the
-//! `nftables` crate's schema. A large change is split into transactions of
-//! [`FRONTENDS_PER_TRANSACTION`] frontends, each complete in itself (a
-//! frontend's chain, its rules and its map element go together): `nft`'s
-//! and the kernel's costs grow faster than the size of one transaction.
+//! Why this shape, measured at 10 000 services of 10 endpoints (the
+//! figures are in the README):
+//! - Per-endpoint chains (upstream's layout) make 110 000 chains; `nft`
+//!   lists every chain before each transaction, and one rule added then
+//!   takes about 2 s. Per-service anonymous verdict maps cost as much in
+//!   `nft`'s cache and in the kernel's set naming. One chain per frontend
+//!   and no anonymous sets avoid both.
+//! - The kernel validates every rule reachable from a table's base chains
+//!   on each commit: with one table, any one-rule change costs ~0.1 s at
+//!   that size. Spread over [`SHARDS`] tables, a change validates one
+//!   eighth. A new connection pays one map lookup per table; established
+//!   ones never reach these chains.
+//!
+//! Every change is one atomic `nft -j -f -` transaction (it may span the
+//! tables) built with the `nftables` crate's schema. A large change is
+//! split into transactions of [`FRONTENDS_PER_TRANSACTION`] frontends,
+//! each complete in itself (a frontend's chain, its rules and its map
+//! element go together): `nft`'s and the kernel's costs grow faster than
+//! the size of one transaction.
 use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -62,8 +72,11 @@ use super::{
 };
 use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, TableDiff};
 
-/// The agent's table (family `inet`).
+/// The agent's tables (family `inet`) are named `proxy-agent-<n>`.
 pub const TABLE: &str = "proxy-agent";
+
+/// How many tables the frontends are spread over (see the module comment).
+pub const SHARDS: usize = 8;
 const FAMILY: NfFamily = NfFamily::INet;
 
 /// How often a reconcile rewrites every frontend chain even when the
@@ -111,22 +124,48 @@ pub enum NftablesError {
 /// One transaction being built: the crate's schema objects, plus raw JSON
 /// where the schema has no word for it (verdict maps: its `SetType` lacks
 /// `verdict`).
+///
+/// Objects are built for [`TABLE`] and moved to the transaction's table as
+/// they are pushed (every shard has the same objects).
 #[derive(Default)]
 struct Tx {
+    /// The table the objects go to; empty: leave them as they are.
+    table: String,
     objects: Vec<serde_json::Value>,
     error: Option<serde_json::Error>,
 }
 
 impl Tx {
-    fn new() -> Self {
-        Tx::default()
+    fn new(table: &str) -> Self {
+        Tx {
+            table: table.to_string(),
+            ..Tx::default()
+        }
     }
 
     fn push(&mut self, object: NfObject<'static>) {
         match serde_json::to_value(&object) {
-            Ok(v) => self.objects.push(v),
+            Ok(v) => self.push_value(v),
             Err(e) => self.error = Some(e),
         }
+    }
+
+    /// Pushes `{"<command>": {"<kind>": {...}}}`, moved to this table.
+    fn push_value(&mut self, mut value: serde_json::Value) {
+        if !self.table.is_empty() {
+            let inner = value
+                .as_object_mut()
+                .and_then(|cmd| cmd.values_mut().next())
+                .and_then(|kind| kind.as_object_mut())
+                .and_then(|kind| kind.iter_mut().next());
+            if let Some((kind, serde_json::Value::Object(fields))) = inner {
+                let field = if kind == "table" { "name" } else { "table" };
+                if fields.contains_key(field) {
+                    fields.insert(field.into(), self.table.clone().into());
+                }
+            }
+        }
+        self.objects.push(value);
     }
 
     fn add(&mut self, object: NfListObject<'static>) {
@@ -174,6 +213,9 @@ fn run(tx: Tx) -> Result<(), NftablesError> {
         let text = String::from_utf8_lossy(&out.stderr);
         // nft repeats the whole offending input; the first lines say why.
         let short: Vec<&str> = text.lines().take(6).collect();
+        if std::env::var_os("PA_NFT_DEBUG").is_some() {
+            eprintln!("{}", String::from_utf8_lossy(&payload));
+        }
         Err(NftablesError::Refused(short.join(" | ")))
     }
 }
@@ -614,11 +656,11 @@ fn base_objects(batch: &mut Tx) {
             Family::V4 => "ipv4_addr",
             Family::V6 => "ipv6_addr",
         };
-        batch.objects.push(verdict_map(
+        batch.push_value(verdict_map(
             &format!("services{sfx}"),
             serde_json::json!([addr_name, "inet_proto", "inet_service"]),
         ));
-        batch.objects.push(verdict_map(
+        batch.push_value(verdict_map(
             &format!("nodeports{sfx}"),
             serde_json::json!(["inet_proto", "inet_service"]),
         ));
@@ -802,15 +844,375 @@ fn comment_of(frontend: &Frontend) -> String {
     format!("{}{port}", frontend.service)
 }
 
-/// Programs services into the `inet proxy-agent` table.
-pub struct NftablesDataplane {
-    network: NodeNetwork,
+/// One of the [`SHARDS`] tables and the frontends it holds.
+struct Shard {
+    /// `proxy-agent-<n>`.
+    table: String,
     /// What the kernel holds, per frontend.
     programmed: BTreeMap<FrontendKey, Programmed>,
-    /// Endpoints of every programmed frontend, counted, for the hairpin sets.
+    /// Endpoints of every programmed frontend, counted, for the hairpin set.
     hairpin: BTreeMap<IpAddr, usize>,
     /// Whether the table and its base chains are known to exist.
     based: bool,
+}
+
+/// A shard's part of a transaction, and its state once that succeeds.
+struct Staged {
+    shard: usize,
+    keys: Vec<FrontendKey>,
+    hairpin: BTreeMap<IpAddr, usize>,
+}
+
+impl Shard {
+    fn new(table: String) -> Self {
+        Shard {
+            table,
+            programmed: BTreeMap::new(),
+            hairpin: BTreeMap::new(),
+            based: false,
+        }
+    }
+
+    /// The objects that turn what is programmed for `keys` into `wanted`
+    /// (a key missing from `wanted` is removed), in the order a transaction
+    /// needs: new chains and sets, flushes, rules, elements, deletions.
+    /// `existing`: chains the kernel holds that this shard does not know
+    /// of (a reconcile's rewrite), flushed rather than added.
+    fn prepare(
+        &self,
+        keys: &[FrontendKey],
+        wanted: &BTreeMap<FrontendKey, Programmed>,
+        existing: Option<&HashSet<String>>,
+        stats: &mut ApplyStats,
+    ) -> (Tx, BTreeMap<IpAddr, usize>) {
+        let mut adds = Tx::new(&self.table);
+        let mut flushes = Tx::new(&self.table);
+        let mut rules = Tx::new(&self.table);
+        let mut elements = Tx::new(&self.table);
+        let mut deletes = Tx::new(&self.table);
+        let mut hairpin_delta: BTreeMap<IpAddr, isize> = BTreeMap::new();
+        for key in keys {
+            let old = self.programmed.get(key);
+            let new = wanted.get(key);
+            if old == new && old.is_some() {
+                continue;
+            }
+            let old_chains: BTreeSet<String> = old
+                .map(|o| o.chains())
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let old_sets: BTreeSet<String> = old
+                .map(|o| o.sets())
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let mut new_chains = BTreeSet::new();
+            let mut new_sets = BTreeSet::new();
+            if let Some(new) = new {
+                let rendered = render(&new.plan, &new.comment);
+                for (name, family, timeout) in &rendered.sets {
+                    if !old_sets.contains(name) {
+                        adds.add(affinity_set_object(name, *family, *timeout));
+                    }
+                    new_sets.insert(name.clone());
+                }
+                for (name, chain_rules) in rendered.chains {
+                    if old_chains.contains(&name) || existing.is_some_and(|e| e.contains(&name)) {
+                        flushes.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(&name))));
+                    } else {
+                        adds.add(NfListObject::Chain(chain(&name)));
+                    }
+                    for r in chain_rules {
+                        rules.add(r);
+                    }
+                    new_chains.insert(name);
+                }
+                for b in new.plan.backends() {
+                    *hairpin_delta.entry(b.ip).or_default() += 1;
+                }
+                if old.is_none() {
+                    elements.add(map_element(&new.plan));
+                    stats.map_writes += 1;
+                }
+            }
+            if let Some(old) = old {
+                for b in old.plan.backends() {
+                    *hairpin_delta.entry(b.ip).or_default() -= 1;
+                }
+                if new.is_none() {
+                    elements.delete(map_element(&old.plan));
+                    stats.map_deletes += 1;
+                }
+            }
+            for name in old_chains.difference(&new_chains) {
+                flushes.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
+                deletes.delete(NfListObject::Chain(chain(name)));
+            }
+            for name in old_sets.difference(&new_sets) {
+                deletes.delete(NfListObject::Set(Box::new(set(
+                    name,
+                    SetTypeValue::Single(SetType::Ipv4Addr),
+                ))));
+            }
+        }
+        // Hairpin pairs of endpoints that come or go with this chunk.
+        let mut hairpin = self.hairpin.clone();
+        for (ip, delta) in &hairpin_delta {
+            let before = hairpin.get(ip).copied().unwrap_or(0);
+            let after = (before as isize + delta).max(0) as usize;
+            let pair = || {
+                element(
+                    &format!("hairpin{}", suffix(Family::of(*ip))),
+                    vec![Expression::Named(NamedExpression::Concat(vec![
+                        s(ip.to_string()),
+                        s(ip.to_string()),
+                    ]))],
+                )
+            };
+            if before == 0 && after > 0 {
+                elements.add(pair());
+            } else if before > 0 && after == 0 {
+                elements.delete(pair());
+            }
+            if after == 0 {
+                hairpin.remove(ip);
+            } else {
+                hairpin.insert(*ip, after);
+            }
+        }
+        let mut batch = Tx::new(&self.table);
+        batch.add(table());
+        for objects in [adds, flushes, rules, elements, deletes] {
+            batch.append(objects);
+        }
+        (batch, hairpin)
+    }
+
+    /// Takes in what a successful transaction of [`Shard::prepare`] wrote.
+    fn commit(
+        &mut self,
+        keys: &[FrontendKey],
+        wanted: &BTreeMap<FrontendKey, Programmed>,
+        hairpin: BTreeMap<IpAddr, usize>,
+    ) {
+        self.hairpin = hairpin;
+        for key in keys {
+            match wanted.get(key) {
+                Some(p) => {
+                    self.programmed.insert(*key, p.clone());
+                }
+                None => {
+                    self.programmed.remove(key);
+                }
+            }
+        }
+    }
+
+    /// The sets of NodePort addresses, flushed and written again.
+    fn node_network_objects(&self, network: &NodeNetwork) -> Tx {
+        let mut batch = Tx::new(&self.table);
+        batch.add(table());
+        for family in [Family::V4, Family::V6] {
+            let name = format!("nodeport-ips{}", suffix(family));
+            batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(
+                &name,
+                SetTypeValue::Single(addr_type(family)),
+            )))));
+            let ips: Vec<Expression<'static>> = network
+                .nodeport_addresses
+                .iter()
+                .filter(|ip| Family::of(**ip) == family)
+                .map(|ip| s(ip.to_string()))
+                .collect();
+            if !ips.is_empty() {
+                batch.add(element(&name, ips));
+            }
+        }
+        batch
+    }
+
+    /// Compares the kernel's table with `wanted` (this shard's part):
+    /// the objects that delete what is not wanted, and the drift counted.
+    fn cleanup_objects(
+        &self,
+        wanted: &BTreeMap<FrontendKey, Programmed>,
+        existing: &Existing,
+        stats: &mut ApplyStats,
+    ) -> Tx {
+        let wanted_chains: HashSet<String> = wanted.values().flat_map(Programmed::chains).collect();
+        let wanted_sets: HashSet<String> = wanted.values().flat_map(Programmed::sets).collect();
+        let mut batch = Tx::new(&self.table);
+        batch.add(table());
+        // Elements of frontends that should not be there, then their chains.
+        let wanted_elements: HashSet<(String, String)> = wanted
+            .values()
+            .map(|p| (map_entry(&p.plan).0, frontend_chain(&p.plan.key)))
+            .collect();
+        for (map, key, target) in &existing.elements {
+            if !wanted_elements.contains(&(map.clone(), target.clone())) {
+                batch.push_value(serde_json::json!({ "delete": { "element": {
+                    "family": "inet", "table": TABLE, "name": map, "elem": [key],
+                } } }));
+                stats.map_deletes += 1;
+            }
+        }
+        let mut late = Tx::new(&self.table);
+        for name in &existing.chains {
+            if !wanted_chains.contains(name) && !BASE_CHAINS.contains(&name.as_str()) {
+                batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
+                late.delete(NfListObject::Chain(chain(name)));
+                stats.map_deletes += 1;
+            }
+        }
+        for name in &existing.sets {
+            if !wanted_sets.contains(name) && !BASE_SETS.contains(&name.as_str()) {
+                late.delete(NfListObject::Set(Box::new(set(
+                    name,
+                    SetTypeValue::Single(SetType::Ipv4Addr),
+                ))));
+                stats.map_deletes += 1;
+            }
+        }
+        batch.append(late);
+        // What is wanted and missing.
+        let existing_elements: HashSet<(String, String)> = existing
+            .elements
+            .iter()
+            .map(|(m, _, t)| (m.clone(), t.clone()))
+            .collect();
+        stats.map_writes += wanted_elements.difference(&existing_elements).count();
+        stats.map_writes += wanted_chains
+            .iter()
+            .filter(|c| !existing.chains.contains(*c))
+            .count();
+        batch
+    }
+}
+
+/// Deletes the kernel's connection-tracking entries of UDP flows whose
+/// backend `diff` takes away, so their next datagram picks a live one.
+fn forget_udp_flows(diff: &TableDiff) -> Result<usize, NftablesError> {
+    let flows: Vec<conntrack::StaleFlow> = netfilter::stale_udp_flows(diff)
+        .into_iter()
+        .map(|f| conntrack::StaleFlow {
+            vip: f.vip,
+            port: f.port,
+            backend: f.backend.ip,
+            backend_port: f.backend.port,
+        })
+        .collect();
+    if flows.is_empty() {
+        return Ok(0);
+    }
+    Ok(conntrack::delete_stale_udp_flows(&flows)?)
+}
+
+/// What the kernel's table holds, by name.
+#[derive(Clone, Debug, Default)]
+struct Existing {
+    chains: HashSet<String>,
+    sets: HashSet<String>,
+    /// (map, key as nft lists it, goto target) of the four frontend maps.
+    elements: Vec<(String, serde_json::Value, String)>,
+}
+
+impl Existing {
+    /// What every table of the family holds that is named like ours (one
+    /// listing of chains and sets for all of them, then their maps).
+    fn read_all() -> Result<BTreeMap<String, Existing>, NftablesError> {
+        let mut all: BTreeMap<String, Existing> = BTreeMap::new();
+        let str_of = |o: &serde_json::Value, field: &str| {
+            o.get(field).and_then(|n| n.as_str()).map(str::to_string)
+        };
+        for object in list(&["list", "tables", "inet"])?.unwrap_or_default() {
+            if let Some(name) = object.get("table").and_then(|t| str_of(t, "name"))
+                && is_ours(&name)
+            {
+                all.entry(name).or_default();
+            }
+        }
+        for object in list(&["list", "chains", "inet"])?.unwrap_or_default() {
+            if let Some(c) = object.get("chain")
+                && let (Some(table), Some(name)) = (str_of(c, "table"), str_of(c, "name"))
+                && let Some(e) = all.get_mut(&table)
+            {
+                e.chains.insert(name);
+            }
+        }
+        for object in list(&["list", "sets", "inet"])?.unwrap_or_default() {
+            if let Some(c) = object.get("set")
+                && let (Some(table), Some(name)) = (str_of(c, "table"), str_of(c, "name"))
+                && let Some(e) = all.get_mut(&table)
+            {
+                e.sets.insert(name);
+            }
+        }
+        for (table, existing) in all.iter_mut() {
+            for map in ["services4", "services6", "nodeports4", "nodeports6"] {
+                for object in list(&["list", "map", "inet", table, map])?.unwrap_or_default() {
+                    let Some(elems) = object.pointer("/map/elem").and_then(|e| e.as_array()) else {
+                        continue;
+                    };
+                    for pair in elems {
+                        let (Some(key), Some(target)) = (
+                            pair.get(0),
+                            pair.pointer("/1/goto/target").and_then(|t| t.as_str()),
+                        ) else {
+                            continue;
+                        };
+                        existing
+                            .elements
+                            .push((map.to_string(), key.clone(), target.to_string()));
+                    }
+                }
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Whether an `inet` table is one of the agent's: [`TABLE`] (an earlier,
+/// unsharded layout) or `proxy-agent-<n>`.
+fn is_ours(table: &str) -> bool {
+    table == TABLE
+        || table
+            .strip_prefix(TABLE)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The shard of a frontend: a hash of its key that stays the same across
+/// restarts and versions (the tables outlive the agent).
+pub fn shard_of(key: &FrontendKey) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    match key.ip {
+        IpAddr::V4(v4) => eat(&v4.octets()),
+        IpAddr::V6(v6) => eat(&v6.octets()),
+    }
+    eat(&key.port.to_be_bytes());
+    eat(&[key.protocol.number()]);
+    (hash % SHARDS as u64) as usize
+}
+
+/// The table that holds `key`'s frontend.
+pub fn table_of(key: &FrontendKey) -> String {
+    format!("{TABLE}-{}", shard_of(key))
+}
+
+/// Programs services into the tables `inet proxy-agent-0` to
+/// `proxy-agent-<SHARDS - 1>`, each frontend into the table [`shard_of`]
+/// its key. A transaction may span several tables: a change is as atomic
+/// as with one table.
+pub struct NftablesDataplane {
+    network: NodeNetwork,
+    shards: Vec<Shard>,
     /// When every frontend chain was last rewritten by a reconcile.
     last_rewrite: Option<Instant>,
 }
@@ -825,9 +1227,9 @@ impl NftablesDataplane {
     pub fn new() -> Self {
         NftablesDataplane {
             network: NodeNetwork::default(),
-            programmed: BTreeMap::new(),
-            hairpin: BTreeMap::new(),
-            based: false,
+            shards: (0..SHARDS)
+                .map(|n| Shard::new(format!("{TABLE}-{n}")))
+                .collect(),
             last_rewrite: None,
         }
     }
@@ -840,167 +1242,75 @@ impl NftablesDataplane {
         }
     }
 
-    /// Writes `wanted` in place of what is programmed for the frontends of
-    /// `keys` (a frontend missing from `wanted` is removed), in
-    /// transactions of [`FRONTENDS_PER_TRANSACTION`] frontends. On error
-    /// the transactions before the failed one stay programmed.
+    /// Creates every shard's table and base objects (an `add` of what
+    /// exists changes nothing; base chains are flushed and written again),
+    /// in one transaction.
+    fn ensure_base(&mut self) -> Result<(), NftablesError> {
+        let mut tx = Tx::new("");
+        for shard in &self.shards {
+            let mut part = Tx::new(&shard.table);
+            base_objects(&mut part);
+            part.append(shard.node_network_objects(&self.network));
+            tx.append(part);
+        }
+        run(tx)?;
+        for shard in &mut self.shards {
+            shard.based = true;
+        }
+        Ok(())
+    }
+
+    /// Writes `wanted` in place of what is programmed for `keys`, in
+    /// transactions of [`FRONTENDS_PER_TRANSACTION`] frontends that span
+    /// the shards. On error the transactions before the failed one stay.
     fn write(
         &mut self,
         keys: &[FrontendKey],
         wanted: &BTreeMap<FrontendKey, Programmed>,
-        existing: Option<&HashSet<String>>,
+        existing: Option<&BTreeMap<String, Existing>>,
         stats: &mut ApplyStats,
     ) -> Result<(), NftablesError> {
         for chunk in keys.chunks(FRONTENDS_PER_TRANSACTION) {
-            let mut adds = Tx::new();
-            let mut flushes = Tx::new();
-            let mut rules = Tx::new();
-            let mut elements = Tx::new();
-            let mut deletes = Tx::new();
-            let mut hairpin_delta: BTreeMap<IpAddr, isize> = BTreeMap::new();
+            let mut parts: Vec<Vec<FrontendKey>> = vec![Vec::new(); SHARDS];
             for key in chunk {
-                let old = self.programmed.get(key);
-                let new = wanted.get(key);
-                if old == new && old.is_some() {
+                parts[shard_of(key)].push(*key);
+            }
+            let mut tx = Tx::new("");
+            let mut staged = Vec::new();
+            for (n, keys) in parts.into_iter().enumerate() {
+                if keys.is_empty() {
                     continue;
                 }
-                let old_chains: BTreeSet<String> = old
-                    .map(|o| o.chains())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
-                let old_sets: BTreeSet<String> = old
-                    .map(|o| o.sets())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
-                let mut new_chains = BTreeSet::new();
-                let mut new_sets = BTreeSet::new();
-                if let Some(new) = new {
-                    let rendered = render(&new.plan, &new.comment);
-                    for (name, family, timeout) in &rendered.sets {
-                        if !old_sets.contains(name) {
-                            adds.add(affinity_set_object(name, *family, *timeout));
-                        }
-                        new_sets.insert(name.clone());
-                    }
-                    for (name, chain_rules) in rendered.chains {
-                        if old_chains.contains(&name) || existing.is_some_and(|e| e.contains(&name))
-                        {
-                            flushes.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(&name))));
-                        } else {
-                            adds.add(NfListObject::Chain(chain(&name)));
-                        }
-                        for r in chain_rules {
-                            rules.add(r);
-                        }
-                        new_chains.insert(name);
-                    }
-                    for b in new.plan.backends() {
-                        *hairpin_delta.entry(b.ip).or_default() += 1;
-                    }
-                    if old.is_none() {
-                        elements.add(map_element(&new.plan));
-                        stats.map_writes += 1;
-                    }
-                }
-                if let Some(old) = old {
-                    for b in old.plan.backends() {
-                        *hairpin_delta.entry(b.ip).or_default() -= 1;
-                    }
-                    if new.is_none() {
-                        elements.delete(map_element(&old.plan));
-                        stats.map_deletes += 1;
-                    }
-                }
-                for name in old_chains.difference(&new_chains) {
-                    flushes.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
-                    deletes.delete(NfListObject::Chain(chain(name)));
-                }
-                for name in old_sets.difference(&new_sets) {
-                    deletes.delete(NfListObject::Set(Box::new(set(
-                        name,
-                        SetTypeValue::Single(SetType::Ipv4Addr),
-                    ))));
-                }
+                let shard = &self.shards[n];
+                let known = existing
+                    .and_then(|e| e.get(&shard.table))
+                    .map(|e| &e.chains);
+                let (part, hairpin) = shard.prepare(&keys, wanted, known, stats);
+                tx.append(part);
+                staged.push(Staged {
+                    shard: n,
+                    keys,
+                    hairpin,
+                });
             }
-            // Hairpin pairs of endpoints that come or go with this chunk.
-            let mut hairpin = self.hairpin.clone();
-            for (ip, delta) in &hairpin_delta {
-                let before = hairpin.get(ip).copied().unwrap_or(0);
-                let after = (before as isize + delta).max(0) as usize;
-                let pair = || {
-                    element(
-                        &format!("hairpin{}", suffix(Family::of(*ip))),
-                        vec![Expression::Named(NamedExpression::Concat(vec![
-                            s(ip.to_string()),
-                            s(ip.to_string()),
-                        ]))],
-                    )
-                };
-                if before == 0 && after > 0 {
-                    elements.add(pair());
-                } else if before > 0 && after == 0 {
-                    elements.delete(pair());
-                }
-                if after == 0 {
-                    hairpin.remove(ip);
-                } else {
-                    hairpin.insert(*ip, after);
-                }
+            if staged.is_empty() {
+                continue;
             }
-            let mut batch = Tx::new();
-            batch.add(table());
-            for objects in [adds, flushes, rules, elements, deletes] {
-                batch.append(objects);
-            }
-            run(batch)?;
-            self.hairpin = hairpin;
-            for key in chunk {
-                match wanted.get(key) {
-                    Some(p) => {
-                        self.programmed.insert(*key, p.clone());
-                    }
-                    None => {
-                        self.programmed.remove(key);
-                    }
-                }
+            run(tx)?;
+            for Staged {
+                shard,
+                keys,
+                hairpin,
+            } in staged
+            {
+                self.shards[shard].commit(&keys, wanted, hairpin);
             }
         }
         Ok(())
-    }
-
-    fn ensure_base(&mut self) -> Result<(), NftablesError> {
-        let mut batch = Tx::new();
-        base_objects(&mut batch);
-        self.node_network_objects(&mut batch);
-        run(batch)?;
-        self.based = true;
-        Ok(())
-    }
-
-    fn node_network_objects(&self, batch: &mut Tx) {
-        for family in [Family::V4, Family::V6] {
-            let name = format!("nodeport-ips{}", suffix(family));
-            batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(
-                &name,
-                SetTypeValue::Single(addr_type(family)),
-            )))));
-            let ips: Vec<Expression<'static>> = self
-                .network
-                .nodeport_addresses
-                .iter()
-                .filter(|ip| Family::of(**ip) == family)
-                .map(|ip| s(ip.to_string()))
-                .collect();
-            if !ips.is_empty() {
-                batch.add(element(&name, ips));
-            }
-        }
     }
 
     fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, NftablesError> {
-        if !self.based {
+        if self.shards.iter().any(|s| !s.based) {
             self.ensure_base()?;
         }
         let mut stats = ApplyStats {
@@ -1023,104 +1333,58 @@ impl NftablesDataplane {
             keys.push(*key);
         }
         self.write(&keys, &wanted, None, &mut stats)?;
-        stats.conntrack_deletes = self.forget_udp_flows(diff)?;
+        stats.conntrack_deletes = forget_udp_flows(diff)?;
         Ok(stats)
     }
 
-    /// Deletes the kernel's connection-tracking entries of UDP flows whose
-    /// backend `diff` takes away, so their next datagram picks a live one.
-    fn forget_udp_flows(&self, diff: &TableDiff) -> Result<usize, NftablesError> {
-        let flows: Vec<conntrack::StaleFlow> = netfilter::stale_udp_flows(diff)
-            .into_iter()
-            .map(|f| conntrack::StaleFlow {
-                vip: f.vip,
-                port: f.port,
-                backend: f.backend.ip,
-                backend_port: f.backend.port,
-            })
-            .collect();
-        if flows.is_empty() {
-            return Ok(0);
-        }
-        Ok(conntrack::delete_stale_udp_flows(&flows)?)
-    }
-
-    /// Reads the chains and sets of the table and the elements of its maps,
-    /// and makes them equal to `desired`. What is missing or extra is
-    /// counted (`map_writes`/`map_deletes`: drift). When nothing is, and
-    /// the last full rewrite is younger than [`FULL_REWRITE_PERIOD`], only
-    /// the frontends that differ from `desired` are written (a periodic
-    /// sync at 10 000 services then costs a listing, not a rewrite);
-    /// otherwise every frontend chain is rewritten, which also repairs rules
-    /// edited by hand.
+    /// Reads the tables' chains, sets and map elements, and makes them
+    /// equal to `desired`. What is missing or extra is counted
+    /// (`map_writes`/`map_deletes`: drift), tables named like ours that no
+    /// shard is (an earlier layout) included. When nothing is, and the last
+    /// full rewrite is younger than [`FULL_REWRITE_PERIOD`], only the
+    /// frontends that differ from `desired` are written (a periodic sync
+    /// at 10 000 services then costs a listing, not a rewrite); otherwise
+    /// every frontend chain is rewritten, which also repairs rules edited
+    /// by hand.
     pub fn reconcile_table(&mut self, desired: &ServiceTable) -> Result<ApplyStats, NftablesError> {
-        let existing = Existing::read()?;
+        let mut existing = Existing::read_all()?;
         self.ensure_base()?;
         let mut stats = ApplyStats::default();
-        let rewrite_all = self
-            .last_rewrite
-            .is_none_or(|at| at.elapsed() >= FULL_REWRITE_PERIOD);
         let wanted: BTreeMap<FrontendKey, Programmed> = desired
             .iter()
             .map(|(k, f)| (*k, self.program(k, f)))
             .collect();
-        let wanted_chains: HashSet<String> = wanted.values().flat_map(Programmed::chains).collect();
-        let wanted_sets: HashSet<String> = wanted.values().flat_map(Programmed::sets).collect();
-        let mut batch = Tx::new();
-        batch.add(table());
-        // Elements of frontends that should not be there, then their chains.
-        let wanted_elements: HashSet<(String, String)> = wanted
-            .values()
-            .map(|p| (map_entry(&p.plan).0, frontend_chain(&p.plan.key)))
-            .collect();
-        for (map, key, target) in &existing.elements {
-            if !wanted_elements.contains(&(map.clone(), target.clone())) {
-                batch
-                    .objects
-                    .push(serde_json::json!({ "delete": { "element": {
-                    "family": "inet", "table": TABLE, "name": map, "elem": [key],
-                } } }));
-                stats.map_deletes += 1;
-            }
+        let mut cleanup = Tx::new("");
+        for (n, shard) in self.shards.iter().enumerate() {
+            let part: BTreeMap<FrontendKey, Programmed> = wanted
+                .iter()
+                .filter(|(k, _)| shard_of(k) == n)
+                .map(|(k, p)| (*k, p.clone()))
+                .collect();
+            let found = existing
+                .get(&shard.table)
+                .map_or_else(Existing::default, Existing::clone);
+            cleanup.append(shard.cleanup_objects(&part, &found, &mut stats));
         }
-        let mut late = Tx::new();
-        for name in &existing.chains {
-            if !wanted_chains.contains(name) && !BASE_CHAINS.contains(&name.as_str()) {
-                batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
-                late.delete(NfListObject::Chain(chain(name)));
-                stats.map_deletes += 1;
-            }
+        let tables: HashSet<&str> = self.shards.iter().map(|s| s.table.as_str()).collect();
+        for table in existing.keys().filter(|t| !tables.contains(t.as_str())) {
+            cleanup.push_value(serde_json::json!({ "delete": { "table": {
+                "family": "inet", "name": table,
+            } } }));
+            stats.map_deletes += 1;
         }
-        for name in &existing.sets {
-            if !wanted_sets.contains(name) && !BASE_SETS.contains(&name.as_str()) {
-                late.delete(NfListObject::Set(Box::new(set(
-                    name,
-                    SetTypeValue::Single(SetType::Ipv4Addr),
-                ))));
-                stats.map_deletes += 1;
-            }
-        }
-        batch.append(late);
-        // Drift: what is wanted and missing.
-        let existing_elements: HashSet<(String, String)> = existing
-            .elements
-            .iter()
-            .map(|(m, _, t)| (m.clone(), t.clone()))
-            .collect();
-        stats.map_writes += wanted_elements.difference(&existing_elements).count();
-        stats.map_writes += wanted_chains
-            .iter()
-            .filter(|c| !existing.chains.contains(*c))
-            .count();
+        existing.retain(|t, _| tables.contains(t.as_str()));
         let drift = stats.map_writes + stats.map_deletes > 0;
+        let rewrite_all = self
+            .last_rewrite
+            .is_none_or(|at| at.elapsed() >= FULL_REWRITE_PERIOD);
         let mut write_stats = ApplyStats::default();
         if !rewrite_all && !drift {
             // The kernel holds what we programmed: write what differs.
-            let keys: BTreeSet<FrontendKey> = wanted
-                .keys()
-                .chain(self.programmed.keys())
-                .copied()
-                .collect();
+            let mut keys: BTreeSet<FrontendKey> = wanted.keys().copied().collect();
+            for shard in &self.shards {
+                keys.extend(shard.programmed.keys().copied());
+            }
             let keys: Vec<FrontendKey> = keys.into_iter().collect();
             self.write(&keys, &wanted, None, &mut write_stats)?;
             stats.frontends_changed = write_stats.map_writes + write_stats.map_deletes;
@@ -1130,11 +1394,13 @@ impl NftablesDataplane {
         // and rewrite every wanted frontend; chains the kernel holds are
         // flushed in the same transaction as their new rules.
         self.last_rewrite = None;
-        self.programmed.clear();
-        self.hairpin.clear();
-        run(batch)?;
+        for shard in &mut self.shards {
+            shard.programmed.clear();
+            shard.hairpin.clear();
+        }
+        run(cleanup)?;
         let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
-        self.write(&keys, &wanted, Some(&existing.chains), &mut write_stats)?;
+        self.write(&keys, &wanted, Some(&existing), &mut write_stats)?;
         self.last_rewrite = Some(Instant::now());
         stats.frontends_added = wanted.len();
         Ok(stats)
@@ -1145,17 +1411,19 @@ impl NftablesDataplane {
         let replan = network.cluster_cidrs != self.network.cluster_cidrs
             || network.masquerade_all != self.network.masquerade_all;
         self.network = network.clone();
-        if !self.based {
+        if self.shards.iter().any(|s| !s.based) {
             return self.ensure_base();
         }
-        let mut batch = Tx::new();
-        batch.add(table());
-        self.node_network_objects(&mut batch);
-        run(batch)?;
-        if replan && !self.programmed.is_empty() {
+        let mut tx = Tx::new("");
+        for shard in &self.shards {
+            tx.append(shard.node_network_objects(network));
+        }
+        run(tx)?;
+        if replan {
             let wanted: BTreeMap<FrontendKey, Programmed> = self
-                .programmed
+                .shards
                 .iter()
+                .flat_map(|s| s.programmed.iter())
                 .map(|(k, p)| (*k, self.program(k, &p.frontend)))
                 .collect();
             let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
@@ -1163,53 +1431,6 @@ impl NftablesDataplane {
             self.write(&keys, &wanted, None, &mut stats)?;
         }
         Ok(())
-    }
-}
-
-/// What the kernel's table holds, by name.
-#[derive(Debug, Default)]
-struct Existing {
-    chains: HashSet<String>,
-    sets: HashSet<String>,
-    /// (map, key as nft lists it, goto target) of the four frontend maps.
-    elements: Vec<(String, serde_json::Value, String)>,
-}
-
-impl Existing {
-    fn read() -> Result<Existing, NftablesError> {
-        let mut existing = Existing::default();
-        let ours = |o: &serde_json::Value| o.get("table").and_then(|t| t.as_str()) == Some(TABLE);
-        let name =
-            |o: &serde_json::Value| o.get("name").and_then(|n| n.as_str()).map(str::to_string);
-        for object in list(&["list", "chains", "inet"])?.unwrap_or_default() {
-            if let Some(c) = object.get("chain").filter(|c| ours(c)) {
-                existing.chains.extend(name(c));
-            }
-        }
-        for object in list(&["list", "sets", "inet"])?.unwrap_or_default() {
-            if let Some(set) = object.get("set").filter(|c| ours(c)) {
-                existing.sets.extend(name(set));
-            }
-        }
-        for map in ["services4", "services6", "nodeports4", "nodeports6"] {
-            for object in list(&["list", "map", "inet", TABLE, map])?.unwrap_or_default() {
-                let Some(elems) = object.pointer("/map/elem").and_then(|e| e.as_array()) else {
-                    continue;
-                };
-                for pair in elems {
-                    let (Some(key), Some(target)) = (
-                        pair.get(0),
-                        pair.pointer("/1/goto/target").and_then(|t| t.as_str()),
-                    ) else {
-                        continue;
-                    };
-                    existing
-                        .elements
-                        .push((map.to_string(), key.clone(), target.to_string()));
-                }
-            }
-        }
-        Ok(existing)
     }
 }
 
@@ -1231,15 +1452,24 @@ impl Dataplane for NftablesDataplane {
     }
 }
 
-/// Deletes the agent's table, if present. Returns whether it was there.
+/// Deletes the agent's tables, if present. Returns whether any was there.
 pub fn cleanup() -> Result<bool, NftablesError> {
-    if list(&["list", "table", "inet", TABLE])?.is_none() {
-        return Ok(false);
+    let mut any = false;
+    for object in list(&["list", "tables", "inet"])?.unwrap_or_default() {
+        let Some(name) = object.pointer("/table/name").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        if !is_ours(name) {
+            continue;
+        }
+        let mut tx = Tx::new("");
+        tx.push_value(serde_json::json!({ "delete": { "table": {
+            "family": "inet", "name": name,
+        } } }));
+        run(tx)?;
+        any = true;
     }
-    let mut batch = Tx::new();
-    batch.delete(table());
-    run(batch)?;
-    Ok(true)
+    Ok(any)
 }
 
 /// Deletes the tables of kube-proxy's nftables mode (`ip kube-proxy` and
@@ -1250,8 +1480,8 @@ pub fn cleanup_kube_proxy() -> Result<usize, NftablesError> {
         if list(&["list", "table", family, "kube-proxy"])?.is_none() {
             continue;
         }
-        let mut tx = Tx::new();
-        tx.objects.push(serde_json::json!({ "delete": { "table": {
+        let mut tx = Tx::new("");
+        tx.push_value(serde_json::json!({ "delete": { "table": {
             "family": family, "name": "kube-proxy",
         } } }));
         run(tx)?;
@@ -1429,6 +1659,55 @@ mod tests {
         );
     }
 
+    #[test]
+    fn frontends_spread_over_every_shard_and_only_our_tables_are_ours() {
+        let mut counts = [0usize; SHARDS];
+        for i in 0..4000u32 {
+            let k = key(&format!("10.96.{}.{}", i / 256, i % 256), 80);
+            counts[shard_of(&k)] += 1;
+            assert_eq!(table_of(&k), format!("proxy-agent-{}", shard_of(&k)));
+        }
+        assert!(counts.iter().all(|&c| c > 350 && c < 650), "{counts:?}");
+        // Stable: the tables outlive the agent, so this must never change.
+        assert_eq!(
+            shard_of(&key("10.96.0.1", 80)),
+            shard_of(&key("10.96.0.1", 80))
+        );
+        for (name, ours) in [
+            ("proxy-agent", true),
+            ("proxy-agent-3", true),
+            ("proxy-agent-12", true),
+            ("proxy-agent-", false),
+            ("proxy-agent-x", false),
+            ("kube-proxy", false),
+        ] {
+            assert_eq!(is_ours(name), ours, "{name}");
+        }
+    }
+
+    #[test]
+    fn objects_move_to_the_transactions_table_and_kube_proxys_stay_named() {
+        let mut tx = Tx::new("proxy-agent-5");
+        tx.add(table());
+        tx.add(NfListObject::Chain(chain("svc-x")));
+        let mut raw = Tx::new("");
+        raw.push_value(
+            serde_json::json!({ "delete": { "table": { "family": "ip", "name": "kube-proxy" } } }),
+        );
+        let text = serde_json::to_string(&tx.objects).unwrap();
+        assert!(
+            text.contains(r#""name":"proxy-agent-5""#)
+                && text.contains(r#""table":"proxy-agent-5""#),
+            "{text}"
+        );
+        assert!(!text.contains(r#""proxy-agent""#), "{text}");
+        assert!(
+            serde_json::to_string(&raw.objects)
+                .unwrap()
+                .contains("kube-proxy")
+        );
+    }
+
     // -----------------------------------------------------------------------
     // Against the kernel, in a network namespace of the test's own.
 
@@ -1473,8 +1752,10 @@ mod tests {
                 stats.map_writes, 4,
                 "2 elements and 2 chains were missing: {stats:?}"
             );
-            let handles = |chain: &str| nft_out(&["-a", "list", "chain", "inet", TABLE, chain]);
-            let b_before = handles("svc-tcp-10.96.0.2-80");
+            let (ta, tb) = (table_of(&a), table_of(&b));
+            let handles =
+                |table: &str, chain: &str| nft_out(&["-a", "list", "chain", "inet", table, chain]);
+            let b_before = handles(&tb, "svc-tcp-10.96.0.2-80");
             assert!(b_before.contains("dnat ip to 10.1.0.2:80"), "{b_before}");
 
             // One endpoint more for `a`: `b`'s rules keep their handles.
@@ -1494,13 +1775,13 @@ mod tests {
             };
             dp.apply_diff(&diff).unwrap();
             table.insert(a, new);
-            assert_eq!(handles("svc-tcp-10.96.0.2-80"), b_before);
-            let a_rules = handles("svc-tcp-10.96.0.1-80");
+            assert_eq!(handles(&tb, "svc-tcp-10.96.0.2-80"), b_before);
+            let a_rules = handles(&ta, "svc-tcp-10.96.0.1-80");
             assert!(
                 a_rules.contains("numgen random mod 2") && a_rules.contains("10.1.0.3:80"),
                 "{a_rules}"
             );
-            let hairpin = nft_out(&["list", "set", "inet", TABLE, "hairpin4"]);
+            let hairpin = nft_out(&["list", "set", "inet", &ta, "hairpin4"]);
             assert!(hairpin.contains("10.1.0.3 . 10.1.0.3"), "{hairpin}");
 
             // Someone deletes `b`'s element and chain, and adds a chain.
@@ -1519,17 +1800,21 @@ mod tests {
                 assert!(child.wait().unwrap().success(), "{script}");
             };
             sh(&format!(
-                "delete element inet {TABLE} services4 {{ 10.96.0.2 . tcp . 80 }}\n\
-                 flush chain inet {TABLE} svc-tcp-10.96.0.2-80\n\
-                 delete chain inet {TABLE} svc-tcp-10.96.0.2-80\n\
-                 add chain inet {TABLE} svc-tcp-10.96.0.99-80\n"
+                "delete element inet {tb} services4 {{ 10.96.0.2 . tcp . 80 }}\n\
+                 flush chain inet {tb} svc-tcp-10.96.0.2-80\n\
+                 delete chain inet {tb} svc-tcp-10.96.0.2-80\n\
+                 add chain inet {ta} svc-tcp-10.96.0.99-80\n\
+                 add table inet {TABLE}\n"
             ));
             let stats = dp.reconcile_table(&table).unwrap();
-            assert_eq!((stats.map_writes, stats.map_deletes), (2, 1), "{stats:?}");
-            assert!(handles("svc-tcp-10.96.0.2-80").contains("dnat ip to 10.1.0.2:80"));
+            // The element and chain are missing; a chain and a table of an
+            // earlier layout are extra.
+            assert_eq!((stats.map_writes, stats.map_deletes), (2, 2), "{stats:?}");
+            assert!(handles(&tb, "svc-tcp-10.96.0.2-80").contains("dnat ip to 10.1.0.2:80"));
+            assert!(!nft_out(&["list", "tables"]).contains(&format!("inet {TABLE}\n")));
             let chains = nft_out(&["list", "chains", "inet"]);
             assert!(!chains.contains("10.96.0.99"), "{chains}");
-            let map = nft_out(&["list", "map", "inet", TABLE, "services4"]);
+            let map = nft_out(&["list", "map", "inet", &tb, "services4"]);
             assert!(
                 map.contains("10.96.0.2 . tcp . 80 : goto svc-tcp-10.96.0.2-80"),
                 "{map}"
@@ -1540,8 +1825,13 @@ mod tests {
 
             // Removing everything leaves only the base objects; cleanup the table.
             dp.reconcile_table(&ServiceTable::new()).unwrap();
-            let left = nft_out(&["list", "table", "inet", TABLE]);
+            let left = nft_out(&["list", "ruleset"]);
             assert!(!left.contains("svc-"), "{left}");
+            assert_eq!(
+                left.matches("table inet proxy-agent-").count(),
+                SHARDS,
+                "{left}"
+            );
             assert!(cleanup().unwrap());
             assert!(!cleanup().unwrap(), "a second cleanup finds nothing");
 
