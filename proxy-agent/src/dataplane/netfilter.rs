@@ -222,7 +222,9 @@ pub struct StaleUdpFlow {
 
 /// The UDP (frontend, backend) pairs `diff` takes away: their connection
 /// tracking entries must go, or a client that keeps sending from one socket
-/// stays on a backend that no longer exists.
+/// stays on a backend that no longer exists. A change of a frontend's
+/// source ranges takes every backend away, so that clients the new ranges
+/// leave out lose their flows too.
 pub fn stale_udp_flows(diff: &TableDiff) -> Vec<StaleUdpFlow> {
     let mut stale = Vec::new();
     let mut add = |key: &FrontendKey, backends: &mut dyn Iterator<Item = &Backend>| {
@@ -241,8 +243,12 @@ pub fn stale_udp_flows(diff: &TableDiff) -> Vec<StaleUdpFlow> {
         add(key, &mut old.backends.iter().chain(&old.cluster_backends));
     }
     for change in &diff.changed {
-        let kept = |b: &&Backend| {
-            !change.new.backends.contains(b) && !change.new.cluster_backends.contains(b)
+        // Narrowed source ranges must stop the UDP flows of clients now
+        // outside them: their conntrack entries would keep them translated.
+        let ranges_changed = change.old.policy.source_ranges != change.new.policy.source_ranges;
+        let gone = |b: &&Backend| {
+            ranges_changed
+                || (!change.new.backends.contains(b) && !change.new.cluster_backends.contains(b))
         };
         add(
             &change.key,
@@ -251,7 +257,7 @@ pub fn stale_udp_flows(diff: &TableDiff) -> Vec<StaleUdpFlow> {
                 .backends
                 .iter()
                 .chain(&change.old.cluster_backends)
-                .filter(kept),
+                .filter(gone),
         );
     }
     stale.sort_unstable();
@@ -421,6 +427,25 @@ mod tests {
                 vip: k.ip,
                 port: 53,
                 backend: backend("10.1.0.1", 53)
+            }]
+        );
+        // Narrowed source ranges: every backend's flows go.
+        let mut narrowed = frontend("ns", "dns", &[backend("10.1.0.2", 53)]);
+        narrowed.policy.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+        let diff = TableDiff {
+            changed: vec![crate::model::FrontendChange {
+                key: k,
+                old: frontend("ns", "dns", &[backend("10.1.0.2", 53)]),
+                new: narrowed,
+            }],
+            ..TableDiff::default()
+        };
+        assert_eq!(
+            stale_udp_flows(&diff),
+            vec![StaleUdpFlow {
+                vip: k.ip,
+                port: 53,
+                backend: backend("10.1.0.2", 53)
             }]
         );
     }

@@ -1,0 +1,141 @@
+//! Switching dataplane modes on one node: each agent start removes what the
+//! other modes left (an agent stopped without cleanup keeps serving with its
+//! last table, so two dataplanes would otherwise translate the same
+//! packets), `--cleanup-kube-proxy` also removes a kube-proxy's tables, and
+//! `proxy-agent cleanup` removes everything of every mode.
+//!
+//! Needs root; without it the test prints why and passes.
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context, ensure};
+use proxy_tests::{
+    netns::{
+        Agent, AgentConfig, BpfFs, IpFamily, ManifestsDir, POD_TCP_PORT, Protocol, READY_TIMEOUT,
+        ServiceSpec, ToolPaths, Topology, agent_binary, exec_in,
+    },
+    poll_until, serial, skipped,
+};
+
+const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 20));
+
+/// What each mode left in the node namespace.
+#[derive(Debug, PartialEq, Eq)]
+struct Leftovers {
+    nftables_tables: usize,
+    kube_proxy_tables: usize,
+    iptables_chains: usize,
+    ebpf_pins: usize,
+}
+
+fn leftovers(t: &Topology, bpffs: &BpfFs) -> anyhow::Result<Leftovers> {
+    let tables = exec_in(t.node_ns(), "nft", &["list", "tables"])?;
+    let nat = exec_in(t.node_ns(), "iptables-save", &["-t", "nat"])?;
+    let maps = bpffs.agent_root().join("maps");
+    let ebpf_pins = match std::fs::read_dir(&maps) {
+        Ok(entries) => entries.count(),
+        Err(_) => 0,
+    };
+    Ok(Leftovers {
+        nftables_tables: tables.matches("table inet proxy-agent-").count(),
+        kube_proxy_tables: tables.matches(" kube-proxy").count(),
+        iptables_chains: nat.lines().filter(|l| l.starts_with(":KUBE-")).count(),
+        ebpf_pins,
+    })
+}
+
+#[test]
+fn switching_modes_removes_the_previous_modes_state_and_cleanup_removes_all() {
+    let _serial = serial();
+    if skipped("switching_modes_removes_the_previous_modes_state_and_cleanup_removes_all") {
+        return;
+    }
+    if let Err(e) = switch_modes() {
+        panic!("{e:?}");
+    }
+}
+
+fn switch_modes() -> anyhow::Result<()> {
+    let binary = agent_binary()?;
+    let t = Topology::builder()
+        .backends(1)
+        .tools(ToolPaths::new(
+            env!("CARGO_BIN_EXE_pod-server"),
+            env!("CARGO_BIN_EXE_pod-client"),
+        ))
+        .build()?;
+    let bpffs = BpfFs::mount()?;
+    let mut manifests = ManifestsDir::new()?;
+    manifests.write_own_node(&t.node_spec())?;
+    let service = ServiceSpec::cluster_ip("default", "echo", VIP).tcp(80, POD_TCP_PORT);
+    manifests.write_service(&service)?;
+    manifests.write_endpoint_slices(&service, &t.slice_endpoints(IpFamily::V4, &[0], &[]))?;
+    // A kube-proxy in nftables mode was here before.
+    exec_in(t.node_ns(), "nft", &["add", "table", "ip", "kube-proxy"])?;
+    exec_in(t.node_ns(), "nft", &["add", "table", "ip6", "kube-proxy"])?;
+
+    let target = SocketAddr::new(VIP, 80);
+    let mut kube_proxy_tables = 2;
+    for (mode, extra) in [
+        ("nftables", None),
+        ("iptables", Some("--cleanup-kube-proxy")),
+        ("ebpf", None),
+        ("nftables", None),
+    ] {
+        if extra.is_some() {
+            kube_proxy_tables = 0;
+        }
+        let mut agent = Agent::start(AgentConfig {
+            mode: mode.to_string(),
+            extra_args: extra.map(|a| vec![a.to_string()]).unwrap_or_default(),
+            ..t.start_agent_config(&binary, &bpffs, &manifests)
+        })?;
+        t.wait_reachable(&mut agent, Protocol::Tcp, target, READY_TIMEOUT)
+            .with_context(|| format!("{mode}: agent log:\n{}", agent.log()))?;
+        // The previous mode still serves while this agent starts: wait
+        // until only this mode's state is left.
+        let expected = |found: &Leftovers| {
+            (found.nftables_tables > 0) == (mode == "nftables")
+                && (found.iptables_chains > 0) == (mode == "iptables")
+                && (found.ebpf_pins > 0) == (mode == "ebpf")
+                && found.kube_proxy_tables == kube_proxy_tables
+        };
+        let mut last = None;
+        let settled = poll_until(READY_TIMEOUT, Duration::from_millis(100), || {
+            let found = leftovers(&t, &bpffs)?;
+            let done = expected(&found);
+            last = Some(found);
+            Ok(done.then_some(()))
+        });
+        ensure!(
+            settled.is_ok(),
+            "{mode}: other modes' state left: {last:?}\nagent log:\n{}",
+            agent.log()
+        );
+        t.wait_reachable(&mut agent, Protocol::Tcp, target, READY_TIMEOUT)
+            .with_context(|| format!("{mode} after the switch: agent log:\n{}", agent.log()))?;
+        // Stopped without cleanup: its dataplane keeps serving, as after a
+        // crash, for the next mode to find.
+        agent.stop_keeping_pins()?;
+    }
+    let root = bpffs.agent_root().display().to_string();
+    exec_in(
+        t.node_ns(),
+        &binary,
+        &["cleanup", "--bpf-root", root.as_str()],
+    )?;
+    let found = leftovers(&t, &bpffs)?;
+    ensure!(
+        found
+            == Leftovers {
+                nftables_tables: 0,
+                kube_proxy_tables: 0,
+                iptables_chains: 0,
+                ebpf_pins: 0,
+            },
+        "after cleanup: {found:?}"
+    );
+    Ok(())
+}
