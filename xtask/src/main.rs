@@ -34,6 +34,9 @@ enum Task {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// Setup, build, then only the scenarios that run in a VM (what `test`
+    /// runs last).
+    Vm,
     /// Setup, build release binaries, then run the agent on a ClusterIP in
     /// network namespaces on this machine and show which pod answered.
     Demo,
@@ -69,6 +72,11 @@ fn main() -> anyhow::Result<()> {
     match cli.task {
         Task::Setup => setup(&env),
         Task::Test { test_args } => test(&env, &test_args),
+        Task::Vm => {
+            setup(&env)?;
+            run(&mut env.cargo(&["build", "-p", "proxy-agent"]))?;
+            vm::run_scenarios(&env)
+        }
         Task::Demo => demo(&env),
         Task::Bench { args } => bench(&env, &args),
     }

@@ -219,12 +219,30 @@ mod tests {
 
     #[test]
     fn a_vm_run_counts_only_when_every_scenario_passed_without_skipping() {
-        let ok = "test ebpf::clusterip_sctp ... ok\nVM-RC ebpf::clusterip_sctp 0\n";
-        assert_eq!(verdict(ok), Ok(1));
-        let failed = "test ebpf::clusterip_sctp ... FAILED\nVM-RC ebpf::clusterip_sctp 101\n";
-        assert!(verdict(failed).unwrap_err().contains("failed"));
-        let skipped = "ebpf::clusterip_sctp: skipped: no SCTP\ntest ebpf::clusterip_sctp ... ok\nVM-RC ebpf::clusterip_sctp 0\n";
-        assert!(verdict(skipped).unwrap_err().contains("skipped"));
+        let run = |rc: &str, result: &str, extra: &str| {
+            let mut out = String::from(extra);
+            for scenario in SCENARIOS {
+                out.push_str(&format!(
+                    "test {scenario} ... {result}\nVM-RC {scenario} {rc}\n"
+                ));
+            }
+            out
+        };
+        assert_eq!(verdict(&run("0", "ok", "")), Ok(SCENARIOS.len()));
+        assert!(
+            verdict(&run("101", "FAILED", ""))
+                .unwrap_err()
+                .contains("failed")
+        );
+        let skipped = run("0", "ok", "ebpf::clusterip_sctp: skipped: no SCTP\n");
+        assert!(verdict(&skipped).unwrap_err().contains("skipped"));
+        // One scenario missing is a failure, not a smaller count.
+        let partial = run("0", "ok", "").replace("VM-RC iptables::clusterip_sctp 0\n", "");
+        assert!(
+            verdict(&partial)
+                .unwrap_err()
+                .contains("iptables::clusterip_sctp did not run")
+        );
         assert!(verdict("").unwrap_err().contains("did not run"));
     }
 }
