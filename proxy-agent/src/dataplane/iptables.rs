@@ -65,9 +65,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    io::Write,
     net::IpAddr,
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use ipnet::IpNet;
@@ -166,18 +165,12 @@ fn save_binary(family: Family) -> &'static str {
 fn restore(family: Family, input: &str) -> Result<(), IptablesError> {
     let binary = restore_binary(family);
     let spawn = |source| IptablesError::Spawn { binary, source };
-    let mut child = Command::new(binary)
-        .args(["-w", LOCK_WAIT_SECS, "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A refusal may close stdin early; the exit status tells.
-        let _ = stdin.write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(spawn)?;
+    let out = netfilter::run_with_input(
+        binary,
+        &["-w", LOCK_WAIT_SECS, "--noflush"],
+        input.as_bytes(),
+    )
+    .map_err(spawn)?;
     if out.status.success() {
         return Ok(());
     }
@@ -1104,7 +1097,7 @@ impl IptablesDataplane {
         };
         let (keys, wanted) = self.wanted_of(diff);
         self.write(&keys, &wanted, &[])?;
-        stats.conntrack_deletes = self.forget_udp_flows(diff)?;
+        stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
         Ok(stats)
     }
 
@@ -1124,24 +1117,6 @@ impl IptablesDataplane {
             keys.push(*key);
         }
         (keys, wanted)
-    }
-
-    /// Deletes the kernel's connection-tracking entries of UDP flows whose
-    /// backend `diff` takes away, so their next datagram picks a live one.
-    fn forget_udp_flows(&self, diff: &TableDiff) -> Result<usize, IptablesError> {
-        let flows: Vec<conntrack::StaleFlow> = netfilter::stale_udp_flows(diff)
-            .into_iter()
-            .map(|f| conntrack::StaleFlow {
-                vip: f.vip,
-                port: f.port,
-                backend: f.backend.ip,
-                backend_port: f.backend.port,
-            })
-            .collect();
-        if flows.is_empty() {
-            return Ok(0);
-        }
-        Ok(conntrack::delete_stale_udp_flows(&flows)?)
     }
 
     /// Reads our chains in both families and makes them equal to

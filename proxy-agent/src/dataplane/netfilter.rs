@@ -4,11 +4,18 @@
 //! backends only render a [`FrontendPlan`] in their own syntax, so the two
 //! modes cannot drift apart in meaning; the eBPF datapath decides the same
 //! things per packet (see `needs_masquerade` in proxy-ebpf).
-use std::net::IpAddr;
+use std::{
+    io::Write,
+    net::IpAddr,
+    process::{Command, Output, Stdio},
+};
 
 use ipnet::IpNet;
 
-use super::NodeNetwork;
+use super::{
+    NodeNetwork,
+    conntrack::{ConntrackError, StaleFlow, delete_stale_udp_flows},
+};
 use crate::model::{Backend, Frontend, FrontendKey, FrontendKind, Protocol, TableDiff};
 
 /// The packet mark bit that asks the postrouting hook to masquerade
@@ -211,13 +218,21 @@ pub fn allow_localhost_nodeports(network: &NodeNetwork) {
     }
 }
 
-/// A UDP flow whose backend went away: (frontend, backend). The frontend's
-/// address is unspecified for a NodePort (any node address).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StaleUdpFlow {
-    pub vip: IpAddr,
-    pub port: u16,
-    pub backend: Backend,
+/// Runs `program args` with `input` on its stdin, stdout discarded and
+/// stderr kept for the caller's error. A failure to write `input` is not
+/// reported by itself: a program that refuses its input may close stdin
+/// early, and its exit status and stderr say why.
+pub fn run_with_input(program: &str, args: &[&str], input: &[u8]) -> std::io::Result<Output> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input);
+    }
+    child.wait_with_output()
 }
 
 /// The UDP (frontend, backend) pairs `diff` takes away: their connection
@@ -225,17 +240,19 @@ pub struct StaleUdpFlow {
 /// stays on a backend that no longer exists. A change of a frontend's
 /// source ranges takes every backend away, so that clients the new ranges
 /// leave out lose their flows too.
-pub fn stale_udp_flows(diff: &TableDiff) -> Vec<StaleUdpFlow> {
+/// The frontend's address is unspecified for a NodePort (any node address).
+pub fn stale_udp_flows(diff: &TableDiff) -> Vec<StaleFlow> {
     let mut stale = Vec::new();
     let mut add = |key: &FrontendKey, backends: &mut dyn Iterator<Item = &Backend>| {
         if key.protocol != Protocol::Udp {
             return;
         }
         for b in backends {
-            stale.push(StaleUdpFlow {
+            stale.push(StaleFlow {
                 vip: key.ip,
                 port: key.port,
-                backend: *b,
+                backend: b.ip,
+                backend_port: b.port,
             });
         }
     };
@@ -265,10 +282,21 @@ pub fn stale_udp_flows(diff: &TableDiff) -> Vec<StaleUdpFlow> {
     stale
 }
 
+/// Deletes the kernel's connection-tracking entries of the UDP flows
+/// [`stale_udp_flows`] names, so their next datagram picks a live backend.
+/// Returns how many were deleted.
+pub fn forget_stale_udp_flows(diff: &TableDiff) -> Result<usize, ConntrackError> {
+    let flows = stale_udp_flows(diff);
+    if flows.is_empty() {
+        return Ok(0);
+    }
+    delete_stale_udp_flows(&flows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_support::{backend, frontend, key};
+    use crate::model::test_support::{backend, frontend, ip, key};
 
     fn network(cidrs: &[&str], masquerade_all: bool) -> NodeNetwork {
         NodeNetwork {
@@ -423,10 +451,11 @@ mod tests {
         };
         assert_eq!(
             stale_udp_flows(&diff),
-            vec![StaleUdpFlow {
+            vec![StaleFlow {
                 vip: k.ip,
                 port: 53,
-                backend: backend("10.1.0.1", 53)
+                backend: ip("10.1.0.1"),
+                backend_port: 53
             }]
         );
         // Narrowed source ranges: every backend's flows go.
@@ -442,10 +471,11 @@ mod tests {
         };
         assert_eq!(
             stale_udp_flows(&diff),
-            vec![StaleUdpFlow {
+            vec![StaleFlow {
                 vip: k.ip,
                 port: 53,
-                backend: backend("10.1.0.2", 53)
+                backend: ip("10.1.0.2"),
+                backend_port: 53
             }]
         );
     }

@@ -44,9 +44,8 @@
 use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashSet},
-    io::Write,
     net::IpAddr,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -196,26 +195,14 @@ fn run(tx: Tx) -> Result<(), NftablesError> {
         return Err(e.into());
     }
     let payload = serde_json::to_vec(&serde_json::json!({ "nftables": tx.objects }))?;
-    let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+    let out = netfilter::run_with_input("nft", &["-j", "-f", "-"], &payload)
         .map_err(NftablesError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(&payload).map_err(NftablesError::Spawn)?;
-    }
-    let out = child.wait_with_output().map_err(NftablesError::Spawn)?;
     if out.status.success() {
         Ok(())
     } else {
         let text = String::from_utf8_lossy(&out.stderr);
         // nft repeats the whole offending input; the first lines say why.
         let short: Vec<&str> = text.lines().take(6).collect();
-        if std::env::var_os("PA_NFT_DEBUG").is_some() {
-            eprintln!("{}", String::from_utf8_lossy(&payload));
-        }
         Err(NftablesError::Refused(short.join(" | ")))
     }
 }
@@ -1090,24 +1077,6 @@ impl Shard {
     }
 }
 
-/// Deletes the kernel's connection-tracking entries of UDP flows whose
-/// backend `diff` takes away, so their next datagram picks a live one.
-fn forget_udp_flows(diff: &TableDiff) -> Result<usize, NftablesError> {
-    let flows: Vec<conntrack::StaleFlow> = netfilter::stale_udp_flows(diff)
-        .into_iter()
-        .map(|f| conntrack::StaleFlow {
-            vip: f.vip,
-            port: f.port,
-            backend: f.backend.ip,
-            backend_port: f.backend.port,
-        })
-        .collect();
-    if flows.is_empty() {
-        return Ok(0);
-    }
-    Ok(conntrack::delete_stale_udp_flows(&flows)?)
-}
-
 /// What the kernel's table holds, by name.
 #[derive(Clone, Debug, Default)]
 struct Existing {
@@ -1333,7 +1302,7 @@ impl NftablesDataplane {
             keys.push(*key);
         }
         self.write(&keys, &wanted, None, &mut stats)?;
-        stats.conntrack_deletes = forget_udp_flows(diff)?;
+        stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
         Ok(stats)
     }
 
@@ -1786,18 +1755,13 @@ mod tests {
 
             // Someone deletes `b`'s element and chain, and adds a chain.
             let sh = |script: &str| {
-                let mut child = Command::new("nft")
-                    .args(["-f", "-"])
-                    .stdin(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(script.as_bytes())
-                    .unwrap();
-                assert!(child.wait().unwrap().success(), "{script}");
+                let out =
+                    netfilter::run_with_input("nft", &["-f", "-"], script.as_bytes()).unwrap();
+                assert!(
+                    out.status.success(),
+                    "{script}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             };
             sh(&format!(
                 "delete element inet {tb} services4 {{ 10.96.0.2 . tcp . 80 }}\n\
