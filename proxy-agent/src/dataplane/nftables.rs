@@ -503,7 +503,7 @@ fn render(plan: &FrontendPlan, comment: &str) -> Rendered {
             ],
             Some(comment),
         ));
-        let cluster_rules = view_rules(plan, &cluster, view, false, comment, &mut out.sets);
+        let cluster_rules = view_rules(plan, &cluster, view, false, comment);
         out.chains.push((cluster, cluster_rules));
     }
     rules.extend(view_rules(
@@ -512,12 +512,25 @@ fn render(plan: &FrontendPlan, comment: &str) -> Rendered {
         &plan.view,
         plan.masquerade_loopback,
         comment,
-        &mut out.sets,
     ));
     out.chains.insert(0, (main, rules));
-    out.sets.sort();
-    out.sets.dedup();
+    out.sets = affinity_sets(plan);
     out
+}
+
+/// The affinity sets of a frontend (name, family, timeout): one per
+/// endpoint any of its views may choose, sorted by name.
+fn affinity_sets(plan: &FrontendPlan) -> Vec<(String, Family, u32)> {
+    let Some(timeout) = plan.affinity_timeout_secs else {
+        return Vec::new();
+    };
+    let mut sets: Vec<(String, Family, u32)> = plan
+        .backends()
+        .iter()
+        .map(|b| (affinity_set(&plan.key, b, timeout), plan.family, timeout))
+        .collect();
+    sets.sort();
+    sets
 }
 
 fn view_rules(
@@ -526,7 +539,6 @@ fn view_rules(
     view: &View,
     masquerade_loopback: bool,
     comment: &str,
-    sets: &mut Vec<(String, Family, u32)>,
 ) -> Vec<NfListObject<'static>> {
     let family = plan.family;
     let c = Some(comment);
@@ -575,8 +587,7 @@ fn view_rules(
         })
         .collect();
     for (b, set) in backends.iter().zip(&affinity) {
-        if let (Some(set), Some(timeout)) = (set, plan.affinity_timeout_secs) {
-            sets.push((set.clone(), family, timeout));
+        if let Some(set) = set {
             let mut expr = vec![
                 matches(saddr(family), Operator::EQ, s(format!("@{set}"))),
                 update(family, set),
@@ -814,8 +825,7 @@ impl Programmed {
     }
 
     fn sets(&self) -> Vec<String> {
-        render(&self.plan, &self.comment)
-            .sets
+        affinity_sets(&self.plan)
             .into_iter()
             .map(|(name, ..)| name)
             .collect()
@@ -839,8 +849,6 @@ struct Shard {
     programmed: BTreeMap<FrontendKey, Programmed>,
     /// Endpoints of every programmed frontend, counted, for the hairpin set.
     hairpin: BTreeMap<IpAddr, usize>,
-    /// Whether the table and its base chains are known to exist.
-    based: bool,
 }
 
 /// A shard's part of a transaction, and its state once that succeeds.
@@ -856,7 +864,6 @@ impl Shard {
             table,
             programmed: BTreeMap::new(),
             hairpin: BTreeMap::new(),
-            based: false,
         }
     }
 
@@ -1023,17 +1030,17 @@ impl Shard {
     /// the objects that delete what is not wanted, and the drift counted.
     fn cleanup_objects(
         &self,
-        wanted: &BTreeMap<FrontendKey, Programmed>,
+        wanted: &[&Programmed],
         existing: &Existing,
         stats: &mut ApplyStats,
     ) -> Tx {
-        let wanted_chains: HashSet<String> = wanted.values().flat_map(Programmed::chains).collect();
-        let wanted_sets: HashSet<String> = wanted.values().flat_map(Programmed::sets).collect();
+        let wanted_chains: HashSet<String> = wanted.iter().flat_map(|p| p.chains()).collect();
+        let wanted_sets: HashSet<String> = wanted.iter().flat_map(|p| p.sets()).collect();
         let mut batch = Tx::new(&self.table);
         batch.add(table());
         // Elements of frontends that should not be there, then their chains.
         let wanted_elements: HashSet<(String, String)> = wanted
-            .values()
+            .iter()
             .map(|p| (map_entry(&p.plan).0, frontend_chain(&p.plan.key)))
             .collect();
         for (map, key, target) in &existing.elements {
@@ -1078,7 +1085,7 @@ impl Shard {
 }
 
 /// What the kernel's table holds, by name.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 struct Existing {
     chains: HashSet<String>,
     sets: HashSet<String>,
@@ -1182,6 +1189,9 @@ pub fn table_of(key: &FrontendKey) -> String {
 pub struct NftablesDataplane {
     network: NodeNetwork,
     shards: Vec<Shard>,
+    /// Whether every shard's table and base objects are known to exist
+    /// (they are made together, in one transaction).
+    based: bool,
     /// When every frontend chain was last rewritten by a reconcile.
     last_rewrite: Option<Instant>,
 }
@@ -1199,6 +1209,7 @@ impl NftablesDataplane {
             shards: (0..SHARDS)
                 .map(|n| Shard::new(format!("{TABLE}-{n}")))
                 .collect(),
+            based: false,
             last_rewrite: None,
         }
     }
@@ -1223,9 +1234,7 @@ impl NftablesDataplane {
             tx.append(part);
         }
         run(tx)?;
-        for shard in &mut self.shards {
-            shard.based = true;
-        }
+        self.based = true;
         Ok(())
     }
 
@@ -1279,7 +1288,7 @@ impl NftablesDataplane {
     }
 
     fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, NftablesError> {
-        if self.shards.iter().any(|s| !s.based) {
+        if !self.based {
             self.ensure_base()?;
         }
         let mut stats = ApplyStats {
@@ -1323,17 +1332,15 @@ impl NftablesDataplane {
             .iter()
             .map(|(k, f)| (*k, self.program(k, f)))
             .collect();
+        let mut parts: Vec<Vec<&Programmed>> = vec![Vec::new(); SHARDS];
+        for (key, p) in &wanted {
+            parts[shard_of(key)].push(p);
+        }
         let mut cleanup = Tx::new("");
-        for (n, shard) in self.shards.iter().enumerate() {
-            let part: BTreeMap<FrontendKey, Programmed> = wanted
-                .iter()
-                .filter(|(k, _)| shard_of(k) == n)
-                .map(|(k, p)| (*k, p.clone()))
-                .collect();
-            let found = existing
-                .get(&shard.table)
-                .map_or_else(Existing::default, Existing::clone);
-            cleanup.append(shard.cleanup_objects(&part, &found, &mut stats));
+        let none = Existing::default();
+        for (shard, part) in self.shards.iter().zip(&parts) {
+            let found = existing.get(&shard.table).unwrap_or(&none);
+            cleanup.append(shard.cleanup_objects(part, found, &mut stats));
         }
         let tables: HashSet<&str> = self.shards.iter().map(|s| s.table.as_str()).collect();
         for table in existing.keys().filter(|t| !tables.contains(t.as_str())) {
@@ -1380,7 +1387,7 @@ impl NftablesDataplane {
         let replan = network.cluster_cidrs != self.network.cluster_cidrs
             || network.masquerade_all != self.network.masquerade_all;
         self.network = network.clone();
-        if self.shards.iter().any(|s| !s.based) {
+        if !self.based {
             return self.ensure_base();
         }
         let mut tx = Tx::new("");
