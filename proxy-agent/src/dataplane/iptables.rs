@@ -73,7 +73,10 @@ use ipnet::IpNet;
 
 use super::{
     ApplyStats, Dataplane, DataplaneError, NodeNetwork, conntrack,
-    netfilter::{self, Action, Family, FrontendPlan, MASQUERADE_MARK, Masquerade, View},
+    netfilter::{
+        self, Action, Family, FrontendPlan, MASQUERADE_MARK, Masquerade, View, comment_of,
+        proto_name,
+    },
 };
 use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, TableDiff};
 
@@ -321,14 +324,6 @@ fn hash16(text: &str) -> String {
         .collect()
 }
 
-fn proto_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
-
 /// The text a frontend's names are hashed from. Changing it renames every
 /// chain on upgrade: don't.
 fn key_text(key: &FrontendKey) -> String {
@@ -394,15 +389,6 @@ fn comment(text: &str) -> String {
         .take(250)
         .collect();
     format!("-m comment --comment \"{clean}\"")
-}
-
-fn comment_of(frontend: &Frontend) -> String {
-    let port = if frontend.port_name.is_empty() {
-        String::new()
-    } else {
-        format!(":{}", frontend.port_name)
-    };
-    format!("{}{port}", frontend.service)
 }
 
 /// `-p proto -m proto --dport port`.

@@ -115,6 +115,25 @@ impl FrontendPlan {
     }
 }
 
+/// How both netfilter syntaxes spell a protocol.
+pub fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// The comment on a frontend's rules: `namespace/name[:port-name]`.
+pub fn comment_of(frontend: &Frontend) -> String {
+    let port = if frontend.port_name.is_empty() {
+        String::new()
+    } else {
+        format!(":{}", frontend.port_name)
+    };
+    format!("{}{port}", frontend.service)
+}
+
 /// Plans `frontend` under `network`, as the eBPF datapath treats it.
 pub fn plan(key: &FrontendKey, frontend: &Frontend, network: &NodeNetwork) -> FrontendPlan {
     let family = Family::of(key.ip);

@@ -67,7 +67,10 @@ use ::nftables::{
 
 use super::{
     ApplyStats, Dataplane, DataplaneError, NodeNetwork, conntrack,
-    netfilter::{self, Action, Family, FrontendPlan, MASQUERADE_MARK, Masquerade, View},
+    netfilter::{
+        self, Action, Family, FrontendPlan, MASQUERADE_MARK, Masquerade, View, comment_of,
+        proto_name,
+    },
 };
 use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, TableDiff};
 
@@ -233,14 +236,6 @@ fn list(args: &[&str]) -> Result<Option<Vec<serde_json::Value>>, NftablesError> 
 
 // ---------------------------------------------------------------------------
 // Names.
-
-fn proto_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
 
 /// The chain of a frontend (its external view).
 pub fn frontend_chain(key: &FrontendKey) -> String {
@@ -830,15 +825,6 @@ impl Programmed {
             .map(|(name, ..)| name)
             .collect()
     }
-}
-
-fn comment_of(frontend: &Frontend) -> String {
-    let port = if frontend.port_name.is_empty() {
-        String::new()
-    } else {
-        format!(":{}", frontend.port_name)
-    };
-    format!("{}{port}", frontend.service)
 }
 
 /// One of the [`SHARDS`] tables and the frontends it holds.
