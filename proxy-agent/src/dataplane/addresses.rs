@@ -825,16 +825,7 @@ mod tests {
     /// added to and removed from `lo` shows up in the list, once each.
     #[test]
     fn follow_addresses_sees_an_address_come_and_go() {
-        std::thread::spawn(|| {
-            // SAFETY: unshare affects only this thread, which owns nothing
-            // that depends on the namespace yet.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!(
-                    "cannot create a network namespace, skipping: {}",
-                    std::io::Error::last_os_error()
-                );
-                return;
-            }
+        crate::dataplane::in_private_netns(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -870,8 +861,6 @@ mod tests {
                 assert_eq!(removed, first);
                 task.abort();
             });
-        })
-        .join()
-        .unwrap();
+        });
     }
 }

@@ -2170,31 +2170,11 @@ mod tests {
     /// deleted and counted, the others stay.
     #[test]
     fn deletes_stale_flows_from_the_kernel_table() {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipping: needs root for a network namespace and conntrack");
-            return;
-        }
         if !have("ip") || !have("nft") || !have("conntrack") {
             eprintln!("skipping: needs ip, nft and conntrack on PATH");
             return;
         }
-        let outcome = std::thread::spawn(|| {
-            // SAFETY: unshare(CLONE_NEWNET) moves only this freshly spawned
-            // thread, which holds no sockets yet, to a new namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!(
-                    "skipping: cannot create a network namespace: {}",
-                    io::Error::last_os_error()
-                );
-                return;
-            }
-            in_namespace();
-        })
-        .join();
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
+        crate::dataplane::in_private_netns(in_namespace);
     }
 
     fn in_namespace() {

@@ -74,3 +74,33 @@ pub enum DataplaneError {
     #[error("iptables: {0}")]
     Iptables(#[from] iptables::IptablesError),
 }
+
+/// Test support: runs `test` on a fresh thread moved into a network
+/// namespace of its own, which dies with the thread, so nothing outlives a
+/// failure; child processes the thread starts (nft, ip) inherit it. Skips,
+/// saying why, without root or when the namespace cannot be made; a panic
+/// of `test` is the caller's.
+#[cfg(test)]
+pub(crate) fn in_private_netns(test: impl FnOnce() + Send + 'static) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root for a network namespace");
+        return;
+    }
+    let outcome = std::thread::spawn(move || {
+        // SAFETY: unshare(CLONE_NEWNET) moves only this freshly spawned
+        // thread, which holds no sockets yet, to a new namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "skipped: cannot create a network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        test();
+    })
+    .join();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}

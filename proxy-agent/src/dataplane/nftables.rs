@@ -1678,30 +1678,9 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn in_own_netns(test: impl FnOnce() + Send + 'static) {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root for a network namespace and nftables");
-            return;
-        }
-        let outcome = std::thread::spawn(move || {
-            // SAFETY: moves only this fresh thread (no sockets yet) into a
-            // new network namespace; its children (nft) inherit it.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!("skipped: cannot create a network namespace");
-                return;
-            }
-            test();
-        })
-        .join();
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
     #[test]
     fn partial_syncs_touch_only_the_changed_frontend_and_reconcile_repairs_drift() {
-        in_own_netns(|| {
+        crate::dataplane::in_private_netns(|| {
             let mut dp = NftablesDataplane::new();
             dp.set_network(&network()).unwrap();
             let a = key("10.96.0.1", 80);
