@@ -77,12 +77,19 @@ enum Command {
 enum Mode {
     /// TC programs (tcx) with maps pinned under --bpf-root.
     Ebpf,
-    /// nftables rules in the table `inet proxy-agent`.
+    /// nftables rules in the tables `inet proxy-agent-0` to `-7`.
     Nftables,
     /// iptables rules (iptables-restore) in kube-proxy's KUBE-* chains.
     Iptables,
     /// IPVS virtual servers (not in this build yet).
     Ipvs,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum IptablesBackendArg {
+    Auto,
+    Nft,
+    Legacy,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -113,6 +120,13 @@ struct RunArgs {
     /// also the iptables mode's).
     #[arg(long)]
     cleanup_kube_proxy: bool,
+
+    /// The iptables interface the iptables mode writes through: `nft`
+    /// (iptables-nft), `legacy` (iptables-legacy), or `auto`, the one the
+    /// node already uses (kubelet's marker chains, else the one with more
+    /// rules), as Kubernetes' iptables wrapper decides. Default: auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    iptables_backend: IptablesBackendArg,
 
     /// Read Services, EndpointSlices and Nodes from the YAML/JSON files of this
     /// directory and follow its changes (instead of the Kubernetes API).
@@ -291,6 +305,7 @@ struct Settings {
     nodeport_addresses: Option<config::NodePortAddresses>,
     masquerade_all: bool,
     cleanup_kube_proxy: bool,
+    iptables_backend: IptablesBackendArg,
     bpf_root: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
@@ -330,6 +345,7 @@ impl Settings {
             nodeport_addresses: args.nodeport_addresses.or(f.node_port_addresses),
             masquerade_all,
             cleanup_kube_proxy: args.cleanup_kube_proxy,
+            iptables_backend: args.iptables_backend,
             bpf_root: args
                 .bpf_root
                 .or(pa.bpf_root)
@@ -512,7 +528,15 @@ async fn run(args: Settings) -> Result<()> {
             links_attached = Some(attached);
             Box::new(dataplane)
         }
-        Mode::Iptables => Box::new(IptablesDataplane::new()),
+        Mode::Iptables => {
+            let backend = match args.iptables_backend {
+                IptablesBackendArg::Auto => iptables::IptablesBackend::detect(),
+                IptablesBackendArg::Nft => iptables::IptablesBackend::Nft,
+                IptablesBackendArg::Legacy => iptables::IptablesBackend::Legacy,
+            };
+            tracing::info!(backend = backend.name(), "iptables backend");
+            Box::new(IptablesDataplane::new(backend))
+        }
         _ => Box::new(NftablesDataplane::new()),
     };
     let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
