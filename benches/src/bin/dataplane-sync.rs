@@ -18,7 +18,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use proxy_agent::{
     dataplane::{
-        Dataplane, NodeNetwork, ebpf, iptables::IptablesDataplane, nftables::NftablesDataplane,
+        Dataplane, NodeNetwork, ebpf,
+        iptables::{IptablesBackend, IptablesDataplane},
+        nftables::NftablesDataplane,
     },
     model::{
         Backend, Frontend, FrontendChange, FrontendKey, FrontendKind, FrontendPolicy, Protocol,
@@ -39,8 +41,13 @@ struct Args {
     /// One-endpoint changes measured (median and max reported).
     #[arg(long, default_value_t = 20)]
     changes: u32,
-    /// Modes to run, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "ebpf,nftables,iptables")]
+    /// Modes to run, comma-separated (`iptables` is iptables-nft,
+    /// `iptables-legacy` the legacy backend).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ebpf,nftables,iptables,iptables-legacy"
+    )]
     modes: Vec<String>,
     /// Leave each mode's namespace (`pa-bench-sync-<pid>-<mode>`) in place,
     /// to inspect what was programmed; delete it with `ip netns del`.
@@ -114,6 +121,9 @@ struct Figures {
     change_median: Duration,
     change_max: Duration,
     add: Duration,
+    /// The periodic reconcile when nothing changed (what the agent runs
+    /// every --sync-period).
+    resync: Duration,
 }
 
 fn dataplane(mode: &str) -> Result<Box<dyn Dataplane>> {
@@ -121,7 +131,8 @@ fn dataplane(mode: &str) -> Result<Box<dyn Dataplane>> {
         // Maps only: nothing is attached, so no interface is needed.
         "ebpf" => Box::new(ebpf::load_unpinned().context("loading the eBPF object")?.0),
         "nftables" => Box::new(NftablesDataplane::new()),
-        "iptables" => Box::new(IptablesDataplane::new()),
+        "iptables" => Box::new(IptablesDataplane::new(IptablesBackend::Nft)),
+        "iptables-legacy" => Box::new(IptablesDataplane::new(IptablesBackend::Legacy)),
         other => bail!("unknown mode {other:?}"),
     })
 }
@@ -169,11 +180,21 @@ fn measure(mode: &str, args: &Args) -> Result<Figures> {
     let started = Instant::now();
     dp.apply(&diff)?;
     let add = started.elapsed();
+    for (k, f) in diff.added {
+        current.insert(k, f);
+    }
+    let started = Instant::now();
+    let stats = dp.reconcile(&current)?;
+    let resync = started.elapsed();
+    if stats.map_writes + stats.map_deletes + stats.frontends_changed > 0 {
+        bail!("{mode}: the reconcile after the changes found drift: {stats:?}");
+    }
     Ok(Figures {
         full,
         change_median: changes.get(changes.len() / 2).copied().unwrap_or_default(),
         change_max: changes.last().copied().unwrap_or_default(),
         add,
+        resync,
     })
 }
 
@@ -191,11 +212,12 @@ fn main() -> Result<()> {
         let ns = Netns::create(format!("pa-bench-sync-{}-{mode}", std::process::id()))?;
         let figures = in_netns(ns.name(), || measure(mode, &args))??;
         println!(
-            "  {mode:<9} full {:>9.1} ms   change median {:>7.1} ms  max {:>7.1} ms   add one {:>7.1} ms",
+            "  {mode:<15} full {:>9.1} ms   change median {:>7.1} ms  max {:>7.1} ms   add one {:>7.1} ms   resync {:>7.1} ms",
             ms(figures.full),
             ms(figures.change_median),
             ms(figures.change_max),
-            ms(figures.add)
+            ms(figures.add),
+            ms(figures.resync)
         );
         if args.keep_netns {
             println!("  kept namespace {}", ns.name());
@@ -204,13 +226,14 @@ fn main() -> Result<()> {
         results.push((mode.clone(), figures));
     }
     if let Some((_, base)) = results.iter().find(|(m, _)| m == "ebpf") {
-        println!("  ratios to ebpf (full / change median / add one):");
+        println!("  ratios to ebpf (full / change median / add one / resync):");
         for (mode, f) in &results {
             println!(
-                "  {mode:<9} {:>8.1}x {:>8.1}x {:>8.1}x",
+                "  {mode:<15} {:>8.1}x {:>8.1}x {:>8.1}x {:>8.1}x",
                 ratio(f.full, base.full),
                 ratio(f.change_median, base.change_median),
-                ratio(f.add, base.add)
+                ratio(f.add, base.add),
+                ratio(f.resync, base.resync)
             );
         }
     }
