@@ -497,7 +497,12 @@ async fn run(args: Settings) -> Result<()> {
 
     // What other modes left behind goes first: two dataplanes translating
     // the same packets would fight.
-    remove_other_modes(args.mode, &args.bpf_root);
+    let iptables_backend = (args.mode == Mode::Iptables).then(|| match args.iptables_backend {
+        IptablesBackendArg::Auto => iptables::IptablesBackend::detect(),
+        IptablesBackendArg::Nft => iptables::IptablesBackend::Nft,
+        IptablesBackendArg::Legacy => iptables::IptablesBackend::Legacy,
+    });
+    remove_other_modes(args.mode, iptables_backend, &args.bpf_root);
     if args.cleanup_kube_proxy {
         remove_kube_proxy_leftovers();
     }
@@ -529,11 +534,7 @@ async fn run(args: Settings) -> Result<()> {
             Box::new(dataplane)
         }
         Mode::Iptables => {
-            let backend = match args.iptables_backend {
-                IptablesBackendArg::Auto => iptables::IptablesBackend::detect(),
-                IptablesBackendArg::Nft => iptables::IptablesBackend::Nft,
-                IptablesBackendArg::Legacy => iptables::IptablesBackend::Legacy,
-            };
+            let backend = iptables_backend.unwrap_or_default();
             tracing::info!(backend = backend.name(), "iptables backend");
             Box::new(IptablesDataplane::new(backend))
         }
@@ -805,10 +806,15 @@ fn remove_kube_proxy_leftovers() {
     }
 }
 
-/// Removes what the modes other than `mode` program. Failures are logged:
-/// a mode that was never used has nothing to remove, and a leftover that
-/// cannot be removed is reported but does not stop this mode.
-fn remove_other_modes(mode: Mode, bpf_root: &Path) {
+/// Removes what the modes other than `mode` program (in the iptables mode,
+/// what it programmed through the other iptables backend). Failures are
+/// logged: a mode that was never used has nothing to remove, and a leftover
+/// that cannot be removed is reported but does not stop this mode.
+fn remove_other_modes(
+    mode: Mode,
+    iptables_backend: Option<iptables::IptablesBackend>,
+    bpf_root: &Path,
+) {
     if mode != Mode::Ebpf {
         match ebpf::cleanup(bpf_root) {
             Ok(report) if report.links + report.maps > 0 => tracing::info!(
@@ -831,14 +837,17 @@ fn remove_other_modes(mode: Mode, bpf_root: &Path) {
     }
     // The iptables mode's chains are kube-proxy's: this also removes what a
     // kube-proxy in iptables mode left.
-    if mode != Mode::Iptables {
-        match iptables::cleanup() {
-            Ok(true) => {
-                tracing::info!("removed the iptables mode's (or kube-proxy's) KUBE-* chains")
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "removing the iptables mode's chains"),
-        }
+    let backends: Vec<iptables::IptablesBackend> = iptables::IptablesBackend::ALL
+        .into_iter()
+        .filter(|b| Some(*b) != iptables_backend)
+        .collect();
+    match iptables::cleanup_backends(&backends) {
+        Ok(true) => tracing::info!(
+            backends = ?backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+            "removed the iptables mode's (or kube-proxy's) KUBE-* chains"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "removing the iptables mode's chains"),
     }
 }
 

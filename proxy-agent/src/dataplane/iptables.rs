@@ -1813,8 +1813,13 @@ pub fn cleanup() -> Result<bool, IptablesError> {
 /// to the other). Since this mode uses kube-proxy's names, this is what
 /// [`cleanup`] does as well. A node without iptables has nothing to remove.
 pub fn cleanup_kube_proxy() -> Result<bool, IptablesError> {
+    cleanup_backends(&IptablesBackend::ALL)
+}
+
+/// [`cleanup_kube_proxy`] through `backends` only.
+pub fn cleanup_backends(backends: &[IptablesBackend]) -> Result<bool, IptablesError> {
     let mut any = false;
-    for backend in IptablesBackend::ALL {
+    for &backend in backends {
         for family in [Family::V4, Family::V6] {
             let mut restores: Vec<String> = Vec::new();
             for (table, chains) in KUBE_PROXY_CHAINS {
