@@ -1,7 +1,8 @@
 //! Switching dataplane modes on one node: each agent start removes what the
-//! other modes left (an agent stopped without cleanup keeps serving with its
+//! other modes left, and the iptables mode what it wrote through the other
+//! iptables backend (an agent stopped without cleanup keeps serving with its
 //! last table, so two dataplanes would otherwise translate the same
-//! packets), `--cleanup-kube-proxy` also removes a kube-proxy's tables, and
+//! packets); `--cleanup-kube-proxy` also removes a kube-proxy's tables, and
 //! `proxy-agent cleanup` removes everything of every mode.
 //!
 //! Needs root; without it the test prints why and passes.
@@ -27,12 +28,14 @@ struct Leftovers {
     nftables_tables: usize,
     kube_proxy_tables: usize,
     iptables_chains: usize,
+    iptables_legacy_chains: usize,
     ebpf_pins: usize,
 }
 
 fn leftovers(t: &Topology, bpffs: &BpfFs) -> anyhow::Result<Leftovers> {
     let tables = exec_in(t.node_ns(), "nft", &["list", "tables"])?;
-    let nat = exec_in(t.node_ns(), "iptables-save", &["-t", "nat"])?;
+    let nat = exec_in(t.node_ns(), "iptables-nft-save", &["-t", "nat"])?;
+    let legacy = exec_in(t.node_ns(), "iptables-legacy-save", &["-t", "nat"])?;
     let maps = bpffs.agent_root().join("maps");
     let ebpf_pins = match std::fs::read_dir(&maps) {
         Ok(entries) => entries.count(),
@@ -42,6 +45,7 @@ fn leftovers(t: &Topology, bpffs: &BpfFs) -> anyhow::Result<Leftovers> {
         nftables_tables: tables.matches("table inet proxy-agent-").count(),
         kube_proxy_tables: tables.matches(" kube-proxy").count(),
         iptables_chains: nat.lines().filter(|l| l.starts_with(":KUBE-")).count(),
+        iptables_legacy_chains: legacy.lines().filter(|l| l.starts_with(":KUBE-")).count(),
         ebpf_pins,
     })
 }
@@ -79,17 +83,22 @@ fn switch_modes() -> anyhow::Result<()> {
     let target = SocketAddr::new(VIP, 80);
     let mut kube_proxy_tables = 2;
     for (mode, extra) in [
-        ("nftables", None),
-        ("iptables", Some("--cleanup-kube-proxy")),
-        ("ebpf", None),
-        ("nftables", None),
+        ("nftables", &[][..]),
+        (
+            "iptables",
+            &["--iptables-backend=nft", "--cleanup-kube-proxy"][..],
+        ),
+        ("iptables", &["--iptables-backend=legacy"][..]),
+        ("ebpf", &[][..]),
+        ("nftables", &[][..]),
     ] {
-        if extra.is_some() {
+        if extra.contains(&"--cleanup-kube-proxy") {
             kube_proxy_tables = 0;
         }
+        let legacy = extra.contains(&"--iptables-backend=legacy");
         let mut agent = Agent::start(AgentConfig {
             mode: mode.to_string(),
-            extra_args: extra.map(|a| vec![a.to_string()]).unwrap_or_default(),
+            extra_args: extra.iter().map(|a| a.to_string()).collect(),
             ..t.start_agent_config(&binary, &bpffs, &manifests)
         })?;
         t.wait_reachable(&mut agent, Protocol::Tcp, target, READY_TIMEOUT)
@@ -98,7 +107,8 @@ fn switch_modes() -> anyhow::Result<()> {
         // until only this mode's state is left.
         let expected = |found: &Leftovers| {
             (found.nftables_tables > 0) == (mode == "nftables")
-                && (found.iptables_chains > 0) == (mode == "iptables")
+                && (found.iptables_chains > 0) == (mode == "iptables" && !legacy)
+                && (found.iptables_legacy_chains > 0) == (mode == "iptables" && legacy)
                 && (found.ebpf_pins > 0) == (mode == "ebpf")
                 && found.kube_proxy_tables == kube_proxy_tables
         };
@@ -133,6 +143,7 @@ fn switch_modes() -> anyhow::Result<()> {
                 nftables_tables: 0,
                 kube_proxy_tables: 0,
                 iptables_chains: 0,
+                iptables_legacy_chains: 0,
                 ebpf_pins: 0,
             },
         "after cleanup: {found:?}"

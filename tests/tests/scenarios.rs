@@ -40,7 +40,11 @@ use proxy_tests::{
 enum Mode {
     Ebpf,
     Nftables,
+    /// The iptables mode through iptables-nft.
     Iptables,
+    /// The iptables mode through iptables-legacy (one restore per sync,
+    /// where iptables-nft splits large ones).
+    IptablesLegacy,
 }
 
 impl Mode {
@@ -48,7 +52,24 @@ impl Mode {
         match self {
             Mode::Ebpf => "ebpf",
             Mode::Nftables => "nftables",
-            Mode::Iptables => "iptables",
+            Mode::Iptables | Mode::IptablesLegacy => "iptables",
+        }
+    }
+
+    /// The name of the scenarios' module of this mode.
+    fn name(self) -> &'static str {
+        match self {
+            Mode::IptablesLegacy => "iptables_legacy",
+            other => other.flag(),
+        }
+    }
+
+    /// The agent's arguments that choose this mode, besides `--mode`.
+    fn args(self) -> Vec<String> {
+        match self {
+            Mode::Iptables => vec!["--iptables-backend=nft".into()],
+            Mode::IptablesLegacy => vec!["--iptables-backend=legacy".into()],
+            Mode::Ebpf | Mode::Nftables => Vec::new(),
         }
     }
 
@@ -56,13 +77,13 @@ impl Mode {
     fn cannot(self, scenario: &str) -> Option<&'static str> {
         match (self, scenario) {
             (Mode::Ebpf, _) => None,
-            (Mode::Nftables | Mode::Iptables, "hairpin_bridge") => Some(
+            (Mode::Nftables | Mode::Iptables | Mode::IptablesLegacy, "hairpin_bridge") => Some(
                 "with br_netfilter on (bridge-nf-call-iptables=1, the kernel's default), netfilter \
                  DNATs a pod's frame to its own service inside the bridge, which cannot send it \
                  back out of the port it came from without hairpin_mode (kube-proxy's documented \
                  requirement; see hairpin_bridge_with_hairpin_mode)",
             ),
-            (Mode::Nftables | Mode::Iptables, _) => None,
+            (Mode::Nftables | Mode::Iptables | Mode::IptablesLegacy, _) => None,
         }
     }
 
@@ -76,7 +97,7 @@ impl Mode {
     fn cannot_serve_ipv6_localhost(self) -> Option<&'static str> {
         match self {
             Mode::Ebpf => None,
-            Mode::Nftables | Mode::Iptables => Some(
+            Mode::Nftables | Mode::Iptables | Mode::IptablesLegacy => Some(
                 "a DNATed packet with source ::1 cannot leave the node (IPv6 has no \
                  route_localnet); kube-proxy serves localhost NodePorts on IPv4 only",
             ),
@@ -90,6 +111,7 @@ macro_rules! suite {
         suite!(@mode ebpf, Ebpf, $($scenario),*);
         suite!(@mode nftables, Nftables, $($scenario),*);
         suite!(@mode iptables, Iptables, $($scenario),*);
+        suite!(@mode iptables_legacy, IptablesLegacy, $($scenario),*);
     };
     (@mode $module:ident, $mode:ident, $($scenario:ident),*) => {
         mod $module {
@@ -130,7 +152,7 @@ suite![
 ];
 
 fn run(test: &str, mode: Mode, scenario: fn(Mode) -> anyhow::Result<()>) {
-    let name = format!("{}::{test}", mode.flag());
+    let name = format!("{}::{test}", mode.name());
     let _serial = serial();
     if skipped(&name) {
         return;
@@ -291,7 +313,7 @@ impl Cluster {
         }
         let agent = Agent::start(AgentConfig {
             mode: mode.flag().to_string(),
-            extra_args: setup.args,
+            extra_args: mode.args().into_iter().chain(setup.args).collect(),
             ..t.start_agent_config(&binary, &bpffs, &manifests)
         })?;
         Ok(Cluster {
@@ -423,8 +445,15 @@ impl Drop for Cluster {
         let agent = self.agent.borrow();
         if agent.config().mode != "ebpf" {
             // The iptables mode's rules read best as iptables-save prints them.
-            let listers: &[&[&str]] = if agent.config().mode == "iptables" {
-                &[&["iptables-save"], &["ip6tables-save"]]
+            let legacy = agent
+                .config()
+                .extra_args
+                .iter()
+                .any(|a| a == "--iptables-backend=legacy");
+            let listers: &[&[&str]] = if agent.config().mode == "iptables" && legacy {
+                &[&["iptables-legacy-save"], &["ip6tables-legacy-save"]]
+            } else if agent.config().mode == "iptables" {
+                &[&["iptables-nft-save"], &["ip6tables-nft-save"]]
             } else {
                 &[&["nft", "list", "ruleset"]]
             };

@@ -21,6 +21,7 @@ const SCENARIOS: &[&str] = &[
     "ebpf::clusterip_sctp",
     "nftables::clusterip_sctp",
     "iptables::clusterip_sctp",
+    "iptables_legacy::clusterip_sctp",
 ];
 const MODULES: &[&str] = &["sctp"];
 /// The agent verifies its programs many times slower under emulation.
