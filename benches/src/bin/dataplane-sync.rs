@@ -1,7 +1,9 @@
 //! Dataplane sync benchmark: how long each mode takes to program a table of
 //! `--services` ClusterIP services with `--endpoints` endpoints each (full
 //! sync, from an empty kernel), then how long a one-endpoint change and one
-//! added service take at that size. Every mode runs on the same table, in a
+//! added service take at that size, the periodic reconcile when nothing
+//! changed (resync), and the first reconcile of a new dataplane over the
+//! loaded kernel (restart). Every mode runs on the same table, in a
 //! fresh network namespace of its own, in this one run; the report gives
 //! each figure and its ratio to the eBPF mode.
 //!
@@ -124,6 +126,9 @@ struct Figures {
     /// The periodic reconcile when nothing changed (what the agent runs
     /// every --sync-period).
     resync: Duration,
+    /// The first reconcile of a new dataplane over the loaded kernel (an
+    /// agent restart); ebpf loads fresh maps here, so it is its full sync.
+    restart: Duration,
 }
 
 fn dataplane(mode: &str) -> Result<Box<dyn Dataplane>> {
@@ -189,12 +194,19 @@ fn measure(mode: &str, args: &Args) -> Result<Figures> {
     if stats.map_writes + stats.map_deletes + stats.frontends_changed > 0 {
         bail!("{mode}: the reconcile after the changes found drift: {stats:?}");
     }
+    drop(dp);
+    let mut dp = dataplane(mode)?;
+    dp.set_node_network(&network())?;
+    let started = Instant::now();
+    dp.reconcile(&current)?;
+    let restart = started.elapsed();
     Ok(Figures {
         full,
         change_median: changes.get(changes.len() / 2).copied().unwrap_or_default(),
         change_max: changes.last().copied().unwrap_or_default(),
         add,
         resync,
+        restart,
     })
 }
 
@@ -212,12 +224,13 @@ fn main() -> Result<()> {
         let ns = Netns::create(format!("pa-bench-sync-{}-{mode}", std::process::id()))?;
         let figures = in_netns(ns.name(), || measure(mode, &args))??;
         println!(
-            "  {mode:<15} full {:>9.1} ms   change median {:>7.1} ms  max {:>7.1} ms   add one {:>7.1} ms   resync {:>7.1} ms",
+            "  {mode:<15} full {:>9.1} ms   change median {:>7.1} ms  max {:>7.1} ms   add one {:>7.1} ms   resync {:>7.1} ms   restart {:>9.1} ms",
             ms(figures.full),
             ms(figures.change_median),
             ms(figures.change_max),
             ms(figures.add),
-            ms(figures.resync)
+            ms(figures.resync),
+            ms(figures.restart)
         );
         if args.keep_netns {
             println!("  kept namespace {}", ns.name());
@@ -226,14 +239,15 @@ fn main() -> Result<()> {
         results.push((mode.clone(), figures));
     }
     if let Some((_, base)) = results.iter().find(|(m, _)| m == "ebpf") {
-        println!("  ratios to ebpf (full / change median / add one / resync):");
+        println!("  ratios to ebpf (full / change median / add one / resync / restart):");
         for (mode, f) in &results {
             println!(
-                "  {mode:<15} {:>8.1}x {:>8.1}x {:>8.1}x {:>8.1}x",
+                "  {mode:<15} {:>8.1}x {:>8.1}x {:>8.1}x {:>8.1}x {:>8.1}x",
                 ratio(f.full, base.full),
                 ratio(f.change_median, base.change_median),
                 ratio(f.add, base.add),
-                ratio(f.resync, base.resync)
+                ratio(f.resync, base.resync),
+                ratio(f.restart, base.restart)
             );
         }
     }
