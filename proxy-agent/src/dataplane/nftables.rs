@@ -1087,15 +1087,15 @@ impl Existing {
         let str_of = |o: &serde_json::Value, field: &str| {
             o.get(field).and_then(|n| n.as_str()).map(str::to_string)
         };
-        // Tables are learnt from their chains (each of ours has its base
-        // chains): `nft list tables` fills nft's whole cache, rules
-        // included, which took 66 s at 10 000 services.
+        for table in tables_of_ours()? {
+            all.entry(table).or_default();
+        }
         for object in list(&["list", "chains", "inet"])?.unwrap_or_default() {
             if let Some(c) = object.get("chain")
                 && let (Some(table), Some(name)) = (str_of(c, "table"), str_of(c, "name"))
-                && is_ours(&table)
+                && let Some(e) = all.get_mut(&table)
             {
-                all.entry(table).or_default().chains.insert(name);
+                e.chains.insert(name);
             }
         }
         // Terse: the names, not the elements of every affinity set.
@@ -1133,6 +1133,24 @@ impl Existing {
 
 /// Whether an `inet` table is one of the agent's: [`TABLE`] (an earlier,
 /// unsharded layout) or `proxy-agent-<n>`.
+/// The `inet` tables of ours: those holding chains, and the one-table
+/// layout's table (which may be empty) if it is there. Not `nft list
+/// tables`: it fills nft's whole cache, rules included (66 s at 10 000
+/// services), where listing chains takes 0.15 s.
+fn tables_of_ours() -> Result<BTreeSet<String>, NftablesError> {
+    let mut tables: BTreeSet<String> = list(&["list", "chains", "inet"])?
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|o| o.pointer("/chain/table").and_then(|n| n.as_str()))
+        .filter(|t| is_ours(t))
+        .map(str::to_string)
+        .collect();
+    if list(&["-t", "list", "table", "inet", TABLE])?.is_some() {
+        tables.insert(TABLE.to_string());
+    }
+    Ok(tables)
+}
+
 fn is_ours(table: &str) -> bool {
     table == TABLE
         || table
@@ -1414,15 +1432,7 @@ impl Dataplane for NftablesDataplane {
 /// Deletes the agent's tables, if present. Returns whether any was there.
 pub fn cleanup() -> Result<bool, NftablesError> {
     let mut any = false;
-    // From the chains, as in `Existing::read_all` (listing tables is slow).
-    let tables: BTreeSet<String> = list(&["list", "chains", "inet"])?
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|o| o.pointer("/chain/table").and_then(|n| n.as_str()))
-        .filter(|t| is_ours(t))
-        .map(str::to_string)
-        .collect();
-    for name in &tables {
+    for name in &tables_of_ours()? {
         let mut tx = Tx::new("");
         tx.push_value(serde_json::json!({ "delete": { "table": {
             "family": "inet", "name": name,
