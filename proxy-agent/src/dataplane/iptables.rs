@@ -216,31 +216,39 @@ impl IptablesBackend {
     /// `KUBE-KUBELET-CANARY`, in mangle), else the one holding more rules
     /// (nft on a tie), else the only one installed.
     pub fn detect() -> IptablesBackend {
-        let mut rules = [0usize; 2];
-        for (i, backend) in Self::ALL.into_iter().enumerate() {
-            let mut installed = false;
-            for family in [Family::V4, Family::V6] {
-                let out = match Command::new(backend.save_binary(family)).output() {
-                    Ok(out) => out,
-                    Err(_) => continue,
-                };
-                installed = true;
-                let text = String::from_utf8_lossy(&out.stdout);
-                if text.lines().any(|l| {
-                    l.starts_with(":KUBE-IPTABLES-HINT ") || l.starts_with(":KUBE-KUBELET-CANARY ")
-                }) {
-                    return backend;
+        let saves = Self::ALL.map(|backend| {
+            let texts: Vec<String> = [Family::V4, Family::V6]
+                .into_iter()
+                .filter_map(|family| Command::new(backend.save_binary(family)).output().ok())
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .collect();
+            // No binary of either family: not installed.
+            (!texts.is_empty()).then(|| texts.concat())
+        });
+        Self::choose(&saves)
+    }
+
+    /// [`IptablesBackend::detect`]'s choice from what each backend's saves
+    /// printed (in [`IptablesBackend::ALL`]'s order; `None`: not installed).
+    fn choose(saves: &[Option<String>; 2]) -> IptablesBackend {
+        let marked = |text: &str| {
+            text.lines().any(|l| {
+                l.starts_with(":KUBE-IPTABLES-HINT ") || l.starts_with(":KUBE-KUBELET-CANARY ")
+            })
+        };
+        let rules = |text: &str| text.lines().filter(|l| l.starts_with("-A ")).count();
+        match saves {
+            [None, Some(_)] => IptablesBackend::Legacy,
+            [Some(_), None] | [None, None] => IptablesBackend::Nft,
+            [Some(nft), Some(legacy)] => {
+                if marked(nft) {
+                    IptablesBackend::Nft
+                } else if marked(legacy) || rules(legacy) > rules(nft) {
+                    IptablesBackend::Legacy
+                } else {
+                    IptablesBackend::Nft
                 }
-                rules[i] += text.lines().filter(|l| l.starts_with("-A ")).count();
             }
-            if !installed {
-                return Self::ALL[1 - i];
-            }
-        }
-        if rules[1] > rules[0] {
-            IptablesBackend::Legacy
-        } else {
-            IptablesBackend::Nft
         }
     }
 }
@@ -2590,6 +2598,30 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn the_backend_is_the_one_kubelet_marked_else_the_one_with_more_rules() {
+        let choose = |nft: Option<&str>, legacy: Option<&str>| {
+            IptablesBackend::choose(&[nft.map(str::to_string), legacy.map(str::to_string)])
+        };
+        let hint = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n";
+        let canary = "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n";
+        let rules = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\n-A INPUT -j DROP\nCOMMIT\n";
+        let one = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n";
+        use IptablesBackend::{Legacy, Nft};
+        // kubelet's marker chains decide, whatever the rule counts.
+        assert_eq!(choose(Some(hint), Some(rules)), Nft);
+        assert_eq!(choose(Some(rules), Some(canary)), Legacy);
+        assert_eq!(choose(Some(hint), Some(canary)), Nft);
+        // Else the one with more rules; nft on a tie.
+        assert_eq!(choose(Some(one), Some(rules)), Legacy);
+        assert_eq!(choose(Some(rules), Some(one)), Nft);
+        assert_eq!(choose(Some(""), Some("")), Nft);
+        // Only one installed: that one.
+        assert_eq!(choose(None, Some("")), Legacy);
+        assert_eq!(choose(Some(""), None), Nft);
+        assert_eq!(choose(None, None), Nft);
     }
 
     #[test]
