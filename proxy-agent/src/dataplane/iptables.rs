@@ -304,6 +304,15 @@ fn refusal(binary: &'static str, stderr: &str, input: &str) -> IptablesError {
     }
 }
 
+/// The first [`STDERR_LINES`] lines of a tool's stderr, joined with " | ".
+fn first_lines(stderr: &str) -> String {
+    stderr
+        .lines()
+        .take(STDERR_LINES)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// `iptables-save -t <table>` of `family`, parsed. A missing binary reads
 /// as an empty table when `missing_is_empty` (cleanup on a node without
 /// iptables).
@@ -329,11 +338,7 @@ fn save(
         }
         return Err(IptablesError::Save {
             binary,
-            stderr: text
-                .lines()
-                .take(STDERR_LINES)
-                .collect::<Vec<_>>()
-                .join(" | "),
+            stderr: first_lines(&text),
         });
     }
     Ok(Saved::parse(&String::from_utf8_lossy(&out.stdout)))
@@ -371,11 +376,7 @@ fn list_chains(
             }
             return Err(IptablesError::Save {
                 binary,
-                stderr: text
-                    .lines()
-                    .take(STDERR_LINES)
-                    .collect::<Vec<_>>()
-                    .join(" | "),
+                stderr: first_lines(&text),
             });
         }
         let rules = saved.chains.entry(chain.to_string()).or_default();
@@ -1200,10 +1201,6 @@ impl IptablesDataplane {
         }
     }
 
-    pub fn backend(&self) -> IptablesBackend {
-        self.backend
-    }
-
     fn program(&self, key: &FrontendKey, frontend: &Frontend) -> Programmed {
         Programmed::new(key, frontend, &self.network)
     }
@@ -1338,6 +1335,16 @@ impl IptablesDataplane {
             Self::top_level(after.into_values(), &self.network, family, input);
         };
         let edits = top == TopLevel::Edit && deletes.len() <= TOP_LEVEL_DELETES;
+        // The top-level chains (edited or whole), and the kept chains
+        // flushed with them.
+        let top_input = |input: &mut RestoreInput| {
+            if edits {
+                edit(input);
+            } else {
+                whole(input);
+            }
+            input.nat.declare.extend(flushed.iter().cloned());
+        };
         let chains: usize = groups.iter().map(Vec::len).sum::<usize>() + gone.len() + flushed.len();
         let limit = self.backend.chains_per_restore();
         let mut out = Vec::new();
@@ -1346,15 +1353,10 @@ impl IptablesDataplane {
             for (chain, rules) in groups.iter().flatten() {
                 input.nat.chain(chain, rules);
             }
-            if edits {
-                edit(&mut input);
-            } else {
-                whole(&mut input);
-            }
+            top_input(&mut input);
             for chain in gone {
                 input.nat.remove(chain);
             }
-            input.nat.declare.extend(flushed.iter().cloned());
             if !input.is_empty() {
                 out.push(input);
             }
@@ -1376,12 +1378,7 @@ impl IptablesDataplane {
             out.push(input);
         }
         let mut input = RestoreInput::default();
-        if edits {
-            edit(&mut input);
-        } else {
-            whole(&mut input);
-        }
-        input.nat.declare.extend(flushed.iter().cloned());
+        top_input(&mut input);
         if !input.is_empty() {
             out.push(input);
         }
@@ -1465,20 +1462,7 @@ impl IptablesDataplane {
 
     /// The keys `diff` touches, and what is wanted for those it keeps.
     fn wanted_of(&self, diff: &TableDiff) -> (Vec<FrontendKey>, BTreeMap<FrontendKey, Programmed>) {
-        let mut wanted = BTreeMap::new();
-        let mut keys = Vec::new();
-        for (key, fe) in &diff.added {
-            wanted.insert(*key, self.program(key, fe));
-            keys.push(*key);
-        }
-        for change in &diff.changed {
-            wanted.insert(change.key, self.program(&change.key, &change.new));
-            keys.push(change.key);
-        }
-        for (key, _) in &diff.removed {
-            keys.push(*key);
-        }
-        (keys, wanted)
+        netfilter::wanted_of(diff, |k, f| self.program(k, f))
     }
 
     /// How many top-level chains of `family` hold another number of rules

@@ -5,6 +5,7 @@
 //! modes cannot drift apart in meaning; the eBPF datapath decides the same
 //! things per packet (see `needs_masquerade` in proxy-ebpf).
 use std::{
+    collections::BTreeMap,
     io::Write,
     net::IpAddr,
     process::{Command, Output, Stdio},
@@ -235,6 +236,28 @@ pub fn allow_localhost_nodeports(network: &NodeNetwork) {
             tracing::warn!(sysctl = SYSCTL, error = %e, "cannot set; NodePorts on 127.0.0.0/8 will not work")
         }
     }
+}
+
+/// The keys `diff` touches (added, changed, removed, in that order), and
+/// what `program` makes of the frontends it keeps.
+pub fn wanted_of<P>(
+    diff: &TableDiff,
+    program: impl Fn(&FrontendKey, &Frontend) -> P,
+) -> (Vec<FrontendKey>, BTreeMap<FrontendKey, P>) {
+    let mut wanted = BTreeMap::new();
+    let mut keys = Vec::new();
+    for (key, fe) in &diff.added {
+        wanted.insert(*key, program(key, fe));
+        keys.push(*key);
+    }
+    for change in &diff.changed {
+        wanted.insert(change.key, program(&change.key, &change.new));
+        keys.push(change.key);
+    }
+    for (key, _) in &diff.removed {
+        keys.push(*key);
+    }
+    (keys, wanted)
 }
 
 /// Runs `program args` with `input` on its stdin, stdout discarded and

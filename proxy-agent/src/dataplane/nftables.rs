@@ -1298,19 +1298,7 @@ impl NftablesDataplane {
             frontends_removed: diff.removed.len(),
             ..ApplyStats::default()
         };
-        let mut wanted = BTreeMap::new();
-        let mut keys = Vec::new();
-        for (key, fe) in &diff.added {
-            wanted.insert(*key, self.program(key, fe));
-            keys.push(*key);
-        }
-        for change in &diff.changed {
-            wanted.insert(change.key, self.program(&change.key, &change.new));
-            keys.push(change.key);
-        }
-        for (key, _) in &diff.removed {
-            keys.push(*key);
-        }
+        let (keys, wanted) = netfilter::wanted_of(diff, |k, f| self.program(k, f));
         self.write(&keys, &wanted, None, &mut stats)?;
         stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
         Ok(stats)
