@@ -74,6 +74,7 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, kind: Tcp) -> Vec<u8>
         Tcp::Syn => b.syn(),
         Tcp::Ack => b.ack(5000),
         Tcp::SynAck => b.syn().ack(1001),
+        Tcp::Fin => b.fin().ack(5000),
     };
     let payload: &[u8] = if matches!(kind, Tcp::Ack) {
         b"GET / HTTP/1.1\r\n\r\n"
@@ -213,6 +214,114 @@ fn reply_is_rewritten_back_to_the_vip() {
         }
     );
     assert_eq!(f.stat(stat::REVNAT), 1);
+}
+
+/// How a service flow ends before its client reuses the port: closed by
+/// FIN both ways, or abandoned mid-stream (the client vanished).
+const FLOW_ENDINGS: [Option<Tcp>; 2] = [Some(Tcp::Fin), None];
+
+/// Runs one service flow from `sport` through the handshake and a data
+/// segment each way, then ends it as `ending` says; returns its backend.
+fn service_flow(f: &Fixture, sport: u16, ending: Option<Tcp>) -> [u8; 4] {
+    let (_, out) = f.ingress(&tcp(CLIENT, sport, VIP, 80, Tcp::Syn));
+    let backend = inspect(&out).dst;
+    let reply = |kind| inspect(&f.egress(&tcp(backend, TARGET_PORT, CLIENT, sport, kind)).1);
+    assert_eq!(reply(Tcp::SynAck).src, VIP);
+    assert_eq!(reply(Tcp::SynAck).src, VIP, "a retransmitted SYN-ACK too");
+    let (_, out) = f.ingress(&tcp(CLIENT, sport, VIP, 80, Tcp::Ack));
+    assert_eq!(inspect(&out).dst, backend);
+    assert_eq!(reply(Tcp::Ack).src, VIP);
+    if let Some(kind) = ending {
+        let (_, out) = f.ingress(&tcp(CLIENT, sport, VIP, 80, kind));
+        assert_eq!(inspect(&out).dst, backend);
+        assert_eq!(reply(kind).src, VIP);
+    }
+    backend
+}
+
+/// A client that connects straight to a backend from a port a service flow
+/// to that backend used gets the backend's answers untranslated: the old
+/// flow's reply entry must not claim the new connection (its SYN-ACK from
+/// the VIP would be refused, and the connection would time out).
+#[test]
+fn a_direct_connection_on_a_service_flows_tuple_is_not_reverse_nated() {
+    for ending in FLOW_ENDINGS {
+        let f = Fixture::new();
+        let sport = 40020;
+        let backend = service_flow(&f, sport, ending);
+        let (verdict, out) = f.ingress(&tcp(CLIENT, sport, backend, TARGET_PORT, Tcp::Syn));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(inspect(&out).dst, backend, "not for a frontend: untouched");
+        let direct = Seen {
+            src: backend,
+            dst: CLIENT,
+            sport: TARGET_PORT,
+            dport: sport,
+        };
+        for kind in [Tcp::SynAck, Tcp::Ack, Tcp::Fin] {
+            let (verdict, out) = f.egress(&tcp(backend, TARGET_PORT, CLIENT, sport, kind));
+            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(
+                inspect(&out),
+                direct,
+                "{kind:?} of the direct connection after a flow ended by {ending:?}"
+            );
+        }
+        assert_eq!(f.stat(stat::REVNAT), 3 + u64::from(ending.is_some()));
+    }
+}
+
+/// A client that connects to the VIP again from the port of an earlier
+/// flow opens a new flow (a fresh backend choice) whose answers are
+/// translated, however the earlier one ended.
+#[test]
+fn a_reconnect_through_the_vip_on_a_used_tuple_is_a_new_flow() {
+    for ending in FLOW_ENDINGS {
+        let f = Fixture::new();
+        let sport = 40021;
+        service_flow(&f, sport, ending);
+        assert_eq!(f.stat(stat::DNAT_NEW), 1);
+        let (_, out) = f.ingress(&tcp(CLIENT, sport, VIP, 80, Tcp::Syn));
+        let backend = inspect(&out).dst;
+        assert_eq!(f.stat(stat::DNAT_NEW), 2, "after {ending:?}");
+        let (_, out) = f.egress(&tcp(backend, TARGET_PORT, CLIENT, sport, Tcp::SynAck));
+        assert_eq!(inspect(&out).src, VIP, "after {ending:?}");
+    }
+}
+
+/// UDP has no handshake to tell a new flow by: a datagram from the client
+/// straight to the backend, from the port of a service flow with it, makes
+/// the old flow forgotten, so the answers come back untranslated; the next
+/// datagram to the VIP starts a new flow.
+#[test]
+fn a_udp_client_reaching_the_backend_directly_from_a_flows_port_gets_direct_answers() {
+    let f = Fixture::new();
+    let sport = 33010;
+    let (_, out) = f.ingress(&udp(CLIENT, sport, VIP, 53));
+    let backend = inspect(&out).dst;
+    let (_, reply) = f.egress(&udp(backend, 5353, CLIENT, sport));
+    assert_eq!(inspect(&reply).src, VIP);
+
+    let direct = Seen {
+        src: backend,
+        dst: CLIENT,
+        sport: 5353,
+        dport: sport,
+    };
+    for round in 1..=2 {
+        let (verdict, out) = f.ingress(&udp(CLIENT, sport, backend, 5353));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(inspect(&out).dst, backend, "untouched");
+        let (_, reply) = f.egress(&udp(backend, 5353, CLIENT, sport));
+        assert_eq!(inspect(&reply), direct, "round {round}");
+        assert_eq!(f.stat(stat::FLOW_TUPLE_REUSED), 1, "forgotten once");
+    }
+
+    let (_, out) = f.ingress(&udp(CLIENT, sport, VIP, 53));
+    assert_eq!(f.stat(stat::DNAT_NEW), 2, "back to the VIP: a new flow");
+    let backend = inspect(&out).dst;
+    let (_, reply) = f.egress(&udp(backend, 5353, CLIENT, sport));
+    assert_eq!(inspect(&reply).src, VIP);
 }
 
 #[test]

@@ -151,6 +151,7 @@ fn tcp(src: SocketAddr, dst: SocketAddr, kind: Tcp) -> Vec<u8> {
         Tcp::Syn => b.syn(),
         Tcp::Ack => b.ack(5000),
         Tcp::SynAck => b.syn().ack(1001),
+        Tcp::Fin => b.fin().ack(5000),
     };
     let payload: &[u8] = if matches!(kind, Tcp::Ack) {
         b"GET / HTTP/1.1\r\n\r\n"
@@ -473,6 +474,90 @@ fn node_port_from_outside_is_masqueraded_both_ways() {
     assert_eq!(f.stat(stat::DROP_SNAT_EXHAUSTED), 0);
     // Four entries per masqueraded flow.
     assert_eq!(f.dp.conntrack_len(), 8);
+}
+
+/// A client that connects straight to the backend from the port of a
+/// closed masqueraded flow keeps its own address and gets untranslated
+/// answers: neither masquerade leg of the old flow claims the connection.
+#[test]
+fn a_direct_connection_on_a_masqueraded_flows_tuple_is_left_alone() {
+    let mut f = Fixture::load();
+    f.set_network(&node_network());
+    let backend = BACKENDS[0];
+    f.set_table(table([(
+        node_port_key(Protocol::Tcp),
+        frontend(FrontendKind::NodePort, &[ip(backend)]),
+    )]));
+    let client = sa(CLIENT, 40010);
+    let node_port = sa(NODE, NODE_PORT);
+    let to_backend = sa(backend, TARGET_PORT);
+    ingress_ok(&f, &tcp(client, node_port, Tcp::Syn));
+    let snat = egress_ok(&f, &tcp(client, to_backend, Tcp::Syn)).src;
+    for kind in [Tcp::SynAck, Tcp::Fin] {
+        assert_eq!(ingress_ok(&f, &tcp(to_backend, snat, kind)).dst, client);
+        assert_eq!(egress_ok(&f, &tcp(to_backend, client, kind)).src, node_port);
+    }
+    for kind in [Tcp::Ack, Tcp::Fin] {
+        assert_eq!(
+            ingress_ok(&f, &tcp(client, node_port, kind)).dst,
+            to_backend
+        );
+        assert_eq!(egress_ok(&f, &tcp(client, to_backend, kind)).src, snat);
+    }
+
+    // The same client port, now to the backend itself.
+    for kind in [Tcp::Syn, Tcp::Ack] {
+        let direct = flow(client, to_backend);
+        assert_eq!(ingress_ok(&f, &tcp(client, to_backend, kind)), direct);
+        assert_eq!(
+            egress_ok(&f, &tcp(client, to_backend, kind)),
+            direct,
+            "{kind:?} keeps its source"
+        );
+    }
+    for kind in [Tcp::SynAck, Tcp::Ack] {
+        let answer = flow(to_backend, client);
+        assert_eq!(
+            egress_ok(&f, &tcp(to_backend, client, kind)),
+            answer,
+            "{kind:?} keeps its source"
+        );
+    }
+}
+
+/// The UDP counterpart: a datagram straight to the backend from the port of
+/// a masqueraded flow makes that flow forgotten, masquerade leg included.
+#[test]
+fn a_direct_udp_flow_on_a_masqueraded_flows_tuple_is_left_alone() {
+    let mut f = Fixture::load();
+    f.set_network(&node_network());
+    let backend = BACKENDS[0];
+    f.set_table(table([(
+        node_port_key(Protocol::Udp),
+        frontend(FrontendKind::NodePort, &[ip(backend)]),
+    )]));
+    let client = sa(CLIENT, 33020);
+    let node_port = sa(NODE, NODE_PORT);
+    let to_backend = sa(backend, TARGET_PORT);
+    ingress_ok(&f, &udp(client, node_port));
+    let snat = egress_ok(&f, &udp(client, to_backend)).src;
+    assert_eq!(ingress_ok(&f, &udp(to_backend, snat)).dst, client);
+    assert_eq!(egress_ok(&f, &udp(to_backend, client)).src, node_port);
+
+    let direct = flow(client, to_backend);
+    assert_eq!(ingress_ok(&f, &udp(client, to_backend)), direct);
+    assert_eq!(f.stat(stat::FLOW_TUPLE_REUSED), 1);
+    assert_eq!(
+        egress_ok(&f, &udp(client, to_backend)),
+        direct,
+        "not masqueraded"
+    );
+    let answer = flow(to_backend, client);
+    assert_eq!(
+        egress_ok(&f, &udp(to_backend, client)),
+        answer,
+        "not reverse-NATed"
+    );
 }
 
 #[test]

@@ -202,6 +202,11 @@ pub const CT_FLAG_SNAT: u16 = 1 << 2;
 /// The flow's service has session affinity: its packets keep the client's
 /// affinity entry fresh.
 pub const CT_FLAG_AFFINITY: u16 = 1 << 3;
+/// This direction of a TCP flow has carried a segment without SYN, so its
+/// handshake is over: a SYN on its tuple now opens another connection
+/// (a client reusing the port, perhaps straight to the backend), and the
+/// entry must not translate it.
+pub const CT_FLAG_ESTABLISHED: u16 = 1 << 4;
 
 /// Value of the connection-tracking map.
 ///
@@ -386,6 +391,10 @@ pub mod stat {
     pub const SOCK_REVNAT: u32 = 26;
     /// An ICMP error about a translated flow was translated with it.
     pub const ICMP_ERROR_NAT: u32 = 27;
+    /// A UDP or SCTP client sent straight to a backend from the port of a
+    /// flow it had with that backend through a frontend: the old flow was
+    /// forgotten, so the answers are not translated as its were.
+    pub const FLOW_TUPLE_REUSED: u32 = 28;
     pub const COUNT: u32 = 32;
 
     /// Human names, indexed like the constants above.
@@ -418,7 +427,7 @@ pub mod stat {
         "sock_refused",
         "sock_revnat",
         "icmp_error_nat",
-        "unused28",
+        "flow_tuple_reused",
         "unused29",
         "unused30",
         "unused31",

@@ -22,14 +22,14 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Addr, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6,
-    CFG_MASQUERADE_ALL, CT_FLAG_AFFINITY, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST, CT_FLAG_SNAT,
-    CT_FORWARD, CT_LIFETIME_NON_TCP_NS, CT_LIFETIME_TCP_CLOSING_NS, CT_LIFETIME_TCP_NS,
-    CT_REFRESH_NS, CT_REPLY, CT_SNAT_IN, CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6,
-    NodeConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SNAT_TCP_HOLD_NS, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL,
-    SVC_SOURCE_RANGES, ServiceValue, SourceRangeKey, TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS,
-    TAIL_NEW_FLOW, TAIL_REJECT, TAIL_SLOTS, stat,
+    CFG_MASQUERADE_ALL, CT_FLAG_AFFINITY, CT_FLAG_ESTABLISHED, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST,
+    CT_FLAG_SNAT, CT_FORWARD, CT_LIFETIME_NON_TCP_NS, CT_LIFETIME_TCP_CLOSING_NS,
+    CT_LIFETIME_TCP_NS, CT_REFRESH_NS, CT_REPLY, CT_SNAT_IN, CT_SNAT_OUT, CtKey, CtValue,
+    FAMILY_V4, FAMILY_V6, NodeConfig, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SNAT_TCP_HOLD_NS, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL,
+    SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceValue, SourceRangeKey,
+    TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, TAIL_SLOTS, stat,
 };
 
 use crate::maps::{
@@ -237,19 +237,27 @@ fn tcp_ct_flags(pkt: &Packet) -> u16 {
     if pkt.tcp_flags & TCP_RST != 0 {
         flags |= CT_FLAG_SEEN_RST;
     }
+    if pkt.tcp_flags & TCP_SYN == 0 {
+        flags |= CT_FLAG_ESTABLISHED;
+    }
     flags
 }
 
 /// Refreshes an entry's clock and TCP state. Returns `None` when the entry
-/// has expired (or a new connection reuses a closed one's tuple) and must
-/// not be used; else whether the clock was refreshed.
+/// has expired, or when a new connection reuses its tuple, and must not be
+/// used; else whether the clock was refreshed.
+///
+/// A SYN (or SYN-ACK) belongs to a new connection once this direction has
+/// carried anything but its handshake: a client that reconnects from the
+/// same port, to the frontend again or straight to the backend, must not
+/// be translated as the old flow was. Retransmitted handshakes still are.
 #[inline(always)]
 fn ct_touch(ct: &mut CtValue, pkt: &Packet, now: u64) -> Option<bool> {
     if now.wrapping_sub(ct.last_seen_ns) > lifetime(pkt.proto, ct.flags) {
         return None;
     }
-    let syn_only = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if pkt.proto == PROTO_TCP && syn_only && ct.flags & (CT_FLAG_SEEN_FIN | CT_FLAG_SEEN_RST) != 0 {
+    let over = CT_FLAG_SEEN_FIN | CT_FLAG_SEEN_RST | CT_FLAG_ESTABLISHED;
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && ct.flags & over != 0 {
         return None;
     }
     let new_flags = ct.flags | tcp_ct_flags(pkt);
@@ -602,6 +610,7 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
 
     // Traffic to anything but a frontend has no flow and no service here.
     if !may_be_frontend(pkt.family, &pkt.daddr) {
+        forget_flow_on_tuple(pkt);
         return (TC_ACT_OK as i32, stat::PASS_NO_SERVICE);
     }
     let fwd_key = ct_key(pkt, CT_FORWARD);
@@ -619,8 +628,57 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
                 Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
             };
         }
+        // Over: gone even if no new flow replaces it (its frontend went),
+        // so that later packets on the tuple are not translated by it.
+        let _ = PA_CONNTRACK.remove(&fwd_key);
     }
     tail_call(ctx, TAIL_NEW_FLOW)
+}
+
+/// Forgets the flow through a frontend whose answers came from where `pkt`,
+/// which is for no frontend, goes, to the port it comes from: the client
+/// now talks to that backend directly, from the same port, and the old
+/// flow's entries would translate the answers (and masquerade the packets)
+/// as the old flow's. Should the client go back to the frontend, its next
+/// packet starts a new flow. Only UDP and SCTP need this; a TCP connection
+/// announces itself with a SYN (see `ct_touch`).
+#[inline(always)]
+fn forget_flow_on_tuple(pkt: &Packet) {
+    if pkt.proto == PROTO_TCP {
+        return;
+    }
+    let mut key = CtKey {
+        src: pkt.daddr,
+        dst: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        family: pkt.family,
+        dir: CT_REPLY,
+        _pad0: 0,
+    };
+    // SAFETY: the fields are copied out at once; plain data.
+    let Some((frontend, frontend_port, flags)) =
+        (unsafe { PA_CONNTRACK.get(&key) }).map(|ct| (ct.nat_addr, ct.nat_port, ct.flags))
+    else {
+        return;
+    };
+    let _ = PA_CONNTRACK.remove(&key);
+    key = CtKey {
+        src: pkt.saddr,
+        dst: frontend,
+        sport: pkt.sport,
+        dport: frontend_port,
+        dir: CT_FORWARD,
+        ..key
+    };
+    let _ = PA_CONNTRACK.remove(&key);
+    // The masquerade leg at egress; the node port's entry keeps the port
+    // held until it expires, as every closed flow's does.
+    if flags & CT_FLAG_SNAT != 0 {
+        let _ = PA_CONNTRACK.remove(&ct_key(pkt, CT_SNAT_OUT));
+    }
+    count(stat::FLOW_TUPLE_REUSED);
 }
 
 /// Continues with the stage in `slot`; returns only if that fails.
@@ -651,6 +709,8 @@ fn new_flow(ctx: &mut TcContext, pkt: &Packet, cfg: Option<&NodeConfig>) -> Verd
     let Some((mut svc_key, mut svc)) =
         lookup_frontend(pkt.family, pkt.proto, &pkt.daddr, pkt.dport)
     else {
+        // A node address, say, with a host-network backend behind it.
+        forget_flow_on_tuple(pkt);
         return (TC_ACT_OK as i32, stat::PASS_NO_SERVICE);
     };
     if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc.svc_id, pkt) {
@@ -1192,16 +1252,28 @@ pub fn pa_egress(mut ctx: TcContext) -> i32 {
 /// flow's forward packet, or the frontend of a reply.
 #[inline(always)]
 fn egress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
-    let (ct, reason) = if let Some(ct) = PA_CONNTRACK.get_ptr_mut(&ct_key(pkt, CT_SNAT_OUT)) {
-        (ct, stat::SNAT_OUT)
-    } else if let Some(ct) = PA_CONNTRACK.get_ptr_mut(&ct_key(pkt, CT_REPLY)) {
-        (ct, stat::REVNAT)
-    } else {
-        return (TC_ACT_OK as i32, u32::MAX);
+    let mut key = ct_key(pkt, CT_SNAT_OUT);
+    let mut reason = stat::SNAT_OUT;
+    let ct = match PA_CONNTRACK.get_ptr_mut(&key) {
+        Some(ct) => ct,
+        None => {
+            key.dir = CT_REPLY;
+            reason = stat::REVNAT;
+            match PA_CONNTRACK.get_ptr_mut(&key) {
+                Some(ct) => ct,
+                None => return (TC_ACT_OK as i32, u32::MAX),
+            }
+        }
     };
     // SAFETY: as in ingress: a live map value of plain data.
     let ct = unsafe { &mut *ct };
     if ct_touch(ct, pkt, now()).is_none() {
+        // Over, or its tuple taken by a connection that did not come
+        // through a frontend (a client reaching the backend directly from
+        // a port a closed service flow used): removed, so that none of
+        // that connection's packets are translated either. A new flow
+        // through a frontend writes fresh entries before its first reply.
+        let _ = PA_CONNTRACK.remove(&key);
         return (TC_ACT_OK as i32, stat::PASS_NO_REPLY);
     }
     let (addr, port) = (ct.nat_addr, ct.nat_port);

@@ -95,4 +95,6 @@ pub enum Tcp {
     Syn,
     Ack,
     SynAck,
+    /// FIN with ACK: one side closes.
+    Fin,
 }
