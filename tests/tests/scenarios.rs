@@ -135,6 +135,7 @@ suite![
     terminating_endpoints_serve_only_when_none_is_ready,
     established_flow_survives_backend_removal,
     udp_flow_moves_off_a_removed_backend,
+    client_port_reused_straight_to_the_backend,
     internal_traffic_policy_local,
     external_traffic_policy_local,
     topology_prefers_the_zone_of_the_node,
@@ -1028,6 +1029,91 @@ fn udp_flow_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result<()> {
             query(&socket).as_deref() == Some(expected.as_str()),
             "flow went back"
         );
+    }
+    Ok(())
+}
+
+/// The client's source port in [`client_port_reused_straight_to_the_backend`]:
+/// below the ephemeral range, so no other socket of the client takes it.
+const REUSED_PORT: u16 = 23_456;
+
+/// One request on a new TCP session from `port` of namespace `ns` to
+/// `target`; the answering backend's name. The client closes first, so
+/// the TIME_WAIT is the client's: the backend keeps none that a later
+/// connection from the port could run into.
+fn session_from_port(ns: &str, port: u16, target: SocketAddr) -> anyhow::Result<String> {
+    let mut stream = in_netns(ns, || -> std::io::Result<TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        // The previous session from the port is in TIME_WAIT.
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port).into())?;
+        socket.connect_timeout(&target.into(), Duration::from_secs(2))?;
+        Ok(socket.into())
+    })?
+    .with_context(|| format!("connecting from port {port} to {target}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    ask(&mut stream).with_context(|| format!("asking {target} from port {port}"))
+}
+
+/// One UDP query from `port` of namespace `ns` to `target`, on a socket
+/// connected to it (which takes answers from `target` only); the answering
+/// backend's name.
+fn query_from_port(ns: &str, port: u16, target: SocketAddr) -> anyhow::Result<String> {
+    let answer = in_netns(ns, || -> std::io::Result<String> {
+        let socket = UdpSocket::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        socket.send(b"q\n")?;
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        Ok(text
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    })?;
+    answer.with_context(|| format!("UDP query from port {port} to {target}"))
+}
+
+/// A client that talks to a backend straight from the port of its finished
+/// flow through the VIP to that backend is answered by the backend itself,
+/// and the client's next flow through the VIP from that port works again.
+/// Linux chooses source ports per destination, so a busy client does this
+/// by chance; here the port is chosen on purpose. The old flow's reverse
+/// translation must not claim the new one (a TCP SYN-ACK from the VIP is
+/// refused; a UDP answer from the VIP is dropped by a connected socket).
+fn client_port_reused_straight_to_the_backend(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1))?;
+    let service = echo().tcp(SESSION_PORT, POD_SESSION_PORT);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    // The session port waits for a request, so readiness is probed on the
+    // echo port.
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
+    let ns = c.t.client_ns().to_string();
+    let pod = IpAddr::V4(c.t.pod(0).ip);
+    // A client that reconnects to the VIP from the port of a closed TCP
+    // flow is the fixture tests' business: here its own TIME_WAIT holds
+    // that tuple.
+    for (what, target) in [
+        ("the VIP", at(VIP, SESSION_PORT)),
+        ("pod-0 directly", at(pod, POD_SESSION_PORT)),
+    ] {
+        let answer = session_from_port(&ns, REUSED_PORT, target)?;
+        ensure!(answer == "pod-0", "TCP to {what}: answered by {answer:?}");
+    }
+    for (what, target) in [
+        ("the VIP", at(VIP, UDP_PORT)),
+        ("pod-0 directly", at(pod, POD_UDP_PORT)),
+        ("the VIP again", at(VIP, UDP_PORT)),
+    ] {
+        let answer = query_from_port(&ns, REUSED_PORT, target)?;
+        ensure!(answer == "pod-0", "UDP to {what}: answered by {answer:?}");
     }
     Ok(())
 }
