@@ -435,8 +435,10 @@ fn stream_exchange(mut stream: TcpStream, timeout: Duration) -> Result<Answer, E
     let deadline = Instant::now() + timeout;
     let mut answer = Vec::new();
     let mut buf = [0u8; MAX_ANSWER];
-    // The server writes its name and closes; read until EOF or the deadline.
-    loop {
+    // The server writes one line and waits for us to close first (see
+    // `server::answer_stream`): read until the line is whole, EOF, or the
+    // deadline, then close.
+    while !answer.ends_with(b"\n") {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(ExchangeError::new("read", "timeout"));

@@ -255,14 +255,24 @@ fn serve_stream(listener: TcpListener, name: String) {
     }
 }
 
+/// Writes the answer, then waits for the client to close first (draining
+/// what it sends, so that closing does not turn into a reset), for at most
+/// [`DRAIN_TIMEOUT`]. The client closing first keeps the TIME_WAIT on its
+/// side: a later connection of the client from the same port, to another
+/// address that leads here too (the VIP, then the pod itself), does not
+/// run into a TIME_WAIT of ours that its unrelated sequence numbers would
+/// fail (a one-second SYN retransmit). Clients that wait for our end of
+/// stream instead get it after the timeout.
 fn answer_stream(mut stream: TcpStream, answer: &[u8]) {
     // Errors mean the client went away (or reset); nothing to do about it.
     if stream.write_all(answer).is_err() {
         return;
     }
+    drain_until_closed(&mut stream);
     let _ = stream.shutdown(Shutdown::Write);
-    // Drain what the client sends until it closes, so closing does not turn
-    // into a reset, but never wait longer than DRAIN_TIMEOUT.
+}
+
+fn drain_until_closed(stream: &mut TcpStream) {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let mut buf = [0u8; 1024];
     loop {
