@@ -1543,7 +1543,7 @@ fn occupy_every_snat_port(
             flags,
             backend_id: 0,
             svc_id: 0,
-            _pad0: 0,
+            in_ifindex: 0,
             last_seen_ns,
         };
         ct.insert(key, value, 0).expect("insert a masquerade entry");

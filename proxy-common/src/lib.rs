@@ -224,7 +224,12 @@ pub struct CtValue {
     pub backend_id: BackendId,
     /// The frontend view (`ServiceValue::svc_id`) the flow was sent through.
     pub svc_id: u32,
-    pub _pad0: u32,
+    /// The interface the flow's first packet came in by, where the flow
+    /// was translated (0: unknown). A packet on another interface that
+    /// looks like a client reaching the backend directly is most likely the
+    /// flow's own translated packet, passed up by a bridge to a second
+    /// hook (see `forget_flow_on_tuple` in the programs).
+    pub in_ifindex: u32,
     /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
 }

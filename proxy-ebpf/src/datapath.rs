@@ -610,7 +610,7 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
 
     // Traffic to anything but a frontend has no flow and no service here.
     if !may_be_frontend(pkt.family, &pkt.daddr) {
-        forget_flow_on_tuple(pkt);
+        forget_flow_on_tuple(ctx, pkt);
         return (TC_ACT_OK as i32, stat::PASS_NO_SERVICE);
     }
     let fwd_key = ct_key(pkt, CT_FORWARD);
@@ -642,8 +642,12 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
 /// as the old flow's. Should the client go back to the frontend, its next
 /// packet starts a new flow. Only UDP and SCTP need this; a TCP connection
 /// announces itself with a SYN (see `ct_touch`).
+///
+/// The flow's own packets look the same once translated, and a bridge
+/// passes them up to a second hook (a pod's port, then the bridge): only a
+/// packet on the interface the flow came in by counts as the client's.
 #[inline(always)]
-fn forget_flow_on_tuple(pkt: &Packet) {
+fn forget_flow_on_tuple(ctx: &TcContext, pkt: &Packet) {
     if pkt.proto == PROTO_TCP {
         return;
     }
@@ -658,11 +662,14 @@ fn forget_flow_on_tuple(pkt: &Packet) {
         _pad0: 0,
     };
     // SAFETY: the fields are copied out at once; plain data.
-    let Some((frontend, frontend_port, flags)) =
-        (unsafe { PA_CONNTRACK.get(&key) }).map(|ct| (ct.nat_addr, ct.nat_port, ct.flags))
+    let Some((frontend, frontend_port, flags, in_ifindex)) = (unsafe { PA_CONNTRACK.get(&key) })
+        .map(|ct| (ct.nat_addr, ct.nat_port, ct.flags, ct.in_ifindex))
     else {
         return;
     };
+    if in_ifindex != 0 && in_ifindex != ifindex(ctx) {
+        return;
+    }
     let _ = PA_CONNTRACK.remove(&key);
     key = CtKey {
         src: pkt.saddr,
@@ -679,6 +686,13 @@ fn forget_flow_on_tuple(pkt: &Packet) {
         let _ = PA_CONNTRACK.remove(&ct_key(pkt, CT_SNAT_OUT));
     }
     count(stat::FLOW_TUPLE_REUSED);
+}
+
+/// The interface the program runs on.
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the skb pointer is this program's context.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// Continues with the stage in `slot`; returns only if that fails.
@@ -710,7 +724,7 @@ fn new_flow(ctx: &mut TcContext, pkt: &Packet, cfg: Option<&NodeConfig>) -> Verd
         lookup_frontend(pkt.family, pkt.proto, &pkt.daddr, pkt.dport)
     else {
         // A node address, say, with a host-network backend behind it.
-        forget_flow_on_tuple(pkt);
+        forget_flow_on_tuple(ctx, pkt);
         return (TC_ACT_OK as i32, stat::PASS_NO_SERVICE);
     };
     if svc.flags & SVC_SOURCE_RANGES != 0 && !source_allowed(svc.svc_id, pkt) {
@@ -781,7 +795,7 @@ fn new_flow(ctx: &mut TcContext, pkt: &Packet, cfg: Option<&NodeConfig>) -> Verd
                     flags,
                     backend_id: 0,
                     svc_id: 0,
-                    _pad0: 0,
+                    in_ifindex: ifindex(ctx),
                     last_seen_ns: now,
                 };
                 if !allocate_snat(scratch, pkt, &backend, &node) {
@@ -812,7 +826,7 @@ fn new_flow(ctx: &mut TcContext, pkt: &Packet, cfg: Option<&NodeConfig>) -> Verd
         flags,
         backend_id,
         svc_id: svc.svc_id,
-        _pad0: 0,
+        in_ifindex: ifindex(ctx),
         last_seen_ns: now,
     };
     if PA_CONNTRACK
@@ -1053,8 +1067,7 @@ fn reject(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
     if done.is_err() {
         return (TC_ACT_SHOT as i32, stat::ERR_REJECT);
     }
-    // SAFETY: the skb pointer is this program's context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = ifindex(ctx);
     // SAFETY: bpf_redirect only records the target; no memory is passed.
     let action = unsafe { bpf_redirect(ifindex, 0) };
     if action as i32 != TC_ACT_REDIRECT {

@@ -1087,33 +1087,49 @@ fn query_from_port(ns: &str, port: u16, target: SocketAddr) -> anyhow::Result<St
 /// by chance; here the port is chosen on purpose. The old flow's reverse
 /// translation must not claim the new one (a TCP SYN-ACK from the VIP is
 /// refused; a UDP answer from the VIP is dropped by a connected socket).
+/// The client is outside, routed through the node, and then a pod on the
+/// node's bridge, whose translated frames the bridge passes up to the node
+/// (a second hook, which must not take them for the client's).
 fn client_port_reused_straight_to_the_backend(mode: Mode) -> anyhow::Result<()> {
-    let c = Cluster::start(mode, Setup::pods(1))?;
-    let service = echo().tcp(SESSION_PORT, POD_SESSION_PORT);
-    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
-    // The session port waits for a request, so readiness is probed on the
-    // echo port.
-    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
-    c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
-    let ns = c.t.client_ns().to_string();
-    let pod = IpAddr::V4(c.t.pod(0).ip);
-    // A client that reconnects to the VIP from the port of a closed TCP
-    // flow is the fixture tests' business: here its own TIME_WAIT holds
-    // that tuple.
-    for (what, target) in [
-        ("the VIP", at(VIP, SESSION_PORT)),
-        ("pod-0 directly", at(pod, POD_SESSION_PORT)),
-    ] {
-        let answer = session_from_port(&ns, REUSED_PORT, target)?;
-        ensure!(answer == "pod-0", "TCP to {what}: answered by {answer:?}");
-    }
-    for (what, target) in [
-        ("the VIP", at(VIP, UDP_PORT)),
-        ("pod-0 directly", at(pod, POD_UDP_PORT)),
-        ("the VIP again", at(VIP, UDP_PORT)),
-    ] {
-        let answer = query_from_port(&ns, REUSED_PORT, target)?;
-        ensure!(answer == "pod-0", "UDP to {what}: answered by {answer:?}");
+    for network in [PodNetwork::Routed, PodNetwork::Bridge { hairpin: false }] {
+        let c = Cluster::start(mode, Setup::pods(2).network(network))?;
+        let service = echo().tcp(SESSION_PORT, POD_SESSION_PORT);
+        c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+        // The session port waits for a request, so readiness is probed on
+        // the echo port.
+        c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+        c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
+        let (client, ns) = match network {
+            PodNetwork::Routed => ("the client", c.t.client_ns().to_string()),
+            PodNetwork::Bridge { .. } => ("pod-1", c.t.pod(1).ns().to_string()),
+        };
+        let pod = IpAddr::V4(c.t.pod(0).ip);
+        // A client that reconnects to the VIP from the port of a closed TCP
+        // flow is the fixture tests' business: here its own TIME_WAIT
+        // holds that tuple.
+        for (what, target) in [
+            ("the VIP", at(VIP, SESSION_PORT)),
+            ("pod-0 directly", at(pod, POD_SESSION_PORT)),
+        ] {
+            let answer = session_from_port(&ns, REUSED_PORT, target)
+                .with_context(|| format!("TCP from {client}"))?;
+            ensure!(
+                answer == "pod-0",
+                "TCP from {client} to {what}: answered by {answer:?}"
+            );
+        }
+        for (what, target) in [
+            ("the VIP", at(VIP, UDP_PORT)),
+            ("pod-0 directly", at(pod, POD_UDP_PORT)),
+            ("the VIP again", at(VIP, UDP_PORT)),
+        ] {
+            let answer = query_from_port(&ns, REUSED_PORT, target)
+                .with_context(|| format!("UDP from {client}"))?;
+            ensure!(
+                answer == "pod-0",
+                "UDP from {client} to {what}: answered by {answer:?}"
+            );
+        }
     }
     Ok(())
 }
