@@ -174,6 +174,16 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Result<
     Ok(out)
 }
 
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Result<Vec<u8>> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let payload = b"query";
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).context("build packet")?;
+    Ok(out)
+}
+
 struct Harness {
     ebpf: Ebpf,
 }
@@ -293,6 +303,10 @@ fn main() -> Result<()> {
             ns: vec![],
         },
         Row {
+            name: "non-service UDP packet",
+            ns: vec![],
+        },
+        Row {
             name: "ClusterIP new flow (SYN)",
             ns: vec![],
         },
@@ -322,6 +336,10 @@ fn main() -> Result<()> {
         },
         Row {
             name: "non-service, repeat=N",
+            ns: vec![],
+        },
+        Row {
+            name: "non-service UDP, repeat=N",
             ns: vec![],
         },
     ];
@@ -365,6 +383,14 @@ fn main() -> Result<()> {
             PROG_INGRESS,
             args.calls,
             |i| tcp(CLIENT, (i % 60000) as u16 + 1024, other, 80, true),
+            unchanged,
+        )?;
+        // UDP also looks for a flow whose client now reaches the backend
+        // directly from the same port (one connection-table miss).
+        let pass_udp = h.mean_ns(
+            PROG_INGRESS,
+            args.calls,
+            |i| udp(CLIENT, (i % 60000) as u16 + 1024, other, 53),
             unchanged,
         )?;
         let backends: Vec<[u8; 4]> = (0..args.backends).map(|j| backend_ip(n - 1, j)).collect();
@@ -462,9 +488,11 @@ fn main() -> Result<()> {
             h.repeated_ns(PROG_FLOOR, &tcp(CLIENT, 1, target, 80, true)?, args.repeat)?;
         let pass_rep =
             h.repeated_ns(PROG_INGRESS, &tcp(CLIENT, 1, other, 80, true)?, args.repeat)?;
+        let pass_udp_rep = h.repeated_ns(PROG_INGRESS, &udp(CLIENT, 1, other, 53)?, args.repeat)?;
         for (row, v) in rows.iter_mut().zip([
             floor,
             pass,
+            pass_udp,
             new_flow,
             established,
             reply,
@@ -473,6 +501,7 @@ fn main() -> Result<()> {
             affinity_hit,
             floor_rep,
             pass_rep,
+            pass_udp_rep,
         ]) {
             row.ns.push(v);
         }
@@ -489,13 +518,18 @@ fn main() -> Result<()> {
         print!("{:>20}", n);
     }
     println!();
+    let floor_of = |name: &str| rows.iter().position(|r| r.name == name).unwrap_or(0);
+    let (floor_once, floor_repeated) = (
+        floor_of("empty program (floor)"),
+        floor_of("floor, repeat=N"),
+    );
     for row in &rows {
         print!("{:<32}", row.name);
         for (i, v) in row.ns.iter().enumerate() {
             let floor = if row.name.contains("repeat") {
-                rows[8].ns[i]
+                rows[floor_repeated].ns[i]
             } else {
-                rows[0].ns[i]
+                rows[floor_once].ns[i]
             };
             print!("{:>20}", format!("{v:.1} ({:.2}x)", v / floor));
         }
@@ -503,7 +537,7 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "How: rows 1-8 are means over {} calls with repeat=1, each call from the",
+        "How: rows 1-9 are means over {} calls with repeat=1, each call from the",
         args.calls
     );
     println!("original bytes (a rewritten packet must not be re-fed); 'new flow' uses a new");
@@ -511,7 +545,7 @@ fn main() -> Result<()> {
     println!("connection table; 'established' re-sends one flow's ACK; 'reply' sends its");
     println!("backend's reply to egress; the two-stage rows add an ingress and an egress run");
     println!("(NodePort: DNAT then SNAT; masqueraded reply: un-SNAT then reverse NAT), and");
-    println!("'affinity hit' is a new flow of a client with an affinity entry. Rows 9-10");
+    println!("'affinity hit' is a new flow of a client with an affinity entry. Rows 10-12");
     println!("use one call with repeat={} on", args.repeat);
     println!("packets the program leaves unchanged (verified).");
     Ok(())
