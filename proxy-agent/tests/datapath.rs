@@ -216,6 +216,18 @@ fn reply_is_rewritten_back_to_the_vip() {
     assert_eq!(f.stat(stat::REVNAT), 1);
 }
 
+/// The ports a client may reuse straight to a backend, which only UDP and
+/// SCTP packets to them look for, are the UDP (and SCTP) backends' ports;
+/// a port stays after its last backend, as that backend's flows may.
+#[test]
+fn udp_backend_ports_are_marked_and_kept() {
+    let mut f = Fixture::new();
+    let udp_only = std::collections::BTreeSet::from([5353]);
+    assert_eq!(f.dp.backend_ports_in_kernel(), udp_only, "not TCP's 8080");
+    f.set_table(ServiceTable::new());
+    assert_eq!(f.dp.backend_ports_in_kernel(), udp_only, "kept");
+}
+
 /// How a service flow ends before its client reuses the port: closed by
 /// FIN both ways, or abandoned mid-stream (the client vanished).
 const FLOW_ENDINGS: [Option<Tcp>; 2] = [Some(Tcp::Fin), None];

@@ -48,6 +48,13 @@ pub const MAP_SOCK_REVNAT: &str = "PA_SOCK_REVNAT";
 /// keyed like the node-addresses map: traffic to any other address is no
 /// service traffic, and leaves ingress after one lookup.
 pub const MAP_FRONTEND_ADDRS: &str = "PA_FRONTEND_ADDRS";
+/// One bit per port (word `port / 64`, bit `port % 64`, the port in host
+/// order) on which a UDP or SCTP backend has been programmed: only a
+/// packet to such a port can be a client reusing a flow's tuple straight
+/// to its backend, so other non-service traffic skips that lookup.
+pub const MAP_BACKEND_PORTS: &str = "PA_BACKEND_PORTS";
+/// Words of [`MAP_BACKEND_PORTS`].
+pub const BACKEND_PORT_WORDS: u32 = 1_024;
 
 /// Names of the TC programs in the object file.
 pub const PROG_INGRESS: &str = "pa_ingress";

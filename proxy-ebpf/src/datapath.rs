@@ -34,7 +34,8 @@ use proxy_common::{
 
 use crate::maps::{
     PA_AFFINITY, PA_CONNTRACK, PA_SERVICES, PA_SOURCE_RANGES, affinity_backend, affinity_key,
-    config, count, lookup_frontend, may_be_frontend, now, pick_slot, random, snat_addr,
+    config, count, lookup_frontend, may_be_backend_port, may_be_frontend, now, pick_slot, random,
+    snat_addr,
 };
 use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP6_HLEN, v4_addr, v4_raw};
 
@@ -648,7 +649,7 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
 /// packet on the interface the flow came in by counts as the client's.
 #[inline(always)]
 fn forget_flow_on_tuple(ctx: &TcContext, pkt: &Packet) {
-    if pkt.proto == PROTO_TCP {
+    if pkt.proto == PROTO_TCP || !may_be_backend_port(pkt.dport) {
         return;
     }
     let mut key = CtKey {

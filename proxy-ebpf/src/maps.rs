@@ -59,6 +59,21 @@ pub(crate) static PA_SOCK_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 pub(crate) static PA_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(proxy_common::SOCK_REVNAT_MAX_ENTRIES, 0);
 
+/// See `proxy_common::MAP_BACKEND_PORTS`.
+#[map]
+pub(crate) static PA_BACKEND_PORTS: Array<u64> =
+    Array::with_max_entries(proxy_common::BACKEND_PORT_WORDS, 0);
+
+/// Whether a UDP or SCTP backend may listen on `port` (network order).
+#[inline(always)]
+pub(crate) fn may_be_backend_port(port: u16) -> bool {
+    let port = u16::from_be(port);
+    match PA_BACKEND_PORTS.get(u32::from(port >> 6)) {
+        Some(word) => word & (1u64 << (port & 63)) != 0,
+        None => true,
+    }
+}
+
 #[map]
 pub(crate) static PA_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 

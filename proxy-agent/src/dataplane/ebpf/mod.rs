@@ -23,16 +23,17 @@ use aya::{
 };
 use ipnet::IpNet;
 use proxy_common::{
-    Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6,
-    CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_SNAT_IN,
-    CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_CONNTRACK, MAP_FRONTEND_ADDRS, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES,
-    MAP_SOCK_NETNS, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE,
-    MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS,
-    PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_EXTERNAL,
-    SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
-    TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
+    Addr, AffinityKey, AffinityValue, BACKEND_PORT_WORDS, BackendId, BackendValue, CFG_CLUSTER_V4,
+    CFG_CLUSTER_V6, CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, CT_FLAG_SNAT, CT_FORWARD,
+    CT_REPLY, CT_SNAT_IN, CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, MAP_AFFINITY,
+    MAP_BACKEND_PORTS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_FRONTEND_ADDRS, MAP_MEMBERS,
+    MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES, MAP_SOCK_NETNS, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES,
+    MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS,
+    PROG_ICMP_EGRESS, PROG_ICMP_INGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY,
+    SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRangeKey, TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT,
+    stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
@@ -57,7 +58,7 @@ pub fn object() -> &'static [u8] {
 /// Every map is pinned, the program array too: its slots are cleared when
 /// the last user reference to it goes, and the attached programs, which
 /// outlive the agent, need them.
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -71,6 +72,7 @@ const PINNED_MAPS: [&str; 13] = [
     MAP_SOCK_NETNS,
     MAP_SOCK_REVNAT,
     MAP_FRONTEND_ADDRS,
+    MAP_BACKEND_PORTS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +318,10 @@ pub struct EbpfDataplane {
     /// The node addresses written to the node-addresses map.
     node_addresses: BTreeSet<IpAddr>,
     frontend_addrs: BpfHashMap<MapData, NodeAddrKey, u32>,
+    backend_ports: Array<MapData, u64>,
+    /// The words of the backend-port bitmap as written (see
+    /// [`EbpfDataplane::mark_backend_ports`]).
+    backend_port_words: Vec<u64>,
     /// The addresses written to the frontend-address filter (read back from
     /// the kernel only by a reconcile).
     frontend_addresses: BTreeSet<IpAddr>,
@@ -427,13 +433,24 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     Ok(())
 }
 
+/// The backend-port bitmap as the kernel holds it (a word that cannot be
+/// read counts as empty, and is written again when a port of it is set).
+fn words_of(bitmap: &Array<MapData, u64>) -> Vec<u64> {
+    (0..BACKEND_PORT_WORDS)
+        .map(|word| bitmap.get(&word, 0).unwrap_or(0))
+        .collect()
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
     ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
 }
 
 impl EbpfDataplane {
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
+        let backend_ports = Array::try_from(take_map(ebpf, MAP_BACKEND_PORTS)?)?;
         Ok(Self {
+            backend_port_words: words_of(&backend_ports),
+            backend_ports,
             services: BpfHashMap::try_from(take_map(ebpf, MAP_SERVICES)?)?,
             backends: BpfHashMap::try_from(take_map(ebpf, MAP_BACKENDS)?)?,
             conntrack: BpfHashMap::try_from(take_map(ebpf, MAP_CONNTRACK)?)?,
@@ -464,6 +481,20 @@ impl EbpfDataplane {
     /// diagnostics, not the hot path).
     pub fn conntrack_len(&self) -> usize {
         self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// The ports set in the kernel's backend-port bitmap (reads all of it;
+    /// for tests and diagnostics).
+    pub fn backend_ports_in_kernel(&self) -> BTreeSet<u16> {
+        let mut ports = BTreeSet::new();
+        for (word, value) in (0u16..).zip(words_of(&self.backend_ports)) {
+            for bit in 0..64u16 {
+                if value & (1 << bit) != 0 {
+                    ports.insert(word * 64 + bit);
+                }
+            }
+        }
+        ports
     }
 
     /// Number of session-affinity entries (walks the map; for tests).
@@ -656,6 +687,7 @@ impl EbpfDataplane {
         let old = self.programmed.remove(key).unwrap_or_default();
         let svc_ids = self.svc_ids_for(frontend, old.svc_ids)?;
         let (entries, backends) = self.entries_for(key, frontend, &svc_ids, stats)?;
+        self.mark_backend_ports(&backends, stats)?;
         self.write_entries(&old.entries, &entries, stats)?;
         for b in &old.backends {
             self.release(b, stats)?;
@@ -730,6 +762,10 @@ impl EbpfDataplane {
                 }
             }
         }
+        // The bitmap as the kernel has it (an earlier run's bits, or drift),
+        // then the desired ports set in it.
+        self.backend_port_words = words_of(&self.backend_ports);
+        self.mark_backend_ports(wanted.keys(), &mut stats)?;
         let mut used_backend_ids = BTreeSet::new();
         let mut adopted = HashMap::new();
         for b in wanted.keys() {
@@ -805,6 +841,32 @@ impl EbpfDataplane {
         let in_kernel = addresses_in(&self.frontend_addrs);
         self.sync_frontend_addrs(in_kernel, &mut stats)?;
         Ok(stats)
+    }
+
+    /// Sets the bits of the UDP and SCTP ports among `backends` in the
+    /// backend-port bitmap (see [`proxy_common::MAP_BACKEND_PORTS`]). Bits
+    /// are never cleared: flows to a port may outlive its last backend, and
+    /// a stale bit costs the datapath one lookup, nothing else.
+    fn mark_backend_ports<'a>(
+        &mut self,
+        backends: impl IntoIterator<Item = &'a BackendRef>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        for b in backends {
+            if !matches!(b.protocol, Protocol::Udp | Protocol::Sctp) {
+                continue;
+            }
+            let (word, bit) = (b.port >> 6, b.port & 63);
+            let Some(value) = self.backend_port_words.get_mut(usize::from(word)) else {
+                continue;
+            };
+            if *value & (1 << bit) == 0 {
+                *value |= 1 << bit;
+                self.backend_ports.set(u32::from(word), *value, 0)?;
+                stats.map_writes += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Makes the frontend-address filter, which holds `in_kernel`, hold
