@@ -412,16 +412,23 @@ fn node_port_is_served_on_node_addresses_only_and_loopback_only_when_asked() {
 // ---------------------------------------------------------------------------
 // Masquerade.
 
-#[test]
-fn node_port_from_outside_is_masqueraded_both_ways() {
+/// The node network, and one NodePort frontend of `protocol` whose only
+/// backend is `BACKENDS[0]`.
+fn node_port_to_one_backend(protocol: Protocol) -> Fixture {
     let mut f = Fixture::load();
     f.set_network(&node_network());
-    // One backend, so that concurrent flows compete for ports towards it.
-    let backend = BACKENDS[0];
     f.set_table(table([(
-        node_port_key(Protocol::Tcp),
-        frontend(FrontendKind::NodePort, &[ip(backend)]),
+        node_port_key(protocol),
+        frontend(FrontendKind::NodePort, &[ip(BACKENDS[0])]),
     )]));
+    f
+}
+
+#[test]
+fn node_port_from_outside_is_masqueraded_both_ways() {
+    // One backend, so that concurrent flows compete for ports towards it.
+    let f = node_port_to_one_backend(Protocol::Tcp);
+    let backend = BACKENDS[0];
     let client = sa(CLIENT, 40000);
     let node_port = sa(NODE, NODE_PORT);
     let to_backend = sa(backend, TARGET_PORT);
@@ -481,13 +488,8 @@ fn node_port_from_outside_is_masqueraded_both_ways() {
 /// answers: neither masquerade leg of the old flow claims the connection.
 #[test]
 fn a_direct_connection_on_a_masqueraded_flows_tuple_is_left_alone() {
-    let mut f = Fixture::load();
-    f.set_network(&node_network());
+    let f = node_port_to_one_backend(Protocol::Tcp);
     let backend = BACKENDS[0];
-    f.set_table(table([(
-        node_port_key(Protocol::Tcp),
-        frontend(FrontendKind::NodePort, &[ip(backend)]),
-    )]));
     let client = sa(CLIENT, 40010);
     let node_port = sa(NODE, NODE_PORT);
     let to_backend = sa(backend, TARGET_PORT);
@@ -529,13 +531,8 @@ fn a_direct_connection_on_a_masqueraded_flows_tuple_is_left_alone() {
 /// a masqueraded flow makes that flow forgotten, masquerade leg included.
 #[test]
 fn a_direct_udp_flow_on_a_masqueraded_flows_tuple_is_left_alone() {
-    let mut f = Fixture::load();
-    f.set_network(&node_network());
+    let f = node_port_to_one_backend(Protocol::Udp);
     let backend = BACKENDS[0];
-    f.set_table(table([(
-        node_port_key(Protocol::Udp),
-        frontend(FrontendKind::NodePort, &[ip(backend)]),
-    )]));
     let client = sa(CLIENT, 33020);
     let node_port = sa(NODE, NODE_PORT);
     let to_backend = sa(backend, TARGET_PORT);
@@ -1099,13 +1096,8 @@ enum IcmpKind {
 /// stays as the source. What the client gets quotes its own packet.
 #[test]
 fn a_routers_error_about_a_masqueraded_flow_reaches_the_client() {
-    let mut f = Fixture::load();
-    f.set_network(&node_network());
+    let f = node_port_to_one_backend(Protocol::Tcp);
     let backend = BACKENDS[0];
-    f.set_table(table([(
-        node_port_key(Protocol::Tcp),
-        frontend(FrontendKind::NodePort, &[ip(backend)]),
-    )]));
     let client = sa(CLIENT, 40123);
     let node_port = sa(NODE, NODE_PORT);
     let syn = tcp(client, node_port, Tcp::Syn);
@@ -1557,13 +1549,8 @@ fn occupy_every_snat_port(
 /// over (closed, and past the TIME_WAIT hold), a new flow takes a port.
 #[test]
 fn masquerade_ports_of_live_flows_are_never_taken_and_expired_ones_are_reused() {
-    let mut f = Fixture::load();
-    f.set_network(&node_network());
+    let f = node_port_to_one_backend(Protocol::Tcp);
     let backend = BACKENDS[0];
-    f.set_table(table([(
-        node_port_key(Protocol::Tcp),
-        frontend(FrontendKind::NodePort, &[ip(backend)]),
-    )]));
     let to_backend = sa(backend, TARGET_PORT);
     let node_port = sa(NODE, NODE_PORT);
 
