@@ -16,6 +16,8 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use crate::dataplane::Mode;
+
 /// The `apiVersion` we accept.
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 /// The `kind` we accept.
@@ -127,26 +129,6 @@ struct RawProxyAgent {
 
 // ---------------------------------------------------------------------------
 // The validated result.
-
-/// `mode`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum ProxyMode {
-    Ebpf,
-    Nftables,
-    Iptables,
-    Ipvs,
-}
-
-impl ProxyMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ebpf => "ebpf",
-            Self::Nftables => "nftables",
-            Self::Iptables => "iptables",
-            Self::Ipvs => "ipvs",
-        }
-    }
-}
 
 /// `logging.format`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -283,7 +265,7 @@ pub struct ProxyAgent {
 /// A validated config file; `None` means "not set by the file".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileConfig {
-    pub mode: Option<ProxyMode>,
+    pub mode: Option<Mode>,
     pub cluster_cidrs: Option<Vec<IpNet>>,
     pub node_port_addresses: Option<NodePortAddresses>,
     pub sync_period: Option<Duration>,
@@ -332,13 +314,13 @@ impl FileConfig {
     /// `masqueradeAll` for `mode`: the `iptables:` or `nftables:` section
     /// matching the mode (ipvs uses `iptables:`, as in kube-proxy), else
     /// the other one; in ebpf mode, true when either section says true.
-    pub fn masquerade_all(&self, mode: ProxyMode) -> Option<bool> {
+    pub fn masquerade_all(&self, mode: Mode) -> Option<bool> {
         let of = |rules: &Option<Rules>| rules.as_ref().and_then(|r| r.masquerade_all);
         let (iptables, nftables) = (of(&self.iptables), of(&self.nftables));
         match mode {
-            ProxyMode::Iptables | ProxyMode::Ipvs => iptables.or(nftables),
-            ProxyMode::Nftables => nftables.or(iptables),
-            ProxyMode::Ebpf => match (iptables, nftables) {
+            Mode::Iptables | Mode::Ipvs => iptables.or(nftables),
+            Mode::Nftables => nftables.or(iptables),
+            Mode::Ebpf => match (iptables, nftables) {
                 (None, None) => None,
                 (a, b) => Some(a == Some(true) || b == Some(true)),
             },
@@ -444,16 +426,11 @@ impl Validator {
             Some(other) => self.err("kind", format!("must be {KIND:?}, got {other:?}")),
             None => self.err("kind", format!("missing (must be {KIND:?})")),
         }
-        let mode = non_empty(raw.mode).and_then(|m| match m.as_str() {
-            "ebpf" => Some(ProxyMode::Ebpf),
-            "nftables" => Some(ProxyMode::Nftables),
-            "iptables" => Some(ProxyMode::Iptables),
-            "ipvs" => Some(ProxyMode::Ipvs),
-            _ => {
-                self.err(
-                    "mode",
-                    format!("unknown mode {m:?} (ebpf, nftables, iptables, ipvs)"),
-                );
+        let mode = non_empty(raw.mode).and_then(|m| match Mode::from_name(&m) {
+            Some(mode) => Some(mode),
+            None => {
+                let known: Vec<&str> = Mode::ALL.into_iter().map(Mode::name).collect();
+                self.err("mode", format!("unknown mode {m:?} ({})", known.join(", ")));
                 None
             }
         });
@@ -895,7 +872,7 @@ mod tests {
     #[test]
     fn full_example_parses() {
         let c = parse(EXAMPLE).unwrap();
-        assert_eq!(c.mode, Some(ProxyMode::Ebpf));
+        assert_eq!(c.mode, Some(Mode::Ebpf));
         assert_eq!(
             c.cluster_cidrs,
             Some(vec![
@@ -951,7 +928,7 @@ mod tests {
                 "proxyAgent": {"interfaces": ["eth0", "eth1"]}}"#,
         )
         .unwrap();
-        assert_eq!(c.mode, Some(ProxyMode::Nftables));
+        assert_eq!(c.mode, Some(Mode::Nftables));
         assert_eq!(c.sync_period, Some(Duration::from_secs(90)));
         assert_eq!(
             c.proxy_agent.interfaces,
@@ -1171,7 +1148,7 @@ mod tests {
             }),
             ..FileConfig::default()
         };
-        use ProxyMode::*;
+        use Mode::*;
         for (ipt, nft, mode, want) in [
             (None, None, Ebpf, None),
             (Some(false), None, Ebpf, Some(false)),

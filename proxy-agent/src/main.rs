@@ -13,11 +13,10 @@ use ipnet::IpNet;
 use proxy_agent::{
     config::{self, FileConfig},
     dataplane::{
-        Dataplane,
+        Mode, ModeOptions,
         addresses::{self, NodeNetworkSettings},
-        ebpf::{self, EbpfOptions, InterfaceFilter},
-        iptables::{self, IptablesDataplane},
-        nftables::{self, NftablesDataplane},
+        ebpf::{self, InterfaceFilter},
+        mode::{IptablesBackendChoice, Opened, remove_kube_proxy_leftovers},
     },
     model::{HealthCheck, ModelConfig, Rejection, ServiceName},
     serve::{self, Health, Metrics, healthcheck::HealthCheckServers},
@@ -74,25 +73,6 @@ enum Command {
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    /// TC programs (tcx) with maps pinned under --bpf-root.
-    Ebpf,
-    /// nftables rules in the tables `inet proxy-agent-0` to `-7`.
-    Nftables,
-    /// iptables rules (iptables-restore) in kube-proxy's KUBE-* chains.
-    Iptables,
-    /// IPVS virtual servers (not in this build yet).
-    Ipvs,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-enum IptablesBackendArg {
-    Auto,
-    Nft,
-    Legacy,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -126,7 +106,7 @@ struct RunArgs {
     /// node already uses (kubelet's marker chains, else the one with more
     /// rules), as Kubernetes' iptables wrapper decides. Default: auto.
     #[arg(long, value_enum, default_value = "auto")]
-    iptables_backend: IptablesBackendArg,
+    iptables_backend: IptablesBackendChoice,
 
     /// Read Services, EndpointSlices and Nodes from the YAML/JSON files of this
     /// directory and follow its changes (instead of the Kubernetes API).
@@ -236,8 +216,6 @@ fn optional_bind_address(s: &str) -> Result<BindFlag, String> {
 
 const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/proxy-agent";
 const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
-/// kube-proxy's default for its netfilter and IPVS modes.
-const DEFAULT_NETFILTER_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
 const DEFAULT_HEALTHZ: config::BindAddress = config::BindAddress {
     ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
     port: 10256,
@@ -246,40 +224,6 @@ const DEFAULT_METRICS: config::BindAddress = config::BindAddress {
     ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
     port: 10249,
 };
-
-impl Mode {
-    /// The spelling of `--mode`.
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Ebpf => "ebpf",
-            Mode::Nftables => "nftables",
-            Mode::Iptables => "iptables",
-            Mode::Ipvs => "ipvs",
-        }
-    }
-}
-
-impl From<config::ProxyMode> for Mode {
-    fn from(m: config::ProxyMode) -> Self {
-        match m {
-            config::ProxyMode::Ebpf => Mode::Ebpf,
-            config::ProxyMode::Nftables => Mode::Nftables,
-            config::ProxyMode::Iptables => Mode::Iptables,
-            config::ProxyMode::Ipvs => Mode::Ipvs,
-        }
-    }
-}
-
-impl From<Mode> for config::ProxyMode {
-    fn from(m: Mode) -> Self {
-        match m {
-            Mode::Ebpf => config::ProxyMode::Ebpf,
-            Mode::Nftables => config::ProxyMode::Nftables,
-            Mode::Iptables => config::ProxyMode::Iptables,
-            Mode::Ipvs => config::ProxyMode::Ipvs,
-        }
-    }
-}
 
 impl From<config::LogFormat> for LogFormat {
     fn from(f: config::LogFormat) -> Self {
@@ -305,7 +249,7 @@ struct Settings {
     nodeport_addresses: Option<config::NodePortAddresses>,
     masquerade_all: bool,
     cleanup_kube_proxy: bool,
-    iptables_backend: IptablesBackendArg,
+    iptables_backend: IptablesBackendChoice,
     bpf_root: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
@@ -322,10 +266,10 @@ struct Settings {
 impl Settings {
     fn resolve(args: RunArgs, file: Option<FileConfig>) -> Self {
         let f = file.clone().unwrap_or_default();
-        let mode = args.mode.or(f.mode.map(Mode::from)).unwrap_or(Mode::Ebpf);
+        let mode = args.mode.or(f.mode).unwrap_or(Mode::Ebpf);
         let masquerade_all = args
             .masquerade_all
-            .or_else(|| f.masquerade_all(mode.into()))
+            .or_else(|| f.masquerade_all(mode))
             .unwrap_or(false);
         let pa = f.proxy_agent;
         // A kubeconfig or master given as a flag means "use the API", even
@@ -366,10 +310,7 @@ impl Settings {
             min_sync_period: args
                 .min_sync_period
                 .or(f.min_sync_period)
-                .unwrap_or(match mode {
-                    Mode::Ebpf => Duration::ZERO,
-                    _ => DEFAULT_NETFILTER_MIN_SYNC_PERIOD,
-                }),
+                .unwrap_or(mode.default_min_sync_period()),
             healthz_bind_address: args
                 .healthz_bind_address
                 .map(|flag| flag.0)
@@ -453,14 +394,17 @@ fn validate(args: &Settings) -> Result<()> {
     if v4 > 1 || v6 > 1 {
         bail!("--cluster-cidr: at most one CIDR per IP family, got {v4} IPv4 and {v6} IPv6");
     }
-    if args.mode == Mode::Ipvs {
-        let name = args
-            .mode
-            .to_possible_value()
-            .map_or_else(String::new, |v| v.get_name().to_string());
+    if !args.mode.implemented() {
+        let implemented: Vec<&str> = Mode::ALL
+            .into_iter()
+            .filter(|m| m.implemented())
+            .map(Mode::name)
+            .collect();
         bail!(
-            "{}={name}: this build implements modes ebpf, nftables and iptables only so far",
-            args.origin(args.mode_from_file, "--mode", "mode")
+            "{}={}: this build implements modes {} only so far",
+            args.origin(args.mode_from_file, "--mode", "mode"),
+            args.mode,
+            implemented.join(", ")
         );
     }
     if let Some(dir) = &args.manifests
@@ -497,49 +441,42 @@ async fn run(args: Settings) -> Result<()> {
 
     // What other modes left behind goes first: two dataplanes translating
     // the same packets would fight.
-    let iptables_backend = (args.mode == Mode::Iptables).then(|| match args.iptables_backend {
-        IptablesBackendArg::Auto => iptables::IptablesBackend::detect(),
-        IptablesBackendArg::Nft => iptables::IptablesBackend::Nft,
-        IptablesBackendArg::Legacy => iptables::IptablesBackend::Legacy,
-    });
-    remove_other_modes(args.mode, iptables_backend, &args.bpf_root);
+    let options = ModeOptions {
+        bpf_root: args.bpf_root.clone(),
+        interfaces: InterfaceFilter {
+            include: args.interfaces.clone(),
+            exclude: args.exclude_interfaces.clone(),
+        },
+        cgroup: args.cgroup_root.clone(),
+        iptables_backend: args.iptables_backend,
+    };
+    args.mode.remove_other_modes(&options);
     if args.cleanup_kube_proxy {
         remove_kube_proxy_leftovers();
     }
+    if args.mode == Mode::Ebpf && options.cgroup.is_none() {
+        tracing::warn!(
+            "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
+        );
+    }
+    let Opened {
+        mut dataplane,
+        attacher,
+    } = args
+        .mode
+        .open(&options)
+        .with_context(|| format!("opening the {} dataplane", args.mode))?;
     let mut links = None;
     let mut links_attached = None;
-    let mut dataplane: Box<dyn Dataplane> = match args.mode {
-        Mode::Ebpf => {
-            let opts = EbpfOptions {
-                bpf_root: args.bpf_root.clone(),
-                interfaces: InterfaceFilter {
-                    include: args.interfaces.clone(),
-                    exclude: args.exclude_interfaces.clone(),
-                },
-                cgroup: args.cgroup_root.clone(),
-            };
-            if opts.cgroup.is_none() {
-                tracing::warn!(
-                    "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
-                );
-            }
-            let (dataplane, attacher) = ebpf::load(&opts).context("loading the eBPF dataplane")?;
-            let attacher = Arc::new(Mutex::new(attacher));
-            let (links_attached_tx, attached) = tokio::sync::oneshot::channel();
-            links = Some(tokio::spawn(ebpf::follow_links(
-                attacher,
-                links_attached_tx,
-            )));
-            links_attached = Some(attached);
-            Box::new(dataplane)
-        }
-        Mode::Iptables => {
-            let backend = iptables_backend.unwrap_or_default();
-            tracing::info!(backend = backend.name(), "iptables backend");
-            Box::new(IptablesDataplane::new(backend))
-        }
-        _ => Box::new(NftablesDataplane::new()),
-    };
+    if let Some(attacher) = attacher {
+        let attacher = Arc::new(Mutex::new(attacher));
+        let (links_attached_tx, attached) = tokio::sync::oneshot::channel();
+        links = Some(tokio::spawn(ebpf::follow_links(
+            attacher,
+            links_attached_tx,
+        )));
+        links_attached = Some(attached);
+    }
     let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
     let node_addresses = tokio::spawn(addresses::follow_addresses(addresses_tx));
 
@@ -774,80 +711,31 @@ impl SyncObserver for AgentObserver {
     }
 }
 
+/// `proxy-agent cleanup`: every mode's state, whichever mode ran. Each
+/// mode is tried even when another fails; the first failure is returned.
 fn cleanup(args: CleanupArgs) -> Result<()> {
-    let report = ebpf::cleanup(&args.bpf_root)
-        .with_context(|| format!("cleaning up {}", args.bpf_root.display()))?;
-    let table = nftables::cleanup().context("deleting the nftables table")?;
-    let chains = iptables::cleanup().context("removing the iptables chains")?;
-    tracing::info!(
-        links = report.links,
-        maps = report.maps,
-        unmounted = report.unmounted,
-        bpf_root = %args.bpf_root.display(),
-        nftables_table = table,
-        iptables_chains = chains,
-        "cleanup done"
-    );
-    Ok(())
-}
-
-/// `--cleanup-kube-proxy`: kube-proxy's nftables tables and iptables chains.
-/// Failures are logged, as for the other modes' leftovers.
-fn remove_kube_proxy_leftovers() {
-    match nftables::cleanup_kube_proxy() {
-        Ok(0) => {}
-        Ok(tables) => tracing::info!(tables, "removed kube-proxy's nftables tables"),
-        Err(e) => tracing::warn!(error = %e, "removing kube-proxy's nftables tables"),
-    }
-    match iptables::cleanup_kube_proxy() {
-        Ok(true) => tracing::info!("removed kube-proxy's KUBE-* iptables chains"),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(error = %e, "removing kube-proxy's iptables chains"),
-    }
-}
-
-/// Removes what the modes other than `mode` program (in the iptables mode,
-/// what it programmed through the other iptables backend). Failures are
-/// logged: a mode that was never used has nothing to remove, and a leftover
-/// that cannot be removed is reported but does not stop this mode.
-fn remove_other_modes(
-    mode: Mode,
-    iptables_backend: Option<iptables::IptablesBackend>,
-    bpf_root: &Path,
-) {
-    if mode != Mode::Ebpf {
-        match ebpf::cleanup(bpf_root) {
-            Ok(report) if report.links + report.maps > 0 => tracing::info!(
-                links = report.links,
-                maps = report.maps,
-                "removed what the ebpf mode left behind"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "removing the ebpf mode's leftovers"),
-        }
-    }
-    if mode != Mode::Nftables {
-        match nftables::cleanup() {
-            Ok(true) => {
-                tracing::info!(table = nftables::TABLE, "removed the nftables mode's table")
+    let options = ModeOptions {
+        bpf_root: args.bpf_root.clone(),
+        ..ModeOptions::default()
+    };
+    let mut failed = None;
+    for mode in Mode::ALL {
+        match mode.remove_leftovers(&options) {
+            Ok(objects) => tracing::info!(mode = mode.name(), objects, "cleaned up"),
+            Err(e) => {
+                tracing::error!(mode = mode.name(), error = %e, "cleaning up");
+                failed.get_or_insert(
+                    anyhow::Error::new(e).context(format!("cleaning up the {mode} mode")),
+                );
             }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "removing the nftables mode's table"),
         }
     }
-    // The iptables mode's chains are kube-proxy's: this also removes what a
-    // kube-proxy in iptables mode left.
-    let backends: Vec<iptables::IptablesBackend> = iptables::IptablesBackend::ALL
-        .into_iter()
-        .filter(|b| Some(*b) != iptables_backend)
-        .collect();
-    match iptables::cleanup_backends(&backends) {
-        Ok(true) => tracing::info!(
-            backends = ?backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
-            "removed the iptables mode's (or kube-proxy's) KUBE-* chains"
-        ),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(error = %e, "removing the iptables mode's chains"),
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!(bpf_root = %args.bpf_root.display(), "cleanup done");
+            Ok(())
+        }
     }
 }
 

@@ -1,18 +1,14 @@
 //! Dataplanes: one trait, one module per kernel interface. Each applies the
 //! difference between what it has programmed and what the model desires.
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
-
-use ipnet::IpNet;
-
+pub use crate::model::NodeNetwork;
+pub use mode::{Mode, ModeOptions};
 use crate::model::{ServiceTable, TableDiff};
 
 pub mod addresses;
 pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
+pub mod mode;
 pub mod netfilter;
 pub mod nftables;
 
@@ -26,24 +22,6 @@ pub struct ApplyStats {
     pub map_deletes: usize,
     /// Connection-tracking entries deleted (UDP flows to removed backends).
     pub conntrack_deletes: usize,
-}
-
-/// What a dataplane needs to know about the node itself, beyond the service
-/// table: where NodePorts are served, which address masqueraded traffic
-/// takes, and which sources count as inside the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeNetwork {
-    /// The node's addresses NodePorts are served on (after
-    /// `--nodeport-addresses`; loopback only when explicitly asked for).
-    pub nodeport_addresses: BTreeSet<IpAddr>,
-    /// The source address of masqueraded traffic, per family (the node's
-    /// primary address); `None` when the node has none of that family.
-    pub snat_v4: Option<Ipv4Addr>,
-    pub snat_v6: Option<Ipv6Addr>,
-    /// `--cluster-cidr`: at most one per family. Sources inside are pods.
-    pub cluster_cidrs: Vec<IpNet>,
-    /// `--masquerade-all`: masquerade every service connection.
-    pub masquerade_all: bool,
 }
 
 /// A kernel dataplane.
@@ -73,6 +51,8 @@ pub enum DataplaneError {
     Nftables(#[from] nftables::NftablesError),
     #[error("iptables: {0}")]
     Iptables(#[from] iptables::IptablesError),
+    #[error("mode {0} is not in this build")]
+    NotInThisBuild(&'static str),
 }
 
 /// Test support: runs `test` on a fresh thread moved into a network

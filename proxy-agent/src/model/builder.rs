@@ -1627,6 +1627,44 @@ mod tests {
         assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
     }
 
+    /// Objects the API server accepted before it tightened validation
+    /// spell IPv4 octets with leading zeros; kube-proxy reads them as the
+    /// plain (decimal) address, everywhere an address or range is given.
+    #[test]
+    fn ipv4_with_leading_zeros_is_read_as_the_plain_address() {
+        let mut svc = typed_service("ns", "web", "LoadBalancer", "172.30.0.041", 80, 30080);
+        spec_mut(&mut svc).cluster_ips = Some(vec!["172.30.0.041".into()]);
+        spec_mut(&mut svc).external_ips = Some(vec!["192.0.002.1".into()]);
+        spec_mut(&mut svc).load_balancer_source_ranges = Some(vec!["203.0.113.000/24".into()]);
+        set_ingress(&mut svc, vec![lb_ingress("192.0.2.010", "", "")]);
+        let endpoints = [endpoint("10.001.0.1")];
+        let slices = vec![slice(
+            "ns",
+            "web-1",
+            "web",
+            "IPv4",
+            &[slice_port("", 8080, "TCP")],
+            &endpoints,
+        )];
+        let output = build(vec![svc], slices);
+        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
+        assert_eq!(
+            keys(&output),
+            vec![
+                key("0.0.0.0", 30080),
+                key("172.30.0.41", 80),
+                key("192.0.2.1", 80),
+                key("192.0.2.10", 80),
+            ]
+        );
+        let lb = frontend_at(&output, key("192.0.2.10", 80));
+        assert_eq!(lb.backends, vec![backend("10.1.0.1", 8080)]);
+        assert_eq!(
+            lb.policy.source_ranges,
+            vec!["203.0.113.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+    }
+
     #[test]
     fn source_ranges_apply_to_load_balancer_frontends_only() {
         let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);

@@ -4,7 +4,10 @@
 //! CONTRACT (used by the source and dataplane layers; keep these names):
 //! - [`ClusterState`] is the input (what a source produces).
 //! - [`build_table`] turns it into a [`ServiceTable`] plus [`Rejection`]s.
-//! - [`ServiceTable::diff`] yields the [`TableDiff`] a dataplane applies.
+//! - [`ServiceTable::diff`] yields the [`TableDiff`] a dataplane applies;
+//!   [`TableDiff::stale_udp_flows`] names the flows every mode forgets.
+//! - [`plan::plan`] decides, once for every mode, how a frontend treats
+//!   its clients under the node's [`NodeNetwork`].
 //! - [`validate_service`], [`validate_endpoint_slice`] and [`validate_node`]
 //!   let a source decide whether an object is broken; [`build_table`] runs the
 //!   same checks, so the two never disagree.
@@ -15,6 +18,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
 mod builder;
+pub mod plan;
 mod table;
 mod validate;
 
@@ -24,6 +28,7 @@ mod proptests;
 pub(crate) mod test_support;
 
 pub use builder::{BuildOutput, HealthCheck, build_table};
+pub use plan::NodeNetwork;
 pub use validate::{validate_endpoint_slice, validate_node, validate_service};
 
 /// Everything the model needs to know about the cluster, as a source sees it.

@@ -1,7 +1,7 @@
 //! Operations on [`ServiceTable`] and its [`TableDiff`]s.
 use std::collections::BTreeSet;
 
-use super::{Backend, Frontend, FrontendChange, FrontendKey, ServiceTable, TableDiff};
+use super::{Backend, Frontend, FrontendChange, FrontendKey, Protocol, ServiceTable, TableDiff};
 
 impl ServiceTable {
     pub fn new() -> ServiceTable {
@@ -75,6 +75,37 @@ impl TableDiff {
     /// True when applying the diff would change nothing.
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+
+    /// The UDP (frontend, backend) pairs the diff takes away, sorted: a
+    /// frontend removed, or a backend in neither view of its frontend any
+    /// more. Every mode forgets their flows, or a client that keeps
+    /// sending from one socket stays on a backend that no longer exists
+    /// (kube-proxy's conntrack cleanup). A change of source ranges forgets
+    /// nothing: as in kube-proxy, whose firewall checks only new
+    /// connections, ranges decide who may start a flow, not who may keep
+    /// one. A NodePort's address is unspecified (any node address).
+    pub fn stale_udp_flows(&self) -> Vec<(FrontendKey, Backend)> {
+        let udp = |key: &FrontendKey| key.protocol == Protocol::Udp;
+        let mut stale: Vec<(FrontendKey, Backend)> = Vec::new();
+        for (key, old) in self.removed.iter().filter(|(key, _)| udp(key)) {
+            stale.extend(old.all_backends().map(|b| (*key, *b)));
+        }
+        for change in self.changed.iter().filter(|c| udp(&c.key)) {
+            let kept: BTreeSet<&Backend> = change.new.all_backends().collect();
+            let gone = change.old.all_backends().filter(|b| !kept.contains(b));
+            stale.extend(gone.map(|b| (change.key, *b)));
+        }
+        stale.sort_unstable();
+        stale.dedup();
+        stale
+    }
+}
+
+impl Frontend {
+    /// The backends of both views (possibly with duplicates).
+    pub fn all_backends(&self) -> impl Iterator<Item = &Backend> {
+        self.backends.iter().chain(&self.cluster_backends)
     }
 }
 
@@ -273,5 +304,73 @@ mod tests {
         assert!(!diff.is_empty());
         assert_eq!(apply(&old, &diff), new);
         assert!(new.diff(&apply(&old, &diff)).is_empty());
+    }
+
+    /// Rows: (what happens, old frontend, new frontend or None for
+    /// removed, the backends whose flows go).
+    #[test]
+    fn stale_udp_flows_are_the_backends_that_left_both_views() {
+        use super::super::test_support::key_proto;
+        let dns = |backends: &[Backend]| frontend("ns", "dns", backends);
+        let b1 = backend("10.1.0.1", 53);
+        let b2 = backend("10.1.0.2", 53);
+        let local = |backends: &[Backend], all: &[Backend]| {
+            let mut f = dns(backends);
+            f.policy.local_only = true;
+            f.cluster_backends = all.to_vec();
+            f
+        };
+        let narrowed = {
+            let mut f = dns(&[b1, b2]);
+            f.policy.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+            f
+        };
+        let rows: Vec<(&str, Frontend, Option<Frontend>, Vec<Backend>)> = vec![
+            (
+                "one backend leaves",
+                dns(&[b1, b2]),
+                Some(dns(&[b2])),
+                vec![b1],
+            ),
+            ("the frontend goes", dns(&[b1, b2]), None, vec![b1, b2]),
+            ("nothing leaves", dns(&[b1]), Some(dns(&[b1, b2])), vec![]),
+            ("ranges narrow", dns(&[b1, b2]), Some(narrowed), vec![]),
+            (
+                "a local backend stays cluster-wide",
+                local(&[b1], &[b1, b2]),
+                Some(local(&[], &[b1, b2])),
+                vec![],
+            ),
+            (
+                "it leaves both views",
+                local(&[b1], &[b1, b2]),
+                Some(local(&[], &[b2])),
+                vec![b1],
+            ),
+        ];
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            let k = key_proto("10.96.0.10", 53, protocol);
+            for (what, old, new, gone) in &rows {
+                let diff = match new {
+                    Some(new) => TableDiff {
+                        changed: vec![FrontendChange {
+                            key: k,
+                            old: old.clone(),
+                            new: new.clone(),
+                        }],
+                        ..TableDiff::default()
+                    },
+                    None => TableDiff {
+                        removed: vec![(k, old.clone())],
+                        ..TableDiff::default()
+                    },
+                };
+                let expected: Vec<(FrontendKey, Backend)> = match protocol {
+                    Protocol::Udp => gone.iter().map(|b| (k, *b)).collect(),
+                    _ => Vec::new(),
+                };
+                assert_eq!(diff.stale_udp_flows(), expected, "{protocol}: {what}");
+            }
+        }
     }
 }

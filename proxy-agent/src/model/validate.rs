@@ -455,9 +455,9 @@ fn check_source_ranges(spec: &ServiceSpec, reasons: &mut Vec<String>) -> Option<
         .unwrap_or_default();
     let mut ranges = Vec::new();
     for (i, raw) in raw_ranges.iter().enumerate() {
-        match raw.trim().parse::<IpNet>() {
-            Ok(range) => ranges.push(range.trunc()),
-            Err(_) => reasons.push(format!(
+        match parse_cidr(raw.trim()) {
+            Some(range) => ranges.push(range.trunc()),
+            None => reasons.push(format!(
                 "spec.loadBalancerSourceRanges[{i}]: {raw:?} is not a CIDR"
             )),
         }
@@ -874,6 +874,24 @@ pub(super) fn parse_ip(raw: &str) -> Option<IpAddr> {
     Some(IpAddr::V4(Ipv4Addr::from(octets)))
 }
 
+/// Parses a CIDR the way kube-proxy does (Go's `ParseCIDRSloppy`): the
+/// address as [`parse_ip`] reads it, then `/` and a prefix length of its
+/// family. An IPv4-mapped IPv6 prefix stays IPv6, as in Go.
+pub(super) fn parse_cidr(raw: &str) -> Option<IpNet> {
+    if let Ok(net) = raw.parse::<IpNet>() {
+        return Some(net);
+    }
+    let (addr, len) = raw.split_once('/')?;
+    if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let len: u8 = len.parse().ok()?;
+    match parse_ip(addr)? {
+        IpAddr::V4(v4) => ipnet::Ipv4Net::new(v4, len).ok().map(IpNet::V4),
+        IpAddr::V6(_) => None,
+    }
+}
+
 fn parse_port(number: i32) -> Option<u16> {
     u16::try_from(number).ok().filter(|port| *port != 0)
 }
@@ -1071,6 +1089,25 @@ mod tests {
             " 10.0.0.1",
         ] {
             assert_eq!(parse_ip(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn parse_cidr_accepts_leading_zeros_as_kube_proxy_does() {
+        let rows = [
+            ("10.0.0.0/8", Some("10.0.0.0/8")),
+            ("010.000.0.0/16", Some("10.0.0.0/16")),
+            ("203.0.113.07/32", Some("203.0.113.7/32")),
+            ("fd00::/64", Some("fd00::/64")),
+            ("010.0.0.0/33", None),
+            ("010.0.0.0/", None),
+            ("010.0.0.0/+8", None),
+            ("010.0.0.0", None),
+            ("not-a-cidr", None),
+        ];
+        for (raw, expected) in rows {
+            let expected: Option<IpNet> = expected.map(|e| e.parse().unwrap());
+            assert_eq!(parse_cidr(raw), expected, "{raw:?}");
         }
     }
 

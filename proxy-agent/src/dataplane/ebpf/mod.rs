@@ -1130,35 +1130,17 @@ fn node_addr_key(ip: IpAddr) -> NodeAddrKey {
     }
 }
 
-/// (VIP, port, backend, backend port), ports in network byte order, of every
-/// UDP backend that `diff` takes away from a frontend.
+/// (VIP, port, backend, backend port), ports in network byte order, of the
+/// UDP flows `diff` makes stale ([`TableDiff::stale_udp_flows`]).
 fn stale_udp_flows(diff: &TableDiff) -> HashSet<(Addr, u16, Addr, u16)> {
-    let mut stale = HashSet::new();
-    let mut add = |key: &FrontendKey, backends: &mut dyn Iterator<Item = &Backend>| {
-        if key.protocol != Protocol::Udp {
-            return;
-        }
-        let (vip, _) = addr_of(key.ip);
-        for b in backends {
+    diff.stale_udp_flows()
+        .into_iter()
+        .map(|(key, b)| {
+            let (vip, _) = addr_of(key.ip);
             let (addr, _) = addr_of(b.ip);
-            stale.insert((vip, key.port.to_be(), addr, b.port.to_be()));
-        }
-    };
-    for (key, old) in &diff.removed {
-        add(key, &mut old.backends.iter().chain(&old.cluster_backends));
-    }
-    for change in &diff.changed {
-        let gone = |old: &[Backend], new: &[Backend]| -> Vec<Backend> {
-            old.iter().filter(|b| !new.contains(b)).copied().collect()
-        };
-        let mut removed = gone(&change.old.backends, &change.new.backends);
-        removed.extend(gone(
-            &change.old.cluster_backends,
-            &change.new.cluster_backends,
-        ));
-        add(&change.key, &mut removed.iter());
-    }
-    stale
+            (vip, key.port.to_be(), addr, b.port.to_be())
+        })
+        .collect()
 }
 
 fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(

@@ -1,0 +1,223 @@
+//! The dataplane modes: the one type that the CLI, the config file, the
+//! sync loop, `cleanup`, the tests and the benchmarks name a mode by. Each
+//! mode is one module behind [`Mode::open`] and [`Mode::remove_leftovers`];
+//! adding one is a module, a variant here, and a line in the suite's list.
+use std::path::PathBuf;
+
+use super::{
+    Dataplane, DataplaneError,
+    ebpf::{self, EbpfOptions, InterfaceFilter, attach::Attacher},
+    iptables::{self, IptablesBackend, IptablesDataplane},
+    nftables::{self, NftablesDataplane},
+};
+
+/// A dataplane mode (`--mode`, the config file's `mode`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Mode {
+    /// TC programs (tcx) and cgroup socket hooks, maps pinned under --bpf-root.
+    Ebpf,
+    /// nftables rules in the tables `inet proxy-agent-0` to `-7`.
+    Nftables,
+    /// iptables rules (iptables-restore) in kube-proxy's KUBE-* chains.
+    Iptables,
+    /// IPVS virtual servers (not in this build yet).
+    Ipvs,
+}
+
+impl Mode {
+    /// Every mode, in the order cleanup visits them.
+    pub const ALL: [Mode; 4] = [Mode::Ebpf, Mode::Nftables, Mode::Iptables, Mode::Ipvs];
+
+    /// The spelling of `--mode` and of the config file's `mode`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Nftables => "nftables",
+            Mode::Iptables => "iptables",
+            Mode::Ipvs => "ipvs",
+        }
+    }
+
+    /// The mode spelled `name`, as `--mode` and the config file take it.
+    pub fn from_name(name: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// Whether this build can run the mode.
+    pub fn implemented(self) -> bool {
+        self != Mode::Ipvs
+    }
+
+    /// kube-proxy's default `minSyncPeriod` for its rule-writing modes (1 s)
+    /// holds for ours too; map writes cost too little to batch them.
+    pub fn default_min_sync_period(self) -> std::time::Duration {
+        match self {
+            Mode::Ebpf => std::time::Duration::ZERO,
+            _ => std::time::Duration::from_secs(1),
+        }
+    }
+
+    /// Opens the mode's dataplane. A mode first removes what it left
+    /// through another interface of its own (the iptables mode, through
+    /// the other iptables backend).
+    pub fn open(self, options: &ModeOptions) -> Result<Opened, DataplaneError> {
+        match self {
+            Mode::Ebpf => {
+                let (dataplane, attacher) = ebpf::load(&options.ebpf())?;
+                Ok(Opened {
+                    dataplane: Box::new(dataplane),
+                    attacher: Some(attacher),
+                })
+            }
+            Mode::Nftables => Ok(Opened::of(NftablesDataplane::new())),
+            Mode::Iptables => {
+                let backend = options.iptables_backend.resolve();
+                tracing::info!(backend = backend.name(), "iptables backend");
+                let others: Vec<IptablesBackend> = IptablesBackend::ALL
+                    .into_iter()
+                    .filter(|b| *b != backend)
+                    .collect();
+                log_removed(self, iptables::cleanup_backends(&others).map(usize::from));
+                Ok(Opened::of(IptablesDataplane::new(backend)))
+            }
+            Mode::Ipvs => Err(DataplaneError::NotInThisBuild(self.name())),
+        }
+    }
+
+    /// Removes everything the mode programs, wherever it is (the iptables
+    /// mode: through both backends; its chains are also a kube-proxy's).
+    /// Returns how many objects (links, pinned maps, tables, chain sets)
+    /// were removed; 0 when the mode left nothing.
+    pub fn remove_leftovers(self, options: &ModeOptions) -> Result<usize, DataplaneError> {
+        match self {
+            Mode::Ebpf => {
+                let report = ebpf::cleanup(&options.bpf_root)?;
+                Ok(report.links + report.maps)
+            }
+            Mode::Nftables => Ok(usize::from(nftables::cleanup()?)),
+            Mode::Iptables => Ok(usize::from(iptables::cleanup_backends(
+                &IptablesBackend::ALL,
+            )?)),
+            Mode::Ipvs => Ok(0),
+        }
+    }
+
+    /// Removes what every mode but this one left: two dataplanes
+    /// translating the same packets would fight. Failures are logged: a
+    /// leftover that cannot be removed does not stop this mode.
+    pub fn remove_other_modes(self, options: &ModeOptions) {
+        for other in Mode::ALL.into_iter().filter(|m| *m != self) {
+            log_removed(other, other.remove_leftovers(options));
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn log_removed<E: std::fmt::Display>(mode: Mode, removed: Result<usize, E>) {
+    match removed {
+        Ok(0) => {}
+        Ok(objects) => tracing::info!(mode = mode.name(), objects, "removed what the mode left"),
+        Err(e) => tracing::warn!(mode = mode.name(), error = %e, "removing what the mode left"),
+    }
+}
+
+/// The iptables interface the iptables mode writes through.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IptablesBackendChoice {
+    /// The one the node already uses (kubelet's marker chains, else the
+    /// one with more rules), as Kubernetes' iptables wrapper decides.
+    #[default]
+    Auto,
+    /// iptables-nft.
+    Nft,
+    /// iptables-legacy.
+    Legacy,
+}
+
+impl IptablesBackendChoice {
+    pub fn resolve(self) -> IptablesBackend {
+        match self {
+            IptablesBackendChoice::Auto => IptablesBackend::detect(),
+            IptablesBackendChoice::Nft => IptablesBackend::Nft,
+            IptablesBackendChoice::Legacy => IptablesBackend::Legacy,
+        }
+    }
+}
+
+/// What opening or cleaning up a mode needs, whichever the mode.
+#[derive(Clone, Debug, Default)]
+pub struct ModeOptions {
+    /// Where the ebpf mode pins its maps and links.
+    pub bpf_root: PathBuf,
+    /// The interfaces the ebpf mode attaches to.
+    pub interfaces: InterfaceFilter,
+    /// The cgroup v2 directory of the ebpf mode's socket hooks.
+    pub cgroup: Option<PathBuf>,
+    pub iptables_backend: IptablesBackendChoice,
+}
+
+impl ModeOptions {
+    fn ebpf(&self) -> EbpfOptions {
+        EbpfOptions {
+            bpf_root: self.bpf_root.clone(),
+            interfaces: self.interfaces.clone(),
+            cgroup: self.cgroup.clone(),
+        }
+    }
+}
+
+/// An opened mode: its dataplane and, for the ebpf mode, what attaches its
+/// programs to the node's interfaces as they come and go.
+pub struct Opened {
+    pub dataplane: Box<dyn Dataplane>,
+    pub attacher: Option<Attacher>,
+}
+
+impl Opened {
+    fn of(dataplane: impl Dataplane + 'static) -> Opened {
+        Opened {
+            dataplane: Box::new(dataplane),
+            attacher: None,
+        }
+    }
+}
+
+/// `--cleanup-kube-proxy`: kube-proxy's nftables tables and its KUBE-*
+/// iptables chains (the iptables mode's chains are named as kube-proxy's).
+/// Failures are logged, as for the other modes' leftovers.
+pub fn remove_kube_proxy_leftovers() {
+    match nftables::cleanup_kube_proxy() {
+        Ok(0) => {}
+        Ok(tables) => tracing::info!(tables, "removed kube-proxy's nftables tables"),
+        Err(e) => tracing::warn!(error = %e, "removing kube-proxy's nftables tables"),
+    }
+    match iptables::cleanup_kube_proxy() {
+        Ok(true) => tracing::info!("removed kube-proxy's KUBE-* iptables chains"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "removing kube-proxy's iptables chains"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_only_ipvs_is_missing() {
+        for mode in Mode::ALL {
+            assert_eq!(Mode::from_name(mode.name()), Some(mode));
+            assert_eq!(mode.to_string(), mode.name());
+            assert_eq!(mode.implemented(), mode != Mode::Ipvs);
+        }
+        assert_eq!(Mode::from_name("userspace"), None);
+        assert!(matches!(
+            Mode::Ipvs.open(&ModeOptions::default()),
+            Err(DataplaneError::NotInThisBuild("ipvs"))
+        ));
+    }
+}
