@@ -5,23 +5,25 @@
 //! `min_sync_period` spaces applies out, so a burst of updates becomes one
 //! apply of the combined difference.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 use tokio::{
     sync::watch,
     time::{Instant, sleep_until},
 };
 
+mod changes;
+mod schedule;
+
+use changes::{TriggerTimes, Versions};
+use schedule::{Due, Schedule};
+
 use crate::{
     dataplane::{
-        ApplyStats, Dataplane, NodeNetwork,
+        ApplyStats, Dataplane, DataplaneError, NodeNetwork,
         addresses::{InterfaceAddress, NodeNetworkSettings, node_network},
     },
     model::{
@@ -119,46 +121,25 @@ pub async fn run(
     opts: &SyncOptions,
     observer: &dyn SyncObserver,
 ) {
-    // What the dataplane was last given successfully.
-    let mut node_net: Option<NodeNetwork> = None;
+    let mut schedule = Schedule::new(opts, Instant::now());
+    let mut syncer = Syncer::new(dataplane, cfg, network, observer);
     let mut addresses_open = true;
-    // None: the next sync must be a full reconcile (first one, or after a
-    // failure left the kernel in an unknown state).
-    let mut programmed: Option<ServiceTable> = None;
-    let mut reported: BTreeSet<Rejection> = BTreeSet::new();
-    let mut versions = Versions::default();
-    let mut triggers = TriggerTimes::new(SystemTime::now());
-    let mut backoff = opts.retry_backoff;
-    let mut next_full = Instant::now() + opts.sync_period;
-    let mut retry_at: Option<Instant> = None;
-    // When a received change may be applied (min_sync_period after the last
-    // apply); None when nothing waits.
-    let mut pending_at: Option<Instant> = None;
-    let mut last_apply: Option<Instant> = None;
     let mut closed = false;
     loop {
-        let deadline = [Some(next_full), retry_at, pending_at]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(next_full);
         tokio::select! {
             changed = rx.changed(), if !closed => {
                 if changed.is_err() {
                     tracing::info!("source closed; sync loop ends");
                     closed = true;
-                    if pending_at.is_none() {
+                    if !schedule.waiting() {
                         return;
                     }
                     continue;
                 }
                 if let Some(state) = rx.borrow().as_ref() {
-                    observer.queued(versions.update(state));
+                    observer.queued(syncer.versions.update(state));
                 }
-                if pending_at.is_none() {
-                    let earliest = last_apply.map_or_else(Instant::now, |t| t + opts.min_sync_period);
-                    pending_at = Some(earliest.max(Instant::now()));
-                }
+                schedule.changed(Instant::now());
                 continue;
             }
             changed = addresses.changed(), if addresses_open => {
@@ -172,115 +153,181 @@ pub async fn run(
                 let state = rx.borrow().clone();
                 if let Some(state) = state {
                     let list = addresses.borrow_and_update().clone();
-                    update_node_network(dataplane, &mut node_net, &list, &state, cfg, network);
+                    syncer.update_node_network(&list, &state);
                 }
                 continue;
             }
-            () = sleep_until(deadline) => {}
+            () = sleep_until(schedule.deadline()) => {}
         }
         let now = Instant::now();
-        let full = next_full <= now || retry_at.is_some_and(|r| r <= now);
-        if !full && pending_at.is_none_or(|p| p > now) {
+        let due = schedule.due(now);
+        if due == Due::Nothing {
             continue;
         }
-        pending_at = None;
         let Some(state) = rx.borrow_and_update().clone() else {
             // The source has not completed its first read: program nothing.
-            if full {
-                next_full = now + opts.sync_period;
-                retry_at = None;
+            if due == Due::Full {
+                schedule.skipped(now, due);
             }
             continue;
         };
-        // The node's network first: NodePorts of the table are served on
-        // the addresses it names. Also retries a failed earlier attempt.
         let list = addresses.borrow_and_update().clone();
-        update_node_network(dataplane, &mut node_net, &list, &state, cfg, network);
-        let building = std::time::Instant::now();
-        observer.node_eligible(node_eligible(&state, &cfg.node_name));
-        let output = build_table(&state, cfg);
-        report_rejections(&output.rejections, &mut reported, observer);
-        observer.health_checks(&output.health_check_node_ports);
-        let desired = output.table;
-        let build_us = building.elapsed().as_micros() as u64;
-        let started = std::time::Instant::now();
-        let result = match (&programmed, full) {
-            (Some(current), false) => {
-                let diff = current.diff(&desired);
-                if diff.is_empty() {
-                    retry_at = None;
-                    observer.synced(&SyncReport {
-                        full: false,
-                        applied: false,
-                        elapsed: started.elapsed(),
-                        frontends: desired.len(),
-                        backends: desired.backend_count(),
-                        programming_latencies: triggers.programmed(&state.endpoint_slices),
-                        ..SyncReport::default()
-                    });
-                    continue;
-                }
-                dataplane.apply(&diff)
-            }
-            _ => dataplane.reconcile(&desired),
-        };
-        last_apply = Some(Instant::now());
-        match result {
-            Ok(stats) => {
-                let elapsed = started.elapsed();
-                // A periodic reconcile that had to write found the kernel
-                // different from what we programmed: someone changed it.
-                if full && programmed.is_some() && stats.map_writes + stats.map_deletes > 0 {
-                    tracing::warn!(
-                        dataplane = dataplane.name(),
-                        writes = stats.map_writes,
-                        deletes = stats.map_deletes,
-                        "full sync repaired drift in the kernel"
-                    );
-                }
-                let report = SyncReport {
-                    full: programmed.is_none() || full,
-                    applied: true,
-                    elapsed,
-                    stats,
-                    frontends: desired.len(),
-                    backends: desired.backend_count(),
-                    programming_latencies: triggers.programmed(&state.endpoint_slices),
-                };
-                tracing::info!(
-                    dataplane = dataplane.name(),
-                    full = report.full,
-                    frontends = report.frontends,
-                    backends = report.backends,
-                    added = stats.frontends_added,
-                    changed = stats.frontends_changed,
-                    removed = stats.frontends_removed,
-                    writes = stats.map_writes,
-                    deletes = stats.map_deletes,
-                    build_us,
-                    elapsed_us = elapsed.as_micros() as u64,
-                    "programmed service table"
-                );
-                observer.synced(&report);
-                programmed = Some(desired);
-                retry_at = None;
-                backoff = opts.retry_backoff;
-                if full {
-                    next_full = Instant::now() + opts.sync_period;
-                }
-            }
-            Err(e) => {
-                tracing::error!(dataplane = dataplane.name(), error = %e, retry_in_ms = backoff.as_millis() as u64, "sync failed; will retry with a full reconcile");
+        match syncer.sync(&state, &list, due == Due::Full) {
+            Step::Unchanged => schedule.skipped(Instant::now(), due),
+            Step::Applied => schedule.applied(Instant::now(), due),
+            Step::Failed(e) => {
+                let backoff = schedule.failed(Instant::now());
+                tracing::error!(dataplane = syncer.dataplane.name(), error = %e, retry_in_ms = backoff.as_millis() as u64, "sync failed; will retry with a full reconcile");
                 observer.failed();
-                programmed = None;
-                retry_at = Some(Instant::now() + backoff);
-                backoff = (backoff * 2).min(opts.max_backoff);
             }
         }
         if closed {
             return;
         }
     }
+}
+
+/// What one sync step did.
+enum Step {
+    /// The table equals what is programmed: nothing was applied.
+    Unchanged,
+    Applied,
+    /// The dataplane failed: the kernel's state is unknown.
+    Failed(DataplaneError),
+}
+
+/// What the loop keeps between syncs, and one sync step.
+struct Syncer<'a> {
+    dataplane: &'a mut dyn Dataplane,
+    cfg: &'a ModelConfig,
+    network: &'a NodeNetworkSettings,
+    observer: &'a dyn SyncObserver,
+    /// What the dataplane was last given successfully.
+    node_net: Option<NodeNetwork>,
+    /// `None`: the next sync must be a full reconcile (the first one, or
+    /// after a failure left the kernel in an unknown state).
+    programmed: Option<ServiceTable>,
+    reported: BTreeSet<Rejection>,
+    versions: Versions,
+    triggers: TriggerTimes,
+}
+
+impl<'a> Syncer<'a> {
+    fn new(
+        dataplane: &'a mut dyn Dataplane,
+        cfg: &'a ModelConfig,
+        network: &'a NodeNetworkSettings,
+        observer: &'a dyn SyncObserver,
+    ) -> Self {
+        Syncer {
+            dataplane,
+            cfg,
+            network,
+            observer,
+            node_net: None,
+            programmed: None,
+            reported: BTreeSet::new(),
+            versions: Versions::default(),
+            triggers: TriggerTimes::new(SystemTime::now()),
+        }
+    }
+
+    /// Builds the table of `state` and programs it: the difference from
+    /// what is programmed, or all of it when `full` (or nothing is known
+    /// to be programmed).
+    fn sync(&mut self, state: &ClusterState, addresses: &[InterfaceAddress], full: bool) -> Step {
+        // The node's network first: NodePorts of the table are served on
+        // the addresses it names. Also retries a failed earlier attempt.
+        self.update_node_network(addresses, state);
+        let building = std::time::Instant::now();
+        self.observer
+            .node_eligible(node_eligible(state, &self.cfg.node_name));
+        let output = build_table(state, self.cfg);
+        report_rejections(&output.rejections, &mut self.reported, self.observer);
+        self.observer.health_checks(&output.health_check_node_ports);
+        let desired = output.table;
+        let build_us = building.elapsed().as_micros() as u64;
+        let started = std::time::Instant::now();
+        let result = match (&self.programmed, full) {
+            (Some(current), false) => {
+                let diff = current.diff(&desired);
+                if diff.is_empty() {
+                    self.observer.synced(&SyncReport {
+                        elapsed: started.elapsed(),
+                        frontends: desired.len(),
+                        backends: desired.backend_count(),
+                        programming_latencies: self.triggers.programmed(&state.endpoint_slices),
+                        ..SyncReport::default()
+                    });
+                    return Step::Unchanged;
+                }
+                self.dataplane.apply(&diff)
+            }
+            _ => self.dataplane.reconcile(&desired),
+        };
+        let stats = match result {
+            Ok(stats) => stats,
+            Err(e) => {
+                self.programmed = None;
+                return Step::Failed(e);
+            }
+        };
+        // A periodic reconcile that had to write found the kernel
+        // different from what we programmed: someone changed it.
+        if full && self.programmed.is_some() && stats.map_writes + stats.map_deletes > 0 {
+            tracing::warn!(
+                dataplane = self.dataplane.name(),
+                writes = stats.map_writes,
+                deletes = stats.map_deletes,
+                "full sync repaired drift in the kernel"
+            );
+        }
+        let report = SyncReport {
+            full: self.programmed.is_none() || full,
+            applied: true,
+            elapsed: started.elapsed(),
+            stats,
+            frontends: desired.len(),
+            backends: desired.backend_count(),
+            programming_latencies: self.triggers.programmed(&state.endpoint_slices),
+        };
+        log_synced(self.dataplane.name(), &report, build_us);
+        self.observer.synced(&report);
+        self.programmed = Some(desired);
+        Step::Applied
+    }
+
+    /// Gives the dataplane the node's network when it differs from what it
+    /// was last given. A failure is logged and changes nothing, so the
+    /// next sync tries again.
+    fn update_node_network(&mut self, addresses: &[InterfaceAddress], state: &ClusterState) {
+        update_node_network(
+            self.dataplane,
+            &mut self.node_net,
+            addresses,
+            state,
+            self.cfg,
+            self.network,
+        );
+    }
+}
+
+fn log_synced(dataplane: &str, report: &SyncReport, build_us: u64) {
+    let stats = &report.stats;
+    tracing::info!(
+        dataplane,
+        full = report.full,
+        frontends = report.frontends,
+        backends = report.backends,
+        added = stats.frontends_added,
+        changed = stats.frontends_changed,
+        removed = stats.frontends_removed,
+        writes = stats.map_writes,
+        deletes = stats.map_deletes,
+        build_us,
+        elapsed_us = report.elapsed.as_micros() as u64,
+        "programmed service table"
+    );
 }
 
 /// Gives the dataplane the node's network when it differs from what it was
@@ -377,131 +424,17 @@ fn is_being_deleted(node: &Node) -> bool {
             .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
 }
 
-type ObjectId = (String, String);
-
-fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectId {
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
-}
-
-/// The objects of the last state seen, to count changed objects.
-///
-/// Sources share unchanged objects between states (the same `Arc`), so a
-/// pointer comparison finds what changed; identities (namespace/name) are
-/// computed only for those, keeping this cheap at thousands of objects.
-#[derive(Default)]
-struct Versions {
-    services: HashMap<usize, Arc<Service>>,
-    endpoint_slices: HashMap<usize, Arc<EndpointSlice>>,
-}
-
-impl Versions {
-    fn update(&mut self, state: &ClusterState) -> ObjectChanges {
-        fn count<K>(
-            seen: &mut HashMap<usize, Arc<K>>,
-            objects: &[Arc<K>],
-            meta: impl Fn(&K) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        ) -> usize {
-            let next: HashMap<usize, Arc<K>> = objects
-                .iter()
-                .map(|o| (Arc::as_ptr(o) as usize, o.clone()))
-                .collect();
-            // Only objects whose pointer changed need a look: a new version
-            // of an object appears on both sides under one identity (it counts
-            // once), and a copy with the same resourceVersion not at all.
-            let version = |o: &K| meta(o).resource_version.clone().unwrap_or_default();
-            let gone: HashMap<ObjectId, String> = seen
-                .iter()
-                .filter(|(ptr, _)| !next.contains_key(ptr))
-                .map(|(_, o)| (object_id(meta(o)), version(o)))
-                .collect();
-            let came: HashMap<ObjectId, String> = next
-                .iter()
-                .filter(|(ptr, _)| !seen.contains_key(ptr))
-                .map(|(_, o)| (object_id(meta(o)), version(o)))
-                .collect();
-            let changed = came
-                .iter()
-                .filter(|(id, v)| gone.get(*id) != Some(*v))
-                .count()
-                + gone.keys().filter(|id| !came.contains_key(*id)).count();
-            *seen = next;
-            changed
-        }
-        ObjectChanges {
-            services: count(&mut self.services, &state.services, |s| &s.metadata),
-            endpoint_slices: count(&mut self.endpoint_slices, &state.endpoint_slices, |s| {
-                &s.metadata
-            }),
-        }
-    }
-}
-
-/// The last-change-trigger-time of each EndpointSlice as last programmed.
-struct TriggerTimes {
-    /// Trigger times before this are ignored, as kube-proxy does: at start
-    /// every slice is "new" but its change happened long before.
-    since: SystemTime,
-    programmed: HashMap<ObjectId, String>,
-}
-
-impl TriggerTimes {
-    fn new(since: SystemTime) -> Self {
-        Self {
-            since,
-            programmed: HashMap::new(),
-        }
-    }
-
-    /// Records that `slices` are now programmed; returns, for each new
-    /// trigger time, how long ago it was.
-    fn programmed(&mut self, slices: &[Arc<EndpointSlice>]) -> Vec<Duration> {
-        self.programmed_at(slices, SystemTime::now())
-    }
-
-    fn programmed_at(&mut self, slices: &[Arc<EndpointSlice>], now: SystemTime) -> Vec<Duration> {
-        let mut latencies = Vec::new();
-        let mut next = HashMap::with_capacity(self.programmed.len());
-        for slice in slices {
-            let Some(value) = slice
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
-            else {
-                continue;
-            };
-            let id = object_id(&slice.metadata);
-            if self.programmed.get(&id) != Some(value)
-                && let Some(at) = parse_time(value)
-                && at >= self.since
-                && let Ok(latency) = now.duration_since(at)
-            {
-                latencies.push(latency);
-            }
-            next.insert(id, value.clone());
-        }
-        self.programmed = next;
-        latencies
-    }
-}
-
-fn parse_time(value: &str) -> Option<SystemTime> {
-    let ts: jiff::Timestamp = value.parse().ok()?;
-    Some(SystemTime::from(ts))
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
     use tokio::sync::watch;
 
+    use k8s_openapi::api::core::v1::Service;
+
     use super::*;
     use crate::{
-        dataplane::{ApplyStats, DataplaneError},
+        dataplane::ApplyStats,
         model::{ClusterState, TableDiff, test_support::*},
     };
 
