@@ -123,10 +123,13 @@ pub const SCOPE_EXTERNAL: u8 = 0;
 /// (kube-proxy short-circuits pod traffic to external IPs the same way).
 pub const SCOPE_INTERNAL: u8 = 1;
 
-/// Flags of a service entry (slot 0).
-/// External frontend (NodePort, externalIP, LoadBalancer).
+/// Flags of a service entry (slot 0). Bits 0 and 1 (once "external" and
+/// "Local policy", from which the datapath decided masquerade itself) are
+/// retired: the agent's plan decides masquerade, in [`SVC_MASQUERADE`] and
+/// [`SVC_MASQUERADE_OUTSIDE`].
+/// Retired (see above).
 pub const SVC_EXTERNAL: u32 = 1 << 0;
-/// Traffic policy Local: the client's source is kept.
+/// Retired (see above).
 pub const SVC_LOCAL: u32 = 1 << 1;
 /// Session affinity ClientIP; `affinity_timeout_secs` holds the timeout.
 pub const SVC_AFFINITY: u32 = 1 << 2;
@@ -138,6 +141,11 @@ pub const SVC_INTERNAL_SCOPE: u32 = 1 << 4;
 /// With no backend in this view, drop instead of rejecting: the service has
 /// endpoints, only not here (a Local policy with no local endpoint).
 pub const SVC_DROP_EMPTY: u32 = 1 << 5;
+/// Masquerade every client of this view (hairpin is masqueraded anyway).
+pub const SVC_MASQUERADE: u32 = 1 << 6;
+/// Masquerade the clients of this view whose source is outside the cluster
+/// CIDR of their family (none when no CIDR is configured).
+pub const SVC_MASQUERADE_OUTSIDE: u32 = 1 << 7;
 
 /// Value of the services map. Slot 0 (the service entry) uses `count`,
 /// `flags`, `affinity_timeout_secs` and `svc_id`; backend slots use

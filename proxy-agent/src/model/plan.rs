@@ -102,7 +102,7 @@ pub struct View {
     pub masquerade: Masquerade,
 }
 
-/// Everything a netfilter dataplane writes for one frontend.
+/// Everything a dataplane programs for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendPlan {
     pub key: FrontendKey,
@@ -117,6 +117,13 @@ pub struct FrontendPlan {
     /// Local). Present only for such frontends when a cluster CIDR of the
     /// family is known.
     pub cluster_view: Option<(IpNet, View)>,
+    /// Connections that start on the node itself (its processes, and
+    /// whatever reaches an external frontend with a source address of the
+    /// node) use this view when present: for an external frontend with the
+    /// Local policy, the cluster-wide backends, masqueraded, as kube-proxy
+    /// routes "LOCAL traffic for external destinations" (the frontend's
+    /// address is local to the node, so the reply comes back anyway).
+    pub node_view: Option<View>,
     pub view: View,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity_timeout_secs: Option<u32>,
@@ -129,7 +136,11 @@ impl FrontendPlan {
     /// Every backend any view of the plan may choose, sorted, without duplicates.
     pub fn backends(&self) -> Vec<Backend> {
         let mut all: Vec<Backend> = Vec::new();
-        for view in std::iter::once(&self.view).chain(self.cluster_view.as_ref().map(|(_, v)| v)) {
+        let others = self.cluster_view.as_ref().map(|(_, v)| v).into_iter();
+        for view in std::iter::once(&self.view)
+            .chain(others)
+            .chain(&self.node_view)
+        {
             if let Action::Balance(backends) = &view.action {
                 all.extend(backends.iter().copied());
             }
@@ -178,11 +189,16 @@ pub fn plan(key: &FrontendKey, frontend: &Frontend, network: &NodeNetwork) -> Fr
         )),
         _ => None,
     };
+    let node_view = (external && local).then(|| View {
+        action: action_of(&frontend.cluster_backends, false),
+        masquerade: Masquerade::Always,
+    });
     FrontendPlan {
         key: *key,
         family,
         source_ranges: source_ranges_of(key, frontend, network),
         cluster_view,
+        node_view,
         view,
         affinity_timeout_secs: frontend.policy.affinity_timeout_secs,
         masquerade_loopback: frontend.kind == FrontendKind::NodePort && family == Family::V4,
@@ -490,8 +506,22 @@ mod tests {
             if let Some((cidr, _)) = &p.cluster_view {
                 assert_eq!(cidr.to_string(), CIDR, "{}", r.what);
             }
+            // The node's own connections to an external Local frontend
+            // reach every endpoint, masqueraded, whatever the CIDR.
+            let node_view = (r.kind.is_external() && r.local).then(|| View {
+                action: if r.cluster.is_empty() {
+                    Action::Reject
+                } else {
+                    balance(r.cluster)
+                },
+                masquerade: Masquerade::Always,
+            });
+            assert_eq!(p.node_view, node_view, "{}: node view", r.what);
             // Every backend a view may choose, once.
-            let mut all: Vec<Backend> = [Some(&r.view), r.cluster_view.as_ref()]
+            let node = node_view
+                .as_ref()
+                .map(|v| (v.action.clone(), Masquerade::Always));
+            let mut all: Vec<Backend> = [Some(&r.view), r.cluster_view.as_ref(), node.as_ref()]
                 .into_iter()
                 .flatten()
                 .filter_map(|(action, _)| match action {

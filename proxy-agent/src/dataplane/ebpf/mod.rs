@@ -31,13 +31,16 @@ use proxy_common::{
     MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS,
     PROG_ICMP_EGRESS, PROG_ICMP_INGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET,
     SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_AFFINITY,
-    SVC_DROP_EMPTY, SVC_EXTERNAL, SVC_INTERNAL_SCOPE, SVC_LOCAL, SVC_SOURCE_RANGES, ServiceKey,
-    ServiceValue, SourceRangeKey, TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT,
-    stat,
+    SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_MASQUERADE, SVC_MASQUERADE_OUTSIDE, SVC_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRangeKey, TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW,
+    TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
-use crate::model::{Backend, Frontend, FrontendKey, Protocol, ServiceTable, TableDiff};
+use crate::model::{
+    Backend, Frontend, FrontendKey, Protocol, ServiceTable, TableDiff,
+    plan::{Action, FrontendPlan, Masquerade, View, plan},
+};
 
 pub mod attach;
 pub mod bpffs;
@@ -169,44 +172,52 @@ fn frontend_name(key: &FrontendKey) -> String {
     format!("{}:{}/{}", key.ip, key.port, key.protocol)
 }
 
-/// The views of a frontend the datapath keeps: every frontend has the
-/// external one (its traffic policy's backends); an external frontend with
-/// the Local policy also has the internal one (cluster-wide backends) for
-/// clients inside the cluster CIDR.
-fn scopes_of(frontend: &Frontend) -> &'static [u8] {
-    if frontend.kind.is_external() && frontend.policy.local_only {
-        &[SCOPE_EXTERNAL, SCOPE_INTERNAL]
-    } else {
-        &[SCOPE_EXTERNAL]
+/// The views of a frontend's plan the datapath keeps, by scope: the main
+/// view, and for an external Local frontend the cluster-wide one, which
+/// pods (the plan's cluster view, on the packet path) and the node's own
+/// sockets (its node view, at `connect()`) use. The two choose among the
+/// same backends; the masquerade of the scope is the pods' (the socket
+/// hooks never masquerade: the node's address is the source anyway).
+fn scoped_views(plan: &FrontendPlan) -> impl Iterator<Item = (u8, &View)> {
+    let internal = plan
+        .cluster_view
+        .as_ref()
+        .map(|(_, view)| view)
+        .or(plan.node_view.as_ref());
+    std::iter::once((SCOPE_EXTERNAL, &plan.view)).chain(internal.map(|v| (SCOPE_INTERNAL, v)))
+}
+
+/// The backends a view balances over (none when it refuses).
+fn backends_of(view: &View) -> &[Backend] {
+    match &view.action {
+        Action::Balance(backends) => backends,
+        Action::Reject | Action::Drop => &[],
     }
 }
 
-/// The backends and service-entry flags of one view of a frontend.
-fn view(frontend: &Frontend, scope: u8) -> (&[Backend], u32) {
-    let policy = &frontend.policy;
-    let mut flags = 0;
-    if frontend.kind.is_external() {
-        flags |= SVC_EXTERNAL;
-    }
-    if policy.affinity_timeout_secs.is_some() {
+/// The service-entry flags of one scope of a plan.
+fn flags_of(plan: &FrontendPlan, scope: u8, view: &View) -> u32 {
+    let mut flags = match view.masquerade {
+        Masquerade::Never => 0,
+        Masquerade::Always => SVC_MASQUERADE,
+        Masquerade::SourceOutside(_) => SVC_MASQUERADE_OUTSIDE,
+    };
+    if plan.affinity_timeout_secs.is_some() {
         flags |= SVC_AFFINITY;
     }
-    if scope == SCOPE_INTERNAL {
-        return (&frontend.cluster_backends, flags);
+    if scope != SCOPE_EXTERNAL {
+        return flags;
     }
-    if policy.local_only {
-        flags |= SVC_LOCAL;
-        if frontend.backends.is_empty() && !frontend.cluster_backends.is_empty() {
-            flags |= SVC_DROP_EMPTY;
-        }
-        if frontend.kind.is_external() {
-            flags |= SVC_INTERNAL_SCOPE;
-        }
+    if view.action == Action::Drop {
+        flags |= SVC_DROP_EMPTY;
     }
-    if !policy.source_ranges.is_empty() {
+    if plan.cluster_view.is_some() || plan.node_view.is_some() {
+        flags |= SVC_INTERNAL_SCOPE;
+    }
+    if plan.source_ranges.is_some() {
         flags |= SVC_SOURCE_RANGES;
     }
-    (&frontend.backends, flags)
+    flags
 }
 
 /// Key of the source-ranges trie for `range` of frontend view `svc_id`.
@@ -256,6 +267,8 @@ struct Programmed {
     backends: Vec<BackendRef>,
     /// svc_id per scope (index = scope).
     svc_ids: [Option<u32>; 2],
+    /// The frontend, planned again when the node's network changes a plan.
+    frontend: Option<Frontend>,
 }
 
 /// Allocates small integer IDs, reusing freed ones.
@@ -317,6 +330,8 @@ pub struct EbpfDataplane {
     svc_alloc: IdAllocator,
     /// The node addresses written to the node-addresses map.
     node_addresses: BTreeSet<IpAddr>,
+    /// The node's network the frontends were planned under.
+    network: NodeNetwork,
     frontend_addrs: BpfHashMap<MapData, NodeAddrKey, u32>,
     backend_ports: Array<MapData, u64>,
     /// The words of the backend-port bitmap as written (see
@@ -468,6 +483,7 @@ impl EbpfDataplane {
             backend_alloc: IdAllocator::default(),
             svc_alloc: IdAllocator::default(),
             node_addresses: BTreeSet::new(),
+            network: NodeNetwork::default(),
         })
     }
 
@@ -532,20 +548,20 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    /// The entries `frontend` needs, given its views' IDs; acquires (and
-    /// returns) a reference on every backend it uses.
+    /// The entries a frontend's `plan` needs, given its views' IDs;
+    /// acquires (and returns) a reference on every backend it uses.
     fn entries_for(
         &mut self,
-        key: &FrontendKey,
-        frontend: &Frontend,
+        plan: &FrontendPlan,
         svc_ids: &[Option<u32>; 2],
         stats: &mut ApplyStats,
     ) -> Result<(Entries, Vec<BackendRef>), EbpfError> {
+        let key = &plan.key;
         let mut entries = Entries::default();
         let mut refs = Vec::new();
         let (_, family) = addr_of(key.ip);
-        for &scope in scopes_of(frontend) {
-            let (backends, flags) = view(frontend, scope);
+        for (scope, view) in scoped_views(plan) {
+            let (backends, flags) = (backends_of(view), flags_of(plan, scope, view));
             if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
                 return Err(EbpfError::TooManyBackends(
                     frontend_name(key),
@@ -580,13 +596,13 @@ impl EbpfDataplane {
                 ServiceValue {
                     count: backends.len() as u16,
                     flags,
-                    affinity_timeout_secs: frontend.policy.affinity_timeout_secs.unwrap_or(0),
+                    affinity_timeout_secs: plan.affinity_timeout_secs.unwrap_or(0),
                     svc_id,
                     ..Default::default()
                 },
             );
             if scope == SCOPE_EXTERNAL {
-                for range in &frontend.policy.source_ranges {
+                for range in plan.source_ranges.iter().flatten() {
                     if let Some(k) = source_range_key(svc_id, family, range) {
                         entries.ranges.insert(SourceRangeSlot {
                             prefix_len: k.prefix_len(),
@@ -602,11 +618,11 @@ impl EbpfDataplane {
     /// IDs for the views `frontend` needs, keeping those it already has.
     fn svc_ids_for(
         &mut self,
-        frontend: &Frontend,
+        plan: &FrontendPlan,
         current: [Option<u32>; 2],
     ) -> Result<[Option<u32>; 2], EbpfError> {
         let mut ids = [None, None];
-        let wanted = scopes_of(frontend);
+        let wanted: Vec<u8> = scoped_views(plan).map(|(scope, _)| scope).collect();
         for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
             let i = scope as usize;
             if wanted.contains(&scope) {
@@ -685,8 +701,9 @@ impl EbpfDataplane {
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
         let old = self.programmed.remove(key).unwrap_or_default();
-        let svc_ids = self.svc_ids_for(frontend, old.svc_ids)?;
-        let (entries, backends) = self.entries_for(key, frontend, &svc_ids, stats)?;
+        let plan = plan(key, frontend, &self.network);
+        let svc_ids = self.svc_ids_for(&plan, old.svc_ids)?;
+        let (entries, backends) = self.entries_for(&plan, &svc_ids, stats)?;
         self.mark_backend_ports(&backends, stats)?;
         self.write_entries(&old.entries, &entries, stats)?;
         for b in &old.backends {
@@ -698,6 +715,7 @@ impl EbpfDataplane {
                 entries,
                 backends,
                 svc_ids,
+                frontend: Some(frontend.clone()),
             },
         );
         Ok(())
@@ -749,10 +767,15 @@ impl EbpfDataplane {
         for (id, v) in &kernel_backends {
             by_value.entry(*v).or_insert(*id);
         }
+        let plans: Vec<(FrontendPlan, &Frontend)> = desired
+            .iter()
+            .map(|(key, fe)| (plan(key, fe, &self.network), fe))
+            .collect();
         let mut wanted: BTreeMap<BackendRef, usize> = BTreeMap::new();
-        for (key, fe) in desired.iter() {
-            for &scope in scopes_of(fe) {
-                for b in view(fe, scope).0 {
+        for (plan, _) in &plans {
+            let key = &plan.key;
+            for (_, view) in scoped_views(plan) {
+                for b in backends_of(view) {
                     let r = BackendRef {
                         ip: b.ip,
                         port: b.port,
@@ -783,9 +806,10 @@ impl EbpfDataplane {
         // Adopt the IDs of frontend views from their kernel service entries.
         let mut used_svc_ids = BTreeSet::new();
         let mut current_ids: HashMap<FrontendKey, [Option<u32>; 2]> = HashMap::new();
-        for (key, fe) in desired.iter() {
+        for (plan, _) in &plans {
+            let key = &plan.key;
             let mut ids = [None, None];
-            for &scope in scopes_of(fe) {
+            for (scope, _) in scoped_views(plan) {
                 if let Some(head) = kernel_services.get(&service_key(key, scope, 0))
                     && head.svc_id != 0
                     && used_svc_ids.insert(head.svc_id)
@@ -807,10 +831,11 @@ impl EbpfDataplane {
         };
         let mut all_new = Entries::default();
         let mut programmed = HashMap::new();
-        for (key, fe) in desired.iter() {
+        for (plan, fe) in &plans {
+            let key = &plan.key;
             let current = current_ids.get(key).copied().unwrap_or([None, None]);
-            let svc_ids = self.svc_ids_for(fe, current)?;
-            let (entries, backends) = self.entries_for(key, fe, &svc_ids, &mut stats)?;
+            let svc_ids = self.svc_ids_for(plan, current)?;
+            let (entries, backends) = self.entries_for(plan, &svc_ids, &mut stats)?;
             all_new
                 .services
                 .extend(entries.services.iter().map(|(k, v)| (*k, *v)));
@@ -822,6 +847,7 @@ impl EbpfDataplane {
                     entries,
                     backends,
                     svc_ids,
+                    frontend: Some((*fe).clone()),
                 },
             );
         }
@@ -956,6 +982,25 @@ impl EbpfDataplane {
             remove_ignoring_missing(&mut self.node_addrs, &node_addr_key(*ip))?;
         }
         self.node_addresses = network.nodeport_addresses.clone();
+        let replan = self.network.changes_plans(network);
+        self.network = network.clone();
+        if replan {
+            self.replan()?;
+        }
+        Ok(())
+    }
+
+    /// Programs every frontend again under the current node network.
+    fn replan(&mut self) -> Result<(), EbpfError> {
+        let frontends: Vec<(FrontendKey, Frontend)> = self
+            .programmed
+            .iter()
+            .filter_map(|(key, p)| p.frontend.clone().map(|f| (*key, f)))
+            .collect();
+        let mut stats = ApplyStats::default();
+        for (key, frontend) in &frontends {
+            self.program_frontend(key, frontend, &mut stats)?;
+        }
         Ok(())
     }
 
