@@ -120,7 +120,6 @@ pub fn forget_stale_udp_flows(diff: &TableDiff) -> Result<usize, ConntrackError>
     delete_stale_udp_flows(&flows)
 }
 
-
 /// How often a reconcile of either netfilter mode rewrites every frontend
 /// chain even when what it read shows no drift (kube-proxy's full sync is
 /// hourly too).

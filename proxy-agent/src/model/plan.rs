@@ -127,9 +127,6 @@ pub struct FrontendPlan {
     pub view: View,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity_timeout_secs: Option<u32>,
-    /// Sources in 127.0.0.0/8 are masqueraded (a node process reaching a
-    /// NodePort on localhost, which only leaves the node with another source).
-    pub masquerade_loopback: bool,
 }
 
 impl FrontendPlan {
@@ -201,7 +198,6 @@ pub fn plan(key: &FrontendKey, frontend: &Frontend, network: &NodeNetwork) -> Fr
         node_view,
         view,
         affinity_timeout_secs: frontend.policy.affinity_timeout_secs,
-        masquerade_loopback: frontend.kind == FrontendKind::NodePort && family == Family::V4,
     }
 }
 
@@ -534,7 +530,6 @@ mod tests {
             all.dedup();
             assert_eq!(p.backends(), all, "{}: backends", r.what);
             assert_eq!(p.is_node_port(), r.kind == FrontendKind::NodePort);
-            assert_eq!(p.masquerade_loopback, r.kind == FrontendKind::NodePort);
             assert_eq!(p.source_ranges, None, "{}", r.what);
         }
     }
