@@ -8,9 +8,12 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use etherparse::{Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use proxy_agent::model::{
-    Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
-    ServiceTable,
+use proxy_agent::{
+    dataplane::Dataplane,
+    model::{
+        Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
+        ServiceTable,
+    },
 };
 use proxy_common::{PROG_EGRESS, PROG_INGRESS, stat};
 

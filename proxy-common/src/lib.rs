@@ -127,10 +127,6 @@ pub const SCOPE_INTERNAL: u8 = 1;
 /// "Local policy", from which the datapath decided masquerade itself) are
 /// retired: the agent's plan decides masquerade, in [`SVC_MASQUERADE`] and
 /// [`SVC_MASQUERADE_OUTSIDE`].
-/// Retired (see above).
-pub const SVC_EXTERNAL: u32 = 1 << 0;
-/// Retired (see above).
-pub const SVC_LOCAL: u32 = 1 << 1;
 /// Session affinity ClientIP; `affinity_timeout_secs` holds the timeout.
 pub const SVC_AFFINITY: u32 = 1 << 2;
 /// `loadBalancerSourceRanges` apply; the ranges are in the source-ranges map

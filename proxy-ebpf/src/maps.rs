@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use proxy_common::{
     Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_SNAT_V4, CFG_SNAT_V6, CtKey,
@@ -220,4 +220,20 @@ pub(crate) fn affinity_backend(
     // SAFETY: as above.
     let backend = unsafe { PA_BACKENDS.get(&id) }?;
     Some((id, *backend))
+}
+
+/// Whether `loadBalancerSourceRanges` of frontend view `svc_id` admit
+/// `addr` (the agent writes the ranges the plan admits, the frontend's own
+/// address among them when a range holds the node's).
+#[inline(always)]
+pub(crate) fn source_admitted(svc_id: u32, family: u8, addr: &Addr) -> bool {
+    let bits = if family == FAMILY_V4 { 32 } else { 128 };
+    let key = Key::new(
+        32 + bits,
+        SourceRangeKey {
+            svc_id_be: svc_id.to_be(),
+            addr: *addr,
+        },
+    );
+    PA_SOURCE_RANGES.get(&key).is_some()
 }

@@ -27,7 +27,7 @@ use proxy_common::{
 
 use crate::maps::{
     PA_AFFINITY, PA_SERVICES, PA_SOCK_NETNS, PA_SOCK_REVNAT, affinity_backend, affinity_key,
-    config, count, lookup_frontend, now, pick_slot, snat_addr,
+    config, count, lookup_frontend, now, pick_slot, snat_addr, source_admitted,
 };
 use crate::packet::{v4_addr, v4_raw};
 
@@ -41,7 +41,8 @@ enum Outcome {
     Untouched,
     /// The address was rewritten to a backend.
     Translated,
-    /// A service without endpoints: the call fails with ECONNREFUSED.
+    /// A service without endpoints, or one whose source ranges leave the
+    /// node out: the call fails with ECONNREFUSED.
     Refused,
 }
 
@@ -77,9 +78,12 @@ fn balance(
     let Some((mut key, mut svc)) = lookup_frontend(family, proto, addr, port) else {
         return Err(Outcome::Untouched);
     };
-    if svc.flags & SVC_SOURCE_RANGES != 0 {
-        // Source ranges are checked on packets, where the source is known.
-        return Err(Outcome::Untouched);
+    // A node process may reach a frontend restricted by source ranges when
+    // a range holds the node's address: the plan then admits the
+    // frontend's own address (kube-proxy's allowFromNode), which stands in
+    // for the node here, as the socket's source is not chosen yet.
+    if svc.flags & SVC_SOURCE_RANGES != 0 && !source_admitted(svc.svc_id, family, addr) {
+        return Err(Outcome::Refused);
     }
     // The node is inside the cluster: an external Local frontend serves it
     // from every endpoint, as kube-proxy does for node-local traffic.

@@ -1,0 +1,165 @@
+//! Turning the model's frontends and plans into map keys and values.
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use aya::maps::lpm_trie::Key as LpmKey;
+use ipnet::IpNet;
+use proxy_common::{
+    Addr, BackendValue, FAMILY_V4, FAMILY_V6, MemberKey, NodeAddrKey, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_MASQUERADE,
+    SVC_MASQUERADE_OUTSIDE, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
+};
+
+use crate::model::{
+    Backend, FrontendKey, Protocol,
+    plan::{Action, FrontendPlan, Masquerade, View},
+};
+
+/// A backend as the kernel identifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) struct BackendRef {
+    pub(super) ip: IpAddr,
+    pub(super) port: u16,
+    pub(super) protocol: Protocol,
+}
+
+pub(super) fn addr_of(ip: IpAddr) -> (Addr, u8) {
+    let mut addr = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            (addr, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+pub(super) fn service_key(key: &FrontendKey, scope: u8, slot: u16) -> ServiceKey {
+    let (addr, family) = addr_of(key.ip);
+    ServiceKey {
+        addr,
+        port: key.port.to_be(),
+        proto: key.protocol.number(),
+        family,
+        scope,
+        _pad0: 0,
+        slot,
+    }
+}
+
+pub(super) fn backend_value(b: &BackendRef) -> BackendValue {
+    let (addr, family) = addr_of(b.ip);
+    BackendValue {
+        addr,
+        port: b.port.to_be(),
+        proto: b.protocol.number(),
+        family,
+        flags: 0,
+    }
+}
+
+pub(super) fn frontend_name(key: &FrontendKey) -> String {
+    format!("{}:{}/{}", key.ip, key.port, key.protocol)
+}
+
+/// The views of a frontend's plan the datapath keeps, by scope: the main
+/// view, and for an external Local frontend the cluster-wide one, which
+/// pods (the plan's cluster view, on the packet path) and the node's own
+/// sockets (its node view, at `connect()`) use. The two choose among the
+/// same backends; the masquerade of the scope is the pods' (the socket
+/// hooks never masquerade: the node's address is the source anyway).
+pub(super) fn scoped_views(plan: &FrontendPlan) -> impl Iterator<Item = (u8, &View)> {
+    let internal = plan
+        .cluster_view
+        .as_ref()
+        .map(|(_, view)| view)
+        .or(plan.node_view.as_ref());
+    std::iter::once((SCOPE_EXTERNAL, &plan.view)).chain(internal.map(|v| (SCOPE_INTERNAL, v)))
+}
+
+/// The backends a view balances over (none when it refuses).
+pub(super) fn backends_of(view: &View) -> &[Backend] {
+    match &view.action {
+        Action::Balance(backends) => backends,
+        Action::Reject | Action::Drop => &[],
+    }
+}
+
+/// The service-entry flags of one scope of a plan.
+pub(super) fn flags_of(plan: &FrontendPlan, scope: u8, view: &View) -> u32 {
+    let mut flags = match view.masquerade {
+        Masquerade::Never => 0,
+        Masquerade::Always => SVC_MASQUERADE,
+        Masquerade::SourceOutside(_) => SVC_MASQUERADE_OUTSIDE,
+    };
+    if plan.affinity_timeout_secs.is_some() {
+        flags |= SVC_AFFINITY;
+    }
+    if scope != SCOPE_EXTERNAL {
+        return flags;
+    }
+    if view.action == Action::Drop {
+        flags |= SVC_DROP_EMPTY;
+    }
+    if plan.cluster_view.is_some() || plan.node_view.is_some() {
+        flags |= SVC_INTERNAL_SCOPE;
+    }
+    if plan.source_ranges.is_some() {
+        flags |= SVC_SOURCE_RANGES;
+    }
+    flags
+}
+
+/// Key of the source-ranges trie for `range` of frontend view `svc_id`.
+/// A range of the other address family than the frontend can never match,
+/// and is left out (so a frontend whose ranges are all of the other family
+/// admits nobody of its own: a restriction is never widened).
+pub(super) fn source_range_key(
+    svc_id: u32,
+    family: u8,
+    range: &IpNet,
+) -> Option<LpmKey<SourceRangeKey>> {
+    let (addr, range_family) = addr_of(range.network());
+    if range_family != family {
+        return None;
+    }
+    Some(LpmKey::new(
+        32 + u32::from(range.prefix_len()),
+        SourceRangeKey {
+            svc_id_be: svc_id.to_be(),
+            addr,
+        },
+    ))
+}
+
+/// Everything one frontend puts in the maps (besides its backends).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Entries {
+    pub(super) services: HashMap<ServiceKey, ServiceValue>,
+    pub(super) members: HashSet<MemberKey>,
+    pub(super) ranges: HashSet<SourceRangeSlot>,
+}
+
+/// A source-ranges trie key, hashable for the shadow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct SourceRangeSlot {
+    pub(super) prefix_len: u32,
+    pub(super) data: SourceRangeKey,
+}
+
+impl SourceRangeSlot {
+    pub(super) fn key(&self) -> LpmKey<SourceRangeKey> {
+        LpmKey::new(self.prefix_len, self.data)
+    }
+}
+
+pub(super) fn node_addr_key(ip: IpAddr) -> NodeAddrKey {
+    let (addr, family) = addr_of(ip);
+    NodeAddrKey {
+        addr,
+        family,
+        _pad0: [0; 3],
+    }
+}

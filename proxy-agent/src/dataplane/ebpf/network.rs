@@ -1,0 +1,148 @@
+//! The node's network: its NodePort addresses, masquerade settings and
+//! masquerade port ranges.
+use std::{collections::BTreeSet, net::IpAddr};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use proxy_common::{
+    CFG_CLUSTER_V4, CFG_CLUSTER_V6, CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, FAMILY_V4,
+    FAMILY_V6, NodeAddrKey, NodeConfig, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN,
+};
+
+use super::{
+    EbpfDataplane, EbpfError,
+    encode::{addr_of, node_addr_key},
+    writer::remove_ignoring_missing,
+};
+use crate::dataplane::NodeNetwork;
+
+impl EbpfDataplane {
+    /// Programs the node's NodePort addresses and masquerade settings.
+    pub(super) fn program_node_network(&mut self, network: &NodeNetwork) -> Result<(), EbpfError> {
+        let ephemeral = std::fs::read_to_string(EPHEMERAL_PORTS_SYSCTL)
+            .ok()
+            .and_then(|text| parse_port_range(&text));
+        let [(low_min, low_max), (high_min, high_max)] = snat_port_ranges(ephemeral);
+        let mut cfg = NodeConfig {
+            snat_port_min: high_min,
+            snat_port_max: high_max,
+            snat_low_min: low_min,
+            snat_low_max: low_max,
+            ..Default::default()
+        };
+        if let Some(v4) = network.snat_v4 {
+            cfg.snat_v4 = addr_of(IpAddr::V4(v4)).0;
+            cfg.flags |= CFG_SNAT_V4;
+        }
+        if let Some(v6) = network.snat_v6 {
+            cfg.snat_v6 = addr_of(IpAddr::V6(v6)).0;
+            cfg.flags |= CFG_SNAT_V6;
+        }
+        for cidr in &network.cluster_cidrs {
+            let (addr, family) = addr_of(cidr.network());
+            if family == FAMILY_V4 {
+                cfg.cluster_v4 = addr;
+                cfg.cluster_v4_len = cidr.prefix_len();
+                cfg.flags |= CFG_CLUSTER_V4;
+            } else {
+                cfg.cluster_v6 = addr;
+                cfg.cluster_v6_len = cidr.prefix_len();
+                cfg.flags |= CFG_CLUSTER_V6;
+            }
+        }
+        if network.masquerade_all {
+            cfg.flags |= CFG_MASQUERADE_ALL;
+        }
+        self.config.set(0, cfg, 0)?;
+        // Addresses: add the new ones, then remove the old ones.
+        let kernel = addresses_in(&self.node_addrs);
+        for ip in network.nodeport_addresses.difference(&kernel) {
+            self.node_addrs.insert(node_addr_key(*ip), 1, 0)?;
+        }
+        for ip in kernel.difference(&network.nodeport_addresses) {
+            remove_ignoring_missing(&mut self.node_addrs, &node_addr_key(*ip))?;
+        }
+        self.node_addresses = network.nodeport_addresses.clone();
+        let replan = self.network.changes_plans(network);
+        self.network = network.clone();
+        if replan {
+            self.replan()?;
+        }
+        Ok(())
+    }
+}
+
+/// The node's own ephemeral ports (this network namespace's).
+const EPHEMERAL_PORTS_SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// The default NodePort range's first port; masquerade ports stay below it.
+const NODE_PORT_RANGE_MIN: u16 = 30_000;
+
+/// `"32768\t60999\n"` -> (32768, 60999).
+fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    let (low, high) = (parts.next()?.ok()?, parts.next()?.ok()?);
+    (low <= high).then_some((low, high))
+}
+
+/// The masquerade port ranges `[low, high]` (inclusive; `(0, 0)` is
+/// empty): every port from 1024 up that is neither one of the node's
+/// ephemeral ports (its own connections) nor in the NodePort range, as one
+/// range below both and one above. Unknown ephemeral ports: Linux's
+/// default. When nothing is left above, the default high range is kept so
+/// that masquerade still works, at the risk of a rare collision.
+fn snat_port_ranges(ephemeral: Option<(u16, u16)>) -> [(u16, u16); 2] {
+    let (eph_min, eph_max) = ephemeral.unwrap_or((32_768, 60_999));
+    let low_end = eph_min.min(NODE_PORT_RANGE_MIN);
+    let low = if low_end > SNAT_LOW_PORT_MIN {
+        (SNAT_LOW_PORT_MIN, low_end - 1)
+    } else {
+        (0, 0)
+    };
+    let high_start = eph_max.max(NODE_PORT_RANGE_MIN + 2_767).saturating_add(1);
+    let high = if eph_max < u16::MAX && high_start > eph_max {
+        (high_start, u16::MAX)
+    } else {
+        (SNAT_PORT_MIN, SNAT_PORT_MAX)
+    };
+    [low, high]
+}
+
+/// The addresses an address-keyed map (node or frontend addresses) holds.
+pub(super) fn addresses_in(map: &BpfHashMap<MapData, NodeAddrKey, u32>) -> BTreeSet<IpAddr> {
+    map.keys()
+        .filter_map(Result::ok)
+        .filter_map(|k| match k.family {
+            FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
+                k.addr[0], k.addr[1], k.addr[2], k.addr[3],
+            ))),
+            FAMILY_V6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(k.addr))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masquerade_ports_avoid_ephemeral_and_node_ports() {
+        for (ephemeral, want) in [
+            // Linux's default: 1024-29999 and 61000-65535.
+            (Some((32_768, 60_999)), [(1_024, 29_999), (61_000, 65_535)]),
+            (None, [(1_024, 29_999), (61_000, 65_535)]),
+            // A wide ephemeral range leaves less on each side.
+            (Some((10_000, 64_999)), [(1_024, 9_999), (65_000, 65_535)]),
+            // Ephemeral ports below the NodePorts: the high range starts
+            // above the NodePorts.
+            (Some((20_000, 25_000)), [(1_024, 19_999), (32_768, 65_535)]),
+            // Nothing left: no low range, and the default high range.
+            (Some((1_024, 65_535)), [(0, 0), (61_000, 65_535)]),
+        ] {
+            assert_eq!(snat_port_ranges(ephemeral), want, "{ephemeral:?}");
+        }
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32_768, 60_999)));
+        for bad in ["", "32768", "60999 32768", "a b", "1 70000"] {
+            assert_eq!(parse_port_range(bad), None, "{bad:?}");
+        }
+    }
+}

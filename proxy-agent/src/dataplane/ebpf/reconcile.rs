@@ -1,0 +1,222 @@
+//! The reconcile: making the maps hold exactly the desired table whatever
+//! they held, adopting the IDs the kernel already uses.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use proxy_common::{BackendId, BackendValue, MemberKey, ServiceKey, ServiceValue};
+
+use super::{
+    EbpfDataplane, EbpfError,
+    encode::{
+        BackendRef, Entries, SourceRangeSlot, backend_value, backends_of, scoped_views, service_key,
+    },
+    network::addresses_in,
+    words_of,
+    writer::{Programmed, remove_ignoring_missing},
+};
+use crate::{
+    dataplane::ApplyStats,
+    model::{
+        Frontend, FrontendKey, ServiceTable,
+        plan::{FrontendPlan, plan},
+    },
+};
+
+/// The desired table's frontends, each with its plan.
+type Plans<'a> = [(FrontendPlan, &'a Frontend)];
+
+impl EbpfDataplane {
+    /// Makes the maps hold exactly `desired`, whatever they held before (an
+    /// earlier run's pinned state, or entries changed behind our back), and
+    /// resets the shadow to match. Backend and frontend IDs already in the
+    /// kernel are kept for the same backends and frontends, so existing
+    /// flows and affinities are undisturbed.
+    pub(super) fn reconcile_maps(
+        &mut self,
+        desired: &ServiceTable,
+    ) -> Result<ApplyStats, EbpfError> {
+        let mut stats = ApplyStats::default();
+        let (kernel_backends, kernel) = self.kernel_contents();
+        let plans: Vec<(FrontendPlan, &Frontend)> = desired
+            .iter()
+            .map(|(key, fe)| (plan(key, fe, &self.network), fe))
+            .collect();
+        self.adopt_backend_ids(&plans, &kernel_backends, &mut stats)?;
+        // Adopt the IDs of frontend views from their kernel service entries.
+        let current_ids = self.adopt_svc_ids(&plans, &kernel.services);
+
+        // Pretend the kernel's content is what we programmed, then program
+        // the desired table over it: one diff writes what differs.
+        self.programmed.clear();
+        let (all_new, programmed) = self.entries_of_plans(&plans, &current_ids, &mut stats)?;
+        // Adopted backends are in the kernel already and `acquire` wrote the
+        // new ones; what is left is the service entries, then stale backends.
+        self.write_entries(&kernel, &all_new, &mut stats)?;
+        self.remove_stale_backends(&kernel_backends, &mut stats)?;
+        self.programmed = programmed;
+        stats.frontends_added = desired.len();
+        // What is really in the filter: drift, or an earlier run's
+        // addresses, which linger rather than go at once.
+        let in_kernel = addresses_in(&self.frontend_addrs);
+        self.sync_frontend_addrs(in_kernel, &mut stats)?;
+        Ok(stats)
+    }
+
+    /// What the kernel holds: the backends by ID, and the service entries,
+    /// members and source ranges of every frontend together.
+    fn kernel_contents(&self) -> (BTreeMap<BackendId, BackendValue>, Entries) {
+        let kernel_backends: BTreeMap<BackendId, BackendValue> =
+            self.backends.iter().filter_map(Result::ok).collect();
+        let kernel_services: HashMap<ServiceKey, ServiceValue> =
+            self.services.iter().filter_map(Result::ok).collect();
+        let kernel_members: HashSet<MemberKey> =
+            self.members.keys().filter_map(Result::ok).collect();
+        let kernel_ranges: HashSet<SourceRangeSlot> = self
+            .source_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| SourceRangeSlot {
+                prefix_len: k.prefix_len(),
+                data: k.data(),
+            })
+            .collect();
+        let kernel = Entries {
+            services: kernel_services,
+            members: kernel_members,
+            ranges: kernel_ranges,
+        };
+        (kernel_backends, kernel)
+    }
+
+    /// Adopts the IDs of backends already in the kernel for the backends
+    /// `plans` use (with no reference yet: they are counted up again as
+    /// frontends take them), and sets their ports in the backend-port
+    /// bitmap.
+    fn adopt_backend_ids(
+        &mut self,
+        plans: &Plans<'_>,
+        kernel_backends: &BTreeMap<BackendId, BackendValue>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        // Adopt the IDs of backends already in the kernel.
+        let mut by_value: HashMap<BackendValue, BackendId> = HashMap::new();
+        for (id, v) in kernel_backends {
+            by_value.entry(*v).or_insert(*id);
+        }
+        let wanted = wanted_backends(plans);
+        // The bitmap as the kernel has it (an earlier run's bits, or drift),
+        // then the desired ports set in it.
+        self.backend_port_words = words_of(&self.backend_ports);
+        self.mark_backend_ports(wanted.keys(), stats)?;
+        let mut used_backend_ids = BTreeSet::new();
+        let mut adopted = HashMap::new();
+        for b in wanted.keys() {
+            if let Some(id) = by_value.get(&backend_value(b)) {
+                used_backend_ids.insert(*id);
+                adopted.insert(*b, *id);
+            }
+        }
+        self.backend_alloc.reset(&used_backend_ids);
+        self.backend_ids.clear();
+        for (b, id) in adopted {
+            // Counted up again as frontends take them below.
+            self.backend_ids.insert(b, (id, 0));
+        }
+        Ok(())
+    }
+
+    /// The view IDs the kernel's service entries give the frontends of
+    /// `plans` (an ID at most once); restarts the view IDs after them.
+    fn adopt_svc_ids(
+        &mut self,
+        plans: &Plans<'_>,
+        kernel_services: &HashMap<ServiceKey, ServiceValue>,
+    ) -> HashMap<FrontendKey, [Option<u32>; 2]> {
+        let mut used_svc_ids = BTreeSet::new();
+        let mut current_ids: HashMap<FrontendKey, [Option<u32>; 2]> = HashMap::new();
+        for (plan, _) in plans {
+            let key = &plan.key;
+            let mut ids = [None, None];
+            for (scope, _) in scoped_views(plan) {
+                if let Some(head) = kernel_services.get(&service_key(key, scope, 0))
+                    && head.svc_id != 0
+                    && used_svc_ids.insert(head.svc_id)
+                {
+                    ids[scope as usize] = Some(head.svc_id);
+                }
+            }
+            current_ids.insert(*key, ids);
+        }
+        self.svc_alloc.reset(&used_svc_ids);
+        current_ids
+    }
+
+    /// The entries of every frontend of `plans` together, and the shadow of
+    /// each, with the view IDs adopted in `current_ids` (new ones for the
+    /// others); acquires the backends they use.
+    fn entries_of_plans(
+        &mut self,
+        plans: &Plans<'_>,
+        current_ids: &HashMap<FrontendKey, [Option<u32>; 2]>,
+        stats: &mut ApplyStats,
+    ) -> Result<(Entries, HashMap<FrontendKey, Programmed>), EbpfError> {
+        let mut all_new = Entries::default();
+        let mut programmed = HashMap::new();
+        for (plan, fe) in plans {
+            let key = &plan.key;
+            let current = current_ids.get(key).copied().unwrap_or([None, None]);
+            let svc_ids = self.svc_ids_for(plan, current)?;
+            let (entries, backends) = self.entries_for(plan, &svc_ids, stats)?;
+            all_new
+                .services
+                .extend(entries.services.iter().map(|(k, v)| (*k, *v)));
+            all_new.members.extend(entries.members.iter().copied());
+            all_new.ranges.extend(entries.ranges.iter().copied());
+            programmed.insert(
+                *key,
+                Programmed {
+                    entries,
+                    backends,
+                    svc_ids,
+                    frontend: Some((*fe).clone()),
+                },
+            );
+        }
+        Ok((all_new, programmed))
+    }
+
+    /// Removes the backends of `kernel_backends` no frontend uses any more,
+    /// and restarts the backend IDs after those in use.
+    fn remove_stale_backends(
+        &mut self,
+        kernel_backends: &BTreeMap<BackendId, BackendValue>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        let in_use: BTreeSet<BackendId> = self.backend_ids.values().map(|(id, _)| *id).collect();
+        for id in kernel_backends.keys().filter(|id| !in_use.contains(id)) {
+            remove_ignoring_missing(&mut self.backends, id)?;
+            stats.map_deletes += 1;
+        }
+        self.backend_alloc.reset(&in_use);
+        Ok(())
+    }
+}
+
+/// Every backend the views of `plans` balance over, with how many views
+/// use it.
+fn wanted_backends(plans: &Plans<'_>) -> BTreeMap<BackendRef, usize> {
+    let mut wanted: BTreeMap<BackendRef, usize> = BTreeMap::new();
+    for (plan, _) in plans {
+        let key = &plan.key;
+        for (_, view) in scoped_views(plan) {
+            for b in backends_of(view) {
+                let r = BackendRef {
+                    ip: b.ip,
+                    port: b.port,
+                    protocol: key.protocol,
+                };
+                *wanted.entry(r).or_default() += 1;
+            }
+        }
+    }
+    wanted
+}

@@ -1,0 +1,388 @@
+//! The make-before-break writer: programs frontends (and the backends,
+//! backend ports and frontend addresses they use) into the maps, and keeps
+//! the shadow of what it wrote.
+use std::{collections::BTreeSet, io, net::IpAddr};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use proxy_common::{
+    BackendId, MAX_BACKENDS_PER_SERVICE, MemberKey, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_AFFINITY,
+    ServiceKey, ServiceValue,
+};
+
+use super::{
+    EbpfDataplane, EbpfError,
+    encode::{
+        BackendRef, Entries, SourceRangeSlot, addr_of, backend_value, backends_of, flags_of,
+        frontend_name, node_addr_key, scoped_views, service_key, source_range_key,
+    },
+    flows::stale_udp_flows,
+};
+use crate::{
+    dataplane::ApplyStats,
+    model::{
+        Frontend, FrontendKey, Protocol, TableDiff,
+        plan::{FrontendPlan, plan},
+    },
+};
+
+/// What this agent wrote for one frontend.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Programmed {
+    pub(super) entries: Entries,
+    /// The backends it holds a reference on.
+    pub(super) backends: Vec<BackendRef>,
+    /// svc_id per scope (index = scope).
+    pub(super) svc_ids: [Option<u32>; 2],
+    /// The frontend, planned again when the node's network changes a plan.
+    pub(super) frontend: Option<Frontend>,
+}
+
+/// How long an address no frontend has any more stays in the
+/// frontend-address filter: as long as an established TCP flow through it
+/// may live, so such flows keep their translation after their Service is
+/// gone, as netfilter's conntrack keeps them for kube-proxy.
+pub(super) const FRONTEND_ADDR_LINGER: std::time::Duration =
+    std::time::Duration::from_nanos(proxy_common::CT_LIFETIME_TCP_NS);
+
+pub(super) fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    key: &K,
+) -> Result<(), EbpfError> {
+    match map.remove(key) {
+        Ok(()) => Ok(()),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl EbpfDataplane {
+    fn acquire(&mut self, b: BackendRef, stats: &mut ApplyStats) -> Result<BackendId, EbpfError> {
+        if let Some((id, refs)) = self.backend_ids.get_mut(&b) {
+            *refs += 1;
+            return Ok(*id);
+        }
+        let id = self
+            .backend_alloc
+            .alloc()
+            .ok_or(EbpfError::BackendIdsExhausted)?;
+        self.backends.insert(id, backend_value(&b), 0)?;
+        stats.map_writes += 1;
+        self.backend_ids.insert(b, (id, 1));
+        Ok(id)
+    }
+
+    fn release(&mut self, b: &BackendRef, stats: &mut ApplyStats) -> Result<(), EbpfError> {
+        let Some((id, refs)) = self.backend_ids.get_mut(b) else {
+            return Ok(());
+        };
+        *refs -= 1;
+        if *refs == 0 {
+            let id = *id;
+            self.backend_ids.remove(b);
+            remove_ignoring_missing(&mut self.backends, &id)?;
+            stats.map_deletes += 1;
+            self.backend_alloc.release(id);
+        }
+        Ok(())
+    }
+
+    /// The entries a frontend's `plan` needs, given its views' IDs;
+    /// acquires (and returns) a reference on every backend it uses.
+    pub(super) fn entries_for(
+        &mut self,
+        plan: &FrontendPlan,
+        svc_ids: &[Option<u32>; 2],
+        stats: &mut ApplyStats,
+    ) -> Result<(Entries, Vec<BackendRef>), EbpfError> {
+        let key = &plan.key;
+        let mut entries = Entries::default();
+        let mut refs = Vec::new();
+        let (_, family) = addr_of(key.ip);
+        for (scope, view) in scoped_views(plan) {
+            let (backends, flags) = (backends_of(view), flags_of(plan, scope, view));
+            if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+                return Err(EbpfError::TooManyBackends(
+                    frontend_name(key),
+                    backends.len(),
+                ));
+            }
+            let svc_id = svc_ids[scope as usize].ok_or(EbpfError::ServiceIdsExhausted)?;
+            for (i, b) in backends.iter().enumerate() {
+                let r = BackendRef {
+                    ip: b.ip,
+                    port: b.port,
+                    protocol: key.protocol,
+                };
+                let id = self.acquire(r, stats)?;
+                refs.push(r);
+                entries.services.insert(
+                    service_key(key, scope, i as u16 + 1),
+                    ServiceValue {
+                        backend_id: id,
+                        ..Default::default()
+                    },
+                );
+                if flags & SVC_AFFINITY != 0 {
+                    entries.members.insert(MemberKey {
+                        svc_id,
+                        backend_id: id,
+                    });
+                }
+            }
+            entries.services.insert(
+                service_key(key, scope, 0),
+                ServiceValue {
+                    count: backends.len() as u16,
+                    flags,
+                    affinity_timeout_secs: plan.affinity_timeout_secs.unwrap_or(0),
+                    svc_id,
+                    ..Default::default()
+                },
+            );
+            if scope == SCOPE_EXTERNAL {
+                for range in plan.source_ranges.iter().flatten() {
+                    if let Some(k) = source_range_key(svc_id, family, range) {
+                        entries.ranges.insert(SourceRangeSlot {
+                            prefix_len: k.prefix_len(),
+                            data: k.data(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok((entries, refs))
+    }
+
+    /// IDs for the views `frontend` needs, keeping those it already has.
+    pub(super) fn svc_ids_for(
+        &mut self,
+        plan: &FrontendPlan,
+        current: [Option<u32>; 2],
+    ) -> Result<[Option<u32>; 2], EbpfError> {
+        let mut ids = [None, None];
+        let wanted: Vec<u8> = scoped_views(plan).map(|(scope, _)| scope).collect();
+        for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
+            let i = scope as usize;
+            if wanted.contains(&scope) {
+                ids[i] = match current[i] {
+                    Some(id) => Some(id),
+                    None => Some(
+                        self.svc_alloc
+                            .alloc()
+                            .ok_or(EbpfError::ServiceIdsExhausted)?,
+                    ),
+                };
+            } else if let Some(id) = current[i] {
+                self.svc_alloc.release(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Writes what is in `new` and not in `old`, then removes what is only
+    /// in `old`, in make-before-break order: members, source ranges and
+    /// slots before the service entries that expose them; service entries
+    /// before the slots, ranges and members they stop exposing.
+    pub(super) fn write_entries(
+        &mut self,
+        old: &Entries,
+        new: &Entries,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        for m in new.members.difference(&old.members) {
+            self.members.insert(*m, 1, 0)?;
+            stats.map_writes += 1;
+        }
+        for r in new.ranges.difference(&old.ranges) {
+            self.source_ranges.insert(&r.key(), 1, 0)?;
+            stats.map_writes += 1;
+        }
+        for heads in [false, true] {
+            for (k, v) in &new.services {
+                if (k.slot == 0) == heads && old.services.get(k) != Some(v) {
+                    self.services.insert(*k, *v, 0)?;
+                    stats.map_writes += 1;
+                }
+            }
+        }
+        let mut stale: Vec<&ServiceKey> = old
+            .services
+            .keys()
+            .filter(|k| !new.services.contains_key(k))
+            .collect();
+        stale.sort_by_key(|k| k.slot);
+        for k in stale {
+            remove_ignoring_missing(&mut self.services, k)?;
+            stats.map_deletes += 1;
+        }
+        for r in old.ranges.difference(&new.ranges) {
+            match self.source_ranges.remove(&r.key()) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            stats.map_deletes += 1;
+        }
+        for m in old.members.difference(&new.members) {
+            remove_ignoring_missing(&mut self.members, m)?;
+            stats.map_deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Programs one frontend (new or changed), make-before-break.
+    fn program_frontend(
+        &mut self,
+        key: &FrontendKey,
+        frontend: &Frontend,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        let old = self.programmed.remove(key).unwrap_or_default();
+        let plan = plan(key, frontend, &self.network);
+        let svc_ids = self.svc_ids_for(&plan, old.svc_ids)?;
+        let (entries, backends) = self.entries_for(&plan, &svc_ids, stats)?;
+        self.mark_backend_ports(&backends, stats)?;
+        self.write_entries(&old.entries, &entries, stats)?;
+        for b in &old.backends {
+            self.release(b, stats)?;
+        }
+        self.programmed.insert(
+            *key,
+            Programmed {
+                entries,
+                backends,
+                svc_ids,
+                frontend: Some(frontend.clone()),
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_frontend(
+        &mut self,
+        key: &FrontendKey,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        let Some(old) = self.programmed.remove(key) else {
+            return Ok(());
+        };
+        self.write_entries(&old.entries, &Entries::default(), stats)?;
+        for b in &old.backends {
+            self.release(b, stats)?;
+        }
+        for id in old.svc_ids.into_iter().flatten() {
+            self.svc_alloc.release(id);
+        }
+        Ok(())
+    }
+
+    /// Sets the bits of the UDP and SCTP ports among `backends` in the
+    /// backend-port bitmap (see [`proxy_common::MAP_BACKEND_PORTS`]). Bits
+    /// are never cleared: flows to a port may outlive its last backend, and
+    /// a stale bit costs the datapath one lookup, nothing else.
+    pub(super) fn mark_backend_ports<'a>(
+        &mut self,
+        backends: impl IntoIterator<Item = &'a BackendRef>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        for b in backends {
+            if !matches!(b.protocol, Protocol::Udp | Protocol::Sctp) {
+                continue;
+            }
+            let (word, bit) = (b.port >> 6, b.port & 63);
+            let Some(value) = self.backend_port_words.get_mut(usize::from(word)) else {
+                continue;
+            };
+            if *value & (1 << bit) == 0 {
+                *value |= 1 << bit;
+                self.backend_ports.set(u32::from(word), *value, 0)?;
+                stats.map_writes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the frontend-address filter, which holds `in_kernel`, hold
+    /// every address of a programmed frontend, and those that lost their
+    /// last frontend less than [`FRONTEND_ADDR_LINGER`] ago. NodePorts (the
+    /// unspecified address) are served through the node-addresses map
+    /// instead.
+    pub(super) fn sync_frontend_addrs(
+        &mut self,
+        in_kernel: BTreeSet<IpAddr>,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        let now = std::time::Instant::now();
+        let current: BTreeSet<IpAddr> = self
+            .programmed
+            .keys()
+            .map(|k| k.ip)
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        for ip in in_kernel.difference(&current) {
+            self.lingering
+                .entry(*ip)
+                .or_insert(now + FRONTEND_ADDR_LINGER);
+        }
+        self.lingering
+            .retain(|ip, until| !current.contains(ip) && *until > now);
+        let wanted: BTreeSet<IpAddr> = current
+            .iter()
+            .chain(self.lingering.keys())
+            .copied()
+            .collect();
+        for ip in wanted.difference(&in_kernel) {
+            self.frontend_addrs.insert(node_addr_key(*ip), 1, 0)?;
+            stats.map_writes += 1;
+        }
+        for ip in in_kernel.difference(&wanted) {
+            remove_ignoring_missing(&mut self.frontend_addrs, &node_addr_key(*ip))?;
+            stats.map_deletes += 1;
+        }
+        self.frontend_addresses = wanted;
+        Ok(())
+    }
+
+    /// Programs every frontend again under the current node network.
+    pub(super) fn replan(&mut self) -> Result<(), EbpfError> {
+        let frontends: Vec<(FrontendKey, Frontend)> = self
+            .programmed
+            .iter()
+            .filter_map(|(key, p)| p.frontend.clone().map(|f| (*key, f)))
+            .collect();
+        let mut stats = ApplyStats::default();
+        for (key, frontend) in &frontends {
+            self.program_frontend(key, frontend, &mut stats)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, EbpfError> {
+        let mut stats = ApplyStats::default();
+        for (key, _) in &diff.removed {
+            self.remove_frontend(key, &mut stats)?;
+            stats.frontends_removed += 1;
+        }
+        for (key, fe) in &diff.added {
+            self.program_frontend(key, fe, &mut stats)?;
+            stats.frontends_added += 1;
+        }
+        for change in &diff.changed {
+            self.program_frontend(&change.key, &change.new, &mut stats)?;
+            stats.frontends_changed += 1;
+        }
+        let stale = self.at_node_addresses(stale_udp_flows(diff));
+        if !stale.is_empty() {
+            stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
+        }
+        let written = self.frontend_addresses.clone();
+        self.sync_frontend_addrs(written, &mut stats)?;
+        Ok(stats)
+    }
+}

@@ -1,0 +1,311 @@
+//! Address translation: the rewrite of a packet's source or destination
+//! with its checksums, and masquerade: whether a new flow is masqueraded,
+//! and the node port it gets (Cilium's `nat.h`).
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use proxy_common::{
+    Addr, BackendValue, CT_SNAT_IN, CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, NodeConfig,
+    PROTO_TCP, SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, SNAT_TCP_HOLD_NS, SVC_MASQUERADE, SVC_MASQUERADE_OUTSIDE, ServiceValue, stat,
+};
+
+use crate::conntrack::{FlowScratch, lifetime};
+use crate::csum::{csum_diff16, l4_csum, sctp_port_changed};
+use crate::datapath::Verdict;
+use crate::lb::Selection;
+use crate::maps::{PA_CONNTRACK, config, count, random, snat_addr};
+use crate::packet::{ETH_HLEN, v4_raw};
+use crate::parse::{
+    IP_CSUM, IP_DADDR, IP_SADDR, IP6_DADDR, IP6_SADDR, L4_DPORT, L4_SPORT, Packet, ifindex,
+};
+
+/// The end of a packet a rewrite changes.
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Rewrites the destination address and port of the packet: a flow's
+/// backend (DNAT), or the client of a masqueraded flow's reply.
+#[inline(always)]
+pub(crate) fn rewrite_dst(
+    ctx: &mut TcContext,
+    pkt: &Packet,
+    new_addr: &Addr,
+    new_port: u16,
+) -> Result<(), i64> {
+    rewrite(ctx, pkt, Side::Destination, new_addr, new_port)
+}
+
+/// Rewrites the source address and port of the packet: the node address
+/// of a masqueraded flow (SNAT), or the frontend of a reply.
+#[inline(always)]
+pub(crate) fn rewrite_src(
+    ctx: &mut TcContext,
+    pkt: &Packet,
+    new_addr: &Addr,
+    new_port: u16,
+) -> Result<(), i64> {
+    rewrite(ctx, pkt, Side::Source, new_addr, new_port)
+}
+
+/// Rewrites the address and port of `side` of the packet and fixes the
+/// checksums incrementally: the IPv4 header checksum, the TCP/UDP checksum
+/// (pseudo-header included), or the SCTP CRC32c when a port changes.
+#[inline(always)]
+fn rewrite(
+    ctx: &mut TcContext,
+    pkt: &Packet,
+    side: Side,
+    new_addr: &Addr,
+    new_port: u16,
+) -> Result<(), i64> {
+    let (old_addr, old_port, port_at) = match side {
+        Side::Destination => (&pkt.daddr, pkt.dport, L4_DPORT),
+        Side::Source => (&pkt.saddr, pkt.sport, L4_SPORT),
+    };
+    let addr_off = match (pkt.family == FAMILY_V4, side) {
+        (true, Side::Destination) => ETH_HLEN + IP_DADDR,
+        (true, Side::Source) => ETH_HLEN + IP_SADDR,
+        (false, Side::Destination) => ETH_HLEN + IP6_DADDR,
+        (false, Side::Source) => ETH_HLEN + IP6_SADDR,
+    };
+    let port_off = pkt.l4_off + port_at;
+    let addr_changed = old_addr != new_addr;
+    let port_changed = old_port != new_port;
+    if let Some((csum_off, mangled)) = l4_csum(pkt) {
+        let present =
+            pkt.proto == PROTO_TCP || pkt.family == FAMILY_V6 || ctx.load::<u16>(csum_off)? != 0;
+        if present {
+            if addr_changed {
+                if pkt.family == FAMILY_V4 {
+                    ctx.l4_csum_replace(
+                        csum_off,
+                        v4_raw(old_addr) as u64,
+                        v4_raw(new_addr) as u64,
+                        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+                    )?;
+                } else {
+                    let diff = csum_diff16(old_addr, new_addr)?;
+                    ctx.l4_csum_replace(csum_off, 0, diff, BPF_F_PSEUDO_HDR as u64 | mangled)?;
+                }
+            }
+            if port_changed {
+                ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)?;
+            }
+        }
+    } else if port_changed {
+        let ret = sctp_port_changed(ctx, pkt, port_at, old_port ^ new_port);
+        if ret < 0 {
+            return Err(ret);
+        }
+    }
+    if addr_changed {
+        if pkt.family == FAMILY_V4 {
+            let (old, new) = (v4_raw(old_addr), v4_raw(new_addr));
+            ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, old as u64, new as u64, 4)?;
+            ctx.store(addr_off, &new, 0)?;
+        } else {
+            ctx.store(addr_off, new_addr, 0)?;
+        }
+    }
+    if port_changed {
+        ctx.store(port_off, &new_port, 0)?;
+    }
+    Ok(())
+}
+
+/// The last step of a new flow: sends its first packet to the backend.
+/// `reason` is the flow's, counted when the rewrite works.
+#[inline(always)]
+pub(crate) fn translate(
+    ctx: &mut TcContext,
+    pkt: &Packet,
+    sel: &Selection,
+    reason: u32,
+) -> Verdict {
+    match rewrite_dst(ctx, pkt, &sel.backend.addr, sel.backend.port) {
+        Ok(()) => (TC_ACT_OK as i32, reason),
+        Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
+    }
+}
+
+/// Masquerades a new flow if it needs it (see [`needs_masquerade`]) and the
+/// node has an address to masquerade it with: claims it a node port and
+/// writes its masquerade entries, with the flow's `flags`. Returns whether
+/// it did, or the verdict on a flow that got no port.
+#[inline(always)]
+pub(crate) fn masquerade(
+    ctx: &TcContext,
+    pkt: &Packet,
+    cfg: Option<&NodeConfig>,
+    sel: &Selection,
+    flags: u16,
+    scratch: &mut FlowScratch,
+) -> Result<bool, Verdict> {
+    if !needs_masquerade(&sel.svc, pkt, &sel.backend, sel.client_in_cluster) {
+        return Ok(false);
+    }
+    let Some(node) = snat_addr(cfg, pkt.family) else {
+        count(stat::PASS_NO_SNAT_ADDRESS);
+        return Ok(false);
+    };
+    scratch.value = CtValue {
+        nat_addr: pkt.saddr,
+        nat_port: pkt.sport,
+        flags,
+        backend_id: 0,
+        svc_id: 0,
+        in_ifindex: ifindex(ctx),
+        last_seen_ns: sel.now,
+    };
+    if !allocate_snat(scratch, pkt, &sel.backend, &node) {
+        return Err((TC_ACT_SHOT as i32, stat::DROP_SNAT_EXHAUSTED));
+    }
+    Ok(true)
+}
+
+/// Whether a new flow is masqueraded: always a client that is its own
+/// backend (hairpin), whose reply would otherwise never leave the pod;
+/// otherwise as the agent's plan decided for the view (kube-proxy's
+/// decisions, in the agent's `model/plan.rs`): every client, clients
+/// outside the cluster CIDR, or none.
+#[inline(always)]
+fn needs_masquerade(
+    svc: &ServiceValue,
+    pkt: &Packet,
+    backend: &BackendValue,
+    client_in_cluster: Option<bool>,
+) -> bool {
+    if pkt.saddr == backend.addr || svc.flags & SVC_MASQUERADE != 0 {
+        return true;
+    }
+    svc.flags & SVC_MASQUERADE_OUTSIDE != 0 && client_in_cluster == Some(false)
+}
+
+/// Picks a node port for a masqueraded flow and writes both of its
+/// entries. The port is claimed by inserting the reply-side entry with
+/// `BPF_NOEXIST`: two flows can never share (backend, node address, port),
+/// even when CPUs race. Returns false when every attempt collided.
+///
+/// `scratch.value` holds the value of the reply-side entry on entry: the
+/// client's address and port, with the flow's flags and clock.
+#[inline(never)]
+fn allocate_snat(
+    scratch: &mut FlowScratch,
+    pkt: &Packet,
+    backend: &BackendValue,
+    node: &Addr,
+) -> bool {
+    let (mut min, mut max, low_min, low_max) = match config() {
+        Some(c) => (
+            c.snat_port_min as u32,
+            c.snat_port_max as u32,
+            c.snat_low_min as u32,
+            c.snat_low_max as u32,
+        ),
+        None => (
+            SNAT_PORT_MIN as u32,
+            SNAT_PORT_MAX as u32,
+            SNAT_LOW_PORT_MIN as u32,
+            SNAT_LOW_PORT_MAX as u32,
+        ),
+    };
+    if min == 0 || max < min {
+        min = SNAT_PORT_MIN as u32;
+        max = SNAT_PORT_MAX as u32;
+    }
+    // Offsets below `low` fall in the low range, the rest in the high one.
+    let low = if low_min != 0 && low_max >= low_min {
+        low_max - low_min + 1
+    } else {
+        0
+    };
+    // One range is chosen, in proportion to its size, before the loop: a
+    // choice per attempt would double the verifier's paths at each one.
+    let high = max - min + 1;
+    let pick = random().checked_rem(high + low).unwrap_or(0);
+    let (base, span, start) = if pick < low {
+        (low_min, low, pick)
+    } else {
+        (min, high, pick - low)
+    };
+    scratch.key = CtKey {
+        src: backend.addr,
+        dst: *node,
+        sport: backend.port,
+        dport: 0,
+        proto: pkt.proto,
+        family: pkt.family,
+        dir: CT_SNAT_IN,
+        _pad0: 0,
+    };
+    let mut i = 0;
+    while i < SNAT_PORT_ATTEMPTS {
+        let offset = start.wrapping_add(i).checked_rem(span).unwrap_or(0);
+        let port = ((base + offset) as u16).to_be();
+        scratch.key.dport = port;
+        if claim_snat_port(scratch, pkt.proto) {
+            scratch.key2 = CtKey {
+                src: pkt.saddr,
+                dst: backend.addr,
+                sport: pkt.sport,
+                dport: backend.port,
+                proto: pkt.proto,
+                family: pkt.family,
+                dir: CT_SNAT_OUT,
+                _pad0: 0,
+            };
+            scratch.value2 = CtValue {
+                nat_addr: *node,
+                nat_port: port,
+                ..scratch.value
+            };
+            if PA_CONNTRACK
+                .insert(&scratch.key2, &scratch.value2, 0)
+                .is_err()
+            {
+                let _ = PA_CONNTRACK.remove(&scratch.key);
+                return false;
+            }
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Claims the masquerade tuple `scratch.key` for the flow in
+/// `scratch.value`: inserts it if free, or takes it over from a flow that
+/// is over (expired, and for TCP past [`SNAT_TCP_HOLD_NS`]). Only a
+/// `BPF_NOEXIST` insert claims, so two CPUs never both get one tuple; the
+/// delete before it only makes room.
+#[inline(never)]
+fn claim_snat_port(scratch: &mut FlowScratch, proto: u8) -> bool {
+    let insert = |s: &FlowScratch| {
+        PA_CONNTRACK
+            .insert(&s.key, &s.value, BPF_NOEXIST as u64)
+            .is_ok()
+    };
+    if insert(scratch) {
+        return true;
+    }
+    // SAFETY: copied out at once; plain data.
+    let Some(old) = (unsafe { PA_CONNTRACK.get(&scratch.key) }).copied() else {
+        // Gone in between: free now.
+        return insert(scratch);
+    };
+    let idle = scratch.value.last_seen_ns.wrapping_sub(old.last_seen_ns);
+    let mut hold = lifetime(proto, old.flags);
+    if proto == PROTO_TCP && hold < SNAT_TCP_HOLD_NS {
+        hold = SNAT_TCP_HOLD_NS;
+    }
+    if idle <= hold {
+        return false;
+    }
+    let _ = PA_CONNTRACK.remove(&scratch.key);
+    insert(scratch)
+}
