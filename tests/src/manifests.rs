@@ -653,6 +653,12 @@ impl ManifestsDir {
         self.write_object(&service_file(spec), &spec.service())
     }
 
+    /// Writes `object` as the Service's file: a Service as [`ServiceSpec`]
+    /// cannot spell it (say, with fields edited as an old object has them).
+    pub fn write_service_object(&self, spec: &ServiceSpec, object: &Value) -> anyhow::Result<()> {
+        self.write_object(&service_file(spec), object)
+    }
+
     /// Writes (or rewrites) the Service's EndpointSlice with `endpoints`.
     pub fn write_endpoint_slice(
         &self,

@@ -20,6 +20,7 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
+use proxy_agent::dataplane::{Mode as AgentMode, mode::Behaviour};
 use proxy_tests::manifests::TrafficPolicy;
 use proxy_tests::{
     client::check_spread,
@@ -48,12 +49,17 @@ enum Mode {
 }
 
 impl Mode {
-    fn flag(self) -> &'static str {
+    /// The agent's mode this one runs.
+    fn mode(self) -> AgentMode {
         match self {
-            Mode::Ebpf => "ebpf",
-            Mode::Nftables => "nftables",
-            Mode::Iptables | Mode::IptablesLegacy => "iptables",
+            Mode::Ebpf => AgentMode::Ebpf,
+            Mode::Nftables => AgentMode::Nftables,
+            Mode::Iptables | Mode::IptablesLegacy => AgentMode::Iptables,
         }
+    }
+
+    fn flag(self) -> &'static str {
+        self.mode().name()
     }
 
     /// The name of the scenarios' module of this mode.
@@ -73,35 +79,36 @@ impl Mode {
         }
     }
 
-    /// Why this mode cannot express `scenario`, if it cannot.
+    /// Why this mode cannot express `scenario`, if it cannot: the agent's
+    /// own word on the behaviour the scenario shows ([`AgentMode::cannot`]).
     fn cannot(self, scenario: &str) -> Option<&'static str> {
-        match (self, scenario) {
-            (Mode::Ebpf, _) => None,
-            (Mode::Nftables | Mode::Iptables | Mode::IptablesLegacy, "hairpin_bridge") => Some(
-                "with br_netfilter on (bridge-nf-call-iptables=1, the kernel's default), netfilter \
-                 DNATs a pod's frame to its own service inside the bridge, which cannot send it \
-                 back out of the port it came from without hairpin_mode (kube-proxy's documented \
-                 requirement; see hairpin_bridge_with_hairpin_mode)",
-            ),
-            (Mode::Nftables | Mode::Iptables | Mode::IptablesLegacy, _) => None,
-        }
+        let behaviour = match scenario {
+            "hairpin_bridge" => Behaviour::HairpinWithoutHairpinMode,
+            _ => return None,
+        };
+        self.mode().cannot(behaviour)
     }
 
     /// Whether the node's processes are translated only inside the agent's
     /// cgroup (the eBPF socket hooks), or all of them (netfilter's output hook).
     fn scopes_node_processes_by_cgroup(self) -> bool {
-        self == Mode::Ebpf
+        self.mode()
+            .cannot(Behaviour::NodeProcessesOutsideTheAgentCgroup)
+            .is_some()
     }
 
     /// Why this mode cannot serve NodePorts on `::1`, if it cannot.
     fn cannot_serve_ipv6_localhost(self) -> Option<&'static str> {
-        match self {
-            Mode::Ebpf => None,
-            Mode::Nftables | Mode::Iptables | Mode::IptablesLegacy => Some(
-                "a DNATed packet with source ::1 cannot leave the node (IPv6 has no \
-                 route_localnet); kube-proxy serves localhost NodePorts on IPv4 only",
-            ),
-        }
+        self.mode().cannot(Behaviour::Ipv6LocalhostNodePorts)
+    }
+
+    /// Whether a node process's connect that the mode will not serve fails
+    /// at once with "connection refused", rather than by its packets being
+    /// dropped.
+    fn refuses_node_processes_at_connect(self) -> bool {
+        self.mode()
+            .cannot(Behaviour::RefusesNodeConnectsAtOnce)
+            .is_none()
     }
 }
 
@@ -131,6 +138,8 @@ suite![
     nodeport_on_node_addresses_never_loopback,
     nodeport_follows_node_addresses,
     external_and_load_balancer_ips_with_source_ranges,
+    narrowed_source_ranges_keep_established_flows,
+    ipv4_with_leading_zeros_is_served,
     session_affinity_client_ip,
     terminating_endpoints_serve_only_when_none_is_ready,
     established_flow_survives_backend_removal,
@@ -144,7 +153,9 @@ suite![
     masquerade_follows_the_cluster_cidr,
     masquerade_all_masquerades_pods_too,
     nodeport_to_backends_on_another_node,
+    pods_reaching_a_nodeport_are_masqueraded,
     node_processes_reach_services_through_socket_hooks,
+    node_reaches_a_restricted_lb_ip_in_its_ranges,
     localhost_nodeport_only_when_asked,
     hairpin_routed,
     hairpin_bridge,
@@ -802,6 +813,77 @@ fn external_and_load_balancer_ips_with_source_ranges(mode: Mode) -> anyhow::Resu
     Ok(())
 }
 
+/// The node port of the session port in scenarios with a LoadBalancer.
+const SESSION_NODE_PORT: u16 = 30081;
+
+/// `loadBalancerSourceRanges` decide who may start a flow, not who may keep
+/// one, as in kube-proxy (its firewall runs for `ct state new` only, and its
+/// conntrack cleanup ignores ranges): ranges narrowed to leave the client
+/// out refuse its new connections and flows at once, while its established
+/// TCP session and UDP flow go on, on their backends.
+fn narrowed_source_ranges_keep_established_flows(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let open = echo()
+        .tcp(SESSION_PORT, POD_SESSION_PORT)
+        .load_balancer(&[LB_IP], &[TCP_NODE_PORT, UDP_NODE_PORT, SESSION_NODE_PORT])
+        .source_ranges(&["198.18.0.2/32"]);
+    c.publish(&open, &c.endpoints(&open, &[0, 1], &[]))?;
+    c.wait(Protocol::Tcp, at(LB_IP, TCP_PORT))?;
+    let mut session = open_session(c.t.client_ns(), at(LB_IP, SESSION_PORT))?;
+    let session_backend = ask(&mut session)?;
+    let flow = connected_udp(c.t.client_ns(), at(LB_IP, UDP_PORT))?;
+    let flow_backend = query(&flow).context("first UDP query unanswered")?;
+    c.manifests
+        .write_service(&open.clone().source_ranges(&["203.0.113.0/24"]))?;
+    c.until(
+        Protocol::Tcp,
+        at(LB_IP, TCP_PORT),
+        "new connections outside the narrowed ranges refused",
+        |r| r.ok == 0,
+    )?;
+    let report = c.probe_in(c.t.client_ns(), Protocol::Udp, at(LB_IP, UDP_PORT), 3)?;
+    check_unanswered("a new UDP flow outside the ranges", &report, 3)?;
+    for _ in 0..5 {
+        ensure!(
+            ask(&mut session)? == session_backend,
+            "the established session moved"
+        );
+        ensure!(
+            query(&flow).as_deref() == Some(flow_backend.as_str()),
+            "the established UDP flow was cut or moved"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// IPv4 addresses written with leading zeros in an octet, which the API
+/// server accepted before it tightened validation and which old objects
+/// still carry, are read as kube-proxy reads them: as the plain decimal
+/// address. The Service is served, not refused.
+fn ipv4_with_leading_zeros_is_served(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let service = echo().external_ips(&[EXTERNAL_IP]);
+    let mut object = service.service();
+    object["spec"]["clusterIP"] = "198.019.000.010".into();
+    object["spec"]["clusterIPs"] = serde_json::json!(["198.019.000.010"]);
+    object["spec"]["externalIPs"] = serde_json::json!(["198.19.001.010"]);
+    c.manifests.write_service_object(&service, &object)?;
+    c.set_endpoints(&service, &c.endpoints(&service, &[0, 1], &[]))?;
+    for ip in [VIP, EXTERNAL_IP] {
+        c.wait(Protocol::Tcp, at(ip, TCP_PORT))?;
+        let report = c.exchange(Protocol::Tcp, at(ip, TCP_PORT), COUNT)?;
+        check(
+            &format!("{ip} written with leading zeros"),
+            &report,
+            COUNT,
+            &["pod-0", "pod-1"],
+            &[NODE],
+        )?;
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Backend choice and state.
 
@@ -984,6 +1066,27 @@ fn established_flow_survives_backend_removal(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A UDP socket of namespace `ns` connected to `target`: one flow.
+fn connected_udp(ns: &str, target: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let socket = in_netns(ns, || -> std::io::Result<UdpSocket> {
+        let socket = UdpSocket::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0))?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok(socket)
+    })??;
+    Ok(socket)
+}
+
+/// One query on a flow; the answering backend's name, or `None` when no
+/// answer came.
+fn query(socket: &UdpSocket) -> Option<String> {
+    socket.send(b"q\n").ok()?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    text.split_whitespace().next().map(str::to_string)
+}
+
 /// A connected UDP socket (one flow) whose backend leaves is answered by a
 /// live backend at once: the stale flow is forgotten (the DNS case).
 fn udp_flow_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result<()> {
@@ -991,20 +1094,7 @@ fn udp_flow_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result<()> {
     let service = echo();
     c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
     c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
-    let client_ns = c.t.client_ns().to_string();
-    let socket = in_netns(&client_ns, || -> std::io::Result<UdpSocket> {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        socket.connect(at(VIP, UDP_PORT))?;
-        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
-        Ok(socket)
-    })??;
-    let query = |socket: &UdpSocket| -> Option<String> {
-        socket.send(b"q\n").ok()?;
-        let mut buf = [0u8; 256];
-        let n = socket.recv(&mut buf).ok()?;
-        let text = std::str::from_utf8(&buf[..n]).ok()?;
-        text.split_whitespace().next().map(str::to_string)
-    };
+    let socket = connected_udp(c.t.client_ns(), at(VIP, UDP_PORT))?;
     let first = query(&socket).context("first UDP query unanswered")?;
     for _ in 0..5 {
         ensure!(
@@ -1462,6 +1552,39 @@ fn nodeport_to_backends_on_another_node(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pods reaching a NodePort of a `Cluster`-policy Service are masqueraded,
+/// as kube-proxy does: the endpoint may be on a node other than this one,
+/// and would otherwise answer the pod straight, past this node's reverse
+/// translation. Here the client is a pod of the second node and the
+/// endpoint another pod there (the client's node and the endpoint's node
+/// are one, the third node of the general case).
+fn pods_reaching_a_nodeport_are_masqueraded(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1).second_node(2))?;
+    let service = echo()
+        .dual_stack(VIP6)
+        .node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
+    c.publish(&service, &c.endpoints(&service, &[], &[1]))?;
+    let remote = c.t.remote_pods();
+    let (client, endpoint) = (&remote[0], remote[1].name.as_str());
+    for node in [NODE, NODE6] {
+        c.wait(Protocol::Tcp, at(node, TCP_NODE_PORT))?;
+        for (protocol, port) in [
+            (Protocol::Tcp, TCP_NODE_PORT),
+            (Protocol::Udp, UDP_NODE_PORT),
+        ] {
+            let report = c.exchange_in(client.ns(), protocol, at(node, port), 10)?;
+            check(
+                &format!("{protocol} from a pod of another node to {node}"),
+                &report,
+                10,
+                &[endpoint],
+                &[node],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// A pod that reaches a service and is chosen as its own backend gets an
 /// answer: it is masqueraded to the node, so the reply comes back through
 /// the dataplane.
@@ -1628,6 +1751,56 @@ fn node_processes_reach_services_through_socket_hooks(mode: Mode) -> anyhow::Res
         "refusing 5 connects took {:?}",
         started.elapsed()
     );
+    Ok(())
+}
+
+/// The node reaches a LoadBalancer IP restricted by source ranges when a
+/// range holds the node's address, as kube-proxy serves it (its
+/// `allowFromNode` also admits the LB IP itself as a source, which a node
+/// that holds the VIP locally uses); the node is refused when no range
+/// holds it: at once, with "connection refused", where the mode can say so.
+fn node_reaches_a_restricted_lb_ip_in_its_ranges(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let Some(cgroup) = c.cgroup() else {
+        skip_without_cgroup("node_reaches_a_restricted_lb_ip_in_its_ranges");
+        return Ok(());
+    };
+    let inside = echo()
+        .load_balancer(&[LB_IP], &[TCP_NODE_PORT, UDP_NODE_PORT])
+        .source_ranges(&["198.18.0.1/32", "203.0.113.0/24"]);
+    c.publish(&inside, &c.endpoints(&inside, &[0, 1], &[]))?;
+    let quick = Duration::from_secs(2);
+    // The client (outside the ranges) cannot tell when it is served: wait
+    // from the node.
+    poll_until(ready_timeout(), Duration::from_millis(50), || {
+        let r = c.exchange_from_node(&cgroup, Protocol::Tcp, at(LB_IP, TCP_PORT), 1, quick)?;
+        Ok((r.ok == 1).then_some(()))
+    })
+    .context("the node was never served")?;
+    for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
+        let report = c.exchange_from_node(&cgroup, protocol, at(LB_IP, port), COUNT, quick)?;
+        check_spread(
+            &format!("node to {protocol} {LB_IP}, its address in the ranges"),
+            &report,
+            COUNT,
+            &names(&["pod-0", "pod-1"]),
+        )?;
+    }
+    c.manifests
+        .write_service(&inside.clone().source_ranges(&["203.0.113.0/24"]))?;
+    poll_until(POLL_LIMIT, Duration::from_millis(50), || {
+        let r = c.exchange_from_node(&cgroup, Protocol::Tcp, at(LB_IP, TCP_PORT), 3, quick)?;
+        Ok((r.ok == 0).then_some(r))
+    })
+    .context("the node was still served outside the ranges")?;
+    if mode.refuses_node_processes_at_connect() {
+        let refused =
+            c.exchange_from_node(&cgroup, Protocol::Tcp, at(LB_IP, TCP_PORT), 3, quick)?;
+        ensure!(
+            refused.errors.get("connect: ConnectionRefused") == Some(&3),
+            "a node connect outside the ranges must be refused: {refused:?}"
+        );
+    }
     Ok(())
 }
 

@@ -1,8 +1,8 @@
 //! Dataplanes: one trait, one module per kernel interface. Each applies the
 //! difference between what it has programmed and what the model desires.
 pub use crate::model::NodeNetwork;
-pub use mode::{Mode, ModeOptions};
 use crate::model::{ServiceTable, TableDiff};
+pub use mode::{Mode, ModeOptions};
 
 pub mod addresses;
 pub mod conntrack;

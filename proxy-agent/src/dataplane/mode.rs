@@ -112,6 +112,53 @@ impl Mode {
     }
 }
 
+/// A behaviour in which the modes differ. Every difference between modes is
+/// one of these, decided here with its reason ([`Mode::cannot`]) and
+/// listed in the README; the scenario suite checks each mode against it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Behaviour {
+    /// A pod reaches its own Service over a Linux bridge whose port has no
+    /// `hairpin_mode`.
+    HairpinWithoutHairpinMode,
+    /// NodePorts served on `::1` when `--nodeport-addresses` names it.
+    Ipv6LocalhostNodePorts,
+    /// Node processes outside the agent's cgroup reach Services.
+    NodeProcessesOutsideTheAgentCgroup,
+    /// A node process's connect to a Service that will not serve it fails
+    /// at once with "connection refused" instead of timing out.
+    RefusesNodeConnectsAtOnce,
+}
+
+impl Mode {
+    /// Why this mode cannot do `behaviour`, if it cannot.
+    pub fn cannot(self, behaviour: Behaviour) -> Option<&'static str> {
+        use Behaviour::*;
+        let netfilter = matches!(self, Mode::Nftables | Mode::Iptables | Mode::Ipvs);
+        match behaviour {
+            HairpinWithoutHairpinMode if netfilter => Some(
+                "with br_netfilter on (bridge-nf-call-iptables=1, the kernel's default), netfilter \
+                 DNATs a pod's frame to its own service inside the bridge, which cannot send it \
+                 back out of the port it came from without hairpin_mode (kube-proxy's documented \
+                 requirement)",
+            ),
+            Ipv6LocalhostNodePorts if netfilter => Some(
+                "a DNATed packet with source ::1 cannot leave the node (IPv6 has no \
+                 route_localnet); kube-proxy serves localhost NodePorts on IPv4 only",
+            ),
+            NodeProcessesOutsideTheAgentCgroup if self == Mode::Ebpf => Some(
+                "the node's own connections are translated by cgroup socket hooks attached to \
+                 the agent's cgroup (the node's root cgroup in a DaemonSet); their packets never \
+                 cross a hook of a pod interface",
+            ),
+            RefusesNodeConnectsAtOnce if netfilter => Some(
+                "netfilter drops or rejects the connection's first packet, as kube-proxy does; \
+                 only a socket hook can fail the connect() call itself",
+            ),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -206,6 +253,28 @@ pub fn remove_kube_proxy_leftovers() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_difference_has_a_reason_and_no_behaviour_is_missing_everywhere() {
+        use Behaviour::*;
+        for behaviour in [
+            HairpinWithoutHairpinMode,
+            Ipv6LocalhostNodePorts,
+            NodeProcessesOutsideTheAgentCgroup,
+            RefusesNodeConnectsAtOnce,
+        ] {
+            let can: Vec<Mode> = Mode::ALL
+                .into_iter()
+                .filter(|m| m.implemented() && m.cannot(behaviour).is_none())
+                .collect();
+            assert!(!can.is_empty(), "{behaviour:?}: no mode does it");
+            for mode in Mode::ALL {
+                if let Some(reason) = mode.cannot(behaviour) {
+                    assert!(reason.len() > 40, "{mode} {behaviour:?}: say why");
+                }
+            }
+        }
+    }
 
     #[test]
     fn names_round_trip_and_only_ipvs_is_missing() {
