@@ -19,11 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use proxy_agent::{
-    dataplane::{
-        Dataplane, NodeNetwork, ebpf,
-        iptables::{IptablesBackend, IptablesDataplane},
-        nftables::NftablesDataplane,
-    },
+    dataplane::{Dataplane, Mode, ModeOptions, NodeNetwork, ebpf, mode::IptablesBackendChoice},
     model::{
         Backend, Frontend, FrontendChange, FrontendKey, FrontendKind, FrontendPolicy, Protocol,
         ServiceName, ServiceTable, TableDiff,
@@ -131,15 +127,29 @@ struct Figures {
     restart: Duration,
 }
 
-fn dataplane(mode: &str) -> Result<Box<dyn Dataplane>> {
-    Ok(match mode {
+/// The dataplane of `name`: a mode as `--mode` spells it, or
+/// `iptables-legacy` (the iptables mode through iptables-legacy; plain
+/// `iptables` is iptables-nft here).
+fn dataplane(name: &str) -> Result<Box<dyn Dataplane>> {
+    let (mode, iptables_backend) = match name {
+        "iptables-legacy" => (Mode::Iptables, IptablesBackendChoice::Legacy),
+        "iptables" => (Mode::Iptables, IptablesBackendChoice::Nft),
+        other => (
+            Mode::from_name(other).with_context(|| format!("unknown mode {other:?}"))?,
+            IptablesBackendChoice::Auto,
+        ),
+    };
+    if mode == Mode::Ebpf {
         // Maps only: nothing is attached, so no interface is needed.
-        "ebpf" => Box::new(ebpf::load_unpinned().context("loading the eBPF object")?.0),
-        "nftables" => Box::new(NftablesDataplane::new()),
-        "iptables" => Box::new(IptablesDataplane::new(IptablesBackend::Nft)),
-        "iptables-legacy" => Box::new(IptablesDataplane::new(IptablesBackend::Legacy)),
-        other => bail!("unknown mode {other:?}"),
-    })
+        return Ok(Box::new(
+            ebpf::load_unpinned().context("loading the eBPF object")?.0,
+        ));
+    }
+    let options = ModeOptions {
+        iptables_backend,
+        ..ModeOptions::default()
+    };
+    Ok(mode.open(&options)?.dataplane)
 }
 
 fn measure(mode: &str, args: &Args) -> Result<Figures> {
@@ -189,10 +199,10 @@ fn measure(mode: &str, args: &Args) -> Result<Figures> {
         current.insert(k, f);
     }
     let started = Instant::now();
-    let stats = dp.reconcile(&current)?;
+    let report = dp.reconcile(&current)?;
     let resync = started.elapsed();
-    if stats.map_writes + stats.map_deletes + stats.frontends_changed > 0 {
-        bail!("{mode}: the reconcile after the changes found drift: {stats:?}");
+    if report.repaired + report.stats.frontends_changed > 0 {
+        bail!("{mode}: the reconcile after the changes found drift: {report:?}");
     }
     drop(dp);
     let mut dp = dataplane(mode)?;

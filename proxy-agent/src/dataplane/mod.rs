@@ -12,16 +12,41 @@ pub mod mode;
 pub mod netfilter;
 pub mod nftables;
 
-/// Counts of what one apply did, for logs and metrics.
+/// Counts of what one apply or reconcile did, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     pub frontends_added: usize,
     pub frontends_changed: usize,
     pub frontends_removed: usize,
-    pub map_writes: usize,
-    pub map_deletes: usize,
+    /// Kernel objects written: map entries, chains or rules, set and map
+    /// elements, whatever the mode's unit is.
+    pub kernel_writes: usize,
+    /// Kernel objects deleted, in the same unit.
+    pub kernel_deletes: usize,
     /// Connection-tracking entries deleted (UDP flows to removed backends).
     pub conntrack_deletes: usize,
+}
+
+/// What a reconcile did, and the drift it repaired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub stats: ApplyStats,
+    /// Kernel objects that were missing, extra or different from what the
+    /// desired table needs, and were written or removed. At start that is
+    /// whatever an earlier run left differing; later, anything is drift:
+    /// someone changed the kernel behind the agent's back.
+    pub repaired: usize,
+}
+
+impl ReconcileReport {
+    /// The report of a reconcile that writes only what differs from what
+    /// it read in the kernel: every write and delete repairs drift.
+    pub fn of_repairs(stats: ApplyStats) -> Self {
+        ReconcileReport {
+            repaired: stats.kernel_writes + stats.kernel_deletes,
+            stats,
+        }
+    }
 }
 
 /// A kernel dataplane.
@@ -36,7 +61,7 @@ pub trait Dataplane: Send {
     /// Reads what is really programmed in the kernel and makes it equal to
     /// `desired` (first sync after start, periodic repair of drift, and
     /// recovery after a failed apply).
-    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError>;
+    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ReconcileReport, DataplaneError>;
 
     /// Programs the node's own network facts. Called before the first
     /// reconcile and whenever they change (an address added or removed).
@@ -51,6 +76,8 @@ pub enum DataplaneError {
     Nftables(#[from] nftables::NftablesError),
     #[error("iptables: {0}")]
     Iptables(#[from] iptables::IptablesError),
+    #[error("conntrack: {0}")]
+    Conntrack(#[from] conntrack::ConntrackError),
     #[error("mode {0} is not in this build")]
     NotInThisBuild(&'static str),
 }

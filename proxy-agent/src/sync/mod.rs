@@ -263,7 +263,18 @@ impl<'a> Syncer<'a> {
                 }
                 self.dataplane.apply(&diff)
             }
-            _ => self.dataplane.reconcile(&desired),
+            _ => self.dataplane.reconcile(&desired).map(|report| {
+                // A periodic reconcile that had to repair found the kernel
+                // different from what we programmed: someone changed it.
+                if self.programmed.is_some() && report.repaired > 0 {
+                    tracing::warn!(
+                        dataplane = self.dataplane.name(),
+                        repaired = report.repaired,
+                        "full sync repaired drift in the kernel"
+                    );
+                }
+                report.stats
+            }),
         };
         let stats = match result {
             Ok(stats) => stats,
@@ -272,16 +283,6 @@ impl<'a> Syncer<'a> {
                 return Step::Failed(e);
             }
         };
-        // A periodic reconcile that had to write found the kernel
-        // different from what we programmed: someone changed it.
-        if full && self.programmed.is_some() && stats.map_writes + stats.map_deletes > 0 {
-            tracing::warn!(
-                dataplane = self.dataplane.name(),
-                writes = stats.map_writes,
-                deletes = stats.map_deletes,
-                "full sync repaired drift in the kernel"
-            );
-        }
         let report = SyncReport {
             full: self.programmed.is_none() || full,
             applied: true,
@@ -322,8 +323,8 @@ fn log_synced(dataplane: &str, report: &SyncReport, build_us: u64) {
         added = stats.frontends_added,
         changed = stats.frontends_changed,
         removed = stats.frontends_removed,
-        writes = stats.map_writes,
-        deletes = stats.map_deletes,
+        writes = stats.kernel_writes,
+        deletes = stats.kernel_deletes,
         build_us,
         elapsed_us = report.elapsed.as_micros() as u64,
         "programmed service table"
@@ -495,12 +496,15 @@ mod tests {
             }
             Ok(ApplyStats::default())
         }
-        fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError> {
+        fn reconcile(
+            &mut self,
+            desired: &ServiceTable,
+        ) -> Result<crate::dataplane::ReconcileReport, DataplaneError> {
             self.calls
                 .lock()
                 .unwrap()
                 .push(Call::Reconcile(desired.len()));
-            Ok(ApplyStats::default())
+            Ok(crate::dataplane::ReconcileReport::default())
         }
         fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
             self.calls

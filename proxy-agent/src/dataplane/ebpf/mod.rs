@@ -33,7 +33,7 @@ use proxy_common::{
     TAIL_NEW_FLOW, TAIL_REJECT, stat,
 };
 
-use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork};
+use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport};
 use crate::model::{FrontendKey, ServiceTable, TableDiff};
 
 pub mod attach;
@@ -337,8 +337,8 @@ impl Dataplane for EbpfDataplane {
         Ok(self.apply_diff(diff)?)
     }
 
-    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.reconcile_maps(desired)?)
+    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ReconcileReport, DataplaneError> {
+        Ok(ReconcileReport::of_repairs(self.reconcile_maps(desired)?))
     }
 
     fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {

@@ -194,7 +194,7 @@ impl EbpfDataplane {
         let in_use: BTreeSet<BackendId> = self.backend_ids.values().map(|(id, _)| *id).collect();
         for id in kernel_backends.keys().filter(|id| !in_use.contains(id)) {
             remove_ignoring_missing(&mut self.backends, id)?;
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
         }
         self.backend_alloc.reset(&in_use);
         Ok(())

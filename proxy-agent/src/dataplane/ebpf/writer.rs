@@ -71,7 +71,7 @@ impl EbpfDataplane {
             .alloc()
             .ok_or(EbpfError::BackendIdsExhausted)?;
         self.backends.insert(id, backend_value(&b), 0)?;
-        stats.map_writes += 1;
+        stats.kernel_writes += 1;
         self.backend_ids.insert(b, (id, 1));
         Ok(id)
     }
@@ -85,7 +85,7 @@ impl EbpfDataplane {
             let id = *id;
             self.backend_ids.remove(b);
             remove_ignoring_missing(&mut self.backends, &id)?;
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
             self.backend_alloc.release(id);
         }
         Ok(())
@@ -196,17 +196,17 @@ impl EbpfDataplane {
     ) -> Result<(), EbpfError> {
         for m in new.members.difference(&old.members) {
             self.members.insert(*m, 1, 0)?;
-            stats.map_writes += 1;
+            stats.kernel_writes += 1;
         }
         for r in new.ranges.difference(&old.ranges) {
             self.source_ranges.insert(&r.key(), 1, 0)?;
-            stats.map_writes += 1;
+            stats.kernel_writes += 1;
         }
         for heads in [false, true] {
             for (k, v) in &new.services {
                 if (k.slot == 0) == heads && old.services.get(k) != Some(v) {
                     self.services.insert(*k, *v, 0)?;
-                    stats.map_writes += 1;
+                    stats.kernel_writes += 1;
                 }
             }
         }
@@ -218,7 +218,7 @@ impl EbpfDataplane {
         stale.sort_by_key(|k| k.slot);
         for k in stale {
             remove_ignoring_missing(&mut self.services, k)?;
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
         }
         for r in old.ranges.difference(&new.ranges) {
             match self.source_ranges.remove(&r.key()) {
@@ -227,11 +227,11 @@ impl EbpfDataplane {
                     if e.io_error.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
             }
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
         }
         for m in old.members.difference(&new.members) {
             remove_ignoring_missing(&mut self.members, m)?;
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
         }
         Ok(())
     }
@@ -302,7 +302,7 @@ impl EbpfDataplane {
             if *value & (1 << bit) == 0 {
                 *value |= 1 << bit;
                 self.backend_ports.set(u32::from(word), *value, 0)?;
-                stats.map_writes += 1;
+                stats.kernel_writes += 1;
             }
         }
         Ok(())
@@ -339,11 +339,11 @@ impl EbpfDataplane {
             .collect();
         for ip in wanted.difference(&in_kernel) {
             self.frontend_addrs.insert(node_addr_key(*ip), 1, 0)?;
-            stats.map_writes += 1;
+            stats.kernel_writes += 1;
         }
         for ip in in_kernel.difference(&wanted) {
             remove_ignoring_missing(&mut self.frontend_addrs, &node_addr_key(*ip))?;
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
         }
         self.frontend_addresses = wanted;
         Ok(())

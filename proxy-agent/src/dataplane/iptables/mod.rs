@@ -88,7 +88,7 @@ use std::{
 };
 
 use super::{
-    ApplyStats, Dataplane, DataplaneError, NodeNetwork, conntrack,
+    ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport,
     netfilter::{self, FULL_REWRITE_PERIOD, Family},
 };
 use crate::model::{Frontend, FrontendKey, ServiceTable, TableDiff};
@@ -136,8 +136,6 @@ pub enum IptablesError {
         binary: &'static str,
         stderr: String,
     },
-    #[error("deleting stale UDP flows: {0}")]
-    Conntrack(#[from] conntrack::ConntrackError),
 }
 
 fn line_text(line: Option<usize>, text: &Option<String>) -> String {
@@ -263,17 +261,16 @@ impl IptablesDataplane {
         if !self.based {
             self.ensure_base()?;
         }
-        let mut stats = ApplyStats {
+        let stats = ApplyStats {
             frontends_added: diff.added.len(),
             frontends_changed: diff.changed.len(),
             frontends_removed: diff.removed.len(),
-            map_writes: diff.added.len(),
-            map_deletes: diff.removed.len(),
+            kernel_writes: diff.added.len(),
+            kernel_deletes: diff.removed.len(),
             ..ApplyStats::default()
         };
         let (keys, wanted) = self.wanted_of(diff);
         self.write(&keys, &wanted, TopLevel::Edit, &[])?;
-        stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
         Ok(stats)
     }
 
@@ -385,9 +382,9 @@ impl IptablesDataplane {
     }
 
     /// The full check: saves both tables ([`IptablesDataplane::check_family`]),
-    /// counts what is missing or extra as drift (`map_writes`: a wanted
+    /// counts what is missing or extra as drift (`kernel_writes`: a wanted
     /// chain missing or holding another number of rules, a missing jump;
-    /// `map_deletes`: an unwanted chain of ours, an extra copy of a jump),
+    /// `kernel_deletes`: an unwanted chain of ours, an extra copy of a jump),
     /// rewrites every chain of ours (which also repairs rules edited by
     /// hand) and deletes those nobody wants.
     fn full_check(
@@ -446,19 +443,19 @@ impl IptablesDataplane {
         let filter = list_chains(self.backend, family, "filter", filter_chains)?;
         let mut base = RestoreInput::default();
         let (w, d) = base_input(&mut base, &nat, &filter, true);
-        stats.map_writes += w;
-        stats.map_deletes += d;
+        stats.kernel_writes += w;
+        stats.kernel_deletes += d;
         restore(self.backend, family, &base.text())?;
         let mut wanted_chains: BTreeSet<&str> = BTreeSet::new();
         for p in wanted.values().filter(|p| p.plan.family == family) {
             for (chain, rules) in &p.rendered.chains {
                 if !nat.has(chain) || nat.rules(chain).len() != rules.len() {
-                    stats.map_writes += 1;
+                    stats.kernel_writes += 1;
                 }
                 wanted_chains.insert(chain);
             }
         }
-        stats.map_writes += self.top_drift(wanted.values(), family, &nat, &filter);
+        stats.kernel_writes += self.top_drift(wanted.values(), family, &nat, &filter);
         Ok(unwanted_chains(&nat, &wanted_chains, stats))
     }
 
@@ -517,11 +514,11 @@ fn unwanted_chains(
     let mut flush = BTreeSet::new();
     for chain in unwanted {
         if !kept.contains(&chain) {
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
             delete.insert(chain);
         } else if !nat.rules(&chain).is_empty() {
             tracing::warn!(chain = %chain, "another chain jumps to this unwanted chain; flushing it, not deleting it");
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
             flush.insert(chain);
         }
     }
@@ -534,11 +531,13 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.apply_diff(diff)?)
+        let mut stats = self.apply_diff(diff)?;
+        stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
+        Ok(stats)
     }
 
-    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.reconcile_table(desired)?)
+    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ReconcileReport, DataplaneError> {
+        Ok(ReconcileReport::of_repairs(self.reconcile_table(desired)?))
     }
 
     fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
@@ -628,7 +627,7 @@ mod tests {
                     .success()
             );
             let stats = dp.reconcile_table(&table).unwrap();
-            assert!(stats.map_writes > 0, "{stats:?}");
+            assert!(stats.kernel_writes > 0, "{stats:?}");
             assert_eq!(services(&nat_rules()), n + 1);
 
             // Removing every frontend at once deletes their chains (in

@@ -47,7 +47,7 @@ use std::{
 };
 
 use super::{
-    ApplyStats, Dataplane, DataplaneError, NodeNetwork, conntrack,
+    ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport,
     netfilter::{self, FULL_REWRITE_PERIOD, FrontendPlan, comment_of},
 };
 use crate::model::{Frontend, FrontendKey, ServiceTable, TableDiff};
@@ -86,8 +86,6 @@ pub enum NftablesError {
     Encode(#[from] serde_json::Error),
     #[error("reading nft's listing: {0}")]
     Listing(String),
-    #[error("deleting stale UDP flows: {0}")]
-    Conntrack(#[from] conntrack::ConntrackError),
 }
 
 /// What is programmed for one frontend.
@@ -235,13 +233,12 @@ impl NftablesDataplane {
         };
         let (keys, wanted) = netfilter::wanted_of(diff, |k, f| self.program(k, f));
         self.write(&keys, &wanted, None, &mut stats)?;
-        stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
         Ok(stats)
     }
 
     /// Reads the tables' chains, sets and map elements, and makes them
     /// equal to `desired`. What is missing or extra is counted
-    /// (`map_writes`/`map_deletes`: drift), tables named like ours that no
+    /// (`kernel_writes`/`kernel_deletes`: drift), tables named like ours that no
     /// shard is (an earlier layout) included. When nothing is, and the last
     /// full rewrite is younger than [`FULL_REWRITE_PERIOD`], only the
     /// frontends that differ from `desired` are written (a periodic sync
@@ -257,7 +254,7 @@ impl NftablesDataplane {
             .map(|(k, f)| (*k, self.program(k, f)))
             .collect();
         let cleanup = self.drift_cleanup(&mut existing, &wanted, &mut stats);
-        let drift = stats.map_writes + stats.map_deletes > 0;
+        let drift = stats.kernel_writes + stats.kernel_deletes > 0;
         let rewrite_all = self
             .last_rewrite
             .is_none_or(|at| at.elapsed() >= FULL_REWRITE_PERIOD);
@@ -270,7 +267,7 @@ impl NftablesDataplane {
             }
             let keys: Vec<FrontendKey> = keys.into_iter().collect();
             self.write(&keys, &wanted, None, &mut write_stats)?;
-            stats.frontends_changed = write_stats.map_writes + write_stats.map_deletes;
+            stats.frontends_changed = write_stats.kernel_writes + write_stats.kernel_deletes;
             return Ok(stats);
         }
         // Forget what we believe is programmed, remove what is not wanted,
@@ -315,7 +312,7 @@ impl NftablesDataplane {
             cleanup.push_value(serde_json::json!({ "delete": { "table": {
                 "family": "inet", "name": table,
             } } }));
-            stats.map_deletes += 1;
+            stats.kernel_deletes += 1;
         }
         existing.retain(|t, _| tables.contains(t.as_str()));
         cleanup
@@ -355,11 +352,13 @@ impl Dataplane for NftablesDataplane {
     }
 
     fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.apply_diff(diff)?)
+        let mut stats = self.apply_diff(diff)?;
+        stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
+        Ok(stats)
     }
 
-    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.reconcile_table(desired)?)
+    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ReconcileReport, DataplaneError> {
+        Ok(ReconcileReport::of_repairs(self.reconcile_table(desired)?))
     }
 
     fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
@@ -406,7 +405,7 @@ mod tests {
             table.insert(b, frontend("ns", "b", &[backend("10.1.0.2", 80)]));
             let stats = dp.reconcile_table(&table).unwrap();
             assert_eq!(
-                stats.map_writes, 4,
+                stats.kernel_writes, 4,
                 "2 elements and 2 chains were missing: {stats:?}"
             );
             let (ta, tb) = (table_of(&a), table_of(&b));
@@ -461,7 +460,11 @@ mod tests {
             let stats = dp.reconcile_table(&table).unwrap();
             // The element and chain are missing; a chain and a table of an
             // earlier layout are extra.
-            assert_eq!((stats.map_writes, stats.map_deletes), (2, 2), "{stats:?}");
+            assert_eq!(
+                (stats.kernel_writes, stats.kernel_deletes),
+                (2, 2),
+                "{stats:?}"
+            );
             assert!(handles(&tb, "svc-tcp-10.96.0.2-80").contains("dnat ip to 10.1.0.2:80"));
             assert!(!nft_out(&["list", "tables"]).contains(&format!("inet {TABLE}\n")));
             let chains = nft_out(&["list", "chains", "inet"]);
@@ -473,7 +476,11 @@ mod tests {
             );
             // A reconcile of an unchanged kernel finds nothing to repair.
             let stats = dp.reconcile_table(&table).unwrap();
-            assert_eq!((stats.map_writes, stats.map_deletes), (0, 0), "{stats:?}");
+            assert_eq!(
+                (stats.kernel_writes, stats.kernel_deletes),
+                (0, 0),
+                "{stats:?}"
+            );
 
             // Removing everything leaves only the base objects; cleanup the table.
             dp.reconcile_table(&ServiceTable::new()).unwrap();

@@ -160,7 +160,7 @@ impl Shard {
                 batch.push_value(serde_json::json!({ "delete": { "element": {
                     "family": "inet", "table": TABLE, "name": map, "elem": [key],
                 } } }));
-                stats.map_deletes += 1;
+                stats.kernel_deletes += 1;
             }
         }
         let mut late = Tx::new(&self.table);
@@ -168,7 +168,7 @@ impl Shard {
             if !wanted_chains.contains(name) && !BASE_CHAINS.contains(&name.as_str()) {
                 batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
                 late.delete(NfListObject::Chain(chain(name)));
-                stats.map_deletes += 1;
+                stats.kernel_deletes += 1;
             }
         }
         for name in &existing.sets {
@@ -177,7 +177,7 @@ impl Shard {
                     name,
                     SetTypeValue::Single(SetType::Ipv4Addr),
                 ))));
-                stats.map_deletes += 1;
+                stats.kernel_deletes += 1;
             }
         }
         batch.append(late);
@@ -187,8 +187,8 @@ impl Shard {
             .iter()
             .map(|(m, _, t)| (m.clone(), t.clone()))
             .collect();
-        stats.map_writes += wanted_elements.difference(&existing_elements).count();
-        stats.map_writes += wanted_chains
+        stats.kernel_writes += wanted_elements.difference(&existing_elements).count();
+        stats.kernel_writes += wanted_chains
             .iter()
             .filter(|c| !existing.chains.contains(*c))
             .count();
@@ -245,7 +245,7 @@ impl Parts {
             && old.is_none()
         {
             self.elements.add(map_element(&new.plan));
-            stats.map_writes += 1;
+            stats.kernel_writes += 1;
         }
         if let Some(old) = old {
             for b in old.plan.backends() {
@@ -253,7 +253,7 @@ impl Parts {
             }
             if new.is_none() {
                 self.elements.delete(map_element(&old.plan));
-                stats.map_deletes += 1;
+                stats.kernel_deletes += 1;
             }
         }
         for name in old_chains.difference(&new_chains) {
