@@ -14,8 +14,8 @@ use super::{
     Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
     Protocol, Rejection, ServiceName, ServiceTable,
     validate::{
-        EndpointPlan, IpFamily, ServicePlan, ZONE_LABEL, check_endpoint_slice, check_service,
-        service_name_of,
+        EndpointPlan, IpFamily, ServicePlan, ServicePortPlan, ZONE_LABEL, check_endpoint_slice,
+        check_service, service_name_of,
     },
     validate_node,
 };
@@ -138,87 +138,101 @@ fn plan_frontends(
                 port_name: port.name.clone(),
                 protocol: port.protocol,
             });
-            let mut add = |field: String, ip: IpAddr, number: u16, kind: FrontendKind| {
-                let local_only = if kind.is_external() {
-                    plan.external_local
-                } else {
-                    plan.internal_local
+            for (field, ip, number, kind) in frontend_addresses(plan, cluster_ip, port) {
+                let key = FrontendKey {
+                    ip,
+                    port: number,
+                    protocol: port.protocol,
                 };
-                let source_ranges = if kind == FrontendKind::LoadBalancer {
-                    plan.source_ranges.clone()
-                } else {
-                    Vec::new()
-                };
+                let frontend = frontend_of(plan, port, entries, kind);
                 planned.push(PlannedFrontend {
                     field,
-                    key: FrontendKey {
-                        ip,
-                        port: number,
-                        protocol: port.protocol,
-                    },
-                    frontend: Frontend {
-                        service: plan.name.clone(),
-                        port_name: port.name.clone(),
-                        kind,
-                        backends: select_backends(entries, local_only, plan.topology),
-                        // Topology applies here too: kube-proxy sends pod
-                        // traffic to an external Local frontend through its
-                        // cluster-wide (topology-filtered) endpoint set.
-                        cluster_backends: if local_only {
-                            select_backends(entries, false, plan.topology)
-                        } else {
-                            Vec::new()
-                        },
-                        policy: FrontendPolicy {
-                            affinity_timeout_secs: plan.affinity_timeout_secs,
-                            local_only,
-                            source_ranges,
-                        },
-                    },
+                    key,
+                    frontend,
                 });
-            };
-            let index = port.index;
-            add(
-                format!("spec.ports[{index}]"),
-                cluster_ip,
-                port.port,
-                FrontendKind::ClusterIp,
-            );
-            if let Some(node_port) = port.node_port {
-                let any = match family {
-                    IpFamily::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    IpFamily::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                };
-                add(
-                    format!("spec.ports[{index}].nodePort"),
-                    any,
-                    node_port,
-                    FrontendKind::NodePort,
-                );
-            }
-            for &(i, ip) in &plan.external_ips {
-                if IpFamily::of(ip) == family {
-                    add(
-                        format!("spec.externalIPs[{i}] (spec.ports[{index}])"),
-                        ip,
-                        port.port,
-                        FrontendKind::ExternalIp,
-                    );
-                }
-            }
-            for &(i, ip) in &plan.load_balancer_ips {
-                if IpFamily::of(ip) == family {
-                    add(
-                        format!("status.loadBalancer.ingress[{i}].ip (spec.ports[{index}])"),
-                        ip,
-                        port.port,
-                        FrontendKind::LoadBalancer,
-                    );
-                }
             }
         }
     }
     planned
+}
+
+/// Where one port of a Service is reached from `cluster_ip`'s family: the
+/// field that asks for it (for messages), address, port and kind.
+fn frontend_addresses(
+    plan: &ServicePlan,
+    cluster_ip: IpAddr,
+    port: &ServicePortPlan,
+) -> Vec<(String, IpAddr, u16, FrontendKind)> {
+    let family = IpFamily::of(cluster_ip);
+    let index = port.index;
+    let mut out = vec![(
+        format!("spec.ports[{index}]"),
+        cluster_ip,
+        port.port,
+        FrontendKind::ClusterIp,
+    )];
+    if let Some(node_port) = port.node_port {
+        let any = match family {
+            IpFamily::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpFamily::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let field = format!("spec.ports[{index}].nodePort");
+        out.push((field, any, node_port, FrontendKind::NodePort));
+    }
+    let of_family = |list: &[(usize, IpAddr)]| -> Vec<(usize, IpAddr)> {
+        list.iter()
+            .copied()
+            .filter(|(_, ip)| IpFamily::of(*ip) == family)
+            .collect()
+    };
+    for (i, ip) in of_family(&plan.external_ips) {
+        let field = format!("spec.externalIPs[{i}] (spec.ports[{index}])");
+        out.push((field, ip, port.port, FrontendKind::ExternalIp));
+    }
+    for (i, ip) in of_family(&plan.load_balancer_ips) {
+        let field = format!("status.loadBalancer.ingress[{i}].ip (spec.ports[{index}])");
+        out.push((field, ip, port.port, FrontendKind::LoadBalancer));
+    }
+    out
+}
+
+/// The frontend of one port of a Service reached as `kind`: its traffic
+/// policy's backends among `entries`, and its policy.
+fn frontend_of(
+    plan: &ServicePlan,
+    port: &ServicePortPlan,
+    entries: Option<&BTreeSet<EndpointEntry>>,
+    kind: FrontendKind,
+) -> Frontend {
+    let local_only = if kind.is_external() {
+        plan.external_local
+    } else {
+        plan.internal_local
+    };
+    let source_ranges = if kind == FrontendKind::LoadBalancer {
+        plan.source_ranges.clone()
+    } else {
+        Vec::new()
+    };
+    Frontend {
+        service: plan.name.clone(),
+        port_name: port.name.clone(),
+        kind,
+        backends: select_backends(entries, local_only, plan.topology),
+        // Topology applies here too: kube-proxy sends pod traffic to an
+        // external Local frontend through its cluster-wide
+        // (topology-filtered) endpoint set.
+        cluster_backends: if local_only {
+            select_backends(entries, false, plan.topology)
+        } else {
+            Vec::new()
+        },
+        policy: FrontendPolicy {
+            affinity_timeout_secs: plan.affinity_timeout_secs,
+            local_only,
+            source_ranges,
+        },
+    }
 }
 
 /// The backends new connections may go to, like kube-proxy's

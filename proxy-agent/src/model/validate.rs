@@ -204,21 +204,9 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
     if name.is_empty() {
         return into_check(vec!["metadata.name: missing".into()], None);
     }
-    if has_label(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
-        return into_check(Vec::new(), None);
-    }
-    let Some(spec) = &svc.spec else {
+    let Some((spec, addresses)) = proxied(svc) else {
         return into_check(Vec::new(), None);
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return into_check(Vec::new(), None);
-    }
-    let addresses = cluster_ip_fields(spec);
-    // Like kube-proxy, only the primary address decides: "" is not allocated
-    // (yet), "None" is headless.
-    if matches!(addresses.first(), None | Some((_, "" | "None"))) {
-        return into_check(Vec::new(), None);
-    }
 
     let mut reasons = Vec::new();
     let cluster_ips = check_cluster_ips(spec, &addresses, &mut reasons);
@@ -230,39 +218,9 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
     let ports = check_service_ports(spec, has_node_ports, &mut reasons);
     let topology = check_topology(svc, &mut reasons);
 
-    // Values the API server refuses outright reject the whole Service, as
-    // the API server would: serving it without its affinity or with another
-    // traffic policy than asked for would silently change its behaviour
-    // (which backend a client sticks to, whose source address is kept).
-    fn keep<T>(result: Result<T, String>, reasons: &mut Vec<String>) -> Option<T> {
-        result.map_err(|reason| reasons.push(reason)).ok()
-    }
-    let affinity_timeout_secs = keep(check_affinity(spec), &mut reasons);
-    let internal_local = keep(
-        check_traffic_policy(
-            spec.internal_traffic_policy.as_deref(),
-            "spec.internalTrafficPolicy",
-        ),
-        &mut reasons,
-    );
-    let external_local = keep(
-        check_traffic_policy(
-            spec.external_traffic_policy.as_deref(),
-            "spec.externalTrafficPolicy",
-        ),
-        &mut reasons,
-    );
-    let (
-        Some(cluster_ips),
-        Some(affinity_timeout_secs),
-        Some(internal_local),
-        Some(external_local),
-    ) = (
-        cluster_ips,
-        affinity_timeout_secs,
-        internal_local,
-        external_local,
-    )
+    let policies = check_policies(spec, &mut reasons);
+    let (Some(cluster_ips), Some((affinity_timeout_secs, internal_local, external_local))) =
+        (cluster_ips, policies)
     else {
         return into_check(reasons, None);
     };
@@ -277,31 +235,11 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
         &families,
         &mut reasons,
     );
-    let mut load_balancer_ips = Vec::new();
-    let mut source_ranges = Vec::new();
-    if is_load_balancer {
-        let ingress = svc
-            .status
-            .iter()
-            .filter_map(|status| status.load_balancer.as_ref())
-            .flat_map(|lb| lb.ingress.iter().flatten())
-            .enumerate()
-            // Like kube-proxy: a hostname-only entry gives nothing to match,
-            // and with ipMode Proxy the load balancer delivers the traffic to
-            // the nodes itself (node ports), so the address is not ours.
-            .filter(|(_, entry)| entry.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|(i, entry)| {
-                let raw = entry.ip.as_deref().filter(|ip| !ip.is_empty())?;
-                Some((i, format!("status.loadBalancer.ingress[{i}].ip"), raw))
-            });
-        load_balancer_ips = check_external_addresses(ingress, &families, &mut reasons);
-        match check_source_ranges(spec, &mut reasons) {
-            Some(ranges) => source_ranges = ranges,
-            // Every range was invalid: an empty list would open the load
-            // balancer addresses to every source, so leave them out.
-            None => load_balancer_ips.clear(),
-        }
-    }
+    let (load_balancer_ips, source_ranges) = if is_load_balancer {
+        check_load_balancer(svc, spec, &families, &mut reasons)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     // kube-proxy applies externalTrafficPolicy to every externally
     // reachable Service, including ClusterIP ones with externalIPs.
     let external_local =
@@ -336,6 +274,82 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
         topology,
     };
     into_check(reasons, Some(plan))
+}
+
+/// The spec and cluster IP fields of a Service this proxy serves; `None`
+/// for one it leaves alone on purpose: another proxy's, an ExternalName,
+/// a headless one or one whose address is not allocated yet (like
+/// kube-proxy, only the primary address decides: "" or "None").
+fn proxied(svc: &Service) -> Option<(&ServiceSpec, Vec<(String, &str)>)> {
+    if has_label(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
+        return None;
+    }
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let addresses = cluster_ip_fields(spec);
+    if matches!(addresses.first(), None | Some((_, "" | "None"))) {
+        return None;
+    }
+    Some((spec, addresses))
+}
+
+/// `sessionAffinity` and both traffic policies (is each `Local`). Values
+/// the API server refuses outright reject the whole Service, as the API
+/// server would: serving it without its affinity or with another traffic
+/// policy than asked for would silently change its behaviour (which
+/// backend a client sticks to, whose source address is kept).
+fn check_policies(
+    spec: &ServiceSpec,
+    reasons: &mut Vec<String>,
+) -> Option<(Option<u32>, bool, bool)> {
+    // All three are checked before any is given up on, so that every
+    // problem is reported.
+    let affinity = check_affinity(spec).map_err(|r| reasons.push(r)).ok();
+    let internal = check_traffic_policy(
+        spec.internal_traffic_policy.as_deref(),
+        "spec.internalTrafficPolicy",
+    )
+    .map_err(|r| reasons.push(r))
+    .ok();
+    let external = check_traffic_policy(
+        spec.external_traffic_policy.as_deref(),
+        "spec.externalTrafficPolicy",
+    )
+    .map_err(|r| reasons.push(r))
+    .ok();
+    Some((affinity?, internal?, external?))
+}
+
+/// The load balancer addresses of a LoadBalancer Service (`status`) and
+/// its source ranges. When every range is invalid, the addresses are left
+/// out: an empty list would open them to every source.
+fn check_load_balancer(
+    svc: &Service,
+    spec: &ServiceSpec,
+    families: &[IpFamily],
+    reasons: &mut Vec<String>,
+) -> (Vec<(usize, IpAddr)>, Vec<IpNet>) {
+    let ingress = svc
+        .status
+        .iter()
+        .filter_map(|status| status.load_balancer.as_ref())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+        .enumerate()
+        // Like kube-proxy: a hostname-only entry gives nothing to match,
+        // and with ipMode Proxy the load balancer delivers the traffic to
+        // the nodes itself (node ports), so the address is not ours.
+        .filter(|(_, entry)| entry.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|(i, entry)| {
+            let raw = entry.ip.as_deref().filter(|ip| !ip.is_empty())?;
+            Some((i, format!("status.loadBalancer.ingress[{i}].ip"), raw))
+        });
+    let addresses = check_external_addresses(ingress, families, reasons);
+    match check_source_ranges(spec, reasons) {
+        Some(ranges) => (addresses, ranges),
+        None => (Vec::new(), Vec::new()),
+    }
 }
 
 /// Whether the Service asks for topology-aware routing. Like kube-proxy,

@@ -128,6 +128,12 @@ impl Histogram {
     }
 }
 
+/// The value of a one-value metric.
+enum Scalar {
+    Gauge(f64),
+    Counter(u64),
+}
+
 /// An `f64` gauge stored as bits so it can be set without a lock.
 #[derive(Debug, Default)]
 struct FloatGauge(AtomicU64);
@@ -285,96 +291,52 @@ impl Metrics {
     /// The whole registry in the text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
-        self.sync_duration.render(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds",
-        );
-        self.sync_full_duration.render(
-            &mut out,
-            "kubeproxy_sync_full_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for full resyncs",
-        );
-        self.sync_partial_duration.render(
-            &mut out,
-            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for partial resyncs",
-        );
-        self.network_programming.render(
-            &mut out,
-            "kubeproxy_network_programming_duration_seconds",
-            "In Cluster Network Programming Latency in seconds",
-        );
-        gauge(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            "The last time proxy rules were successfully synced",
-            self.last_sync_timestamp.get(),
-        );
-        gauge(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a sync of proxy rules was queued",
-            self.last_queued_timestamp.get(),
-        );
-        counter(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-            "Cumulative proxy rules Endpoint changes",
-            load(&self.endpoint_changes),
-        );
-        counter(
-            &mut out,
-            "kubeproxy_sync_proxy_rules_service_changes_total",
-            "Cumulative proxy rules Service changes",
-            load(&self.service_changes),
-        );
-        gauge(
-            &mut out,
-            "proxy_agent_frontends",
-            "Service frontends (IP, port, protocol) programmed in the dataplane",
-            load(&self.frontends) as f64,
-        );
-        gauge(
-            &mut out,
-            "proxy_agent_backends",
-            "Backends programmed in the dataplane",
-            load(&self.backends) as f64,
-        );
-        gauge(
-            &mut out,
-            "proxy_agent_rejected_objects",
-            "Objects currently rejected by validation and not programmed",
-            load(&self.rejected_objects) as f64,
-        );
-        counter(
-            &mut out,
-            "proxy_agent_sync_errors_total",
-            "Failed dataplane syncs",
-            load(&self.sync_errors),
-        );
-        counter(
-            &mut out,
-            "proxy_agent_events_dropped_total",
-            "Kubernetes Events not sent because of rate limiting",
-            load(&self.events_dropped),
-        );
+        for (histogram, name, help) in [
+            (
+                &self.sync_duration,
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
+            ),
+            (
+                &self.sync_full_duration,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for full resyncs",
+            ),
+            (
+                &self.sync_partial_duration,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for partial resyncs",
+            ),
+            (
+                &self.network_programming,
+                "kubeproxy_network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+            ),
+        ] {
+            histogram.render(&mut out, name, help);
+        }
+        for (name, help, value) in self.scalars() {
+            match value {
+                Scalar::Gauge(v) => gauge(&mut out, name, help, v),
+                Scalar::Counter(v) => counter(&mut out, name, help, v),
+            }
+        }
         header(
             &mut out,
             "proxy_agent_applies_total",
             "Dataplane applies by kind",
             "counter",
         );
-        let _ = writeln!(
-            out,
-            "proxy_agent_applies_total{{kind=\"full\"}} {}",
-            load(&self.applies_full)
-        );
-        let _ = writeln!(
-            out,
-            "proxy_agent_applies_total{{kind=\"partial\"}} {}",
-            load(&self.applies_partial)
-        );
+        for (kind, count) in [
+            ("full", &self.applies_full),
+            ("partial", &self.applies_partial),
+        ] {
+            let _ = writeln!(
+                out,
+                "proxy_agent_applies_total{{kind=\"{kind}\"}} {}",
+                load(count)
+            );
+        }
         gauge(
             &mut out,
             "process_start_time_seconds",
@@ -383,6 +345,59 @@ impl Metrics {
         );
         self.render_collected(&mut out);
         out
+    }
+
+    /// The gauges and counters of one value each, in exposition order:
+    /// name, help, value.
+    fn scalars(&self) -> [(&'static str, &'static str, Scalar); 9] {
+        use Scalar::{Counter, Gauge};
+        [
+            (
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "The last time proxy rules were successfully synced",
+                Gauge(self.last_sync_timestamp.get()),
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "The last time a sync of proxy rules was queued",
+                Gauge(self.last_queued_timestamp.get()),
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                "Cumulative proxy rules Endpoint changes",
+                Counter(load(&self.endpoint_changes)),
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+                "Cumulative proxy rules Service changes",
+                Counter(load(&self.service_changes)),
+            ),
+            (
+                "proxy_agent_frontends",
+                "Service frontends (IP, port, protocol) programmed in the dataplane",
+                Gauge(load(&self.frontends) as f64),
+            ),
+            (
+                "proxy_agent_backends",
+                "Backends programmed in the dataplane",
+                Gauge(load(&self.backends) as f64),
+            ),
+            (
+                "proxy_agent_rejected_objects",
+                "Objects currently rejected by validation and not programmed",
+                Gauge(load(&self.rejected_objects) as f64),
+            ),
+            (
+                "proxy_agent_sync_errors_total",
+                "Failed dataplane syncs",
+                Counter(load(&self.sync_errors)),
+            ),
+            (
+                "proxy_agent_events_dropped_total",
+                "Kubernetes Events not sent because of rate limiting",
+                Counter(load(&self.events_dropped)),
+            ),
+        ]
     }
 
     fn render_collected(&self, out: &mut String) {

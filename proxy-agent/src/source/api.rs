@@ -232,50 +232,18 @@ impl ApiSource {
             ),
         ]);
 
-        let mut listed = [false; 3];
-        let mut failing = [0u32; 3];
+        let mut progress = Listings::default();
         let mut published = false;
         while let Some(first) = events.next().await {
             // Drain what is already waiting so that a burst of events leads to
             // one snapshot, not one per event.
             let mut dirty = false;
             let mut next = Some(first);
-            while let Some((which, progress)) = next {
-                let i = which.index();
-                match progress {
-                    Progress::Failed(e) => {
-                        failing[i] += 1;
-                        log_failure(which, &e, failing[i]);
-                    }
-                    Progress::Restarting => {}
-                    progress => {
-                        if failing[i] > 0 {
-                            tracing::info!(
-                                resource = which.name(),
-                                failures = failing[i],
-                                "watch recovered"
-                            );
-                            failing[i] = 0;
-                        }
-                        match progress {
-                            Progress::Changed => dirty = true,
-                            Progress::Listed => {
-                                if !listed[i] {
-                                    tracing::info!(
-                                        resource = which.name(),
-                                        "initial list complete"
-                                    );
-                                }
-                                listed[i] = true;
-                                dirty = true;
-                            }
-                            Progress::Listing | Progress::Restarting | Progress::Failed(_) => {}
-                        }
-                    }
-                }
+            while let Some((which, item)) = next {
+                dirty |= progress.absorb(which, item);
                 next = events.next().now_or_never().flatten();
             }
-            if !dirty || !listed.iter().all(|&l| l) {
+            if !dirty || !progress.all_listed() {
                 continue;
             }
             if !published {
@@ -298,6 +266,53 @@ impl ApiSource {
         // select_all ends only when every watcher stream ends, which they
         // never do on their own.
         Err(SourceError::Ended)
+    }
+}
+
+/// What the watch streams have reported: which finished their first list,
+/// and how many failures in a row each has had.
+#[derive(Default)]
+struct Listings {
+    listed: [bool; 3],
+    failing: [u32; 3],
+}
+
+impl Listings {
+    /// Takes one report of `which`; returns whether the stores changed.
+    fn absorb(&mut self, which: Watched, progress: Progress) -> bool {
+        let i = which.index();
+        match progress {
+            Progress::Failed(e) => {
+                self.failing[i] += 1;
+                log_failure(which, &e, self.failing[i]);
+                return false;
+            }
+            Progress::Restarting => return false,
+            Progress::Changed | Progress::Listing | Progress::Listed => {}
+        }
+        if self.failing[i] > 0 {
+            tracing::info!(
+                resource = which.name(),
+                failures = self.failing[i],
+                "watch recovered"
+            );
+            self.failing[i] = 0;
+        }
+        match progress {
+            Progress::Changed => true,
+            Progress::Listed => {
+                if !self.listed[i] {
+                    tracing::info!(resource = which.name(), "initial list complete");
+                }
+                self.listed[i] = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn all_listed(&self) -> bool {
+        self.listed.iter().all(|&l| l)
     }
 }
 

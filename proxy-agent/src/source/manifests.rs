@@ -140,33 +140,44 @@ impl ManifestSource {
             pending = None;
             // Rewatch if the directory was replaced or watching had failed.
             watch.ensure_or_warn();
-            match scan(dir.clone(), state.clone()).await {
-                Ok((report, new_state)) => {
-                    if !dir_readable {
-                        info!(dir = %dir.display(), "manifest directory is readable again");
-                        dir_readable = true;
-                    }
-                    log_events(&report.events);
-                    if let Some(new_state) = new_state {
-                        debug!(
-                            services = new_state.services.len(),
-                            endpoint_slices = new_state.endpoint_slices.len(),
-                            nodes = new_state.nodes.len(),
-                            "manifest objects changed; publishing"
-                        );
-                        tx.send_replace(Some(Arc::new(new_state)));
-                    }
-                }
-                Err(e) => {
-                    if dir_readable {
-                        warn!(
-                            dir = %dir.display(),
-                            error = %e,
-                            "cannot read manifest directory; keeping the last state and retrying"
-                        );
-                        dir_readable = false;
-                    }
-                }
+            rescan(&dir, &state, &tx, &mut dir_readable).await;
+        }
+    }
+}
+
+/// Scans the directory again and publishes the state if it changed; logs
+/// (once) that the directory cannot be read, and when it can again.
+async fn rescan(
+    dir: &Path,
+    state: &Arc<Mutex<DirectoryState>>,
+    tx: &StateSender,
+    dir_readable: &mut bool,
+) {
+    match scan(dir.to_path_buf(), state.clone()).await {
+        Ok((report, new_state)) => {
+            if !*dir_readable {
+                info!(dir = %dir.display(), "manifest directory is readable again");
+                *dir_readable = true;
+            }
+            log_events(&report.events);
+            if let Some(new_state) = new_state {
+                debug!(
+                    services = new_state.services.len(),
+                    endpoint_slices = new_state.endpoint_slices.len(),
+                    nodes = new_state.nodes.len(),
+                    "manifest objects changed; publishing"
+                );
+                tx.send_replace(Some(Arc::new(new_state)));
+            }
+        }
+        Err(e) => {
+            if *dir_readable {
+                warn!(
+                    dir = %dir.display(),
+                    error = %e,
+                    "cannot read manifest directory; keeping the last state and retrying"
+                );
+                *dir_readable = false;
             }
         }
     }
