@@ -1,0 +1,75 @@
+//! The datagram channel to the kernel: a `NETLINK_NETFILTER` socket of
+//! netlink-sys, behind a trait that tests implement with a fake kernel.
+
+use std::io;
+
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+use super::{ConntrackError, REPLY_TIMEOUT, SOCKET_RCVBUF};
+
+/// A datagram channel to the kernel's netfilter netlink (a fake in tests).
+pub(super) trait Transport {
+    /// Sends one datagram (one or more messages).
+    fn send(&mut self, datagram: &[u8]) -> io::Result<()>;
+    /// Receives one datagram into `buf` and returns its full length, which
+    /// exceeds `buf.len()` when it was cut. Without `wait`, an empty queue
+    /// is `WouldBlock`; with it, so is a timeout. `ENOBUFS` means replies
+    /// were dropped.
+    fn recv(&mut self, buf: &mut [u8], wait: bool) -> io::Result<usize>;
+}
+
+pub(super) struct NetlinkSocket {
+    socket: Socket,
+}
+
+impl NetlinkSocket {
+    /// A `NETLINK_NETFILTER` socket connected to the kernel (so no other
+    /// process can send to it), in the calling thread's network namespace.
+    pub(super) fn open() -> Result<Self, ConntrackError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ConntrackError::Socket)?;
+        // netlink-sys has no setter for SO_RCVTIMEO; socket2 sets it on any
+        // socket it borrows.
+        socket2::SockRef::from(&socket)
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(ConntrackError::Socket)?;
+        // Best effort: a larger receive buffer and short acks only make
+        // overruns less likely; the protocol works without them.
+        let _ = socket.set_rx_buf_sz(SOCKET_RCVBUF);
+        let _ = socket.set_cap_ack(true);
+        // Our port: any the kernel picks. Our peer: the kernel (port 0),
+        // the only one then allowed to send to us.
+        socket
+            .bind(&SocketAddr::new(0, 0))
+            .map_err(ConntrackError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(ConntrackError::Socket)?;
+        Ok(NetlinkSocket { socket })
+    }
+}
+
+/// Runs `op` again while a signal interrupts it.
+fn restarting<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            done => return done,
+        }
+    }
+}
+
+impl Transport for NetlinkSocket {
+    fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
+        let sent = restarting(|| self.socket.send(datagram, 0))?;
+        if sent != datagram.len() {
+            return Err(io::Error::other("short netlink send"));
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+        // MSG_TRUNC: the full length even when the datagram was cut.
+        let flags = libc::MSG_TRUNC | if wait { 0 } else { libc::MSG_DONTWAIT };
+        restarting(|| self.socket.recv(&mut &mut buf[..], flags))
+    }
+}

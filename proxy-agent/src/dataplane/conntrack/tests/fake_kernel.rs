@@ -1,0 +1,324 @@
+//! The conversation, against a fake kernel behind [`Transport`].
+
+use std::{cell::RefCell, collections::VecDeque, rc::Rc};
+
+use super::*;
+
+#[derive(Default)]
+struct FakeState {
+    entries: Vec<FakeEntry>,
+    dumps: Vec<u8>,
+    sends: usize,
+    /// Entries per dump datagram.
+    per_datagram: usize,
+    dump_error: Option<i32>,
+    delete_error: Option<i32>,
+    /// The next dump stops with ENOBUFS after its first datagram.
+    overrun_next_dump: bool,
+    /// In the next delete batch, acks after this many are lost to an
+    /// overrun (the deletes still happen).
+    lose_acks_after: Option<usize>,
+    /// Removed right after the dump (expired before the delete).
+    expire_after_dump: Vec<u32>,
+    /// Every dump lists every entry twice.
+    duplicate: bool,
+    /// A stray message with a foreign seq before every answer.
+    stray: bool,
+}
+
+struct FakeKernel {
+    state: Rc<RefCell<FakeState>>,
+    queue: VecDeque<Result<Vec<u8>, i32>>,
+}
+
+impl Transport for FakeKernel {
+    fn send(&mut self, datagram: &[u8]) -> io::Result<()> {
+        let mut st = self.state.borrow_mut();
+        st.sends += 1;
+        let mut acks = 0;
+        for msg in messages(datagram) {
+            let msg = msg.unwrap();
+            let family = msg.payload[0];
+            if st.stray {
+                self.queue
+                    .push_back(Ok(error_msg(msg.seq.wrapping_add(1000), -1)));
+            }
+            if msg.ty == ct_msg_type(IPCTNL_MSG_CT_GET) {
+                assert_eq!(msg.flags, NLM_F_REQUEST | NLM_F_DUMP);
+                st.dumps.push(family);
+                if let Some(code) = st.dump_error {
+                    self.queue.push_back(Ok(error_msg(msg.seq, code)));
+                    continue;
+                }
+                let mut listed: Vec<&FakeEntry> =
+                    st.entries.iter().filter(|e| e.family == family).collect();
+                if st.duplicate {
+                    listed.extend(listed.clone());
+                }
+                let mut datagrams: Vec<Vec<u8>> = listed
+                    .chunks(st.per_datagram.max(1))
+                    .map(|chunk| {
+                        chunk
+                            .iter()
+                            .flat_map(|e| nlmsg(0x0101, 2, msg.seq, &entry_payload(e)))
+                            .collect()
+                    })
+                    .collect();
+                match datagrams.last_mut() {
+                    Some(last) => last.extend(done_msg(msg.seq)),
+                    None => datagrams.push(done_msg(msg.seq)),
+                }
+                if std::mem::take(&mut st.overrun_next_dump) {
+                    datagrams.truncate(1);
+                    self.queue.push_back(Ok(datagrams.remove(0)));
+                    self.queue.push_back(Err(libc::ENOBUFS));
+                } else {
+                    self.queue.extend(datagrams.into_iter().map(Ok));
+                }
+                let expire = std::mem::take(&mut st.expire_after_dump);
+                st.entries.retain(|e| !expire.contains(&e.id));
+            } else if msg.ty == ct_msg_type(IPCTNL_MSG_CT_DELETE) {
+                assert_eq!(msg.flags, NLM_F_REQUEST | NLM_F_ACK);
+                let (mut orig, mut id) = (None, None);
+                for a in attrs(&msg.payload[4..]) {
+                    let a = a.unwrap();
+                    match a.kind {
+                        CTA_TUPLE_ORIG => orig = Some(parse_tuple(a.payload).unwrap()),
+                        CTA_ID => id = Some(u32::from_be_bytes(a.payload.try_into().unwrap())),
+                        _ => {}
+                    }
+                }
+                let orig = orig.expect("a delete without a tuple flushes the table");
+                let code = if let Some(code) = st.delete_error {
+                    code
+                } else if let Some(at) = st
+                    .entries
+                    .iter()
+                    .position(|e| e.family == family && e.orig == orig && Some(e.id) == id)
+                {
+                    st.entries.remove(at);
+                    0
+                } else {
+                    -libc::ENOENT
+                };
+                acks += 1;
+                match st.lose_acks_after {
+                    Some(n) if acks > n => {
+                        if acks == n + 1 {
+                            self.queue.push_back(Err(libc::ENOBUFS));
+                        }
+                    }
+                    _ => self.queue.push_back(Ok(error_msg(msg.seq, code))),
+                }
+            } else {
+                panic!("unexpected message type {:#x}", msg.ty);
+            }
+        }
+        if acks > 0 {
+            st.lose_acks_after = None;
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8], _wait: bool) -> io::Result<usize> {
+        match self.queue.pop_front() {
+            Some(Ok(d)) => {
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Ok(d.len())
+            }
+            Some(Err(code)) => Err(io::Error::from_raw_os_error(code)),
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+fn run(state: &Rc<RefCell<FakeState>>, flows: &[StaleFlow]) -> Result<usize, ConntrackError> {
+    delete_with(
+        || {
+            Ok(FakeKernel {
+                state: state.clone(),
+                queue: VecDeque::new(),
+            })
+        },
+        flows,
+    )
+}
+
+const DNS: StaleFlow = StaleFlow {
+    vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+    port: 53,
+    backend: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5)),
+    backend_port: 5353,
+};
+
+/// `n` stale DNS flows (ids 1..=n), plus a live one to another backend
+/// (id 1000) and an IPv6 flow (id 2000).
+fn table(n: u32) -> Vec<FakeEntry> {
+    let mut out: Vec<FakeEntry> = (1..=n)
+        .map(|i| {
+            dnat_entry(
+                ("10.2.0.7", 10000 + i as u16),
+                ("10.96.0.10", 53),
+                ("10.1.0.5", 5353),
+                i,
+            )
+        })
+        .collect();
+    out.push(dnat_entry(
+        ("10.2.0.7", 9999),
+        ("10.96.0.10", 53),
+        ("10.1.0.6", 5353),
+        1000,
+    ));
+    out.push(dnat_entry(
+        ("fd00::7", 9999),
+        ("fd00::10", 53),
+        ("fd00::5", 5353),
+        2000,
+    ));
+    out
+}
+
+fn fake(entries: Vec<FakeEntry>) -> Rc<RefCell<FakeState>> {
+    Rc::new(RefCell::new(FakeState {
+        entries,
+        per_datagram: 7,
+        ..FakeState::default()
+    }))
+}
+
+fn ids(state: &Rc<RefCell<FakeState>>) -> Vec<u32> {
+    state.borrow().entries.iter().map(|e| e.id).collect()
+}
+
+#[test]
+fn deletes_matching_entries_over_a_multipart_dump_in_batches() {
+    let state = fake(table(150));
+    assert_eq!(run(&state, &[DNS]).unwrap(), 150);
+    assert_eq!(ids(&state), [1000, 2000]);
+    let st = state.borrow();
+    assert_eq!(st.dumps, [AF_INET], "one dump, of the flows' family only");
+    // One dump send, then 150 deletes in batches of 64.
+    assert_eq!(st.sends, 1 + 150usize.div_ceil(DELETE_BATCH));
+}
+
+#[test]
+fn one_dump_per_family_however_many_flows() {
+    let state = fake(table(3));
+    let v6 = StaleFlow {
+        vip: ip("fd00::10"),
+        port: 53,
+        backend: ip("fd00::5"),
+        backend_port: 5353,
+    };
+    let other = StaleFlow {
+        backend: ip("10.1.0.6"),
+        ..DNS
+    };
+    assert_eq!(run(&state, &[DNS, other, v6, DNS]).unwrap(), 5);
+    assert!(ids(&state).is_empty());
+    assert_eq!(state.borrow().dumps, [AF_INET, AF_INET6]);
+}
+
+#[test]
+fn no_flows_no_netlink() {
+    let state = fake(table(3));
+    assert_eq!(run(&state, &[]).unwrap(), 0);
+    assert_eq!(state.borrow().sends, 0);
+}
+
+#[test]
+fn nothing_matching_sends_no_delete() {
+    let state = fake(table(3));
+    let flow = StaleFlow { port: 54, ..DNS };
+    assert_eq!(run(&state, &[flow]).unwrap(), 0);
+    assert_eq!(state.borrow().sends, 1);
+    assert_eq!(ids(&state).len(), 5);
+}
+
+#[test]
+fn entries_gone_before_the_delete_are_not_errors_nor_counted() {
+    let state = fake(table(5));
+    state.borrow_mut().expire_after_dump = vec![2, 4];
+    assert_eq!(run(&state, &[DNS]).unwrap(), 3);
+    assert_eq!(ids(&state), [1000, 2000]);
+}
+
+#[test]
+fn duplicates_in_the_dump_are_deleted_once() {
+    let state = fake(table(4));
+    state.borrow_mut().duplicate = true;
+    assert_eq!(run(&state, &[DNS]).unwrap(), 4);
+    assert_eq!(state.borrow().sends, 2);
+}
+
+#[test]
+fn foreign_messages_are_ignored() {
+    let state = fake(table(4));
+    state.borrow_mut().stray = true;
+    assert_eq!(run(&state, &[DNS]).unwrap(), 4);
+}
+
+#[test]
+fn a_refused_dump_is_a_kernel_error_and_deletes_nothing() {
+    let state = fake(table(4));
+    state.borrow_mut().dump_error = Some(-libc::EPERM);
+    let err = run(&state, &[DNS]).unwrap_err();
+    assert!(
+        matches!(&err, ConntrackError::Kernel { request: "dump", source } if source.raw_os_error() == Some(libc::EPERM)),
+        "{err:?}"
+    );
+    assert_eq!(ids(&state).len(), 6);
+}
+
+#[test]
+fn an_overrun_dump_is_started_over() {
+    let state = fake(table(30));
+    state.borrow_mut().overrun_next_dump = true;
+    assert_eq!(run(&state, &[DNS]).unwrap(), 30);
+    assert_eq!(state.borrow().dumps, [AF_INET, AF_INET]);
+    assert_eq!(ids(&state), [1000, 2000]);
+}
+
+#[test]
+fn lost_acks_are_recovered() {
+    let state = fake(table(40));
+    state.borrow_mut().lose_acks_after = Some(10);
+    assert_eq!(run(&state, &[DNS]).unwrap(), 40);
+    assert_eq!(ids(&state), [1000, 2000]);
+    // The batch, then the 30 unacknowledged requests one by one.
+    assert_eq!(state.borrow().sends, 1 + 1 + 30);
+}
+
+#[test]
+fn refused_deletes_are_reported_with_counts() {
+    let state = fake(table(3));
+    state.borrow_mut().delete_error = Some(-libc::EPERM);
+    match run(&state, &[DNS]).unwrap_err() {
+        ConntrackError::DeleteFailed {
+            deleted,
+            failed,
+            first,
+        } => {
+            assert_eq!((deleted, failed), (0, 3));
+            assert_eq!(first.raw_os_error(), Some(libc::EPERM));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_silent_kernel_is_a_timeout() {
+    struct Mute;
+    impl Transport for Mute {
+        fn send(&mut self, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+        fn recv(&mut self, _: &mut [u8], _: bool) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+    let err = delete_with(|| Ok(Mute), &[DNS]).unwrap_err();
+    assert!(matches!(err, ConntrackError::Timeout { .. }), "{err:?}");
+}
