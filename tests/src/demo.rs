@@ -157,7 +157,7 @@ mod tests {
                 .map(|entry| {
                     let path = entry.unwrap().path();
                     let text = std::fs::read_to_string(&path).unwrap();
-                    let value: Value = serde_yaml::from_str(&text)
+                    let value: Value = serde_saphyr::from_str(&text)
                         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                     (
                         path.file_name().unwrap().to_string_lossy().into_owned(),

@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 
 /// Whether this process runs as root (namespaces, mounts and eBPF need it).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// Why the privileged tests cannot run here, or `None` when they can.

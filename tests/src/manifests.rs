@@ -721,7 +721,7 @@ impl ManifestsDir {
 
     /// The YAML of `object`, as written.
     pub fn to_yaml(object: &Value) -> anyhow::Result<String> {
-        serde_yaml::to_string(object).context("encoding YAML")
+        serde_saphyr::to_string(object).context("encoding YAML")
     }
 
     fn write_object(&self, file_name: &str, object: &Value) -> anyhow::Result<()> {
@@ -789,7 +789,8 @@ mod tests {
         dir.write_endpoint_slice(&spec, &[one]).unwrap();
 
         let read = |name: &str| -> Value {
-            serde_yaml::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap()
+            serde_saphyr::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap())
+                .unwrap()
         };
         let slice = read("endpointslice-default-echo.yaml");
         assert_eq!(slice["endpoints"][0]["addresses"][0], "198.18.1.10");
@@ -863,7 +864,8 @@ mod tests {
         )
         .unwrap();
         let read = |name: &str| -> Value {
-            serde_yaml::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap()
+            serde_saphyr::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap())
+                .unwrap()
         };
         let primary = read("endpointslice-default-web.yaml");
         assert_eq!(primary["metadata"]["name"], "web-1");

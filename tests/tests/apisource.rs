@@ -582,13 +582,11 @@ fn api_malformed_object_gets_an_event_and_rbac_matches() {
 
 /// (verb, apiGroup, resource) granted by deploy/base/rbac.yaml's ClusterRole.
 fn cluster_role_rules() -> anyhow::Result<BTreeSet<(String, String, String)>> {
-    use serde::Deserialize;
     let path = proxy_tests::agent::workspace_dir().join("deploy/base/rbac.yaml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut granted = BTreeSet::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let doc = Value::deserialize(doc)?;
+    for doc in serde_saphyr::from_multiple::<Value>(&text)? {
         if doc["kind"] != "ClusterRole" {
             continue;
         }

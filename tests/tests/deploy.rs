@@ -12,7 +12,6 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use proxy_tests::rbac::{cluster_role_grants, strings};
-use serde::Deserialize;
 use serde_json::Value;
 
 /// The Kubernetes version the manifests are validated against.
@@ -40,16 +39,9 @@ fn render(dir: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8(output.stdout)?)
 }
 
+/// The documents of a YAML stream (empty and null ones skipped).
 fn documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = serde_yaml::Value::deserialize(doc)?;
-        if value.is_null() {
-            continue;
-        }
-        docs.push(serde_json::to_value(value)?);
-    }
-    Ok(docs)
+    Ok(serde_saphyr::from_multiple(yaml)?)
 }
 
 /// The one object of this kind; fails unless there is exactly one.
@@ -147,7 +139,7 @@ fn check_overlay(mode: &str, capabilities: &[&str], xtables_lock: bool) -> anyho
     let config = config_map["data"]["config.yaml"]
         .as_str()
         .context("ConfigMap has no config.yaml")?;
-    let config: Value = serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(config)?)?;
+    let config: Value = serde_saphyr::from_str(config)?;
     ensure!(
         config["kind"] == "KubeProxyConfiguration",
         "config kind: {}",

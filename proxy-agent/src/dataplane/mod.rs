@@ -89,18 +89,17 @@ pub enum DataplaneError {
 /// of `test` is the caller's.
 #[cfg(test)]
 pub(crate) fn in_private_netns(test: impl FnOnce() + Send + 'static) {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root for a network namespace");
         return;
     }
     let outcome = std::thread::spawn(move || {
-        // SAFETY: unshare(CLONE_NEWNET) moves only this freshly spawned
-        // thread, which holds no sockets yet, to a new namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        // unshare(CLONE_NEWNET) moves only this freshly spawned thread,
+        // which holds no sockets yet, to a new namespace.
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
             eprintln!(
                 "skipped: cannot create a network namespace: {}",
-                std::io::Error::last_os_error()
+                std::io::Error::from(e)
             );
             return;
         }

@@ -1,12 +1,13 @@
 //! The BPF filesystem under which maps and links are pinned.
 use std::{
-    ffi::CString,
     io,
-    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+use nix::{
+    mount::{MntFlags, MsFlags},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
 
 /// Where pinned objects live below `--bpf-root`.
 #[derive(Clone, Debug)]
@@ -32,23 +33,9 @@ impl PinLayout {
     }
 }
 
-fn statfs_type(path: &Path) -> io::Result<i64> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statfs writes into the zeroed struct we own; the path is a
-    // valid NUL-terminated string.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut buf) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(buf.f_type as i64)
-}
-
 /// Whether `path` (which must exist) lies on a bpffs.
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
-    Ok(statfs_type(path)? == BPF_FS_MAGIC)
+    Ok(statfs(path)?.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// The nearest existing ancestor of `path` (or `path` itself).
@@ -72,23 +59,13 @@ pub fn ensure_mounted(root: &Path) -> io::Result<bool> {
         return Ok(false);
     }
     std::fs::create_dir_all(root)?;
-    let target = CString::new(root.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let fstype = c"bpf";
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the
-    // call; no data argument is passed.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )?;
     Ok(true)
 }
 
@@ -101,12 +78,6 @@ pub fn unmount_if_own(root: &Path) -> io::Result<bool> {
     if !root.exists() || !is_bpffs(root)? || is_bpffs(parent)? {
         return Ok(false);
     }
-    let target = CString::new(root.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: a valid NUL-terminated path.
-    let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::mount::umount2(root, MntFlags::MNT_DETACH)?;
     Ok(true)
 }

@@ -6,7 +6,6 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::model::{self, Rejection};
@@ -173,9 +172,12 @@ fn parse_manifest_inner(path: &Path, bytes: &[u8]) -> Result<Vec<ManifestObject>
             collect_document(value, &loc, true, &mut objects)?;
         }
     } else {
-        for (i, doc) in serde_yaml::Deserializer::from_slice(bytes).enumerate() {
+        // The error names the line and column; empty documents are skipped
+        // (and not counted).
+        let docs: Vec<Value> = serde_saphyr::from_slice_multiple(bytes)
+            .map_err(|e| format!("invalid YAML: {}", e.without_snippet()))?;
+        for (i, value) in docs.into_iter().enumerate() {
             let loc = format!("document {}", i + 1);
-            let value = Value::deserialize(doc).map_err(|e| format!("{loc}: invalid YAML: {e}"))?;
             collect_document(value, &loc, true, &mut objects)?;
         }
     }
@@ -411,8 +413,8 @@ metadata:
     fn list_kind() {
         let text = format!(
             "apiVersion: v1\nkind: List\nitems:\n- {}\n- {}\n",
-            serde_json::to_string(&serde_yaml::from_str::<Value>(SERVICE_A).unwrap()).unwrap(),
-            serde_json::to_string(&serde_yaml::from_str::<Value>(NODE_1).unwrap()).unwrap(),
+            serde_json::to_string(&serde_saphyr::from_str::<Value>(SERVICE_A).unwrap()).unwrap(),
+            serde_json::to_string(&serde_saphyr::from_str::<Value>(NODE_1).unwrap()).unwrap(),
         );
         let objects = parse("list.yml", &text).unwrap();
         assert_eq!(keys(&objects), ["Service default/a", "Node node-1"]);
