@@ -82,16 +82,13 @@
 //! deletes the per-frontend chains (by prefix, so kube-proxy's too) that no
 //! frontend wants (flushing instead one that a chain not ours still jumps
 //! to). `-w 5` waits for the xtables lock; nothing else is locked.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Instant,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport,
-    netfilter::{self, FULL_REWRITE_PERIOD, Family},
+    ApplyStats, NodeNetwork,
+    netfilter::{self, Driver, Family, FrontendPlan, RuleBackend, Scope, commit},
 };
-use crate::model::{Frontend, FrontendKey, ServiceTable, TableDiff};
+use crate::model::{Frontend, FrontendKey};
 
 mod backend;
 mod cleanup;
@@ -109,8 +106,9 @@ use names::{
     BUILT_IN, EXTERNAL_SERVICES_CHAIN, FIREWALL_CHAIN, FRONTEND_PREFIXES, MARK_MASQ_CHAIN,
     NODEPORTS_CHAIN, POSTROUTING_CHAIN, SERVICES_CHAIN, is_top_level,
 };
-use render::Programmed;
-use restore::{RestoreInput, TopLevel, base_input};
+pub use render::Rendered;
+use render::{Programmed, rules_of};
+use restore::{RestoreInput, TopLevel, Writer, base_input};
 use save::Saved;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,17 +172,11 @@ const CHECKED_CHAINS: [(&str, &[&str]); 2] = [
     ),
 ];
 
+/// What is programmed, per frontend.
+type Shadow = netfilter::Shadow<Rendered>;
+
 /// Programs services with iptables-restore, in kube-proxy's chains.
-pub struct IptablesDataplane {
-    backend: IptablesBackend,
-    network: NodeNetwork,
-    /// What the kernel holds, per frontend.
-    programmed: BTreeMap<FrontendKey, Programmed>,
-    /// Whether the base chains and jumps are known to exist.
-    based: bool,
-    /// When every chain was last rewritten (`None`: not since start).
-    last_rewrite: Option<Instant>,
-}
+pub type IptablesDataplane = Driver<Iptables>;
 
 impl Default for IptablesDataplane {
     fn default() -> Self {
@@ -194,29 +186,64 @@ impl Default for IptablesDataplane {
 
 impl IptablesDataplane {
     pub fn new(backend: IptablesBackend) -> Self {
-        IptablesDataplane {
-            backend,
-            network: NodeNetwork::default(),
-            programmed: BTreeMap::new(),
-            based: false,
-            last_rewrite: None,
+        Driver::with_rules(Iptables { backend })
+    }
+}
+
+/// The iptables mode's own part of [`IptablesDataplane`]: the backend it
+/// writes through.
+pub struct Iptables {
+    pub(super) backend: IptablesBackend,
+}
+
+/// What a full check found, per family: the chains of ours nobody wants,
+/// to delete and to flush ([`unwanted_chains`]).
+pub struct Unwanted(Vec<(Family, BTreeSet<String>, BTreeSet<String>)>);
+
+impl RuleBackend for Iptables {
+    const NAME: &'static str = "iptables";
+    type Rendered = Rendered;
+    type Found = Unwanted;
+    type Error = IptablesError;
+
+    fn render(
+        &self,
+        plan: &FrontendPlan,
+        frontend: &Frontend,
+        comment: &str,
+        network: &NodeNetwork,
+    ) -> Rendered {
+        rules_of(
+            plan,
+            comment,
+            frontend.kind.is_external(),
+            &network.nodeport_addresses,
+        )
+    }
+
+    fn ensure_base(&mut self, _network: &NodeNetwork) -> Result<(), IptablesError> {
+        for family in [Family::V4, Family::V6] {
+            let nat = save(self.backend, family, "nat", false)?;
+            let filter = save(self.backend, family, "filter", false)?;
+            let mut input = RestoreInput::default();
+            base_input(&mut input, &nat, &filter, true);
+            restore(self.backend, family, &input.text())?;
         }
+        Ok(())
     }
 
-    fn program(&self, key: &FrontendKey, frontend: &Frontend) -> Programmed {
-        Programmed::new(key, frontend, &self.network)
-    }
-
-    /// Writes `wanted` for `keys`, family by family (also a family without
-    /// a key when it is in `force`). What is programmed is updated per
-    /// family once its restores all passed; on an error, the caller's next
-    /// sync is a reconcile, which reads the kernel.
+    /// Writes `wanted` for `keys`, family by family; [`Scope::Everything`]
+    /// rewrites the top-level chains of both families whole (also of a
+    /// family without a key), else they are edited. What is programmed is
+    /// updated per family once its restores all passed; on an error, the
+    /// caller's next sync is a reconcile, which reads the kernel.
     fn write(
         &mut self,
+        programmed: &mut Shadow,
         keys: &[FrontendKey],
-        wanted: &BTreeMap<FrontendKey, Programmed>,
-        top: TopLevel,
-        force: &[Family],
+        wanted: &Shadow,
+        network: &NodeNetwork,
+        scope: Scope,
     ) -> Result<(), IptablesError> {
         let none = BTreeSet::new();
         for family in [Family::V4, Family::V6] {
@@ -225,129 +252,117 @@ impl IptablesDataplane {
                 .filter(|k| Family::of(k.ip) == family)
                 .copied()
                 .collect();
-            if mine.is_empty() && !force.contains(&family) {
-                continue;
-            }
-            for input in self.restores(family, &mine, wanted, top, &none, &none) {
+            let top = match scope {
+                Scope::Changes if mine.is_empty() => continue,
+                Scope::Changes => TopLevel::Edit,
+                Scope::Everything => TopLevel::Rewrite,
+            };
+            let writer = Writer {
+                backend: self.backend,
+                programmed,
+                network,
+            };
+            for input in writer.restores(family, &mine, wanted, top, &none, &none) {
                 restore(self.backend, family, &input.text())?;
             }
-            for key in mine {
-                match wanted.get(&key) {
-                    Some(p) => {
-                        self.programmed.insert(key, p.clone());
-                    }
-                    None => {
-                        self.programmed.remove(&key);
-                    }
-                }
-            }
+            commit(programmed, &mine, wanted);
         }
         Ok(())
     }
 
-    fn ensure_base(&mut self) -> Result<(), IptablesError> {
-        for family in [Family::V4, Family::V6] {
-            let nat = save(self.backend, family, "nat", false)?;
-            let filter = save(self.backend, family, "filter", false)?;
-            let mut input = RestoreInput::default();
-            base_input(&mut input, &nat, &filter, true);
-            restore(self.backend, family, &input.text())?;
-        }
-        self.based = true;
-        Ok(())
-    }
-
-    fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, IptablesError> {
-        if !self.based {
-            self.ensure_base()?;
-        }
-        let stats = ApplyStats {
-            frontends_added: diff.added.len(),
-            frontends_changed: diff.changed.len(),
-            frontends_removed: diff.removed.len(),
-            kernel_writes: diff.added.len(),
-            kernel_deletes: diff.removed.len(),
-            ..ApplyStats::default()
-        };
-        let (keys, wanted) = self.wanted_of(diff);
-        self.write(&keys, &wanted, TopLevel::Edit, &[])?;
-        Ok(stats)
-    }
-
-    /// The keys `diff` touches, and what is wanted for those it keeps.
-    fn wanted_of(&self, diff: &TableDiff) -> (Vec<FrontendKey>, BTreeMap<FrontendKey, Programmed>) {
-        netfilter::wanted_of(diff, |k, f| self.program(k, f))
-    }
-
-    /// How many top-level chains of `family` hold another number of rules
-    /// in `nat` and `filter` than `frontends` (all of them) give.
-    fn top_drift<'a>(
-        &self,
-        frontends: impl Iterator<Item = &'a Programmed>,
-        family: Family,
-        nat: &Saved,
-        filter: &Saved,
-    ) -> usize {
-        let mut counts: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-        for p in frontends.filter(|p| p.plan.family == family) {
-            for (at, rules) in &p.top {
-                *counts.entry(*at).or_default() += rules.len();
-            }
-        }
-        *counts.entry(("nat", SERVICES_CHAIN)).or_default() += self
-            .network
-            .nodeport_addresses
-            .iter()
-            .filter(|ip| Family::of(**ip) == family)
-            .count();
-        let mut drift = 0;
-        for (table, chains) in CHECKED_CHAINS {
-            let saved = if table == "nat" { nat } else { filter };
-            for chain in chains.iter().filter(|c| !BUILT_IN.contains(*c)) {
-                let want = match *chain {
-                    MARK_MASQ_CHAIN | POSTROUTING_CHAIN => continue,
-                    _ => counts.get(&(table, *chain)).copied().unwrap_or(0),
-                };
-                if !saved.has(chain) || saved.rules(chain).len() != want {
-                    drift += 1;
-                }
-            }
-        }
-        drift
-    }
-
-    /// Makes the kernel equal to `desired`. Within [`FULL_REWRITE_PERIOD`]
-    /// of the last full rewrite, it reads only the built-in and top-level
-    /// chains ([`CHECKED_CHAINS`], with `iptables -S`); when they hold what
-    /// was programmed, only the frontends that differ from it are written
-    /// (usually none). Otherwise (first reconcile, hourly, or when those
-    /// chains differ) it makes the full check
-    /// ([`IptablesDataplane::full_check`]).
-    fn reconcile_table(&mut self, desired: &ServiceTable) -> Result<ApplyStats, IptablesError> {
-        let wanted: BTreeMap<FrontendKey, Programmed> = desired
-            .iter()
-            .map(|(k, f)| (*k, self.program(k, f)))
-            .collect();
-        let rewrite_all = self
-            .last_rewrite
-            .is_none_or(|at| at.elapsed() >= FULL_REWRITE_PERIOD);
-        if !rewrite_all {
-            if !self.checked_chains_differ()? {
-                // The kernel holds what we programmed: write what differs.
-                return self.write_differences(&wanted);
+    /// Within [`FULL_REWRITE_PERIOD`](netfilter::FULL_REWRITE_PERIOD) of
+    /// the last full rewrite (not `due`), reads only the built-in and
+    /// top-level chains ([`CHECKED_CHAINS`], with `iptables -S`); when they
+    /// hold what was programmed, only the frontends that differ from it
+    /// are written (usually none). Otherwise (first reconcile, hourly, or
+    /// when those chains differ) it makes the full check: saves both
+    /// tables ([`Iptables::check_family`]), counts what is missing or extra
+    /// as drift (`kernel_writes`: a wanted chain missing or holding another
+    /// number of rules, a missing jump; `kernel_deletes`: an unwanted chain
+    /// of ours, an extra copy of a jump); every chain of ours is then
+    /// rewritten (which also repairs rules edited by hand) and those nobody
+    /// wants deleted.
+    fn read_kernel(
+        &mut self,
+        programmed: &Shadow,
+        wanted: &Shadow,
+        network: &NodeNetwork,
+        due: bool,
+        stats: &mut ApplyStats,
+    ) -> Result<Option<Unwanted>, IptablesError> {
+        if !due {
+            if !self.checked_chains_differ(programmed, network)? {
+                return Ok(None);
             }
             tracing::info!(
                 "the top-level iptables chains differ from what was programmed; checking every chain"
             );
         }
-        self.full_check(&wanted)
+        let mut found = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            let (delete, flush) = self.check_family(family, wanted, network, stats)?;
+            found.push((family, delete, flush));
+        }
+        Ok(Some(Unwanted(found)))
     }
 
+    /// Rewrites every wanted chain, family by family; chains the kernel
+    /// holds are flushed in the restore that refills them.
+    fn rewrite(
+        &mut self,
+        programmed: &mut Shadow,
+        wanted: &Shadow,
+        network: &NodeNetwork,
+        Unwanted(found): Unwanted,
+    ) -> Result<(), IptablesError> {
+        for (family, delete, flush) in found {
+            let keys: Vec<FrontendKey> = wanted
+                .keys()
+                .filter(|k| Family::of(k.ip) == family)
+                .copied()
+                .collect();
+            let writer = Writer {
+                backend: self.backend,
+                programmed,
+                network,
+            };
+            for input in writer.restores(family, &keys, wanted, TopLevel::Rewrite, &delete, &flush)
+            {
+                restore(self.backend, family, &input.text())?;
+            }
+            // What the first family holds is programmed even if the second
+            // fails.
+            commit(programmed, &keys, wanted);
+        }
+        Ok(())
+    }
+
+    /// Nothing of its own: the NodePort addresses stand in the top-level
+    /// chains (the jumps to `KUBE-NODEPORTS`) and in NodePorts' filter
+    /// rules, so a change of them writes every frontend again.
+    fn write_node_network(
+        &mut self,
+        old: &NodeNetwork,
+        network: &NodeNetwork,
+    ) -> Result<bool, IptablesError> {
+        Ok(old.nodeport_addresses != network.nodeport_addresses)
+    }
+
+    fn cleanup() -> Result<bool, IptablesError> {
+        cleanup()
+    }
+}
+
+impl Iptables {
     /// Whether the chains that hold the jumps and the top level
     /// ([`CHECKED_CHAINS`]) differ from what was programmed. Only they are
     /// read (a few milliseconds, where saving the whole nat table can take
     /// minutes); a frontend's own chains are checked by the full check.
-    fn checked_chains_differ(&self) -> Result<bool, IptablesError> {
+    fn checked_chains_differ(
+        &self,
+        programmed: &Shadow,
+        network: &NodeNetwork,
+    ) -> Result<bool, IptablesError> {
         let mut drift = false;
         for family in [Family::V4, Family::V6] {
             let [(_, nat_chains), (_, filter_chains)] = CHECKED_CHAINS;
@@ -356,73 +371,9 @@ impl IptablesDataplane {
             let mut base = RestoreInput::default();
             base_input(&mut base, &nat, &filter, false);
             drift |= !base.is_empty()
-                || self.top_drift(self.programmed.values(), family, &nat, &filter) > 0;
+                || top_drift(programmed.values(), network, family, &nat, &filter) > 0;
         }
         Ok(drift)
-    }
-
-    /// Writes the frontends of `wanted` that differ from what is
-    /// programmed, and removes the programmed ones it lacks.
-    fn write_differences(
-        &mut self,
-        wanted: &BTreeMap<FrontendKey, Programmed>,
-    ) -> Result<ApplyStats, IptablesError> {
-        let mut keys: BTreeSet<FrontendKey> = wanted.keys().copied().collect();
-        keys.extend(self.programmed.keys().copied());
-        let keys: Vec<FrontendKey> = keys.into_iter().collect();
-        let before = self.programmed.clone();
-        self.write(&keys, wanted, TopLevel::Edit, &[])?;
-        Ok(ApplyStats {
-            frontends_changed: keys
-                .iter()
-                .filter(|k| before.get(k) != self.programmed.get(k))
-                .count(),
-            ..ApplyStats::default()
-        })
-    }
-
-    /// The full check: saves both tables ([`IptablesDataplane::check_family`]),
-    /// counts what is missing or extra as drift (`kernel_writes`: a wanted
-    /// chain missing or holding another number of rules, a missing jump;
-    /// `kernel_deletes`: an unwanted chain of ours, an extra copy of a jump),
-    /// rewrites every chain of ours (which also repairs rules edited by
-    /// hand) and deletes those nobody wants.
-    fn full_check(
-        &mut self,
-        wanted: &BTreeMap<FrontendKey, Programmed>,
-    ) -> Result<ApplyStats, IptablesError> {
-        let mut stats = ApplyStats::default();
-        let mut found = Vec::new();
-        for family in [Family::V4, Family::V6] {
-            let (delete, flush) = self.check_family(family, wanted, &mut stats)?;
-            found.push((family, delete, flush));
-        }
-        self.based = true;
-        // Forget what we believe is programmed and rewrite every wanted
-        // chain; chains the kernel holds are flushed in the restore that
-        // refills them.
-        self.last_rewrite = None;
-        self.programmed.clear();
-        for (family, delete, flush) in found {
-            let keys: Vec<FrontendKey> = wanted
-                .keys()
-                .filter(|k| Family::of(k.ip) == family)
-                .copied()
-                .collect();
-            for input in self.restores(family, &keys, wanted, TopLevel::Rewrite, &delete, &flush) {
-                restore(self.backend, family, &input.text())?;
-            }
-            // What the first family holds is programmed even if the second
-            // fails.
-            for key in keys {
-                if let Some(p) = wanted.get(&key) {
-                    self.programmed.insert(key, p.clone());
-                }
-            }
-        }
-        self.last_rewrite = Some(Instant::now());
-        stats.frontends_added = wanted.len();
-        Ok(stats)
     }
 
     /// One family's part of the full check: reads its nat table and the
@@ -432,7 +383,8 @@ impl IptablesDataplane {
     fn check_family(
         &self,
         family: Family,
-        wanted: &BTreeMap<FrontendKey, Programmed>,
+        wanted: &Shadow,
+        network: &NodeNetwork,
         stats: &mut ApplyStats,
     ) -> Result<(BTreeSet<String>, BTreeSet<String>), IptablesError> {
         let nat = save(self.backend, family, "nat", false)?;
@@ -455,32 +407,45 @@ impl IptablesDataplane {
                 wanted_chains.insert(chain);
             }
         }
-        stats.kernel_writes += self.top_drift(wanted.values(), family, &nat, &filter);
+        stats.kernel_writes += top_drift(wanted.values(), network, family, &nat, &filter);
         Ok(unwanted_chains(&nat, &wanted_chains, stats))
     }
+}
 
-    fn set_network(&mut self, network: &NodeNetwork) -> Result<(), IptablesError> {
-        netfilter::allow_localhost_nodeports(network);
-        let changed = network.cluster_cidrs != self.network.cluster_cidrs
-            || network.masquerade_all != self.network.masquerade_all
-            || network.nodeport_addresses != self.network.nodeport_addresses;
-        self.network = network.clone();
-        if !self.based {
-            return self.ensure_base();
+/// How many top-level chains of `family` hold another number of rules in
+/// `nat` and `filter` than `frontends` (all of them) give on `network`.
+fn top_drift<'a>(
+    frontends: impl Iterator<Item = &'a Programmed>,
+    network: &NodeNetwork,
+    family: Family,
+    nat: &Saved,
+    filter: &Saved,
+) -> usize {
+    let mut counts: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for p in frontends.filter(|p| p.plan.family == family) {
+        for (at, rules) in &p.rendered.top {
+            *counts.entry(*at).or_default() += rules.len();
         }
-        if changed {
-            // Plans (masquerading, loopback, the NodePort addresses in the
-            // filter rules) and the NodePort jumps depend on the network.
-            let wanted: BTreeMap<FrontendKey, Programmed> = self
-                .programmed
-                .iter()
-                .map(|(k, p)| (*k, self.program(k, &p.frontend)))
-                .collect();
-            let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
-            self.write(&keys, &wanted, TopLevel::Rewrite, &[Family::V4, Family::V6])?;
-        }
-        Ok(())
     }
+    *counts.entry(("nat", SERVICES_CHAIN)).or_default() += network
+        .nodeport_addresses
+        .iter()
+        .filter(|ip| Family::of(**ip) == family)
+        .count();
+    let mut drift = 0;
+    for (table, chains) in CHECKED_CHAINS {
+        let saved = if table == "nat" { nat } else { filter };
+        for chain in chains.iter().filter(|c| !BUILT_IN.contains(*c)) {
+            let want = match *chain {
+                MARK_MASQ_CHAIN | POSTROUTING_CHAIN => continue,
+                _ => counts.get(&(table, *chain)).copied().unwrap_or(0),
+            };
+            if !saved.has(chain) || saved.rules(chain).len() != want {
+                drift += 1;
+            }
+        }
+    }
+    drift
 }
 
 /// The chains of ours in `nat` (by prefix) that no frontend wants
@@ -525,33 +490,13 @@ fn unwanted_chains(
     (delete, flush)
 }
 
-impl Dataplane for IptablesDataplane {
-    fn name(&self) -> &'static str {
-        "iptables"
-    }
-
-    fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
-        let mut stats = self.apply_diff(diff)?;
-        stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
-        Ok(stats)
-    }
-
-    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ReconcileReport, DataplaneError> {
-        Ok(ReconcileReport::of_repairs(self.reconcile_table(desired)?))
-    }
-
-    fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
-        Ok(self.set_network(network)?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::process::Command;
 
     use super::{test_support::*, *};
     use crate::model::{
-        FrontendKind,
+        FrontendKind, ServiceTable, TableDiff,
         test_support::{backend, key},
     };
     use restore::CHAINS_PER_RESTORE;

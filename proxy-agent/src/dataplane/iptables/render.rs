@@ -12,11 +12,8 @@ use super::names::{
     addr_port, ext_chain, fw_chain, sep_chain, svc_chain, svl_chain,
 };
 use crate::{
-    dataplane::{
-        NodeNetwork,
-        netfilter::{self, Action, Family, FrontendPlan, Masquerade, View, comment_of, proto_name},
-    },
-    model::{Backend, Frontend, FrontendKey, Protocol},
+    dataplane::netfilter::{self, Action, Family, FrontendPlan, Masquerade, View, proto_name},
+    model::{Backend, FrontendKey, Protocol},
 };
 
 /// `ip/32`, `ip/128` for IPv6.
@@ -58,58 +55,60 @@ fn probability(n: usize) -> String {
 pub(super) type TopRules = BTreeMap<(&'static str, &'static str), Vec<String>>;
 
 /// What is programmed for one frontend.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Programmed {
-    pub(super) frontend: Frontend,
-    pub(super) plan: FrontendPlan,
-    pub(super) rendered: Rendered,
-    pub(super) top: TopRules,
-}
+pub(super) type Programmed = netfilter::Programmed<Rendered>;
 
-impl Programmed {
-    pub(super) fn new(key: &FrontendKey, frontend: &Frontend, network: &NodeNetwork) -> Programmed {
-        let plan = netfilter::plan(key, frontend, network);
-        let comment = comment_of(frontend);
-        let external = frontend.kind.is_external();
-        let rendered = render(&plan, &comment, external);
-        let mut top = TopRules::new();
-        if let Some(entry) = &rendered.entry {
-            let chain = if plan.is_node_port() {
-                NODEPORTS_CHAIN
-            } else {
-                SERVICES_CHAIN
-            };
-            top.entry(("nat", chain)).or_default().push(entry.clone());
-        }
-        for (chain, rule) in filter_rules(&plan, &comment, &network.nodeport_addresses, external) {
-            top.entry(("filter", chain)).or_default().push(rule);
-        }
-        Programmed {
-            frontend: frontend.clone(),
-            plan,
-            rendered,
-            top,
-        }
-    }
-}
-
-/// The nat chains of one frontend, and the rule that enters them.
+/// What a frontend is in iptables: its nat chains, and its rules in the
+/// top-level chains.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(super) struct Rendered {
+pub struct Rendered {
     /// Chain name and its rules (the text after `-A <chain> `), in order.
     pub(super) chains: BTreeMap<String, Vec<String>>,
     /// The rule of `KUBE-SERVICES` (or of `KUBE-NODEPORTS`, for a NodePort)
     /// that enters the frontend; `None` when nothing is translated.
     pub(super) entry: Option<String>,
+    /// Its rules in the top-level chains: the entry, and the filter rules.
+    pub(super) top: TopRules,
+}
+
+/// What `plan` is in iptables; `external`: the frontend is reached from
+/// outside the cluster (its kind is not ClusterIP); `nodeport_addresses`:
+/// the node's, which a NodePort's filter rules name.
+pub(super) fn rules_of(
+    plan: &FrontendPlan,
+    comment: &str,
+    external: bool,
+    nodeport_addresses: &BTreeSet<IpAddr>,
+) -> Rendered {
+    let mut rendered = render(plan, comment, external);
+    if let Some(entry) = &rendered.entry {
+        let chain = if plan.is_node_port() {
+            NODEPORTS_CHAIN
+        } else {
+            SERVICES_CHAIN
+        };
+        rendered
+            .top
+            .entry(("nat", chain))
+            .or_default()
+            .push(entry.clone());
+    }
+    for (chain, rule) in filter_rules(plan, comment, nodeport_addresses, external) {
+        rendered
+            .top
+            .entry(("filter", chain))
+            .or_default()
+            .push(rule);
+    }
+    rendered
 }
 
 fn balances(view: &View) -> bool {
     matches!(view.action, Action::Balance(_))
 }
 
-/// The nat chains of `plan`; `external`: the frontend is reached from
-/// outside the cluster (its kind is not ClusterIP) and enters through
-/// `KUBE-EXT-…`.
+/// The nat chains of `plan` and the rule that enters them; `external`: the
+/// frontend is reached from outside the cluster (its kind is not
+/// ClusterIP) and enters through `KUBE-EXT-…`.
 fn render(plan: &FrontendPlan, comment_text: &str, external: bool) -> Rendered {
     let mut out = Rendered::default();
     let c = comment(comment_text);

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::{
-    IptablesDataplane,
+    IptablesBackend, Shadow,
     names::{
         EXTERNAL_SERVICES_CHAIN, FIREWALL_CHAIN, MARK_MASQ_CHAIN, NODEPORTS_CHAIN,
         POSTROUTING_CHAIN, SERVICES_CHAIN,
@@ -366,10 +366,10 @@ impl<'a> Changes<'a> {
         let places: BTreeSet<&(&str, &str)> = old
             .into_iter()
             .chain(new)
-            .flat_map(|p| p.top.keys())
+            .flat_map(|p| p.rendered.top.keys())
             .collect();
         for at in places {
-            let top_of = |p: Option<&'a Programmed>| p.and_then(|p| p.top.get(at));
+            let top_of = |p: Option<&'a Programmed>| p.and_then(|p| p.rendered.top.get(at));
             let (before, after) = (top_of(old), top_of(new));
             if before == after {
                 continue;
@@ -470,7 +470,7 @@ fn top_level<'a>(
 ) {
     let mut chains: TopRules = TopRules::new();
     for p in frontends.filter(|p| p.plan.family == family) {
-        for (at, rules) in &p.top {
+        for (at, rules) in &p.rendered.top {
             chains.entry(*at).or_default().extend(rules.iter().cloned());
         }
     }
@@ -497,7 +497,15 @@ fn top_level<'a>(
     }
 }
 
-impl IptablesDataplane {
+/// What a write starts from: the backend it goes through, what is
+/// programmed, and the node's network.
+pub(super) struct Writer<'a> {
+    pub(super) backend: IptablesBackend,
+    pub(super) programmed: &'a Shadow,
+    pub(super) network: &'a NodeNetwork,
+}
+
+impl Writer<'_> {
     /// The restores of `family`, in order, that turn what is programmed for
     /// `keys` into `wanted` (a key missing from `wanted` is removed), also
     /// deleting `unwanted` chains and flushing `flushed` ones (nat; found by
@@ -515,7 +523,7 @@ impl IptablesDataplane {
         &self,
         family: Family,
         keys: &[FrontendKey],
-        wanted: &BTreeMap<FrontendKey, Programmed>,
+        wanted: &Shadow,
         top: TopLevel,
         unwanted: &BTreeSet<String>,
         flushed: &BTreeSet<String>,
@@ -556,7 +564,7 @@ impl IptablesDataplane {
         &self,
         family: Family,
         touched: &BTreeSet<&FrontendKey>,
-        wanted: &BTreeMap<FrontendKey, Programmed>,
+        wanted: &Shadow,
         input: &mut RestoreInput,
     ) {
         let mut after: BTreeMap<&FrontendKey, &Programmed> = self
@@ -565,7 +573,7 @@ impl IptablesDataplane {
             .filter(|(k, _)| Family::of(k.ip) == family && !touched.contains(k))
             .collect();
         after.extend(touched.iter().filter_map(|k| Some((*k, wanted.get(*k)?))));
-        top_level(after.into_values(), &self.network, family, input);
+        top_level(after.into_values(), self.network, family, input);
     }
 }
 
@@ -646,7 +654,7 @@ mod tests {
         assert!(!text.contains("KUBE-SERVICES"), "{text}");
         assert!(text.contains(&format!("-X {gone}\nCOMMIT\n")), "{text}");
         // Removing b deletes its entry by its text, then its chains.
-        let entry = dp.programmed[&b].top[&("nat", SERVICES_CHAIN)][0].clone();
+        let entry = dp.programmed[&b].rendered.top[&("nat", SERVICES_CHAIN)][0].clone();
         let diff = TableDiff {
             removed: vec![(b, external(FrontendKind::ClusterIp, &b0))],
             ..TableDiff::default()
@@ -758,7 +766,7 @@ mod tests {
         let deleted: usize = texts.iter().map(|t| t.matches("\n-X ").count()).sum();
         assert_eq!(deleted, 3 * n);
         // The legacy backend does it all in one restore.
-        dp.backend = IptablesBackend::Legacy;
+        dp.rules.backend = IptablesBackend::Legacy;
         assert_eq!(restores_of(&dp, &diff, Family::V4, TopLevel::Edit).len(), 1);
     }
 }

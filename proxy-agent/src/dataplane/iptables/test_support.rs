@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use super::{
     IptablesBackend, IptablesDataplane,
-    restore::{RestoreInput, TopLevel},
+    restore::{RestoreInput, TopLevel, Writer},
 };
 use crate::{
     dataplane::{NodeNetwork, netfilter::Family},
@@ -26,10 +26,9 @@ pub(super) fn network() -> NodeNetwork {
 }
 
 pub(super) fn dataplane() -> IptablesDataplane {
-    IptablesDataplane {
-        network: network(),
-        ..IptablesDataplane::new(IptablesBackend::Nft)
-    }
+    let mut dp = IptablesDataplane::new(IptablesBackend::Nft);
+    dp.network = network();
+    dp
 }
 
 pub(super) fn external(kind: FrontendKind, backends: &[Backend]) -> Frontend {
@@ -55,7 +54,13 @@ pub(super) fn restores_of(
 ) -> Vec<String> {
     let (keys, wanted) = dp.wanted_of(diff);
     let none = BTreeSet::new();
-    dp.restores(family, &keys, &wanted, top, &none, &none)
+    let writer = Writer {
+        backend: dp.rules.backend,
+        programmed: &dp.programmed,
+        network: &dp.network,
+    };
+    writer
+        .restores(family, &keys, &wanted, top, &none, &none)
         .iter()
         .map(RestoreInput::text)
         .collect()

@@ -41,16 +41,13 @@
 //! each complete in itself (a frontend's chain, its rules and its map
 //! element go together): `nft`'s and the kernel's costs grow faster than
 //! the size of one transaction.
-use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
-    time::Instant,
-};
+use std::collections::{BTreeMap, HashSet};
 
 use super::{
-    ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport,
-    netfilter::{self, FULL_REWRITE_PERIOD, FrontendPlan, comment_of},
+    ApplyStats, NodeNetwork,
+    netfilter::{self, Driver, FrontendPlan, RuleBackend, Scope, commit},
 };
-use crate::model::{Frontend, FrontendKey, ServiceTable, TableDiff};
+use crate::model::{Frontend, FrontendKey};
 
 mod base;
 mod cleanup;
@@ -63,7 +60,8 @@ mod transaction;
 use base::base_objects;
 pub use cleanup::{cleanup, cleanup_kube_proxy};
 use existing::Existing;
-use render::{affinity_sets, cluster_chain, frontend_chain, node_chain};
+pub use render::Objects;
+use render::objects;
 use shard::{Shard, Staged, shard_of};
 use transaction::{Tx, run};
 
@@ -89,46 +87,16 @@ pub enum NftablesError {
 }
 
 /// What is programmed for one frontend.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Programmed {
-    frontend: Frontend,
-    plan: FrontendPlan,
-    comment: String,
-}
+type Programmed = netfilter::Programmed<Objects>;
 
-impl Programmed {
-    fn chains(&self) -> Vec<String> {
-        let mut chains = vec![frontend_chain(&self.plan.key)];
-        if self.plan.node_view.is_some() {
-            chains.push(node_chain(&self.plan.key));
-        }
-        if self.plan.cluster_view.is_some() {
-            chains.push(cluster_chain(&self.plan.key));
-        }
-        chains
-    }
-
-    fn sets(&self) -> Vec<String> {
-        affinity_sets(&self.plan)
-            .into_iter()
-            .map(|(name, ..)| name)
-            .collect()
-    }
-}
+/// What is programmed, per frontend.
+type Shadow = netfilter::Shadow<Objects>;
 
 /// Programs services into the tables `inet proxy-agent-0` to
 /// `proxy-agent-<SHARDS - 1>`, each frontend into the table [`shard_of`]
 /// its key. A transaction may span several tables: a change is as atomic
 /// as with one table.
-pub struct NftablesDataplane {
-    network: NodeNetwork,
-    shards: Vec<Shard>,
-    /// Whether every shard's table and base objects are known to exist
-    /// (they are made together, in one transaction).
-    based: bool,
-    /// When every frontend chain was last rewritten by a reconcile.
-    last_rewrite: Option<Instant>,
-}
+pub type NftablesDataplane = Driver<Nftables>;
 
 impl Default for NftablesDataplane {
     fn default() -> Self {
@@ -138,49 +106,141 @@ impl Default for NftablesDataplane {
 
 impl NftablesDataplane {
     pub fn new() -> Self {
-        NftablesDataplane {
-            network: NodeNetwork::default(),
+        Driver::with_rules(Nftables {
             shards: (0..SHARDS)
                 .map(|n| Shard::new(format!("{TABLE}-{n}")))
                 .collect(),
-            based: false,
-            last_rewrite: None,
-        }
+        })
     }
+}
 
-    fn program(&self, key: &FrontendKey, frontend: &Frontend) -> Programmed {
-        Programmed {
-            frontend: frontend.clone(),
-            plan: netfilter::plan(key, frontend, &self.network),
-            comment: comment_of(frontend),
-        }
+/// The nftables mode's own part of [`NftablesDataplane`]: the shards.
+pub struct Nftables {
+    shards: Vec<Shard>,
+}
+
+/// What a reconcile read in the kernel: the tables named like ours, and the
+/// transaction that deletes what they hold and nobody wants.
+pub struct Found {
+    existing: BTreeMap<String, Existing>,
+    cleanup: Tx,
+}
+
+impl RuleBackend for Nftables {
+    const NAME: &'static str = "nftables";
+    type Rendered = Objects;
+    type Found = Found;
+    type Error = NftablesError;
+
+    /// The chains and sets of the frontend; its rules are rendered when
+    /// they are written.
+    fn render(
+        &self,
+        plan: &FrontendPlan,
+        _frontend: &Frontend,
+        _comment: &str,
+        _network: &NodeNetwork,
+    ) -> Objects {
+        objects(plan)
     }
 
     /// Creates every shard's table and base objects (an `add` of what
     /// exists changes nothing; base chains are flushed and written again),
     /// in one transaction.
-    fn ensure_base(&mut self) -> Result<(), NftablesError> {
+    fn ensure_base(&mut self, network: &NodeNetwork) -> Result<(), NftablesError> {
         let mut tx = Tx::new("");
         for shard in &self.shards {
             let mut part = Tx::new(&shard.table);
             base_objects(&mut part);
-            part.append(shard.node_network_objects(&self.network));
+            part.append(shard.node_network_objects(network));
             tx.append(part);
         }
-        run(tx)?;
-        self.based = true;
-        Ok(())
+        run(tx)
     }
 
+    fn write(
+        &mut self,
+        programmed: &mut Shadow,
+        keys: &[FrontendKey],
+        wanted: &Shadow,
+        _network: &NodeNetwork,
+        _scope: Scope,
+    ) -> Result<(), NftablesError> {
+        self.write_frontends(programmed, keys, wanted, None)
+    }
+
+    /// Reads the tables' chains, sets and map elements and counts what is
+    /// missing or extra, tables named like ours that no shard is (an
+    /// earlier layout) included. When nothing is and a rewrite is not
+    /// `due`, only the frontends that differ are written (a periodic sync
+    /// at 10 000 services then costs a listing, not a rewrite); otherwise
+    /// every frontend chain is rewritten, which also repairs rules edited
+    /// by hand.
+    fn read_kernel(
+        &mut self,
+        _programmed: &Shadow,
+        wanted: &Shadow,
+        network: &NodeNetwork,
+        due: bool,
+        stats: &mut ApplyStats,
+    ) -> Result<Option<Found>, NftablesError> {
+        let mut existing = Existing::read_all()?;
+        self.ensure_base(network)?;
+        let before = stats.kernel_writes + stats.kernel_deletes;
+        let cleanup = self.drift_cleanup(&mut existing, wanted, stats);
+        let drift = stats.kernel_writes + stats.kernel_deletes > before;
+        Ok((due || drift).then_some(Found { existing, cleanup }))
+    }
+
+    /// Removes what is not wanted, and rewrites every wanted frontend;
+    /// chains the kernel holds are flushed in the same transaction as
+    /// their new rules.
+    fn rewrite(
+        &mut self,
+        programmed: &mut Shadow,
+        wanted: &Shadow,
+        _network: &NodeNetwork,
+        Found { existing, cleanup }: Found,
+    ) -> Result<(), NftablesError> {
+        for shard in &mut self.shards {
+            shard.hairpin.clear();
+        }
+        run(cleanup)?;
+        let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
+        self.write_frontends(programmed, &keys, wanted, Some(&existing))
+    }
+
+    /// The sets of NodePort addresses; no frontend's rules name them.
+    fn write_node_network(
+        &mut self,
+        _old: &NodeNetwork,
+        network: &NodeNetwork,
+    ) -> Result<bool, NftablesError> {
+        let mut tx = Tx::new("");
+        for shard in &self.shards {
+            tx.append(shard.node_network_objects(network));
+        }
+        run(tx)?;
+        Ok(false)
+    }
+
+    fn cleanup() -> Result<bool, NftablesError> {
+        cleanup()
+    }
+}
+
+impl Nftables {
     /// Writes `wanted` in place of what is programmed for `keys`, in
     /// transactions of [`FRONTENDS_PER_TRANSACTION`] frontends that span
     /// the shards. On error the transactions before the failed one stay.
-    fn write(
+    /// `existing`: chains the kernel holds, per table (a reconcile's
+    /// rewrite).
+    fn write_frontends(
         &mut self,
+        programmed: &mut Shadow,
         keys: &[FrontendKey],
-        wanted: &BTreeMap<FrontendKey, Programmed>,
+        wanted: &Shadow,
         existing: Option<&BTreeMap<String, Existing>>,
-        stats: &mut ApplyStats,
     ) -> Result<(), NftablesError> {
         for chunk in keys.chunks(FRONTENDS_PER_TRANSACTION) {
             let mut parts: Vec<Vec<FrontendKey>> = vec![Vec::new(); SHARDS];
@@ -197,7 +257,7 @@ impl NftablesDataplane {
                 let known = existing
                     .and_then(|e| e.get(&shard.table))
                     .map(|e| &e.chains);
-                let (part, hairpin) = shard.prepare(&keys, wanted, known, stats);
+                let (part, hairpin) = shard.prepare(programmed, &keys, wanted, known);
                 tx.append(part);
                 staged.push(Staged {
                     shard: n,
@@ -215,75 +275,11 @@ impl NftablesDataplane {
                 hairpin,
             } in staged
             {
-                self.shards[shard].commit(&keys, wanted, hairpin);
+                self.shards[shard].hairpin = hairpin;
+                commit(programmed, &keys, wanted);
             }
         }
         Ok(())
-    }
-
-    fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, NftablesError> {
-        if !self.based {
-            self.ensure_base()?;
-        }
-        let mut stats = ApplyStats {
-            frontends_added: diff.added.len(),
-            frontends_changed: diff.changed.len(),
-            frontends_removed: diff.removed.len(),
-            ..ApplyStats::default()
-        };
-        let (keys, wanted) = netfilter::wanted_of(diff, |k, f| self.program(k, f));
-        self.write(&keys, &wanted, None, &mut stats)?;
-        Ok(stats)
-    }
-
-    /// Reads the tables' chains, sets and map elements, and makes them
-    /// equal to `desired`. What is missing or extra is counted
-    /// (`kernel_writes`/`kernel_deletes`: drift), tables named like ours that no
-    /// shard is (an earlier layout) included. When nothing is, and the last
-    /// full rewrite is younger than [`FULL_REWRITE_PERIOD`], only the
-    /// frontends that differ from `desired` are written (a periodic sync
-    /// at 10 000 services then costs a listing, not a rewrite); otherwise
-    /// every frontend chain is rewritten, which also repairs rules edited
-    /// by hand.
-    fn reconcile_table(&mut self, desired: &ServiceTable) -> Result<ApplyStats, NftablesError> {
-        let mut existing = Existing::read_all()?;
-        self.ensure_base()?;
-        let mut stats = ApplyStats::default();
-        let wanted: BTreeMap<FrontendKey, Programmed> = desired
-            .iter()
-            .map(|(k, f)| (*k, self.program(k, f)))
-            .collect();
-        let cleanup = self.drift_cleanup(&mut existing, &wanted, &mut stats);
-        let drift = stats.kernel_writes + stats.kernel_deletes > 0;
-        let rewrite_all = self
-            .last_rewrite
-            .is_none_or(|at| at.elapsed() >= FULL_REWRITE_PERIOD);
-        let mut write_stats = ApplyStats::default();
-        if !rewrite_all && !drift {
-            // The kernel holds what we programmed: write what differs.
-            let mut keys: BTreeSet<FrontendKey> = wanted.keys().copied().collect();
-            for shard in &self.shards {
-                keys.extend(shard.programmed.keys().copied());
-            }
-            let keys: Vec<FrontendKey> = keys.into_iter().collect();
-            self.write(&keys, &wanted, None, &mut write_stats)?;
-            stats.frontends_changed = write_stats.kernel_writes + write_stats.kernel_deletes;
-            return Ok(stats);
-        }
-        // Forget what we believe is programmed, remove what is not wanted,
-        // and rewrite every wanted frontend; chains the kernel holds are
-        // flushed in the same transaction as their new rules.
-        self.last_rewrite = None;
-        for shard in &mut self.shards {
-            shard.programmed.clear();
-            shard.hairpin.clear();
-        }
-        run(cleanup)?;
-        let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
-        self.write(&keys, &wanted, Some(&existing), &mut write_stats)?;
-        self.last_rewrite = Some(Instant::now());
-        stats.frontends_added = wanted.len();
-        Ok(stats)
     }
 
     /// The transaction that deletes what `existing` holds and `wanted`
@@ -294,7 +290,7 @@ impl NftablesDataplane {
     fn drift_cleanup(
         &self,
         existing: &mut BTreeMap<String, Existing>,
-        wanted: &BTreeMap<FrontendKey, Programmed>,
+        wanted: &Shadow,
         stats: &mut ApplyStats,
     ) -> Tx {
         let mut parts: Vec<Vec<&Programmed>> = vec![Vec::new(); SHARDS];
@@ -317,53 +313,6 @@ impl NftablesDataplane {
         existing.retain(|t, _| tables.contains(t.as_str()));
         cleanup
     }
-
-    fn set_network(&mut self, network: &NodeNetwork) -> Result<(), NftablesError> {
-        netfilter::allow_localhost_nodeports(network);
-        let replan = network.cluster_cidrs != self.network.cluster_cidrs
-            || network.masquerade_all != self.network.masquerade_all;
-        self.network = network.clone();
-        if !self.based {
-            return self.ensure_base();
-        }
-        let mut tx = Tx::new("");
-        for shard in &self.shards {
-            tx.append(shard.node_network_objects(network));
-        }
-        run(tx)?;
-        if replan {
-            let wanted: BTreeMap<FrontendKey, Programmed> = self
-                .shards
-                .iter()
-                .flat_map(|s| s.programmed.iter())
-                .map(|(k, p)| (*k, self.program(k, &p.frontend)))
-                .collect();
-            let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
-            let mut stats = ApplyStats::default();
-            self.write(&keys, &wanted, None, &mut stats)?;
-        }
-        Ok(())
-    }
-}
-
-impl Dataplane for NftablesDataplane {
-    fn name(&self) -> &'static str {
-        "nftables"
-    }
-
-    fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
-        let mut stats = self.apply_diff(diff)?;
-        stats.conntrack_deletes = netfilter::forget_stale_udp_flows(diff)?;
-        Ok(stats)
-    }
-
-    fn reconcile(&mut self, desired: &ServiceTable) -> Result<ReconcileReport, DataplaneError> {
-        Ok(ReconcileReport::of_repairs(self.reconcile_table(desired)?))
-    }
-
-    fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
-        Ok(self.set_network(network)?)
-    }
 }
 
 #[cfg(test)]
@@ -372,7 +321,7 @@ mod tests {
 
     use super::*;
     use crate::model::{
-        FrontendChange,
+        FrontendChange, ServiceTable, TableDiff,
         test_support::{backend, frontend, key},
     };
     use shard::table_of;

@@ -49,6 +49,33 @@ fn affinity_set(key: &FrontendKey, backend: &Backend, timeout: u32) -> String {
     )
 }
 
+/// The chains and affinity sets of a frontend, by name: what the driver
+/// keeps of a frontend besides its plan (its rules are rendered when they
+/// are written, by [`render`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Objects {
+    pub(super) chains: Vec<String>,
+    pub(super) sets: Vec<String>,
+}
+
+/// The chains and affinity sets of `plan`.
+pub(super) fn objects(plan: &FrontendPlan) -> Objects {
+    let mut chains = vec![frontend_chain(&plan.key)];
+    if plan.node_view.is_some() {
+        chains.push(node_chain(&plan.key));
+    }
+    if plan.cluster_view.is_some() {
+        chains.push(cluster_chain(&plan.key));
+    }
+    Objects {
+        chains,
+        sets: affinity_sets(plan)
+            .into_iter()
+            .map(|(name, ..)| name)
+            .collect(),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Chains, rules, sets and elements.
 

@@ -11,7 +11,7 @@ use ::nftables::{
 };
 
 use super::{
-    Programmed, SHARDS, TABLE,
+    Programmed, SHARDS, Shadow, TABLE,
     base::{BASE_CHAINS, BASE_SETS},
     existing::Existing,
     expr::{addr_type, chain, element, s, set, suffix, table},
@@ -44,12 +44,11 @@ pub(super) fn table_of(key: &FrontendKey) -> String {
     format!("{TABLE}-{}", shard_of(key))
 }
 
-/// One of the [`SHARDS`] tables and the frontends it holds.
+/// One of the [`SHARDS`] tables and the endpoints of the frontends it
+/// holds.
 pub(super) struct Shard {
     /// `proxy-agent-<n>`.
     pub(super) table: String,
-    /// What the kernel holds, per frontend.
-    pub(super) programmed: BTreeMap<FrontendKey, Programmed>,
     /// Endpoints of every programmed frontend, counted, for the hairpin set.
     pub(super) hairpin: BTreeMap<IpAddr, usize>,
 }
@@ -65,54 +64,35 @@ impl Shard {
     pub(super) fn new(table: String) -> Self {
         Shard {
             table,
-            programmed: BTreeMap::new(),
             hairpin: BTreeMap::new(),
         }
     }
 
-    /// The objects that turn what is programmed for `keys` into `wanted`
-    /// (a key missing from `wanted` is removed), in the order a transaction
-    /// needs: new chains and sets, flushes, rules, elements, deletions.
-    /// `existing`: chains the kernel holds that this shard does not know
-    /// of (a reconcile's rewrite), flushed rather than added.
+    /// The objects that turn what `programmed` holds for `keys` (this
+    /// shard's) into `wanted` (a key missing from `wanted` is removed), in
+    /// the order a transaction needs: new chains and sets, flushes, rules,
+    /// elements, deletions. `existing`: chains the kernel holds that
+    /// `programmed` does not know of (a reconcile's rewrite), flushed rather
+    /// than added. Returns the part and the shard's hairpin counts once it
+    /// is written.
     pub(super) fn prepare(
         &self,
+        programmed: &Shadow,
         keys: &[FrontendKey],
-        wanted: &BTreeMap<FrontendKey, Programmed>,
+        wanted: &Shadow,
         existing: Option<&HashSet<String>>,
-        stats: &mut ApplyStats,
     ) -> (Tx, BTreeMap<IpAddr, usize>) {
         let mut parts = Parts::new(&self.table);
         for key in keys {
-            let old = self.programmed.get(key);
+            let old = programmed.get(key);
             let new = wanted.get(key);
             if old == new && old.is_some() {
                 continue;
             }
-            parts.frontend(old, new, existing, stats);
+            parts.frontend(old, new, existing);
         }
         let hairpin = parts.hairpin(self.hairpin.clone());
         (parts.into_tx(&self.table), hairpin)
-    }
-
-    /// Takes in what a successful transaction of [`Shard::prepare`] wrote.
-    pub(super) fn commit(
-        &mut self,
-        keys: &[FrontendKey],
-        wanted: &BTreeMap<FrontendKey, Programmed>,
-        hairpin: BTreeMap<IpAddr, usize>,
-    ) {
-        self.hairpin = hairpin;
-        for key in keys {
-            match wanted.get(key) {
-                Some(p) => {
-                    self.programmed.insert(*key, p.clone());
-                }
-                None => {
-                    self.programmed.remove(key);
-                }
-            }
-        }
     }
 
     /// The sets of NodePort addresses, flushed and written again.
@@ -146,8 +126,16 @@ impl Shard {
         existing: &Existing,
         stats: &mut ApplyStats,
     ) -> Tx {
-        let wanted_chains: HashSet<String> = wanted.iter().flat_map(|p| p.chains()).collect();
-        let wanted_sets: HashSet<String> = wanted.iter().flat_map(|p| p.sets()).collect();
+        let wanted_chains: HashSet<&str> = wanted
+            .iter()
+            .flat_map(|p| &p.rendered.chains)
+            .map(String::as_str)
+            .collect();
+        let wanted_sets: HashSet<&str> = wanted
+            .iter()
+            .flat_map(|p| &p.rendered.sets)
+            .map(String::as_str)
+            .collect();
         let mut batch = Tx::new(&self.table);
         batch.add(table());
         // Elements of frontends that should not be there, then their chains.
@@ -165,14 +153,14 @@ impl Shard {
         }
         let mut late = Tx::new(&self.table);
         for name in &existing.chains {
-            if !wanted_chains.contains(name) && !BASE_CHAINS.contains(&name.as_str()) {
+            if !wanted_chains.contains(name.as_str()) && !BASE_CHAINS.contains(&name.as_str()) {
                 batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
                 late.delete(NfListObject::Chain(chain(name)));
                 stats.kernel_deletes += 1;
             }
         }
         for name in &existing.sets {
-            if !wanted_sets.contains(name) && !BASE_SETS.contains(&name.as_str()) {
+            if !wanted_sets.contains(name.as_str()) && !BASE_SETS.contains(&name.as_str()) {
                 late.delete(NfListObject::Set(Box::new(set(
                     name,
                     SetTypeValue::Single(SetType::Ipv4Addr),
@@ -190,7 +178,7 @@ impl Shard {
         stats.kernel_writes += wanted_elements.difference(&existing_elements).count();
         stats.kernel_writes += wanted_chains
             .iter()
-            .filter(|c| !existing.chains.contains(*c))
+            .filter(|c| !existing.chains.contains(**c))
             .count();
         batch
     }
@@ -225,15 +213,14 @@ impl Parts {
         old: Option<&Programmed>,
         new: Option<&Programmed>,
         existing: Option<&HashSet<String>>,
-        stats: &mut ApplyStats,
     ) {
         let old_chains: BTreeSet<String> = old
-            .map(|o| o.chains())
+            .map(|o| o.rendered.chains.clone())
             .unwrap_or_default()
             .into_iter()
             .collect();
         let old_sets: BTreeSet<String> = old
-            .map(|o| o.sets())
+            .map(|o| o.rendered.sets.clone())
             .unwrap_or_default()
             .into_iter()
             .collect();
@@ -245,7 +232,6 @@ impl Parts {
             && old.is_none()
         {
             self.elements.add(map_element(&new.plan));
-            stats.kernel_writes += 1;
         }
         if let Some(old) = old {
             for b in old.plan.backends() {
@@ -253,7 +239,6 @@ impl Parts {
             }
             if new.is_none() {
                 self.elements.delete(map_element(&old.plan));
-                stats.kernel_deletes += 1;
             }
         }
         for name in old_chains.difference(&new_chains) {

@@ -1,13 +1,19 @@
 //! What the netfilter dataplanes (nftables, iptables) share besides the
-//! plan they render (`model::plan`, re-exported here): the masquerade
-//! mark, how both syntaxes name things, the localhost-NodePort sysctl,
-//! running the tools, and forgetting stale UDP flows in kernel conntrack.
+//! plan they render (`model::plan`, re-exported here): their [`Driver`]
+//! (the shadow, the base, diffs, reconciles and the node's network, around
+//! a mode's [`RuleBackend`]), the masquerade mark, how both syntaxes name
+//! things, the localhost-NodePort sysctl, running the tools, and
+//! forgetting stale UDP flows in kernel conntrack.
 use std::{
     collections::BTreeMap,
     io::Write,
     net::IpAddr,
     process::{Command, Output, Stdio},
 };
+
+mod driver;
+
+pub use driver::{Driver, Programmed, RuleBackend, Scope, Shadow, commit};
 
 use super::conntrack::{ConntrackError, StaleFlow, delete_stale_udp_flows};
 pub use crate::model::plan::{Action, Family, FrontendPlan, Masquerade, NodeNetwork, View, plan};
