@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use proxy_agent::{
     config::{self, FileConfig},
     dataplane::{
-        Mode, ModeOptions,
+        Dataplane, Mode, ModeOptions,
         addresses::{self, NodeNetworkSettings},
         ebpf::{self, InterfaceFilter},
         mode::{IptablesBackendChoice, Opened, remove_kube_proxy_leftovers},
@@ -371,17 +371,8 @@ fn node_name(flag: Option<String>) -> Result<String> {
     if let Some(name) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
         return Ok(name.to_lowercase());
     }
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        bail!(
-            "cannot read the host name: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Ok(String::from_utf8_lossy(&buf[..end]).trim().to_lowercase())
+    let name = hostname::get().map_err(|e| anyhow::anyhow!("cannot read the host name: {e}"))?;
+    Ok(name.to_string_lossy().trim().to_lowercase())
 }
 
 fn validate(args: &Settings) -> Result<()> {
@@ -426,101 +417,23 @@ fn validate(args: &Settings) -> Result<()> {
 async fn run(args: Settings) -> Result<()> {
     validate(&args)?;
     let node = node_name(args.hostname_override.clone())?;
-    let mode_name = args.mode.name();
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %node, mode = mode_name, bpf_root = %args.bpf_root.display(), "starting");
-    if let (Some(path), Some(file)) = (&args.config_path, &args.file) {
-        let unused = file.not_yet_used();
-        if !unused.is_empty() {
-            tracing::info!(
-                config = %path.display(),
-                fields = %unused.join(", "),
-                "config fields accepted and validated but not used by this build yet"
-            );
-        }
-    }
-
-    // What other modes left behind goes first: two dataplanes translating
-    // the same packets would fight.
-    let options = ModeOptions {
-        bpf_root: args.bpf_root.clone(),
-        interfaces: InterfaceFilter {
-            include: args.interfaces.clone(),
-            exclude: args.exclude_interfaces.clone(),
-        },
-        cgroup: args.cgroup_root.clone(),
-        iptables_backend: args.iptables_backend,
-    };
-    args.mode.remove_other_modes(&options);
-    if args.cleanup_kube_proxy {
-        remove_kube_proxy_leftovers();
-    }
-    if args.mode == Mode::Ebpf && options.cgroup.is_none() {
-        tracing::warn!(
-            "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
-        );
-    }
-    let Opened {
+    log_start(&args, &node);
+    let Running {
         mut dataplane,
-        attacher,
-    } = args
-        .mode
-        .open(&options)
-        .with_context(|| format!("opening the {} dataplane", args.mode))?;
-    let mut links = None;
-    let mut links_attached = None;
-    if let Some(attacher) = attacher {
-        let attacher = Arc::new(Mutex::new(attacher));
-        let (links_attached_tx, attached) = tokio::sync::oneshot::channel();
-        links = Some(tokio::spawn(ebpf::follow_links(
-            attacher,
-            links_attached_tx,
-        )));
-        links_attached = Some(attached);
-    }
+        mut links,
+        links_attached,
+    } = open_dataplane(&args)?;
     let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
     let node_addresses = tokio::spawn(addresses::follow_addresses(addresses_tx));
 
-    // The health and metrics servers bind before anything else starts, so
-    // a taken port fails the start instead of a later probe.
     let health = Arc::new(Health::new(health_timeout(args.sync_period)));
     let metrics = Arc::new(Metrics::new());
-    let mut servers = tokio::task::JoinSet::new();
-    if let Some(addr) = &args.healthz_bind_address {
-        let listener = serve::bind(addr.socket_addr())
-            .await
-            .context("--healthz-bind-address")?;
-        servers.spawn(serve::run_health(listener, health.clone()));
-    }
-    if let Some(addr) = &args.metrics_bind_address {
-        let listener = serve::bind(addr.socket_addr())
-            .await
-            .context("--metrics-bind-address")?;
-        servers.spawn(serve::run_metrics(listener, metrics.clone(), mode_name));
-    }
-
+    let mut servers = start_servers(&args, &health, &metrics).await?;
     if args.mode == Mode::Ebpf {
         register_datapath_counters(&metrics, &args.bpf_root);
     }
-
     let (tx, rx) = watch::channel(None);
-    let mut events = None;
-    let source: Box<dyn Source> = match &args.manifests {
-        Some(dir) => Box::new(ManifestSource::new(dir.clone())),
-        None => {
-            let client = kube_client(args.kubeconfig.as_deref(), args.master.as_deref()).await?;
-            let source = ApiSource::new(client.clone(), node.clone());
-            events = Some(EventPublisher::start(
-                client,
-                source.stores(),
-                Reporter {
-                    controller: "proxy-agent".to_string(),
-                    instance: format!("proxy-agent-{node}"),
-                },
-                EventLimits::default(),
-            ));
-            Box::new(source)
-        }
-    };
+    let (source, events) = source_of(&args, &node).await?;
     let source_task = tokio::spawn(source.run(tx));
 
     let cfg = ModelConfig { node_name: node };
@@ -581,14 +494,134 @@ async fn run(args: Settings) -> Result<()> {
         _ = sigterm.recv() => tracing::info!("terminated"),
     }
     tracing::info!(
-        mode = mode_name,
+        mode = args.mode.name(),
         "exiting; the dataplane keeps serving the last table (remove it with `proxy-agent cleanup`)"
     );
     Ok(())
 }
 
-/// kube-proxy's health timeout: twice the sync period (a change waiting
-/// longer than that to be programmed makes /healthz fail).
+fn log_start(args: &Settings, node: &str) {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %node, mode = args.mode.name(), bpf_root = %args.bpf_root.display(), "starting");
+    if let (Some(path), Some(file)) = (&args.config_path, &args.file) {
+        let unused = file.not_yet_used();
+        if !unused.is_empty() {
+            tracing::info!(
+                config = %path.display(),
+                fields = %unused.join(", "),
+                "config fields accepted and validated but not used by this build yet"
+            );
+        }
+    }
+}
+
+/// The ebpf mode's task that attaches its programs to the node's
+/// interfaces as they come and go.
+type LinksTask = tokio::task::JoinHandle<Result<(), ebpf::EbpfError>>;
+/// Fires once the interfaces present at start have the programs.
+type LinksAttached = tokio::sync::oneshot::Receiver<()>;
+
+/// An opened dataplane, and what follows the node's interfaces for it.
+struct Running {
+    dataplane: Box<dyn Dataplane>,
+    links: Option<LinksTask>,
+    links_attached: Option<LinksAttached>,
+}
+
+/// Removes what other modes left (two dataplanes translating the same
+/// packets would fight), then opens this mode's dataplane, and for the
+/// ebpf mode starts following the node's interfaces.
+fn open_dataplane(args: &Settings) -> Result<Running> {
+    let options = ModeOptions {
+        bpf_root: args.bpf_root.clone(),
+        interfaces: InterfaceFilter {
+            include: args.interfaces.clone(),
+            exclude: args.exclude_interfaces.clone(),
+        },
+        cgroup: args.cgroup_root.clone(),
+        iptables_backend: args.iptables_backend,
+    };
+    args.mode.remove_other_modes(&options);
+    if args.cleanup_kube_proxy {
+        remove_kube_proxy_leftovers();
+    }
+    if args.mode == Mode::Ebpf && options.cgroup.is_none() {
+        tracing::warn!(
+            "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
+        );
+    }
+    let Opened {
+        dataplane,
+        attacher,
+    } = args
+        .mode
+        .open(&options)
+        .with_context(|| format!("opening the {} dataplane", args.mode))?;
+    let (links, attached) = match attacher {
+        Some(attacher) => {
+            let attacher = Arc::new(Mutex::new(attacher));
+            let (links_attached_tx, attached) = tokio::sync::oneshot::channel();
+            let links = tokio::spawn(ebpf::follow_links(attacher, links_attached_tx));
+            (Some(links), Some(attached))
+        }
+        None => (None, None),
+    };
+    Ok(Running {
+        dataplane,
+        links,
+        links_attached: attached,
+    })
+}
+
+/// Binds the health and metrics servers before anything else starts, so a
+/// taken port fails the start instead of a later probe.
+async fn start_servers(
+    args: &Settings,
+    health: &Arc<Health>,
+    metrics: &Arc<Metrics>,
+) -> Result<tokio::task::JoinSet<()>> {
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = &args.healthz_bind_address {
+        let listener = serve::bind(addr.socket_addr())
+            .await
+            .context("--healthz-bind-address")?;
+        servers.spawn(serve::run_health(listener, health.clone()));
+    }
+    if let Some(addr) = &args.metrics_bind_address {
+        let listener = serve::bind(addr.socket_addr())
+            .await
+            .context("--metrics-bind-address")?;
+        servers.spawn(serve::run_metrics(
+            listener,
+            metrics.clone(),
+            args.mode.name(),
+        ));
+    }
+    Ok(servers)
+}
+
+/// Where Services come from: the manifest directory, or the Kubernetes API
+/// (with the publisher of Events about the objects it refuses).
+async fn source_of(
+    args: &Settings,
+    node: &str,
+) -> Result<(Box<dyn Source>, Option<EventPublisher>)> {
+    let Some(dir) = &args.manifests else {
+        let client = kube_client(args.kubeconfig.as_deref(), args.master.as_deref()).await?;
+        let source = ApiSource::new(client.clone(), node.to_string());
+        let events = EventPublisher::start(
+            client,
+            source.stores(),
+            Reporter {
+                controller: "proxy-agent".to_string(),
+                instance: format!("proxy-agent-{node}"),
+            },
+            EventLimits::default(),
+        );
+        return Ok((Box::new(source), Some(events)));
+    };
+    Ok((Box::new(ManifestSource::new(dir.clone())), None))
+}
+
 /// Exports the datapath's per-reason counters at every scrape as
 /// `proxy_agent_datapath_packets_total{reason}` (kube-proxy has no
 /// counterpart: it never sees packets). Failing to open them is logged,
@@ -619,6 +652,8 @@ fn register_datapath_counters(metrics: &Metrics, bpf_root: &std::path::Path) {
     });
 }
 
+/// kube-proxy's health timeout: twice the sync period (a change waiting
+/// longer than that to be programmed makes /healthz fail).
 fn health_timeout(sync_period: Duration) -> Duration {
     sync_period * 2
 }
