@@ -386,7 +386,8 @@ pub fn parse(text: &str) -> Result<FileConfig, ParseError> {
     let raw: RawConfig = if text.trim().is_empty() {
         RawConfig::default()
     } else {
-        serde_saphyr::from_str(text).map_err(|e| ParseError::Syntax(e.without_snippet().to_string()))?
+        serde_saphyr::from_str(text)
+            .map_err(|e| ParseError::Syntax(e.without_snippet().to_string()))?
     };
     let mut v = Validator::default();
     let cfg = v.config(raw);
