@@ -30,6 +30,8 @@ pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 262_144;
 pub const FRONTEND_ADDRS_MAX_ENTRIES: u32 = 131_072;
+/// ServiceCIDR ranges: a cluster has a handful.
+pub const SERVICE_CIDRS_MAX_ENTRIES: u32 = 256;
 
 /// Names of the maps, as pinned under `<bpf-root>/maps/`.
 pub const MAP_SERVICES: &str = "PA_SERVICES";
@@ -39,6 +41,9 @@ pub const MAP_STATS: &str = "PA_STATS";
 pub const MAP_AFFINITY: &str = "PA_AFFINITY";
 pub const MAP_MEMBERS: &str = "PA_MEMBERS";
 pub const MAP_SOURCE_RANGES: &str = "PA_SOURCE_RANGES";
+/// The cluster's ServiceCIDR ranges (LPM trie of [`ServiceCidrKey`]): a new
+/// flow to an address inside them that no frontend has is dropped.
+pub const MAP_SERVICE_CIDRS: &str = "PA_SERVICE_CIDRS";
 pub const MAP_NODE_ADDRS: &str = "PA_NODE_ADDRS";
 pub const MAP_CONFIG: &str = "PA_CONFIG";
 pub const MAP_PROGS: &str = "PA_PROGS";
@@ -285,6 +290,17 @@ pub struct SourceRangeKey {
     pub addr: Addr,
 }
 
+/// Data of the service-CIDRs LPM trie key: the prefix length counts the
+/// 32 bits of the family (so IPv4 and IPv6 ranges never meet), then
+/// address bits. An IPv4 range uses the first four bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceCidrKey {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`], big-endian.
+    pub family_be: u32,
+    pub addr: Addr,
+}
+
 /// Key of the node-addresses map: an address of this node NodePorts are
 /// served on.
 #[repr(C)]
@@ -411,6 +427,9 @@ pub mod stat {
     /// flow it had with that backend through a frontend: the old flow was
     /// forgotten, so the answers are not translated as its were.
     pub const FLOW_TUPLE_REUSED: u32 = 28;
+    /// A packet to an address of a ServiceCIDR that no Service holds
+    /// (kube-proxy's "drop traffic to unallocated ClusterIPs").
+    pub const DROP_UNALLOCATED: u32 = 29;
     pub const COUNT: u32 = 32;
 
     /// Human names, indexed like the constants above.
@@ -444,7 +463,7 @@ pub mod stat {
         "sock_revnat",
         "icmp_error_nat",
         "flow_tuple_reused",
-        "unused29",
+        "drop_unallocated",
         "unused30",
         "unused31",
     ];
@@ -475,6 +494,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for NodeAddrKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceCidrKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for NodeConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockRevKey {}
@@ -498,6 +519,7 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 4 + 4 + 8);
         assert_eq!(size_of::<MemberKey>(), 8);
         assert_eq!(size_of::<SourceRangeKey>(), 4 + 16);
+        assert_eq!(size_of::<ServiceCidrKey>(), 4 + 16);
         assert_eq!(size_of::<NodeAddrKey>(), 16 + 1 + 3);
         assert_eq!(size_of::<SockRevKey>(), 8 + 16 + 2 + 1 + 5);
         assert_eq!(size_of::<SockRevValue>(), 16 + 2 + 6);

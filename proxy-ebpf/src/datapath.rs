@@ -31,7 +31,7 @@ use proxy_common::{
 
 use crate::conntrack::{self, ct_key, ct_touch, forget_flow_on_tuple};
 use crate::lb::{self, refresh_affinity};
-use crate::maps::{PA_CONNTRACK, config, count, may_be_frontend, now, snat_addr};
+use crate::maps::{PA_CONNTRACK, config, count, in_service_cidr, may_be_frontend, now, snat_addr};
 use crate::nat::{self, rewrite_dst, rewrite_src};
 use crate::parse::{Packet, parse};
 use crate::reject::reject;
@@ -99,8 +99,13 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         }
     }
 
-    // Traffic to anything but a frontend has no flow and no service here.
+    // Traffic to anything but a frontend has no flow and no service here;
+    // to an address of a ServiceCIDR that no Service holds it goes nowhere,
+    // and is dropped, as kube-proxy drops it.
     if !may_be_frontend(pkt.family, &pkt.daddr) {
+        if in_service_cidr(pkt.family, &pkt.daddr) {
+            return (TC_ACT_SHOT as i32, stat::DROP_UNALLOCATED);
+        }
         forget_flow_on_tuple(ctx, pkt);
         return (TC_ACT_OK as i32, stat::PASS_NO_SERVICE);
     }

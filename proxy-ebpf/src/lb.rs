@@ -15,8 +15,8 @@ use proxy_common::{
 use crate::conntrack::forget_flow_on_tuple;
 use crate::datapath::{Verdict, tail_call};
 use crate::maps::{
-    PA_AFFINITY, PA_SERVICES, affinity_backend, affinity_key, lookup_frontend, now, pick_slot,
-    source_admitted,
+    PA_AFFINITY, PA_SERVICES, affinity_backend, affinity_key, in_service_cidr, lookup_frontend,
+    now, pick_slot, source_admitted,
 };
 use crate::parse::Packet;
 
@@ -48,6 +48,12 @@ pub(crate) fn select(
     let Some((mut svc_key, mut svc)) =
         lookup_frontend(pkt.family, pkt.proto, &pkt.daddr, pkt.dport)
     else {
+        // A port of a ClusterIP that no Service has: refused, as kube-proxy's
+        // nftables mode refuses it.
+        if in_service_cidr(pkt.family, &pkt.daddr) {
+            let (_, reason) = tail_call(ctx, TAIL_REJECT);
+            return Err((TC_ACT_SHOT as i32, reason));
+        }
         // A node address, say, with a host-network backend behind it.
         forget_flow_on_tuple(ctx, pkt);
         return Err((TC_ACT_OK as i32, stat::PASS_NO_SERVICE));

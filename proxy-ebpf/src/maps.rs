@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_SNAT_V4, CFG_SNAT_V6, CtKey,
-    CtValue, FAMILY_V4, MemberKey, NodeAddrKey, NodeConfig, SCOPE_EXTERNAL, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, stat,
+    CtValue, FAMILY_V4, MemberKey, NodeAddrKey, NodeConfig, SCOPE_EXTERNAL, ServiceCidrKey,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, stat,
 };
 
 #[map]
@@ -36,6 +36,10 @@ pub(crate) static PA_MEMBERS: HashMap<MemberKey, u32> =
 #[map]
 pub(crate) static PA_SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::with_max_entries(proxy_common::SOURCE_RANGES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub(crate) static PA_SERVICE_CIDRS: LpmTrie<ServiceCidrKey, u32> =
+    LpmTrie::with_max_entries(proxy_common::SERVICE_CIDRS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
 pub(crate) static PA_NODE_ADDRS: HashMap<NodeAddrKey, u32> =
@@ -236,4 +240,18 @@ pub(crate) fn source_admitted(svc_id: u32, family: u8, addr: &Addr) -> bool {
         },
     );
     PA_SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Whether `addr` is inside one of the cluster's ServiceCIDRs.
+#[inline(always)]
+pub(crate) fn in_service_cidr(family: u8, addr: &Addr) -> bool {
+    let bits = if family == FAMILY_V4 { 32 } else { 128 };
+    let key = Key::new(
+        32 + bits,
+        ServiceCidrKey {
+            family_be: u32::from(family).to_be(),
+            addr: *addr,
+        },
+    );
+    PA_SERVICE_CIDRS.get(&key).is_some()
 }

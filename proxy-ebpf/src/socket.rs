@@ -27,7 +27,7 @@ use proxy_common::{
 
 use crate::maps::{
     PA_AFFINITY, PA_SERVICES, PA_SOCK_NETNS, PA_SOCK_REVNAT, affinity_backend, affinity_key,
-    config, count, lookup_frontend, now, pick_slot, snat_addr, source_admitted,
+    config, count, in_service_cidr, lookup_frontend, now, pick_slot, snat_addr, source_admitted,
 };
 use crate::packet::{v4_addr, v4_raw};
 
@@ -41,8 +41,9 @@ enum Outcome {
     Untouched,
     /// The address was rewritten to a backend.
     Translated,
-    /// A service without endpoints, or one whose source ranges leave the
-    /// node out: the call fails with ECONNREFUSED.
+    /// A service without endpoints, one whose source ranges leave the node
+    /// out, or an address of a ServiceCIDR no frontend serves: the call
+    /// fails with ECONNREFUSED.
     Refused,
 }
 
@@ -76,6 +77,12 @@ fn balance(
     port: u16,
 ) -> Result<BackendValue, Outcome> {
     let Some((mut key, mut svc)) = lookup_frontend(family, proto, addr, port) else {
+        // An address of a ServiceCIDR that no Service holds, or a port of a
+        // ClusterIP that no Service has: refused, as the packet path
+        // refuses (or drops) them.
+        if in_service_cidr(family, addr) {
+            return Err(Outcome::Refused);
+        }
         return Err(Outcome::Untouched);
     };
     // A node process may reach a frontend restricted by source ranges when

@@ -84,21 +84,25 @@ enum Kind {
     Event,
     /// Core `v1` Event.
     CoreEvent,
+    /// `networking.k8s.io/v1` ServiceCIDR (cluster-scoped).
+    ServiceCidr,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
         Kind::Event,
         Kind::CoreEvent,
+        Kind::ServiceCidr,
     ];
 
     fn group(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io",
             Kind::Event => "events.k8s.io",
+            Kind::ServiceCidr => "networking.k8s.io",
             Kind::Service | Kind::Node | Kind::CoreEvent => "",
         }
     }
@@ -107,6 +111,7 @@ impl Kind {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::Event => "events.k8s.io/v1",
+            Kind::ServiceCidr => "networking.k8s.io/v1",
             Kind::Service | Kind::Node | Kind::CoreEvent => "v1",
         }
     }
@@ -117,6 +122,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
             Kind::Event | Kind::CoreEvent => "Event",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
     }
 
@@ -126,11 +132,12 @@ impl Kind {
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
             Kind::Event | Kind::CoreEvent => "events",
+            Kind::ServiceCidr => "servicecidrs",
         }
     }
 
     fn namespaced(self) -> bool {
-        self != Kind::Node
+        !matches!(self, Kind::Node | Kind::ServiceCidr)
     }
 
     fn from_path(group: &str, version: &str, plural: &str) -> Option<Kind> {
@@ -1496,7 +1503,11 @@ fn non_resource(path: &str) -> Response<RespBody> {
             200,
             &json!({
                 "kind": "APIGroupList", "apiVersion": "v1",
-                "groups": [group("discovery.k8s.io"), group("events.k8s.io")],
+                "groups": [
+                    group("discovery.k8s.io"),
+                    group("events.k8s.io"),
+                    group("networking.k8s.io"),
+                ],
             }),
         ),
         "/api/v1" => json_response(
@@ -1506,6 +1517,10 @@ fn non_resource(path: &str) -> Response<RespBody> {
         "/apis/discovery.k8s.io/v1" => json_response(
             200,
             &resource_list("discovery.k8s.io/v1", &[Kind::EndpointSlice]),
+        ),
+        "/apis/networking.k8s.io/v1" => json_response(
+            200,
+            &resource_list("networking.k8s.io/v1", &[Kind::ServiceCidr]),
         ),
         "/apis/events.k8s.io/v1" => {
             json_response(200, &resource_list("events.k8s.io/v1", &[Kind::Event]))

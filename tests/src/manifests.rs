@@ -659,6 +659,18 @@ impl ManifestsDir {
         self.write_object(&service_file(spec), object)
     }
 
+    /// Writes (or rewrites) a `networking.k8s.io/v1` ServiceCIDR `name`
+    /// with `cidrs` (at most one per family).
+    pub fn write_service_cidr(&self, name: &str, cidrs: &[&str]) -> anyhow::Result<()> {
+        let object = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": { "name": name },
+            "spec": { "cidrs": cidrs },
+        });
+        self.write_object(&format!("servicecidr-{name}.yaml"), &object)
+    }
+
     /// Writes (or rewrites) the Service's EndpointSlice with `endpoints`.
     pub fn write_endpoint_slice(
         &self,

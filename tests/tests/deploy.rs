@@ -217,6 +217,7 @@ fn check_overlay(mode: &str, capabilities: &[&str], xtables_lock: bool) -> anyho
         ("", "services", &["list", "watch"][..]),
         ("", "nodes", &["list", "watch"]),
         ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
+        ("networking.k8s.io", "servicecidrs", &["list", "watch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ] {
         for verb in verbs {

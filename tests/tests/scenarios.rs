@@ -84,6 +84,7 @@ impl Mode {
     fn cannot(self, scenario: &str) -> Option<&'static str> {
         let behaviour = match scenario {
             "hairpin_bridge" => Behaviour::HairpinWithoutHairpinMode,
+            "unallocated_service_ips_are_dropped" => Behaviour::ChecksServiceCidrs,
             _ => return None,
         };
         self.mode().cannot(behaviour)
@@ -140,6 +141,7 @@ suite![
     external_and_load_balancer_ips_with_source_ranges,
     narrowed_source_ranges_keep_established_flows,
     ipv4_with_leading_zeros_is_served,
+    unallocated_service_ips_are_dropped,
     session_affinity_client_ip,
     terminating_endpoints_serve_only_when_none_is_ready,
     established_flow_survives_backend_removal,
@@ -880,6 +882,46 @@ fn ipv4_with_leading_zeros_is_served(mode: Mode) -> anyhow::Result<()> {
             &["pod-0", "pod-1"],
             &[NODE],
         )?;
+    }
+    Ok(())
+}
+
+/// A new connection to an address of a ServiceCIDR that no Service holds
+/// is dropped (kube-proxy's nftables mode: "drop traffic to unallocated
+/// ClusterIPs"), once the agent knows the ServiceCIDRs; before, it goes
+/// where routing sends it (here the node answers it, with a reset). A
+/// ClusterIP that is allocated keeps being served, and a connection to a
+/// port of it that no Service has is refused, not dropped.
+fn unallocated_service_ips_are_dropped(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let service = echo().dual_stack(VIP6);
+    c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let unallocated = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 99));
+    let unallocated6 = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x99));
+    let refused = |r: &ClientReport| r.errors.keys().any(|e| e.contains("ConnectionRefused"));
+    for ip in [unallocated, unallocated6] {
+        let report = c.probe_in(c.t.client_ns(), Protocol::Tcp, at(ip, TCP_PORT), 1)?;
+        ensure!(refused(&report), "{ip} before any ServiceCIDR: {report:?}");
+    }
+    c.manifests
+        .write_service_cidr("kubernetes", &["198.19.0.0/16", "2001:2:0:ff::/64"])?;
+    for ip in [unallocated, unallocated6] {
+        c.until(
+            Protocol::Tcp,
+            at(ip, TCP_PORT),
+            "unallocated address dropped",
+            |r| r.ok == 0 && !refused(r),
+        )?;
+    }
+    for vip in [VIP, VIP6] {
+        let report = c.exchange(Protocol::Tcp, at(vip, TCP_PORT), 10)?;
+        ensure!(report.ok == 10, "{vip} must still be served: {report:?}");
+        let other_port = c.probe_in(c.t.client_ns(), Protocol::Tcp, at(vip, 9), 1)?;
+        ensure!(
+            refused(&other_port),
+            "an unserved port of allocated {vip} must be refused: {other_port:?}"
+        );
     }
     Ok(())
 }

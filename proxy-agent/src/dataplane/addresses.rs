@@ -112,6 +112,8 @@ pub fn node_network(
         }),
         cluster_cidrs: settings.cluster_cidrs.clone(),
         masquerade_all: settings.masquerade_all,
+        // The cluster's, not the node's: the sync loop adds them.
+        service_cidrs: Vec::new(),
     }
 }
 
@@ -703,6 +705,7 @@ mod tests {
                 snat_v6: None,
                 cluster_cidrs: settings.cluster_cidrs.clone(),
                 masquerade_all: true,
+                service_cidrs: Vec::new(),
             }
         );
         // Primary with nothing: nothing, not a panic.

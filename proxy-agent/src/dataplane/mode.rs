@@ -127,6 +127,10 @@ pub enum Behaviour {
     /// A node process's connect to a Service that will not serve it fails
     /// at once with "connection refused" instead of timing out.
     RefusesNodeConnectsAtOnce,
+    /// New connections to an address of a ServiceCIDR that no Service
+    /// holds are dropped, and to a port of a ClusterIP that no Service has
+    /// refused (kube-proxy's nftables mode).
+    ChecksServiceCidrs,
 }
 
 impl Mode {
@@ -149,6 +153,11 @@ impl Mode {
                 "the node's own connections are translated by cgroup socket hooks attached to \
                  the agent's cgroup (the node's root cgroup in a DaemonSet); their packets never \
                  cross a hook of a pod interface",
+            ),
+            ChecksServiceCidrs if matches!(self, Mode::Iptables | Mode::Ipvs) => Some(
+                "kube-proxy's iptables and IPVS modes do not check ServiceCIDRs either: telling \
+                 a ClusterIP from an unallocated address takes a set of every ClusterIP, which \
+                 iptables has only through ipset",
             ),
             RefusesNodeConnectsAtOnce if netfilter => Some(
                 "netfilter drops or rejects the connection's first packet, as kube-proxy does; \
@@ -262,6 +271,7 @@ mod tests {
             Ipv6LocalhostNodePorts,
             NodeProcessesOutsideTheAgentCgroup,
             RefusesNodeConnectsAtOnce,
+            ChecksServiceCidrs,
         ] {
             let can: Vec<Mode> = Mode::ALL
                 .into_iter()

@@ -5,6 +5,7 @@ use std::{
     sync::Arc,
 };
 
+use ipnet::IpNet;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -12,7 +13,7 @@ use k8s_openapi::api::{
 
 use super::{
     Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
-    Protocol, Rejection, ServiceName, ServiceTable,
+    Protocol, Rejection, ServiceName, ServiceTable, check_service_cidr,
     validate::{
         EndpointPlan, IpFamily, ServicePlan, ServicePortPlan, ZONE_LABEL, check_endpoint_slice,
         check_service, service_name_of,
@@ -30,6 +31,10 @@ pub struct BuildOutput {
     /// Health check node ports to serve: NodePort and LoadBalancer Services
     /// with `externalTrafficPolicy: Local` and `spec.healthCheckNodePort`.
     pub health_check_node_ports: BTreeMap<ServiceName, HealthCheck>,
+    /// The ranges of every valid ServiceCIDR, sorted, without duplicates:
+    /// traffic to an address inside them that no Service holds is dropped,
+    /// as kube-proxy's nftables mode drops it.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 /// What a health check node port answers for one Service: healthy when this
@@ -50,6 +55,7 @@ pub struct HealthCheck {
 pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
     let mut rejections: Vec<Rejection> =
         state.nodes.iter().flat_map(|n| validate_node(n)).collect();
+    let service_cidrs = service_cidrs(state, &mut rejections);
 
     let zone = node_zone(&state.nodes, cfg, &mut rejections);
     let place = Place {
@@ -111,7 +117,23 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
         table,
         rejections,
         health_check_node_ports,
+        service_cidrs,
     }
+}
+
+/// The ranges of the valid ServiceCIDRs, sorted, without duplicates; the
+/// others are rejected.
+fn service_cidrs(state: &ClusterState, rejections: &mut Vec<Rejection>) -> Vec<IpNet> {
+    let mut cidrs = Vec::new();
+    for object in &state.service_cidrs {
+        match check_service_cidr(object) {
+            Ok(ranges) => cidrs.extend(ranges),
+            Err(refused) => rejections.extend(refused),
+        }
+    }
+    cidrs.sort();
+    cidrs.dedup();
+    cidrs
 }
 
 /// A frontend a Service asks for, and the spec field it comes from.

@@ -15,7 +15,9 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR,
+};
 
 mod builder;
 pub mod plan;
@@ -29,7 +31,7 @@ pub(crate) mod test_support;
 
 pub use builder::{BuildOutput, HealthCheck, build_table};
 pub use plan::NodeNetwork;
-pub use validate::{validate_endpoint_slice, validate_node, validate_service};
+pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, validate_service};
 
 /// Everything the model needs to know about the cluster, as a source sees it.
 ///
@@ -41,6 +43,9 @@ pub struct ClusterState {
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub nodes: Vec<Arc<Node>>,
+    /// `networking.k8s.io/v1` ServiceCIDRs: the ranges ClusterIPs are
+    /// allocated from (empty where the API server has none to give).
+    pub service_cidrs: Vec<Arc<ServiceCIDR>>,
 }
 
 impl ClusterState {
@@ -54,6 +59,7 @@ impl ClusterState {
             services: services.into_iter().map(Arc::new).collect(),
             endpoint_slices: endpoint_slices.into_iter().map(Arc::new).collect(),
             nodes: nodes.into_iter().map(Arc::new).collect(),
+            service_cidrs: Vec::new(),
         }
     }
 }

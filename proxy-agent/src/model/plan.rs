@@ -32,6 +32,10 @@ pub struct NodeNetwork {
     pub cluster_cidrs: Vec<IpNet>,
     /// `--masquerade-all`: masquerade every service connection.
     pub masquerade_all: bool,
+    /// The ranges ClusterIPs are allocated from (the cluster's
+    /// ServiceCIDRs): a new connection to an address inside them that no
+    /// frontend holds is dropped, as kube-proxy's nftables mode does.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl NodeNetwork {

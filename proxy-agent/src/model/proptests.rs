@@ -529,6 +529,7 @@ fn state_and_shuffled() -> impl Strategy<Value = (ClusterState, ClusterState)> {
                 services,
                 endpoint_slices,
                 nodes,
+                service_cidrs: Vec::new(),
             });
         (original, shuffled)
     })

@@ -16,6 +16,7 @@ use k8s_openapi::{
     api::{
         core::v1::{Node, Service, ServiceSpec},
         discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        networking::v1::ServiceCIDR,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -39,6 +40,9 @@ pub(super) const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str =
 const SERVICE: &str = "Service";
 const ENDPOINT_SLICE: &str = "EndpointSlice";
 const NODE: &str = "Node";
+const SERVICE_CIDR: &str = "ServiceCIDR";
+/// The API server's limit on `spec.cidrs` of a ServiceCIDR: one per family.
+const MAX_SERVICE_CIDRS: usize = 2;
 
 /// Problems with a Service; empty means the model can use it (or ignores it
 /// on purpose, e.g. headless or owned by another proxy).
@@ -64,6 +68,56 @@ pub fn validate_node(node: &Node) -> Vec<Rejection> {
         )];
     }
     Vec::new()
+}
+
+/// The ranges of a `networking.k8s.io/v1` ServiceCIDR (its `spec.cidrs`,
+/// at most one per family, as the API server allows), or why it is
+/// refused. An object that is refused counts for nothing: traffic to its
+/// ranges is left alone rather than dropped on a guess.
+pub fn check_service_cidr(object: &ServiceCIDR) -> Result<Vec<IpNet>, Vec<Rejection>> {
+    let (namespace, name) = identity(&object.metadata, "");
+    let refuse = |reasons: Vec<String>| {
+        reasons
+            .into_iter()
+            .map(|reason| rejection(SERVICE_CIDR, &namespace, &name, reason))
+            .collect::<Vec<_>>()
+    };
+    if name.is_empty() {
+        return Err(refuse(vec!["metadata.name: missing".into()]));
+    }
+    let raw = object
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.cidrs.as_deref())
+        .unwrap_or_default();
+    if raw.len() > MAX_SERVICE_CIDRS {
+        return Err(refuse(vec![format!(
+            "spec.cidrs: {} ranges, at most {MAX_SERVICE_CIDRS} (one per family)",
+            raw.len()
+        )]));
+    }
+    let mut reasons = Vec::new();
+    let mut cidrs: Vec<IpNet> = Vec::new();
+    for (i, text) in raw.iter().enumerate() {
+        match parse_cidr(text.trim()) {
+            Some(net)
+                if cidrs
+                    .iter()
+                    .any(|c| IpFamily::of(c.addr()) == IpFamily::of(net.addr())) =>
+            {
+                reasons.push(format!(
+                    "spec.cidrs[{i}]: {text:?}: a second range of its family"
+                ))
+            }
+            Some(net) => cidrs.push(net.trunc()),
+            None => reasons.push(format!("spec.cidrs[{i}]: {text:?} is not a CIDR")),
+        }
+    }
+    if reasons.is_empty() {
+        Ok(cidrs)
+    } else {
+        Err(refuse(reasons))
+    }
 }
 
 /// IP address family.
@@ -1104,6 +1158,73 @@ mod tests {
         ] {
             assert_eq!(parse_ip(junk), None, "{junk:?}");
         }
+    }
+
+    /// Rows: (name, spec.cidrs, the ranges or the reasons' beginnings).
+    #[test]
+    fn service_cidrs_are_one_range_per_family_or_refused_whole() {
+        type Row<'a> = (&'a str, &'a [&'a str], Result<&'a [&'a str], &'a [&'a str]>);
+        let rows: [Row; 6] = [
+            (
+                "kubernetes",
+                &["10.96.0.0/12", "fd00:10:96::/112"],
+                Ok(&["10.96.0.0/12", "fd00:10:96::/112"]),
+            ),
+            ("zeros", &["010.096.0.0/12"], Ok(&["10.96.0.0/12"])),
+            ("host-bits", &["10.96.0.7/12"], Ok(&["10.96.0.0/12"])),
+            (
+                "bad",
+                &["10.96.0.0/12", "nonsense"],
+                Err(&["spec.cidrs[1]: \"nonsense\" is not a CIDR"]),
+            ),
+            (
+                "two-v4",
+                &["10.96.0.0/12", "10.200.0.0/16"],
+                Err(&["spec.cidrs[1]: \"10.200.0.0/16\": a second range"]),
+            ),
+            ("", &["10.96.0.0/12"], Err(&["metadata.name: missing"])),
+        ];
+        for (name, cidrs, expected) in rows {
+            let object = ServiceCIDR {
+                metadata: ObjectMeta {
+                    name: (!name.is_empty()).then(|| name.to_string()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(k8s_openapi::api::networking::v1::ServiceCIDRSpec {
+                    cidrs: Some(cidrs.iter().map(|c| c.to_string()).collect()),
+                }),
+                ..ServiceCIDR::default()
+            };
+            match (check_service_cidr(&object), expected) {
+                (Ok(got), Ok(want)) => {
+                    let want: Vec<IpNet> = want.iter().map(|c| c.parse().unwrap()).collect();
+                    assert_eq!(got, want, "{name}");
+                }
+                (Err(got), Err(want)) => {
+                    assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+                    for (r, w) in got.iter().zip(want) {
+                        assert_eq!(r.kind, "ServiceCIDR");
+                        assert!(r.reason.starts_with(w), "{name}: {r:?}");
+                    }
+                }
+                (got, want) => panic!("{name}: got {got:?}, expected {want:?}"),
+            }
+        }
+        let three = ServiceCIDR {
+            metadata: ObjectMeta {
+                name: Some("three".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(k8s_openapi::api::networking::v1::ServiceCIDRSpec {
+                cidrs: Some(vec![
+                    "10.0.0.0/8".into(),
+                    "fd00::/64".into(),
+                    "10.1.0.0/16".into(),
+                ]),
+            }),
+            ..ServiceCIDR::default()
+        };
+        assert!(check_service_cidr(&three).is_err());
     }
 
     #[test]

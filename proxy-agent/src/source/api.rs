@@ -19,7 +19,9 @@ use std::{
 };
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR,
+};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -50,6 +52,7 @@ pub struct Stores {
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
+    pub service_cidrs: Store<ServiceCIDR>,
 }
 
 /// Watches the Kubernetes API.
@@ -65,6 +68,7 @@ struct Writers {
     services: reflector::store::Writer<Service>,
     endpoint_slices: reflector::store::Writer<EndpointSlice>,
     nodes: reflector::store::Writer<Node>,
+    service_cidrs: reflector::store::Writer<ServiceCIDR>,
 }
 
 /// Retry timing after a failed list or watch.
@@ -91,6 +95,7 @@ impl ApiSource {
         let (services, services_w) = reflector::store();
         let (endpoint_slices, endpoint_slices_w) = reflector::store();
         let (nodes, nodes_w) = reflector::store();
+        let (service_cidrs, service_cidrs_w) = reflector::store();
         Self {
             client,
             node_name,
@@ -98,11 +103,13 @@ impl ApiSource {
                 services,
                 endpoint_slices,
                 nodes,
+                service_cidrs,
             },
             writers: Writers {
                 services: services_w,
                 endpoint_slices: endpoint_slices_w,
                 nodes: nodes_w,
+                service_cidrs: service_cidrs_w,
             },
             backoff: BackoffSettings::default(),
         }
@@ -125,6 +132,9 @@ enum Watched {
     Services,
     EndpointSlices,
     Node,
+    /// Optional: an API server without ServiceCIDRs (Kubernetes before
+    /// 1.33, or the feature off) answers 404, which counts as none.
+    ServiceCidrs,
 }
 
 impl Watched {
@@ -137,6 +147,7 @@ impl Watched {
             Self::Services => "services",
             Self::EndpointSlices => "endpointslices",
             Self::Node => "node",
+            Self::ServiceCidrs => "servicecidrs",
         }
     }
 }
@@ -224,11 +235,18 @@ impl ApiSource {
                 Watched::EndpointSlices,
             ),
             follow(
-                Api::<Node>::all(client),
+                Api::<Node>::all(client.clone()),
                 own_node,
                 writers.nodes,
                 backoff,
                 Watched::Node,
+            ),
+            follow(
+                Api::<ServiceCIDR>::all(client),
+                watcher::Config::default().any_semantic(),
+                writers.service_cidrs,
+                backoff,
+                Watched::ServiceCidrs,
             ),
         ]);
 
@@ -273,8 +291,8 @@ impl ApiSource {
 /// and how many failures in a row each has had.
 #[derive(Default)]
 struct Listings {
-    listed: [bool; 3],
-    failing: [u32; 3],
+    listed: [bool; 4],
+    failing: [u32; 4],
 }
 
 impl Listings {
@@ -282,6 +300,21 @@ impl Listings {
     fn absorb(&mut self, which: Watched, progress: Progress) -> bool {
         let i = which.index();
         match progress {
+            Progress::Failed(e) if which == Watched::ServiceCidrs && unavailable(&e) => {
+                // Nothing to wait for; the watcher keeps asking, with
+                // back-off, in case they become readable.
+                if !self.listed[i] {
+                    tracing::warn!(
+                        resource = which.name(),
+                        error = %e,
+                        "not readable (not served by this API server, or not allowed by RBAC); \
+                         no service CIDR is known, so nothing is dropped for one"
+                    );
+                    self.listed[i] = true;
+                    return true;
+                }
+                return false;
+            }
             Progress::Failed(e) => {
                 self.failing[i] += 1;
                 log_failure(which, &e, self.failing[i]);
@@ -316,6 +349,12 @@ impl Listings {
     }
 }
 
+/// Whether the API server answered that it does not serve the resource
+/// (404) or that the agent may not read it (403).
+fn unavailable(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(status)) if matches!(status.code, 403 | 404))
+}
+
 fn log_failure(which: Watched, e: &watcher::Error, count: u32) {
     // The first failure and then every tenth at warn level: the back-off
     // already bounds the rate, and a long outage should not flood the log.
@@ -338,6 +377,7 @@ fn snapshot(stores: &Stores) -> ClusterState {
         services: stores.services.state(),
         endpoint_slices: stores.endpoint_slices.state(),
         nodes: stores.nodes.state(),
+        service_cidrs: stores.service_cidrs.state(),
     }
 }
 
@@ -430,6 +470,34 @@ mod tests {
         b.answered.store(true, Ordering::Relaxed);
         let d = b.next().unwrap_or_default();
         assert!(d <= Duration::from_millis(100), "{d:?} after an answer");
+    }
+
+    #[test]
+    fn service_cidrs_that_cannot_be_read_count_as_none_and_do_not_block() {
+        let failed = |code: u16| {
+            let status = kube::core::Status::failure("no", "NotFound").with_code(code);
+            Progress::Failed(watcher::Error::InitialListFailed(kube::Error::Api(
+                Box::new(status),
+            )))
+        };
+        for code in [403, 404] {
+            let mut listings = Listings::default();
+            for which in [Watched::Services, Watched::EndpointSlices, Watched::Node] {
+                assert!(listings.absorb(which, Progress::Listed));
+            }
+            assert!(!listings.all_listed());
+            assert!(
+                listings.absorb(Watched::ServiceCidrs, failed(code)),
+                "{code}"
+            );
+            assert!(listings.all_listed(), "{code}");
+            // The watcher's retries change nothing more.
+            assert!(!listings.absorb(Watched::ServiceCidrs, failed(code)));
+        }
+        // Any other failure of theirs is an outage like the others'.
+        let mut listings = Listings::default();
+        assert!(!listings.absorb(Watched::ServiceCidrs, failed(500)));
+        assert!(!listings.listed[Watched::ServiceCidrs.index()]);
     }
 
     #[test]

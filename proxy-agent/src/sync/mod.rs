@@ -210,6 +210,9 @@ struct Syncer<'a> {
     reported: BTreeSet<Rejection>,
     versions: Versions,
     triggers: TriggerTimes,
+    /// The ServiceCIDRs' ranges of the last state built, part of the node
+    /// network given to the dataplane.
+    service_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl<'a> Syncer<'a> {
@@ -229,6 +232,7 @@ impl<'a> Syncer<'a> {
             reported: BTreeSet::new(),
             versions: Versions::default(),
             triggers: TriggerTimes::new(SystemTime::now()),
+            service_cidrs: Vec::new(),
         }
     }
 
@@ -236,13 +240,15 @@ impl<'a> Syncer<'a> {
     /// what is programmed, or all of it when `full` (or nothing is known
     /// to be programmed).
     fn sync(&mut self, state: &ClusterState, addresses: &[InterfaceAddress], full: bool) -> Step {
-        // The node's network first: NodePorts of the table are served on
-        // the addresses it names. Also retries a failed earlier attempt.
-        self.update_node_network(addresses, state);
         let building = std::time::Instant::now();
         self.observer
             .node_eligible(node_eligible(state, &self.cfg.node_name));
         let output = build_table(state, self.cfg);
+        // The node's network before the table: NodePorts of the table are
+        // served on the addresses it names. Also retries a failed earlier
+        // attempt.
+        self.service_cidrs = output.service_cidrs.clone();
+        self.update_node_network(addresses, state);
         report_rejections(&output.rejections, &mut self.reported, self.observer);
         self.observer.health_checks(&output.health_check_node_ports);
         let desired = output.table;
@@ -302,14 +308,28 @@ impl<'a> Syncer<'a> {
     /// was last given. A failure is logged and changes nothing, so the
     /// next sync tries again.
     fn update_node_network(&mut self, addresses: &[InterfaceAddress], state: &ClusterState) {
-        update_node_network(
-            self.dataplane,
-            &mut self.node_net,
-            addresses,
-            state,
-            self.cfg,
-            self.network,
-        );
+        let node = state
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()))
+            .map(|n| n.as_ref());
+        let net = NodeNetwork {
+            service_cidrs: self.service_cidrs.clone(),
+            ..node_network(addresses, node, self.network)
+        };
+        if self.node_net.as_ref() == Some(&net) {
+            return;
+        }
+        let dataplane = self.dataplane.name();
+        match self.dataplane.set_node_network(&net) {
+            Ok(()) => {
+                log_node_network(dataplane, self.node_net.as_ref(), &net);
+                self.node_net = Some(net);
+            }
+            Err(e) => {
+                tracing::error!(dataplane, error = %e, "setting the node network failed; will retry on the next sync");
+            }
+        }
     }
 }
 
@@ -329,37 +349,6 @@ fn log_synced(dataplane: &str, report: &SyncReport, build_us: u64) {
         elapsed_us = report.elapsed.as_micros() as u64,
         "programmed service table"
     );
-}
-
-/// Gives the dataplane the node's network when it differs from what it was
-/// last given (`given`: None before the first success). A failure is
-/// logged and leaves `given` as it was, so the next sync tries again.
-fn update_node_network(
-    dataplane: &mut dyn Dataplane,
-    given: &mut Option<NodeNetwork>,
-    addresses: &[InterfaceAddress],
-    state: &ClusterState,
-    cfg: &ModelConfig,
-    settings: &NodeNetworkSettings,
-) {
-    let node = state
-        .nodes
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(cfg.node_name.as_str()))
-        .map(|n| n.as_ref());
-    let net = node_network(addresses, node, settings);
-    if given.as_ref() == Some(&net) {
-        return;
-    }
-    match dataplane.set_node_network(&net) {
-        Ok(()) => {
-            log_node_network(dataplane.name(), given.as_ref(), &net);
-            *given = Some(net);
-        }
-        Err(e) => {
-            tracing::error!(dataplane = dataplane.name(), error = %e, "setting the node network failed; will retry on the next sync");
-        }
-    }
 }
 
 fn log_node_network(dataplane: &str, old: Option<&NodeNetwork>, new: &NodeNetwork) {
@@ -384,6 +373,7 @@ fn log_node_network(dataplane: &str, old: Option<&NodeNetwork>, new: &NodeNetwor
         snat_v6 = %opt(new.snat_v6),
         cluster_cidrs = %list(&new.cluster_cidrs),
         masquerade_all = new.masquerade_all,
+        service_cidrs = %list(&new.service_cidrs),
         "node network set"
     );
 }

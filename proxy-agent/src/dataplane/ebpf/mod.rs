@@ -26,11 +26,11 @@ use aya::{
 use proxy_common::{
     AffinityKey, AffinityValue, BACKEND_PORT_WORDS, BackendId, BackendValue, CtKey, CtValue,
     MAP_AFFINITY, MAP_BACKEND_PORTS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_FRONTEND_ADDRS,
-    MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICES, MAP_SOCK_NETNS, MAP_SOCK_REVNAT,
-    MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey, NodeAddrKey, NodeConfig,
-    PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT,
-    PROGS_SOCKET, ServiceKey, ServiceValue, SourceRangeKey, TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS,
-    TAIL_NEW_FLOW, TAIL_REJECT, stat,
+    MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICE_CIDRS, MAP_SERVICES, MAP_SOCK_NETNS,
+    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey,
+    NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS, PROG_INGRESS,
+    PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET, ServiceCidrKey, ServiceKey, ServiceValue,
+    SourceRangeKey, TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport};
@@ -64,13 +64,14 @@ pub fn object() -> &'static [u8] {
 /// Every map is pinned, the program array too: its slots are cleared when
 /// the last user reference to it goes, and the attached programs, which
 /// outlive the agent, need them.
-const PINNED_MAPS: [&str; 14] = [
+const PINNED_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
     MAP_AFFINITY,
     MAP_MEMBERS,
     MAP_SOURCE_RANGES,
+    MAP_SERVICE_CIDRS,
     MAP_NODE_ADDRS,
     MAP_CONFIG,
     MAP_STATS,
@@ -136,6 +137,7 @@ pub struct EbpfDataplane {
     affinity: BpfHashMap<MapData, AffinityKey, AffinityValue>,
     members: BpfHashMap<MapData, MemberKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    service_cidrs: LpmTrie<MapData, ServiceCidrKey, u32>,
     node_addrs: BpfHashMap<MapData, NodeAddrKey, u32>,
     config: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, u64>,
@@ -281,6 +283,7 @@ impl EbpfDataplane {
             affinity: BpfHashMap::try_from(take_map(ebpf, MAP_AFFINITY)?)?,
             members: BpfHashMap::try_from(take_map(ebpf, MAP_MEMBERS)?)?,
             source_ranges: LpmTrie::try_from(take_map(ebpf, MAP_SOURCE_RANGES)?)?,
+            service_cidrs: LpmTrie::try_from(take_map(ebpf, MAP_SERVICE_CIDRS)?)?,
             node_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_NODE_ADDRS)?)?,
             frontend_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_FRONTEND_ADDRS)?)?,
             frontend_addresses: BTreeSet::new(),

@@ -1,11 +1,16 @@
 //! The node's network: its NodePort addresses, masquerade settings and
 //! masquerade port ranges.
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::IpAddr,
+};
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData, lpm_trie::Key as LpmKey};
+use ipnet::IpNet;
 use proxy_common::{
     CFG_CLUSTER_V4, CFG_CLUSTER_V6, CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, FAMILY_V4,
     FAMILY_V6, NodeAddrKey, NodeConfig, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    ServiceCidrKey,
 };
 
 use super::{
@@ -62,6 +67,7 @@ impl EbpfDataplane {
             remove_ignoring_missing(&mut self.node_addrs, &node_addr_key(*ip))?;
         }
         self.node_addresses = network.nodeport_addresses.clone();
+        self.program_service_cidrs(&network.service_cidrs)?;
         let replan = self.network.changes_plans(network);
         self.network = network.clone();
         if replan {
@@ -69,6 +75,42 @@ impl EbpfDataplane {
         }
         Ok(())
     }
+}
+
+impl EbpfDataplane {
+    /// Makes the service-CIDRs trie hold exactly `cidrs`: new ones first,
+    /// then those that went.
+    fn program_service_cidrs(&mut self, cidrs: &[IpNet]) -> Result<(), EbpfError> {
+        let wanted: HashSet<(u32, ServiceCidrKey)> = cidrs.iter().map(service_cidr_key).collect();
+        let kernel: HashSet<(u32, ServiceCidrKey)> = self
+            .service_cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
+        for (len, data) in wanted.difference(&kernel) {
+            self.service_cidrs.insert(&LpmKey::new(*len, *data), 1, 0)?;
+        }
+        for (len, data) in kernel.difference(&wanted) {
+            match self.service_cidrs.remove(&LpmKey::new(*len, *data)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The trie key of a ServiceCIDR range: its family, then its prefix.
+fn service_cidr_key(cidr: &IpNet) -> (u32, ServiceCidrKey) {
+    let (addr, family) = addr_of(cidr.network());
+    (
+        32 + u32::from(cidr.prefix_len()),
+        ServiceCidrKey {
+            family_be: u32::from(family).to_be(),
+            addr,
+        },
+    )
 }
 
 /// The node's own ephemeral ports (this network namespace's).

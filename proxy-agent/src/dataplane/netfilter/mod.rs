@@ -23,6 +23,12 @@ use crate::model::{Frontend, FrontendKey, Protocol, TableDiff};
 /// (kube-proxy's default `masqueradeBit: 14`).
 pub const MASQUERADE_MARK: u32 = 1 << 14;
 
+/// The packet mark bit the nftables mode's nat chains set on a new
+/// connection to a ClusterIP: the ServiceCIDR check, which runs once after
+/// the eight tables' DNAT, reads it to tell an allocated address from an
+/// unallocated one, and clears it.
+pub const SERVICE_ADDRESS_MARK: u32 = 1 << 15;
+
 /// How both netfilter syntaxes spell a protocol.
 pub fn proto_name(p: Protocol) -> &'static str {
     match p {

@@ -2,9 +2,9 @@
 //! and sets, the base chains and their rules.
 use ::nftables::{
     expr::{BinaryOperation, CT, Expression, MetaKey, NamedExpression},
-    schema::{FlushObject, NfCmd, NfListObject, SetTypeValue},
+    schema::{Chain, FlushObject, NfCmd, NfListObject, Set, SetFlag, SetTypeValue},
     stmt::{JumpTarget, Mangle, NAT, NATFlag, Operator, Reject, RejectType, Statement, VerdictMap},
-    types::NfHook,
+    types::{NfChainType, NfHook},
 };
 
 use super::{
@@ -15,7 +15,7 @@ use super::{
     },
     transaction::Tx,
 };
-use crate::dataplane::netfilter::{Family, MASQUERADE_MARK};
+use crate::dataplane::netfilter::{Family, MASQUERADE_MARK, SERVICE_ADDRESS_MARK};
 
 const SERVICES_CHAIN: &str = "services";
 pub(super) const REJECT_CHAIN: &str = "reject";
@@ -26,9 +26,11 @@ pub(super) const BASE_CHAINS: [&str; 5] = [
     SERVICES_CHAIN,
     REJECT_CHAIN,
 ];
-pub(super) const BASE_SETS: [&str; 8] = [
+pub(super) const BASE_SETS: [&str; 10] = [
     "services4",
     "services6",
+    "cluster-ips4",
+    "cluster-ips6",
     "nodeports4",
     "nodeports6",
     "nodeport-ips4",
@@ -36,6 +38,12 @@ pub(super) const BASE_SETS: [&str; 8] = [
     "hairpin4",
     "hairpin6",
 ];
+
+/// The first shard's table alone checks new connections to the cluster's
+/// ServiceCIDRs, after every table's DNAT: its chains and sets.
+pub(super) const SERVICE_CIDR_CHAINS: [&str; 2] =
+    ["service-cidrs-prerouting", "service-cidrs-output"];
+pub(super) const SERVICE_CIDR_SETS: [&str; 2] = ["service-cidrs4", "service-cidrs6"];
 
 /// `add map` of a verdict map keyed by `key_type`.
 fn verdict_map(name: &str, key_type: serde_json::Value) -> serde_json::Value {
@@ -85,6 +93,10 @@ fn maps_and_sets(batch: &mut Tx) {
             SetTypeValue::Single(addr),
         ))));
         batch.add(NfListObject::Set(Box::new(set(
+            &format!("cluster-ips{sfx}"),
+            SetTypeValue::Single(addr),
+        ))));
+        batch.add(NfListObject::Set(Box::new(set(
             &format!("hairpin{sfx}"),
             SetTypeValue::Concatenated(vec![addr, addr].into()),
         ))));
@@ -115,8 +127,32 @@ fn base_chains(batch: &mut Tx) {
     }
 }
 
-/// The jumps to `services` and its lookups in the verdict maps.
+/// The mark of new connections to a ClusterIP of this table's frontends
+/// (read by the ServiceCIDR check), the jumps to `services` and its
+/// lookups in the verdict maps.
 fn services_rules(batch: &mut Tx) {
+    for chain in ["nat-prerouting", "nat-output"] {
+        for family in [Family::V4, Family::V6] {
+            batch.add(rule(
+                chain,
+                vec![
+                    matches(
+                        daddr(family),
+                        Operator::EQ,
+                        s(format!("@cluster-ips{}", suffix(family))),
+                    ),
+                    Statement::Mangle(Mangle {
+                        key: meta(MetaKey::Mark),
+                        value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+                            meta(MetaKey::Mark),
+                            Expression::Number(SERVICE_ADDRESS_MARK),
+                        ]))),
+                    }),
+                ],
+                None,
+            ));
+        }
+    }
     let jump = Statement::Jump(JumpTarget {
         target: SERVICES_CHAIN.into(),
     });
@@ -223,4 +259,92 @@ fn postrouting_rules(batch: &mut Tx) {
         ],
         None,
     ));
+}
+
+/// The ServiceCIDR check of the first shard's table, at priority dstnat+10
+/// (after every table's DNAT) on the prerouting and output hooks: a new
+/// connection that no frontend translated, to an address of a ServiceCIDR,
+/// is refused when the address is a ClusterIP (a port no Service has, as
+/// kube-proxy's nftables mode rejects it) and dropped when no Service
+/// holds the address ("unallocated"). The mark the nat chains set for it
+/// is cleared, so nothing after sees it.
+pub(super) fn service_cidr_objects(batch: &mut Tx) {
+    for family in [Family::V4, Family::V6] {
+        batch.add(NfListObject::Set(Box::new(Set {
+            flags: Some([SetFlag::Interval].into_iter().collect()),
+            ..set(
+                &format!("service-cidrs{}", suffix(family)),
+                SetTypeValue::Single(addr_type(family)),
+            )
+        })));
+    }
+    let hooks = [NfHook::Prerouting, NfHook::Output];
+    for (name, hook) in SERVICE_CIDR_CHAINS.into_iter().zip(hooks) {
+        batch.add(NfListObject::Chain(Chain {
+            _type: Some(NfChainType::Filter),
+            ..base_chain(name, hook, -90)
+        }));
+        batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
+        for family in [Family::V4, Family::V6] {
+            let mut refuse = untranslated_new_to_service_cidr(family);
+            refuse.push(matches(
+                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    meta(MetaKey::Mark),
+                    Expression::Number(SERVICE_ADDRESS_MARK),
+                ))),
+                Operator::NEQ,
+                Expression::Number(0),
+            ));
+            refuse.push(Statement::Goto(JumpTarget {
+                target: REJECT_CHAIN.into(),
+            }));
+            batch.add(rule(
+                name,
+                refuse,
+                Some("a port of a ClusterIP that no Service has"),
+            ));
+            let mut drop = untranslated_new_to_service_cidr(family);
+            drop.push(Statement::Drop(None));
+            batch.add(rule(
+                name,
+                drop,
+                Some("an address of a ServiceCIDR that no Service holds"),
+            ));
+        }
+        batch.add(rule(
+            name,
+            vec![Statement::Mangle(Mangle {
+                key: meta(MetaKey::Mark),
+                value: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    meta(MetaKey::Mark),
+                    Expression::Number(!SERVICE_ADDRESS_MARK),
+                ))),
+            })],
+            None,
+        ));
+    }
+}
+
+/// `ct state new ct status & dnat == 0 ip daddr @service-cidrs4` (or ip6).
+fn untranslated_new_to_service_cidr(family: Family) -> Vec<Statement<'static>> {
+    let ct = |key: &'static str| {
+        Expression::Named(NamedExpression::CT(CT {
+            key: key.into(),
+            family: None,
+            dir: None,
+        }))
+    };
+    vec![
+        matches(ct("state"), Operator::IN, s("new")),
+        matches(
+            Expression::BinaryOperation(Box::new(BinaryOperation::AND(ct("status"), s("dnat")))),
+            Operator::EQ,
+            Expression::Number(0),
+        ),
+        matches(
+            daddr(family),
+            Operator::EQ,
+            s(format!("@service-cidrs{}", suffix(family))),
+        ),
+    ]
 }

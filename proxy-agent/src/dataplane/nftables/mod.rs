@@ -57,7 +57,7 @@ mod render;
 mod shard;
 mod transaction;
 
-use base::base_objects;
+use base::{base_objects, service_cidr_objects};
 pub use cleanup::{cleanup, cleanup_kube_proxy};
 use existing::Existing;
 pub use render::Objects;
@@ -108,7 +108,7 @@ impl NftablesDataplane {
     pub fn new() -> Self {
         Driver::with_rules(Nftables {
             shards: (0..SHARDS)
-                .map(|n| Shard::new(format!("{TABLE}-{n}")))
+                .map(|n| Shard::new(format!("{TABLE}-{n}"), n == 0))
                 .collect(),
         })
     }
@@ -152,6 +152,9 @@ impl RuleBackend for Nftables {
         for shard in &self.shards {
             let mut part = Tx::new(&shard.table);
             base_objects(&mut part);
+            if shard.first {
+                service_cidr_objects(&mut part);
+            }
             part.append(shard.node_network_objects(network));
             tx.append(part);
         }
@@ -204,6 +207,7 @@ impl RuleBackend for Nftables {
     ) -> Result<(), NftablesError> {
         for shard in &mut self.shards {
             shard.hairpin.clear();
+            shard.cluster_ips.clear();
         }
         run(cleanup)?;
         let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
@@ -257,12 +261,13 @@ impl Nftables {
                 let known = existing
                     .and_then(|e| e.get(&shard.table))
                     .map(|e| &e.chains);
-                let (part, hairpin) = shard.prepare(programmed, &keys, wanted, known);
+                let (part, hairpin, cluster_ips) = shard.prepare(programmed, &keys, wanted, known);
                 tx.append(part);
                 staged.push(Staged {
                     shard: n,
                     keys,
                     hairpin,
+                    cluster_ips,
                 });
             }
             if staged.is_empty() {
@@ -273,9 +278,11 @@ impl Nftables {
                 shard,
                 keys,
                 hairpin,
+                cluster_ips,
             } in staged
             {
                 self.shards[shard].hairpin = hairpin;
+                self.shards[shard].cluster_ips = cluster_ips;
                 commit(programmed, &keys, wanted);
             }
         }

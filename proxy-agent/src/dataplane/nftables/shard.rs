@@ -12,9 +12,9 @@ use ::nftables::{
 
 use super::{
     Programmed, SHARDS, Shadow, TABLE,
-    base::{BASE_CHAINS, BASE_SETS},
+    base::{BASE_CHAINS, BASE_SETS, SERVICE_CIDR_CHAINS, SERVICE_CIDR_SETS},
     existing::Existing,
-    expr::{addr_type, chain, element, s, set, suffix, table},
+    expr::{addr_type, chain, element, prefix, s, set, suffix, table},
     render::{affinity_set_object, frontend_chain, map_element, map_entry, render},
     transaction::Tx,
 };
@@ -23,7 +23,7 @@ use crate::{
         ApplyStats, NodeNetwork,
         netfilter::{Family, fnv1a_64},
     },
-    model::FrontendKey,
+    model::{FrontendKey, FrontendKind},
 };
 
 /// The shard of a frontend: a hash of its key that stays the same across
@@ -51,6 +51,11 @@ pub(super) struct Shard {
     pub(super) table: String,
     /// Endpoints of every programmed frontend, counted, for the hairpin set.
     pub(super) hairpin: BTreeMap<IpAddr, usize>,
+    /// Addresses of the programmed ClusterIP frontends, counted, for the
+    /// cluster-ips set.
+    pub(super) cluster_ips: BTreeMap<IpAddr, usize>,
+    /// The first shard's table also holds the ServiceCIDR check.
+    pub(super) first: bool,
 }
 
 /// A shard's part of a transaction, and its state once that succeeds.
@@ -58,13 +63,16 @@ pub(super) struct Staged {
     pub(super) shard: usize,
     pub(super) keys: Vec<FrontendKey>,
     pub(super) hairpin: BTreeMap<IpAddr, usize>,
+    pub(super) cluster_ips: BTreeMap<IpAddr, usize>,
 }
 
 impl Shard {
-    pub(super) fn new(table: String) -> Self {
+    pub(super) fn new(table: String, first: bool) -> Self {
         Shard {
             table,
             hairpin: BTreeMap::new(),
+            cluster_ips: BTreeMap::new(),
+            first,
         }
     }
 
@@ -73,15 +81,15 @@ impl Shard {
     /// the order a transaction needs: new chains and sets, flushes, rules,
     /// elements, deletions. `existing`: chains the kernel holds that
     /// `programmed` does not know of (a reconcile's rewrite), flushed rather
-    /// than added. Returns the part and the shard's hairpin counts once it
-    /// is written.
+    /// than added. Returns the part and the shard's hairpin and ClusterIP
+    /// counts once it is written.
     pub(super) fn prepare(
         &self,
         programmed: &Shadow,
         keys: &[FrontendKey],
         wanted: &Shadow,
         existing: Option<&HashSet<String>>,
-    ) -> (Tx, BTreeMap<IpAddr, usize>) {
+    ) -> (Tx, BTreeMap<IpAddr, usize>, BTreeMap<IpAddr, usize>) {
         let mut parts = Parts::new(&self.table);
         for key in keys {
             let old = programmed.get(key);
@@ -92,13 +100,33 @@ impl Shard {
             parts.frontend(old, new, existing);
         }
         let hairpin = parts.hairpin(self.hairpin.clone());
-        (parts.into_tx(&self.table), hairpin)
+        let cluster_ips = parts.cluster_ips(self.cluster_ips.clone());
+        (parts.into_tx(&self.table), hairpin, cluster_ips)
     }
 
-    /// The sets of NodePort addresses, flushed and written again.
+    /// The sets of NodePort addresses (and, in the first shard, of the
+    /// ServiceCIDRs), flushed and written again.
     pub(super) fn node_network_objects(&self, network: &NodeNetwork) -> Tx {
         let mut batch = Tx::new(&self.table);
         batch.add(table());
+        if self.first {
+            for family in [Family::V4, Family::V6] {
+                let name = format!("service-cidrs{}", suffix(family));
+                batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(
+                    &name,
+                    SetTypeValue::Single(addr_type(family)),
+                )))));
+                let cidrs: Vec<Expression<'static>> = network
+                    .service_cidrs
+                    .iter()
+                    .filter(|c| Family::of_net(c) == family)
+                    .map(prefix)
+                    .collect();
+                if !cidrs.is_empty() {
+                    batch.add(element(&name, cidrs));
+                }
+            }
+        }
         for family in [Family::V4, Family::V6] {
             let name = format!("nodeport-ips{}", suffix(family));
             batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(
@@ -153,14 +181,18 @@ impl Shard {
         }
         let mut late = Tx::new(&self.table);
         for name in &existing.chains {
-            if !wanted_chains.contains(name.as_str()) && !BASE_CHAINS.contains(&name.as_str()) {
+            let base = BASE_CHAINS.contains(&name.as_str())
+                || SERVICE_CIDR_CHAINS.contains(&name.as_str());
+            if !wanted_chains.contains(name.as_str()) && !base {
                 batch.add_cmd(NfCmd::Flush(FlushObject::Chain(chain(name))));
                 late.delete(NfListObject::Chain(chain(name)));
                 stats.kernel_deletes += 1;
             }
         }
         for name in &existing.sets {
-            if !wanted_sets.contains(name.as_str()) && !BASE_SETS.contains(&name.as_str()) {
+            let base =
+                BASE_SETS.contains(&name.as_str()) || SERVICE_CIDR_SETS.contains(&name.as_str());
+            if !wanted_sets.contains(name.as_str()) && !base {
                 late.delete(NfListObject::Set(Box::new(set(
                     name,
                     SetTypeValue::Single(SetType::Ipv4Addr),
@@ -184,6 +216,33 @@ impl Shard {
     }
 }
 
+/// Applies `delta` to the reference `counts` of addresses, adding to
+/// `elements` the element (`element_of`) of an address whose count leaves
+/// zero, and deleting that of one whose count drops to zero. Returns the
+/// counts after.
+fn count_elements(
+    elements: &mut Tx,
+    mut counts: BTreeMap<IpAddr, usize>,
+    delta: &BTreeMap<IpAddr, isize>,
+    element_of: impl Fn(IpAddr) -> NfListObject<'static>,
+) -> BTreeMap<IpAddr, usize> {
+    for (ip, delta) in delta {
+        let before = counts.get(ip).copied().unwrap_or(0);
+        let after = (before as isize + delta).max(0) as usize;
+        if before == 0 && after > 0 {
+            elements.add(element_of(*ip));
+        } else if before > 0 && after == 0 {
+            elements.delete(element_of(*ip));
+        }
+        if after == 0 {
+            counts.remove(ip);
+        } else {
+            counts.insert(*ip, after);
+        }
+    }
+    counts
+}
+
 /// A shard's part of a transaction, by kind, in the order the transaction
 /// needs them, and how many frontends each endpoint gains or loses.
 struct Parts {
@@ -193,6 +252,7 @@ struct Parts {
     elements: Tx,
     deletes: Tx,
     hairpin_delta: BTreeMap<IpAddr, isize>,
+    cluster_ip_delta: BTreeMap<IpAddr, isize>,
 }
 
 impl Parts {
@@ -204,6 +264,7 @@ impl Parts {
             elements: Tx::new(table),
             deletes: Tx::new(table),
             hairpin_delta: BTreeMap::new(),
+            cluster_ip_delta: BTreeMap::new(),
         }
     }
 
@@ -236,6 +297,9 @@ impl Parts {
         if let Some(old) = old {
             for b in old.plan.backends() {
                 *self.hairpin_delta.entry(b.ip).or_default() -= 1;
+            }
+            if old.frontend.kind == FrontendKind::ClusterIp {
+                *self.cluster_ip_delta.entry(old.plan.key.ip).or_default() -= 1;
             }
             if new.is_none() {
                 self.elements.delete(map_element(&old.plan));
@@ -288,36 +352,37 @@ impl Parts {
         for b in new.plan.backends() {
             *self.hairpin_delta.entry(b.ip).or_default() += 1;
         }
+        if new.frontend.kind == FrontendKind::ClusterIp {
+            *self.cluster_ip_delta.entry(new.plan.key.ip).or_default() += 1;
+        }
         (new_chains, new_sets)
     }
 
     /// The hairpin pairs of endpoints that come or go with this part, from
     /// the shard's counts `hairpin`. Returns the counts after it.
-    fn hairpin(&mut self, mut hairpin: BTreeMap<IpAddr, usize>) -> BTreeMap<IpAddr, usize> {
-        for (ip, delta) in &self.hairpin_delta {
-            let before = hairpin.get(ip).copied().unwrap_or(0);
-            let after = (before as isize + delta).max(0) as usize;
-            let pair = || {
-                element(
-                    &format!("hairpin{}", suffix(Family::of(*ip))),
-                    vec![Expression::Named(NamedExpression::Concat(vec![
-                        s(ip.to_string()),
-                        s(ip.to_string()),
-                    ]))],
-                )
-            };
-            if before == 0 && after > 0 {
-                self.elements.add(pair());
-            } else if before > 0 && after == 0 {
-                self.elements.delete(pair());
-            }
-            if after == 0 {
-                hairpin.remove(ip);
-            } else {
-                hairpin.insert(*ip, after);
-            }
-        }
-        hairpin
+    fn hairpin(&mut self, hairpin: BTreeMap<IpAddr, usize>) -> BTreeMap<IpAddr, usize> {
+        let delta = std::mem::take(&mut self.hairpin_delta);
+        count_elements(&mut self.elements, hairpin, &delta, |ip| {
+            element(
+                &format!("hairpin{}", suffix(Family::of(ip))),
+                vec![Expression::Named(NamedExpression::Concat(vec![
+                    s(ip.to_string()),
+                    s(ip.to_string()),
+                ]))],
+            )
+        })
+    }
+
+    /// The cluster-ips elements of ClusterIPs that come or go with this
+    /// part, from the shard's counts `counts`. Returns the counts after it.
+    fn cluster_ips(&mut self, counts: BTreeMap<IpAddr, usize>) -> BTreeMap<IpAddr, usize> {
+        let delta = std::mem::take(&mut self.cluster_ip_delta);
+        count_elements(&mut self.elements, counts, &delta, |ip| {
+            element(
+                &format!("cluster-ips{}", suffix(Family::of(ip))),
+                vec![s(ip.to_string())],
+            )
+        })
     }
 
     /// The transaction part: the table, then the objects in order.

@@ -413,10 +413,12 @@ mod tests {
         let (services, _w1) = kube::runtime::reflector::store();
         let (endpoint_slices, _w2) = kube::runtime::reflector::store();
         let (nodes, _w3) = kube::runtime::reflector::store();
+        let (service_cidrs, _w4) = kube::runtime::reflector::store();
         let stores = Stores {
             services,
             endpoint_slices,
             nodes,
+            service_cidrs,
         };
         let r = Rejection {
             kind: "EndpointSlice",

@@ -5,6 +5,7 @@ use std::{ffi::OsStr, fmt, path::Path, sync::Arc};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use serde_json::{Map, Value};
 
@@ -23,6 +24,7 @@ pub enum ObjectKind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl ObjectKind {
@@ -31,6 +33,7 @@ impl ObjectKind {
             ObjectKind::Service => "Service",
             ObjectKind::EndpointSlice => "EndpointSlice",
             ObjectKind::Node => "Node",
+            ObjectKind::ServiceCidr => "ServiceCIDR",
         }
     }
 }
@@ -68,6 +71,7 @@ pub enum ManifestObject {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
     Node(Arc<Node>),
+    ServiceCidr(Arc<ServiceCIDR>),
 }
 
 impl ManifestObject {
@@ -76,15 +80,18 @@ impl ManifestObject {
             ManifestObject::Service(_) => ObjectKind::Service,
             ManifestObject::EndpointSlice(_) => ObjectKind::EndpointSlice,
             ManifestObject::Node(_) => ObjectKind::Node,
+            ManifestObject::ServiceCidr(_) => ObjectKind::ServiceCidr,
         }
     }
 
-    /// The object's identity. Nodes are cluster-scoped: their namespace is "".
+    /// The object's identity. Nodes and ServiceCIDRs are cluster-scoped:
+    /// their namespace is "".
     pub fn key(&self) -> ObjectKey {
         let (namespace, name) = match self {
             ManifestObject::Service(s) => (s.metadata.namespace.clone(), &s.metadata.name),
             ManifestObject::EndpointSlice(e) => (e.metadata.namespace.clone(), &e.metadata.name),
             ManifestObject::Node(n) => (None, &n.metadata.name),
+            ManifestObject::ServiceCidr(c) => (None, &c.metadata.name),
         };
         ObjectKey {
             kind: self.kind(),
@@ -98,6 +105,9 @@ impl ManifestObject {
             ManifestObject::Service(s) => model::validate_service(s),
             ManifestObject::EndpointSlice(e) => model::validate_endpoint_slice(e),
             ManifestObject::Node(n) => model::validate_node(n),
+            ManifestObject::ServiceCidr(c) => {
+                model::check_service_cidr(c).err().unwrap_or_default()
+            }
         }
     }
 
@@ -109,13 +119,15 @@ impl ManifestObject {
             ManifestObject::Service(s) => &mut Arc::make_mut(s).metadata,
             ManifestObject::EndpointSlice(e) => &mut Arc::make_mut(e).metadata,
             ManifestObject::Node(n) => &mut Arc::make_mut(n).metadata,
+            ManifestObject::ServiceCidr(c) => &mut Arc::make_mut(c).metadata,
         };
-        if kind != ObjectKind::Node && meta.namespace.as_deref().is_none_or(str::is_empty) {
+        let cluster_scoped = matches!(kind, ObjectKind::Node | ObjectKind::ServiceCidr);
+        if !cluster_scoped && meta.namespace.as_deref().is_none_or(str::is_empty) {
             meta.namespace = Some("default".to_owned());
         }
         if meta.name.as_deref().is_none_or(str::is_empty) {
             let ns = meta.namespace.as_deref().unwrap_or("");
-            return Err(if ns.is_empty() || kind == ObjectKind::Node {
+            return Err(if ns.is_empty() || cluster_scoped {
                 format!("{kind} without metadata.name")
             } else {
                 format!("{kind} in namespace {ns} without metadata.name")
@@ -231,6 +243,9 @@ fn collect_document(
             out.push(ManifestObject::EndpointSlice(Arc::new(typed(map, loc)?)))
         }
         ("v1", "Node") => out.push(ManifestObject::Node(Arc::new(typed(map, loc)?))),
+        ("networking.k8s.io/v1", "ServiceCIDR") => {
+            out.push(ManifestObject::ServiceCidr(Arc::new(typed(map, loc)?)))
+        }
         ("v1", "List") if top_level => match map.remove("items") {
             None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {

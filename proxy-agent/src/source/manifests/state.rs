@@ -264,6 +264,7 @@ impl DirectoryState {
                 ManifestObject::Service(s) => state.services.push(s.clone()),
                 ManifestObject::EndpointSlice(e) => state.endpoint_slices.push(e.clone()),
                 ManifestObject::Node(n) => state.nodes.push(n.clone()),
+                ManifestObject::ServiceCidr(c) => state.service_cidrs.push(c.clone()),
             }
         }
         state
