@@ -309,12 +309,7 @@ impl<T: Transport> Session<T> {
         let seq = self.next_seq();
         let mut request = Vec::new();
         put_dump_request(&mut request, flows.family, seq)?;
-        self.transport
-            .send(&request)
-            .map_err(|source| ConntrackError::Io {
-                during: DURING,
-                source,
-            })?;
+        self.send(&request, DURING)?;
         loop {
             let len = self.recv(true, DURING)?;
             let datagram = &self.buf[..len];
@@ -322,6 +317,13 @@ impl<T: Transport> Session<T> {
                 return Ok(());
             }
         }
+    }
+
+    /// Sends `request` (one or more messages) to the kernel.
+    fn send(&mut self, request: &[u8], during: &'static str) -> Result<(), ConntrackError> {
+        self.transport
+            .send(request)
+            .map_err(|source| ConntrackError::Io { during, source })
     }
 
     /// Sends `batch` and reads its acks into `tally`. Returns the requests
@@ -338,12 +340,7 @@ impl<T: Transport> Session<T> {
             let seq = self.next_seq();
             delete.put(&mut request, seq)?;
         }
-        self.transport
-            .send(&request)
-            .map_err(|source| ConntrackError::Io {
-                during: DURING,
-                source,
-            })?;
+        self.send(&request, DURING)?;
         let mut acked = vec![false; batch.len()];
         let mut waiting = batch.len();
         // The kernel handles the whole batch inside the send, so after an
