@@ -149,6 +149,7 @@ suite![
     client_port_reused_straight_to_the_backend,
     internal_traffic_policy_local,
     external_traffic_policy_local,
+    external_local_from_pods_and_the_node,
     topology_prefers_the_zone_of_the_node,
     services_without_endpoints_reject,
     icmp_errors_of_backends_reach_clients,
@@ -1391,6 +1392,57 @@ fn external_traffic_policy_local(mode: Mode) -> anyhow::Result<()> {
         "health check port closed with the Cluster policy",
         |r| r.ok == 0,
     )?;
+    Ok(())
+}
+
+/// An external frontend with the Local policy and its only endpoint on
+/// another node: pods are short-circuited to the endpoints of the whole
+/// cluster with their own address, even with `--masquerade-all` (kube-proxy's
+/// masquerade-all rule matches the ClusterIP only); the node's own
+/// connections go there too, masqueraded to the node's address (kube-proxy's
+/// "LOCAL traffic for external destinations"); an external client is
+/// dropped.
+fn external_local_from_pods_and_the_node(mode: Mode) -> anyhow::Result<()> {
+    let setup = Setup::pods(1).second_node(1).arg("--masquerade-all");
+    let c = Cluster::start(mode, setup)?;
+    let Some(cgroup) = c.cgroup() else {
+        skip_without_cgroup("external_local_from_pods_and_the_node");
+        return Ok(());
+    };
+    let local = echo()
+        .load_balancer(&[LB_IP], &[TCP_NODE_PORT, UDP_NODE_PORT])
+        .external_traffic_policy(TrafficPolicy::Local);
+    c.publish(&local, &c.endpoints(&local, &[], &[0]))?;
+    let remote = c.t.remote_pod(0).name.clone();
+    let pod0 = c.t.pod(0);
+    c.until_in(
+        pod0.ns(),
+        Protocol::Tcp,
+        at(LB_IP, TCP_PORT),
+        "a pod served through the LB IP",
+        |r| r.ok == 10,
+    )?;
+    let report = c.exchange_in(pod0.ns(), Protocol::Tcp, at(LB_IP, TCP_PORT), 10)?;
+    check(
+        "pod to an eTP Local LB, masquerade-all",
+        &report,
+        10,
+        &[&remote],
+        &[pod0.ip_of(IpFamily::V4)],
+    )?;
+    let quick = Duration::from_secs(2);
+    for target in [at(LB_IP, TCP_PORT), at(NODE, TCP_NODE_PORT)] {
+        let report = c.exchange_from_node(&cgroup, Protocol::Tcp, target, 10, quick)?;
+        check(
+            &format!("node to eTP Local {target}"),
+            &report,
+            10,
+            &[&remote],
+            &[NODE],
+        )?;
+    }
+    let report = c.probe_in(c.t.client_ns(), Protocol::Tcp, at(LB_IP, TCP_PORT), 3)?;
+    check_unanswered("an external client, no local endpoint", &report, 3)?;
     Ok(())
 }
 
