@@ -414,38 +414,9 @@ impl Validator {
     }
 
     fn config(&mut self, raw: RawConfig) -> FileConfig {
-        match raw.api_version.as_deref() {
-            Some(API_VERSION) => {}
-            Some(other) => self.err(
-                "apiVersion",
-                format!("must be {API_VERSION:?}, got {other:?}"),
-            ),
-            None => self.err("apiVersion", format!("missing (must be {API_VERSION:?})")),
-        }
-        match raw.kind.as_deref() {
-            Some(KIND) => {}
-            Some(other) => self.err("kind", format!("must be {KIND:?}, got {other:?}")),
-            None => self.err("kind", format!("missing (must be {KIND:?})")),
-        }
-        let mode = non_empty(raw.mode).and_then(|m| match Mode::from_name(&m) {
-            Some(mode) => Some(mode),
-            None => {
-                let known: Vec<&str> = Mode::ALL.into_iter().map(Mode::name).collect();
-                self.err("mode", format!("unknown mode {m:?} ({})", known.join(", ")));
-                None
-            }
-        });
-        let cluster_cidrs = non_empty(raw.cluster_cidr).map(|s| {
-            let cidrs: Vec<IpNet> = s
-                .split(',')
-                .filter_map(|c| self.cidr("clusterCIDR", c.trim()))
-                .collect();
-            let v4 = cidrs.iter().filter(|c| matches!(c, IpNet::V4(_))).count();
-            if v4 > 1 || cidrs.len() - v4 > 1 {
-                self.err("clusterCIDR", "at most one CIDR per IP family");
-            }
-            cidrs
-        });
+        self.type_meta(raw.api_version.as_deref(), raw.kind.as_deref());
+        let mode = non_empty(raw.mode).and_then(|m| self.mode(&m));
+        let cluster_cidrs = non_empty(raw.cluster_cidr).map(|s| self.cluster_cidrs(&s));
         let node_port_addresses = raw.node_port_addresses.map(|list| {
             let (value, errors) = node_port_addresses(&list);
             for (index, msg) in errors {
@@ -502,6 +473,48 @@ impl Validator {
             logging,
             proxy_agent,
         }
+    }
+
+    /// `apiVersion` and `kind` must name a KubeProxyConfiguration.
+    fn type_meta(&mut self, api_version: Option<&str>, kind: Option<&str>) {
+        match api_version {
+            Some(API_VERSION) => {}
+            Some(other) => self.err(
+                "apiVersion",
+                format!("must be {API_VERSION:?}, got {other:?}"),
+            ),
+            None => self.err("apiVersion", format!("missing (must be {API_VERSION:?})")),
+        }
+        match kind {
+            Some(KIND) => {}
+            Some(other) => self.err("kind", format!("must be {KIND:?}, got {other:?}")),
+            None => self.err("kind", format!("missing (must be {KIND:?})")),
+        }
+    }
+
+    fn mode(&mut self, name: &str) -> Option<Mode> {
+        let mode = Mode::from_name(name);
+        if mode.is_none() {
+            let known: Vec<&str> = Mode::ALL.into_iter().map(Mode::name).collect();
+            self.err(
+                "mode",
+                format!("unknown mode {name:?} ({})", known.join(", ")),
+            );
+        }
+        mode
+    }
+
+    /// `clusterCIDR`: comma-separated, at most one per family.
+    fn cluster_cidrs(&mut self, list: &str) -> Vec<IpNet> {
+        let cidrs: Vec<IpNet> = list
+            .split(',')
+            .filter_map(|c| self.cidr("clusterCIDR", c.trim()))
+            .collect();
+        let v4 = cidrs.iter().filter(|c| matches!(c, IpNet::V4(_))).count();
+        if v4 > 1 || cidrs.len() - v4 > 1 {
+            self.err("clusterCIDR", "at most one CIDR per IP family");
+        }
+        cidrs
     }
 
     fn cidr(&mut self, field: &str, s: &str) -> Option<IpNet> {
