@@ -2,44 +2,71 @@
 //! `BPF_PROG_TEST_RUN`, for each datapath path and several table sizes,
 //! side by side with the empty-program floor of the same harness.
 //!
-//! How each figure is obtained (also printed with the results):
+//! Every path measured is a row of the packet-fixture tests' table
+//! (`proxy-agent/tests/common/cases.rs`, included here with the fixture
+//! and the packet builders), named on the command line (`--cases`), so
+//! every figure is of a tested case, whose expectations are checked on
+//! every packet measured. How each figure is obtained (also printed with
+//! the results):
+//! - Each row runs on its own setup (the table and node network its tests
+//!   use), with filler ClusterIP services added to make the table size.
+//!   Its `given` rows run first (not measured), then one warm-up run
+//!   (which, for the affinity row, creates the client's entry), then
+//!   `--calls` runs.
 //! - A program that rewrites a packet changes what a later repeat of the
-//!   same test run would see, so the translated paths (new flow,
-//!   established flow, reply) are measured with `repeat = 1` over many
-//!   calls, each from the original bytes, and the kernel-reported durations
-//!   are averaged. The floor and the non-service path are measured the same
-//!   way, so every row carries the same timer overhead.
-//! - "new flow" uses a distinct source port on every call, so every call
-//!   misses the connection table and creates its entries.
-//! - "established" sends the same packet of one already-created flow.
-//! - "reply" sends the backend's reply of an established flow to egress.
-//! - "NodePort new flow + SNAT" sends a SYN from an external client to a
-//!   node address through ingress (DNAT, port allocation, four entries),
-//!   then its output through egress (SNAT); the two durations are added.
-//! - "masqueraded reply" sends the backend's reply to the node address and
-//!   port through ingress (un-SNAT), then its output through egress
-//!   (reverse NAT), added likewise.
-//! - "affinity hit" is a new flow (new source port) of a client that
-//!   already has an affinity entry for a ClientIP service.
-//! - The non-service path and the floor leave the packet unchanged, so they
-//!   are also measured with one call of a large repeat count, for reference.
-use std::net::{IpAddr, Ipv4Addr};
+//!   same test run would see, so every row is measured with `repeat = 1`
+//!   over many calls, each from freshly built bytes, and the
+//!   kernel-reported durations are averaged. The floor is measured the
+//!   same way, so every row carries the same timer overhead.
+//! - A row whose client varies (new flows) sends each call from the next
+//!   source port (and, for `PortThenAddress`, the next address every
+//!   60 000 calls), so every call misses the connection table and creates
+//!   its entries; the others re-send the same packet of one flow.
+//! - A row through two hooks (ingress, then its output through egress)
+//!   adds the two durations.
+//! - The non-service rows and the floor leave the packet unchanged, so
+//!   they are also measured with one call of a large repeat count, for
+//!   reference.
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
-use anyhow::{Context, Result, bail};
-use aya::{
-    Ebpf,
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-};
+use anyhow::{Context, Result, anyhow, bail};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use clap::Parser;
-use etherparse::PacketBuilder;
-use proxy_agent::{
-    dataplane::{Dataplane, NodeNetwork, ebpf::load_unpinned},
-    model::{
-        Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
-        ServiceTable,
-    },
+use proxy_agent::model::{
+    Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
+    ServiceTable,
 };
-use proxy_common::{PROG_EGRESS, PROG_FLOOR, PROG_INGRESS};
+use proxy_common::{PROG_FLOOR, PROG_INGRESS};
+
+#[path = "../../proxy-agent/tests/common/mod.rs"]
+mod common;
+use common::{
+    Fixture,
+    cases::{Case, Run, Setup, cases},
+};
+
+/// The rows measured by default: a non-service TCP and UDP packet,
+/// ClusterIP new flow, established flow, reply, NodePort with SNAT,
+/// masqueraded reply, affinity hit.
+const DEFAULT_CASES: &str = "clusterip/pass/other-address/ingress,\
+clusterip/pass/udp-to-other-address/ingress,\
+clusterip/tcp/syn,\
+clusterip/tcp/established,\
+clusterip/tcp/reply,\
+nodeport-masquerade/tcp/syn,\
+nodeport-masquerade/tcp/masqueraded-reply,\
+affinity/tcp/new-flows-stick";
+
+/// The row whose packets the floor runs, and the non-service rows also
+/// measured with a large repeat count.
+const FLOOR_PACKETS: &str = "clusterip/tcp/syn";
+const REPEATED: [&str; 2] = [
+    "clusterip/pass/other-address/ingress",
+    "clusterip/pass/udp-to-other-address/ingress",
+];
 
 #[derive(Parser, Debug)]
 #[command(about = "Per-packet cost of the eBPF datapath (BPF_PROG_TEST_RUN)")]
@@ -53,39 +80,26 @@ struct Args {
     /// Repeat count for the single-call reference measurements.
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
-    /// Backends per service.
+    /// Backends per filler service.
     #[arg(long, default_value_t = 3)]
     backends: u32,
+    /// Rows of the packet-case table to measure, by name, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_CASES)]
+    cases: Vec<String>,
+    /// List the rows of the packet-case table and exit.
+    #[arg(long)]
+    list: bool,
 }
 
-/// A pod client (inside [`CLUSTER_CIDR`]): ClusterIP flows are not
-/// masqueraded.
-const CLIENT: [u8; 4] = [10, 0, 0, 7];
-/// The cluster CIDR of the bench's node network.
-const CLUSTER_CIDR: &str = "10.0.0.0/8";
-/// The node's address: NodePorts and masquerade.
-const NODE: [u8; 4] = [192, 0, 2, 10];
-/// A client outside the cluster, for NodePorts.
-const EXTERNAL: [u8; 4] = [203, 0, 113, 7];
-const NODE_PORT: u16 = 30080;
-
-fn vip(i: u32) -> [u8; 4] {
-    // 10.96.0.0/12 holds a million services.
-    let n = (10u32 << 24 | 96 << 16) + i;
-    n.to_be_bytes()
-}
-
-fn backend_ip(service: u32, j: u32) -> [u8; 4] {
-    let n = (10u32 << 24 | 128 << 16) + (service * 8 + j);
-    n.to_be_bytes()
-}
-
-fn table(services: u32, backends: u32) -> ServiceTable {
+/// `count` ClusterIP services in 10.100.0.0/14 (clear of every address
+/// of the cases), each over `backends` backends in 10.128.0.0/10.
+fn fillers(count: u32, backends: u32) -> ServiceTable {
     let mut t = ServiceTable::new();
-    for i in 0..services {
+    for i in 0..count {
+        let vip = Ipv4Addr::from((10u32 << 24 | 100 << 16) + i);
         t.insert(
             FrontendKey {
-                ip: IpAddr::V4(Ipv4Addr::from(vip(i))),
+                ip: IpAddr::V4(vip),
                 port: 80,
                 protocol: Protocol::Tcp,
             },
@@ -98,7 +112,7 @@ fn table(services: u32, backends: u32) -> ServiceTable {
                 kind: FrontendKind::ClusterIp,
                 backends: (0..backends)
                     .map(|j| Backend {
-                        ip: IpAddr::V4(Ipv4Addr::from(backend_ip(i, j))),
+                        ip: IpAddr::V4(Ipv4Addr::from((10u32 << 24 | 128 << 16) + i * 8 + j)),
                         port: 8080,
                     })
                     .collect(),
@@ -110,426 +124,179 @@ fn table(services: u32, backends: u32) -> ServiceTable {
     t
 }
 
-/// A NodePort and a ClientIP-affinity ClusterIP (VIP `vip(services)`) over
-/// the backends of the last service.
-fn extra_frontends(table: &mut ServiceTable, services: u32, backends: u32) {
-    let last = services - 1;
-    let frontend = |kind: FrontendKind, policy: FrontendPolicy| Frontend {
-        service: ServiceName {
-            namespace: "bench".into(),
-            name: format!("svc-{last}"),
-        },
-        port_name: "http".into(),
-        kind,
-        backends: (0..backends)
-            .map(|j| Backend {
-                ip: IpAddr::V4(Ipv4Addr::from(backend_ip(last, j))),
-                port: 8080,
-            })
-            .collect(),
-        cluster_backends: Vec::new(),
-        policy,
-    };
-    table.insert(
-        FrontendKey {
-            ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            port: NODE_PORT,
-            protocol: Protocol::Tcp,
-        },
-        frontend(FrontendKind::NodePort, FrontendPolicy::default()),
-    );
-    table.insert(
-        FrontendKey {
-            ip: IpAddr::V4(Ipv4Addr::from(vip(services))),
-            port: 80,
-            protocol: Protocol::Tcp,
-        },
-        frontend(
-            FrontendKind::ClusterIp,
-            FrontendPolicy {
-                affinity_timeout_secs: Some(10_800),
-                ..FrontendPolicy::default()
-            },
-        ),
-    );
+fn find<'a>(all: &'a [Case], name: &str) -> Result<&'a Case> {
+    all.iter()
+        .find(|c| c.name == name)
+        .with_context(|| format!("no packet case {name} (see --list)"))
 }
 
-fn node_network() -> Result<NodeNetwork> {
-    Ok(NodeNetwork {
-        nodeport_addresses: [IpAddr::V4(Ipv4Addr::from(NODE))].into(),
-        snat_v4: Some(Ipv4Addr::from(NODE)),
-        snat_v6: None,
-        cluster_cidrs: vec![CLUSTER_CIDR.parse()?],
-        masquerade_all: false,
-    })
-}
-
-fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Result<Vec<u8>> {
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240);
-    let b = if syn { b.syn() } else { b.ack(1) };
-    let mut out = Vec::with_capacity(b.size(0));
-    b.write(&mut out, &[]).context("build packet")?;
-    Ok(out)
-}
-
-fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Result<Vec<u8>> {
-    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(src, dst, 64)
-        .udp(sport, dport);
-    let payload = b"query";
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).context("build packet")?;
-    Ok(out)
-}
-
-struct Harness {
-    ebpf: Ebpf,
-}
-
-impl Harness {
-    fn prog(&self, name: &str) -> Result<&SchedClassifier> {
-        Ok(self
-            .ebpf
-            .program(name)
-            .with_context(|| format!("program {name}"))?
-            .try_into()?)
+/// Mean kernel-measured ns per call of row `case` over `calls` calls,
+/// after its `given` rows and one warm-up call; every output checked.
+fn measure(f: &Fixture, case: &Case, all: &[Case], calls: u32) -> Result<f64> {
+    let fail = |e: String| anyhow!("{}: {e}", case.name);
+    let mut run = Run::start(f, case, all).map_err(fail)?;
+    run.step(f, 0).map_err(fail)?;
+    let mut total = Duration::ZERO;
+    for i in 1..=calls {
+        total += run.step(f, i).map_err(|e| fail(format!("call {i}: {e}")))?;
     }
+    Ok(total.as_nanos() as f64 / f64::from(calls))
+}
 
-    /// Runs `packet` once through `prog`; returns (verdict, output, ns).
-    fn once(&self, prog: &str, packet: &[u8]) -> Result<(u32, Vec<u8>, u128)> {
-        let mut out = vec![0u8; packet.len() + 128];
-        let r = self.prog(prog)?.test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out, r.duration.as_nanos()))
-    }
-
-    /// Mean kernel-measured ns over `calls` single runs of packets from `make`.
-    fn mean_ns(
-        &self,
-        prog: &str,
-        calls: u32,
-        mut make: impl FnMut(u32) -> Result<Vec<u8>>,
-        mut check: impl FnMut(&[u8], &[u8]) -> Result<()>,
-    ) -> Result<f64> {
-        let mut total: u128 = 0;
-        for i in 0..calls {
-            let packet = make(i)?;
-            let (verdict, out, ns) = self.once(prog, &packet)?;
-            if verdict != 0 {
-                bail!("{prog}: unexpected verdict {verdict}");
-            }
-            check(&packet, &out)?;
-            total += ns;
+/// The same over the empty program, with the packets of row `case`.
+fn measure_floor(f: &Fixture, case: &Case, all: &[Case], calls: u32) -> Result<f64> {
+    let fail = |e: String| anyhow!("{}: {e}", case.name);
+    let mut run = Run::start(f, case, all).map_err(fail)?;
+    let mut total = Duration::ZERO;
+    for i in 1..=calls {
+        let packet = run.packet(f, i).map_err(fail)?;
+        let (verdict, out, took) = f.run_timed(PROG_FLOOR, &packet);
+        if verdict != 0 || out != packet {
+            bail!("{PROG_FLOOR}: verdict {verdict}, or the packet changed");
         }
-        Ok(total as f64 / calls as f64)
+        total += took;
     }
-
-    /// Mean kernel-measured ns over `calls` packets from `make`, each run
-    /// through `first` and its output through `second`; the two durations
-    /// are added. `check` sees the final output.
-    fn mean_two_stage_ns(
-        &self,
-        (first, second): (&str, &str),
-        calls: u32,
-        mut make: impl FnMut(u32) -> Result<Vec<u8>>,
-        mut check: impl FnMut(&[u8]) -> Result<()>,
-    ) -> Result<f64> {
-        let mut total: u128 = 0;
-        for i in 0..calls {
-            let packet = make(i)?;
-            let (verdict, mid, ns1) = self.once(first, &packet)?;
-            if verdict != 0 {
-                bail!("{first}: unexpected verdict {verdict}");
-            }
-            let (verdict, out, ns2) = self.once(second, &mid)?;
-            if verdict != 0 {
-                bail!("{second}: unexpected verdict {verdict}");
-            }
-            check(&out)?;
-            total += ns1 + ns2;
-        }
-        Ok(total as f64 / calls as f64)
-    }
-
-    /// ns per run from one call with a large repeat count (unchanged packets only).
-    fn repeated_ns(&self, prog: &str, packet: &[u8], repeat: u32) -> Result<f64> {
-        let mut out = vec![0u8; packet.len() + 128];
-        let r = self.prog(prog)?.test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })?;
-        if out[..packet.len()] != *packet {
-            bail!("{prog}: a repeated packet was rewritten; this figure would be dishonest");
-        }
-        Ok(r.duration.as_nanos() as f64)
-    }
+    Ok(total.as_nanos() as f64 / f64::from(calls))
 }
 
-fn dst_of(p: &[u8]) -> [u8; 4] {
-    [p[30], p[31], p[32], p[33]]
-}
-fn src_of(p: &[u8]) -> [u8; 4] {
-    [p[26], p[27], p[28], p[29]]
-}
-fn sport_of(p: &[u8]) -> u16 {
-    u16::from_be_bytes([p[34], p[35]])
-}
-fn dport_of(p: &[u8]) -> u16 {
-    u16::from_be_bytes([p[36], p[37]])
+/// ns per run from one call of `prog` with a large repeat count, on the
+/// packet of row `case` (which must leave it unchanged).
+fn repeated_ns(f: &Fixture, prog: &str, case: &Case, all: &[Case], repeat: u32) -> Result<f64> {
+    let mut run = Run::start(f, case, all).map_err(|e| anyhow!("{}: {e}", case.name))?;
+    let packet = run
+        .packet(f, 0)
+        .map_err(|e| anyhow!("{}: {e}", case.name))?;
+    let mut out = vec![0u8; packet.len() + 128];
+    let r = f.program(prog).test_run(TestRunOptions {
+        data_in: Some(&packet),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })?;
+    if out[..packet.len()] != *packet {
+        bail!("{prog}: a repeated packet was rewritten; this figure would be dishonest");
+    }
+    Ok(r.duration.as_nanos() as f64)
 }
 
 struct Row {
-    name: &'static str,
+    name: String,
     ns: Vec<f64>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mut rows = vec![
-        Row {
-            name: "empty program (floor)",
-            ns: vec![],
-        },
-        Row {
-            name: "non-service packet",
-            ns: vec![],
-        },
-        Row {
-            name: "non-service UDP packet",
-            ns: vec![],
-        },
-        Row {
-            name: "ClusterIP new flow (SYN)",
-            ns: vec![],
-        },
-        Row {
-            name: "ClusterIP established flow",
-            ns: vec![],
-        },
-        Row {
-            name: "reply (reverse NAT, egress)",
-            ns: vec![],
-        },
-        Row {
-            name: "NodePort new flow + SNAT",
-            ns: vec![],
-        },
-        Row {
-            name: "masqueraded reply (2 stages)",
-            ns: vec![],
-        },
-        Row {
-            name: "ClusterIP new flow, affinity hit",
-            ns: vec![],
-        },
-        Row {
-            name: "floor, repeat=N",
-            ns: vec![],
-        },
-        Row {
-            name: "non-service, repeat=N",
-            ns: vec![],
-        },
-        Row {
-            name: "non-service UDP, repeat=N",
-            ns: vec![],
-        },
-    ];
-    for &n in &args.services {
-        eprintln!("loading {n} services x {} backends ...", args.backends);
-        let (mut dp, mut ebpf) = load_unpinned().context("load the eBPF object (root needed)")?;
-        {
-            let floor: &mut SchedClassifier = ebpf
-                .program_mut(PROG_FLOOR)
-                .context("floor program")?
-                .try_into()?;
-            floor.load()?;
+    let all = cases();
+    common::cases::check_table(&all).map_err(|e| anyhow!("the packet-case table: {e}"))?;
+    if args.list {
+        for case in &all {
+            println!("{}", case.name);
         }
-        let mut desired = table(n, args.backends);
-        extra_frontends(&mut desired, n, args.backends);
-        dp.set_node_network(&node_network()?)
-            .context("program the node network")?;
-        let started = std::time::Instant::now();
-        dp.apply(&ServiceTable::new().diff(&desired))
-            .context("program the table")?;
-        eprintln!("  programmed in {:.2?}", started.elapsed());
-        let h = Harness { ebpf };
-        // Target the last service: in a hash map position does not matter,
-        // but this keeps the probe away from the first insert.
-        let target = vip(n - 1);
-        let other = [192, 0, 2, 1];
+        return Ok(());
+    }
+    let measured: Vec<&Case> = args
+        .cases
+        .iter()
+        .map(|name| find(&all, name))
+        .collect::<Result<_>>()?;
+    let floor_case = find(&all, FLOOR_PACKETS)?;
+    let repeated: Vec<&Case> = REPEATED
+        .iter()
+        .map(|name| find(&all, name))
+        .collect::<Result<_>>()?;
+    for case in repeated.iter().chain([&floor_case]) {
+        if case.setup != Setup::Web || case.given.len() + case.stages.len() != 1 {
+            bail!("{}: not a one-hook row of Setup::Web", case.name);
+        }
+    }
+    // Every setup measured, in order; Web (floor and repeats) first.
+    let mut setups = vec![Setup::Web];
+    for case in &measured {
+        if !setups.contains(&case.setup) {
+            setups.push(case.setup);
+        }
+    }
 
-        let unchanged = |inp: &[u8], out: &[u8]| -> Result<()> {
-            if inp != out {
-                bail!("packet changed");
+    let mut rows = vec![Row {
+        name: "empty program (floor)".into(),
+        ns: vec![],
+    }];
+    rows.extend(measured.iter().map(|case| Row {
+        name: case.name.clone(),
+        ns: vec![],
+    }));
+    rows.push(Row {
+        name: "floor, repeat=N".into(),
+        ns: vec![],
+    });
+    rows.extend(repeated.iter().map(|case| Row {
+        name: format!("{}, repeat=N", case.name),
+        ns: vec![],
+    }));
+    let repeat_rows = rows.len() - 1 - repeated.len();
+
+    for &n in &args.services {
+        let n = n.max(1);
+        eprintln!(
+            "{n} services: each row's own and {} fillers x {} backends ...",
+            n - 1,
+            args.backends
+        );
+        let extra = fillers(n - 1, args.backends);
+        let mut column = vec![f64::NAN; rows.len()];
+        for &setup in &setups {
+            let mut f = Fixture::load();
+            {
+                let floor: &mut SchedClassifier = f
+                    .ebpf
+                    .program_mut(PROG_FLOOR)
+                    .context("floor program")?
+                    .try_into()?;
+                floor.load()?;
             }
-            Ok(())
-        };
-        let floor = h.mean_ns(
-            PROG_FLOOR,
-            args.calls,
-            |i| tcp(CLIENT, (i % 60000) as u16 + 1024, target, 80, true),
-            unchanged,
-        )?;
-        let pass = h.mean_ns(
-            PROG_INGRESS,
-            args.calls,
-            |i| tcp(CLIENT, (i % 60000) as u16 + 1024, other, 80, true),
-            unchanged,
-        )?;
-        // UDP also looks for a flow whose client now reaches the backend
-        // directly from the same port (one connection-table miss).
-        let pass_udp = h.mean_ns(
-            PROG_INGRESS,
-            args.calls,
-            |i| udp(CLIENT, (i % 60000) as u16 + 1024, other, 53),
-            unchanged,
-        )?;
-        let backends: Vec<[u8; 4]> = (0..args.backends).map(|j| backend_ip(n - 1, j)).collect();
-        let mut sport_base: u32 = 0;
-        let new_flow = h.mean_ns(
-            PROG_INGRESS,
-            args.calls,
-            |i| {
-                // A fresh client address every 60000 ports keeps every tuple new.
-                sport_base = i / 60000;
-                let client = [10, 1, (sport_base >> 8) as u8, sport_base as u8];
-                tcp(client, (i % 60000) as u16 + 1024, target, 80, true)
-            },
-            |_, out| {
-                if !backends.contains(&dst_of(out)) {
-                    bail!("new flow not DNATed");
+            let started = std::time::Instant::now();
+            setup.apply(&mut f, &extra);
+            eprintln!("  {setup:?} programmed in {:.2?}", started.elapsed());
+            if setup == Setup::Web {
+                column[0] = measure_floor(&f, floor_case, &all, args.calls)?;
+                column[repeat_rows] = repeated_ns(&f, PROG_FLOOR, floor_case, &all, args.repeat)?;
+                for (i, case) in repeated.iter().enumerate() {
+                    column[repeat_rows + 1 + i] =
+                        repeated_ns(&f, PROG_INGRESS, case, &all, args.repeat)?;
                 }
-                Ok(())
-            },
-        )?;
-        // One established flow.
-        let syn = tcp(CLIENT, 999, target, 80, true)?;
-        let (_, out, _) = h.once(PROG_INGRESS, &syn)?;
-        let chosen = dst_of(&out);
-        let established = h.mean_ns(
-            PROG_INGRESS,
-            args.calls,
-            |_| tcp(CLIENT, 999, target, 80, false),
-            |_, out| {
-                if dst_of(out) != chosen {
-                    bail!("established flow moved");
+            }
+            for (i, case) in measured.iter().enumerate() {
+                if case.setup == setup {
+                    // Rows of one setup share its object; each starts
+                    // without flows, as in the tests.
+                    f.forget_flows();
+                    column[1 + i] = measure(&f, case, &all, args.calls)?;
                 }
-                Ok(())
-            },
-        )?;
-        let reply = h.mean_ns(
-            PROG_EGRESS,
-            args.calls,
-            |_| tcp(chosen, 8080, CLIENT, 999, false),
-            |_, out| {
-                if src_of(out) != target {
-                    bail!("reply not reverse-NATed");
-                }
-                Ok(())
-            },
-        )?;
-        // NodePort from an external client: DNAT at ingress, SNAT at egress.
-        let nodeport = h.mean_two_stage_ns(
-            (PROG_INGRESS, PROG_EGRESS),
-            args.calls,
-            |i| {
-                let client = [203, 0, 113, (i / 60000) as u8];
-                tcp(client, (i % 60000) as u16 + 1024, NODE, NODE_PORT, true)
-            },
-            |out| {
-                if src_of(out) != NODE || !backends.contains(&dst_of(out)) {
-                    bail!("NodePort flow not DNATed and SNATed");
-                }
-                Ok(())
-            },
-        )?;
-        // One masqueraded flow, and its backend's replies.
-        let syn = tcp(EXTERNAL, 4242, NODE, NODE_PORT, true)?;
-        let (_, mid, _) = h.once(PROG_INGRESS, &syn)?;
-        let (_, out, _) = h.once(PROG_EGRESS, &mid)?;
-        let (np_backend, snat_port) = (dst_of(&out), sport_of(&out));
-        let masq_reply = h.mean_two_stage_ns(
-            (PROG_INGRESS, PROG_EGRESS),
-            args.calls,
-            |_| tcp(np_backend, 8080, NODE, snat_port, false),
-            |out| {
-                if (src_of(out), dst_of(out), dport_of(out)) != (NODE, EXTERNAL, 4242) {
-                    bail!("masqueraded reply not translated back");
-                }
-                Ok(())
-            },
-        )?;
-        // Affinity: the first SYN sets the entry; every later new flow of
-        // the same client hits it.
-        let affinity_vip = vip(n);
-        let (_, first, _) = h.once(PROG_INGRESS, &tcp(CLIENT, 1, affinity_vip, 80, true)?)?;
-        let sticky = dst_of(&first);
-        let affinity_hit = h.mean_ns(
-            PROG_INGRESS,
-            args.calls,
-            |i| tcp(CLIENT, (i % 60000) as u16 + 2, affinity_vip, 80, true),
-            |_, out| {
-                if dst_of(out) != sticky {
-                    bail!("affinity not followed");
-                }
-                Ok(())
-            },
-        )?;
-        let floor_rep =
-            h.repeated_ns(PROG_FLOOR, &tcp(CLIENT, 1, target, 80, true)?, args.repeat)?;
-        let pass_rep =
-            h.repeated_ns(PROG_INGRESS, &tcp(CLIENT, 1, other, 80, true)?, args.repeat)?;
-        let pass_udp_rep = h.repeated_ns(PROG_INGRESS, &udp(CLIENT, 1, other, 53)?, args.repeat)?;
-        for (row, v) in rows.iter_mut().zip([
-            floor,
-            pass,
-            pass_udp,
-            new_flow,
-            established,
-            reply,
-            nodeport,
-            masq_reply,
-            affinity_hit,
-            floor_rep,
-            pass_rep,
-            pass_udp_rep,
-        ]) {
+            }
+        }
+        for (row, v) in rows.iter_mut().zip(column) {
             row.ns.push(v);
         }
     }
 
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0) + 2;
     println!();
     println!("Per-packet cost of the TC programs (ns, kernel-measured by BPF_PROG_TEST_RUN),");
     println!(
-        "{} backends per service; in brackets: the ratio to the floor of the same column.",
-        args.backends
+        "rows of the packet-case table by name; in brackets: the ratio to the floor of the same column."
     );
-    print!("{:<32}", "path \\ services loaded");
+    print!("{:<width$}", "case \\ services loaded");
     for n in &args.services {
         print!("{:>20}", n);
     }
     println!();
-    let floor_of = |name: &str| rows.iter().position(|r| r.name == name).unwrap_or(0);
-    let (floor_once, floor_repeated) = (
-        floor_of("empty program (floor)"),
-        floor_of("floor, repeat=N"),
-    );
-    for row in &rows {
-        print!("{:<32}", row.name);
+    for (r, row) in rows.iter().enumerate() {
+        print!("{:<width$}", row.name);
         for (i, v) in row.ns.iter().enumerate() {
-            let floor = if row.name.contains("repeat") {
-                rows[floor_repeated].ns[i]
+            let floor = if r >= repeat_rows {
+                rows[repeat_rows].ns[i]
             } else {
-                rows[floor_once].ns[i]
+                rows[0].ns[i]
             };
             print!("{:>20}", format!("{v:.1} ({:.2}x)", v / floor));
         }
@@ -537,16 +304,27 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "How: rows 1-9 are means over {} calls with repeat=1, each call from the",
+        "How: each case runs on its own setup (the table and node network its test uses) with"
+    );
+    println!(
+        "filler ClusterIP services ({} backends each) making up the table size; its given",
+        args.backends
+    );
+    println!(
+        "rows and one warm-up call run first; then {} calls with repeat=1, each from",
         args.calls
     );
-    println!("original bytes (a rewritten packet must not be re-fed); 'new flow' uses a new");
-    println!("source port (and address every 60000 ports) per call, so each call misses the");
-    println!("connection table; 'established' re-sends one flow's ACK; 'reply' sends its");
-    println!("backend's reply to egress; the two-stage rows add an ingress and an egress run");
-    println!("(NodePort: DNAT then SNAT; masqueraded reply: un-SNAT then reverse NAT), and");
-    println!("'affinity hit' is a new flow of a client with an affinity entry. Rows 10-12");
-    println!("use one call with repeat={} on", args.repeat);
-    println!("packets the program leaves unchanged (verified).");
+    println!("freshly built bytes, every output checked against the case's expectations.");
+    println!("New-flow cases (clusterip/tcp/syn, nodeport-masquerade/tcp/syn) send each call");
+    println!("from a new source port (and address every 60000 calls), so each call misses the");
+    println!("connection table; the affinity case from a new port of a client that has an");
+    println!("affinity entry; the others re-send one flow's packet (established: its ACK; reply:");
+    println!("its backend's SYN-ACK to egress). Two-hook cases add an ingress and an egress run");
+    println!("(NodePort: DNAT then SNAT; masqueraded reply: un-SNAT then reverse NAT). The floor");
+    println!("runs the empty program on clusterip/tcp/syn's packets. The repeat=N rows use one");
+    println!(
+        "call with repeat={} on packets the program leaves unchanged (verified).",
+        args.repeat
+    );
     Ok(())
 }

@@ -1,12 +1,21 @@
 //! What the packet-fixture tests (`datapath.rs`, `datapath_services.rs`)
-//! share: loading the real embedded object unpinned, programming it through
-//! the real `EbpfDataplane`, and running packets through its programs with
-//! `BPF_PROG_TEST_RUN`. Needs root (CAP_BPF + CAP_NET_ADMIN).
-// Each test crate uses its own part of this module.
+//! and the packet benchmark (`proxy-bench`, which includes this directory
+//! with `#[path]`) share: loading the real embedded object unpinned,
+//! programming it through the real `EbpfDataplane`, running packets through
+//! its programs with `BPF_PROG_TEST_RUN`, the packets themselves
+//! ([`packet`]) and the table of named packet cases ([`cases`]). Needs root
+//! (CAP_BPF + CAP_NET_ADMIN).
+// Each user of this module uses its own part of it.
 #![allow(dead_code)]
+
+pub mod cases;
+pub mod packet;
+
+use std::time::Duration;
 
 use aya::{
     Ebpf,
+    maps::{HashMap, Map, MapData},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use proxy_agent::{
@@ -16,7 +25,10 @@ use proxy_agent::{
     },
     model::ServiceTable,
 };
-use proxy_common::{PROG_EGRESS, PROG_INGRESS};
+use proxy_common::{
+    AffinityKey, AffinityValue, CtKey, CtValue, MAP_AFFINITY, MAP_CONNTRACK, PROG_EGRESS,
+    PROG_INGRESS, PROG_NEW_FLOW,
+};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -62,6 +74,12 @@ impl Fixture {
     /// Runs `packet` through program `prog`: its verdict and the packet as
     /// it came out.
     pub fn run(&self, prog: &str, packet: &[u8]) -> (u32, Vec<u8>) {
+        let (verdict, out, _) = self.run_timed(prog, packet);
+        (verdict, out)
+    }
+
+    /// [`Fixture::run`], with the time the kernel measured for the run.
+    pub fn run_timed(&self, prog: &str, packet: &[u8]) -> (u32, Vec<u8>, Duration) {
         let mut out = vec![0u8; packet.len() + 256];
         let result = self
             .program(prog)
@@ -72,7 +90,7 @@ impl Fixture {
             })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        (result.return_value, out, result.duration)
     }
 
     pub fn ingress(&self, packet: &[u8]) -> (u32, Vec<u8>) {
@@ -87,14 +105,42 @@ impl Fixture {
     pub fn stat(&self, index: u32) -> u64 {
         self.dp.stats().expect("read stats")[index as usize]
     }
-}
 
-/// The TCP segments the fixtures send.
-#[derive(Clone, Copy, Debug)]
-pub enum Tcp {
-    Syn,
-    Ack,
-    SynAck,
-    /// FIN with ACK: one side closes.
-    Fin,
+    /// A second handle on map `name` of the fixture's object, found
+    /// through the map IDs of the program that writes the flows.
+    pub fn map(&self, name: &str) -> MapData {
+        let info = self.program(PROG_NEW_FLOW).info().expect("program info");
+        for id in info.map_ids().expect("map ids").unwrap_or_default() {
+            let data = MapData::from_id(id).expect("map by id");
+            let found = data.info().expect("map info").name_as_str() == Some(name);
+            if found {
+                return data;
+            }
+        }
+        panic!("no map {name} among the programs' maps");
+    }
+
+    /// A second handle on the connection-tracking map.
+    pub fn conntrack(&self) -> HashMap<MapData, CtKey, CtValue> {
+        HashMap::try_from(Map::LruHashMap(self.map(MAP_CONNTRACK))).expect("conntrack map")
+    }
+
+    /// Forgets every flow and affinity entry: what packets write, so the
+    /// object is as its table and node network left it (the counters go
+    /// on; compare them with a reading taken after this).
+    pub fn forget_flows(&self) {
+        let mut ct = self.conntrack();
+        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            ct.remove(&key).expect("remove a flow entry");
+        }
+        let mut affinity: HashMap<MapData, AffinityKey, AffinityValue> =
+            HashMap::try_from(Map::LruHashMap(self.map(MAP_AFFINITY))).expect("affinity map");
+        let keys: Vec<AffinityKey> = affinity.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            affinity.remove(&key).expect("remove an affinity entry");
+        }
+        assert_eq!(self.dp.conntrack_len(), 0, "flows forgotten");
+        assert_eq!(self.dp.affinity_len(), 0, "affinity forgotten");
+    }
 }
