@@ -543,19 +543,30 @@ mod tests {
         fake: &FakeDataplane,
         addresses: Vec<InterfaceAddress>,
     ) -> (StateTx, AddressTx) {
+        spawn_loop(fake, addresses, options(), Arc::new(NoObserver))
+    }
+
+    /// The loop over `fake`, fed by the returned senders.
+    fn spawn_loop(
+        fake: &FakeDataplane,
+        addresses: Vec<InterfaceAddress>,
+        opts: SyncOptions,
+        observer: Arc<dyn SyncObserver>,
+    ) -> (StateTx, AddressTx) {
         let (tx, rx) = watch::channel(None);
         let (addr_tx, addr_rx) = watch::channel(addresses);
         let mut dp = fake.clone();
         tokio::spawn(async move {
             let network = NodeNetworkSettings::default();
+            let cfg = config();
             run(
                 rx,
                 addr_rx,
                 &mut dp,
-                &config(),
+                &cfg,
                 &network,
-                &options(),
-                &NoObserver,
+                &opts,
+                observer.as_ref(),
             )
             .await;
         });
@@ -663,26 +674,11 @@ mod tests {
     #[tokio::test]
     async fn min_sync_period_spaces_applies_and_coalesces_what_comes_between() {
         let fake = FakeDataplane::default();
-        let (tx, rx) = watch::channel(None);
-        let mut dp = fake.clone();
         let opts = SyncOptions {
             min_sync_period: Duration::from_millis(300),
             ..options()
         };
-        tokio::spawn(async move {
-            let (_keep, addr_rx) = watch::channel(host_addresses());
-            let network = NodeNetworkSettings::default();
-            run(
-                rx,
-                addr_rx,
-                &mut dp,
-                &config(),
-                &network,
-                &opts,
-                &NoObserver,
-            )
-            .await;
-        });
+        let (tx, _addresses) = spawn_loop(&fake, host_addresses(), opts, Arc::new(NoObserver));
         tx.send(Some(web(&["10.1.0.1"]))).unwrap();
         settle().await;
         // Three changes 30 ms apart, all within the 300 ms after the first
@@ -742,23 +738,7 @@ mod tests {
     async fn observer_sees_queued_changes_syncs_latencies_and_rejections() {
         let fake = FakeDataplane::default();
         let recorder = Arc::new(Recorder::default());
-        let (tx, rx) = watch::channel(None);
-        let mut dp = fake.clone();
-        let obs = recorder.clone();
-        tokio::spawn(async move {
-            let (_keep, addr_rx) = watch::channel(host_addresses());
-            let network = NodeNetworkSettings::default();
-            run(
-                rx,
-                addr_rx,
-                &mut dp,
-                &config(),
-                &network,
-                &options(),
-                obs.as_ref(),
-            )
-            .await;
-        });
+        let (tx, _addresses) = spawn_loop(&fake, host_addresses(), options(), recorder.clone());
         // A trigger time from before the agent started is not a latency.
         let old = with_trigger((*web(&["10.1.0.1"])).clone(), "2020-01-01T00:00:00Z");
         tx.send(Some(Arc::new(old))).unwrap();

@@ -60,6 +60,14 @@ pub enum Scope {
     Everything,
 }
 
+/// A frontend as the driver hands it to a mode to render: its plan, the
+/// frontend, and the comment its rules carry.
+pub struct Planned<'a> {
+    pub plan: &'a FrontendPlan,
+    pub frontend: &'a Frontend,
+    pub comment: &'a str,
+}
+
 /// What a rule-writing mode has of its own. The [`Driver`] keeps the
 /// shadow and passes it in: a method that writes updates it with what
 /// reached the kernel ([`commit`]), so that on an error it holds what was
@@ -75,13 +83,7 @@ pub trait RuleBackend: Send {
     type Error: Into<DataplaneError>;
 
     /// What the mode makes of `frontend`'s plan under `network`.
-    fn render(
-        &self,
-        plan: &FrontendPlan,
-        frontend: &Frontend,
-        comment: &str,
-        network: &NodeNetwork,
-    ) -> Self::Rendered;
+    fn render(&self, planned: &Planned<'_>, network: &NodeNetwork) -> Self::Rendered;
 
     /// Writes the objects that hold no frontend (tables, base chains and
     /// their hooks, the node network's), whatever the kernel holds.
@@ -173,7 +175,12 @@ impl<B: RuleBackend> Driver<B> {
     ) -> Programmed<B::Rendered> {
         let plan = plan(key, frontend, &self.network);
         let comment = comment_of(frontend);
-        let rendered = self.rules.render(&plan, frontend, &comment, &self.network);
+        let planned = Planned {
+            plan: &plan,
+            frontend,
+            comment: &comment,
+        };
+        let rendered = self.rules.render(&planned, &self.network);
         Programmed {
             frontend: frontend.clone(),
             plan,
@@ -219,14 +226,23 @@ impl<B: RuleBackend> Driver<B> {
                 _ => {}
             }
         }
+        self.write_changes(&keys, &wanted)?;
+        Ok(stats)
+    }
+
+    /// Writes `wanted` in place of what is programmed for `keys`.
+    fn write_changes(
+        &mut self,
+        keys: &[FrontendKey],
+        wanted: &Shadow<B::Rendered>,
+    ) -> Result<(), B::Error> {
         self.rules.write(
             &mut self.programmed,
-            &keys,
-            &wanted,
+            keys,
+            wanted,
             &self.network,
             Scope::Changes,
-        )?;
-        Ok(stats)
+        )
     }
 
     /// Makes the kernel equal to `desired` ([`RuleBackend::read_kernel`]):
@@ -258,13 +274,7 @@ impl<B: RuleBackend> Driver<B> {
                 .iter()
                 .filter(|k| self.programmed.get(k) != wanted.get(k))
                 .count();
-            self.rules.write(
-                &mut self.programmed,
-                &keys,
-                &wanted,
-                &self.network,
-                Scope::Changes,
-            )?;
+            self.write_changes(&keys, &wanted)?;
             return Ok(stats);
         };
         // Forget what we believe is programmed and rewrite every wanted
@@ -340,6 +350,16 @@ mod tests {
         model::test_support::{backend, frontend, ip, key},
     };
 
+    /// (frontends added, frontends removed, kernel writes, kernel deletes)
+    fn counts(stats: &ApplyStats) -> (usize, usize, usize, usize) {
+        (
+            stats.frontends_added,
+            stats.frontends_removed,
+            stats.kernel_writes,
+            stats.kernel_deletes,
+        )
+    }
+
     /// A mode that records what the driver asks of it, and renders the
     /// masquerading of a frontend's main view.
     #[derive(Default)]
@@ -357,14 +377,8 @@ mod tests {
         type Found = ();
         type Error = NftablesError;
 
-        fn render(
-            &self,
-            plan: &FrontendPlan,
-            _frontend: &Frontend,
-            _comment: &str,
-            _network: &NodeNetwork,
-        ) -> String {
-            format!("{:?}", plan.view.masquerade)
+        fn render(&self, planned: &Planned<'_>, _network: &NodeNetwork) -> String {
+            format!("{:?}", planned.plan.view.masquerade)
         }
 
         fn ensure_base(&mut self, _network: &NodeNetwork) -> Result<(), NftablesError> {
@@ -454,14 +468,7 @@ mod tests {
             ..TableDiff::default()
         };
         let stats = dp.apply_diff(&diff).unwrap();
-        assert_eq!(
-            (
-                stats.frontends_added,
-                stats.kernel_writes,
-                stats.kernel_deletes
-            ),
-            (1, 1, 0)
-        );
+        assert_eq!(counts(&stats), (1, 0, 1, 0));
         assert_eq!(log(&mut dp), ["base", "write Changes 1"], "the base once");
         dp.apply_diff(&TableDiff::default()).unwrap();
         assert_eq!(log(&mut dp), ["write Changes 0"]);
@@ -490,14 +497,7 @@ mod tests {
             ..TableDiff::default()
         };
         let stats = dp.apply_diff(&diff).unwrap();
-        assert_eq!(
-            (
-                stats.frontends_removed,
-                stats.kernel_writes,
-                stats.kernel_deletes
-            ),
-            (1, 0, 1)
-        );
+        assert_eq!(counts(&stats), (0, 1, 0, 1));
         assert!(dp.programmed.is_empty());
     }
 

@@ -206,12 +206,7 @@ fn deletes_matching_entries_over_a_multipart_dump_in_batches() {
 #[test]
 fn one_dump_per_family_however_many_flows() {
     let state = fake(table(3));
-    let v6 = StaleFlow {
-        vip: ip("fd00::10"),
-        port: 53,
-        backend: ip("fd00::5"),
-        backend_port: 5353,
-    };
+    let v6 = stale_flow("fd00::10", 53, "fd00::5", 5353);
     let other = StaleFlow {
         backend: ip("10.1.0.6"),
         ..DNS

@@ -10,6 +10,16 @@ use proptest::prelude::*;
 
 use super::{wire::*, *};
 
+/// The stale flow of `backend:backend_port` behind `vip:port`.
+fn stale_flow(vip: &str, port: u16, backend: &str, backend_port: u16) -> StaleFlow {
+    StaleFlow {
+        vip: ip(vip),
+        port,
+        backend: ip(backend),
+        backend_port,
+    }
+}
+
 mod fake_kernel;
 mod netns;
 
@@ -558,12 +568,7 @@ fn error_messages_need_the_whole_nlmsgerr() {
 
 #[test]
 fn the_end_of_a_dump_carries_its_status() {
-    let flows = FlowSet::by_family(&[StaleFlow {
-        vip: ip("10.96.0.10"),
-        port: 53,
-        backend: ip("10.1.0.5"),
-        backend_port: 5353,
-    }]);
+    let flows = FlowSet::by_family(&[stale_flow("10.96.0.10", 53, "10.1.0.5", 5353)]);
     let handle =
         |datagram: &[u8]| handle_dump_datagram(datagram, 5, &flows[0], &mut BTreeSet::new());
     let kernel_error = |result| match result {
@@ -611,7 +616,7 @@ proptest! {
     /// Arbitrary bytes never panic the datagram handler.
     #[test]
     fn arbitrary_datagrams_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-        let flows = FlowSet::by_family(&[StaleFlow { vip: ip("0.0.0.0"), port: 1, backend: ip("127.0.0.1"), backend_port: 2 }]);
+        let flows = FlowSet::by_family(&[stale_flow("0.0.0.0", 1, "127.0.0.1", 2)]);
         let _ = handle_dump_datagram(&bytes, 5, &flows[0], &mut BTreeSet::new());
         let _ = parse_entry(&bytes);
     }
@@ -636,30 +641,10 @@ proptest! {
 
 #[test]
 fn filter_matching() {
-    let flow = StaleFlow {
-        vip: ip("10.96.0.10"),
-        port: 53,
-        backend: ip("10.1.0.5"),
-        backend_port: 5353,
-    };
-    let nodeport = StaleFlow {
-        vip: ip("0.0.0.0"),
-        port: 30053,
-        backend: ip("10.1.0.5"),
-        backend_port: 5353,
-    };
-    let nodeport6 = StaleFlow {
-        vip: ip("::"),
-        port: 30053,
-        backend: ip("fd00::5"),
-        backend_port: 5353,
-    };
-    let mixed = StaleFlow {
-        vip: ip("10.96.0.11"),
-        port: 53,
-        backend: ip("fd00::5"),
-        backend_port: 5353,
-    };
+    let flow = stale_flow("10.96.0.10", 53, "10.1.0.5", 5353);
+    let nodeport = stale_flow("0.0.0.0", 30053, "10.1.0.5", 5353);
+    let nodeport6 = stale_flow("::", 30053, "fd00::5", 5353);
+    let mixed = stale_flow("10.96.0.11", 53, "fd00::5", 5353);
     let sets = FlowSet::by_family(&[flow, nodeport, nodeport6, mixed]);
     assert_eq!(sets.len(), 2);
     assert_eq!(sets[0].family, AF_INET);

@@ -181,18 +181,8 @@ fn in_namespace() {
         );
     }
 
-    let flow = StaleFlow {
-        vip: ip("127.0.0.2"),
-        port: 5555,
-        backend: ip("127.0.0.1"),
-        backend_port: 6666,
-    };
-    let flow6 = StaleFlow {
-        vip: ip("::1"),
-        port: 5555,
-        backend: ip("::1"),
-        backend_port: 6666,
-    };
+    let flow = stale_flow("127.0.0.2", 5555, "127.0.0.1", 6666);
+    let flow6 = stale_flow("::1", 5555, "::1", 6666);
     let deleted = delete_stale_udp_flows(&[flow, flow6]).unwrap();
     assert_eq!(deleted, stale.len() + stale6.len());
 
