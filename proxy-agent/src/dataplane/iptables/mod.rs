@@ -86,9 +86,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     ApplyStats, NodeNetwork,
-    netfilter::{self, Driver, Family, FrontendPlan, RuleBackend, Scope, commit},
+    netfilter::{self, Driver, Family, Planned, RuleBackend, Scope, commit},
 };
-use crate::model::{Frontend, FrontendKey};
+use crate::model::FrontendKey;
 
 mod backend;
 mod cleanup;
@@ -206,17 +206,12 @@ impl RuleBackend for Iptables {
     type Found = Unwanted;
     type Error = IptablesError;
 
-    fn render(
-        &self,
-        plan: &FrontendPlan,
-        frontend: &Frontend,
-        comment: &str,
-        network: &NodeNetwork,
-    ) -> Rendered {
+    fn render(&self, planned: &Planned<'_>, network: &NodeNetwork) -> Rendered {
+        let external = planned.frontend.kind.is_external();
         rules_of(
-            plan,
-            comment,
-            frontend.kind.is_external(),
+            planned.plan,
+            planned.comment,
+            external,
             &network.nodeport_addresses,
         )
     }

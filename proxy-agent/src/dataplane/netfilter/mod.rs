@@ -13,7 +13,7 @@ use std::{
 
 mod driver;
 
-pub use driver::{Driver, Programmed, RuleBackend, Scope, Shadow, commit};
+pub use driver::{Driver, Planned, Programmed, RuleBackend, Scope, Shadow, commit};
 
 use super::conntrack::{ConntrackError, StaleFlow, delete_stale_udp_flows};
 pub use crate::model::plan::{Action, Family, FrontendPlan, Masquerade, NodeNetwork, View, plan};

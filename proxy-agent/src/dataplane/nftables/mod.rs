@@ -45,9 +45,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::{
     ApplyStats, NodeNetwork,
-    netfilter::{self, Driver, FrontendPlan, RuleBackend, Scope, commit},
+    netfilter::{self, Driver, Planned, RuleBackend, Scope, commit},
 };
-use crate::model::{Frontend, FrontendKey};
+use crate::model::FrontendKey;
 
 mod base;
 mod cleanup;
@@ -134,14 +134,8 @@ impl RuleBackend for Nftables {
 
     /// The chains and sets of the frontend; its rules are rendered when
     /// they are written.
-    fn render(
-        &self,
-        plan: &FrontendPlan,
-        _frontend: &Frontend,
-        _comment: &str,
-        _network: &NodeNetwork,
-    ) -> Objects {
-        objects(plan)
+    fn render(&self, planned: &Planned<'_>, _network: &NodeNetwork) -> Objects {
+        objects(planned.plan)
     }
 
     /// Creates every shard's table and base objects (an `add` of what

@@ -109,39 +109,21 @@ impl Shard {
     pub(super) fn node_network_objects(&self, network: &NodeNetwork) -> Tx {
         let mut batch = Tx::new(&self.table);
         batch.add(table());
-        if self.first {
-            for family in [Family::V4, Family::V6] {
-                let name = format!("service-cidrs{}", suffix(family));
-                batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(
-                    &name,
-                    SetTypeValue::Single(addr_type(family)),
-                )))));
-                let cidrs: Vec<Expression<'static>> = network
+        for family in [Family::V4, Family::V6] {
+            if self.first {
+                let cidrs = network
                     .service_cidrs
                     .iter()
                     .filter(|c| Family::of_net(c) == family)
-                    .map(prefix)
-                    .collect();
-                if !cidrs.is_empty() {
-                    batch.add(element(&name, cidrs));
-                }
+                    .map(prefix);
+                refill(&mut batch, "service-cidrs", family, cidrs.collect());
             }
-        }
-        for family in [Family::V4, Family::V6] {
-            let name = format!("nodeport-ips{}", suffix(family));
-            batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(
-                &name,
-                SetTypeValue::Single(addr_type(family)),
-            )))));
-            let ips: Vec<Expression<'static>> = network
+            let ips = network
                 .nodeport_addresses
                 .iter()
                 .filter(|ip| Family::of(**ip) == family)
-                .map(|ip| s(ip.to_string()))
-                .collect();
-            if !ips.is_empty() {
-                batch.add(element(&name, ips));
-            }
+                .map(|ip| s(ip.to_string()));
+            refill(&mut batch, "nodeport-ips", family, ips.collect());
         }
         batch
     }
@@ -213,6 +195,18 @@ impl Shard {
             .filter(|c| !existing.chains.contains(**c))
             .count();
         batch
+    }
+}
+
+/// Flushes the set `<name><family suffix>` and writes `elements` into it.
+fn refill(batch: &mut Tx, name: &str, family: Family, elements: Vec<Expression<'static>>) {
+    let name = format!("{name}{}", suffix(family));
+    batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(set(
+        &name,
+        SetTypeValue::Single(addr_type(family)),
+    )))));
+    if !elements.is_empty() {
+        batch.add(element(&name, elements));
     }
 }
 
