@@ -32,7 +32,7 @@ use proxy_common::{
 use crate::conntrack::{self, ct_key, ct_touch, forget_flow_on_tuple};
 use crate::lb::{self, refresh_affinity};
 use crate::maps::{PA_CONNTRACK, config, count, in_service_cidr, may_be_frontend, now, snat_addr};
-use crate::nat::{self, rewrite_dst, rewrite_src};
+use crate::nat::{self, Side, rewrite};
 use crate::parse::{Packet, parse};
 use crate::reject::reject;
 
@@ -92,7 +92,7 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         let ct = unsafe { &mut *ct };
         if ct_touch(ct, pkt, now()).is_some() {
             let (addr, port) = (ct.nat_addr, ct.nat_port);
-            return match rewrite_dst(ctx, pkt, &addr, port) {
+            return match rewrite(ctx, pkt, Side::Destination, &addr, port) {
                 Ok(()) => (TC_ACT_OK as i32, stat::SNAT_IN),
                 Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
             };
@@ -119,7 +119,7 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
                 refresh_affinity(ct.svc_id, pkt, ct.backend_id, now);
             }
             let (addr, port) = (ct.nat_addr, ct.nat_port);
-            return match rewrite_dst(ctx, pkt, &addr, port) {
+            return match rewrite(ctx, pkt, Side::Destination, &addr, port) {
                 Ok(()) => (TC_ACT_OK as i32, stat::DNAT_ESTABLISHED),
                 Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
             };
@@ -217,7 +217,7 @@ fn egress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         return (TC_ACT_OK as i32, stat::PASS_NO_REPLY);
     }
     let (addr, port) = (ct.nat_addr, ct.nat_port);
-    match rewrite_src(ctx, pkt, &addr, port) {
+    match rewrite(ctx, pkt, Side::Source, &addr, port) {
         Ok(()) => (TC_ACT_OK as i32, reason),
         Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
     }

@@ -22,41 +22,22 @@ use crate::parse::{
 };
 
 /// The end of a packet a rewrite changes.
+/// Which end of a packet [`rewrite`] changes.
 #[derive(Clone, Copy)]
-enum Side {
+pub(crate) enum Side {
+    /// The node address of a masqueraded flow (SNAT), or the frontend of a
+    /// reply.
     Source,
+    /// A flow's backend (DNAT), or the client of a masqueraded flow's
+    /// reply.
     Destination,
-}
-
-/// Rewrites the destination address and port of the packet: a flow's
-/// backend (DNAT), or the client of a masqueraded flow's reply.
-#[inline(always)]
-pub(crate) fn rewrite_dst(
-    ctx: &mut TcContext,
-    pkt: &Packet,
-    new_addr: &Addr,
-    new_port: u16,
-) -> Result<(), i64> {
-    rewrite(ctx, pkt, Side::Destination, new_addr, new_port)
-}
-
-/// Rewrites the source address and port of the packet: the node address
-/// of a masqueraded flow (SNAT), or the frontend of a reply.
-#[inline(always)]
-pub(crate) fn rewrite_src(
-    ctx: &mut TcContext,
-    pkt: &Packet,
-    new_addr: &Addr,
-    new_port: u16,
-) -> Result<(), i64> {
-    rewrite(ctx, pkt, Side::Source, new_addr, new_port)
 }
 
 /// Rewrites the address and port of `side` of the packet and fixes the
 /// checksums incrementally: the IPv4 header checksum, the TCP/UDP checksum
 /// (pseudo-header included), or the SCTP CRC32c when a port changes.
 #[inline(always)]
-fn rewrite(
+pub(crate) fn rewrite(
     ctx: &mut TcContext,
     pkt: &Packet,
     side: Side,
@@ -127,7 +108,13 @@ pub(crate) fn translate(
     sel: &Selection,
     reason: u32,
 ) -> Verdict {
-    match rewrite_dst(ctx, pkt, &sel.backend.addr, sel.backend.port) {
+    match rewrite(
+        ctx,
+        pkt,
+        Side::Destination,
+        &sel.backend.addr,
+        sel.backend.port,
+    ) {
         Ok(()) => (TC_ACT_OK as i32, reason),
         Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
     }
