@@ -381,6 +381,29 @@ impl Cluster {
             .map(|_| ())
     }
 
+    /// TCP and UDP from the client to `ip` (the suite's ports), once it
+    /// answers: [`COUNT`] exchanges each reach exactly `backends`, which
+    /// see `source`.
+    fn check_tcp_and_udp(
+        &self,
+        ip: IpAddr,
+        backends: &[&str],
+        source: IpAddr,
+    ) -> anyhow::Result<()> {
+        for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
+            self.wait(protocol, at(ip, port))?;
+            let report = self.exchange(protocol, at(ip, port), COUNT)?;
+            check(
+                &format!("{protocol} {ip}"),
+                &report,
+                COUNT,
+                backends,
+                &[source],
+            )?;
+        }
+        Ok(())
+    }
+
     /// `count` exchanges from namespace `ns`.
     fn exchange_in(
         &self,
@@ -597,18 +620,8 @@ fn clusterip_dual_stack_tcp_and_udp(mode: Mode) -> anyhow::Result<()> {
     let service = echo().dual_stack(VIP6);
     c.publish(&service, &c.endpoints(&service, &[0, 1], &[]))?;
     for (vip, node) in [(VIP, NODE), (VIP6, NODE6)] {
-        for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
-            c.wait(protocol, at(vip, port))?;
-            let report = c.exchange(protocol, at(vip, port), COUNT)?;
-            // The client is outside the cluster CIDR: masqueraded.
-            check(
-                &format!("{protocol} {vip}"),
-                &report,
-                COUNT,
-                &["pod-0", "pod-1"],
-                &[node],
-            )?;
-        }
+        // The client is outside the cluster CIDR: masqueraded.
+        c.check_tcp_and_udp(vip, &["pod-0", "pod-1"], node)?;
     }
     // A pod client keeps its own address, over both families.
     let pod = c.t.pod(2);
@@ -770,17 +783,7 @@ fn external_and_load_balancer_ips_with_source_ranges(mode: Mode) -> anyhow::Resu
         .external_ips(&[EXTERNAL_IP]);
     c.publish(&base, &c.endpoints(&base, &[0, 1], &[]))?;
     for (ip, node) in [(EXTERNAL_IP, NODE), (LB_IP, NODE), (LB_IP6, NODE6)] {
-        for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
-            c.wait(protocol, at(ip, port))?;
-            let report = c.exchange(protocol, at(ip, port), COUNT)?;
-            check(
-                &format!("{protocol} {ip}"),
-                &report,
-                COUNT,
-                &["pod-0", "pod-1"],
-                &[node],
-            )?;
-        }
+        c.check_tcp_and_udp(ip, &["pod-0", "pod-1"], node)?;
     }
     // Ranges that leave the client out: the LB IPs drop it; the external
     // IP and the ClusterIP still serve it.
@@ -1618,14 +1621,22 @@ fn masquerade_all_masquerades_pods_too(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// NodePort traffic to backends on another node is masqueraded, so replies
-/// come back through this node; many concurrent flows never collide.
-fn nodeport_to_backends_on_another_node(mode: Mode) -> anyhow::Result<()> {
+/// A cluster with one pod here and two on a second node, and the suite's
+/// Service as a dual-stack NodePort served by the second node's pods
+/// `remote`.
+fn nodeport_served_by_the_second_node(mode: Mode, remote: &[usize]) -> anyhow::Result<Cluster> {
     let c = Cluster::start(mode, Setup::pods(1).second_node(2))?;
     let service = echo()
         .dual_stack(VIP6)
         .node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
-    c.publish(&service, &c.endpoints(&service, &[], &[0, 1]))?;
+    c.publish(&service, &c.endpoints(&service, &[], remote))?;
+    Ok(c)
+}
+
+/// NodePort traffic to backends on another node is masqueraded, so replies
+/// come back through this node; many concurrent flows never collide.
+fn nodeport_to_backends_on_another_node(mode: Mode) -> anyhow::Result<()> {
+    let c = nodeport_served_by_the_second_node(mode, &[0, 1])?;
     let remote: Vec<String> = c.t.remote_pods().iter().map(|p| p.name.clone()).collect();
     let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
     for node in [NODE, NODE6] {
@@ -1653,11 +1664,7 @@ fn nodeport_to_backends_on_another_node(mode: Mode) -> anyhow::Result<()> {
 /// endpoint another pod there (the client's node and the endpoint's node
 /// are one, the third node of the general case).
 fn pods_reaching_a_nodeport_are_masqueraded(mode: Mode) -> anyhow::Result<()> {
-    let c = Cluster::start(mode, Setup::pods(1).second_node(2))?;
-    let service = echo()
-        .dual_stack(VIP6)
-        .node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
-    c.publish(&service, &c.endpoints(&service, &[], &[1]))?;
+    let c = nodeport_served_by_the_second_node(mode, &[1])?;
     let remote = c.t.remote_pods();
     let (client, endpoint) = (&remote[0], remote[1].name.as_str());
     for node in [NODE, NODE6] {
