@@ -671,51 +671,113 @@ mod tests {
         }
     }
 
+    /// Rows: (what, the Services): each is left alone on purpose, as
+    /// kube-proxy leaves it, and nothing is rejected either.
     #[test]
-    fn headless_service_is_ignored() {
-        let output = build(
-            vec![simple_service("ns", "headless", "None", 80)],
-            vec![simple_slice(
-                "ns",
-                "headless-1",
+    fn services_this_proxy_leaves_alone() {
+        let with_spec = |name: &str, edit: &dyn Fn(&mut Service)| {
+            let mut svc = simple_service("ns", name, "10.0.0.1", 80);
+            edit(&mut svc);
+            svc
+        };
+        let rows: Vec<(&str, Vec<Service>, Vec<EndpointSlice>)> = vec![
+            (
                 "headless",
-                8080,
-                &["10.1.0.1"],
-            )],
-        );
-        assert_eq!(output, BuildOutput::default());
-    }
-
-    #[test]
-    fn external_name_service_is_ignored() {
-        let mut svc = simple_service("ns", "ext", "10.0.0.1", 80);
-        if let Some(spec) = svc.spec.as_mut() {
-            spec.type_ = Some("ExternalName".into());
-            spec.external_name = Some("example.com".into());
+                vec![simple_service("ns", "headless", "None", 80)],
+                vec![simple_slice(
+                    "ns",
+                    "headless-1",
+                    "headless",
+                    8080,
+                    &["10.1.0.1"],
+                )],
+            ),
+            (
+                "ExternalName",
+                vec![with_spec("ext", &|svc| {
+                    let spec = spec_mut(svc);
+                    spec.type_ = Some("ExternalName".into());
+                    spec.external_name = Some("example.com".into());
+                })],
+                vec![],
+            ),
+            (
+                "no spec, an empty spec, no cluster IP allocated yet",
+                vec![
+                    with_spec("a", &|svc| svc.spec = None),
+                    with_spec("b", &|svc| svc.spec = Some(ServiceSpec::default())),
+                    simple_service("ns", "c", "", 80),
+                ],
+                vec![],
+            ),
+            (
+                // Even a broken one: its owner judges it.
+                "another proxy's",
+                vec![{
+                    let mut svc = simple_service("ns", "other", "not-an-ip", 80);
+                    svc.metadata.labels = Some(BTreeMap::from([(
+                        "service.kubernetes.io/service-proxy-name".into(),
+                        String::new(),
+                    )]));
+                    svc
+                }],
+                vec![],
+            ),
+        ];
+        for (what, services, slices) in rows {
+            assert_eq!(build(services, slices), BuildOutput::default(), "{what}");
         }
-        assert_eq!(build(vec![svc], vec![]), BuildOutput::default());
     }
 
+    /// Rows: (the Services, the reasons): cluster IPs or families the API
+    /// server would refuse reject the whole Service.
     #[test]
-    fn service_without_cluster_ip_is_ignored() {
-        let mut no_spec = simple_service("ns", "a", "10.0.0.1", 80);
-        no_spec.spec = None;
-        let mut empty_spec = simple_service("ns", "b", "10.0.0.1", 80);
-        empty_spec.spec = Some(ServiceSpec::default());
-        let unallocated = simple_service("ns", "c", "", 80);
-        let output = build(vec![no_spec, empty_spec, unallocated], vec![]);
-        assert_eq!(output, BuildOutput::default());
-    }
-
-    #[test]
-    fn service_owned_by_another_proxy_is_ignored() {
-        // Even a broken one: its owner judges it.
-        let mut svc = simple_service("ns", "other", "not-an-ip", 80);
-        svc.metadata.labels = Some(BTreeMap::from([(
-            "service.kubernetes.io/service-proxy-name".into(),
-            String::new(),
-        )]));
-        assert_eq!(build(vec![svc], vec![]), BuildOutput::default());
+    fn bad_cluster_ips_or_families_reject_the_service() {
+        let families = |ips: &[&str], families: &[&str]| {
+            let mut svc = service("ns", "web", ips, &[service_port("", 80, "")]);
+            spec_mut(&mut svc).ip_families = Some(families.iter().map(|f| f.to_string()).collect());
+            svc
+        };
+        let rows: Vec<(Vec<Service>, Vec<&str>)> = vec![
+            (
+                vec![families(&["10.0.0.1"], &["IPv4", "IPX"])],
+                vec!["Service ns/web: spec.ipFamilies[1]: \"IPX\" is not IPv4 or IPv6"],
+            ),
+            (
+                vec![service(
+                    "ns",
+                    "web",
+                    &["10.0.0.1", "10.0.0.2"],
+                    &[service_port("", 80, "")],
+                )],
+                vec![
+                    "Service ns/web: spec.clusterIPs[1]: \"10.0.0.2\" is a second IPv4 address (at \
+                     most one per family)",
+                ],
+            ),
+            (
+                vec![families(&["10.0.0.1", "fd00::1"], &["IPv4"])],
+                vec![
+                    "Service ns/web: spec.clusterIPs[1]: \"fd00::1\" is IPv6, which spec.ipFamilies \
+                     does not list",
+                ],
+            ),
+            (
+                vec![
+                    simple_service("ns", "v4", "0.0.0.0", 80),
+                    simple_service("ns", "v6", "::", 80),
+                ],
+                vec![
+                    "Service ns/v4: spec.clusterIPs[0]: \"0.0.0.0\" is the unspecified address",
+                    "Service ns/v6: spec.clusterIPs[0]: \"::\" is the unspecified address",
+                ],
+            ),
+        ];
+        for (services, expected) in rows {
+            let output = build(services, vec![]);
+            assert!(output.table.is_empty(), "{expected:?}");
+            assert_eq!(reasons(&output), expected);
+        }
     }
 
     #[test]
@@ -1179,61 +1241,6 @@ mod tests {
             vec![
                 "Service ns/web: spec.clusterIP: \"10.0.0.2\" differs from spec.clusterIPs[0] \
                  \"10.0.0.1\""
-            ]
-        );
-    }
-
-    #[test]
-    fn cluster_ip_family_not_in_ip_families_rejects_the_service() {
-        let mut svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1", "fd00::1"],
-            &[service_port("", 80, "")],
-        );
-        if let Some(spec) = svc.spec.as_mut() {
-            spec.ip_families = Some(vec!["IPv4".into()]);
-        }
-        let output = build(vec![svc], vec![]);
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/web: spec.clusterIPs[1]: \"fd00::1\" is IPv6, which spec.ipFamilies \
-                 does not list"
-            ]
-        );
-    }
-
-    #[test]
-    fn unknown_ip_family_rejects_the_service() {
-        let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
-        if let Some(spec) = svc.spec.as_mut() {
-            spec.ip_families = Some(vec!["IPv4".into(), "IPX".into()]);
-        }
-        let output = build(vec![svc], vec![]);
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec!["Service ns/web: spec.ipFamilies[1]: \"IPX\" is not IPv4 or IPv6"]
-        );
-    }
-
-    #[test]
-    fn two_cluster_ips_of_one_family_reject_the_service() {
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1", "10.0.0.2"],
-            &[service_port("", 80, "")],
-        );
-        let output = build(vec![svc], vec![]);
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/web: spec.clusterIPs[1]: \"10.0.0.2\" is a second IPv4 address (at \
-                 most one per family)"
             ]
         );
     }
@@ -2017,25 +2024,6 @@ mod tests {
         assert_eq!(
             reasons(&output),
             vec!["Service ns/web: spec.healthCheckNodePort: 0 is outside 1..=65535"]
-        );
-    }
-
-    #[test]
-    fn unspecified_cluster_ip_rejects_the_service() {
-        let output = build(
-            vec![
-                simple_service("ns", "v4", "0.0.0.0", 80),
-                simple_service("ns", "v6", "::", 80),
-            ],
-            vec![],
-        );
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/v4: spec.clusterIPs[0]: \"0.0.0.0\" is the unspecified address",
-                "Service ns/v6: spec.clusterIPs[0]: \"::\" is the unspecified address",
-            ]
         );
     }
 
