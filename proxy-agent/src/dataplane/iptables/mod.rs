@@ -342,10 +342,6 @@ impl RuleBackend for Iptables {
     ) -> Result<bool, IptablesError> {
         Ok(old.nodeport_addresses != network.nodeport_addresses)
     }
-
-    fn cleanup() -> Result<bool, IptablesError> {
-        cleanup()
-    }
 }
 
 impl Iptables {

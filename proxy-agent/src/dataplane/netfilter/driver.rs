@@ -137,10 +137,6 @@ pub trait RuleBackend: Send {
         old: &NodeNetwork,
         network: &NodeNetwork,
     ) -> Result<bool, Self::Error>;
-
-    /// Removes everything the mode programs, wherever it is. Returns
-    /// whether there was anything.
-    fn cleanup() -> Result<bool, Self::Error>;
 }
 
 /// A rule-writing mode's [`Dataplane`]: the skeleton, around its
@@ -438,10 +434,6 @@ mod tests {
         ) -> Result<bool, NftablesError> {
             self.log.push("node network".into());
             Ok(self.rerender)
-        }
-
-        fn cleanup() -> Result<bool, NftablesError> {
-            Ok(false)
         }
     }
 

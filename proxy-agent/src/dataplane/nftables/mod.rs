@@ -221,10 +221,6 @@ impl RuleBackend for Nftables {
         run(tx)?;
         Ok(false)
     }
-
-    fn cleanup() -> Result<bool, NftablesError> {
-        cleanup()
-    }
 }
 
 impl Nftables {
