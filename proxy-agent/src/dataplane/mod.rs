@@ -68,15 +68,18 @@ pub trait Dataplane: Send {
     fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError>;
 }
 
+/// A dataplane's failure. The variants are transparent: the mode is named
+/// by whoever reports the error (the sync loop logs the dataplane's name,
+/// the start names the mode), and a cause is printed once in a chain.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("eBPF: {0}")]
+    #[error(transparent)]
     Ebpf(#[from] ebpf::EbpfError),
-    #[error("nftables: {0}")]
+    #[error(transparent)]
     Nftables(#[from] nftables::NftablesError),
-    #[error("iptables: {0}")]
+    #[error(transparent)]
     Iptables(#[from] iptables::IptablesError),
-    #[error("conntrack: {0}")]
+    #[error(transparent)]
     Conntrack(#[from] conntrack::ConntrackError),
     #[error("mode {0} is not in this build")]
     NotInThisBuild(&'static str),
