@@ -15,7 +15,7 @@ use proxy_agent::{
     dataplane::{
         Dataplane, Mode, ModeOptions,
         addresses::{self, NodeNetworkSettings},
-        ebpf::{self, InterfaceFilter},
+        ebpf::{self, EbpfOptions, InterfaceFilter},
         mode::{IptablesBackendChoice, Opened, remove_kube_proxy_leftovers},
     },
     model::{HealthCheck, ModelConfig, Rejection, ServiceName},
@@ -532,19 +532,21 @@ struct Running {
 /// ebpf mode starts following the node's interfaces.
 fn open_dataplane(args: &Settings) -> Result<Running> {
     let options = ModeOptions {
-        bpf_root: args.bpf_root.clone(),
-        interfaces: InterfaceFilter {
-            include: args.interfaces.clone(),
-            exclude: args.exclude_interfaces.clone(),
+        ebpf: EbpfOptions {
+            bpf_root: args.bpf_root.clone(),
+            interfaces: InterfaceFilter {
+                include: args.interfaces.clone(),
+                exclude: args.exclude_interfaces.clone(),
+            },
+            cgroup: args.cgroup_root.clone(),
         },
-        cgroup: args.cgroup_root.clone(),
         iptables_backend: args.iptables_backend,
     };
     args.mode.remove_other_modes(&options);
     if args.cleanup_kube_proxy {
         remove_kube_proxy_leftovers();
     }
-    if args.mode == Mode::Ebpf && options.cgroup.is_none() {
+    if args.mode == Mode::Ebpf && options.ebpf.cgroup.is_none() {
         tracing::warn!(
             "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
         );
@@ -750,7 +752,10 @@ impl SyncObserver for AgentObserver {
 /// mode is tried even when another fails; the first failure is returned.
 fn cleanup(args: CleanupArgs) -> Result<()> {
     let options = ModeOptions {
-        bpf_root: args.bpf_root.clone(),
+        ebpf: EbpfOptions {
+            bpf_root: args.bpf_root.clone(),
+            ..EbpfOptions::default()
+        },
         ..ModeOptions::default()
     };
     let mut failed = None;

@@ -2,11 +2,9 @@
 //! sync loop, `cleanup`, the tests and the benchmarks name a mode by. Each
 //! mode is one module behind [`Mode::open`] and [`Mode::remove_leftovers`];
 //! adding one is a module, a variant here, and a line in the suite's list.
-use std::path::PathBuf;
-
 use super::{
     Dataplane, DataplaneError,
-    ebpf::{self, EbpfOptions, InterfaceFilter, attach::Attacher},
+    ebpf::{self, EbpfOptions, attach::Attacher},
     iptables::{self, IptablesBackend, IptablesDataplane},
     nftables::{self, NftablesDataplane},
 };
@@ -63,7 +61,7 @@ impl Mode {
     pub fn open(self, options: &ModeOptions) -> Result<Opened, DataplaneError> {
         match self {
             Mode::Ebpf => {
-                let (dataplane, attacher) = ebpf::load(&options.ebpf())?;
+                let (dataplane, attacher) = ebpf::load(&options.ebpf)?;
                 Ok(Opened {
                     dataplane: Box::new(dataplane),
                     attacher: Some(attacher),
@@ -91,7 +89,7 @@ impl Mode {
     pub fn remove_leftovers(self, options: &ModeOptions) -> Result<usize, DataplaneError> {
         match self {
             Mode::Ebpf => {
-                let report = ebpf::cleanup(&options.bpf_root)?;
+                let report = ebpf::cleanup(&options.ebpf.bpf_root)?;
                 Ok(report.links + report.maps)
             }
             Mode::Nftables => Ok(usize::from(nftables::cleanup()?)),
@@ -208,23 +206,10 @@ impl IptablesBackendChoice {
 /// What opening or cleaning up a mode needs, whichever the mode.
 #[derive(Clone, Debug, Default)]
 pub struct ModeOptions {
-    /// Where the ebpf mode pins its maps and links.
-    pub bpf_root: PathBuf,
-    /// The interfaces the ebpf mode attaches to.
-    pub interfaces: InterfaceFilter,
-    /// The cgroup v2 directory of the ebpf mode's socket hooks.
-    pub cgroup: Option<PathBuf>,
+    /// Where the ebpf mode pins its maps and links, the interfaces it
+    /// attaches to, the cgroup of its socket hooks.
+    pub ebpf: EbpfOptions,
     pub iptables_backend: IptablesBackendChoice,
-}
-
-impl ModeOptions {
-    fn ebpf(&self) -> EbpfOptions {
-        EbpfOptions {
-            bpf_root: self.bpf_root.clone(),
-            interfaces: self.interfaces.clone(),
-            cgroup: self.cgroup.clone(),
-        }
-    }
 }
 
 /// An opened mode: its dataplane and, for the ebpf mode, what attaches its

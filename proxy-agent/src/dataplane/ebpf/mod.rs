@@ -119,7 +119,7 @@ pub enum EbpfError {
 }
 
 /// Where and how to load.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EbpfOptions {
     pub bpf_root: PathBuf,
     pub interfaces: InterfaceFilter,
