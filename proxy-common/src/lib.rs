@@ -339,7 +339,8 @@ pub const CFG_SNAT_V4: u32 = 1 << 0;
 pub const CFG_SNAT_V6: u32 = 1 << 1;
 pub const CFG_CLUSTER_V4: u32 = 1 << 2;
 pub const CFG_CLUSTER_V6: u32 = 1 << 3;
-pub const CFG_MASQUERADE_ALL: u32 = 1 << 4;
+// Bit 4 (once `--masquerade-all`) is retired: the agent's plan decides
+// masquerade per view (`SVC_MASQUERADE`).
 
 /// The single entry of the config array: the node's network facts.
 #[repr(C)]

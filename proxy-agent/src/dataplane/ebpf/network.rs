@@ -8,9 +8,8 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData, lpm_trie::Key as LpmKey};
 use ipnet::IpNet;
 use proxy_common::{
-    CFG_CLUSTER_V4, CFG_CLUSTER_V6, CFG_MASQUERADE_ALL, CFG_SNAT_V4, CFG_SNAT_V6, FAMILY_V4,
-    FAMILY_V6, NodeAddrKey, NodeConfig, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    ServiceCidrKey,
+    CFG_CLUSTER_V4, CFG_CLUSTER_V6, CFG_SNAT_V4, CFG_SNAT_V6, FAMILY_V4, FAMILY_V6, NodeAddrKey,
+    NodeConfig, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, ServiceCidrKey,
 };
 
 use super::{
@@ -53,9 +52,6 @@ impl EbpfDataplane {
                 cfg.cluster_v6_len = cidr.prefix_len();
                 cfg.flags |= CFG_CLUSTER_V6;
             }
-        }
-        if network.masquerade_all {
-            cfg.flags |= CFG_MASQUERADE_ALL;
         }
         self.config.set(0, cfg, 0)?;
         // Addresses: add the new ones, then remove the old ones.
