@@ -895,6 +895,8 @@ struct Shared {
     accepting: AtomicBool,
     open_watches: AtomicUsize,
     bookmark_interval_ms: AtomicU64,
+    /// Off: ServiceCIDRs answer 404, as before Kubernetes 1.33.
+    serves_service_cidrs: AtomicBool,
 }
 
 impl Shared {
@@ -936,6 +938,7 @@ impl ApiServer {
             accepting: AtomicBool::new(false),
             open_watches: AtomicUsize::new(0),
             bookmark_interval_ms: AtomicU64::new(1000),
+            serves_service_cidrs: AtomicBool::new(true),
         });
         let server = ApiServer {
             shared,
@@ -1221,6 +1224,14 @@ impl ApiServer {
             .iter()
             .filter(|r| r.verb == verb && r.group == K::GROUP && r.resource == K::URL_PATH_SEGMENT)
             .count()
+    }
+
+    /// From now on, answer requests for ServiceCIDRs 404, as an API server
+    /// that does not serve them (before Kubernetes 1.33).
+    pub fn stop_serving_service_cidrs(&self) {
+        self.shared
+            .serves_service_cidrs
+            .store(false, Ordering::SeqCst);
     }
 
     /// List requests (every page counts) for resource `K`.
@@ -1561,6 +1572,9 @@ async fn dispatch(
     };
     let kind =
         Kind::from_path(&target.group, &target.version, &target.resource).ok_or_else(not_found)?;
+    if kind == Kind::ServiceCidr && !shared.serves_service_cidrs.load(Ordering::SeqCst) {
+        return Err(not_found());
+    }
     if target.subresource.is_some() || (target.namespace.is_some() && !kind.namespaced()) {
         return Err(not_found());
     }

@@ -731,3 +731,38 @@ fn api_burst_of_updates_is_coalesced() {
         Ok(())
     });
 }
+
+/// An API server that does not serve ServiceCIDRs (before Kubernetes 1.33):
+/// the agent asks once, serves the Services all the same, and does not ask
+/// again at every back-off (every node of a cluster would).
+#[test]
+fn api_without_service_cidrs_asks_once_and_serves() {
+    scenario(
+        "api_without_service_cidrs_asks_once_and_serves",
+        2,
+        &[0, 1],
+        |s| {
+            use k8s_openapi::api::networking::v1::ServiceCIDR;
+            // The agent of the scenario found them served: start another
+            // against a server that no longer serves them.
+            s.agent = None;
+            s.server.stop_serving_service_cidrs();
+            let (lists, watches) = (
+                s.server.list_count::<ServiceCIDR>(),
+                s.server.watch_count::<ServiceCIDR>(),
+            );
+            s.start_agent()?;
+            s.wait_ready()?;
+            s.check_backends(&[0, 1], 20, "without ServiceCIDRs")?;
+            // Longer than the first few back-offs of a watch that kept trying.
+            std::thread::sleep(Duration::from_secs(3));
+            let asked = s.server.list_count::<ServiceCIDR>() - lists;
+            ensure!(asked == 1, "{asked} lists of ServiceCIDRs, expected 1");
+            ensure!(
+                s.server.watch_count::<ServiceCIDR>() == watches,
+                "ServiceCIDRs watched although not served"
+            );
+            Ok(())
+        },
+    );
+}

@@ -219,7 +219,9 @@ impl ApiSource {
         let own_node = watcher::Config::default()
             .fields(&format!("metadata.name={node_name}"))
             .any_semantic();
-        let mut events = futures::stream::select_all([
+        let mut progress = Listings::default();
+        let cidrs_readable = service_cidrs_readable(&client).await;
+        let mut streams = vec![
             follow(
                 Api::<Service>::all(client.clone()),
                 proxyable.clone(),
@@ -241,16 +243,19 @@ impl ApiSource {
                 backoff,
                 Watched::Node,
             ),
-            follow(
+        ];
+        if cidrs_readable {
+            streams.push(follow(
                 Api::<ServiceCIDR>::all(client),
                 watcher::Config::default().any_semantic(),
                 writers.service_cidrs,
                 backoff,
                 Watched::ServiceCidrs,
-            ),
-        ]);
-
-        let mut progress = Listings::default();
+            ));
+        } else {
+            progress.listed[Watched::ServiceCidrs.index()] = true;
+        }
+        let mut events = futures::stream::select_all(streams);
         let mut published = false;
         while let Some(first) = events.next().await {
             // Drain what is already waiting so that a burst of events leads to
@@ -304,12 +309,7 @@ impl Listings {
                 // Nothing to wait for; the watcher keeps asking, with
                 // back-off, in case they become readable.
                 if !self.listed[i] {
-                    tracing::warn!(
-                        resource = which.name(),
-                        error = %e,
-                        "not readable (not served by this API server, or not allowed by RBAC); \
-                         no service CIDR is known, so nothing is dropped for one"
-                    );
+                    warn_service_cidrs_unreadable(&e);
                     self.listed[i] = true;
                     return true;
                 }
@@ -347,6 +347,32 @@ impl Listings {
     fn all_listed(&self) -> bool {
         self.listed.iter().all(|&l| l)
     }
+}
+
+/// Whether this agent may read ServiceCIDRs: one list of at most one. An
+/// API server that does not serve them (404: before Kubernetes 1.33, or the
+/// API off) or RBAC that forbids them (403) means no, and they are not
+/// watched at all, rather than asked for again at every back-off by every
+/// node. Any other failure (the API server not answering yet) leaves it to
+/// the watch, which retries.
+async fn service_cidrs_readable(client: &Client) -> bool {
+    let api = Api::<ServiceCIDR>::all(client.clone());
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(status)) if matches!(status.code, 403 | 404) => {
+            warn_service_cidrs_unreadable(&status);
+            false
+        }
+        _ => true,
+    }
+}
+
+fn warn_service_cidrs_unreadable(error: &dyn std::fmt::Display) {
+    tracing::warn!(
+        resource = Watched::ServiceCidrs.name(),
+        error = %error,
+        "not readable (not served by this API server, or not allowed by RBAC); \
+         no service CIDR is known, so nothing is dropped for one"
+    );
 }
 
 /// Whether the API server answered that it does not serve the resource
