@@ -145,7 +145,9 @@ fn route_remote_pods(ns: &str, v4: Ipv4Addr, v6: Ipv6Addr, dev: &str) -> anyhow:
         (REMOTE_PODS_V4, v4.to_string()),
         (REMOTE_PODS_V6, v6.to_string()),
     ] {
-        ip(&["-n", ns, "route", "add", range, "via", &via, "dev", dev])?;
+        ip(&[
+            "-n", ns, "route", "add", range, "via", &via, "dev", dev, "onlink",
+        ])?;
     }
     Ok(())
 }
@@ -843,6 +845,11 @@ fn link_named(
             &node_ip.to_string(),
             "dev",
             other_if,
+            // The gateway is the peer of a /32 or /128 address, so it is
+            // on-link; saying so skips the kernel's next-hop check, which
+            // races with the veth's carrier coming up (IPv6 answered "No
+            // route to host" now and then).
+            "onlink",
         ])?;
     }
     Ok(())
@@ -883,7 +890,7 @@ fn bridge_port(
     }
     for gateway in [POD_GATEWAY_IP.to_string(), POD_GATEWAY_IP6.to_string()] {
         ip(&[
-            "-n", o, "route", "add", "default", "via", &gateway, "dev", "eth0",
+            "-n", o, "route", "add", "default", "via", &gateway, "dev", "eth0", "onlink",
         ])?;
     }
     Ok(())
