@@ -436,29 +436,8 @@ async fn run(args: Settings) -> Result<()> {
     let (source, events) = source_of(&args, &node).await?;
     let source_task = tokio::spawn(source.run(tx));
 
-    let cfg = ModelConfig { node_name: node };
-    let network = NodeNetworkSettings {
-        nodeport_addresses: args.nodeport_addresses.clone(),
-        cluster_cidrs: args.cluster_cidr.clone(),
-        masquerade_all: args.masquerade_all,
-    };
-    let sync_opts = SyncOptions {
-        sync_period: args.sync_period,
-        min_sync_period: args.min_sync_period,
-        ..SyncOptions::default()
-    };
-    let health_checks = {
-        let health = health.clone();
-        // On every node address (kube-proxy binds them the same way); the
-        // load balancers probe the node's address.
-        HealthCheckServers::new(None, Arc::new(move || health.is_healthy()))
-    };
-    let observer = AgentObserver {
-        health,
-        metrics,
-        events,
-        health_checks: Mutex::new(health_checks),
-    };
+    let (cfg, network, sync_opts) = sync_settings(&args, node);
+    let observer = AgentObserver::new(health, metrics, events);
     // The follower sends its first list at once (or fails, which the select
     // below reports): wait for it, so the first node network is complete.
     addresses_rx.changed().await.ok();
@@ -498,6 +477,21 @@ async fn run(args: Settings) -> Result<()> {
         "exiting; the dataplane keeps serving the last table (remove it with `proxy-agent cleanup`)"
     );
     Ok(())
+}
+
+/// What the sync loop needs from the settings.
+fn sync_settings(args: &Settings, node: String) -> (ModelConfig, NodeNetworkSettings, SyncOptions) {
+    let network = NodeNetworkSettings {
+        nodeport_addresses: args.nodeport_addresses.clone(),
+        cluster_cidrs: args.cluster_cidr.clone(),
+        masquerade_all: args.masquerade_all,
+    };
+    let sync_opts = SyncOptions {
+        sync_period: args.sync_period,
+        min_sync_period: args.min_sync_period,
+        ..SyncOptions::default()
+    };
+    (ModelConfig { node_name: node }, network, sync_opts)
 }
 
 fn log_start(args: &Settings, node: &str) {
@@ -698,6 +692,23 @@ struct AgentObserver {
     events: Option<EventPublisher>,
     /// The HTTP servers of `spec.healthCheckNodePort`s.
     health_checks: Mutex<HealthCheckServers>,
+}
+
+impl AgentObserver {
+    fn new(health: Arc<Health>, metrics: Arc<Metrics>, events: Option<EventPublisher>) -> Self {
+        let health_checks = {
+            let health = health.clone();
+            // On every node address (kube-proxy binds them the same way); the
+            // load balancers probe the node's address.
+            HealthCheckServers::new(None, Arc::new(move || health.is_healthy()))
+        };
+        AgentObserver {
+            health,
+            metrics,
+            events,
+            health_checks: Mutex::new(health_checks),
+        }
+    }
 }
 
 impl SyncObserver for AgentObserver {

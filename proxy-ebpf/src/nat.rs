@@ -187,39 +187,7 @@ fn allocate_snat(
     backend: &BackendValue,
     node: &Addr,
 ) -> bool {
-    let (mut min, mut max, low_min, low_max) = match config() {
-        Some(c) => (
-            c.snat_port_min as u32,
-            c.snat_port_max as u32,
-            c.snat_low_min as u32,
-            c.snat_low_max as u32,
-        ),
-        None => (
-            SNAT_PORT_MIN as u32,
-            SNAT_PORT_MAX as u32,
-            SNAT_LOW_PORT_MIN as u32,
-            SNAT_LOW_PORT_MAX as u32,
-        ),
-    };
-    if min == 0 || max < min {
-        min = SNAT_PORT_MIN as u32;
-        max = SNAT_PORT_MAX as u32;
-    }
-    // Offsets below `low` fall in the low range, the rest in the high one.
-    let low = if low_min != 0 && low_max >= low_min {
-        low_max - low_min + 1
-    } else {
-        0
-    };
-    // One range is chosen, in proportion to its size, before the loop: a
-    // choice per attempt would double the verifier's paths at each one.
-    let high = max - min + 1;
-    let pick = random().checked_rem(high + low).unwrap_or(0);
-    let (base, span, start) = if pick < low {
-        (low_min, low, pick)
-    } else {
-        (min, high, pick - low)
-    };
+    let (base, span, start) = snat_port_window();
     scratch.key = CtKey {
         src: backend.addr,
         dst: *node,
@@ -263,6 +231,45 @@ fn allocate_snat(
         i += 1;
     }
     false
+}
+
+/// The port range a new masqueraded flow searches, and where it starts:
+/// `(first port, number of ports, offset of the first attempt)`.
+#[inline(always)]
+fn snat_port_window() -> (u32, u32, u32) {
+    let (mut min, mut max, low_min, low_max) = match config() {
+        Some(c) => (
+            c.snat_port_min as u32,
+            c.snat_port_max as u32,
+            c.snat_low_min as u32,
+            c.snat_low_max as u32,
+        ),
+        None => (
+            SNAT_PORT_MIN as u32,
+            SNAT_PORT_MAX as u32,
+            SNAT_LOW_PORT_MIN as u32,
+            SNAT_LOW_PORT_MAX as u32,
+        ),
+    };
+    if min == 0 || max < min {
+        min = SNAT_PORT_MIN as u32;
+        max = SNAT_PORT_MAX as u32;
+    }
+    // Offsets below `low` fall in the low range, the rest in the high one.
+    let low = if low_min != 0 && low_max >= low_min {
+        low_max - low_min + 1
+    } else {
+        0
+    };
+    // One range is chosen, in proportion to its size, before the loop: a
+    // choice per attempt would double the verifier's paths at each one.
+    let high = max - min + 1;
+    let pick = random().checked_rem(high + low).unwrap_or(0);
+    if pick < low {
+        (low_min, low, pick)
+    } else {
+        (min, high, pick - low)
+    }
 }
 
 /// Claims the masquerade tuple `scratch.key` for the flow in

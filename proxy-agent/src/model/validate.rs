@@ -300,13 +300,7 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
         external_local && (has_node_ports || spec.external_ips.iter().flatten().next().is_some());
     let health_check_node_port = match spec.health_check_node_port {
         Some(number) if has_node_ports && external_local => {
-            let port = parse_port(number);
-            if port.is_none() {
-                reasons.push(format!(
-                    "spec.healthCheckNodePort: {number} is outside 1..=65535"
-                ));
-            }
-            port
+            check_health_check_node_port(number, &mut reasons)
         }
         _ => None,
     };
@@ -328,6 +322,16 @@ pub(super) fn check_service(svc: &Service) -> ServiceCheck {
         topology,
     };
     into_check(reasons, Some(plan))
+}
+
+fn check_health_check_node_port(number: i32, reasons: &mut Vec<String>) -> Option<u16> {
+    let port = parse_port(number);
+    if port.is_none() {
+        reasons.push(format!(
+            "spec.healthCheckNodePort: {number} is outside 1..=65535"
+        ));
+    }
+    port
 }
 
 /// The spec and cluster IP fields of a Service this proxy serves; `None`

@@ -213,48 +213,12 @@ impl ApiSource {
             writers,
             backoff,
         } = self;
-        let proxyable = watcher::Config::default()
-            .labels(PROXYABLE_SELECTOR)
-            .any_semantic();
-        let own_node = watcher::Config::default()
-            .fields(&format!("metadata.name={node_name}"))
-            .any_semantic();
         let mut progress = Listings::default();
         let cidrs_readable = service_cidrs_readable(&client).await;
-        let mut streams = vec![
-            follow(
-                Api::<Service>::all(client.clone()),
-                proxyable.clone(),
-                writers.services,
-                backoff,
-                Watched::Services,
-            ),
-            follow(
-                Api::<EndpointSlice>::all(client.clone()),
-                proxyable,
-                writers.endpoint_slices,
-                backoff,
-                Watched::EndpointSlices,
-            ),
-            follow(
-                Api::<Node>::all(client.clone()),
-                own_node,
-                writers.nodes,
-                backoff,
-                Watched::Node,
-            ),
-        ];
-        if cidrs_readable {
-            streams.push(follow(
-                Api::<ServiceCIDR>::all(client),
-                watcher::Config::default().any_semantic(),
-                writers.service_cidrs,
-                backoff,
-                Watched::ServiceCidrs,
-            ));
-        } else {
+        if !cidrs_readable {
             progress.listed[Watched::ServiceCidrs.index()] = true;
         }
+        let streams = follow_all(client, &node_name, writers, backoff, cidrs_readable);
         let mut events = futures::stream::select_all(streams);
         let mut published = false;
         while let Some(first) = events.next().await {
@@ -270,15 +234,7 @@ impl ApiSource {
                 continue;
             }
             if !published {
-                tracing::info!(
-                    services = stores.services.len(),
-                    endpoint_slices = stores.endpoint_slices.len(),
-                    node_found = !stores.nodes.is_empty(),
-                    "all resources listed; publishing the first state"
-                );
-                if stores.nodes.is_empty() {
-                    tracing::warn!(node = %node_name, "no Node object with this name: check --hostname-override / NODE_NAME");
-                }
+                log_first_state(&stores, &node_name);
                 published = true;
             }
             if tx.send(Some(Arc::new(snapshot(&stores)))).is_err() {
@@ -289,6 +245,68 @@ impl ApiSource {
         // select_all ends only when every watcher stream ends, which they
         // never do on their own.
         Err(SourceError::Ended)
+    }
+}
+
+/// One watch stream per resource: proxyable Services and EndpointSlices,
+/// this node's Node, and the ServiceCIDRs when the API serves them to us.
+fn follow_all(
+    client: Client,
+    node_name: &str,
+    writers: Writers,
+    backoff: BackoffSettings,
+    cidrs_readable: bool,
+) -> Vec<BoxStream<'static, (Watched, Progress)>> {
+    let proxyable = watcher::Config::default()
+        .labels(PROXYABLE_SELECTOR)
+        .any_semantic();
+    let own_node = watcher::Config::default()
+        .fields(&format!("metadata.name={node_name}"))
+        .any_semantic();
+    let mut streams = vec![
+        follow(
+            Api::<Service>::all(client.clone()),
+            proxyable.clone(),
+            writers.services,
+            backoff,
+            Watched::Services,
+        ),
+        follow(
+            Api::<EndpointSlice>::all(client.clone()),
+            proxyable,
+            writers.endpoint_slices,
+            backoff,
+            Watched::EndpointSlices,
+        ),
+        follow(
+            Api::<Node>::all(client.clone()),
+            own_node,
+            writers.nodes,
+            backoff,
+            Watched::Node,
+        ),
+    ];
+    if cidrs_readable {
+        streams.push(follow(
+            Api::<ServiceCIDR>::all(client),
+            watcher::Config::default().any_semantic(),
+            writers.service_cidrs,
+            backoff,
+            Watched::ServiceCidrs,
+        ));
+    }
+    streams
+}
+
+fn log_first_state(stores: &Stores, node_name: &str) {
+    tracing::info!(
+        services = stores.services.len(),
+        endpoint_slices = stores.endpoint_slices.len(),
+        node_found = !stores.nodes.is_empty(),
+        "all resources listed; publishing the first state"
+    );
+    if stores.nodes.is_empty() {
+        tracing::warn!(node = %node_name, "no Node object with this name: check --hostname-override / NODE_NAME");
     }
 }
 
