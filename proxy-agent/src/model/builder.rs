@@ -562,14 +562,139 @@ fn service_plans(services: &[Arc<Service>], rejections: &mut Vec<Rejection>) -> 
 mod tests {
     use std::collections::BTreeMap;
 
-    use k8s_openapi::api::core::v1::ServiceSpec;
+    use k8s_openapi::api::{
+        core::v1::{LoadBalancerIngress, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort},
+    };
 
     use super::super::test_support::*;
     use super::super::validate::{TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION};
     use super::*;
+    use Want::{Backends, Frontends, Health};
 
-    fn build(services: Vec<Service>, slices: Vec<EndpointSlice>) -> BuildOutput {
-        build_table(&state(services, slices), &config())
+    /// One row: a cluster state, this agent's config, and what building them
+    /// gives. Every row is also built with each list reversed, and with all
+    /// three reversed, which must give the same output; and its rejections
+    /// must come sorted.
+    struct Case {
+        name: &'static str,
+        config: ModelConfig,
+        nodes: Vec<Node>,
+        services: Vec<Service>,
+        slices: Vec<EndpointSlice>,
+        /// Every rejection, as `reasons` spells them.
+        reasons: &'static [&'static str],
+        want: Want,
+    }
+
+    /// What a row expects besides its rejections (and no ServiceCIDR ranges).
+    enum Want {
+        /// Every frontend, as `render` spells them, and no health check.
+        Frontends(&'static [&'static str]),
+        /// The backends (on port 8080) of every frontend, of which
+        /// 10.0.0.1:80/TCP is one, and no health check.
+        Backends(&'static [&'static str]),
+        /// Every health check node port, as `render_health` spells them.
+        Health(&'static [&'static str]),
+    }
+
+    impl Case {
+        /// On node-a, without objects; expects nothing at all until told.
+        fn new(name: &'static str) -> Case {
+            Case {
+                name,
+                config: config(),
+                nodes: vec![],
+                services: vec![],
+                slices: vec![],
+                reasons: &[],
+                want: Frontends(&[]),
+            }
+        }
+
+        fn no_node_name(self) -> Case {
+            let config = ModelConfig::default();
+            Case { config, ..self }
+        }
+
+        fn nodes(self, nodes: impl IntoIterator<Item = Node>) -> Case {
+            let nodes = nodes.into_iter().collect();
+            Case { nodes, ..self }
+        }
+
+        fn services(self, services: impl IntoIterator<Item = Service>) -> Case {
+            let services = services.into_iter().collect();
+            Case { services, ..self }
+        }
+
+        fn slices(self, slices: impl IntoIterator<Item = EndpointSlice>) -> Case {
+            let slices = slices.into_iter().collect();
+            Case { slices, ..self }
+        }
+
+        fn reasons(self, reasons: &'static [&'static str]) -> Case {
+            Case { reasons, ..self }
+        }
+
+        fn frontends(self, want: &'static [&'static str]) -> Case {
+            let want = Frontends(want);
+            Case { want, ..self }
+        }
+
+        fn backends(self, want: &'static [&'static str]) -> Case {
+            let want = Backends(want);
+            Case { want, ..self }
+        }
+
+        fn health(self, want: &'static [&'static str]) -> Case {
+            let want = Health(want);
+            Case { want, ..self }
+        }
+    }
+
+    fn run(cases: Vec<Case>) {
+        for case in cases {
+            let name = case.name;
+            let build = |nodes, services, slices| {
+                build_table(&ClusterState::new(services, slices, nodes), &case.config)
+            };
+            let output = build(
+                case.nodes.clone(),
+                case.services.clone(),
+                case.slices.clone(),
+            );
+            // Which of nodes, services and slices to reverse.
+            for flips in [
+                [true, false, false],
+                [false, true, false],
+                [false, false, true],
+                [true, true, true],
+            ] {
+                let again = build(
+                    reversed_if(flips[0], &case.nodes),
+                    reversed_if(flips[1], &case.services),
+                    reversed_if(flips[2], &case.slices),
+                );
+                assert_eq!(again, output, "{name}: reversed {flips:?}");
+            }
+            assert!(output.rejections.is_sorted(), "{name}");
+            assert_eq!(reasons(&output), case.reasons, "{name}");
+            assert!(output.service_cidrs.is_empty(), "{name}");
+            match case.want {
+                Frontends(want) => assert_eq!(render(&output), want, "{name}"),
+                Backends(want) => {
+                    let want: Vec<Backend> = want.iter().map(|a| backend(a, 8080)).collect();
+                    assert!(output.table.get(&key("10.0.0.1", 80)).is_some(), "{name}");
+                    for (frontend, found) in output.table.iter() {
+                        assert_eq!(found.backends, want, "{name}: {frontend:?}");
+                    }
+                }
+                Health(want) => assert_eq!(render_health(&output), want, "{name}"),
+            }
+            if !matches!(case.want, Health(_)) {
+                assert!(output.health_check_node_ports.is_empty(), "{name}");
+            }
+        }
     }
 
     fn reasons(output: &BuildOutput) -> Vec<String> {
@@ -580,1321 +705,960 @@ mod tests {
             .collect()
     }
 
-    fn backends_of(output: &BuildOutput, frontend: FrontendKey) -> Vec<Backend> {
-        match output.table.get(&frontend) {
-            Some(found) => found.backends.clone(),
-            None => panic!("no frontend {frontend:?} in {:?}", output.table),
+    /// Each frontend on one line: `address/protocol Kind namespace/name`,
+    /// then what is set of `:port-name`, `local`, `affinity Ns`, `from`
+    /// source ranges, `-> backends` and `; cluster -> backends`.
+    fn render(output: &BuildOutput) -> Vec<String> {
+        fn join<T: ToString>(items: impl Iterator<Item = T>) -> String {
+            let items: Vec<String> = items.map(|item| item.to_string()).collect();
+            items.join(", ")
         }
-    }
-
-    fn keys(output: &BuildOutput) -> Vec<FrontendKey> {
-        output.table.iter().map(|(k, _)| *k).collect()
-    }
-
-    #[test]
-    fn empty_state_gives_empty_table() {
-        let output = build_table(&ClusterState::default(), &ModelConfig::default());
-        assert_eq!(output, BuildOutput::default());
-    }
-
-    #[test]
-    fn one_cluster_ip_frontend_per_port() {
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1"],
-            &[
-                service_port("http", 80, "TCP"),
-                service_port("dns", 53, "UDP"),
-                service_port("sig", 9000, "SCTP"),
-            ],
-        );
-        let output = build(vec![svc], vec![]);
-        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-        assert_eq!(
-            keys(&output),
-            vec![
-                key_proto("10.0.0.1", 53, Protocol::Udp),
-                key_proto("10.0.0.1", 80, Protocol::Tcp),
-                key_proto("10.0.0.1", 9000, Protocol::Sctp),
-            ]
-        );
-        let http = output.table.get(&key("10.0.0.1", 80));
-        assert_eq!(
-            http,
-            Some(&Frontend {
-                service: ServiceName {
-                    namespace: "ns".into(),
-                    name: "web".into()
-                },
-                port_name: "http".into(),
-                kind: FrontendKind::ClusterIp,
-                backends: vec![],
-                cluster_backends: vec![],
-                policy: FrontendPolicy::default(),
-            })
-        );
-    }
-
-    #[test]
-    fn absent_protocol_is_tcp() {
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], vec![]);
-        assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
-    }
-
-    #[test]
-    fn dual_stack_gets_one_frontend_per_cluster_ip() {
-        let mut svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1", "fd00::1"],
-            &[service_port("", 80, "TCP")],
-        );
-        if let Some(spec) = svc.spec.as_mut() {
-            spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
-        }
-        let output = build(vec![svc], vec![]);
-        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-        assert_eq!(keys(&output), vec![key("10.0.0.1", 80), key("fd00::1", 80)]);
-    }
-
-    #[test]
-    fn cluster_ip_is_used_when_cluster_ips_is_empty() {
-        for cluster_ips in [None, Some(vec![])] {
-            let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
-            if let Some(spec) = svc.spec.as_mut() {
-                spec.cluster_ips = cluster_ips;
+        let backends = |list: &[Backend]| join(list.iter().map(|b| SocketAddr::new(b.ip, b.port)));
+        let render = |key: &FrontendKey, f: &Frontend| {
+            let address = SocketAddr::new(key.ip, key.port);
+            let mut line = format!("{address}/{} {:?} {}", key.protocol, f.kind, f.service);
+            if !f.port_name.is_empty() {
+                line += &format!(":{}", f.port_name);
             }
-            let output = build(vec![svc], vec![]);
-            assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
-            assert!(output.rejections.is_empty());
-        }
+            if f.policy.local_only {
+                line += " local";
+            }
+            if let Some(secs) = f.policy.affinity_timeout_secs {
+                line += &format!(" affinity {secs}s");
+            }
+            if !f.policy.source_ranges.is_empty() {
+                line += &format!(" from {}", join(f.policy.source_ranges.iter()));
+            }
+            if !f.backends.is_empty() {
+                line += &format!(" -> {}", backends(&f.backends));
+            }
+            if !f.cluster_backends.is_empty() {
+                line += &format!("; cluster -> {}", backends(&f.cluster_backends));
+            }
+            line
+        };
+        output.table.iter().map(|(k, f)| render(k, f)).collect()
     }
 
-    /// Rows: (what, the Services): each is left alone on purpose, as
-    /// kube-proxy leaves it, and nothing is rejected either.
-    #[test]
-    fn services_this_proxy_leaves_alone() {
-        let with_spec = |name: &str, edit: &dyn Fn(&mut Service)| {
-            let mut svc = simple_service("ns", name, "10.0.0.1", 80);
-            edit(&mut svc);
-            svc
+    fn render_health(output: &BuildOutput) -> Vec<String> {
+        let checks = output.health_check_node_ports.iter();
+        let render = |(name, check): (&ServiceName, &HealthCheck)| {
+            format!(
+                "{name}: port {}, {} local",
+                check.port, check.local_endpoints
+            )
         };
-        let rows: Vec<(&str, Vec<Service>, Vec<EndpointSlice>)> = vec![
-            (
-                "headless",
-                vec![simple_service("ns", "headless", "None", 80)],
-                vec![simple_slice(
+        checks.map(render).collect()
+    }
+
+    fn reversed_if<T: Clone>(reverse: bool, list: &[T]) -> Vec<T> {
+        let mut list = list.to_vec();
+        if reverse {
+            list.reverse();
+        }
+        list
+    }
+
+    /// `svc` with `edit` applied to its spec.
+    fn with(mut svc: Service, edit: impl FnOnce(&mut ServiceSpec)) -> Service {
+        edit(spec_mut(&mut svc));
+        svc
+    }
+
+    fn with_ingress(mut svc: Service, ingress: Vec<LoadBalancerIngress>) -> Service {
+        set_ingress(&mut svc, ingress);
+        svc
+    }
+
+    fn list(items: &[&str]) -> Option<Vec<String>> {
+        Some(items.iter().map(|item| (*item).to_owned()).collect())
+    }
+
+    /// ns/web: 10.0.0.1, one unnamed TCP port, 80.
+    fn web() -> Service {
+        simple_service("ns", "web", "10.0.0.1", 80)
+    }
+
+    /// ns/web at 10.0.0.1 with `ports`.
+    fn web_ports(ports: &[ServicePort]) -> Service {
+        service("ns", "web", &["10.0.0.1"], ports)
+    }
+
+    /// `web()` of `type_`, with node port 30080.
+    fn typed(type_: &str) -> Service {
+        typed_service("ns", "web", type_, "10.0.0.1", 80, 30080)
+    }
+
+    /// An IPv4 slice of ns/web.
+    fn ipv4_slice(name: &str, ports: &[EndpointPort], endpoints: &[Endpoint]) -> EndpointSlice {
+        slice("ns", name, "web", "IPv4", ports, endpoints)
+    }
+
+    /// An IPv4 slice of ns/web with one unnamed TCP port, 8080.
+    fn web_slice_named(name: &str, endpoints: &[Endpoint]) -> EndpointSlice {
+        ipv4_slice(name, &[slice_port("", 8080, "")], endpoints)
+    }
+
+    fn web_slice(endpoints: &[Endpoint]) -> EndpointSlice {
+        web_slice_named("web-1", endpoints)
+    }
+
+    fn web_v6_slice() -> EndpointSlice {
+        let port = [slice_port("", 8080, "")];
+        slice("ns", "web-v6", "web", "IPv6", &port, &[endpoint("fd01::1")])
+    }
+
+    /// `web()`'s frontend, without backends and with 10.1.0.1:8080.
+    const WEB: &str = "10.0.0.1:80/TCP ClusterIp ns/web";
+    const WEB_1: &str = "10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.1:8080";
+
+    /// Nodes for this agent on node-a, in zone-1.
+    fn zone_1() -> Vec<Node> {
+        vec![
+            node_in_zone("node-a", "zone-1"),
+            node_in_zone("node-b", "zone-2"),
+        ]
+    }
+
+    /// A NodePort Service (Cluster policies) with `trafficDistribution`.
+    fn distributed(distribution: &str) -> Service {
+        with(typed("NodePort"), |s| {
+            s.traffic_distribution = Some(distribution.into())
+        })
+    }
+
+    fn annotated(annotations: &[(&str, &str)]) -> Service {
+        let mut svc = web();
+        svc.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        );
+        svc
+    }
+
+    fn ready_in(address: &str, zones: &[&str]) -> Endpoint {
+        for_zones(endpoint(address), zones)
+    }
+
+    /// 10.1.0.1 and 10.1.0.3 are meant for zone-1, 10.1.0.2 for zone-2.
+    fn hinted() -> Vec<Endpoint> {
+        vec![
+            ready_in("10.1.0.1", &["zone-1"]),
+            ready_in("10.1.0.2", &["zone-2"]),
+            ready_in("10.1.0.3", &["zone-3", "zone-1"]),
+        ]
+    }
+
+    /// One slice of the `hinted` endpoints and `extra`.
+    fn hinted_plus(extra: &[Endpoint]) -> [EndpointSlice; 1] {
+        [web_slice(&[hinted(), extra.to_vec()].concat())]
+    }
+
+    const ALL: &[&str] = &["10.1.0.1", "10.1.0.2", "10.1.0.3"];
+    const SAME_ZONE: &[&str] = &["10.1.0.1", "10.1.0.3"];
+
+    /// On node-a in zone-1 (`zone_1`): a PreferClose NodePort Service with
+    /// the `hinted` endpoints.
+    fn on_zone_1(name: &'static str) -> Case {
+        Case::new(name)
+            .nodes(zone_1())
+            .services([distributed("PreferClose")])
+            .slices([web_slice(&hinted())])
+    }
+
+    /// Which frontends Services get; and the Services left alone on purpose,
+    /// as kube-proxy leaves them, and not rejected either.
+    #[test]
+    fn frontends_of_services() {
+        run(vec![
+            Case::new("empty state, no node name").no_node_name(),
+            Case::new("one ClusterIP frontend per port")
+                .services([web_ports(&[
+                    service_port("http", 80, "TCP"),
+                    service_port("dns", 53, "UDP"),
+                    service_port("sig", 9000, "SCTP"),
+                ])])
+                .frontends(&[
+                    "10.0.0.1:53/UDP ClusterIp ns/web:dns",
+                    "10.0.0.1:80/TCP ClusterIp ns/web:http",
+                    "10.0.0.1:9000/SCTP ClusterIp ns/web:sig",
+                ]),
+            Case::new("an absent protocol is TCP")
+                .services([web()])
+                .frontends(&[WEB]),
+            Case::new("dual-stack: one frontend per cluster IP")
+                .services([with(
+                    service(
+                        "ns",
+                        "web",
+                        &["10.0.0.1", "fd00::1"],
+                        &[service_port("", 80, "TCP")],
+                    ),
+                    |s| s.ip_families = list(&["IPv4", "IPv6"]),
+                )])
+                .frontends(&[WEB, "[fd00::1]:80/TCP ClusterIp ns/web"]),
+            Case::new("clusterIP is used when clusterIPs is absent")
+                .services([with(web(), |s| s.cluster_ips = None)])
+                .frontends(&[WEB]),
+            Case::new("clusterIP is used when clusterIPs is empty")
+                .services([with(web(), |s| s.cluster_ips = Some(vec![]))])
+                .frontends(&[WEB]),
+            Case::new("left alone: headless")
+                .services([simple_service("ns", "headless", "None", 80)])
+                .slices([simple_slice(
                     "ns",
                     "headless-1",
                     "headless",
                     8080,
                     &["10.1.0.1"],
-                )],
-            ),
-            (
-                "ExternalName",
-                vec![with_spec("ext", &|svc| {
-                    let spec = spec_mut(svc);
-                    spec.type_ = Some("ExternalName".into());
-                    spec.external_name = Some("example.com".into());
-                })],
-                vec![],
-            ),
-            (
-                "no spec, an empty spec, no cluster IP allocated yet",
-                vec![
-                    with_spec("a", &|svc| svc.spec = None),
-                    with_spec("b", &|svc| svc.spec = Some(ServiceSpec::default())),
+                )]),
+            Case::new("left alone: ExternalName").services([with(
+                simple_service("ns", "ext", "10.0.0.1", 80),
+                |s| {
+                    s.type_ = Some("ExternalName".into());
+                    s.external_name = Some("example.com".into());
+                },
+            )]),
+            Case::new("left alone: no spec, an empty spec, no cluster IP allocated yet").services(
+                [
+                    Service {
+                        spec: None,
+                        ..simple_service("ns", "a", "10.0.0.1", 80)
+                    },
+                    Service {
+                        spec: Some(ServiceSpec::default()),
+                        ..simple_service("ns", "b", "10.0.0.1", 80)
+                    },
                     simple_service("ns", "c", "", 80),
                 ],
-                vec![],
             ),
-            (
-                // Even a broken one: its owner judges it.
-                "another proxy's",
-                vec![{
-                    let mut svc = simple_service("ns", "other", "not-an-ip", 80);
-                    svc.metadata.labels = Some(BTreeMap::from([(
-                        "service.kubernetes.io/service-proxy-name".into(),
-                        String::new(),
-                    )]));
-                    svc
-                }],
-                vec![],
-            ),
-        ];
-        for (what, services, slices) in rows {
-            assert_eq!(build(services, slices), BuildOutput::default(), "{what}");
-        }
+            // Even a broken one: its owner judges it.
+            Case::new("left alone: another proxy's").services([{
+                let mut svc = simple_service("ns", "other", "not-an-ip", 80);
+                svc.metadata.labels = Some(BTreeMap::from([(
+                    "service.kubernetes.io/service-proxy-name".into(),
+                    String::new(),
+                )]));
+                svc
+            }]),
+            Case::new("NodePort: a node port frontend per family")
+                .services([with(
+                    service(
+                        "ns",
+                        "web",
+                        &["10.0.0.1", "fd00::1"],
+                        &[with_node_port(service_port("", 80, ""), 30080)],
+                    ),
+                    |s| s.type_ = Some("NodePort".into()),
+                )])
+                .slices([web_slice(&[endpoint("10.1.0.1")]), web_v6_slice()])
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/web -> 10.1.0.1:8080",
+                    WEB_1,
+                    "[::]:30080/TCP NodePort ns/web -> [fd01::1]:8080",
+                    "[fd00::1]:80/TCP ClusterIp ns/web -> [fd01::1]:8080",
+                ]),
+            Case::new("no node port frontend for a ClusterIP Service or an unallocated one")
+                .services([
+                    with(
+                        typed_service("ns", "a", "ClusterIP", "10.0.0.1", 80, 30080),
+                        |s| s.type_ = None,
+                    ),
+                    with(
+                        typed_service("ns", "b", "LoadBalancer", "10.0.0.2", 80, 0),
+                        |s| {
+                            s.allocate_load_balancer_node_ports = Some(false);
+                            s.ports = Some(vec![service_port("", 80, "")]);
+                        },
+                    ),
+                ])
+                .frontends(&[
+                    "10.0.0.1:80/TCP ClusterIp ns/a",
+                    "10.0.0.2:80/TCP ClusterIp ns/b",
+                ]),
+            Case::new("externalIPs get frontends and bad ones are rejected alone")
+                .services([with(web(), |s| {
+                    s.external_ips =
+                        list(&["192.0.2.1", "2001:db8::1", "nope", "0.0.0.0", "192.0.2.2"])
+                })])
+                .slices([web_slice(&[endpoint("10.1.0.1")])])
+                .reasons(&[
+                    "Service ns/web: spec.externalIPs[1]: \"2001:db8::1\" is IPv6, which is not a \
+                     family of the Service's cluster IPs",
+                    "Service ns/web: spec.externalIPs[2]: \"nope\" is not an IP address",
+                    "Service ns/web: spec.externalIPs[3]: \"0.0.0.0\" is the unspecified address",
+                ])
+                .frontends(&[
+                    WEB_1,
+                    "192.0.2.1:80/TCP ExternalIp ns/web -> 10.1.0.1:8080",
+                    "192.0.2.2:80/TCP ExternalIp ns/web -> 10.1.0.1:8080",
+                ]),
+            Case::new("load balancer ingress IPs get frontends like kube-proxy")
+                .services([with_ingress(
+                    typed("LoadBalancer"),
+                    vec![
+                        lb_ingress("192.0.2.10", "", ""),
+                        lb_ingress("", "lb.example.com", ""),
+                        lb_ingress("192.0.2.11", "", "Proxy"),
+                        lb_ingress("192.0.2.12", "", "VIP"),
+                        lb_ingress("192.0.2.300", "", ""),
+                        lb_ingress("fd02::1", "", ""),
+                    ],
+                )])
+                .slices([web_slice(&[endpoint("10.1.0.1")])])
+                .reasons(&[
+                    "Service ns/web: status.loadBalancer.ingress[4].ip: \"192.0.2.300\" is not an \
+                     IP address",
+                    "Service ns/web: status.loadBalancer.ingress[5].ip: \"fd02::1\" is IPv6, which \
+                     is not a family of the Service's cluster IPs",
+                ])
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/web -> 10.1.0.1:8080",
+                    WEB_1,
+                    "192.0.2.10:80/TCP LoadBalancer ns/web -> 10.1.0.1:8080",
+                    "192.0.2.12:80/TCP LoadBalancer ns/web -> 10.1.0.1:8080",
+                ]),
+            Case::new("load balancer status of other types is ignored")
+                .services([with_ingress(web(), vec![lb_ingress("192.0.2.10", "", "")])])
+                .frontends(&[WEB]),
+            Case::new("source ranges apply to load balancer frontends only")
+                .services([with_ingress(
+                    with(typed("LoadBalancer"), |s| {
+                        s.external_ips = list(&["192.0.2.1"]);
+                        s.load_balancer_source_ranges =
+                            list(&[" 203.0.113.0/24 ", "not-a-cidr", "198.51.100.7/16"]);
+                    }),
+                    vec![lb_ingress("192.0.2.10", "", "")],
+                )])
+                .reasons(&[
+                    "Service ns/web: spec.loadBalancerSourceRanges[1]: \"not-a-cidr\" is not a \
+                     CIDR",
+                ])
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/web",
+                    WEB,
+                    "192.0.2.1:80/TCP ExternalIp ns/web",
+                    "192.0.2.10:80/TCP LoadBalancer ns/web from 198.51.0.0/16, 203.0.113.0/24",
+                ]),
+            Case::new("all invalid source ranges leave the load balancer frontends out")
+                .services([with_ingress(
+                    with(typed("LoadBalancer"), |s| {
+                        s.load_balancer_source_ranges = list(&["bad"])
+                    }),
+                    vec![lb_ingress("192.0.2.10", "", "")],
+                )])
+                .reasons(&[
+                    "Service ns/web: spec.loadBalancerSourceRanges: no valid range; the load \
+                     balancer addresses are left out rather than opened to every source",
+                    "Service ns/web: spec.loadBalancerSourceRanges[0]: \"bad\" is not a CIDR",
+                ])
+                .frontends(&["0.0.0.0:30080/TCP NodePort ns/web", WEB]),
+            Case::new("legacy IPv4 with leading zeros is read as decimal")
+                .services([simple_service("ns", "web", "010.000.000.001", 80)])
+                .slices([simple_slice(
+                    "ns",
+                    "web-1",
+                    "web",
+                    8080,
+                    &["010.001.000.010"],
+                )])
+                .frontends(&["10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.10:8080"]),
+            // Objects the API server accepted before it tightened validation
+            // spell IPv4 octets with leading zeros; kube-proxy reads them as
+            // the plain (decimal) address, everywhere an address or range is
+            // given.
+            Case::new("leading zeros are read as the plain address everywhere")
+                .services([with_ingress(
+                    with(
+                        typed_service("ns", "web", "LoadBalancer", "172.30.0.041", 80, 30080),
+                        |s| {
+                            s.cluster_ips = list(&["172.30.0.041"]);
+                            s.external_ips = list(&["192.0.002.1"]);
+                            s.load_balancer_source_ranges = list(&["203.0.113.000/24"]);
+                        },
+                    ),
+                    vec![lb_ingress("192.0.2.010", "", "")],
+                )])
+                .slices([ipv4_slice(
+                    "web-1",
+                    &[slice_port("", 8080, "TCP")],
+                    &[endpoint("10.001.0.1")],
+                )])
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/web -> 10.1.0.1:8080",
+                    "172.30.0.41:80/TCP ClusterIp ns/web -> 10.1.0.1:8080",
+                    "192.0.2.1:80/TCP ExternalIp ns/web -> 10.1.0.1:8080",
+                    "192.0.2.10:80/TCP LoadBalancer ns/web from 203.0.113.0/24 -> 10.1.0.1:8080",
+                ]),
+            Case::new("IPv4-mapped IPv6 counts as IPv4")
+                .services([simple_service("ns", "web", "::ffff:10.0.0.1", 80)])
+                .slices([simple_slice(
+                    "ns",
+                    "web-1",
+                    "web",
+                    8080,
+                    &["::ffff:10.1.0.1"],
+                )])
+                .frontends(&[WEB_1]),
+        ]);
     }
 
-    /// Rows: (the Services, the reasons): cluster IPs or families the API
-    /// server would refuse reject the whole Service.
+    /// Broken Services, or broken parts of them: what is left out, and why.
     #[test]
-    fn bad_cluster_ips_or_families_reject_the_service() {
+    fn rejected_services() {
         let families = |ips: &[&str], families: &[&str]| {
-            let mut svc = service("ns", "web", ips, &[service_port("", 80, "")]);
-            spec_mut(&mut svc).ip_families = Some(families.iter().map(|f| f.to_string()).collect());
-            svc
+            let svc = service("ns", "web", ips, &[service_port("", 80, "")]);
+            with(svc, |s| s.ip_families = list(families))
         };
-        let rows: Vec<(Vec<Service>, Vec<&str>)> = vec![
-            (
-                vec![families(&["10.0.0.1"], &["IPv4", "IPX"])],
-                vec!["Service ns/web: spec.ipFamilies[1]: \"IPX\" is not IPv4 or IPv6"],
-            ),
-            (
-                vec![service(
+        let unnamed_port = [service_port("", 80, "")];
+        let named = |name: &str| simple_service("ns", name, "10.0.0.1", 80);
+        run(vec![
+            Case::new("unknown IP family")
+                .services([families(&["10.0.0.1"], &["IPv4", "IPX"])])
+                .reasons(&["Service ns/web: spec.ipFamilies[1]: \"IPX\" is not IPv4 or IPv6"]),
+            Case::new("two cluster IPs of one family")
+                .services([service(
                     "ns",
                     "web",
                     &["10.0.0.1", "10.0.0.2"],
-                    &[service_port("", 80, "")],
-                )],
-                vec![
+                    &unnamed_port,
+                )])
+                .reasons(&[
                     "Service ns/web: spec.clusterIPs[1]: \"10.0.0.2\" is a second IPv4 address (at \
                      most one per family)",
-                ],
-            ),
-            (
-                vec![families(&["10.0.0.1", "fd00::1"], &["IPv4"])],
-                vec![
-                    "Service ns/web: spec.clusterIPs[1]: \"fd00::1\" is IPv6, which spec.ipFamilies \
-                     does not list",
-                ],
-            ),
-            (
-                vec![
+                ]),
+            Case::new("a cluster IP of a family ipFamilies does not list")
+                .services([families(&["10.0.0.1", "fd00::1"], &["IPv4"])])
+                .reasons(&[
+                    "Service ns/web: spec.clusterIPs[1]: \"fd00::1\" is IPv6, which \
+                     spec.ipFamilies does not list",
+                ]),
+            Case::new("unspecified cluster IPs")
+                .services([
                     simple_service("ns", "v4", "0.0.0.0", 80),
                     simple_service("ns", "v6", "::", 80),
-                ],
-                vec![
+                ])
+                .reasons(&[
                     "Service ns/v4: spec.clusterIPs[0]: \"0.0.0.0\" is the unspecified address",
                     "Service ns/v6: spec.clusterIPs[0]: \"::\" is the unspecified address",
-                ],
-            ),
-        ];
-        for (services, expected) in rows {
-            let output = build(services, vec![]);
-            assert!(output.table.is_empty(), "{expected:?}");
-            assert_eq!(reasons(&output), expected);
-        }
+                ]),
+            Case::new("an unparsable cluster IP rejects only that Service")
+                .services([
+                    service("ns", "broken", &["10.0.0.2", "10.0.0.300"], &unnamed_port),
+                    simple_service("ns", "fine", "10.0.0.1", 80),
+                ])
+                .slices([simple_slice("ns", "fine-1", "fine", 8080, &["10.1.0.1"])])
+                .reasons(&[
+                    "Service ns/broken: spec.clusterIPs[1]: \"10.0.0.300\" is not an IP address",
+                ])
+                .frontends(&["10.0.0.1:80/TCP ClusterIp ns/fine -> 10.1.0.1:8080"]),
+            Case::new("an unparsable fallback cluster IP names the clusterIP field")
+                .services([with(simple_service("ns", "web", "nope", 80), |s| {
+                    s.cluster_ips = None
+                })])
+                .reasons(&["Service ns/web: spec.clusterIP: \"nope\" is not an IP address"]),
+            Case::new("None as a secondary cluster IP")
+                .services([service("ns", "web", &["10.0.0.1", "None"], &unnamed_port)])
+                .reasons(&["Service ns/web: spec.clusterIPs[1]: \"None\" is not an IP address"]),
+            Case::new("clusterIP differing from the first clusterIPs entry")
+                .services([with(web(), |s| s.cluster_ip = Some("10.0.0.2".into()))])
+                .reasons(&[
+                    "Service ns/web: spec.clusterIP: \"10.0.0.2\" differs from spec.clusterIPs[0] \
+                     \"10.0.0.1\"",
+                ]),
+            Case::new("an out of range port is skipped alone")
+                .services([web_ports(&[
+                    service_port("a", 0, ""),
+                    service_port("b", 80, ""),
+                    service_port("c", 65536, ""),
+                    service_port("d", -1, ""),
+                ])])
+                .reasons(&[
+                    "Service ns/web: spec.ports[0].port: 0 is outside 1..=65535",
+                    "Service ns/web: spec.ports[2].port: 65536 is outside 1..=65535",
+                    "Service ns/web: spec.ports[3].port: -1 is outside 1..=65535",
+                ])
+                .frontends(&["10.0.0.1:80/TCP ClusterIp ns/web:b"]),
+            Case::new("an unknown protocol skips that port only")
+                .services([web_ports(&[
+                    service_port("a", 80, "HTTP"),
+                    service_port("b", 81, "tcp"),
+                    service_port("c", 82, "TCP"),
+                ])])
+                .reasons(&[
+                    "Service ns/web: spec.ports[0].protocol: \"HTTP\" is not TCP, UDP or SCTP",
+                    "Service ns/web: spec.ports[1].protocol: \"tcp\" is not TCP, UDP or SCTP",
+                ])
+                .frontends(&["10.0.0.1:82/TCP ClusterIp ns/web:c"]),
+            Case::new("a duplicate port and protocol keeps the first")
+                .services([web_ports(&[
+                    service_port("first", 80, "TCP"),
+                    service_port("udp", 80, "UDP"),
+                    service_port("second", 80, ""),
+                ])])
+                .reasons(&["Service ns/web: spec.ports[2]: 80/TCP duplicates spec.ports[0]"])
+                .frontends(&[
+                    "10.0.0.1:80/TCP ClusterIp ns/web:first",
+                    "10.0.0.1:80/UDP ClusterIp ns/web:udp",
+                ]),
+            Case::new("a bad node port loses only its node port frontend")
+                .services([typed_service(
+                    "ns", "web", "NodePort", "10.0.0.1", 80, 70000,
+                )])
+                .reasons(&["Service ns/web: spec.ports[0].nodePort: 70000 is outside 1..=65535"])
+                .frontends(&[WEB]),
+            // The loser keeps its other frontend.
+            Case::new("a frontend conflict goes to the smaller name")
+                .services([
+                    named("a"),
+                    service(
+                        "ns",
+                        "b",
+                        &["10.0.0.1"],
+                        &[service_port("x", 80, ""), service_port("y", 81, "")],
+                    ),
+                ])
+                .slices([
+                    simple_slice("ns", "a-1", "a", 8080, &["10.1.0.1"]),
+                    slice(
+                        "ns",
+                        "b-1",
+                        "b",
+                        "IPv4",
+                        &[slice_port("x", 9090, ""), slice_port("y", 9091, "")],
+                        &[endpoint("10.2.0.1")],
+                    ),
+                ])
+                .reasons(&[
+                    "Service ns/b: spec.ports[0]: 10.0.0.1:80/TCP is already claimed by Service \
+                     ns/a",
+                ])
+                .frontends(&[
+                    "10.0.0.1:80/TCP ClusterIp ns/a -> 10.1.0.1:8080",
+                    "10.0.0.1:81/TCP ClusterIp ns/b:y -> 10.2.0.1:9091",
+                ]),
+            Case::new("a node port conflict goes to the smaller name")
+                .services([
+                    typed_service("ns", "a", "NodePort", "10.0.0.1", 80, 30080),
+                    typed_service("ns", "b", "NodePort", "10.0.0.2", 80, 30080),
+                ])
+                .reasons(&[
+                    "Service ns/b: spec.ports[0].nodePort: 0.0.0.0:30080/TCP is already claimed \
+                     by Service ns/a",
+                ])
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/a",
+                    "10.0.0.1:80/TCP ClusterIp ns/a",
+                    "10.0.0.2:80/TCP ClusterIp ns/b",
+                ]),
+            Case::new("differing Services with one name are all rejected")
+                .services([web(), simple_service("ns", "web", "10.0.0.2", 80)])
+                .reasons(&[
+                    "Service ns/web: metadata.name: 2 Service objects share this namespace/name \
+                     and differ; all are ignored",
+                ]),
+            Case::new("identical copies of a Service count as one")
+                .services([web(), web()])
+                .frontends(&[WEB]),
+            Case::new("nameless objects")
+                .nodes([node(""), node("node-a")])
+                .services([simple_service("ns", "", "10.0.0.1", 80)])
+                .slices([simple_slice("ns", "", "web", 8080, &["10.1.0.1"])])
+                .reasons(&[
+                    "EndpointSlice ns/: metadata.name: missing",
+                    "Node /: metadata.name: missing",
+                    "Service ns/: metadata.name: missing",
+                ]),
+            Case::new("unknown traffic policies or affinity")
+                .services([
+                    with(named("internal"), |s| {
+                        s.internal_traffic_policy = Some("local".into())
+                    }),
+                    with(named("external"), |s| {
+                        s.external_traffic_policy = Some("Nope".into())
+                    }),
+                    with(named("affinity"), |s| {
+                        s.session_affinity = Some("Cookie".into())
+                    }),
+                ])
+                .reasons(&[
+                    "Service ns/affinity: spec.sessionAffinity: \"Cookie\" is not None or \
+                     ClientIP; the Service is ignored",
+                    "Service ns/external: spec.externalTrafficPolicy: \"Nope\" is not Cluster or \
+                     Local; the Service is ignored",
+                    "Service ns/internal: spec.internalTrafficPolicy: \"local\" is not Cluster or \
+                     Local; the Service is ignored",
+                ]),
+            Case::new("rejections of several objects")
+                .services([
+                    simple_service("z", "svc", "bad", 80),
+                    simple_service("a", "svc", "10.0.0.1", 0),
+                    simple_service("m", "svc", "10.0.0.2", 80),
+                ])
+                .slices([
+                    simple_slice("m", "s2", "svc", 8080, &["x"]),
+                    simple_slice("m", "s1", "svc", 70000, &["10.1.0.1"]),
+                ])
+                .reasons(&[
+                    "EndpointSlice m/s1: ports[0].port: 70000 is outside 1..=65535",
+                    "EndpointSlice m/s2: endpoints[0].addresses[0]: \"x\" is not an IP address",
+                    "Service a/svc: spec.ports[0].port: 0 is outside 1..=65535",
+                    "Service z/svc: spec.clusterIPs[0]: \"bad\" is not an IP address",
+                ])
+                .frontends(&["10.0.0.2:80/TCP ClusterIp m/svc"]),
+        ]);
     }
 
+    /// Which endpoints of which EndpointSlices become a frontend's backends.
     #[test]
-    fn slice_ports_match_service_ports_by_name() {
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1"],
-            &[service_port("http", 80, ""), service_port("https", 443, "")],
-        );
-        let ready = [endpoint("10.1.0.1")];
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[slice_port("https", 8443, ""), slice_port("http", 8080, "")],
-            &ready,
-        )];
-        let output = build(vec![svc], slices);
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 443)),
-            vec![backend("10.1.0.1", 8443)]
-        );
-    }
-
-    #[test]
-    fn unnamed_and_empty_port_names_match() {
-        // Service port named "" explicitly; slice port name absent.
-        let svc = service("ns", "web", &["10.0.0.1"], &[service_port("", 80, "")]);
-        let mut port = slice_port("", 8080, "");
-        port.name = None;
-        let output = build(
-            vec![svc.clone()],
-            vec![slice(
-                "ns",
-                "s",
-                "web",
-                "IPv4",
-                &[port.clone()],
-                &[endpoint("10.1.0.1")],
-            )],
-        );
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-
-        port.name = Some(String::new());
-        let output = build(
-            vec![svc],
-            vec![slice(
-                "ns",
-                "s",
-                "web",
-                "IPv4",
-                &[port],
-                &[endpoint("10.1.0.1")],
-            )],
-        );
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-    }
-
-    #[test]
-    fn differently_named_slice_port_does_not_match() {
-        let svc = service("ns", "web", &["10.0.0.1"], &[service_port("http", 80, "")]);
-        let slices = vec![slice(
-            "ns",
-            "s",
-            "web",
-            "IPv4",
-            &[slice_port("metrics", 9090, ""), slice_port("", 8080, "")],
-            &[endpoint("10.1.0.1")],
-        )];
-        let output = build(vec![svc], slices);
-        assert!(backends_of(&output, key("10.0.0.1", 80)).is_empty());
-    }
-
-    #[test]
-    fn slice_port_protocol_must_match_and_defaults_to_tcp() {
-        let svc = service(
-            "ns",
-            "dns",
-            &["10.0.0.10"],
-            &[
-                service_port("dns", 53, "UDP"),
-                service_port("dns-tcp", 53, ""),
-            ],
-        );
-        let slices = vec![slice(
-            "ns",
-            "dns-1",
-            "dns",
-            "IPv4",
-            &[
-                // Same name, wrong protocol: must not feed the UDP frontend.
-                slice_port("dns", 5353, "TCP"),
-                slice_port("dns-tcp", 5354, ""),
-            ],
-            &[endpoint("10.1.0.1")],
-        )];
-        let output = build(vec![svc], slices);
-        assert!(backends_of(&output, key_proto("10.0.0.10", 53, Protocol::Udp)).is_empty());
-        assert_eq!(
-            backends_of(&output, key("10.0.0.10", 53)),
-            vec![backend("10.1.0.1", 5354)]
-        );
-    }
-
-    #[test]
-    fn only_ready_endpoints_are_backends_and_nil_means_ready() {
-        let mut no_conditions = endpoint("10.1.0.4");
-        no_conditions.conditions = None;
-        let endpoints = [
-            endpoint_with(&["10.1.0.1"], Some(true)),
-            endpoint_with(&["10.1.0.2"], Some(false)),
-            endpoint_with(&["10.1.0.3"], None),
-            no_conditions,
-        ];
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[slice_port("", 8080, "")],
-            &endpoints,
-        )];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![
-                backend("10.1.0.1", 8080),
-                backend("10.1.0.3", 8080),
-                backend("10.1.0.4", 8080),
-            ]
-        );
-        assert!(output.rejections.is_empty());
-    }
-
-    #[test]
-    fn only_the_first_address_of_an_endpoint_is_used() {
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[slice_port("", 8080, "")],
-            &[endpoint_with(&["10.1.0.1", "10.1.0.2"], Some(true))],
-        )];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-    }
-
-    #[test]
-    fn backends_follow_the_frontend_address_family() {
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1", "fd00::1"],
-            &[service_port("", 80, "")],
-        );
-        let slices = vec![
-            slice(
-                "ns",
-                "web-v4",
-                "web",
-                "IPv4",
-                &[slice_port("", 8080, "")],
-                &[endpoint("10.1.0.1")],
-            ),
-            slice(
-                "ns",
-                "web-v6",
-                "web",
-                "IPv6",
-                &[slice_port("", 8080, "")],
-                &[endpoint("fd01::1")],
-            ),
-        ];
-        let output = build(vec![svc], slices);
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        assert_eq!(
-            backends_of(&output, key("fd00::1", 80)),
-            vec![backend("fd01::1", 8080)]
-        );
-    }
-
-    #[test]
-    fn ipv6_slice_does_not_feed_single_stack_ipv4_service() {
-        let slices = vec![slice(
-            "ns",
-            "web-v6",
-            "web",
-            "IPv6",
-            &[slice_port("", 8080, "")],
-            &[endpoint("fd01::1")],
-        )];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert!(backends_of(&output, key("10.0.0.1", 80)).is_empty());
-    }
-
-    #[test]
-    fn fqdn_slices_are_ignored() {
-        let slices = vec![slice(
-            "ns",
-            "web-fqdn",
-            "web",
-            "FQDN",
-            &[slice_port("", 8080, "")],
-            &[endpoint("backend.example.com")],
-        )];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert!(backends_of(&output, key("10.0.0.1", 80)).is_empty());
-        assert!(output.rejections.is_empty());
-    }
-
-    #[test]
-    fn address_of_the_wrong_type_is_rejected_and_only_its_endpoint_skipped() {
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[slice_port("", 8080, "")],
-            &[endpoint("fd01::1"), endpoint("10.1.0.2")],
-        )];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.2", 8080)]
-        );
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "EndpointSlice ns/web-1: endpoints[0].addresses[0]: \"fd01::1\" is not an IPv4 \
-                 address as addressType requires"
-            ]
-        );
-    }
-
-    #[test]
-    fn unparsable_endpoint_address_is_rejected_and_skipped() {
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[slice_port("", 8080, "")],
-            &[
-                endpoint("10.1.0.1"),
-                endpoint("10.1.0.256"),
-                endpoint_with(&["10.1.0.3", "garbage"], Some(true)),
-                endpoint_with(&[], Some(true)),
-            ],
-        )];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "EndpointSlice ns/web-1: endpoints[1].addresses[0]: \"10.1.0.256\" is not an IP \
-                 address",
-                "EndpointSlice ns/web-1: endpoints[2].addresses[1]: \"garbage\" is not an IP \
-                 address",
-                "EndpointSlice ns/web-1: endpoints[3].addresses: empty",
-            ]
-        );
-    }
-
-    #[test]
-    fn unknown_address_type_rejects_the_slice() {
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv5",
-            &[slice_port("", 8080, "")],
-            &[endpoint("10.1.0.1")],
-        )];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert!(backends_of(&output, key("10.0.0.1", 80)).is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec!["EndpointSlice ns/web-1: addressType: \"IPv5\" is not IPv4, IPv6 or FQDN"]
-        );
-    }
-
-    #[test]
-    fn bad_slice_ports_are_rejected_and_skipped() {
-        let mut missing = slice_port("c", 0, "");
-        missing.port = None;
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1"],
-            &[
-                service_port("a", 80, ""),
-                service_port("b", 81, ""),
-                service_port("c", 82, ""),
-                service_port("d", 83, ""),
-                service_port("e", 84, ""),
-            ],
-        );
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[
-                slice_port("a", 8080, ""),
-                slice_port("b", 0, ""),
-                missing,
-                slice_port("d", 65536, ""),
-                slice_port("e", 8084, "HTTP"),
-            ],
-            &[endpoint("10.1.0.1")],
-        )];
-        let output = build(vec![svc], slices);
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        for port in 81..=84 {
-            assert!(backends_of(&output, key("10.0.0.1", port)).is_empty());
-        }
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "EndpointSlice ns/web-1: ports[1].port: 0 is outside 1..=65535",
-                "EndpointSlice ns/web-1: ports[2].port: missing (\"all ports\" is not supported)",
-                "EndpointSlice ns/web-1: ports[3].port: 65536 is outside 1..=65535",
-                "EndpointSlice ns/web-1: ports[4].protocol: \"HTTP\" is not TCP, UDP or SCTP",
-            ]
-        );
-    }
-
-    #[test]
-    fn backends_are_merged_across_slices_without_duplicates() {
-        let slices = vec![
-            simple_slice("ns", "web-2", "web", 8080, &["10.1.0.3", "10.1.0.1"]),
-            simple_slice("ns", "web-1", "web", 8080, &["10.1.0.2", "10.1.0.1"]),
-        ];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![
-                backend("10.1.0.1", 8080),
-                backend("10.1.0.2", 8080),
-                backend("10.1.0.3", 8080),
-            ]
-        );
-        assert_eq!(output.table.backend_count(), 3);
-    }
-
-    #[test]
-    fn slices_of_other_services_or_namespaces_or_unlabelled_are_not_used() {
+    fn backends_from_endpoint_slices() {
+        let no_conditions = Endpoint {
+            conditions: None,
+            ..endpoint("10.1.0.4")
+        };
         let mut unlabelled = simple_slice("ns", "loose", "web", 8080, &["10.1.0.9"]);
         unlabelled.metadata.labels = None;
-        let slices = vec![
-            simple_slice("other", "web-1", "web", 8080, &["10.1.0.1"]),
-            simple_slice("ns", "api-1", "api", 8080, &["10.1.0.2"]),
-            unlabelled,
+        let draining = [
+            terminating_on("10.1.0.2", ""),
+            // nil serving defers to ready (false here): not a fallback.
+            endpoint_full("10.1.0.3", Some(false), None, Some(true), ""),
+            // nil terminating is false: serving but not terminating is no
+            // fallback.
+            endpoint_full("10.1.0.4", Some(false), Some(true), None, ""),
         ];
-        let output = build(vec![simple_service("ns", "web", "10.0.0.1", 80)], slices);
-        assert!(backends_of(&output, key("10.0.0.1", 80)).is_empty());
-        assert!(output.rejections.is_empty());
-    }
-
-    #[test]
-    fn absent_namespace_means_default() {
-        let output = build(
-            vec![simple_service("", "web", "10.0.0.1", 80)],
-            vec![simple_slice("default", "web-1", "web", 8080, &["10.1.0.1"])],
-        );
-        let web = output.table.get(&key("10.0.0.1", 80));
-        assert_eq!(
-            web.map(|f| f.service.to_string()),
-            Some("default/web".into())
-        );
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-    }
-
-    #[test]
-    fn unparsable_cluster_ip_rejects_only_that_service() {
-        let broken = service(
-            "ns",
-            "broken",
-            &["10.0.0.2", "10.0.0.300"],
-            &[service_port("", 80, "")],
-        );
-        let output = build(
-            vec![broken, simple_service("ns", "fine", "10.0.0.1", 80)],
-            vec![simple_slice("ns", "fine-1", "fine", 8080, &["10.1.0.1"])],
-        );
-        assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
-        assert_eq!(
-            reasons(&output),
-            vec!["Service ns/broken: spec.clusterIPs[1]: \"10.0.0.300\" is not an IP address"]
-        );
-    }
-
-    #[test]
-    fn unparsable_fallback_cluster_ip_names_cluster_ip_field() {
-        let mut svc = simple_service("ns", "web", "nope", 80);
-        if let Some(spec) = svc.spec.as_mut() {
-            spec.cluster_ips = None;
-        }
-        let output = build(vec![svc], vec![]);
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec!["Service ns/web: spec.clusterIP: \"nope\" is not an IP address"]
-        );
-    }
-
-    #[test]
-    fn none_as_a_secondary_cluster_ip_is_rejected() {
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1", "None"],
-            &[service_port("", 80, "")],
-        );
-        let output = build(vec![svc], vec![]);
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec!["Service ns/web: spec.clusterIPs[1]: \"None\" is not an IP address"]
-        );
-    }
-
-    #[test]
-    fn cluster_ip_differing_from_first_cluster_ips_entry_is_rejected() {
-        let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
-        if let Some(spec) = svc.spec.as_mut() {
-            spec.cluster_ip = Some("10.0.0.2".into());
-        }
-        let output = build(vec![svc], vec![]);
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/web: spec.clusterIP: \"10.0.0.2\" differs from spec.clusterIPs[0] \
-                 \"10.0.0.1\""
-            ]
-        );
-    }
-
-    #[test]
-    fn out_of_range_service_port_is_skipped_alone() {
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1"],
-            &[
-                service_port("a", 0, ""),
-                service_port("b", 80, ""),
-                service_port("c", 65536, ""),
-                service_port("d", -1, ""),
-            ],
-        );
-        let output = build(vec![svc], vec![]);
-        assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/web: spec.ports[0].port: 0 is outside 1..=65535",
-                "Service ns/web: spec.ports[2].port: 65536 is outside 1..=65535",
-                "Service ns/web: spec.ports[3].port: -1 is outside 1..=65535",
-            ]
-        );
-    }
-
-    #[test]
-    fn unknown_protocol_skips_that_port_only() {
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1"],
-            &[
-                service_port("a", 80, "HTTP"),
-                service_port("b", 81, "tcp"),
-                service_port("c", 82, "TCP"),
-            ],
-        );
-        let output = build(vec![svc], vec![]);
-        assert_eq!(keys(&output), vec![key("10.0.0.1", 82)]);
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/web: spec.ports[0].protocol: \"HTTP\" is not TCP, UDP or SCTP",
-                "Service ns/web: spec.ports[1].protocol: \"tcp\" is not TCP, UDP or SCTP",
-            ]
-        );
-    }
-
-    #[test]
-    fn duplicate_port_and_protocol_keeps_the_first() {
-        let svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1"],
-            &[
-                service_port("first", 80, "TCP"),
-                service_port("udp", 80, "UDP"),
-                service_port("second", 80, ""),
-            ],
-        );
-        let output = build(vec![svc], vec![]);
-        assert_eq!(
-            keys(&output),
-            vec![
-                key("10.0.0.1", 80),
-                key_proto("10.0.0.1", 80, Protocol::Udp)
-            ]
-        );
-        assert_eq!(
-            output
-                .table
-                .get(&key("10.0.0.1", 80))
-                .map(|f| f.port_name.as_str()),
-            Some("first")
-        );
-        assert_eq!(
-            reasons(&output),
-            vec!["Service ns/web: spec.ports[2]: 80/TCP duplicates spec.ports[0]"]
-        );
-    }
-
-    #[test]
-    fn frontend_conflict_goes_to_the_smaller_name_in_any_order() {
-        let a = simple_service("ns", "a", "10.0.0.1", 80);
-        let b = service(
-            "ns",
-            "b",
-            &["10.0.0.1"],
-            &[service_port("x", 80, ""), service_port("y", 81, "")],
-        );
-        let slices = vec![
-            simple_slice("ns", "a-1", "a", 8080, &["10.1.0.1"]),
-            slice(
-                "ns",
-                "b-1",
-                "b",
-                "IPv4",
-                &[slice_port("x", 9090, ""), slice_port("y", 9091, "")],
-                &[endpoint("10.2.0.1")],
-            ),
-        ];
-        let forward = build(vec![a.clone(), b.clone()], slices.clone());
-        let backward = build(vec![b, a], slices);
-        assert_eq!(forward, backward);
-        assert_eq!(
-            backends_of(&forward, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        // The loser keeps its other frontend.
-        assert_eq!(
-            backends_of(&forward, key("10.0.0.1", 81)),
-            vec![backend("10.2.0.1", 9091)]
-        );
-        assert_eq!(
-            reasons(&forward),
-            vec!["Service ns/b: spec.ports[0]: 10.0.0.1:80/TCP is already claimed by Service ns/a"]
-        );
-    }
-
-    #[test]
-    fn differing_services_with_one_name_are_all_rejected() {
-        let one = simple_service("ns", "web", "10.0.0.1", 80);
-        let two = simple_service("ns", "web", "10.0.0.2", 80);
-        let output = build(vec![one.clone(), two.clone()], vec![]);
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/web: metadata.name: 2 Service objects share this namespace/name and \
-                 differ; all are ignored"
-            ]
-        );
-        assert_eq!(output, build(vec![two, one], vec![]));
-    }
-
-    #[test]
-    fn identical_copies_of_a_service_count_as_one() {
-        let web = simple_service("ns", "web", "10.0.0.1", 80);
-        let output = build(vec![web.clone(), web.clone()], vec![]);
-        assert_eq!(output, build(vec![web], vec![]));
-        assert!(output.rejections.is_empty());
-    }
-
-    #[test]
-    fn nameless_objects_are_rejected() {
-        let mut state = state(
-            vec![simple_service("ns", "", "10.0.0.1", 80)],
-            vec![simple_slice("ns", "", "web", 8080, &["10.1.0.1"])],
-        );
-        state.nodes = vec![Arc::new(node("")), Arc::new(node("node-a"))];
-        let output = build_table(&state, &config());
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "EndpointSlice ns/: metadata.name: missing",
-                "Node /: metadata.name: missing",
-                "Service ns/: metadata.name: missing",
-            ]
-        );
-    }
-
-    #[test]
-    fn nodes_and_node_name_do_not_change_a_cluster_policy_table() {
-        let services = vec![simple_service("ns", "web", "10.0.0.1", 80)];
-        let slices = vec![simple_slice("ns", "web-1", "web", 8080, &["10.1.0.1"])];
-        let plain = build_table(
-            &state(services.clone(), slices.clone()),
-            &ModelConfig::default(),
-        );
-        let mut with_nodes = state(services, slices);
-        with_nodes.nodes = vec![Arc::new(node("node-a")), Arc::new(node("node-b"))];
-        assert_eq!(build_table(&with_nodes, &config()), plain);
-    }
-
-    #[test]
-    fn legacy_ipv4_with_leading_zeros_is_read_as_decimal() {
-        let output = build(
-            vec![simple_service("ns", "web", "010.000.000.001", 80)],
-            vec![simple_slice(
-                "ns",
-                "web-1",
-                "web",
-                8080,
-                &["010.001.000.010"],
-            )],
-        );
-        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.10", 8080)]
-        );
-    }
-
-    #[test]
-    fn ipv4_mapped_ipv6_counts_as_ipv4() {
-        let output = build(
-            vec![simple_service("ns", "web", "::ffff:10.0.0.1", 80)],
-            vec![simple_slice(
-                "ns",
-                "web-1",
-                "web",
-                8080,
-                &["::ffff:10.1.0.1"],
-            )],
-        );
-        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-    }
-
-    #[test]
-    fn rejections_are_sorted_and_independent_of_order() {
-        let services = vec![
-            simple_service("z", "svc", "bad", 80),
-            simple_service("a", "svc", "10.0.0.1", 0),
-            simple_service("m", "svc", "10.0.0.2", 80),
-        ];
-        let slices = vec![
-            simple_slice("m", "s2", "svc", 8080, &["x"]),
-            simple_slice("m", "s1", "svc", 70000, &["10.1.0.1"]),
-        ];
-        let forward = build(services.clone(), slices.clone());
-        let mut reversed_services = services;
-        reversed_services.reverse();
-        let mut reversed_slices = slices;
-        reversed_slices.reverse();
-        assert_eq!(forward, build(reversed_services, reversed_slices));
-        let mut sorted = forward.rejections.clone();
-        sorted.sort();
-        assert_eq!(forward.rejections, sorted);
-        assert_eq!(forward.rejections.len(), 4);
-    }
-
-    fn frontend_at(output: &BuildOutput, frontend: FrontendKey) -> Frontend {
-        match output.table.get(&frontend) {
-            Some(found) => found.clone(),
-            None => panic!("no frontend {frontend:?} in {:?}", output.table),
-        }
-    }
-
-    fn kinds(output: &BuildOutput) -> Vec<(FrontendKey, FrontendKind)> {
-        output.table.iter().map(|(k, f)| (*k, f.kind)).collect()
-    }
-
-    fn web_slice(endpoints: &[k8s_openapi::api::discovery::v1::Endpoint]) -> EndpointSlice {
-        slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[slice_port("", 8080, "")],
-            endpoints,
-        )
-    }
-
-    #[test]
-    fn node_port_service_gets_a_node_port_frontend_per_family() {
-        let mut svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1", "fd00::1"],
-            &[with_node_port(service_port("", 80, ""), 30080)],
-        );
-        spec_mut(&mut svc).type_ = Some("NodePort".into());
-        let slices = vec![
-            web_slice(&[endpoint("10.1.0.1")]),
-            slice(
-                "ns",
-                "web-v6",
-                "web",
-                "IPv6",
-                &[slice_port("", 8080, "")],
-                &[endpoint("fd01::1")],
-            ),
-        ];
-        let output = build(vec![svc], slices);
-        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-        assert_eq!(
-            kinds(&output),
-            vec![
-                (key("0.0.0.0", 30080), FrontendKind::NodePort),
-                (key("10.0.0.1", 80), FrontendKind::ClusterIp),
-                (key("::", 30080), FrontendKind::NodePort),
-                (key("fd00::1", 80), FrontendKind::ClusterIp),
-            ]
-        );
-        assert_eq!(
-            backends_of(&output, key("0.0.0.0", 30080)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        assert_eq!(
-            backends_of(&output, key("::", 30080)),
-            vec![backend("fd01::1", 8080)]
-        );
-        assert_eq!(
-            frontend_at(&output, key("::", 30080)).policy,
-            FrontendPolicy::default()
-        );
-    }
-
-    #[test]
-    fn node_ports_of_cluster_ip_services_and_unallocated_ones_give_nothing() {
-        let mut cluster_ip = typed_service("ns", "a", "ClusterIP", "10.0.0.1", 80, 30080);
-        spec_mut(&mut cluster_ip).type_ = None;
-        let mut lb = typed_service("ns", "b", "LoadBalancer", "10.0.0.2", 80, 0);
-        spec_mut(&mut lb).allocate_load_balancer_node_ports = Some(false);
-        spec_mut(&mut lb).ports = Some(vec![service_port("", 80, "")]);
-        let output = build(vec![cluster_ip, lb], vec![]);
-        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-        assert_eq!(
-            keys(&output),
-            vec![key("10.0.0.1", 80), key("10.0.0.2", 80)]
-        );
-    }
-
-    #[test]
-    fn bad_node_port_loses_only_its_node_port_frontend() {
-        let svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 70000);
-        let output = build(vec![svc], vec![]);
-        assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
-        assert_eq!(
-            reasons(&output),
-            vec!["Service ns/web: spec.ports[0].nodePort: 70000 is outside 1..=65535"]
-        );
-    }
-
-    #[test]
-    fn node_port_conflict_goes_to_the_smaller_name_in_any_order() {
-        let a = typed_service("ns", "a", "NodePort", "10.0.0.1", 80, 30080);
-        let b = typed_service("ns", "b", "NodePort", "10.0.0.2", 80, 30080);
-        let forward = build(vec![a.clone(), b.clone()], vec![]);
-        assert_eq!(forward, build(vec![b, a], vec![]));
-        assert_eq!(
-            frontend_at(&forward, key("0.0.0.0", 30080)).service.name,
-            "a"
-        );
-        assert_eq!(
-            reasons(&forward),
-            vec![
-                "Service ns/b: spec.ports[0].nodePort: 0.0.0.0:30080/TCP is already claimed \
-                 by Service ns/a"
-            ]
-        );
-        assert!(forward.table.get(&key("10.0.0.2", 80)).is_some());
-    }
-
-    #[test]
-    fn external_ips_get_frontends_and_bad_ones_are_rejected_alone() {
-        let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
-        spec_mut(&mut svc).external_ips = Some(vec![
-            "192.0.2.1".into(),
-            "2001:db8::1".into(),
-            "nope".into(),
-            "0.0.0.0".into(),
-            "192.0.2.2".into(),
+        let web_1 = || [simple_slice("ns", "web-1", "web", 8080, &["10.1.0.1"])];
+        let unnamed_port = EndpointPort {
+            name: Some(String::new()),
+            ..slice_port("", 8080, "")
+        };
+        let one = [endpoint("10.1.0.1")];
+        run(vec![
+            Case::new("slice ports match Service ports by name")
+                .services([web_ports(&[
+                    service_port("http", 80, ""),
+                    service_port("https", 443, ""),
+                ])])
+                .slices([ipv4_slice(
+                    "web-1",
+                    &[slice_port("https", 8443, ""), slice_port("http", 8080, "")],
+                    &one,
+                )])
+                .frontends(&[
+                    "10.0.0.1:80/TCP ClusterIp ns/web:http -> 10.1.0.1:8080",
+                    "10.0.0.1:443/TCP ClusterIp ns/web:https -> 10.1.0.1:8443",
+                ]),
+            Case::new("an absent slice port name matches an unnamed port")
+                .services([web()])
+                .slices([ipv4_slice("s", &[slice_port("", 8080, "")], &one)])
+                .frontends(&[WEB_1]),
+            Case::new("an empty slice port name matches an unnamed port")
+                .services([web()])
+                .slices([ipv4_slice("s", &[unnamed_port], &one)])
+                .frontends(&[WEB_1]),
+            Case::new("a differently named slice port does not match")
+                .services([web_ports(&[service_port("http", 80, "")])])
+                .slices([ipv4_slice(
+                    "s",
+                    &[slice_port("metrics", 9090, ""), slice_port("", 8080, "")],
+                    &one,
+                )])
+                .frontends(&["10.0.0.1:80/TCP ClusterIp ns/web:http"]),
+            Case::new("the slice port protocol must match and defaults to TCP")
+                .services([service(
+                    "ns",
+                    "dns",
+                    &["10.0.0.10"],
+                    &[
+                        service_port("dns", 53, "UDP"),
+                        service_port("dns-tcp", 53, ""),
+                    ],
+                )])
+                .slices([slice(
+                    "ns",
+                    "dns-1",
+                    "dns",
+                    "IPv4",
+                    &[
+                        // Same name, wrong protocol: must not feed the UDP
+                        // frontend.
+                        slice_port("dns", 5353, "TCP"),
+                        slice_port("dns-tcp", 5354, ""),
+                    ],
+                    &one,
+                )])
+                .frontends(&[
+                    "10.0.0.10:53/TCP ClusterIp ns/dns:dns-tcp -> 10.1.0.1:5354",
+                    "10.0.0.10:53/UDP ClusterIp ns/dns:dns",
+                ]),
+            Case::new("only ready endpoints are backends, and nil means ready")
+                .services([web()])
+                .slices([web_slice(&[
+                    endpoint_with(&["10.1.0.1"], Some(true)),
+                    endpoint_with(&["10.1.0.2"], Some(false)),
+                    endpoint_with(&["10.1.0.3"], None),
+                    no_conditions,
+                ])])
+                .frontends(&[
+                    "10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.1:8080, 10.1.0.3:8080, \
+                     10.1.0.4:8080",
+                ]),
+            Case::new("only the first address of an endpoint is used")
+                .services([web()])
+                .slices([web_slice(&[endpoint_with(
+                    &["10.1.0.1", "10.1.0.2"],
+                    Some(true),
+                )])])
+                .frontends(&[WEB_1]),
+            Case::new("backends follow the frontend address family")
+                .services([service(
+                    "ns",
+                    "web",
+                    &["10.0.0.1", "fd00::1"],
+                    &[service_port("", 80, "")],
+                )])
+                .slices([web_slice_named("web-v4", &one), web_v6_slice()])
+                .frontends(&[WEB_1, "[fd00::1]:80/TCP ClusterIp ns/web -> [fd01::1]:8080"]),
+            Case::new("an IPv6 slice does not feed a single-stack IPv4 Service")
+                .services([web()])
+                .slices([web_v6_slice()])
+                .frontends(&[WEB]),
+            Case::new("FQDN slices are ignored")
+                .services([web()])
+                .slices([slice(
+                    "ns",
+                    "web-fqdn",
+                    "web",
+                    "FQDN",
+                    &[slice_port("", 8080, "")],
+                    &[endpoint("backend.example.com")],
+                )])
+                .frontends(&[WEB]),
+            Case::new("an address of the wrong type: only its endpoint is skipped")
+                .services([web()])
+                .slices([web_slice(&[endpoint("fd01::1"), endpoint("10.1.0.2")])])
+                .reasons(&[
+                    "EndpointSlice ns/web-1: endpoints[0].addresses[0]: \"fd01::1\" is not an IPv4 \
+                     address as addressType requires",
+                ])
+                .frontends(&["10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.2:8080"]),
+            Case::new("unparsable endpoint addresses: only their endpoints are skipped")
+                .services([web()])
+                .slices([web_slice(&[
+                    endpoint("10.1.0.1"),
+                    endpoint("10.1.0.256"),
+                    endpoint_with(&["10.1.0.3", "garbage"], Some(true)),
+                    endpoint_with(&[], Some(true)),
+                ])])
+                .reasons(&[
+                    "EndpointSlice ns/web-1: endpoints[1].addresses[0]: \"10.1.0.256\" is not an \
+                     IP address",
+                    "EndpointSlice ns/web-1: endpoints[2].addresses[1]: \"garbage\" is not an IP \
+                     address",
+                    "EndpointSlice ns/web-1: endpoints[3].addresses: empty",
+                ])
+                .frontends(&[WEB_1]),
+            Case::new("an unknown address type rejects the slice")
+                .services([web()])
+                .slices([slice(
+                    "ns",
+                    "web-1",
+                    "web",
+                    "IPv5",
+                    &[slice_port("", 8080, "")],
+                    &one,
+                )])
+                .reasons(&[
+                    "EndpointSlice ns/web-1: addressType: \"IPv5\" is not IPv4, IPv6 or FQDN",
+                ])
+                .frontends(&[WEB]),
+            Case::new("bad slice ports are rejected and skipped")
+                .services([web_ports(&[
+                    service_port("a", 80, ""),
+                    service_port("b", 81, ""),
+                    service_port("c", 82, ""),
+                    service_port("d", 83, ""),
+                    service_port("e", 84, ""),
+                ])])
+                .slices([ipv4_slice(
+                    "web-1",
+                    &[
+                        slice_port("a", 8080, ""),
+                        slice_port("b", 0, ""),
+                        EndpointPort {
+                            port: None,
+                            ..slice_port("c", 0, "")
+                        },
+                        slice_port("d", 65536, ""),
+                        slice_port("e", 8084, "HTTP"),
+                    ],
+                    &one,
+                )])
+                .reasons(&[
+                    "EndpointSlice ns/web-1: ports[1].port: 0 is outside 1..=65535",
+                    "EndpointSlice ns/web-1: ports[2].port: missing (\"all ports\" is not \
+                     supported)",
+                    "EndpointSlice ns/web-1: ports[3].port: 65536 is outside 1..=65535",
+                    "EndpointSlice ns/web-1: ports[4].protocol: \"HTTP\" is not TCP, UDP or SCTP",
+                ])
+                .frontends(&[
+                    "10.0.0.1:80/TCP ClusterIp ns/web:a -> 10.1.0.1:8080",
+                    "10.0.0.1:81/TCP ClusterIp ns/web:b",
+                    "10.0.0.1:82/TCP ClusterIp ns/web:c",
+                    "10.0.0.1:83/TCP ClusterIp ns/web:d",
+                    "10.0.0.1:84/TCP ClusterIp ns/web:e",
+                ]),
+            Case::new("backends are merged across slices without duplicates")
+                .services([web()])
+                .slices([
+                    simple_slice("ns", "web-2", "web", 8080, &["10.1.0.3", "10.1.0.1"]),
+                    simple_slice("ns", "web-1", "web", 8080, &["10.1.0.2", "10.1.0.1"]),
+                ])
+                .frontends(&[
+                    "10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.1:8080, 10.1.0.2:8080, \
+                     10.1.0.3:8080",
+                ]),
+            Case::new("slices of other Services or namespaces, or unlabelled, are not used")
+                .services([web()])
+                .slices([
+                    simple_slice("other", "web-1", "web", 8080, &["10.1.0.1"]),
+                    simple_slice("ns", "api-1", "api", 8080, &["10.1.0.2"]),
+                    unlabelled,
+                ])
+                .frontends(&[WEB]),
+            Case::new("an absent namespace means default")
+                .services([simple_service("", "web", "10.0.0.1", 80)])
+                .slices([simple_slice("default", "web-1", "web", 8080, &["10.1.0.1"])])
+                .frontends(&["10.0.0.1:80/TCP ClusterIp default/web -> 10.1.0.1:8080"]),
+            Case::new("serving terminating endpoints are not used beside a ready one")
+                .services([web()])
+                .slices([web_slice(&[&one[..], &draining].concat())])
+                .frontends(&[WEB_1]),
+            Case::new("serving terminating endpoints are used when none is ready")
+                .services([web()])
+                .slices([web_slice(&draining)])
+                .frontends(&["10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.2:8080"]),
+            // Nodes and the node name do not change a Cluster policy table.
+            Case::new("Cluster policy, no node name and no Nodes")
+                .no_node_name()
+                .services([web()])
+                .slices(web_1())
+                .frontends(&[WEB_1]),
+            Case::new("Cluster policy, on node-a with Nodes")
+                .nodes([node("node-a"), node("node-b")])
+                .services([web()])
+                .slices(web_1())
+                .frontends(&[WEB_1]),
         ]);
-        let output = build(vec![svc], vec![web_slice(&[endpoint("10.1.0.1")])]);
-        assert_eq!(
-            kinds(&output),
-            vec![
-                (key("10.0.0.1", 80), FrontendKind::ClusterIp),
-                (key("192.0.2.1", 80), FrontendKind::ExternalIp),
-                (key("192.0.2.2", 80), FrontendKind::ExternalIp),
-            ]
-        );
-        assert_eq!(
-            backends_of(&output, key("192.0.2.2", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/web: spec.externalIPs[1]: \"2001:db8::1\" is IPv6, which is not a \
-                 family of the Service's cluster IPs",
-                "Service ns/web: spec.externalIPs[2]: \"nope\" is not an IP address",
-                "Service ns/web: spec.externalIPs[3]: \"0.0.0.0\" is the unspecified address",
-            ]
-        );
     }
 
+    /// `internalTrafficPolicy` and `externalTrafficPolicy`: Local.
     #[test]
-    fn load_balancer_ingress_ips_get_frontends_like_kube_proxy() {
-        let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
-        set_ingress(
-            &mut svc,
-            vec![
-                lb_ingress("192.0.2.10", "", ""),
-                lb_ingress("", "lb.example.com", ""),
-                lb_ingress("192.0.2.11", "", "Proxy"),
-                lb_ingress("192.0.2.12", "", "VIP"),
-                lb_ingress("192.0.2.300", "", ""),
-                lb_ingress("fd02::1", "", ""),
-            ],
+    fn local_traffic_policies() {
+        // The local endpoint is hinted for another zone.
+        let hinted_elsewhere = [web_slice(&[
+            for_zones(endpoint_on("10.1.0.1", "node-a"), &["zone-2"]),
+            for_zones(endpoint_on("10.1.0.2", "node-b"), &["zone-1"]),
+            for_zones(endpoint_on("10.1.0.3", "node-b"), &["zone-2"]),
+        ])];
+        let local_lb = with_ingress(
+            with(typed("LoadBalancer"), |s| {
+                s.traffic_distribution = Some("PreferClose".into());
+                s.external_traffic_policy = Some("Local".into());
+            }),
+            vec![lb_ingress("192.0.2.10", "", "")],
         );
-        let output = build(vec![svc], vec![web_slice(&[endpoint("10.1.0.1")])]);
-        assert_eq!(
-            kinds(&output),
-            vec![
-                (key("0.0.0.0", 30080), FrontendKind::NodePort),
-                (key("10.0.0.1", 80), FrontendKind::ClusterIp),
-                (key("192.0.2.10", 80), FrontendKind::LoadBalancer),
-                (key("192.0.2.12", 80), FrontendKind::LoadBalancer),
-            ]
-        );
-        assert_eq!(
-            backends_of(&output, key("192.0.2.10", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        let found = reasons(&output);
-        assert_eq!(found.len(), 2, "{found:?}");
-        assert!(found[0].contains("status.loadBalancer.ingress[4].ip: \"192.0.2.300\""));
-        assert!(found[1].contains("status.loadBalancer.ingress[5].ip: \"fd02::1\" is IPv6"));
-    }
-
-    #[test]
-    fn load_balancer_status_of_other_types_is_ignored() {
-        let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
-        set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
-        let output = build(vec![svc], vec![]);
-        assert_eq!(keys(&output), vec![key("10.0.0.1", 80)]);
-    }
-
-    /// Objects the API server accepted before it tightened validation
-    /// spell IPv4 octets with leading zeros; kube-proxy reads them as the
-    /// plain (decimal) address, everywhere an address or range is given.
-    #[test]
-    fn ipv4_with_leading_zeros_is_read_as_the_plain_address() {
-        let mut svc = typed_service("ns", "web", "LoadBalancer", "172.30.0.041", 80, 30080);
-        spec_mut(&mut svc).cluster_ips = Some(vec!["172.30.0.041".into()]);
-        spec_mut(&mut svc).external_ips = Some(vec!["192.0.002.1".into()]);
-        spec_mut(&mut svc).load_balancer_source_ranges = Some(vec!["203.0.113.000/24".into()]);
-        set_ingress(&mut svc, vec![lb_ingress("192.0.2.010", "", "")]);
-        let endpoints = [endpoint("10.001.0.1")];
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[slice_port("", 8080, "TCP")],
-            &endpoints,
-        )];
-        let output = build(vec![svc], slices);
-        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-        assert_eq!(
-            keys(&output),
-            vec![
-                key("0.0.0.0", 30080),
-                key("172.30.0.41", 80),
-                key("192.0.2.1", 80),
-                key("192.0.2.10", 80),
-            ]
-        );
-        let lb = frontend_at(&output, key("192.0.2.10", 80));
-        assert_eq!(lb.backends, vec![backend("10.1.0.1", 8080)]);
-        assert_eq!(
-            lb.policy.source_ranges,
-            vec!["203.0.113.0/24".parse::<ipnet::IpNet>().unwrap()]
-        );
-    }
-
-    #[test]
-    fn source_ranges_apply_to_load_balancer_frontends_only() {
-        let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
-        spec_mut(&mut svc).external_ips = Some(vec!["192.0.2.1".into()]);
-        spec_mut(&mut svc).load_balancer_source_ranges = Some(vec![
-            " 203.0.113.0/24 ".into(),
-            "not-a-cidr".into(),
-            "198.51.100.7/16".into(),
+        run(vec![
+            Case::new("internal Local keeps local endpoints for the ClusterIP frontend only")
+                .services([with(typed("NodePort"), |s| {
+                    s.internal_traffic_policy = Some("Local".into())
+                })])
+                .slices([web_slice(&[
+                    endpoint_on("10.1.0.1", "node-a"),
+                    endpoint_on("10.1.0.2", "node-b"),
+                    endpoint("10.1.0.3"),
+                ])])
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/web -> 10.1.0.1:8080, 10.1.0.2:8080, \
+                     10.1.0.3:8080",
+                    "10.0.0.1:80/TCP ClusterIp ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.1:8080, 10.1.0.2:8080, 10.1.0.3:8080",
+                ]),
+            // The only local endpoint terminates: the local set falls back to
+            // it while the cluster-wide set still has a ready one elsewhere.
+            Case::new("external Local applies to external frontends")
+                .services([with_ingress(
+                    with(typed("LoadBalancer"), |s| {
+                        s.external_traffic_policy = Some("Local".into());
+                        s.external_ips = list(&["192.0.2.1"]);
+                    }),
+                    vec![lb_ingress("192.0.2.10", "", "")],
+                )])
+                .slices([web_slice(&[
+                    terminating_on("10.1.0.1", "node-a"),
+                    endpoint_on("10.1.0.2", "node-b"),
+                ])])
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.2:8080",
+                    "10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.2:8080",
+                    "192.0.2.1:80/TCP ExternalIp ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.2:8080",
+                    "192.0.2.10:80/TCP LoadBalancer ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.2:8080",
+                ]),
+            Case::new("external Local on a ClusterIP Service covers its externalIPs")
+                .services([with(web(), |s| {
+                    s.external_traffic_policy = Some("Local".into());
+                    s.external_ips = list(&["192.0.2.1"]);
+                })])
+                .slices([web_slice(&[endpoint_on("10.1.0.2", "node-b")])])
+                .frontends(&[
+                    "10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.2:8080",
+                    "192.0.2.1:80/TCP ExternalIp ns/web local; cluster -> 10.1.0.2:8080",
+                ]),
+            Case::new("Local ignores topology, but its cluster backends follow it")
+                .nodes(zone_1())
+                .services([local_lb.clone()])
+                .slices(hinted_elsewhere.clone())
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.2:8080",
+                    "10.0.0.1:80/TCP ClusterIp ns/web -> 10.1.0.2:8080",
+                    "192.0.2.10:80/TCP LoadBalancer ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.2:8080",
+                ]),
+            Case::new("internal Local keeps the ClusterIP frontend to the local endpoint too")
+                .nodes(zone_1())
+                .services([with(local_lb, |s| {
+                    s.internal_traffic_policy = Some("Local".into())
+                })])
+                .slices(hinted_elsewhere)
+                .frontends(&[
+                    "0.0.0.0:30080/TCP NodePort ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.2:8080",
+                    "10.0.0.1:80/TCP ClusterIp ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.2:8080",
+                    "192.0.2.10:80/TCP LoadBalancer ns/web local -> 10.1.0.1:8080; cluster -> \
+                     10.1.0.2:8080",
+                ]),
         ]);
-        set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
-        let output = build(vec![svc], vec![]);
-        assert_eq!(
-            reasons(&output),
-            vec!["Service ns/web: spec.loadBalancerSourceRanges[1]: \"not-a-cidr\" is not a CIDR"]
-        );
-        let expected: Vec<ipnet::IpNet> = vec![
-            "198.51.0.0/16".parse().unwrap(),
-            "203.0.113.0/24".parse().unwrap(),
-        ];
-        assert_eq!(
-            frontend_at(&output, key("192.0.2.10", 80))
-                .policy
-                .source_ranges,
-            expected
-        );
-        for other in [
-            key("10.0.0.1", 80),
-            key("0.0.0.0", 30080),
-            key("192.0.2.1", 80),
-        ] {
-            assert!(frontend_at(&output, other).policy.source_ranges.is_empty());
-        }
-    }
-
-    #[test]
-    fn all_invalid_source_ranges_leave_the_load_balancer_frontends_out() {
-        let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
-        spec_mut(&mut svc).load_balancer_source_ranges = Some(vec!["bad".into()]);
-        set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
-        let output = build(vec![svc], vec![]);
-        assert_eq!(
-            keys(&output),
-            vec![key("0.0.0.0", 30080), key("10.0.0.1", 80)]
-        );
-        assert_eq!(output.rejections.len(), 2, "{:?}", reasons(&output));
-    }
-
-    #[test]
-    fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
-        let svc = || simple_service("ns", "web", "10.0.0.1", 80);
-        let terminating = terminating_on("10.1.0.2", "");
-        // nil serving defers to ready (false here): not a fallback.
-        let not_serving = endpoint_full("10.1.0.3", Some(false), None, Some(true), "");
-        // nil terminating is false: serving but not terminating is no fallback.
-        let not_terminating = endpoint_full("10.1.0.4", Some(false), Some(true), None, "");
-        let output = build(
-            vec![svc()],
-            vec![web_slice(&[
-                endpoint("10.1.0.1"),
-                terminating.clone(),
-                not_serving.clone(),
-                not_terminating.clone(),
-            ])],
-        );
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.1", 8080)]
-        );
-        let output = build(
-            vec![svc()],
-            vec![web_slice(&[terminating, not_serving, not_terminating])],
-        );
-        assert_eq!(
-            backends_of(&output, key("10.0.0.1", 80)),
-            vec![backend("10.1.0.2", 8080)]
-        );
-    }
-
-    #[test]
-    fn internal_traffic_policy_local_keeps_local_endpoints_for_cluster_ip_only() {
-        let mut svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 30080);
-        spec_mut(&mut svc).internal_traffic_policy = Some("Local".into());
-        let slices = vec![web_slice(&[
-            endpoint_on("10.1.0.1", "node-a"),
-            endpoint_on("10.1.0.2", "node-b"),
-            endpoint("10.1.0.3"),
-        ])];
-        let output = build(vec![svc], slices);
-        let cluster = frontend_at(&output, key("10.0.0.1", 80));
-        assert_eq!(cluster.backends, vec![backend("10.1.0.1", 8080)]);
-        assert!(cluster.policy.local_only);
-        let node_port = frontend_at(&output, key("0.0.0.0", 30080));
-        assert_eq!(node_port.backends.len(), 3);
-        assert!(!node_port.policy.local_only);
-    }
-
-    #[test]
-    fn external_traffic_policy_local_applies_to_external_frontends() {
-        let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
-        spec_mut(&mut svc).external_traffic_policy = Some("Local".into());
-        spec_mut(&mut svc).external_ips = Some(vec!["192.0.2.1".into()]);
-        set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
-        // The only local endpoint terminates: the local set falls back to it
-        // while the cluster-wide set still has a ready one elsewhere.
-        let slices = vec![web_slice(&[
-            terminating_on("10.1.0.1", "node-a"),
-            endpoint_on("10.1.0.2", "node-b"),
-        ])];
-        let output = build(vec![svc], slices);
-        assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-        let cluster = frontend_at(&output, key("10.0.0.1", 80));
-        assert_eq!(cluster.backends, vec![backend("10.1.0.2", 8080)]);
-        assert!(!cluster.policy.local_only);
-        for external in [
-            key("0.0.0.0", 30080),
-            key("192.0.2.1", 80),
-            key("192.0.2.10", 80),
-        ] {
-            let found = frontend_at(&output, external);
-            assert!(found.kind.is_external());
-            assert_eq!(
-                found.backends,
-                vec![backend("10.1.0.1", 8080)],
-                "{external:?}"
-            );
-            assert!(found.policy.local_only);
-        }
-    }
-
-    #[test]
-    fn external_traffic_policy_local_on_cluster_ip_service_covers_external_ips() {
-        let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
-        spec_mut(&mut svc).external_traffic_policy = Some("Local".into());
-        spec_mut(&mut svc).external_ips = Some(vec!["192.0.2.1".into()]);
-        let slices = vec![web_slice(&[endpoint_on("10.1.0.2", "node-b")])];
-        let output = build(vec![svc], slices);
-        let external = frontend_at(&output, key("192.0.2.1", 80));
-        assert!(external.policy.local_only);
-        assert!(external.backends.is_empty());
-        assert!(!frontend_at(&output, key("10.0.0.1", 80)).policy.local_only);
-    }
-
-    #[test]
-    fn unknown_traffic_policy_or_affinity_rejects_the_service() {
-        let mut bad = vec![];
-        for (field, value) in [
-            ("internal", "local"),
-            ("external", "Nope"),
-            ("affinity", "Cookie"),
-        ] {
-            let mut svc = simple_service("ns", field, "10.0.0.1", 80);
-            let spec = spec_mut(&mut svc);
-            match field {
-                "internal" => spec.internal_traffic_policy = Some(value.into()),
-                "external" => spec.external_traffic_policy = Some(value.into()),
-                _ => spec.session_affinity = Some(value.into()),
-            }
-            bad.push(svc);
-        }
-        let output = build(bad, vec![]);
-        assert!(output.table.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec![
-                "Service ns/affinity: spec.sessionAffinity: \"Cookie\" is not None or ClientIP; \
-                 the Service is ignored",
-                "Service ns/external: spec.externalTrafficPolicy: \"Nope\" is not Cluster or \
-                 Local; the Service is ignored",
-                "Service ns/internal: spec.internalTrafficPolicy: \"local\" is not Cluster or \
-                 Local; the Service is ignored",
-            ]
-        );
     }
 
     #[test]
     fn client_ip_affinity_sets_the_timeout_on_every_frontend() {
         use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
         let with_timeout = |timeout: Option<i32>| {
-            let mut svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 30080);
-            let spec = spec_mut(&mut svc);
-            spec.session_affinity = Some("ClientIP".into());
-            spec.session_affinity_config = timeout.map(|secs| SessionAffinityConfig {
-                client_ip: Some(ClientIPConfig {
-                    timeout_seconds: Some(secs),
-                }),
+            let svc = with(typed("NodePort"), |spec| {
+                spec.session_affinity = Some("ClientIP".into());
+                spec.session_affinity_config = timeout.map(|secs| SessionAffinityConfig {
+                    client_ip: Some(ClientIPConfig {
+                        timeout_seconds: Some(secs),
+                    }),
+                });
             });
-            build(vec![svc], vec![])
+            build_table(&state(vec![svc], vec![]), &config())
         };
         for (timeout, expected) in [(None, 10800), (Some(1), 1), (Some(86400), 86400)] {
             let output = with_timeout(timeout);
@@ -1918,622 +1682,294 @@ mod tests {
         }
     }
 
+    /// Topology-aware routing; unless a row says otherwise this agent runs on
+    /// node-a, in zone-1, for a PreferClose Service (`on_zone_1`).
     #[test]
-    fn health_check_node_port_counts_a_dual_stack_pod_once() {
-        let mut svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1", "fd00::1"],
-            &[with_node_port(service_port("http", 80, ""), 30080)],
-        );
-        let spec = spec_mut(&mut svc);
-        spec.type_ = Some("NodePort".into());
-        spec.external_traffic_policy = Some("Local".into());
-        spec.health_check_node_port = Some(31000);
-        let port = [slice_port("http", 8080, "")];
-        let slices = vec![
-            slice(
-                "ns",
-                "web-1",
-                "web",
-                "IPv4",
-                &port,
-                &[
-                    endpoint_on("10.1.0.1", "node-a"),
-                    endpoint_on("10.1.0.2", "node-a"),
-                ],
-            ),
-            slice(
-                "ns",
-                "web-2",
-                "web",
-                "IPv6",
-                &port,
-                &[
-                    endpoint_on("fd00:1::1", "node-a"),
-                    endpoint_on("fd00:1::2", "node-a"),
-                    endpoint_on("fd00:1::3", "node-b"),
-                ],
-            ),
+    fn topology_hints() {
+        // Ready endpoints hinted for a node and a zone.
+        let for_node =
+            |address: &str, node: &str, zone: &str| for_nodes(ready_in(address, &[zone]), &[node]);
+        let same_node = [
+            for_node("10.1.0.1", "node-a", "zone-1"),
+            for_node("10.1.0.2", "node-c", "zone-1"),
+            for_node("10.1.0.3", "node-b", "zone-2"),
         ];
-        let output = build(vec![svc], slices);
-        let counts: Vec<usize> = output
-            .health_check_node_ports
-            .values()
-            .map(|check| check.local_endpoints)
-            .collect();
-        assert_eq!(counts, [2], "two pods with an address of each family");
-    }
-
-    #[test]
-    fn health_check_node_port_counts_local_ready_endpoint_addresses() {
-        let mut svc = service(
-            "ns",
-            "web",
-            &["10.0.0.1"],
-            &[
-                with_node_port(service_port("http", 80, ""), 30080),
-                with_node_port(service_port("https", 443, ""), 30443),
-            ],
-        );
-        let spec = spec_mut(&mut svc);
-        spec.type_ = Some("LoadBalancer".into());
-        spec.external_traffic_policy = Some("Local".into());
-        spec.health_check_node_port = Some(31000);
-        let endpoints = [
-            endpoint_on("10.1.0.1", "node-a"),
-            endpoint_on("10.1.0.2", "node-a"),
-            endpoint_on("10.1.0.3", "node-b"),
-            terminating_on("10.1.0.4", "node-a"),
-        ];
-        let slices = vec![slice(
-            "ns",
-            "web-1",
-            "web",
-            "IPv4",
-            &[slice_port("http", 8080, ""), slice_port("https", 8443, "")],
-            &endpoints,
-        )];
-        let output = build(vec![svc.clone()], slices);
-        let name = ServiceName {
-            namespace: "ns".into(),
-            name: "web".into(),
-        };
-        assert_eq!(
-            output.health_check_node_ports,
-            BTreeMap::from([(
-                name,
-                HealthCheck {
-                    port: 31000,
-                    local_endpoints: 2
-                }
-            )])
-        );
-
-        spec_mut(&mut svc).external_traffic_policy = Some("Cluster".into());
-        assert!(
-            build(vec![svc.clone()], vec![])
-                .health_check_node_ports
-                .is_empty()
-        );
-
-        spec_mut(&mut svc).external_traffic_policy = Some("Local".into());
-        spec_mut(&mut svc).health_check_node_port = Some(0);
-        let output = build(vec![svc], vec![]);
-        assert!(output.health_check_node_ports.is_empty());
-        assert_eq!(
-            reasons(&output),
-            vec!["Service ns/web: spec.healthCheckNodePort: 0 is outside 1..=65535"]
-        );
-    }
-
-    /// Topology-aware routing: this agent runs on node-a, in zone-1.
-    mod topology {
-        use k8s_openapi::api::{core::v1::Node, discovery::v1::Endpoint};
-
-        use super::*;
-
-        fn build_on(
-            nodes: Vec<Node>,
-            services: Vec<Service>,
-            slices: Vec<EndpointSlice>,
-        ) -> BuildOutput {
-            build_table(&ClusterState::new(services, slices, nodes), &config())
-        }
-
-        fn zone_1() -> Vec<Node> {
-            vec![
-                node_in_zone("node-a", "zone-1"),
-                node_in_zone("node-b", "zone-2"),
-            ]
-        }
-
-        /// A NodePort Service (Cluster policies) with `trafficDistribution`.
-        fn distributed(distribution: &str) -> Service {
-            let mut svc = typed_service("ns", "web", "NodePort", "10.0.0.1", 80, 30080);
-            spec_mut(&mut svc).traffic_distribution = Some(distribution.into());
-            svc
-        }
-
-        fn annotated(annotations: &[(&str, &str)]) -> Service {
-            let mut svc = simple_service("ns", "web", "10.0.0.1", 80);
-            svc.metadata.annotations = Some(
-                annotations
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect(),
-            );
-            svc
-        }
-
-        fn ready_in(address: &str, zones: &[&str]) -> Endpoint {
-            for_zones(endpoint(address), zones)
-        }
-
-        fn backends(addresses: &[&str]) -> Vec<Backend> {
-            addresses.iter().map(|a| backend(a, 8080)).collect()
-        }
-
-        /// 10.1.0.1 and 10.1.0.3 are meant for zone-1, 10.1.0.2 for zone-2.
-        fn hinted() -> Vec<Endpoint> {
-            vec![
-                ready_in("10.1.0.1", &["zone-1"]),
-                ready_in("10.1.0.2", &["zone-2"]),
-                ready_in("10.1.0.3", &["zone-3", "zone-1"]),
-            ]
-        }
-
-        const ALL: &[&str] = &["10.1.0.1", "10.1.0.2", "10.1.0.3"];
-        const SAME_ZONE: &[&str] = &["10.1.0.1", "10.1.0.3"];
-
-        #[test]
-        fn prefer_close_with_complete_hints_keeps_same_zone_endpoints() {
-            for distribution in ["PreferClose", "PreferSameZone", "PreferSameNode"] {
-                let output = build_on(
-                    zone_1(),
-                    vec![distributed(distribution)],
-                    vec![web_slice(&hinted())],
-                );
-                assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-                for frontend in [key("10.0.0.1", 80), key("0.0.0.0", 30080)] {
-                    assert_eq!(
-                        backends_of(&output, frontend),
-                        backends(SAME_ZONE),
-                        "{distribution} {frontend:?}"
-                    );
-                }
-            }
-        }
-
-        #[test]
-        fn incomplete_hints_fall_back_to_every_endpoint() {
-            let mut endpoints = hinted();
-            endpoints.push(endpoint("10.1.0.4"));
-            let output = build_on(
-                zone_1(),
-                vec![distributed("PreferClose")],
-                vec![web_slice(&endpoints)],
-            );
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"])
-            );
-
-            // Hints are required of ready endpoints only, as in kube-proxy.
-            let mut endpoints = hinted();
-            endpoints.push(terminating_on("10.1.0.4", "node-b"));
-            endpoints.push(endpoint_with(&["10.1.0.5"], Some(false)));
-            let output = build_on(
-                zone_1(),
-                vec![distributed("PreferClose")],
-                vec![web_slice(&endpoints)],
-            );
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(SAME_ZONE)
-            );
-        }
-
-        #[test]
-        fn hints_split_across_slices_are_all_considered() {
-            let slices = vec![
-                slice(
-                    "ns",
-                    "web-1",
-                    "web",
-                    "IPv4",
-                    &[slice_port("", 8080, "")],
-                    &hinted()[..2],
-                ),
-                slice(
-                    "ns",
-                    "web-2",
-                    "web",
-                    "IPv4",
-                    &[slice_port("", 8080, "")],
-                    &[endpoint("10.1.0.4")],
-                ),
-            ];
-            let output = build_on(zone_1(), vec![distributed("PreferClose")], slices.clone());
-            assert_eq!(backends_of(&output, key("10.0.0.1", 80)).len(), 3);
-
-            // The same endpoint in two slices, hinted in one only: its
-            // unhinted listing makes the hints incomplete, in any order.
-            let both = vec![
-                web_slice(&hinted()),
-                slice(
-                    "ns",
-                    "web-2",
-                    "web",
-                    "IPv4",
-                    &[slice_port("", 8080, "")],
-                    &[endpoint("10.1.0.2")],
-                ),
-            ];
-            let mut reversed = both.clone();
-            reversed.reverse();
-            let forward = build_on(zone_1(), vec![distributed("PreferClose")], both);
-            let backward = build_on(zone_1(), vec![distributed("PreferClose")], reversed);
-            assert_eq!(forward, backward);
-            assert_eq!(backends_of(&forward, key("10.0.0.1", 80)), backends(ALL));
-        }
-
-        #[test]
-        fn no_endpoint_for_our_zone_falls_back_to_every_endpoint() {
-            let endpoints = [
-                ready_in("10.1.0.1", &["zone-2"]),
-                ready_in("10.1.0.2", &["zone-3"]),
-            ];
-            let output = build_on(
-                zone_1(),
-                vec![distributed("PreferClose")],
-                vec![web_slice(&endpoints)],
-            );
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.1", "10.1.0.2"])
-            );
-        }
-
-        #[test]
-        fn node_without_zone_falls_back_to_every_endpoint() {
-            let svc = || vec![distributed("PreferClose")];
-            let slices = || vec![web_slice(&hinted())];
-            let cases = [
-                ("no label", vec![node("node-a")]),
-                ("empty label", vec![node_in_zone("node-a", "")]),
-                ("no Node object", vec![node_in_zone("node-b", "zone-1")]),
-            ];
-            for (case, nodes) in cases {
-                let output = build_on(nodes, svc(), slices());
-                assert!(
-                    output.rejections.is_empty(),
-                    "{case}: {:?}",
-                    reasons(&output)
-                );
-                assert_eq!(
-                    backends_of(&output, key("10.0.0.1", 80)),
-                    backends(ALL),
-                    "{case}"
-                );
-            }
-            // Without a node name, no Node is this node's.
-            let output = build_table(
-                &ClusterState::new(svc(), slices(), zone_1()),
-                &ModelConfig::default(),
-            );
-            assert_eq!(backends_of(&output, key("10.0.0.1", 80)), backends(ALL));
-        }
-
-        #[test]
-        fn differing_copies_of_our_node_give_no_zone_in_any_order() {
-            let copies = vec![
-                node_in_zone("node-a", "zone-1"),
-                node_in_zone("node-a", "zone-2"),
-            ];
-            let mut reversed = copies.clone();
-            reversed.reverse();
-            let forward = build_on(
-                copies,
-                vec![distributed("PreferClose")],
-                vec![web_slice(&hinted())],
-            );
-            let backward = build_on(
-                reversed,
-                vec![distributed("PreferClose")],
-                vec![web_slice(&hinted())],
-            );
-            assert_eq!(forward, backward);
-            assert_eq!(backends_of(&forward, key("10.0.0.1", 80)), backends(ALL));
-            assert_eq!(
-                reasons(&forward),
-                vec![
+        let mut no_node_hint = same_node.clone();
+        no_node_hint[2] = ready_in("10.1.0.3", &["zone-2"]);
+        let mut node_elsewhere = same_node.clone();
+        node_elsewhere[0] = for_node("10.1.0.1", "node-d", "zone-1");
+        let mut empty_names = hinted();
+        empty_names[1] = ready_in("10.1.0.2", &[""]);
+        empty_names.push(for_nodes(ready_in("10.1.0.4", &["", "zone-1"]), &[""]));
+        let mut empty_beside_good = empty_names.clone();
+        empty_beside_good.remove(1);
+        let prefer_same_node = || [distributed("PreferSameNode")];
+        let mode = |value| annotated(&[(TOPOLOGY_MODE_ANNOTATION, value)]);
+        let hints = |value| annotated(&[(TOPOLOGY_AWARE_HINTS_ANNOTATION, value)]);
+        run(vec![
+            on_zone_1("PreferClose with complete hints keeps same-zone endpoints")
+                .backends(SAME_ZONE),
+            on_zone_1("PreferSameZone with complete hints keeps same-zone endpoints")
+                .services([distributed("PreferSameZone")])
+                .backends(SAME_ZONE),
+            on_zone_1("PreferSameNode with zone hints only keeps same-zone endpoints")
+                .services(prefer_same_node())
+                .backends(SAME_ZONE),
+            on_zone_1("incomplete hints fall back to every endpoint")
+                .slices(hinted_plus(&[endpoint("10.1.0.4")]))
+                .backends(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"]),
+            on_zone_1("hints are required of ready endpoints only, as in kube-proxy")
+                .slices(hinted_plus(&[
+                    terminating_on("10.1.0.4", "node-b"),
+                    endpoint_with(&["10.1.0.5"], Some(false)),
+                ]))
+                .backends(SAME_ZONE),
+            on_zone_1("hints split across slices are all considered")
+                .slices([
+                    web_slice(&hinted()[..2]),
+                    web_slice_named("web-2", &[endpoint("10.1.0.4")]),
+                ])
+                .backends(&["10.1.0.1", "10.1.0.2", "10.1.0.4"]),
+            // Its unhinted listing makes the hints incomplete.
+            on_zone_1("the same endpoint in two slices, hinted in one only")
+                .slices([
+                    web_slice(&hinted()),
+                    web_slice_named("web-2", &[endpoint("10.1.0.2")]),
+                ])
+                .backends(ALL),
+            on_zone_1("no endpoint for our zone falls back to every endpoint")
+                .slices([web_slice(&[
+                    ready_in("10.1.0.1", &["zone-2"]),
+                    ready_in("10.1.0.2", &["zone-3"]),
+                ])])
+                .backends(&["10.1.0.1", "10.1.0.2"]),
+            on_zone_1("our Node has no zone label")
+                .nodes([node("node-a")])
+                .backends(ALL),
+            on_zone_1("our Node has an empty zone label")
+                .nodes([node_in_zone("node-a", "")])
+                .backends(ALL),
+            on_zone_1("no Node object of ours")
+                .nodes([node_in_zone("node-b", "zone-1")])
+                .backends(ALL),
+            on_zone_1("without a node name, no Node is this node's")
+                .no_node_name()
+                .backends(ALL),
+            on_zone_1("differing copies of our Node give no zone")
+                .nodes([
+                    node_in_zone("node-a", "zone-1"),
+                    node_in_zone("node-a", "zone-2"),
+                ])
+                .reasons(&[
                     "Node /node-a: metadata.labels[topology.kubernetes.io/zone]: 2 Node objects \
-                     share this name and differ in it; topology hints are not used"
-                ]
-            );
-
-            // Identical copies are one Node.
-            let same = vec![
-                node_in_zone("node-a", "zone-1"),
-                node_in_zone("node-a", "zone-1"),
-            ];
-            let output = build_on(
-                same,
-                vec![distributed("PreferClose")],
-                vec![web_slice(&hinted())],
-            );
-            assert!(output.rejections.is_empty());
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(SAME_ZONE)
-            );
-        }
-
-        #[test]
-        fn service_that_does_not_ask_for_topology_ignores_hints() {
-            let services = [
-                simple_service("ns", "web", "10.0.0.1", 80),
-                annotated(&[(TOPOLOGY_MODE_ANNOTATION, "Disabled")]),
-                annotated(&[(TOPOLOGY_AWARE_HINTS_ANNOTATION, "disabled")]),
-                // topology-mode is read first.
-                annotated(&[
+                     share this name and differ in it; topology hints are not used",
+                ])
+                .backends(ALL),
+            on_zone_1("identical copies of our Node are one Node")
+                .nodes([
+                    node_in_zone("node-a", "zone-1"),
+                    node_in_zone("node-a", "zone-1"),
+                ])
+                .backends(SAME_ZONE),
+            on_zone_1("a Service that does not ask for topology ignores hints")
+                .services([web()])
+                .backends(ALL),
+            on_zone_1("topology-mode Disabled")
+                .services([mode("Disabled")])
+                .backends(ALL),
+            on_zone_1("topology-aware-hints disabled")
+                .services([hints("disabled")])
+                .backends(ALL),
+            on_zone_1("topology-mode is read first")
+                .services([annotated(&[
                     (TOPOLOGY_MODE_ANNOTATION, "Disabled"),
                     (TOPOLOGY_AWARE_HINTS_ANNOTATION, "Auto"),
-                ]),
-            ];
-            for svc in services {
-                let output = build_on(zone_1(), vec![svc.clone()], vec![web_slice(&hinted())]);
-                assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-                assert_eq!(
-                    backends_of(&output, key("10.0.0.1", 80)),
-                    backends(ALL),
-                    "{:?}",
-                    svc.metadata.annotations
-                );
-            }
-        }
-
-        #[test]
-        fn topology_annotations_set_to_auto_turn_topology_on() {
-            let services = [
-                annotated(&[(TOPOLOGY_MODE_ANNOTATION, "Auto")]),
-                annotated(&[(TOPOLOGY_MODE_ANNOTATION, "auto")]),
-                annotated(&[(TOPOLOGY_AWARE_HINTS_ANNOTATION, "Auto")]),
-                annotated(&[(TOPOLOGY_AWARE_HINTS_ANNOTATION, "auto")]),
-                // An empty topology-mode defers to the older annotation.
-                annotated(&[
+                ])])
+                .backends(ALL),
+            on_zone_1("topology-mode Auto")
+                .services([mode("Auto")])
+                .backends(SAME_ZONE),
+            on_zone_1("topology-mode auto")
+                .services([mode("auto")])
+                .backends(SAME_ZONE),
+            on_zone_1("topology-aware-hints Auto")
+                .services([hints("Auto")])
+                .backends(SAME_ZONE),
+            on_zone_1("topology-aware-hints auto")
+                .services([hints("auto")])
+                .backends(SAME_ZONE),
+            on_zone_1("an empty topology-mode defers to the older annotation")
+                .services([annotated(&[
                     (TOPOLOGY_MODE_ANNOTATION, ""),
                     (TOPOLOGY_AWARE_HINTS_ANNOTATION, "auto"),
-                ]),
-            ];
-            for svc in services {
-                let output = build_on(zone_1(), vec![svc.clone()], vec![web_slice(&hinted())]);
-                assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-                assert_eq!(
-                    backends_of(&output, key("10.0.0.1", 80)),
-                    backends(SAME_ZONE),
-                    "{:?}",
-                    svc.metadata.annotations
-                );
-            }
-        }
-
-        #[test]
-        fn unknown_topology_requests_are_reported_and_ignored() {
-            let mut svc = annotated(&[(TOPOLOGY_MODE_ANNOTATION, "Custom")]);
-            spec_mut(&mut svc).traffic_distribution = Some("Nearby".into());
-            let output = build_on(zone_1(), vec![svc], vec![web_slice(&hinted())]);
-            assert_eq!(backends_of(&output, key("10.0.0.1", 80)), backends(ALL));
-            assert_eq!(
-                reasons(&output),
-                vec![
+                ])])
+                .backends(SAME_ZONE),
+            on_zone_1("unknown topology requests are reported and ignored")
+                .services([with(mode("Custom"), |s| {
+                    s.traffic_distribution = Some("Nearby".into())
+                })])
+                .reasons(&[
                     "Service ns/web: metadata.annotations[service.kubernetes.io/topology-mode]: \
                      \"Custom\" is not Auto or Disabled; topology hints are not used for it",
                     "Service ns/web: spec.trafficDistribution: \"Nearby\" is not PreferClose, \
                      PreferSameZone or PreferSameNode; it is ignored",
-                ]
-            );
-
-            // Either request is enough.
-            let mut svc = annotated(&[(TOPOLOGY_MODE_ANNOTATION, "Custom")]);
-            spec_mut(&mut svc).traffic_distribution = Some("PreferClose".into());
-            let output = build_on(zone_1(), vec![svc], vec![web_slice(&hinted())]);
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(SAME_ZONE)
-            );
-        }
-
-        #[test]
-        fn local_policy_ignores_topology_but_its_cluster_backends_follow_it() {
-            let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
-            spec_mut(&mut svc).traffic_distribution = Some("PreferClose".into());
-            spec_mut(&mut svc).external_traffic_policy = Some("Local".into());
-            set_ingress(&mut svc, vec![lb_ingress("192.0.2.10", "", "")]);
-            // The local endpoint is hinted for another zone.
-            let endpoints = [
-                for_zones(endpoint_on("10.1.0.1", "node-a"), &["zone-2"]),
-                for_zones(endpoint_on("10.1.0.2", "node-b"), &["zone-1"]),
-                for_zones(endpoint_on("10.1.0.3", "node-b"), &["zone-2"]),
-            ];
-            let output = build_on(zone_1(), vec![svc.clone()], vec![web_slice(&endpoints)]);
-            assert!(output.rejections.is_empty(), "{:?}", reasons(&output));
-            for external in [key("0.0.0.0", 30080), key("192.0.2.10", 80)] {
-                let found = frontend_at(&output, external);
-                assert!(found.policy.local_only);
-                assert_eq!(found.backends, backends(&["10.1.0.1"]), "{external:?}");
-                assert_eq!(
-                    found.cluster_backends,
-                    backends(&["10.1.0.2"]),
-                    "{external:?}"
-                );
-            }
-            let cluster = frontend_at(&output, key("10.0.0.1", 80));
-            assert!(!cluster.policy.local_only);
-            assert_eq!(cluster.backends, backends(&["10.1.0.2"]));
-
-            // internalTrafficPolicy: Local likewise keeps the ClusterIP
-            // frontend to the local endpoint.
-            spec_mut(&mut svc).internal_traffic_policy = Some("Local".into());
-            let output = build_on(zone_1(), vec![svc], vec![web_slice(&endpoints)]);
-            let cluster = frontend_at(&output, key("10.0.0.1", 80));
-            assert!(cluster.policy.local_only);
-            assert_eq!(cluster.backends, backends(&["10.1.0.1"]));
-            assert_eq!(cluster.cluster_backends, backends(&["10.1.0.2"]));
-        }
-
-        #[test]
-        fn terminating_fallback_works_with_topology() {
-            let svc = || vec![distributed("PreferClose")];
-            // A ready endpoint exists only in another zone: topology falls
-            // back to it rather than to the terminating one in our zone.
-            let endpoints = [
-                for_zones(terminating_on("10.1.0.1", "node-a"), &["zone-1"]),
-                ready_in("10.1.0.2", &["zone-2"]),
-            ];
-            let output = build_on(zone_1(), svc(), vec![web_slice(&endpoints)]);
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.2"])
-            );
-
-            // Nothing ready: every serving and terminating endpoint, whatever
-            // its hints (as kube-proxy does).
-            let endpoints = [
-                for_zones(terminating_on("10.1.0.1", "node-a"), &["zone-1"]),
-                for_zones(terminating_on("10.1.0.2", "node-b"), &["zone-2"]),
-                terminating_on("10.1.0.3", "node-b"),
-            ];
-            let output = build_on(zone_1(), svc(), vec![web_slice(&endpoints)]);
-            assert_eq!(backends_of(&output, key("10.0.0.1", 80)), backends(ALL));
-
-            // Ready ones in our zone win over a terminating one there.
-            let mut endpoints = hinted();
-            endpoints.push(for_zones(terminating_on("10.1.0.4", "node-a"), &["zone-1"]));
-            let output = build_on(zone_1(), svc(), vec![web_slice(&endpoints)]);
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(SAME_ZONE)
-            );
-        }
-
-        #[test]
-        fn same_node_hints_come_before_zone_hints() {
-            let both = |address: &str, node: &str, zone: &str| {
-                for_nodes(ready_in(address, &[zone]), &[node])
-            };
-            let endpoints = vec![
-                both("10.1.0.1", "node-a", "zone-1"),
-                both("10.1.0.2", "node-c", "zone-1"),
-                both("10.1.0.3", "node-b", "zone-2"),
-            ];
-            let output = build_on(
-                zone_1(),
-                vec![distributed("PreferSameNode")],
-                vec![web_slice(&endpoints)],
-            );
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.1"])
-            );
-
-            // No endpoint for this node: zone hints decide.
-            let mut elsewhere = endpoints.clone();
-            elsewhere[0] = both("10.1.0.1", "node-d", "zone-1");
-            let output = build_on(
-                zone_1(),
-                vec![distributed("PreferSameNode")],
-                vec![web_slice(&elsewhere)],
-            );
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.1", "10.1.0.2"])
-            );
-
-            // A ready endpoint without a node hint: zone hints decide.
-            let mut partial = endpoints.clone();
-            partial[2] = ready_in("10.1.0.3", &["zone-2"]);
-            let output = build_on(
-                zone_1(),
-                vec![distributed("PreferSameNode")],
-                vec![web_slice(&partial)],
-            );
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.1", "10.1.0.2"])
-            );
-
-            // Node hints need no zone label on the Node.
-            let output = build_on(
-                vec![node("node-a")],
-                vec![distributed("PreferSameNode")],
-                vec![web_slice(&endpoints)],
-            );
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.1"])
-            );
-        }
-
-        #[test]
-        fn empty_hint_names_are_reported_and_count_as_no_hint() {
-            let mut endpoints = hinted();
-            endpoints[1] = ready_in("10.1.0.2", &[""]);
-            endpoints.push(for_nodes(ready_in("10.1.0.4", &["", "zone-1"]), &[""]));
-            let output = build_on(
-                zone_1(),
-                vec![distributed("PreferClose")],
-                vec![web_slice(&endpoints)],
-            );
+                ])
+                .backends(ALL),
+            on_zone_1("either topology request is enough")
+                .services([with(mode("Custom"), |s| {
+                    s.traffic_distribution = Some("PreferClose".into())
+                })])
+                .reasons(&[
+                    "Service ns/web: metadata.annotations[service.kubernetes.io/topology-mode]: \
+                     \"Custom\" is not Auto or Disabled; topology hints are not used for it",
+                ])
+                .backends(SAME_ZONE),
+            // Rather than to the terminating one in our zone.
+            on_zone_1("a ready endpoint only in another zone is used")
+                .slices([web_slice(&[
+                    for_zones(terminating_on("10.1.0.1", "node-a"), &["zone-1"]),
+                    ready_in("10.1.0.2", &["zone-2"]),
+                ])])
+                .backends(&["10.1.0.2"]),
+            // As kube-proxy does.
+            on_zone_1("nothing ready: every serving terminating endpoint, whatever its hints")
+                .slices([web_slice(&[
+                    for_zones(terminating_on("10.1.0.1", "node-a"), &["zone-1"]),
+                    for_zones(terminating_on("10.1.0.2", "node-b"), &["zone-2"]),
+                    terminating_on("10.1.0.3", "node-b"),
+                ])])
+                .backends(ALL),
+            on_zone_1("ready endpoints in our zone win over a terminating one there")
+                .slices(hinted_plus(&[for_zones(
+                    terminating_on("10.1.0.4", "node-a"),
+                    &["zone-1"],
+                )]))
+                .backends(SAME_ZONE),
+            on_zone_1("same-node hints come before zone hints")
+                .services(prefer_same_node())
+                .slices([web_slice(&same_node)])
+                .backends(&["10.1.0.1"]),
+            on_zone_1("no endpoint for this node: zone hints decide")
+                .services(prefer_same_node())
+                .slices([web_slice(&node_elsewhere)])
+                .backends(&["10.1.0.1", "10.1.0.2"]),
+            on_zone_1("a ready endpoint without a node hint: zone hints decide")
+                .services(prefer_same_node())
+                .slices([web_slice(&no_node_hint)])
+                .backends(&["10.1.0.1", "10.1.0.2"]),
+            on_zone_1("node hints need no zone label on the Node")
+                .nodes([node("node-a")])
+                .services(prefer_same_node())
+                .slices([web_slice(&same_node)])
+                .backends(&["10.1.0.1"]),
             // 10.1.0.2 lacks a usable hint, so the hints are incomplete.
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"])
-            );
-            assert_eq!(
-                reasons(&output),
-                vec![
+            on_zone_1("empty hint names are reported and count as no hint")
+                .slices([web_slice(&empty_names)])
+                .reasons(&[
                     "EndpointSlice ns/web-1: endpoints[1].hints.forZones[0].name: empty; the \
                      hint is ignored",
                     "EndpointSlice ns/web-1: endpoints[3].hints.forNodes[0].name: empty; the \
                      hint is ignored",
                     "EndpointSlice ns/web-1: endpoints[3].hints.forZones[0].name: empty; the \
                      hint is ignored",
-                ]
-            );
+                ])
+                .backends(&["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"]),
+            on_zone_1("a good hint beside an empty one still counts")
+                .slices([web_slice(&empty_beside_good)])
+                .reasons(&[
+                    "EndpointSlice ns/web-1: endpoints[2].hints.forNodes[0].name: empty; the \
+                     hint is ignored",
+                    "EndpointSlice ns/web-1: endpoints[2].hints.forZones[0].name: empty; the \
+                     hint is ignored",
+                ])
+                .backends(&["10.1.0.1", "10.1.0.3", "10.1.0.4"]),
+        ]);
+    }
 
-            // The good hint beside an empty one still counts.
-            endpoints.remove(1);
-            let output = build_on(
-                zone_1(),
-                vec![distributed("PreferClose")],
-                vec![web_slice(&endpoints)],
-            );
-            assert_eq!(
-                backends_of(&output, key("10.0.0.1", 80)),
-                backends(&["10.1.0.1", "10.1.0.3", "10.1.0.4"])
-            );
-        }
-
-        #[test]
-        fn health_check_counts_ignore_topology() {
-            let mut svc = typed_service("ns", "web", "LoadBalancer", "10.0.0.1", 80, 30080);
-            let spec = spec_mut(&mut svc);
-            spec.traffic_distribution = Some("PreferClose".into());
-            spec.external_traffic_policy = Some("Local".into());
-            spec.health_check_node_port = Some(31000);
-            let endpoints = [
-                for_zones(endpoint_on("10.1.0.1", "node-a"), &["zone-2"]),
-                for_zones(endpoint_on("10.1.0.2", "node-b"), &["zone-1"]),
-            ];
-            let output = build_on(zone_1(), vec![svc], vec![web_slice(&endpoints)]);
-            let checks: Vec<usize> = output
-                .health_check_node_ports
-                .values()
-                .map(|check| check.local_endpoints)
-                .collect();
-            assert_eq!(checks, vec![1]);
-        }
+    /// Health check node ports count this node's ready endpoints.
+    #[test]
+    fn health_check_node_ports() {
+        let local = |svc: Service, port: i32| {
+            with(svc, |s| {
+                s.external_traffic_policy = Some("Local".into());
+                s.health_check_node_port = Some(port);
+            })
+        };
+        let lb = |policy: &str, port: i32| {
+            let svc = web_ports(&[
+                with_node_port(service_port("http", 80, ""), 30080),
+                with_node_port(service_port("https", 443, ""), 30443),
+            ]);
+            with(local(svc, port), |s| {
+                s.type_ = Some("LoadBalancer".into());
+                s.external_traffic_policy = Some(policy.into());
+            })
+        };
+        let dual_stack = service(
+            "ns",
+            "web",
+            &["10.0.0.1", "fd00::1"],
+            &[with_node_port(service_port("http", 80, ""), 30080)],
+        );
+        let http = [slice_port("http", 8080, "")];
+        run(vec![
+            Case::new("a dual-stack pod counts once")
+                .services([with(local(dual_stack, 31000), |s| {
+                    s.type_ = Some("NodePort".into())
+                })])
+                .slices([
+                    ipv4_slice(
+                        "web-1",
+                        &http,
+                        &[
+                            endpoint_on("10.1.0.1", "node-a"),
+                            endpoint_on("10.1.0.2", "node-a"),
+                        ],
+                    ),
+                    slice(
+                        "ns",
+                        "web-2",
+                        "web",
+                        "IPv6",
+                        &http,
+                        &[
+                            endpoint_on("fd00:1::1", "node-a"),
+                            endpoint_on("fd00:1::2", "node-a"),
+                            endpoint_on("fd00:1::3", "node-b"),
+                        ],
+                    ),
+                ])
+                .health(&["ns/web: port 31000, 2 local"]),
+            Case::new("local ready endpoint addresses are counted")
+                .services([lb("Local", 31000)])
+                .slices([ipv4_slice(
+                    "web-1",
+                    &[slice_port("http", 8080, ""), slice_port("https", 8443, "")],
+                    &[
+                        endpoint_on("10.1.0.1", "node-a"),
+                        endpoint_on("10.1.0.2", "node-a"),
+                        endpoint_on("10.1.0.3", "node-b"),
+                        terminating_on("10.1.0.4", "node-a"),
+                    ],
+                )])
+                .health(&["ns/web: port 31000, 2 local"]),
+            Case::new("none for the Cluster policy")
+                .services([lb("Cluster", 31000)])
+                .health(&[]),
+            Case::new("none for a bad port")
+                .services([lb("Local", 0)])
+                .reasons(&["Service ns/web: spec.healthCheckNodePort: 0 is outside 1..=65535"])
+                .health(&[]),
+            Case::new("counts ignore topology")
+                .nodes(zone_1())
+                .services([with(local(typed("LoadBalancer"), 31000), |s| {
+                    s.traffic_distribution = Some("PreferClose".into())
+                })])
+                .slices([web_slice(&[
+                    for_zones(endpoint_on("10.1.0.1", "node-a"), &["zone-2"]),
+                    for_zones(endpoint_on("10.1.0.2", "node-b"), &["zone-1"]),
+                ])])
+                .health(&["ns/web: port 31000, 1 local"]),
+        ]);
     }
 }
