@@ -227,6 +227,11 @@ impl Agent {
         &self.config
     }
 
+    /// The agent's process ID (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// The cgroup the agent's socket hooks apply to (`None` where the
     /// machine has no cgroup v2): node processes started in it reach
     /// services through the hooks.

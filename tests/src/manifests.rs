@@ -742,7 +742,7 @@ impl ManifestsDir {
 
     /// Writes a hidden temporary file and renames it into place, so a watcher
     /// sees either the old or the new content, never a partial file.
-    fn write_file(&self, file_name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    pub fn write_file(&self, file_name: &str, bytes: &[u8]) -> anyhow::Result<()> {
         let path = self.file(file_name);
         let temporary = self.file(&format!(".{file_name}.tmp"));
         std::fs::write(&temporary, bytes)

@@ -41,11 +41,14 @@ enum Task {
     /// network namespaces on this machine and show which pod answered.
     Demo,
     /// Setup, then the benchmarks: `packet` (per-packet cost of the eBPF
-    /// programs), `sync` (API change to programmed map entry) and
+    /// programs), `sync` (API change to programmed map entry), `traffic`
+    /// (connections, a stream and UDP packets through a Service in each
+    /// mode against the direct path, at 0 to 30 000 services; report and
+    /// plots in target/bench; about 1.5 h with its defaults) and
     /// `dataplane` (full and one-endpoint sync time of each mode at 10 000
     /// services); all when none is named.
     Bench {
-        /// `packet ARGS`, `sync ARGS` or `dataplane ARGS` run one benchmark with its arguments.
+        /// `packet ARGS`, `sync ARGS`, `traffic ARGS` or `dataplane ARGS` run one benchmark with its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -271,13 +274,35 @@ fn test(env: &Env, test_args: &[String]) -> anyhow::Result<()> {
         "--",
         "--test-threads=2",
     ]);
-    command.args(test_args).env("PROXY_AGENT_BIN", agent);
+    command.args(test_args).env("PROXY_AGENT_BIN", &agent);
     run(&mut command)?;
     if test_args.is_empty() {
+        // The traffic benchmark once at a tiny size, so that it keeps
+        // working; its figures mean nothing at this size.
+        let mut traffic = env.cargo(&["run", "-p", "proxy-bench", "--bin", "traffic", "--"]);
+        traffic
+            .args(TRAFFIC_SMOKE)
+            .arg("--out")
+            .arg(env.target_dir.join("bench/smoke"))
+            .env("PROXY_AGENT_BIN", &agent);
+        run(&mut traffic)?;
         vm::run_scenarios(env)?;
     }
     Ok(())
 }
+
+/// The traffic benchmark's arguments in `test`: every mode and pod network,
+/// a table of 10 services, one repetition of one second.
+const TRAFFIC_SMOKE: &[&str] = &[
+    "--sizes",
+    "0,10",
+    "--duration",
+    "1s",
+    "--iperf-seconds",
+    "1",
+    "--reps",
+    "1",
+];
 
 fn demo(env: &Env) -> anyhow::Result<()> {
     setup(env)?;
@@ -292,11 +317,11 @@ fn demo(env: &Env) -> anyhow::Result<()> {
     proxy_tests::demo::run(&env.target_dir.join("release/proxy-agent"))
 }
 
-/// `bench [packet|sync|dataplane] [ARGS]`: every benchmark, or one with its arguments.
+/// `bench [packet|sync|traffic|dataplane] [ARGS]`: every benchmark, or one with its arguments.
 fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
     setup(env)?;
     let (which, rest) = match args.first().map(String::as_str) {
-        Some(w @ ("packet" | "sync" | "dataplane")) => (Some(w), &args[1..]),
+        Some(w @ ("packet" | "sync" | "dataplane" | "traffic")) => (Some(w), &args[1..]),
         _ => (None, args),
     };
     let bench_bin =
@@ -312,6 +337,22 @@ fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
             "PROXY_AGENT_BIN",
             env.target_dir.join("release/proxy-agent"),
         );
+        if which.is_some() {
+            command.args(rest);
+        }
+        run(&mut command)?;
+    }
+    if which.is_none_or(|w| w == "traffic") {
+        // Timing matters: the agent under test is a release build too.
+        run(&mut env.cargo(&["build", "--release", "-p", "proxy-agent"]))?;
+        let mut command = bench_bin("traffic");
+        command
+            .env(
+                "PROXY_AGENT_BIN",
+                env.target_dir.join("release/proxy-agent"),
+            )
+            .arg("--out")
+            .arg(env.target_dir.join("bench"));
         if which.is_some() {
             command.args(rest);
         }
