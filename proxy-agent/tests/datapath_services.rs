@@ -19,7 +19,10 @@ use std::{
 };
 
 use proxy_agent::model::{FrontendKind, Protocol, ServiceTable};
-use proxy_common::{CtKey, CtValue, PROG_EGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, stat};
+use proxy_common::{
+    CT_FLAG_ESTABLISHED, CT_FLAG_SEEN_FIN, CtKey, CtValue, PROG_EGRESS, PROG_INGRESS,
+    PROG_NEW_FLOW, PROG_REJECT, stat,
+};
 
 mod common;
 use common::{
@@ -398,12 +401,21 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Who held the masquerade ports: a client address and the frontend view
+/// (`svc_id`) it reached.
+#[derive(Clone, Copy)]
+struct Holder {
+    client: Ipv4Addr,
+    svc_id: u32,
+}
+
 /// Claims every masquerade port towards `backend` with a reply-side entry
-/// last seen at `last_seen_ns`, as earlier flows would have; returns how
-/// many ports there are.
+/// of `holder`'s, last seen at `last_seen_ns`, as earlier flows would have;
+/// returns how many ports there are.
 fn occupy_every_snat_port(
     f: &Fixture,
     backend: SocketAddr,
+    holder: Holder,
     flags: u16,
     last_seen_ns: u64,
 ) -> usize {
@@ -429,11 +441,11 @@ fn occupy_every_snat_port(
             _pad0: 0,
         };
         let value = CtValue {
-            nat_addr: to_addr(ip(CLIENT)),
+            nat_addr: to_addr(ip(holder.client)),
             nat_port: 1u16.to_be(),
             flags,
             backend_id: 0,
-            svc_id: 0,
+            svc_id: holder.svc_id,
             in_ifindex: 0,
             last_seen_ns,
         };
@@ -443,47 +455,112 @@ fn occupy_every_snat_port(
     ports
 }
 
-/// Every masquerade port towards a backend is held by a live flow: a new
-/// flow is dropped (never given a live flow's port); once those flows are
-/// over (closed, and past the TIME_WAIT hold), a new flow takes a port.
+/// The frontend view of the masqueraded flows in the conntrack map (the
+/// one flow a test made).
+fn snat_svc_id(f: &Fixture) -> u32 {
+    let ct = f.conntrack();
+    ct.iter()
+        .filter_map(Result::ok)
+        .find(|(k, _)| k.dir == proxy_common::CT_SNAT_IN)
+        .map(|(_, v)| v.svc_id)
+        .expect("a masquerade entry")
+}
+
+/// Another client than [`CLIENT`].
+const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 99);
+
+/// The masquerade ports a new flow may take: a free one (or one whose flow
+/// is long over, past the backend's TIME_WAIT); and only when every port
+/// tried is held, one whose closed flow was another tuple's (counted: the
+/// connection may wait for a SYN retransmit). A live flow's port is never
+/// taken: with every port live, the new flow is dropped.
 #[test]
-fn masquerade_ports_of_live_flows_are_never_taken_and_expired_ones_are_reused() {
+fn masquerade_ports_of_live_flows_are_never_taken_and_closed_ones_are_reused() {
     let f = Setup::NodePortToOneBackend.load();
     let to_backend = sa(BACKENDS[0], TARGET_PORT);
     let node_port = sa(NODE, NODE_PORT);
+    let first = sa(CLIENT, 40999);
+    ingress_ok(&f, &tcp(first, node_port, Tcp::Syn));
+    let svc_id = snat_svc_id(&f);
+    let other = Holder {
+        client: OTHER_CLIENT,
+        svc_id,
+    };
+    let one_second_ago = monotonic_ns() - 1_000_000_000;
+    let reaches_the_backend_masqueraded = |client_port: u16| {
+        let client = sa(CLIENT, client_port);
+        let dnated = ingress_ok(&f, &tcp(client, node_port, Tcp::Syn));
+        assert_eq!(dnated, flow(client, to_backend));
+        let out = egress_ok(&f, &tcp(client, to_backend, Tcp::Syn));
+        assert_eq!(out.src.ip(), ip(NODE));
+        assert!(in_snat_range(out.src.port()));
+        let back = ingress_ok(&f, &tcp(to_backend, out.src, Tcp::SynAck));
+        assert_eq!(
+            back,
+            flow(to_backend, client),
+            "the port leads back to the new client"
+        );
+    };
 
-    // Live (closed 1 s ago: still inside the 65 s hold).
-    let ports = occupy_every_snat_port(
-        &f,
-        to_backend,
-        proxy_common::CT_FLAG_SEEN_FIN,
-        monotonic_ns() - 1_000_000_000,
-    );
+    // Live flows of another client.
+    let ports = occupy_every_snat_port(&f, to_backend, other, CT_FLAG_ESTABLISHED, one_second_ago);
     assert!(ports > 30_000, "{ports} masquerade ports on this machine");
     let (verdict, _) = f.ingress(&tcp(sa(CLIENT, 41000), node_port, Tcp::Syn));
     assert_eq!(verdict, TC_ACT_SHOT, "no port left: dropped");
     assert_eq!(f.stat(stat::DROP_SNAT_EXHAUSTED), 1);
 
-    // Over: closed 70 s ago.
+    // Closed 70 s ago: past any TIME_WAIT, free.
     occupy_every_snat_port(
         &f,
         to_backend,
-        proxy_common::CT_FLAG_SEEN_FIN,
+        other,
+        CT_FLAG_SEEN_FIN,
         monotonic_ns() - 70_000_000_000,
     );
-    let client = sa(CLIENT, 41001);
-    let dnated = ingress_ok(&f, &tcp(client, node_port, Tcp::Syn));
-    assert_eq!(dnated, flow(client, to_backend));
-    let out = egress_ok(&f, &tcp(client, to_backend, Tcp::Syn));
-    assert_eq!(out.src.ip(), ip(NODE));
-    assert!(in_snat_range(out.src.port()));
-    let back = ingress_ok(&f, &tcp(to_backend, out.src, Tcp::SynAck));
-    assert_eq!(
-        back,
-        flow(to_backend, client),
-        "the reused port leads back to the new client"
+    reaches_the_backend_masqueraded(41001);
+    assert_eq!(f.stat(stat::SNAT_PORT_REUSED_EARLY), 0);
+
+    // Closed a second ago by other tuples: of this client (its timestamps
+    // on another connection's clock), then of another client. Taken, as a
+    // last resort, and counted.
+    let same_client = Holder {
+        client: CLIENT,
+        svc_id,
+    };
+    occupy_every_snat_port(
+        &f,
+        to_backend,
+        same_client,
+        CT_FLAG_SEEN_FIN,
+        one_second_ago,
     );
+    reaches_the_backend_masqueraded(41002);
+    assert_eq!(f.stat(stat::SNAT_PORT_REUSED_EARLY), 1);
+    occupy_every_snat_port(&f, to_backend, other, CT_FLAG_SEEN_FIN, one_second_ago);
+    reaches_the_backend_masqueraded(41003);
+    assert_eq!(f.stat(stat::SNAT_PORT_REUSED_EARLY), 2);
     assert_eq!(f.stat(stat::DROP_SNAT_EXHAUSTED), 1);
+}
+
+/// A client that reconnects from the same port gets the same masquerade
+/// port (its previous flow's, closed): the backend sees the same tuple,
+/// with a later sequence number, as it would without the masquerade.
+#[test]
+fn a_reconnecting_client_tuple_keeps_its_masquerade_port() {
+    let f = Setup::NodePortToOneBackend.load();
+    let to_backend = sa(BACKENDS[0], TARGET_PORT);
+    let client = sa(CLIENT, 41000);
+    let node_port = sa(NODE, NODE_PORT);
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        ingress_ok(&f, &tcp(client, node_port, Tcp::Syn));
+        let out = egress_ok(&f, &tcp(client, to_backend, Tcp::Syn));
+        // The backend closes first, as servers without keep-alive do.
+        ingress_ok(&f, &tcp(to_backend, out.src, Tcp::Fin));
+        ports.push(out.src.port());
+    }
+    assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
+    assert_eq!(f.stat(stat::SNAT_PORT_REUSED_EARLY), 0);
 }
 
 /// Traffic to addresses no frontend has passes after one lookup; a

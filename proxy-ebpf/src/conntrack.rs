@@ -27,6 +27,10 @@ pub(crate) struct FlowScratch {
     pub(crate) value: CtValue,
     pub(crate) key2: CtKey,
     pub(crate) value2: CtValue,
+    /// The masquerade port to fall back on (network order; 0: none). Kept
+    /// here, not in a register: the verifier does not track map memory, so
+    /// setting it does not split the port search into more states.
+    pub(crate) fallback_port: u16,
 }
 
 #[map]

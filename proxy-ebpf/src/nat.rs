@@ -6,16 +6,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    Addr, BackendValue, CT_SNAT_IN, CT_SNAT_OUT, CtKey, CtValue, FAMILY_V4, FAMILY_V6, NodeConfig,
-    PROTO_TCP, SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, SNAT_TCP_HOLD_NS, SVC_MASQUERADE, SVC_MASQUERADE_OUTSIDE, ServiceValue, stat,
+    Addr, BackendValue, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST, CT_SNAT_IN, CT_SNAT_OUT, CtKey,
+    CtValue, FAMILY_V4, FAMILY_V6, NodeConfig, PROTO_TCP, SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN,
+    SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_TCP_HOLD_NS, SVC_MASQUERADE,
+    SVC_MASQUERADE_OUTSIDE, ServiceValue, stat,
 };
 
 use crate::conntrack::{FlowScratch, lifetime};
 use crate::csum::{csum_diff16, l4_csum, sctp_port_changed};
 use crate::datapath::Verdict;
 use crate::lb::Selection;
-use crate::maps::{PA_CONNTRACK, config, count, random, snat_addr};
+use crate::maps::{PA_CONNTRACK, config, count, snat_addr};
 use crate::packet::{ETH_HLEN, v4_raw};
 use crate::parse::{
     IP_CSUM, IP_DADDR, IP_SADDR, IP6_DADDR, IP6_SADDR, L4_DPORT, L4_SPORT, Packet, ifindex,
@@ -145,7 +146,9 @@ pub(crate) fn masquerade(
         nat_port: pkt.sport,
         flags,
         backend_id: 0,
-        svc_id: 0,
+        // Which frontend the client reached: with its address, whose TCP
+        // timestamp clock the backend saw on this port (see `claim_snat_port`).
+        svc_id: sel.svc.svc_id,
         in_ifindex: ifindex(ctx),
         last_seen_ns: sel.now,
     };
@@ -176,18 +179,25 @@ fn needs_masquerade(
 /// Picks a node port for a masqueraded flow and writes both of its
 /// entries. The port is claimed by inserting the reply-side entry with
 /// `BPF_NOEXIST`: two flows can never share (backend, node address, port),
-/// even when CPUs race. Returns false when every attempt collided.
+/// even when CPUs race. Returns false only when every port tried is held
+/// by a flow that is not over.
+///
+/// The search starts where the client's tuple hashes to, so a client that
+/// reconnects from the same port finds its previous port first. A port
+/// whose closed flow another client may still hold in TIME_WAIT at the
+/// backend is taken only when no port tried is free: the new connection
+/// may then wait for a SYN retransmit, which is better than a drop.
 ///
 /// `scratch.value` holds the value of the reply-side entry on entry: the
 /// client's address and port, with the flow's flags and clock.
-#[inline(never)]
+#[inline(always)]
 fn allocate_snat(
     scratch: &mut FlowScratch,
     pkt: &Packet,
     backend: &BackendValue,
     node: &Addr,
 ) -> bool {
-    let (base, span, start) = snat_port_window();
+    let (base, span, start, step) = snat_port_window(pkt, scratch.value.svc_id);
     scratch.key = CtKey {
         src: backend.addr,
         dst: *node,
@@ -198,45 +208,80 @@ fn allocate_snat(
         dir: CT_SNAT_IN,
         _pad0: 0,
     };
+    scratch.fallback_port = 0;
+    let mut claimed = 0u16;
     let mut i = 0;
     while i < SNAT_PORT_ATTEMPTS {
-        let offset = start.wrapping_add(i).checked_rem(span).unwrap_or(0);
+        let offset = start
+            .wrapping_add(i.wrapping_mul(step))
+            .checked_rem(span)
+            .unwrap_or(0);
         let port = ((base + offset) as u16).to_be();
         scratch.key.dport = port;
         if claim_snat_port(scratch, pkt.proto) {
-            scratch.key2 = CtKey {
-                src: pkt.saddr,
-                dst: backend.addr,
-                sport: pkt.sport,
-                dport: backend.port,
-                proto: pkt.proto,
-                family: pkt.family,
-                dir: CT_SNAT_OUT,
-                _pad0: 0,
-            };
-            scratch.value2 = CtValue {
-                nat_addr: *node,
-                nat_port: port,
-                ..scratch.value
-            };
-            if PA_CONNTRACK
-                .insert(&scratch.key2, &scratch.value2, 0)
-                .is_err()
-            {
-                let _ = PA_CONNTRACK.remove(&scratch.key);
-                return false;
-            }
-            return true;
+            claimed = port;
+            break;
         }
         i += 1;
     }
-    false
+    if claimed == 0 {
+        claimed = scratch.fallback_port;
+        if claimed == 0 {
+            return false;
+        }
+        scratch.key.dport = claimed;
+        let _ = PA_CONNTRACK.remove(&scratch.key);
+        if PA_CONNTRACK
+            .insert(&scratch.key, &scratch.value, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            return false;
+        }
+        count(stat::SNAT_PORT_REUSED_EARLY);
+    }
+    write_snat_out(scratch, pkt, backend, node, claimed)
 }
 
-/// The port range a new masqueraded flow searches, and where it starts:
-/// `(first port, number of ports, offset of the first attempt)`.
+/// Writes the forward-side masquerade entry of a flow whose reply-side
+/// entry (`scratch.key`) holds `port`; undoes that one if it cannot.
 #[inline(always)]
-fn snat_port_window() -> (u32, u32, u32) {
+fn write_snat_out(
+    scratch: &mut FlowScratch,
+    pkt: &Packet,
+    backend: &BackendValue,
+    node: &Addr,
+    port: u16,
+) -> bool {
+    // Field by field: a struct literal would be built on the stack first,
+    // and this runs three calls deep.
+    scratch.key2 = scratch.key;
+    scratch.key2.src = pkt.saddr;
+    scratch.key2.dst = backend.addr;
+    scratch.key2.sport = pkt.sport;
+    scratch.key2.dport = backend.port;
+    scratch.key2.dir = CT_SNAT_OUT;
+    scratch.value2 = scratch.value;
+    scratch.value2.nat_addr = *node;
+    scratch.value2.nat_port = port;
+    if PA_CONNTRACK
+        .insert(&scratch.key2, &scratch.value2, 0)
+        .is_err()
+    {
+        let _ = PA_CONNTRACK.remove(&scratch.key);
+        return false;
+    }
+    true
+}
+
+/// The port range a new masqueraded flow searches, and how: `(first port,
+/// number of ports, offset of the first attempt, step between attempts)`.
+/// All follow from the client's address and port and the frontend, not
+/// from chance: a client tuple tries the same ports in the same order each
+/// time, so it finds its own previous port while other tuples hold the
+/// ones before it. The step (odd) scatters the attempts, so that tuples
+/// whose first ports are neighbours do not search the same run of ports.
+#[inline(always)]
+fn snat_port_window(pkt: &Packet, svc_id: u32) -> (u32, u32, u32, u32) {
     let (mut min, mut max, low_min, low_max) = match config() {
         Some(c) => (
             c.snat_port_min as u32,
@@ -264,19 +309,49 @@ fn snat_port_window() -> (u32, u32, u32) {
     // One range is chosen, in proportion to its size, before the loop: a
     // choice per attempt would double the verifier's paths at each one.
     let high = max - min + 1;
-    let pick = random().checked_rem(high + low).unwrap_or(0);
+    let hash = tuple_hash(pkt, svc_id);
+    let pick = hash.checked_rem(high + low).unwrap_or(0);
+    let step = (hash >> 20) | 1;
     if pick < low {
-        (low_min, low, pick)
+        (low_min, low, pick, step)
     } else {
-        (min, high, pick - low)
+        (min, high, pick - low, step)
     }
+}
+
+/// A hash of the client's address and port and the frontend (FNV-1a over
+/// the words; spread is all it needs).
+#[inline(always)]
+fn tuple_hash(pkt: &Packet, svc_id: u32) -> u32 {
+    let a = &pkt.saddr;
+    let word = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    let mix = |h: u32, w: u32| (h ^ w).wrapping_mul(0x0100_0193);
+    let mut h = mix(0x811c_9dc5, word(0));
+    h = mix(h, word(4));
+    h = mix(h, word(8));
+    h = mix(h, word(12));
+    h = mix(h, pkt.sport as u32);
+    h = mix(h, svc_id);
+    h ^ (h >> 16)
 }
 
 /// Claims the masquerade tuple `scratch.key` for the flow in
 /// `scratch.value`: inserts it if free, or takes it over from a flow that
-/// is over (expired, and for TCP past [`SNAT_TCP_HOLD_NS`]). Only a
-/// `BPF_NOEXIST` insert claims, so two CPUs never both get one tuple; the
-/// delete before it only makes room.
+/// is over when the backend will take the new SYN on the tuple:
+/// - the same client tuple through the same frontend (a client that
+///   reconnects from its port): its sequence numbers and TCP timestamps
+///   have only grown since, so the backend's TIME_WAIT accepts the SYN;
+/// - any other flow once expired, and for TCP past [`SNAT_TCP_HOLD_NS`]
+///   (the backend's TIME_WAIT is over). Sooner, the SYN of another client,
+///   whose timestamps run on a clock of their own (Linux offsets them per
+///   connection), would be refused as a PAWS violation.
+///
+/// A port held by a flow that is over but may still be in the backend's
+/// TIME_WAIT against another client is remembered as the fallback
+/// (`scratch.fallback_port`, the first such one) and not taken.
+///
+/// Only a `BPF_NOEXIST` insert claims, so two CPUs never both get one
+/// tuple; the delete before it only makes room.
 #[inline(never)]
 fn claim_snat_port(scratch: &mut FlowScratch, proto: u8) -> bool {
     let insert = |s: &FlowScratch| {
@@ -287,19 +362,27 @@ fn claim_snat_port(scratch: &mut FlowScratch, proto: u8) -> bool {
     if insert(scratch) {
         return true;
     }
-    // SAFETY: copied out at once; plain data.
-    let Some(old) = (unsafe { PA_CONNTRACK.get(&scratch.key) }).copied() else {
+    let Some(old) = PA_CONNTRACK.get_ptr(&scratch.key) else {
         // Gone in between: free now.
         return insert(scratch);
     };
-    let idle = scratch.value.last_seen_ns.wrapping_sub(old.last_seen_ns);
-    let mut hold = lifetime(proto, old.flags);
-    if proto == PROTO_TCP && hold < SNAT_TCP_HOLD_NS {
-        hold = SNAT_TCP_HOLD_NS;
+    // SAFETY: a live map value of plain data, read field by field (a copy
+    // would not fit the stack); a concurrent writer at worst makes this
+    // flow look at a half-updated entry and try the next port.
+    let old = unsafe { &*old };
+    let new = &scratch.value;
+    let idle = new.last_seen_ns.wrapping_sub(old.last_seen_ns);
+    let expired = idle > lifetime(proto, old.flags);
+    let same_tuple =
+        old.nat_port == new.nat_port && old.svc_id == new.svc_id && old.nat_addr == new.nat_addr;
+    let closed = proto == PROTO_TCP && old.flags & (CT_FLAG_SEEN_FIN | CT_FLAG_SEEN_RST) != 0;
+    let safe = same_tuple || (expired && (proto != PROTO_TCP || idle > SNAT_TCP_HOLD_NS));
+    if safe {
+        let _ = PA_CONNTRACK.remove(&scratch.key);
+        return insert(scratch);
     }
-    if idle <= hold {
-        return false;
+    if (closed || expired) && scratch.fallback_port == 0 {
+        scratch.fallback_port = scratch.key.dport;
     }
-    let _ = PA_CONNTRACK.remove(&scratch.key);
-    insert(scratch)
+    false
 }
