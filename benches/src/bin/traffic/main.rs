@@ -205,6 +205,7 @@ fn run_network(
                 services,
                 seconds,
                 rss_bytes: load::rss_bytes(agent.pid()).unwrap_or(0),
+                datapath: Vec::new(),
             });
             bench.wait_reachable(&mut agent)?;
             bench.measure(report, mode, services, |route, server| {
@@ -222,9 +223,28 @@ fn run_network(
                 }
             })?;
             agent.ensure_running()?;
+            let metrics = in_netns(bench.topology.node_ns(), scrape_metrics)?;
+            if let Some(row) = report.programming.last_mut() {
+                row.datapath = DATAPATH_REASONS
+                    .iter()
+                    .filter_map(|reason| Some((*reason, datapath_count(&metrics, reason)?)))
+                    .collect();
+            }
         }
     }
     Ok(())
+}
+
+/// The eBPF datapath's counters the report shows per phase: masquerade
+/// ports that ran out, or were reused inside the backend's TIME_WAIT.
+const DATAPATH_REASONS: [&str; 2] = ["drop_snat_exhausted", "snat_port_reused_early"];
+
+/// `proxy_agent_datapath_packets_total{reason="<reason>"}`, if exported.
+fn datapath_count(metrics: &str, reason: &str) -> Option<u64> {
+    let prefix = format!("proxy_agent_datapath_packets_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
 }
 
 /// The servers traffic goes to.

@@ -125,6 +125,8 @@ pub struct Programming {
     /// Agent start to every frontend programmed.
     pub seconds: f64,
     pub rss_bytes: u64,
+    /// Datapath counters at the end of the phase (eBPF mode only).
+    pub datapath: Vec<(&'static str, u64)>,
 }
 
 /// Every figure of a run.
@@ -285,16 +287,27 @@ impl Report {
         }
         md.push_str(
             "\n### Programming the table (agent start to every frontend programmed; agent RSS \
-             then)\n\n| mode | services | seconds | RSS (MiB) |\n|---|---|---|---|\n",
+             then), and the eBPF datapath's masquerade counters after the phase\n\n\
+             | mode | services | seconds | RSS (MiB) | datapath |\n|---|---|---|---|---|\n",
         );
         for p in rows {
+            let counters: Vec<String> = p
+                .datapath
+                .iter()
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect();
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.2} | {:.0} |",
+                "| {} | {} | {:.2} | {:.0} | {} |",
                 p.mode,
                 p.services,
                 p.seconds,
-                p.rss_bytes as f64 / (1024.0 * 1024.0)
+                p.rss_bytes as f64 / (1024.0 * 1024.0),
+                if counters.is_empty() {
+                    "-".to_string()
+                } else {
+                    counters.join(", ")
+                }
             );
         }
     }
