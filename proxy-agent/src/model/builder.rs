@@ -1,6 +1,6 @@
 //! [`build_table`]: from cluster objects to the desired [`ServiceTable`].
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
@@ -15,8 +15,8 @@ use super::{
     Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
     Protocol, Rejection, ServiceName, ServiceTable, check_service_cidr,
     validate::{
-        EndpointPlan, IpFamily, ServicePlan, ServicePortPlan, ZONE_LABEL, check_endpoint_slice,
-        check_service, service_name_of,
+        EndpointPlan, IpFamily, ServiceCheck, ServicePlan, ServicePortPlan, SliceCheck, ZONE_LABEL,
+        check_endpoint_slice, check_service, service_name_of,
     },
     validate_node,
 };
@@ -53,6 +53,77 @@ pub struct HealthCheck {
 /// skipped and reported in [`BuildOutput::rejections`]; they never affect
 /// other Services. The result does not depend on the order of the input.
 pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
+    TableBuilder::default().build(state, cfg)
+}
+
+/// Builds the tables of successive states, checking a Service or
+/// EndpointSlice object only when it is new: a source's snapshots share the
+/// `Arc` of every object that did not change, which keeps the check it got
+/// in the last build. [`TableBuilder::build`] gives what [`build_table`]
+/// gives for the same state.
+#[derive(Default)]
+pub struct TableBuilder {
+    services: ObjectChecks<Service, (ServiceName, ServiceCheck)>,
+    slices: ObjectChecks<EndpointSlice, SliceCheck>,
+}
+
+impl TableBuilder {
+    pub fn build(&mut self, state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
+        let services = self.services.refresh(&state.services, |svc| {
+            (service_name_of(svc), check_service(svc))
+        });
+        let slices = self
+            .slices
+            .refresh(&state.endpoint_slices, check_endpoint_slice);
+        build_checked(state, cfg, &services, &slices)
+    }
+}
+
+/// The checks of the objects of the last build, by object identity. Each
+/// entry holds its object, so that its address is not reused while cached.
+struct ObjectChecks<K, C> {
+    by_object: HashMap<usize, (Arc<K>, Arc<C>)>,
+}
+
+impl<K, C> Default for ObjectChecks<K, C> {
+    fn default() -> Self {
+        ObjectChecks {
+            by_object: HashMap::new(),
+        }
+    }
+}
+
+impl<K, C> ObjectChecks<K, C> {
+    /// The check of each of `objects`, in their order: the cached one of an
+    /// object seen in the last build, else `check`'s. Forgets the objects
+    /// that are gone.
+    fn refresh(&mut self, objects: &[Arc<K>], check: impl Fn(&K) -> C) -> Vec<Arc<C>> {
+        let mut next = HashMap::with_capacity(objects.len());
+        let mut checks = Vec::with_capacity(objects.len());
+        for object in objects {
+            let id = Arc::as_ptr(object) as usize;
+            let entry = self
+                .by_object
+                .remove(&id)
+                .or_else(|| next.remove(&id))
+                .unwrap_or_else(|| (object.clone(), Arc::new(check(object))));
+            checks.push(entry.1.clone());
+            next.insert(id, entry);
+        }
+        self.by_object = next;
+        checks
+    }
+}
+
+/// [`build_table`] with every Service and EndpointSlice already checked
+/// (`services[i]` is the name and check of `state.services[i]`, likewise
+/// `slices`).
+fn build_checked(
+    state: &ClusterState,
+    cfg: &ModelConfig,
+    services: &[Arc<(ServiceName, ServiceCheck)>],
+    slices: &[Arc<SliceCheck>],
+) -> BuildOutput {
     let mut rejections: Vec<Rejection> =
         state.nodes.iter().flat_map(|n| validate_node(n)).collect();
     let service_cidrs = service_cidrs(state, &mut rejections);
@@ -62,8 +133,8 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
         node_name: &cfg.node_name,
         zone: zone.as_deref(),
     };
-    let endpoints = index_endpoints(&state.endpoint_slices, place, &mut rejections);
-    let plans = service_plans(&state.services, &mut rejections);
+    let endpoints = index_endpoints(slices, place, &mut rejections);
+    let plans = service_plans(&state.services, services, &mut rejections);
 
     let mut table = ServiceTable::new();
     let mut health_check_node_ports = BTreeMap::new();
@@ -71,7 +142,7 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
     // order, so when two Services (or two parts of one) claim one frontend
     // the lexically smaller namespace/name wins whatever the input order.
     for plan in plans {
-        for planned in plan_frontends(&plan, &endpoints) {
+        for planned in plan_frontends(plan, &endpoints) {
             if let Some(owner) = table.get(&planned.key) {
                 rejections.push(Rejection {
                     kind: "Service",
@@ -476,28 +547,27 @@ fn node_zone(
 
 /// Usable endpoints of all slices, merged per group.
 fn index_endpoints(
-    slices: &[Arc<EndpointSlice>],
+    slices: &[Arc<SliceCheck>],
     place: Place<'_>,
     rejections: &mut Vec<Rejection>,
 ) -> BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> {
     let mut groups: BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> = BTreeMap::new();
-    for slice in slices {
-        let check = check_endpoint_slice(slice);
-        rejections.extend(check.rejections);
-        let Some(plan) = check.plan else { continue };
-        let Some(service_name) = plan.service_name else {
+    for check in slices {
+        rejections.extend(check.rejections.iter().cloned());
+        let Some(plan) = &check.plan else { continue };
+        let Some(service_name) = &plan.service_name else {
             continue;
         };
         let service = ServiceName {
-            namespace: plan.namespace,
-            name: service_name,
+            namespace: plan.namespace.clone(),
+            name: service_name.clone(),
         };
-        for port in plan.ports {
+        for port in &plan.ports {
             let group = groups
                 .entry(BackendGroup {
                     service: service.clone(),
                     family: plan.family,
-                    port_name: port.name,
+                    port_name: port.name.clone(),
                     protocol: port.protocol,
                 })
                 .or_default();
@@ -513,15 +583,20 @@ fn index_endpoints(
     groups
 }
 
-/// Plans of the usable Services, sorted by namespace/name.
+/// Plans of the usable Services, sorted by namespace/name (`checks[i]` is
+/// the name and check of `services[i]`).
 ///
 /// Differing objects with one namespace/name (two manifest files defining
 /// the same Service, say) are all rejected: picking one would make the table
 /// depend on input order. Identical copies count as one.
-fn service_plans(services: &[Arc<Service>], rejections: &mut Vec<Rejection>) -> Vec<ServicePlan> {
-    let mut by_name: BTreeMap<ServiceName, Vec<&Service>> = BTreeMap::new();
-    for svc in services.iter().map(|s| &**s) {
-        by_name.entry(service_name_of(svc)).or_default().push(svc);
+fn service_plans<'a>(
+    services: &[Arc<Service>],
+    checks: &'a [Arc<(ServiceName, ServiceCheck)>],
+    rejections: &mut Vec<Rejection>,
+) -> Vec<&'a ServicePlan> {
+    let mut by_name: BTreeMap<&ServiceName, Vec<usize>> = BTreeMap::new();
+    for (i, check) in checks.iter().enumerate() {
+        by_name.entry(&check.0).or_default().push(i);
     }
 
     let mut plans = Vec::new();
@@ -529,7 +604,10 @@ fn service_plans(services: &[Arc<Service>], rejections: &mut Vec<Rejection>) -> 
         let Some((&first, others)) = copies.split_first() else {
             continue;
         };
-        let identical = others.iter().all(|&other| other == first);
+        let same = |i: usize| {
+            Arc::ptr_eq(&services[i], &services[first]) || services[i] == services[first]
+        };
+        let identical = others.iter().all(|&other| same(other));
         // Nameless objects are all rejected by the check; they are not copies
         // of each other.
         if !identical && !name.name.is_empty() {
@@ -546,14 +624,14 @@ fn service_plans(services: &[Arc<Service>], rejections: &mut Vec<Rejection>) -> 
         }
         if !identical {
             // Still report each copy's own problems.
-            for &svc in &copies {
-                rejections.extend(check_service(svc).rejections);
+            for &i in &copies {
+                rejections.extend(checks[i].1.rejections.iter().cloned());
             }
             continue;
         }
-        let check = check_service(first);
-        rejections.extend(check.rejections);
-        plans.extend(check.plan);
+        let check = &checks[first].1;
+        rejections.extend(check.rejections.iter().cloned());
+        plans.extend(check.plan.as_ref());
     }
     plans
 }

@@ -29,7 +29,7 @@ mod proptests;
 #[cfg(test)]
 pub(crate) mod test_support;
 
-pub use builder::{BuildOutput, HealthCheck, build_table};
+pub use builder::{BuildOutput, HealthCheck, TableBuilder, build_table};
 pub use plan::NodeNetwork;
 pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, validate_service};
 

@@ -19,7 +19,7 @@ use proptest::{collection::vec, option, prelude::*, test_runner::FileFailurePers
 
 use super::{
     Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
-    Protocol, ServiceName, ServiceTable, build_table,
+    Protocol, ServiceName, ServiceTable, TableBuilder, build_table,
     test_support::{
         apply, node as test_node, node_in_zone, slice, slice_port, spec_mut, typed_service,
     },
@@ -535,6 +535,43 @@ fn state_and_shuffled() -> impl Strategy<Value = (ClusterState, ClusterState)> {
     })
 }
 
+/// Successive states that share objects, as a source's snapshots share the
+/// `Arc` of every object that did not change: each one keeps some objects
+/// of the one before (the same `Arc`s) and takes the rest from a new state;
+/// the last is the first again.
+fn successive_states() -> impl Strategy<Value = Vec<ClusterState>> {
+    (vec(cluster_state(), 2..4), vec(any::<bool>(), 64)).prop_map(|(fresh, keep)| {
+        let mut keep = keep.into_iter().cycle();
+        let mut states = vec![fresh[0].clone()];
+        for new in &fresh[1..] {
+            let old = states.last().cloned().unwrap_or_default();
+            states.push(ClusterState {
+                services: pick(&old.services, &new.services, &mut keep),
+                endpoint_slices: pick(&old.endpoint_slices, &new.endpoint_slices, &mut keep),
+                nodes: new.nodes.clone(),
+                service_cidrs: Vec::new(),
+            });
+        }
+        states.push(fresh[0].clone());
+        states
+    })
+}
+
+/// Some of `old` (the same `Arc`s) and some of `new`, as `keep` says.
+fn pick<T>(old: &[Arc<T>], new: &[Arc<T>], keep: &mut impl Iterator<Item = bool>) -> Vec<Arc<T>> {
+    let kept: Vec<_> = old
+        .iter()
+        .filter(|_| keep.next().unwrap_or(false))
+        .cloned()
+        .collect();
+    let taken: Vec<_> = new
+        .iter()
+        .filter(|_| keep.next().unwrap_or(true))
+        .cloned()
+        .collect();
+    kept.into_iter().chain(taken).collect()
+}
+
 /// A state made for topology: one NodePort Service (random traffic policies,
 /// usually asking for topology-aware routing), slices of random endpoints
 /// for it, and random Nodes beside node-a, where this agent runs. In half
@@ -771,6 +808,19 @@ proptest! {
                 "unexplained {:?}",
                 rejection
             );
+        }
+    }
+
+    /// A builder that keeps the checks of unchanged objects between builds
+    /// gives, for each of successive states, what a fresh build gives.
+    #[test]
+    fn incremental_builds_equal_fresh_builds(
+        states in successive_states(),
+        cfg in model_config(),
+    ) {
+        let mut builder = TableBuilder::default();
+        for (i, state) in states.iter().enumerate() {
+            prop_assert_eq!(builder.build(state, &cfg), build_table(state, &cfg), "state {}", i);
         }
     }
 

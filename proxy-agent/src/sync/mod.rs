@@ -27,7 +27,7 @@ use crate::{
         addresses::{InterfaceAddress, NodeNetworkSettings, node_network},
     },
     model::{
-        ClusterState, HealthCheck, ModelConfig, Rejection, ServiceName, ServiceTable, build_table,
+        ClusterState, HealthCheck, ModelConfig, Rejection, ServiceName, ServiceTable, TableBuilder,
     },
     source::StateReceiver,
 };
@@ -213,6 +213,8 @@ struct Syncer<'a> {
     /// The ServiceCIDRs' ranges of the last state built, part of the node
     /// network given to the dataplane.
     service_cidrs: Vec<ipnet::IpNet>,
+    /// Keeps the checks of unchanged objects from one build to the next.
+    builder: TableBuilder,
 }
 
 impl<'a> Syncer<'a> {
@@ -233,6 +235,7 @@ impl<'a> Syncer<'a> {
             versions: Versions::default(),
             triggers: TriggerTimes::new(SystemTime::now()),
             service_cidrs: Vec::new(),
+            builder: TableBuilder::default(),
         }
     }
 
@@ -243,7 +246,7 @@ impl<'a> Syncer<'a> {
         let building = std::time::Instant::now();
         self.observer
             .node_eligible(node_eligible(state, &self.cfg.node_name));
-        let output = build_table(state, self.cfg);
+        let output = self.builder.build(state, self.cfg);
         // The node's network before the table: NodePorts of the table are
         // served on the addresses it names. Also retries a failed earlier
         // attempt.
