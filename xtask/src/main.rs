@@ -44,7 +44,7 @@ enum Task {
     /// programs), `sync` (API change to programmed map entry), `traffic`
     /// (connections, a stream and UDP packets through a Service in each
     /// mode against the direct path, at 0 to 30 000 services; report and
-    /// plots in target/bench; about 1.5 h with its defaults) and
+    /// plots in target/bench; about 2 h with its defaults) and
     /// `dataplane` (full and one-endpoint sync time of each mode at 10 000
     /// services); all when none is named.
     Bench {
