@@ -167,6 +167,22 @@ enum Progress {
     Failed(watcher::Error),
 }
 
+/// kubectl's copy of the object as last applied: often as large as the
+/// object itself, and never read here.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what the model never reads before an object is stored: its
+/// managed fields and kubectl's last-applied copy, which on a real cluster
+/// are a large share of every object kept (Cilium keeps slim objects for the
+/// same reason). Labels, the other annotations, spec and status stay.
+fn slim<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 fn follow<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -180,7 +196,7 @@ where
 {
     let backoff = JitteredBackoff::new(backoff);
     let answered = backoff.answered.clone();
-    let stream = reflector::reflector(writer, watcher(api, config))
+    let stream = reflector::reflector(writer, watcher(api, config).modify(slim))
         .backoff(backoff)
         .map(move |item| {
             let progress = match item {
@@ -487,6 +503,45 @@ impl Backoff for JitteredBackoff {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn slim_drops_managed_fields_and_the_last_applied_copy_only() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+        let annotations = std::collections::BTreeMap::from([
+            (super::LAST_APPLIED.to_string(), "{...}".to_string()),
+            (
+                "service.kubernetes.io/topology-mode".to_string(),
+                "Auto".to_string(),
+            ),
+        ]);
+        let mut service = Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                labels: Some([("app".to_string(), "web".to_string())].into()),
+                annotations: Some(annotations),
+                managed_fields: Some(vec![ManagedFieldsEntry {
+                    manager: Some("kube-controller-manager".into()),
+                    ..ManagedFieldsEntry::default()
+                }]),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        };
+        let mut want = service.clone();
+        want.metadata.managed_fields = None;
+        want.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(super::LAST_APPLIED);
+        super::slim(&mut service);
+        assert_eq!(service, want);
+        assert_eq!(
+            service.metadata.annotations.unwrap().len(),
+            1,
+            "other annotations (topology) stay"
+        );
+    }
     use super::*;
 
     #[test]
