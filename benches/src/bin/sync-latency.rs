@@ -48,6 +48,11 @@ struct Args {
     /// Single changes measured.
     #[arg(long, default_value_t = 300)]
     changes: u32,
+    /// Give every object the metadata a real API server and kubectl add
+    /// (managed fields, and kubectl's last-applied copy on Services), so
+    /// that the agent's memory is measured on objects of a real size.
+    #[arg(long)]
+    real_metadata: bool,
     /// Pause between changes, so that each one is applied alone.
     #[arg(long, default_value = "20ms", value_parser = proxy_agent::config::parse_go_duration)]
     pause: Duration,
@@ -108,6 +113,56 @@ impl ServicesMap {
 }
 
 /// Percentile (nearest rank) of sorted durations.
+/// What a real API server and kubectl add to an object: a managed-fields
+/// entry naming every field `manager` set (as `fieldsV1`), and on
+/// kubectl-applied objects the last-applied copy of the object.
+fn add_real_metadata(object: &mut serde_json::Value, manager: &str) {
+    fn fields_of(value: &serde_json::Value) -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(map) => serde_json::Value::Object(
+                map.iter()
+                    .map(|(k, v)| (format!("f:{k}"), fields_of(v)))
+                    .collect(),
+            ),
+            serde_json::Value::Array(items) => serde_json::Value::Object(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("i:{i}"), fields_of(v)))
+                    .collect(),
+            ),
+            _ => serde_json::json!({}),
+        }
+    }
+    let fields = fields_of(object);
+    let copy = object.to_string();
+    let meta = &mut object["metadata"];
+    meta["managedFields"] = serde_json::json!([{
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": "v1",
+        "time": "2026-12-06T00:00:00Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    }]);
+    if manager.starts_with("kubectl") {
+        meta["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
+            serde_json::Value::String(copy);
+    }
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -141,12 +196,21 @@ fn main() -> Result<()> {
     ))?;
     let n = args.services;
     let mut counts: Vec<u32> = vec![args.endpoints; n as usize];
+    let real = |mut object: serde_json::Value, manager: &str| {
+        if args.real_metadata {
+            add_real_metadata(&mut object, manager);
+        }
+        object
+    };
     let services: Vec<k8s_openapi::api::core::v1::Service> = (0..n)
-        .map(|i| serde_json::from_value(spec(i).service()))
+        .map(|i| serde_json::from_value(real(spec(i).service(), "kubectl-client-side-apply")))
         .collect::<Result<_, _>>()?;
     let slices: Vec<EndpointSlice> = (0..n)
         .map(|i| {
-            serde_json::from_value(spec(i).endpoint_slice(&endpoints(i, args.endpoints), None))
+            serde_json::from_value(real(
+                spec(i).endpoint_slice(&endpoints(i, args.endpoints), None),
+                "endpointslice-controller.k8s.io",
+            ))
         })
         .collect::<Result<_, _>>()?;
     server.apply_all(&services)?;
@@ -182,6 +246,7 @@ fn main() -> Result<()> {
     };
     let initial = started.elapsed();
     eprintln!("initial sync (agent start -> {n} services in the map): {initial:?}");
+    let rss_after_start = rss_mib(agent.pid());
 
     // The floor: a bare watcher of EndpointSlices on the same server, run in
     // the agent's namespace (where the server listens).
@@ -332,6 +397,15 @@ fn main() -> Result<()> {
         ratio(99.0)
     );
     println!("initial sync of {n} services (agent start -> all in the map): {initial:.2?}");
+    println!(
+        "agent RSS: {rss_after_start:.0} MiB after the initial sync, {:.0} MiB after the changes{}",
+        rss_mib(agent.pid()),
+        if args.real_metadata {
+            " (objects with real metadata)"
+        } else {
+            ""
+        }
+    );
     drop(agent);
     drop(server);
     drop(bpffs);
