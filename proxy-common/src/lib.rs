@@ -372,10 +372,11 @@ pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 pub const SNAT_LOW_PORT_MIN: u16 = 1_024;
 pub const SNAT_LOW_PORT_MAX: u16 = 29_999;
-/// A TCP flow's masquerade port is not given to another client's flow for
-/// this long after its last packet, even once the flow has closed, while
-/// other ports are free: the backend may hold its end in TIME_WAIT (60 s on
-/// Linux) and would refuse a SYN from another client on that tuple.
+/// A TCP flow's masquerade port is not given to a flow of another client
+/// tuple for this long after its last packet, even once the flow has
+/// closed, while other ports are free: the backend may hold its end in
+/// TIME_WAIT (60 s on Linux) and would refuse that SYN, whose timestamps
+/// run on another connection's clock.
 pub const SNAT_TCP_HOLD_NS: u64 = 65 * 1_000_000_000;
 /// Ports tried for one new masqueraded flow before giving up.
 pub const SNAT_PORT_ATTEMPTS: u32 = 32;
@@ -431,8 +432,9 @@ pub mod stat {
     /// A packet to an address of a ServiceCIDR that no Service holds
     /// (kube-proxy's "drop traffic to unallocated ClusterIPs").
     pub const DROP_UNALLOCATED: u32 = 29;
-    /// A masqueraded flow got a port whose closed flow, another client's,
-    /// the backend may still hold in TIME_WAIT: every port tried was taken.
+    /// A masqueraded flow got a port whose closed flow, another client
+    /// tuple's, the backend may still hold in TIME_WAIT: every port tried
+    /// was taken.
     /// The connection may wait for a SYN retransmit.
     pub const SNAT_PORT_REUSED_EARLY: u32 = 30;
     pub const COUNT: u32 = 32;

@@ -184,8 +184,8 @@ fn needs_masquerade(
 ///
 /// The search starts where the client's tuple hashes to, so a client that
 /// reconnects from the same port finds its previous port first. A port
-/// whose closed flow another client may still hold in TIME_WAIT at the
-/// backend is taken only when no port tried is free: the new connection
+/// whose closed flow (another tuple's) the backend may still hold in
+/// TIME_WAIT is taken only when no port tried is free: the new connection
 /// may then wait for a SYN retransmit, which is better than a drop.
 ///
 /// `scratch.value` holds the value of the reply-side entry on entry: the
@@ -230,11 +230,7 @@ fn allocate_snat(
             return false;
         }
         scratch.key.dport = claimed;
-        let _ = PA_CONNTRACK.remove(&scratch.key);
-        if PA_CONNTRACK
-            .insert(&scratch.key, &scratch.value, BPF_NOEXIST as u64)
-            .is_err()
-        {
+        if !take_over(scratch) {
             return false;
         }
         count(stat::SNAT_PORT_REUSED_EARLY);
@@ -347,24 +343,19 @@ fn tuple_hash(pkt: &Packet, svc_id: u32) -> u32 {
 ///   connection), would be refused as a PAWS violation.
 ///
 /// A port held by a flow that is over but may still be in the backend's
-/// TIME_WAIT against another client is remembered as the fallback
+/// TIME_WAIT against another tuple is remembered as the fallback
 /// (`scratch.fallback_port`, the first such one) and not taken.
 ///
 /// Only a `BPF_NOEXIST` insert claims, so two CPUs never both get one
 /// tuple; the delete before it only makes room.
 #[inline(never)]
 fn claim_snat_port(scratch: &mut FlowScratch, proto: u8) -> bool {
-    let insert = |s: &FlowScratch| {
-        PA_CONNTRACK
-            .insert(&s.key, &s.value, BPF_NOEXIST as u64)
-            .is_ok()
-    };
-    if insert(scratch) {
+    if insert_new(scratch) {
         return true;
     }
     let Some(old) = PA_CONNTRACK.get_ptr(&scratch.key) else {
         // Gone in between: free now.
-        return insert(scratch);
+        return insert_new(scratch);
     };
     // SAFETY: a live map value of plain data, read field by field (a copy
     // would not fit the stack); a concurrent writer at worst makes this
@@ -378,11 +369,26 @@ fn claim_snat_port(scratch: &mut FlowScratch, proto: u8) -> bool {
     let closed = proto == PROTO_TCP && old.flags & (CT_FLAG_SEEN_FIN | CT_FLAG_SEEN_RST) != 0;
     let safe = same_tuple || (expired && (proto != PROTO_TCP || idle > SNAT_TCP_HOLD_NS));
     if safe {
-        let _ = PA_CONNTRACK.remove(&scratch.key);
-        return insert(scratch);
+        return take_over(scratch);
     }
     if (closed || expired) && scratch.fallback_port == 0 {
         scratch.fallback_port = scratch.key.dport;
     }
     false
+}
+
+/// Claims `scratch.key` for `scratch.value` if no entry holds it.
+#[inline(always)]
+fn insert_new(scratch: &FlowScratch) -> bool {
+    PA_CONNTRACK
+        .insert(&scratch.key, &scratch.value, BPF_NOEXIST as u64)
+        .is_ok()
+}
+
+/// Claims `scratch.key` for `scratch.value` from the flow that holds it:
+/// the delete only makes room, the insert claims.
+#[inline(always)]
+fn take_over(scratch: &FlowScratch) -> bool {
+    let _ = PA_CONNTRACK.remove(&scratch.key);
+    insert_new(scratch)
 }
