@@ -232,6 +232,18 @@ impl Agent {
         self.process.pid()
     }
 
+    /// The agent's resident memory, from `/proc/<pid>/status`.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no VmRSS in {path}"))?;
+        Ok(kib * 1024)
+    }
+
     /// The cgroup the agent's socket hooks apply to (`None` where the
     /// machine has no cgroup v2): node processes started in it reach
     /// services through the hooks.

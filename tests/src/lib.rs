@@ -15,6 +15,7 @@ pub mod apiserver;
 pub mod bpf;
 pub mod client;
 pub mod demo;
+pub mod http;
 pub mod manifests;
 pub mod netns;
 pub mod rbac;

@@ -7,15 +7,15 @@
 //! at a time; they need root, and without it they print why and pass.
 use std::{
     collections::BTreeSet,
-    io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    io::Write,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail, ensure};
 use proxy_tests::{
     apiserver::ApiServer,
-    manifests,
+    http, manifests,
     netns::{
         Agent, AgentSource, BpfFs, ClientReport, NODE_IP, POD_TCP_PORT, POD_UDP_PORT, Protocol,
         READY_TIMEOUT, ServiceSpec, ToolPaths, Topology, agent_binary, in_netns,
@@ -221,42 +221,14 @@ impl Scenario {
 
     /// GET `path` from the agent's server at `addr` in the node namespace.
     fn http_get(&self, addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-        let addr: SocketAddr = addr.parse()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
-        in_netns(
-            self.topology.node_ns(),
-            move || -> anyhow::Result<(u16, String)> {
-                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-                stream.write_all(request.as_bytes())?;
-                let mut response = String::new();
-                stream.read_to_string(&mut response)?;
-                let status = response
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .context("no status line")?;
-                let body = response
-                    .split_once("\r\n\r\n")
-                    .map(|(_, b)| b.to_string())
-                    .unwrap_or_default();
-                Ok((status, body))
-            },
-        )?
+        http::get(self.topology.node_ns(), addr.parse()?, path)
     }
 
     /// The value of one sample in the agent's /metrics.
     fn metric(&self, sample: &str) -> anyhow::Result<f64> {
         let (status, body) = self.http_get(METRICS, "/metrics")?;
         ensure!(status == 200, "/metrics answered {status}");
-        let value = body
-            .lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-            .with_context(|| format!("no sample {sample} in /metrics"))?;
-        value
-            .trim()
-            .parse()
-            .with_context(|| format!("{sample} = {value:?}"))
+        http::sample(&body, sample).with_context(|| format!("no sample {sample} in /metrics"))
     }
 
     fn applies(&self) -> anyhow::Result<f64> {

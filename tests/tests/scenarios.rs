@@ -21,6 +21,7 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use proxy_agent::dataplane::{Mode as AgentMode, mode::Behaviour};
+use proxy_tests::http;
 use proxy_tests::manifests::TrafficPolicy;
 use proxy_tests::{
     client::check_spread,
@@ -637,14 +638,13 @@ fn clusterip_dual_stack_tcp_and_udp(mode: Mode) -> anyhow::Result<()> {
     }
     // The datapath counted what it did, and /metrics says so.
     let node_ns = c.t.node_ns().to_string();
-    let (status, metrics) = http_get(&node_ns, "127.0.0.1:10249".parse()?, "/metrics")?;
+    let (status, metrics) = http::get(&node_ns, "127.0.0.1:10249".parse()?, "/metrics")?;
     ensure!(status == 200, "/metrics: {status}");
-    let counter = |reason: &str| -> Option<f64> {
-        let prefix = format!("proxy_agent_datapath_packets_total{{reason=\"{reason}\"}} ");
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.trim().parse().ok())
+    let counter = |reason: &str| {
+        http::sample(
+            &metrics,
+            &format!("proxy_agent_datapath_packets_total{{reason=\"{reason}\"}}"),
+        )
     };
     // Only the eBPF datapath sees packets; netfilter modes have the kernel's
     // own counters instead.
@@ -1310,29 +1310,6 @@ fn internal_traffic_policy_local(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A minimal HTTP GET from namespace `ns`: the status code and the body.
-fn http_get(ns: &str, target: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
-    let response = in_netns(ns, || -> std::io::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })??;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("no status in {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// externalTrafficPolicy Local: external clients reach only this node's
 /// endpoints with their own address kept; without a local endpoint their
 /// traffic is dropped while pods are still served cluster-wide; the health
@@ -1363,7 +1340,7 @@ fn external_traffic_policy_local(mode: Mode) -> anyhow::Result<()> {
     let report = c.exchange(Protocol::Tcp, at(NODE6, TCP_NODE_PORT), COUNT)?;
     check("eTP Local IPv6", &report, COUNT, &[&pod], &[CLIENT6])?;
     let client_ns = c.t.client_ns().to_string();
-    let (status, body) = http_get(&client_ns, at(NODE, HEALTH_CHECK_PORT), "/")?;
+    let (status, body) = http::get(&client_ns, at(NODE, HEALTH_CHECK_PORT), "/")?;
     ensure!(
         status == 200 && body.contains("\"localEndpoints\":1"),
         "health check with a local endpoint: {status} {body}"
@@ -1378,7 +1355,7 @@ fn external_traffic_policy_local(mode: Mode) -> anyhow::Result<()> {
     )?;
     let report = c.probe_in(&client_ns, Protocol::Tcp, at(LB_IP, TCP_PORT), 3)?;
     check_unanswered("LB IP without local endpoints", &report, 3)?;
-    let (status, body) = http_get(&client_ns, at(NODE, HEALTH_CHECK_PORT), "/")?;
+    let (status, body) = http::get(&client_ns, at(NODE, HEALTH_CHECK_PORT), "/")?;
     ensure!(
         status == 503,
         "health check without local endpoints: {status} {body}"

@@ -151,16 +151,9 @@ fn add_real_metadata(object: &mut serde_json::Value, manager: &str) {
     }
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+/// The agent's resident memory in MiB (0 when it cannot be read).
+fn rss_mib(agent: &Agent) -> f64 {
+    agent.rss_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -246,7 +239,7 @@ fn main() -> Result<()> {
     };
     let initial = started.elapsed();
     eprintln!("initial sync (agent start -> {n} services in the map): {initial:?}");
-    let rss_after_start = rss_mib(agent.pid());
+    let rss_after_start = rss_mib(&agent);
 
     // The floor: a bare watcher of EndpointSlices on the same server, run in
     // the agent's namespace (where the server listens).
@@ -399,7 +392,7 @@ fn main() -> Result<()> {
     println!("initial sync of {n} services (agent start -> all in the map): {initial:.2?}");
     println!(
         "agent RSS: {rss_after_start:.0} MiB after the initial sync, {:.0} MiB after the changes{}",
-        rss_mib(agent.pid()),
+        rss_mib(&agent),
         if args.real_metadata {
             " (objects with real metadata)"
         } else {

@@ -303,16 +303,3 @@ impl CpuTime {
 
 /// The unit of `/proc/stat`: 100 on every Linux architecture this runs on.
 const USER_HZ: u64 = 100;
-
-/// The resident memory of process `pid`, from `/proc/<pid>/status`.
-pub fn rss_bytes(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .context("no VmRSS")?;
-    Ok(kib * 1024)
-}

@@ -34,8 +34,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use proxy_tests::{
+    http,
     manifests::{Endpoint, ManifestsDir, ServiceSpec},
-    netns::{Agent, AgentSource, BpfFs, NODE_IP, PodNetwork, Topology, agent_binary, in_netns},
+    netns::{Agent, AgentSource, BpfFs, NODE_IP, PodNetwork, Topology, agent_binary},
 };
 
 use load::{CONN_PORT_BASE, ConnServer, IPERF_PORT};
@@ -204,7 +205,7 @@ fn run_network(
                 mode: mode.clone(),
                 services,
                 seconds,
-                rss_bytes: load::rss_bytes(agent.pid()).unwrap_or(0),
+                rss_bytes: agent.rss_bytes().unwrap_or(0),
                 datapath: Vec::new(),
             });
             bench.wait_reachable(&mut agent)?;
@@ -223,7 +224,7 @@ fn run_network(
                 }
             })?;
             agent.ensure_running()?;
-            let metrics = in_netns(bench.topology.node_ns(), scrape_metrics)?;
+            let metrics = scrape_metrics(bench.topology.node_ns());
             if let Some(row) = report.programming.last_mut() {
                 row.datapath = DATAPATH_REASONS
                     .iter()
@@ -241,10 +242,8 @@ const DATAPATH_REASONS: [&str; 2] = ["drop_snat_exhausted", "snat_port_reused_ea
 
 /// `proxy_agent_datapath_packets_total{reason="<reason>"}`, if exported.
 fn datapath_count(metrics: &str, reason: &str) -> Option<u64> {
-    let prefix = format!("proxy_agent_datapath_packets_total{{reason=\"{reason}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    let sample = format!("proxy_agent_datapath_packets_total{{reason=\"{reason}\"}}");
+    http::sample(metrics, &sample).map(|count| count as u64)
 }
 
 /// The servers traffic goes to.
@@ -309,12 +308,10 @@ impl Bench<'_> {
         let want = f64::from(services) + 3.0;
         loop {
             agent.ensure_running()?;
-            let metrics = in_netns(self.topology.node_ns(), scrape_metrics)?;
-            let synced = gauge(
-                &metrics,
-                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            ) > 0.0;
-            if synced && gauge(&metrics, "proxy_agent_frontends") >= want {
+            let metrics = scrape_metrics(self.topology.node_ns());
+            let gauge = |name| http::sample(&metrics, name).unwrap_or(0.0);
+            let synced = gauge("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0.0;
+            if synced && gauge("proxy_agent_frontends") >= want {
                 return Ok(started.elapsed().as_secs_f64());
             }
             if started.elapsed() > PROGRAM_TIMEOUT {
@@ -416,26 +413,13 @@ fn filler_ip(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 19, (n >> 8) as u8, n as u8))
 }
 
-fn scrape_metrics() -> String {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], 10249)),
-        Duration::from_millis(200),
-    ) else {
-        return String::new();
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body);
-    body
-}
-
-/// The value of an unlabelled sample `name`, 0 when absent.
-fn gauge(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .find_map(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+/// The agent's `/metrics` (empty until it answers).
+fn scrape_metrics(node_ns: &str) -> String {
+    http::get(
+        node_ns,
+        SocketAddr::from(([127, 0, 0, 1], 10249)),
+        "/metrics",
+    )
+    .map(|(_, body)| body)
+    .unwrap_or_default()
 }
