@@ -200,14 +200,7 @@ fn run_network(
             let started = Instant::now();
             let mut agent = Agent::start(config)?;
             let seconds = bench.wait_programmed(&mut agent, services, started)?;
-            report.programming.push(Programming {
-                network: network.to_string(),
-                mode: mode.clone(),
-                services,
-                seconds,
-                rss_bytes: agent.rss_bytes().unwrap_or(0),
-                datapath: Vec::new(),
-            });
+            let rss_bytes = agent.rss_bytes().unwrap_or(0);
             bench.wait_reachable(&mut agent)?;
             bench.measure(report, mode, services, |route, server| {
                 match (route, server) {
@@ -225,12 +218,17 @@ fn run_network(
             })?;
             agent.ensure_running()?;
             let metrics = scrape_metrics(bench.topology.node_ns());
-            if let Some(row) = report.programming.last_mut() {
-                row.datapath = DATAPATH_REASONS
+            report.programming.push(Programming {
+                network: network.to_string(),
+                mode: mode.clone(),
+                services,
+                seconds,
+                rss_bytes,
+                datapath: DATAPATH_REASONS
                     .iter()
                     .filter_map(|reason| Some((*reason, datapath_count(&metrics, reason)?)))
-                    .collect();
-            }
+                    .collect(),
+            });
         }
     }
     Ok(())
