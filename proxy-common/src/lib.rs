@@ -29,6 +29,9 @@ pub const MEMBERS_MAX_ENTRIES: u32 = 524_288;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 262_144;
+/// Pods of one node: far above the usual limit of 110, and the kubelet's
+/// largest setting.
+pub const SOCK_PODS_MAX_ENTRIES: u32 = 4_096;
 pub const FRONTEND_ADDRS_MAX_ENTRIES: u32 = 131_072;
 /// ServiceCIDR ranges: a cluster has a handful.
 pub const SERVICE_CIDRS_MAX_ENTRIES: u32 = 256;
@@ -49,14 +52,20 @@ pub const MAP_CONFIG: &str = "PA_CONFIG";
 pub const MAP_PROGS: &str = "PA_PROGS";
 pub const MAP_SOCK_NETNS: &str = "PA_SOCK_NETNS";
 pub const MAP_SOCK_REVNAT: &str = "PA_SOCK_REVNAT";
+/// The network namespaces of this node's pods (cookie -> [`SockPod`]): their
+/// sockets get socket-level load balancing for the frontends that need no
+/// packet-level work.
+pub const MAP_SOCK_PODS: &str = "PA_SOCK_PODS";
 /// Every address a frontend has (or had, while its flows may live on),
 /// keyed like the node-addresses map: traffic to any other address is no
 /// service traffic, and leaves ingress after one lookup.
 pub const MAP_FRONTEND_ADDRS: &str = "PA_FRONTEND_ADDRS";
 /// One bit per port (word `port / 64`, bit `port % 64`, the port in host
-/// order) on which a UDP or SCTP backend has been programmed: only a
+/// order) on which a backend has been programmed: only a UDP or SCTP
 /// packet to such a port can be a client reusing a flow's tuple straight
-/// to its backend, so other non-service traffic skips that lookup.
+/// to its backend, and only a socket whose peer has such a port can have
+/// been given its peer by the socket hooks, so other traffic and other
+/// sockets skip those lookups.
 pub const MAP_BACKEND_PORTS: &str = "PA_BACKEND_PORTS";
 /// Words of [`MAP_BACKEND_PORTS`].
 pub const BACKEND_PORT_WORDS: u32 = 1_024;
@@ -86,6 +95,10 @@ pub const PROGS_SOCKET: [&str; 8] = [
     "pa_recvmsg6",
     "pa_getpeername6",
 ];
+
+/// The socket hook (cgroup `sock`) that forgets a closing socket's
+/// reverse-translation entry.
+pub const PROG_SOCK_RELEASE: &str = "pa_sock_release";
 
 /// Slots of the program array (`MAP_PROGS`). The stages are separate
 /// programs so that each is verified, and gets its stack, on its own.
@@ -183,12 +196,18 @@ pub struct BackendValue {
 /// Direction tags of connection-tracking keys.
 /// Client -> frontend, seen at ingress; the value is the backend.
 pub const CT_FORWARD: u8 = 0;
-/// Backend -> client, seen at egress; the value is the frontend, restored as
-/// the source.
-pub const CT_REPLY: u8 = 1;
-/// Client -> backend of a masqueraded flow, seen at egress after the DNAT;
-/// the value is the node address and port the source becomes.
-pub const CT_SNAT_OUT: u8 = 2;
+/// Seen at egress, where a packet is either kind and one lookup finds it:
+/// - a reply, backend -> client; the value is the frontend, restored as
+///   the source;
+/// - with [`CT_FLAG_SNAT_OUT`], the forward packet of a masqueraded flow,
+///   client -> backend after the DNAT; the value is the node address and
+///   port the source becomes.
+///
+/// Both kinds never share a tuple: at one hook, a tuple is one connection.
+pub const CT_EGRESS: u8 = 1;
+/// What `CT_EGRESS` entries with [`CT_FLAG_SNAT_OUT`] were keyed by before
+/// the two kinds shared one tag: read once at load, to move live flows.
+pub const CT_SNAT_OUT_OLD: u8 = 2;
 /// Backend -> node address and port of a masqueraded flow, seen at ingress;
 /// the value is the client, restored as the destination.
 pub const CT_SNAT_IN: u8 = 3;
@@ -213,7 +232,8 @@ pub struct CtKey {
 /// Connection-tracking flags.
 pub const CT_FLAG_SEEN_FIN: u16 = 1 << 0;
 pub const CT_FLAG_SEEN_RST: u16 = 1 << 1;
-/// The flow is masqueraded (it has `CT_SNAT_OUT`/`CT_SNAT_IN` entries).
+/// The flow is masqueraded (it has masquerade entries at egress and
+/// `CT_SNAT_IN`).
 pub const CT_FLAG_SNAT: u16 = 1 << 2;
 /// The flow's service has session affinity: its packets keep the client's
 /// affinity entry fresh.
@@ -223,6 +243,8 @@ pub const CT_FLAG_AFFINITY: u16 = 1 << 3;
 /// (a client reusing the port, perhaps straight to the backend), and the
 /// entry must not translate it.
 pub const CT_FLAG_ESTABLISHED: u16 = 1 << 4;
+/// A [`CT_EGRESS`] entry of the masquerade kind (not a reply).
+pub const CT_FLAG_SNAT_OUT: u16 = 1 << 5;
 
 /// Value of the connection-tracking map.
 ///
@@ -334,6 +356,23 @@ pub struct SockRevValue {
     pub _pad0: [u8; 6],
 }
 
+/// [`SockPod::flags`]: the pod has an address of the family in the cluster
+/// CIDR.
+pub const SOCK_POD_V4: u8 = 1 << 0;
+pub const SOCK_POD_V6: u8 = 1 << 1;
+
+/// Value of the pods' namespaces map: the pod's own addresses, so that a
+/// pod reaching itself through a frontend (hairpin, which is masqueraded)
+/// keeps the packet path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockPod {
+    pub v4: Addr,
+    pub v6: Addr,
+    pub flags: u8,
+    pub _pad0: [u8; 7],
+}
+
 /// Flags of [`NodeConfig`].
 pub const CFG_SNAT_V4: u32 = 1 << 0;
 pub const CFG_SNAT_V6: u32 = 1 << 1;
@@ -437,6 +476,9 @@ pub mod stat {
     /// was taken.
     /// The connection may wait for a SYN retransmit.
     pub const SNAT_PORT_REUSED_EARLY: u32 = 30;
+    /// A pod's socket call to a frontend was given a backend (socket-level
+    /// load balancing: its packets need no translation).
+    pub const SOCK_POD_TRANSLATED: u32 = 31;
     pub const COUNT: u32 = 32;
 
     /// Human names, indexed like the constants above.
@@ -472,7 +514,7 @@ pub mod stat {
         "flow_tuple_reused",
         "drop_unallocated",
         "snat_port_reused_early",
-        "unused31",
+        "sock_pod_translated",
     ];
 }
 
@@ -508,6 +550,8 @@ mod pod {
     unsafe impl aya::Pod for SockRevKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockRevValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockPod {}
 }
 
 #[cfg(test)]
@@ -530,6 +574,7 @@ mod tests {
         assert_eq!(size_of::<NodeAddrKey>(), 16 + 1 + 3);
         assert_eq!(size_of::<SockRevKey>(), 8 + 16 + 2 + 1 + 5);
         assert_eq!(size_of::<SockRevValue>(), 16 + 2 + 6);
+        assert_eq!(size_of::<SockPod>(), 16 + 16 + 1 + 7);
         assert_eq!(size_of::<NodeConfig>(), 4 * 16 + 1 + 1 + 2 + 4 + 2 + 2 + 4);
     }
 }

@@ -8,9 +8,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    CT_FLAG_AFFINITY, CT_FLAG_ESTABLISHED, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST, CT_FLAG_SNAT,
-    CT_FORWARD, CT_LIFETIME_NON_TCP_NS, CT_LIFETIME_TCP_CLOSING_NS, CT_LIFETIME_TCP_NS,
-    CT_REFRESH_NS, CT_REPLY, CT_SNAT_OUT, CtKey, CtValue, NodeConfig, PROTO_TCP, stat,
+    CT_EGRESS, CT_FLAG_AFFINITY, CT_FLAG_ESTABLISHED, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST,
+    CT_FLAG_SNAT, CT_FLAG_SNAT_OUT, CT_FORWARD, CT_LIFETIME_NON_TCP_NS, CT_LIFETIME_TCP_CLOSING_NS,
+    CT_LIFETIME_TCP_NS, CT_REFRESH_NS, CtKey, CtValue, NodeConfig, PROTO_TCP, stat,
 };
 
 use crate::datapath::Verdict;
@@ -127,7 +127,7 @@ pub(crate) fn forget_flow_on_tuple(ctx: &TcContext, pkt: &Packet) {
         dport: pkt.sport,
         proto: pkt.proto,
         family: pkt.family,
-        dir: CT_REPLY,
+        dir: CT_EGRESS,
         _pad0: 0,
     };
     // SAFETY: the fields are copied out at once; plain data.
@@ -136,7 +136,7 @@ pub(crate) fn forget_flow_on_tuple(ctx: &TcContext, pkt: &Packet) {
     else {
         return;
     };
-    if in_ifindex != 0 && in_ifindex != ifindex(ctx) {
+    if flags & CT_FLAG_SNAT_OUT != 0 || (in_ifindex != 0 && in_ifindex != ifindex(ctx)) {
         return;
     }
     let _ = PA_CONNTRACK.remove(&key);
@@ -152,7 +152,7 @@ pub(crate) fn forget_flow_on_tuple(ctx: &TcContext, pkt: &Packet) {
     // The masquerade leg at egress; the node port's entry keeps the port
     // held until it expires, as every closed flow's does.
     if flags & CT_FLAG_SNAT != 0 {
-        let _ = PA_CONNTRACK.remove(&ct_key(pkt, CT_SNAT_OUT));
+        let _ = PA_CONNTRACK.remove(&ct_key(pkt, CT_EGRESS));
     }
     count(stat::FLOW_TUPLE_REUSED);
 }
@@ -220,7 +220,7 @@ fn insert_flow(
         dport: pkt.sport,
         proto: pkt.proto,
         family: pkt.family,
-        dir: CT_REPLY,
+        dir: CT_EGRESS,
         _pad0: 0,
     };
     scratch.value = CtValue {

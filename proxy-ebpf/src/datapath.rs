@@ -25,14 +25,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    CT_FLAG_AFFINITY, CT_FORWARD, CT_REPLY, CT_SNAT_IN, CT_SNAT_OUT, NodeConfig, TAIL_ICMP_EGRESS,
-    TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_SLOTS, stat,
+    CT_EGRESS, CT_FLAG_AFFINITY, CT_FLAG_SNAT_OUT, CT_FORWARD, CT_SNAT_IN, NodeConfig,
+    TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_SLOTS, stat,
 };
 
 use crate::conntrack::{self, ct_key, ct_touch, forget_flow_on_tuple};
 use crate::lb::{self, refresh_affinity};
 use crate::maps::{PA_CONNTRACK, config, count, in_service_cidr, may_be_frontend, now, snat_addr};
-use crate::nat::{self, Side, rewrite};
+use crate::nat::{self, Side, may_be_snat_port, rewrite};
 use crate::parse::{Packet, parse};
 use crate::reject::reject;
 
@@ -84,6 +84,7 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
     // A reply to a masqueraded flow: give it back its client as destination.
     if let Some(snat) = snat_addr(cfg, pkt.family)
         && snat == pkt.daddr
+        && may_be_snat_port(cfg, pkt.dport)
         && let Some(ct) = PA_CONNTRACK.get_ptr_mut(&ct_key(pkt, CT_SNAT_IN))
     {
         // SAFETY: the pointer is to a live map value; concurrent writers
@@ -189,24 +190,21 @@ pub fn pa_egress(mut ctx: TcContext) -> i32 {
 }
 
 /// Source translation on the way out: the node address of a masqueraded
-/// flow's forward packet, or the frontend of a reply.
+/// flow's forward packet, or the frontend of a reply; one lookup finds
+/// either (see `CT_EGRESS`).
 #[inline(always)]
 fn egress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
-    let mut key = ct_key(pkt, CT_SNAT_OUT);
-    let mut reason = stat::SNAT_OUT;
-    let ct = match PA_CONNTRACK.get_ptr_mut(&key) {
-        Some(ct) => ct,
-        None => {
-            key.dir = CT_REPLY;
-            reason = stat::REVNAT;
-            match PA_CONNTRACK.get_ptr_mut(&key) {
-                Some(ct) => ct,
-                None => return (TC_ACT_OK as i32, u32::MAX),
-            }
-        }
+    let key = ct_key(pkt, CT_EGRESS);
+    let Some(ct) = PA_CONNTRACK.get_ptr_mut(&key) else {
+        return (TC_ACT_OK as i32, u32::MAX);
     };
     // SAFETY: as in ingress: a live map value of plain data.
     let ct = unsafe { &mut *ct };
+    let reason = if ct.flags & CT_FLAG_SNAT_OUT != 0 {
+        stat::SNAT_OUT
+    } else {
+        stat::REVNAT
+    };
     if ct_touch(ct, pkt, now()).is_none() {
         // Over, or its tuple taken by a connection that did not come
         // through a frontend (a client reaching the backend directly from

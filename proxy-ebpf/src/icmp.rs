@@ -15,7 +15,8 @@
 //! them (with its pseudo-header for ICMPv6).
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use proxy_common::{
-    Addr, CT_REPLY, CT_SNAT_IN, CtKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, stat,
+    Addr, CT_EGRESS, CT_FLAG_SNAT_OUT, CT_SNAT_IN, CtKey, FAMILY_V4, FAMILY_V6, PROTO_TCP,
+    PROTO_UDP, stat,
 };
 
 use crate::{
@@ -260,9 +261,12 @@ fn egress(ctx: &mut TcContext) -> Result<u32, i64> {
         return Ok(stat::PASS_OTHER_PROTO);
     };
     // SAFETY: copied out at once; plain data.
-    let Some(ct) = (unsafe { PA_CONNTRACK.get(&ct_key(&e, CT_REPLY)) }).copied() else {
+    let Some(ct) = (unsafe { PA_CONNTRACK.get(&ct_key(&e, CT_EGRESS)) }).copied() else {
         return Ok(stat::PASS_OTHER_PROTO);
     };
+    if ct.flags & CT_FLAG_SNAT_OUT != 0 {
+        return Ok(stat::PASS_OTHER_PROTO);
+    }
     let from_backend = e.outer_src == e.inner_dst;
     rewrite_inner(ctx, &e, true, &ct.nat_addr, ct.nat_port)?;
     if from_backend {

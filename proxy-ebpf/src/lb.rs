@@ -8,15 +8,15 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Addr, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6, FAMILY_V4,
-    NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE,
-    SVC_SOURCE_RANGES, ServiceValue, TAIL_REJECT, stat,
+    NodeConfig, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_SOURCE_RANGES, ServiceValue,
+    TAIL_REJECT, stat,
 };
 
 use crate::conntrack::forget_flow_on_tuple;
 use crate::datapath::{Verdict, tail_call};
 use crate::maps::{
-    PA_AFFINITY, PA_SERVICES, affinity_backend, affinity_key, in_service_cidr, lookup_frontend,
-    now, pick_slot, source_admitted,
+    PA_AFFINITY, affinity_backend, affinity_key, in_service_cidr, lookup_frontend, now, pick_slot,
+    source_admitted, use_internal_view,
 };
 use crate::parse::Packet;
 
@@ -65,12 +65,7 @@ pub(crate) fn select(
     // In-cluster clients of an external Local frontend use the cluster-wide
     // view (kube-proxy's short-circuit of pod traffic).
     if svc.flags & SVC_INTERNAL_SCOPE != 0 && client_in_cluster == Some(true) {
-        svc_key.scope = SCOPE_INTERNAL;
-        // SAFETY: copied out at once; plain data.
-        match unsafe { PA_SERVICES.get(&svc_key) } {
-            Some(internal) => svc = *internal,
-            None => svc_key.scope = SCOPE_EXTERNAL,
-        }
+        use_internal_view(&mut svc_key, &mut svc);
     }
     if svc.count == 0 {
         if svc.flags & SVC_DROP_EMPTY != 0 {

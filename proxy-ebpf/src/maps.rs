@@ -3,14 +3,15 @@
 //! session affinity, and the random backend of a frontend.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use proxy_common::{
     Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CFG_SNAT_V4, CFG_SNAT_V6, CtKey,
-    CtValue, FAMILY_V4, MemberKey, NodeAddrKey, NodeConfig, SCOPE_EXTERNAL, ServiceCidrKey,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, stat,
+    CtValue, FAMILY_V4, MemberKey, NodeAddrKey, NodeConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    ServiceCidrKey, ServiceKey, ServiceValue, SockPod, SockRevKey, SockRevValue, SourceRangeKey,
+    stat,
 };
 
 #[map]
@@ -57,9 +58,15 @@ pub(crate) static PA_FRONTEND_ADDRS: HashMap<NodeAddrKey, u32> =
 #[map]
 pub(crate) static PA_SOCK_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
+/// See `proxy_common::MAP_SOCK_PODS`.
+#[map]
+pub(crate) static PA_SOCK_PODS: HashMap<u64, SockPod> =
+    HashMap::with_max_entries(proxy_common::SOCK_PODS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
 /// For each socket translated by the socket hooks and the backend it was
 /// given: the frontend it asked for, restored on receive and getpeername.
 #[map]
+/// A connected socket's entry goes when it closes (`pa_sock_release`).
 pub(crate) static PA_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(proxy_common::SOCK_REVNAT_MAX_ENTRIES, 0);
 
@@ -68,7 +75,7 @@ pub(crate) static PA_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
 pub(crate) static PA_BACKEND_PORTS: Array<u64> =
     Array::with_max_entries(proxy_common::BACKEND_PORT_WORDS, 0);
 
-/// Whether a UDP or SCTP backend may listen on `port` (network order).
+/// Whether a backend may listen on `port` (network order).
 #[inline(always)]
 pub(crate) fn may_be_backend_port(port: u16) -> bool {
     let port = u16::from_be(port);
@@ -90,11 +97,26 @@ pub(crate) fn count(index: u32) {
     }
 }
 
+/// Switches a frontend's `key` and `svc` to its internal view (the
+/// cluster-wide backends of an external Local frontend, for clients inside
+/// the cluster); keeps the external view when that entry is missing.
+#[inline(always)]
+pub(crate) fn use_internal_view(key: &mut ServiceKey, svc: &mut ServiceValue) {
+    key.scope = SCOPE_INTERNAL;
+    // SAFETY: copied out at once; plain data.
+    match unsafe { PA_SERVICES.get(&*key) } {
+        Some(internal) => *svc = *internal,
+        None => key.scope = SCOPE_EXTERNAL,
+    }
+}
+
 /// Monotonic clock, read only on paths that touch connection tracking.
+/// The coarse one (CLOCK_MONOTONIC_COARSE: a tick's resolution, no clock
+/// source read): lifetimes and refreshes count in seconds.
 #[inline(always)]
 pub(crate) fn now() -> u64 {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]

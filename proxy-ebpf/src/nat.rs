@@ -6,10 +6,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    Addr, BackendValue, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST, CT_SNAT_IN, CT_SNAT_OUT, CtKey,
-    CtValue, FAMILY_V4, FAMILY_V6, NodeConfig, PROTO_TCP, SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN,
-    SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_TCP_HOLD_NS, SVC_MASQUERADE,
-    SVC_MASQUERADE_OUTSIDE, ServiceValue, stat,
+    Addr, BackendValue, CT_EGRESS, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST, CT_FLAG_SNAT_OUT,
+    CT_SNAT_IN, CtKey, CtValue, FAMILY_V4, FAMILY_V6, NodeConfig, PROTO_TCP, SNAT_LOW_PORT_MAX,
+    SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_TCP_HOLD_NS,
+    SVC_MASQUERADE, SVC_MASQUERADE_OUTSIDE, ServiceValue, stat,
 };
 
 use crate::conntrack::{FlowScratch, lifetime};
@@ -255,8 +255,9 @@ fn write_snat_out(
     scratch.key2.dst = backend.addr;
     scratch.key2.sport = pkt.sport;
     scratch.key2.dport = backend.port;
-    scratch.key2.dir = CT_SNAT_OUT;
+    scratch.key2.dir = CT_EGRESS;
     scratch.value2 = scratch.value;
+    scratch.value2.flags |= CT_FLAG_SNAT_OUT;
     scratch.value2.nat_addr = *node;
     scratch.value2.nat_port = port;
     if PA_CONNTRACK
@@ -278,7 +279,31 @@ fn write_snat_out(
 /// whose first ports are neighbours do not search the same run of ports.
 #[inline(always)]
 fn snat_port_window(pkt: &Packet, svc_id: u32) -> (u32, u32, u32, u32) {
-    let (mut min, mut max, low_min, low_max) = match config() {
+    let (min, max, low_min, low_max) = snat_ranges(config());
+    // Offsets below `low` fall in the low range, the rest in the high one.
+    let low = if low_min != 0 {
+        low_max - low_min + 1
+    } else {
+        0
+    };
+    // One range is chosen, in proportion to its size, before the loop: a
+    // choice per attempt would double the verifier's paths at each one.
+    let high = max - min + 1;
+    let hash = tuple_hash(pkt, svc_id);
+    let pick = hash.checked_rem(high + low).unwrap_or(0);
+    let step = (hash >> 20) | 1;
+    if pick < low {
+        (low_min, low, pick, step)
+    } else {
+        (min, high, pick - low, step)
+    }
+}
+
+/// The masquerade port ranges, in host order: `(min, max, low min, low
+/// max)`, the low range `(0, 0)` when there is none.
+#[inline(always)]
+fn snat_ranges(cfg: Option<&NodeConfig>) -> (u32, u32, u32, u32) {
+    let (mut min, mut max, mut low_min, mut low_max) = match cfg {
         Some(c) => (
             c.snat_port_min as u32,
             c.snat_port_max as u32,
@@ -296,23 +321,20 @@ fn snat_port_window(pkt: &Packet, svc_id: u32) -> (u32, u32, u32, u32) {
         min = SNAT_PORT_MIN as u32;
         max = SNAT_PORT_MAX as u32;
     }
-    // Offsets below `low` fall in the low range, the rest in the high one.
-    let low = if low_min != 0 && low_max >= low_min {
-        low_max - low_min + 1
-    } else {
-        0
-    };
-    // One range is chosen, in proportion to its size, before the loop: a
-    // choice per attempt would double the verifier's paths at each one.
-    let high = max - min + 1;
-    let hash = tuple_hash(pkt, svc_id);
-    let pick = hash.checked_rem(high + low).unwrap_or(0);
-    let step = (hash >> 20) | 1;
-    if pick < low {
-        (low_min, low, pick, step)
-    } else {
-        (min, high, pick - low, step)
+    if low_min == 0 || low_max < low_min {
+        (low_min, low_max) = (0, 0);
     }
+    (min, max, low_min, low_max)
+}
+
+/// Whether `port` (network order) may be a masquerade port: only a packet
+/// to one can be the reply of a masqueraded flow, so others skip that
+/// lookup.
+#[inline(always)]
+pub(crate) fn may_be_snat_port(cfg: Option<&NodeConfig>, port: u16) -> bool {
+    let port = u16::from_be(port) as u32;
+    let (min, max, low_min, low_max) = snat_ranges(cfg);
+    (min <= port && port <= max) || (low_min != 0 && low_min <= port && port <= low_max)
 }
 
 /// A hash of the client's address and port and the frontend (FNV-1a over

@@ -78,7 +78,7 @@ pub(crate) fn parse(ctx: &TcContext) -> Result<Packet, u32> {
     // non-linear skb), pull them in once so direct reads can reach them.
     let linear = ctx.data_end() - ctx.data();
     let len = ctx.len() as usize;
-    if linear < MAX_HEADERS && len > linear {
+    if linear < MAX_HEADERS && len > linear && !headers_linear(ctx) {
         let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
         // Failure only means fewer bytes are readable; parsing then stops.
         let _ = ctx.pull_data(want as u32);
@@ -117,6 +117,43 @@ pub(crate) fn parse(ctx: &TcContext) -> Result<Packet, u32> {
         dport: ports[1],
         tcp_flags,
     })
+}
+
+/// Whether every header the parser reads lies in the linear area already,
+/// as it does for nearly every packet (a TCP segment's headers are linear,
+/// its payload in pages). A pull would copy a cloned skb (TCP keeps a clone
+/// of each segment it sends) only to read what is readable. Other
+/// protocols (ICMP errors read the packet they quote) say no.
+#[inline(always)]
+fn headers_linear(ctx: &TcContext) -> bool {
+    let Some(ethertype) = read::<u16>(ctx, 12) else {
+        return false;
+    };
+    let (l4_off, proto) = match u16::from_be(ethertype) {
+        ETH_P_IP => {
+            let (Some(version_ihl), Some(proto)) =
+                (read::<u8>(ctx, ETH_HLEN), read::<u8>(ctx, ETH_HLEN + 9))
+            else {
+                return false;
+            };
+            (ETH_HLEN + ((version_ihl & 0x0f) as usize) * 4, proto)
+        }
+        ETH_P_IPV6 => {
+            let Some(proto) = read::<u8>(ctx, ETH_HLEN + IP6_NEXTHDR) else {
+                return false;
+            };
+            (ETH_HLEN + IP6_HLEN, proto)
+        }
+        // Not parsed any further.
+        _ => return true,
+    };
+    let l4_len = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        PROTO_SCTP => 12,
+        _ => return false,
+    };
+    ctx.data() + l4_off + l4_len <= ctx.data_end()
 }
 
 type L3 = (u8, u8, Addr, Addr, usize);

@@ -1,60 +1,82 @@
-//! Socket-level load balancing for the node's own processes (cgroup
-//! `sock_addr` hooks): a `connect()` or `sendmsg()` to a service frontend is
-//! given a backend's address before any packet exists, and `recvmsg()` /
-//! `getpeername()` give the frontend's address back.
+//! Socket-level load balancing (cgroup `sock_addr` hooks): a `connect()` or
+//! `sendmsg()` to a service frontend is given a backend's address before
+//! any packet exists, and `recvmsg()` / `getpeername()` give the frontend's
+//! address back.
 //!
-//! The node's own traffic never crosses the TC hooks of a pod interface on
-//! its way out (a ClusterIP is routed out of the node's uplink, and a
-//! NodePort on a local address goes over loopback), so without these hooks
-//! host processes and hostNetwork pods could not reach services, nor
-//! localhost NodePorts when `--nodeport-addresses` asks for them.
-//!
-//! Only sockets of the agent's own network namespace are translated (the
-//! cgroup hooks see every namespace of the cgroup): pods keep the packet
-//! path, where masquerade, source ranges and hairpin are decided.
+//! Two kinds of socket are translated, told apart by their network
+//! namespace (the cgroup hooks see every namespace of the cgroup):
+//! - The node's own (the agent's namespace). Its traffic never crosses the
+//!   TC hooks of a pod interface on its way out (a ClusterIP is routed out
+//!   of the node's uplink, and a NodePort on a local address goes over
+//!   loopback), so without these hooks host processes and hostNetwork pods
+//!   could not reach services, nor localhost NodePorts.
+//! - This node's pods' (the namespaces in `PA_SOCK_PODS`), for the frontends
+//!   whose flows need nothing of the packet path: no masquerade, no source
+//!   ranges, no session affinity, and a backend other than the pod itself.
+//!   Their packets then carry the backend's address from the first one, so
+//!   they need no per-packet translation and no connection-tracking entry,
+//!   and the client's kernel picks a source port for the real backend.
+//!   Everything else keeps the packet path, which decides it as before.
 use aya_ebpf::{
     EbpfContext,
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use proxy_common::{
     Addr, AffinityValue, BackendValue, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
-    SVC_AFFINITY, SVC_INTERNAL_SCOPE, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SockRevKey,
-    SockRevValue, stat,
+    SOCK_POD_V4, SOCK_POD_V6, SVC_AFFINITY, SVC_INTERNAL_SCOPE, SVC_MASQUERADE, SVC_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SockPod, SockRevKey, SockRevValue, stat,
 };
 
 use crate::maps::{
-    PA_AFFINITY, PA_SERVICES, PA_SOCK_NETNS, PA_SOCK_REVNAT, affinity_backend, affinity_key,
-    config, count, in_service_cidr, lookup_frontend, now, pick_slot, snat_addr, source_admitted,
+    PA_AFFINITY, PA_SERVICES, PA_SOCK_NETNS, PA_SOCK_PODS, PA_SOCK_REVNAT, affinity_backend,
+    affinity_key, config, count, in_service_cidr, lookup_frontend, may_be_backend_port, now,
+    pick_slot, snat_addr, source_admitted, use_internal_view,
 };
 use crate::packet::{v4_addr, v4_raw};
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const ECONNREFUSED: i32 = 111;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// What a hook does with the socket call.
 enum Outcome {
     /// Not a service (or not ours to translate): the call goes on as is.
     Untouched,
-    /// The address was rewritten to a backend.
-    Translated,
+    /// The address was rewritten to a backend; the stat to count.
+    Translated(u32),
     /// A service without endpoints, one whose source ranges leave the node
     /// out, or an address of a ServiceCIDR no frontend serves: the call
     /// fails with ECONNREFUSED.
     Refused,
 }
 
-/// Whether this socket lives in the agent's network namespace.
+/// Whose socket a call is on.
+enum Owner {
+    /// The node's (the agent's network namespace).
+    Node,
+    /// One of this node's pods (its entry in the map: a pointer, so that no
+    /// variant leaves bytes the verifier sees uninitialised).
+    Pod(&'static SockPod),
+}
+
+/// Whose socket a call is on; `None`: a namespace not ours to translate.
 #[inline(always)]
-fn ours(ctx: &SockAddrContext) -> bool {
-    let Some(&netns) = PA_SOCK_NETNS.get(0) else {
-        return false;
-    };
+fn owner(ctx: &SockAddrContext) -> Option<Owner> {
     // SAFETY: the context pointer is this program's.
-    netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == netns
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if let Some(&node) = PA_SOCK_NETNS.get(0)
+        && node != 0
+        && netns == node
+    {
+        return Some(Owner::Node);
+    }
+    // SAFETY: copied out at once; plain data.
+    unsafe { PA_SOCK_PODS.get(&netns) }.map(Owner::Pod)
 }
 
 #[inline(always)]
@@ -108,15 +130,60 @@ fn balance(
     let Some(backend) = choose(&svc, &key, family, client.as_ref()) else {
         return Err(Outcome::Untouched);
     };
+    remember(ctx, family, &backend, addr, port);
+    Ok(backend)
+}
+
+/// Picks a backend for a pod's call to `addr:port`, when the flow needs
+/// nothing of the packet path; `None`: the packet path takes the flow (and
+/// decides, as for any pod, what happens to it).
+#[inline(always)]
+fn balance_pod(
+    ctx: &SockAddrContext,
+    pod: &SockPod,
+    family: u8,
+    proto: u8,
+    addr: &Addr,
+    port: u16,
+) -> Option<BackendValue> {
+    let own = if family == FAMILY_V4 {
+        (pod.flags & SOCK_POD_V4 != 0).then_some(&pod.v4)
+    } else {
+        (pod.flags & SOCK_POD_V6 != 0).then_some(&pod.v6)
+    };
+    // Without an address in the cluster CIDR the pod counts as outside.
+    let own = own?;
+    let (mut key, mut svc) = lookup_frontend(family, proto, addr, port)?;
+    if svc.flags & SVC_SOURCE_RANGES != 0 {
+        return None;
+    }
+    // The pod is inside the cluster: the view the packet path gives it.
+    if svc.flags & SVC_INTERNAL_SCOPE != 0 {
+        use_internal_view(&mut key, &mut svc);
+    }
+    // Masquerade and affinity (keyed by the client's address, which a
+    // socket has not chosen yet) are the packet path's; so are the
+    // answers of an empty frontend (reject or drop).
+    if svc.flags & (SVC_MASQUERADE | SVC_AFFINITY) != 0 || svc.count == 0 {
+        return None;
+    }
+    let (_, backend) = pick_slot(&svc, &key)?;
+    // Hairpin is masqueraded, so that the pod answers itself through the
+    // node.
+    if backend.addr == *own {
+        return None;
+    }
+    remember(ctx, family, &backend, addr, port);
+    Some(backend)
+}
+
+/// Records, for this socket and `backend`, the frontend `addr:port` it
+/// asked for, which `recvmsg()` and `getpeername()` give back.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, family: u8, backend: &BackendValue, addr: &Addr, port: u16) {
     // SAFETY: the context pointer is this program's.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rev_key = SockRevKey {
-        cookie,
-        addr: backend.addr,
-        port: backend.port,
-        family,
-        _pad0: [0; 5],
-    };
+    let rev_key = rev_key(cookie, family, &backend.addr, backend.port);
     let rev = SockRevValue {
         addr: *addr,
         port,
@@ -124,7 +191,45 @@ fn balance(
     };
     // A lost entry only costs the reply its frontend address.
     let _ = PA_SOCK_REVNAT.insert(&rev_key, &rev, 0);
-    Ok(backend)
+}
+
+/// The reverse-map key of socket `cookie` and its peer `addr:port`.
+#[inline(always)]
+fn rev_key(cookie: u64, family: u8, addr: &Addr, port: u16) -> SockRevKey {
+    SockRevKey {
+        cookie,
+        addr: *addr,
+        port,
+        family,
+        _pad0: [0; 5],
+    }
+}
+
+/// A backend for a call of `owner` to `addr:port`.
+#[inline(always)]
+fn translate(
+    ctx: &SockAddrContext,
+    owner: &Owner,
+    family: u8,
+    proto: u8,
+    addr: &Addr,
+    port: u16,
+) -> Result<BackendValue, Outcome> {
+    match owner {
+        Owner::Node => balance(ctx, family, proto, addr, port),
+        Owner::Pod(pod) => {
+            balance_pod(ctx, pod, family, proto, addr, port).ok_or(Outcome::Untouched)
+        }
+    }
+}
+
+/// The stat a translation of `owner`'s call counts under.
+#[inline(always)]
+fn translated(owner: &Owner) -> Outcome {
+    match owner {
+        Owner::Node => Outcome::Translated(stat::SOCK_TRANSLATED),
+        Owner::Pod(_) => Outcome::Translated(stat::SOCK_POD_TRANSLATED),
+    }
 }
 
 /// The client address the node's own traffic has in the affinity map: the
@@ -166,8 +271,8 @@ fn choose(
 fn finish(outcome: Outcome) -> i32 {
     match outcome {
         Outcome::Untouched => 1,
-        Outcome::Translated => {
-            count(stat::SOCK_TRANSLATED);
+        Outcome::Translated(counter) => {
+            count(counter);
             1
         }
         Outcome::Refused => {
@@ -184,32 +289,38 @@ fn finish(outcome: Outcome) -> i32 {
 fn forward4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if !ours(ctx) {
+    let Some(owner) = owner(ctx) else {
         return 1;
-    }
+    };
     let Some(proto) = protocol(sa) else {
         return 1;
     };
     let addr = v4_addr(sa.user_ip4.to_ne_bytes());
     let port = sa.user_port as u16;
-    match balance(ctx, FAMILY_V4, proto, &addr, port) {
+    match translate(ctx, &owner, FAMILY_V4, proto, &addr, port) {
         Ok(backend) => {
             sa.user_ip4 = v4_raw(&backend.addr);
             sa.user_port = backend.port as u32;
-            finish(Outcome::Translated)
+            finish(translated(&owner))
         }
         Err(outcome) => finish(outcome),
     }
 }
 
-/// Reads the IPv6 address of `sa` (four 32-bit loads, as the verifier
-/// requires of this context).
+/// Reads the IPv6 address of `sa`.
 #[inline(always)]
 fn user_ip6(sa: &bpf_sock_addr) -> Addr {
+    addr_of_words(&sa.user_ip6)
+}
+
+/// An IPv6 address of a socket context, read as four 32-bit loads (the
+/// verifier requires them of these contexts).
+#[inline(always)]
+fn addr_of_words(words: &[u32; 4]) -> Addr {
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {
-        let word = sa.user_ip6[i].to_ne_bytes();
+        let word = words[i].to_ne_bytes();
         addr[i * 4] = word[0];
         addr[i * 4 + 1] = word[1];
         addr[i * 4 + 2] = word[2];
@@ -281,39 +392,37 @@ fn remap(addr: &Addr, mapped: bool) -> Addr {
 fn forward6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if !ours(ctx) {
+    let Some(owner) = owner(ctx) else {
         return 1;
-    }
+    };
     let Some(proto) = protocol(sa) else {
         return 1;
     };
     let full = user_ip6(sa);
     let port = sa.user_port as u16;
     let (family, addr, mapped) = unmap(&full);
-    match balance(ctx, family, proto, &addr, port) {
+    match translate(ctx, &owner, family, proto, &addr, port) {
         Ok(backend) => {
             set_user_ip6(sa, &remap(&backend.addr, mapped));
             sa.user_port = backend.port as u32;
-            finish(Outcome::Translated)
+            finish(translated(&owner))
         }
         Err(outcome) => finish(outcome),
     }
 }
 
-/// The frontend a socket of ours reached `addr:port` through, if any.
+/// The frontend a socket of ours reached `addr:port` through, if any. A
+/// peer on a port no backend has was never translated: most calls (a
+/// server's `accept()` asks for its client's name) end there.
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext, family: u8, addr: &Addr, port: u16) -> Option<SockRevValue> {
+    if !may_be_backend_port(port) {
+        return None;
+    }
     // SAFETY: the context pointer is this program's.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey {
-        cookie,
-        addr: *addr,
-        port,
-        family,
-        _pad0: [0; 5],
-    };
     // SAFETY: copied out at once; plain data.
-    unsafe { PA_SOCK_REVNAT.get(&key) }.copied()
+    unsafe { PA_SOCK_REVNAT.get(&rev_key(cookie, family, addr, port)) }.copied()
 }
 
 /// `recvmsg()` and `getpeername()` over IPv4: the backend's address
@@ -384,4 +493,30 @@ pub fn pa_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn pa_getpeername6(ctx: SockAddrContext) -> i32 {
     backward6(&ctx)
+}
+
+/// A socket closes: its reverse entry goes with it, so that the entries of
+/// connected sockets, one per `connect()`, never fill the map and make
+/// each new one evict an old one. (An unconnected UDP socket's entries,
+/// one per backend it sent to, age out of the LRU map.)
+#[cgroup_sock(sock_release)]
+pub fn pa_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sk = unsafe { &*ctx.sock };
+    let port = sk.dst_port;
+    if !may_be_backend_port(port) {
+        return 1;
+    }
+    let (family, addr) = if sk.family == AF_INET {
+        (FAMILY_V4, v4_addr(sk.dst_ip4.to_ne_bytes()))
+    } else if sk.family == AF_INET6 {
+        let (family, addr, _) = unmap(&addr_of_words(&sk.dst_ip6));
+        (family, addr)
+    } else {
+        return 1;
+    };
+    // SAFETY: the context pointer is this program's.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = PA_SOCK_REVNAT.remove(&rev_key(cookie, family, &addr, port));
+    1
 }
