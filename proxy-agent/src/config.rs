@@ -123,6 +123,7 @@ struct RawProxyAgent {
     manifests: Option<PathBuf>,
     bpf_root: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
+    socket_lb: Option<bool>,
     interfaces: Option<Vec<String>>,
     exclude_interfaces: Option<Vec<String>>,
 }
@@ -258,6 +259,8 @@ pub struct ProxyAgent {
     pub bpf_root: Option<PathBuf>,
     /// The cgroup v2 directory of the socket hooks (`--cgroup-root`).
     pub cgroup_root: Option<PathBuf>,
+    /// Socket-level load balancing for pods (`--socket-lb`).
+    pub socket_lb: Option<bool>,
     pub interfaces: Option<Vec<String>>,
     pub exclude_interfaces: Option<Vec<String>>,
 }
@@ -714,6 +717,7 @@ impl Validator {
             manifests,
             bpf_root,
             cgroup_root,
+            socket_lb: p.socket_lb,
             interfaces: names("proxyAgent.interfaces", p.interfaces),
             exclude_interfaces: names("proxyAgent.excludeInterfaces", p.exclude_interfaces),
         }
@@ -1265,6 +1269,9 @@ mod tests {
         std::fs::write(&path, format!("{HEAD}proxyAgent:\n  manifests: m\n")).unwrap();
         let c = load(&path).unwrap();
         assert_eq!(c.proxy_agent.manifests, Some(dir.path().join("m")));
+        assert_eq!(c.proxy_agent.socket_lb, None);
+        std::fs::write(&path, format!("{HEAD}proxyAgent:\n  socketLb: false\n")).unwrap();
+        assert_eq!(load(&path).unwrap().proxy_agent.socket_lb, Some(false));
         std::fs::write(&path, format!("{HEAD}nope: 1\n")).unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(

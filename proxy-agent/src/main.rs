@@ -173,11 +173,26 @@ struct RunArgs {
     /// The cgroup v2 directory whose processes reach services through the
     /// socket hooks: the node's own processes and hostNetwork pods (their
     /// traffic never crosses a pod interface), and localhost NodePorts.
-    /// Only sockets of the agent's network namespace are translated.
+    /// Sockets of the agent's network namespace are translated, and with
+    /// `--socket-lb` those of this node's pods below the cgroup.
     /// Default: the first cgroup v2 mount; without one, node processes
     /// cannot reach services (logged at start).
     #[arg(long, value_name = "PATH")]
     cgroup_root: Option<PathBuf>,
+
+    /// Socket-level load balancing for this node's pods (ebpf mode): a
+    /// pod's connect() or sendmsg() to a ClusterIP gets a backend's address
+    /// at once, so its packets need no translation. Pods are the network
+    /// namespaces on the node's veths with an address in --cluster-cidr;
+    /// without a cluster CIDR, pods keep the packet path. Default: true.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    socket_lb: Option<bool>,
 
     /// Interval of the full reconcile that repairs drift in the kernel (Go
     /// duration, e.g. 30s, 1m, 1m30s). Default: 30s.
@@ -254,6 +269,7 @@ struct Settings {
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
     cgroup_root: Option<PathBuf>,
+    socket_lb: bool,
     sync_period: Duration,
     min_sync_period: Duration,
     healthz_bind_address: Option<config::BindAddress>,
@@ -303,6 +319,7 @@ impl Settings {
                 .cgroup_root
                 .or(pa.cgroup_root)
                 .or_else(ebpf::sockets::cgroup2_mount),
+            socket_lb: args.socket_lb.or(pa.socket_lb).unwrap_or(true),
             sync_period: args
                 .sync_period
                 .or(f.sync_period)
@@ -533,6 +550,7 @@ fn open_dataplane(args: &Settings) -> Result<Running> {
                 exclude: args.exclude_interfaces.clone(),
             },
             cgroup: args.cgroup_root.clone(),
+            pod_socket_lb: pod_socket_lb(args),
         },
         iptables_backend: args.iptables_backend,
     };
@@ -566,6 +584,21 @@ fn open_dataplane(args: &Settings) -> Result<Running> {
         links,
         links_attached: attached,
     })
+}
+
+/// The cluster CIDRs that tell pods for socket-level load balancing, when
+/// it is on and can work.
+fn pod_socket_lb(args: &Settings) -> Option<Vec<IpNet>> {
+    if args.mode != Mode::Ebpf || !args.socket_lb || args.cgroup_root.is_none() {
+        return None;
+    }
+    if args.cluster_cidr.is_empty() {
+        tracing::info!(
+            "socket-level load balancing for pods needs --cluster-cidr to tell pods; pods keep the packet path"
+        );
+        return None;
+    }
+    Some(args.cluster_cidr.clone())
 }
 
 /// Binds the health and metrics servers before anything else starts, so a

@@ -69,16 +69,17 @@ fn web_over(tcp_backends: &[Ipv4Addr], udp_backends: &[Ipv4Addr]) -> ServiceTabl
     ])
 }
 
-/// The ports a client may reuse straight to a backend, which only UDP and
-/// SCTP packets to them look for, are the UDP (and SCTP) backends' ports;
-/// a port stays after its last backend, as that backend's flows may.
+/// The backends' ports, of every protocol: those a UDP or SCTP client may
+/// reuse straight to a backend, and those a socket the hooks translated
+/// has as its peer's; a port stays after its last backend, as that
+/// backend's flows and sockets may.
 #[test]
-fn udp_backend_ports_are_marked_and_kept() {
+fn backend_ports_are_marked_and_kept() {
     let mut f = Setup::Web.load();
-    let udp_only = std::collections::BTreeSet::from([DNS_TARGET_PORT]);
-    assert_eq!(f.dp.backend_ports_in_kernel(), udp_only, "not TCP's 8080");
+    let ports = std::collections::BTreeSet::from([DNS_TARGET_PORT, TARGET_PORT]);
+    assert_eq!(f.dp.backend_ports_in_kernel(), ports, "UDP's and TCP's");
     f.set_table(ServiceTable::new());
-    assert_eq!(f.dp.backend_ports_in_kernel(), udp_only, "kept");
+    assert_eq!(f.dp.backend_ports_in_kernel(), ports, "kept");
 }
 
 /// How a service flow ends before its client reuses the port: closed by

@@ -129,6 +129,9 @@ pub enum Behaviour {
     /// holds are dropped, and to a port of a ClusterIP that no Service has
     /// refused (kube-proxy's nftables mode).
     ChecksServiceCidrs,
+    /// A pod's connected UDP socket whose backend leaves is moved to a live
+    /// backend in place (its next datagram is answered), not ended.
+    PodUdpSocketsMoveInPlace,
 }
 
 impl Mode {
@@ -156,6 +159,13 @@ impl Mode {
                 "kube-proxy's iptables and IPVS modes do not check ServiceCIDRs either: telling \
                  a ClusterIP from an unallocated address takes a set of every ClusterIP, which \
                  iptables has only through ipset",
+            ),
+            PodUdpSocketsMoveInPlace if self == Mode::Ebpf => Some(
+                "with socket-level load balancing (--socket-lb, the default) a pod's connected \
+                 UDP socket is connected to the backend itself, and no flow entry stands between \
+                 to move it: the agent ends the socket (SOCK_DESTROY, as Cilium does), so its \
+                 next send fails once and a new socket reaches a live backend; with \
+                 --socket-lb=false pods keep the packet path, which moves it in place",
             ),
             RefusesNodeConnectsAtOnce if netfilter => Some(
                 "netfilter drops or rejects the connection's first packet, as kube-proxy does; \
@@ -257,6 +267,7 @@ mod tests {
             NodeProcessesOutsideTheAgentCgroup,
             RefusesNodeConnectsAtOnce,
             ChecksServiceCidrs,
+            PodUdpSocketsMoveInPlace,
         ] {
             let can: Vec<Mode> = Mode::ALL
                 .into_iter()

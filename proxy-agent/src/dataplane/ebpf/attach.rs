@@ -26,7 +26,11 @@ use rtnetlink::{
     },
 };
 
-use super::{EbpfError, bpffs::PinLayout};
+use super::{EbpfError, bpffs::PinLayout, pods::PodSockets};
+
+/// How often the pods' namespaces are looked for again, besides when a
+/// link appears: a pod's addresses are set after its veth appears here.
+const POD_SCAN_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Which interfaces get the programs.
 #[derive(Clone, Debug, Default)]
@@ -55,6 +59,9 @@ pub struct Attacher {
     filter: InterfaceFilter,
     /// ifindex -> name of every interface the programs are attached to.
     attached: BTreeMap<u32, String>,
+    /// The pods whose sockets get socket-level load balancing, kept up to
+    /// date by [`follow_links`]; `None`: pods keep the packet path.
+    pods: Option<PodSockets>,
 }
 
 /// `<ifindex>-<ifname>-<direction>`: bpffs reserves dots in names (EPERM),
@@ -73,12 +80,18 @@ fn is_not_found(e: &aya::programs::links::LinkError) -> bool {
 }
 
 impl Attacher {
-    pub(super) fn new(ebpf: Ebpf, layout: PinLayout, filter: InterfaceFilter) -> Self {
+    pub(super) fn new(
+        ebpf: Ebpf,
+        layout: PinLayout,
+        filter: InterfaceFilter,
+        pods: Option<PodSockets>,
+    ) -> Self {
         Self {
             ebpf,
             layout,
             filter,
             attached: BTreeMap::new(),
+            pods,
         }
     }
 
@@ -236,15 +249,39 @@ pub async fn follow_links(
         }
     }
     lock(&attacher).remove_stale_pins(&existing)?;
+    let mut pods = lock(&attacher).pods.take();
+    if let Some(pods) = &mut pods {
+        scan_pods(pods, &handle).await;
+    }
     // The receiver may have stopped waiting; that is its business.
     let _ = attached.send(());
 
-    while let Some((message, _)) = events.next().await {
+    let mut rescan = tokio::time::interval(POD_SCAN_PERIOD);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is due at once; the scan above was it.
+    rescan.reset();
+    loop {
+        let message = tokio::select! {
+            event = events.next() => match event {
+                Some((message, _)) => message,
+                None => break,
+            },
+            _ = rescan.tick(), if pods.is_some() => {
+                if let Some(pods) = &mut pods {
+                    scan_pods(pods, &handle).await;
+                }
+                continue;
+            }
+        };
         let NetlinkPayload::InnerMessage(inner) = message.payload else {
             continue;
         };
         match inner {
             RouteNetlinkMessage::NewLink(msg) if is_candidate(&msg) => {
+                // A new pod's link: look for its namespace soon.
+                if pods.is_some() && is_peer_link(&msg) {
+                    rescan.reset_after(std::time::Duration::from_millis(200));
+                }
                 let Some(name) = link_name(&msg) else {
                     continue;
                 };
@@ -263,6 +300,22 @@ pub async fn follow_links(
         }
     }
     Err(EbpfError::Rtnetlink("link event stream ended".into()))
+}
+
+/// Whether a link has its other end in another namespace (a pod's veth).
+fn is_peer_link(msg: &LinkMessage) -> bool {
+    msg.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::LinkNetNsId(id) if *id >= 0))
+}
+
+/// Looks for the pods again; a failure is logged, and the next scan tries
+/// again (until then the pods it would have found keep the packet path).
+async fn scan_pods(pods: &mut PodSockets, handle: &rtnetlink::Handle) {
+    match pods.scan(handle).await {
+        Ok(count) => tracing::debug!(pods = count, "pods with socket-level load balancing"),
+        Err(e) => tracing::warn!(error = %e, "looking for the pods' network namespaces failed"),
+    }
 }
 
 fn lock(a: &Arc<Mutex<Attacher>>) -> std::sync::MutexGuard<'_, Attacher> {

@@ -21,16 +21,17 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, ProgramArray},
-    programs::{CgroupSockAddr, SchedClassifier},
+    programs::{CgroupSock, CgroupSockAddr, SchedClassifier},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, BACKEND_PORT_WORDS, BackendId, BackendValue, CtKey, CtValue,
     MAP_AFFINITY, MAP_BACKEND_PORTS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_FRONTEND_ADDRS,
     MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICE_CIDRS, MAP_SERVICES, MAP_SOCK_NETNS,
-    MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE, MemberKey,
-    NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS, PROG_INGRESS,
-    PROG_NEW_FLOW, PROG_REJECT, PROGS_SOCKET, ServiceCidrKey, ServiceKey, ServiceValue,
-    SourceRangeKey, TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
+    MAP_SOCK_PODS, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE,
+    MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS,
+    PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROG_SOCK_RELEASE, PROGS_SOCKET, ServiceCidrKey,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, TAIL_ICMP_EGRESS,
+    TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport};
@@ -43,7 +44,9 @@ mod encode;
 mod flows;
 mod ids;
 mod network;
+pub mod pods;
 mod reconcile;
+mod sockdiag;
 pub mod sockets;
 mod writer;
 
@@ -51,6 +54,8 @@ pub use attach::{Attacher, InterfaceFilter, follow_links};
 pub use bpffs::PinLayout;
 use encode::BackendRef;
 use ids::IdAllocator;
+use ipnet::IpNet;
+use pods::{PodNamespaces, PodSockets};
 use writer::Programmed;
 
 /// The compiled eBPF object, embedded at build time by build.rs.
@@ -64,7 +69,7 @@ pub fn object() -> &'static [u8] {
 /// Every map is pinned, the program array too: its slots are cleared when
 /// the last user reference to it goes, and the attached programs, which
 /// outlive the agent, need them.
-const PINNED_MAPS: [&str; 15] = [
+const PINNED_MAPS: [&str; 16] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -78,6 +83,7 @@ const PINNED_MAPS: [&str; 15] = [
     MAP_PROGS,
     MAP_SOCK_NETNS,
     MAP_SOCK_REVNAT,
+    MAP_SOCK_PODS,
     MAP_FRONTEND_ADDRS,
     MAP_BACKEND_PORTS,
 ];
@@ -127,6 +133,10 @@ pub struct EbpfOptions {
     /// processes below it reach services through them); `None`: no socket
     /// hooks.
     pub cgroup: Option<PathBuf>,
+    /// Socket-level load balancing for this node's pods (through the same
+    /// hooks, so only with a cgroup): the cluster CIDRs that tell a pod's
+    /// namespace. `None`: pods keep the packet path.
+    pub pod_socket_lb: Option<Vec<IpNet>>,
 }
 
 /// The maps, and a shadow of what this agent has written into them.
@@ -161,6 +171,11 @@ pub struct EbpfDataplane {
     /// Addresses no frontend has any more, kept in the frontend-address
     /// filter until the given time (see [`writer::FRONTEND_ADDR_LINGER`]).
     lingering: HashMap<IpAddr, std::time::Instant>,
+    /// Which socket the socket hooks gave which backend (read to end the
+    /// connected UDP sockets of backends that went away).
+    sock_revnat: BpfHashMap<MapData, SockRevKey, SockRevValue>,
+    /// The pods whose sockets the hooks translate.
+    pod_namespaces: PodNamespaces,
 }
 
 /// Loads the programs and opens (or creates) the pinned maps under
@@ -189,10 +204,29 @@ pub fn load(opts: &EbpfOptions) -> Result<(EbpfDataplane, Attacher), EbpfError> 
     if let Some(cgroup) = &opts.cgroup {
         sockets::attach(&mut ebpf, &layout, cgroup)?;
     }
-    let dataplane = EbpfDataplane::from_ebpf(&mut ebpf)?;
+    let mut pods_map = BpfHashMap::try_from(take_map(&mut ebpf, MAP_SOCK_PODS)?)?;
+    let namespaces = PodNamespaces::default();
+    let pods = match (&opts.cgroup, &opts.pod_socket_lb) {
+        (Some(_), Some(cidrs)) => {
+            Some(PodSockets::new(pods_map, cidrs.clone(), namespaces.clone()))
+        }
+        _ => {
+            PodSockets::clear(&mut pods_map)?;
+            None
+        }
+    };
+    let mut dataplane = EbpfDataplane::from_ebpf(&mut ebpf)?;
+    dataplane.pod_namespaces = namespaces;
+    let moved = dataplane.move_old_masquerade_entries()?;
+    if moved > 0 {
+        tracing::info!(
+            entries = moved,
+            "masquerade entries of an earlier version moved"
+        );
+    }
     Ok((
         dataplane,
-        Attacher::new(ebpf, layout, opts.interfaces.clone()),
+        Attacher::new(ebpf, layout, opts.interfaces.clone(), pods),
     ))
 }
 
@@ -232,6 +266,11 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
             .try_into()?;
         prog.load()?;
     }
+    let release: &mut CgroupSock = ebpf
+        .program_mut(PROG_SOCK_RELEASE)
+        .ok_or(EbpfError::MissingProgram(PROG_SOCK_RELEASE))?
+        .try_into()?;
+    release.load()?;
     let mut stages = Vec::new();
     for (slot, name) in [
         (TAIL_NEW_FLOW, PROG_NEW_FLOW),
@@ -286,6 +325,8 @@ impl EbpfDataplane {
             service_cidrs: LpmTrie::try_from(take_map(ebpf, MAP_SERVICE_CIDRS)?)?,
             node_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_NODE_ADDRS)?)?,
             frontend_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_FRONTEND_ADDRS)?)?,
+            sock_revnat: BpfHashMap::try_from(take_map(ebpf, MAP_SOCK_REVNAT)?)?,
+            pod_namespaces: PodNamespaces::default(),
             frontend_addresses: BTreeSet::new(),
             lingering: HashMap::new(),
             config: Array::try_from(take_map(ebpf, MAP_CONFIG)?)?,

@@ -11,9 +11,9 @@ use std::{
 use aya::{
     Ebpf,
     maps::Array,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink},
 };
-use proxy_common::{MAP_SOCK_NETNS, PROGS_SOCKET};
+use proxy_common::{MAP_SOCK_NETNS, PROG_SOCK_RELEASE, PROGS_SOCKET};
 
 use super::{EbpfError, PinLayout, attach::remove_pin};
 
@@ -65,6 +65,18 @@ fn pin_path(layout: &PinLayout, prog: &str) -> PathBuf {
     layout.socket_links().join(prog)
 }
 
+/// Pins `link` as `prog`'s, in place of the pin an earlier run left: the
+/// new link is pinned beside it first, and renaming it over the old pin
+/// drops the last reference to the old link, which detaches it.
+fn replace_pin(layout: &PinLayout, prog: &str, link: FdLink) -> Result<(), EbpfError> {
+    let pin = pin_path(layout, prog);
+    // bpffs refuses names with a dot.
+    let fresh = layout.socket_links().join(format!("{prog}-new"));
+    remove_pin(&fresh)?;
+    drop(link.pin(&fresh)?);
+    std::fs::rename(&fresh, &pin).map_err(|e| EbpfError::Io(pin.clone(), e))
+}
+
 /// Makes the socket hooks act on this network namespace, and attaches them
 /// to `cgroup`. Links are pinned, so the hooks outlive the agent like the
 /// TC programs do. A hook left by an earlier run is replaced make-before-
@@ -90,15 +102,15 @@ pub fn attach(ebpf: &mut Ebpf, layout: &PinLayout, cgroup: &Path) -> Result<(), 
         // flags (aya passes the mode as flags: `Single` is 0).
         let id = prog.attach(cgroup_file.as_fd(), CgroupAttachMode::Single)?;
         let link: FdLink = prog.take_link(id)?.try_into().map_err(EbpfError::Link)?;
-        let pin = pin_path(layout, name);
-        // bpffs refuses names with a dot.
-        let fresh = layout.socket_links().join(format!("{name}-new"));
-        remove_pin(&fresh)?;
-        drop(link.pin(&fresh)?);
-        // Renaming over the old pin drops the last reference to the old
-        // link, which detaches it.
-        std::fs::rename(&fresh, &pin).map_err(|e| EbpfError::Io(pin.clone(), e))?;
+        replace_pin(layout, name, link)?;
     }
+    let release: &mut CgroupSock = ebpf
+        .program_mut(PROG_SOCK_RELEASE)
+        .ok_or(EbpfError::MissingProgram(PROG_SOCK_RELEASE))?
+        .try_into()?;
+    let id = release.attach(cgroup_file.as_fd(), CgroupAttachMode::Single)?;
+    let link: FdLink = release.take_link(id)?.try_into().map_err(EbpfError::Link)?;
+    replace_pin(layout, PROG_SOCK_RELEASE, link)?;
     tracing::info!(cgroup = %cgroup.display(), netns_cookie = cookie, "socket hooks attached");
     Ok(())
 }

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     dataplane::ApplyStats,
     model::{
-        Frontend, FrontendKey, Protocol, TableDiff,
+        Frontend, FrontendKey, TableDiff,
         plan::{FrontendPlan, plan},
     },
 };
@@ -282,19 +282,16 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    /// Sets the bits of the UDP and SCTP ports among `backends` in the
-    /// backend-port bitmap (see [`proxy_common::MAP_BACKEND_PORTS`]). Bits
-    /// are never cleared: flows to a port may outlive its last backend, and
-    /// a stale bit costs the datapath one lookup, nothing else.
+    /// Sets the bits of the ports among `backends` in the backend-port
+    /// bitmap (see [`proxy_common::MAP_BACKEND_PORTS`]). Bits are never
+    /// cleared: flows to a port may outlive its last backend, and a stale
+    /// bit costs the datapath one lookup, nothing else.
     pub(super) fn mark_backend_ports<'a>(
         &mut self,
         backends: impl IntoIterator<Item = &'a BackendRef>,
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
         for b in backends {
-            if !matches!(b.protocol, Protocol::Udp | Protocol::Sctp) {
-                continue;
-            }
             let (word, bit) = (b.port >> 6, b.port & 63);
             let Some(value) = self.backend_port_words.get_mut(usize::from(word)) else {
                 continue;
@@ -380,6 +377,7 @@ impl EbpfDataplane {
         let stale = self.at_node_addresses(stale_udp_flows(diff));
         if !stale.is_empty() {
             stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
+            self.end_stale_sockets(&stale);
         }
         let written = self.frontend_addresses.clone();
         self.sync_frontend_addrs(written, &mut stats)?;
