@@ -155,6 +155,10 @@ pub struct AgentConfig {
     pub mode: String,
     /// Appended to `run ...`, e.g. `--interfaces`.
     pub extra_args: Vec<String>,
+    /// The cgroup for the socket hooks (`--cgroup-root`), e.g. the node's
+    /// cgroup of a [`Topology`](crate::netns::Topology), which holds its
+    /// pods' processes; `None`: the agent gets a cgroup of its own.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// A running `proxy-agent run --mode=<mode>`, logging to a file.
@@ -167,9 +171,10 @@ pub struct Agent {
     log_path: PathBuf,
     /// Skip `cleanup` on drop (see [`Agent::stop_keeping_pins`]).
     keep_pins: bool,
-    /// The agent's own cgroup for its socket hooks (`--cgroup-root`), so
-    /// they never see the machine's other processes; removed on drop.
-    cgroup: Option<CgroupDir>,
+    /// The agent's own cgroup for its socket hooks (`--cgroup-root`) when
+    /// the config names none, so they never see the machine's other
+    /// processes; removed on drop.
+    own_cgroup: Option<CgroupDir>,
     /// Holds the log file's directory; removed on drop.
     _log_dir: tempfile::TempDir,
 }
@@ -203,9 +208,16 @@ impl Agent {
             .arg("--hostname-override")
             .arg(&config.node_name)
             .args(["--log-format", "text", "-v"]);
-        let cgroup = CgroupDir::create()?;
-        if let Some(cgroup) = &cgroup {
-            command.arg("--cgroup-root").arg(cgroup.path());
+        let own_cgroup = match &config.cgroup {
+            Some(_) => None,
+            None => CgroupDir::create()?,
+        };
+        let cgroup = config
+            .cgroup
+            .as_deref()
+            .or(own_cgroup.as_ref().map(CgroupDir::path));
+        if let Some(cgroup) = cgroup {
+            command.arg("--cgroup-root").arg(cgroup);
         }
         command
             .args(&config.extra_args)
@@ -218,7 +230,7 @@ impl Agent {
             process,
             log_path,
             keep_pins: false,
-            cgroup,
+            own_cgroup,
             _log_dir: log_dir,
         })
     }
@@ -244,11 +256,14 @@ impl Agent {
         Ok(kib * 1024)
     }
 
-    /// The cgroup the agent's socket hooks apply to (`None` where the
-    /// machine has no cgroup v2): node processes started in it reach
-    /// services through the hooks.
+    /// The cgroup the agent's socket hooks apply to: the config's, else its
+    /// own (`None` where the machine has no cgroup v2). Node processes
+    /// started in it reach services through the hooks.
     pub fn cgroup(&self) -> Option<&Path> {
-        self.cgroup.as_ref().map(CgroupDir::path)
+        self.config
+            .cgroup
+            .as_deref()
+            .or(self.own_cgroup.as_ref().map(CgroupDir::path))
     }
 
     pub fn log_path(&self) -> &Path {
@@ -375,6 +390,43 @@ impl CgroupDir {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// This process (every thread of it) moved into a cgroup, and back where
+/// it was when dropped: for a program whose own threads are a node's pods'
+/// clients (the traffic benchmark), which the socket hooks must see.
+pub struct CgroupMember {
+    back: PathBuf,
+}
+
+impl CgroupMember {
+    /// Moves this process into `cgroup` (a directory of a cgroup2 mount
+    /// whose root is its parent, as [`CgroupDir`] makes them).
+    pub fn join(cgroup: &Path) -> anyhow::Result<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").context("reading our cgroup")?;
+        let relative = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 entry in /proc/self/cgroup")?;
+        let root = cgroup.parent().context("a cgroup has a parent")?;
+        let back = root.join(relative.trim_start_matches('/'));
+        move_to(cgroup)?;
+        Ok(CgroupMember { back })
+    }
+}
+
+fn move_to(cgroup: &Path) -> anyhow::Result<()> {
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .with_context(|| format!("joining {}", procs.display()))
+}
+
+impl Drop for CgroupMember {
+    fn drop(&mut self) {
+        if let Err(e) = move_to(&self.back) {
+            eprintln!("proxy-tests: leaving the cgroup: {e:#}");
+        }
     }
 }
 

@@ -58,6 +58,17 @@
 //! [`POD_UDP_PORT`] and, where the kernel has SCTP, SCTP [`POD_SCTP_PORT`]
 //! (see [`Topology::sctp_skip_reason`]). Its answers carry the address it
 //! saw the client at ([`ClientReport::sources`]).
+//!
+//! As on a real node, the node's pods run in the node's cgroup (a cgroup v2
+//! of the topology's own, [`Topology::cgroup`], where the machine has cgroup
+//! v2), which [`Topology::agent_config`] gives the agent as `--cgroup-root`
+//! for its socket hooks: every process the topology starts in one of the
+//! node's pods (its pod-server, [`Topology::run_client_in`],
+//! [`Topology::spawn_in`], [`Topology::exec_in`]) is under the hooks.
+//! Processes of the node namespace, the client and the second node and its
+//! pods are not (other machines, or node processes that scenarios run
+//! outside the hooks on purpose; [`Topology::run_client_in_cgroup`] puts
+//! one in).
 use std::{
     ffi::OsStr,
     io::Read,
@@ -70,8 +81,9 @@ use std::{
 
 use anyhow::{Context, bail};
 
+use crate::agent::CgroupDir;
 pub use crate::{
-    agent::{Agent, AgentConfig, AgentSource, BpfFs, agent_binary},
+    agent::{Agent, AgentConfig, AgentSource, BpfFs, CgroupMember, agent_binary},
     client::{ClientOptions, ClientReport, Protocol},
     manifests::{
         Endpoint, IpFamily, ManifestsDir, NodeSpec, ServicePort, ServiceSpec, SliceEndpoint,
@@ -316,6 +328,26 @@ pub fn netns_command(ns: &str, program: impl AsRef<OsStr>) -> Command {
     command
 }
 
+/// A command that runs `program` inside namespace `ns` as a member of
+/// `cgroup` (a cgroup v2 directory) if given, else as [`netns_command`].
+///
+/// A shell joins the cgroup and then becomes `ip netns exec`, which
+/// becomes `program`: nothing of it runs outside the cgroup, and the
+/// spawned process id is the program's.
+pub fn netns_command_in(ns: &str, cgroup: Option<&Path>, program: impl AsRef<OsStr>) -> Command {
+    let Some(cgroup) = cgroup else {
+        return netns_command(ns, program);
+    };
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+        .arg(cgroup)
+        .args(["ip", "netns", "exec", ns])
+        .arg(program);
+    command
+}
+
 /// Runs `program args` in `ns` to completion; returns stdout, or an error with
 /// stderr if it fails.
 pub fn exec_in<S: AsRef<OsStr>>(
@@ -333,13 +365,16 @@ pub fn spawn_in<S: AsRef<OsStr>>(
     program: impl AsRef<OsStr>,
     args: &[S],
 ) -> anyhow::Result<ChildGuard> {
-    let mut command = netns_command(ns, program);
+    spawn_quiet(netns_command(ns, program).args(args))
+}
+
+/// Starts `command` in the background, output discarded.
+fn spawn_quiet(command: &mut Command) -> anyhow::Result<ChildGuard> {
     command
-        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    ChildGuard::spawn(&mut command)
+    ChildGuard::spawn(command)
 }
 
 /// A child process killed (and reaped) on drop.
@@ -357,10 +392,23 @@ impl ChildGuard {
         Ok(ChildGuard { child, description })
     }
 
-    /// The process id; `ip netns exec` execs the program, so this is the
-    /// program itself.
+    /// The process id; `ip netns exec` (and the cgroup wrapper of
+    /// [`netns_command_in`]) execs the program, so this is the program
+    /// itself.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The read end of the process's stdout, if it was piped
+    /// ([`Stdio::piped`]) and not taken yet.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// The read end of the process's stderr, if it was piped and not taken
+    /// yet.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
     }
 
     /// The exit status if the process has exited.
@@ -672,6 +720,10 @@ impl TopologyBuilder {
             }
             args
         };
+        // The node's cgroup, for its pods' processes (see the module docs).
+        // Declared before the pods, so that on an error below their
+        // servers are gone before it is removed.
+        let cgroup = CgroupDir::create().context("creating the node's cgroup")?;
         let mut pods = Vec::with_capacity(self.backends);
         for index in 0..self.backends {
             let ns = Netns::create(format!("{id}-pod{index}"))?;
@@ -684,7 +736,14 @@ impl TopologyBuilder {
                 }
             }
             let name = pod_name(index);
-            let server = spawn_in(ns.name(), &tools.pod_server, &server_args(&name))?;
+            let server = spawn_quiet(
+                netns_command_in(
+                    ns.name(),
+                    cgroup.as_ref().map(CgroupDir::path),
+                    &tools.pod_server,
+                )
+                .args(server_args(&name)),
+            )?;
             pods.push(Pod {
                 name,
                 ip: addrs.v4,
@@ -753,6 +812,7 @@ impl TopologyBuilder {
             node2_name: self.node2_name,
             sctp_skip_reason,
             tools,
+            cgroup,
         };
         topology.wait_for_pods()?;
         Ok(topology)
@@ -965,6 +1025,10 @@ pub struct Topology {
     /// Why pods do not serve SCTP, or `None` when they do.
     sctp_skip_reason: Option<String>,
     tools: ToolPaths,
+    /// The node's cgroup, holding its pods' processes (`None` without
+    /// cgroup v2). Last, so it is removed after every process of the
+    /// topology is gone (a cgroup must be empty to go).
+    cgroup: Option<CgroupDir>,
 }
 
 /// How long to wait for something that should work at once (pods to listen,
@@ -1055,6 +1119,29 @@ impl Topology {
         &self.tools
     }
 
+    /// The node's cgroup, which holds the processes of its pods and which
+    /// the agent's socket hooks attach to ([`Topology::agent_config`]);
+    /// `None` where the machine has no cgroup v2.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_ref().map(CgroupDir::path)
+    }
+
+    /// The cgroup for processes in namespace `ns`: the node's cgroup for
+    /// the node's pods, none for every other namespace.
+    fn cgroup_of(&self, ns: &str) -> Option<&Path> {
+        if self.pods.iter().any(|pod| pod.ns() == ns) {
+            self.cgroup()
+        } else {
+            None
+        }
+    }
+
+    /// A command that runs `program` in namespace `ns`; in the node's
+    /// cgroup when `ns` is one of the node's pods' (see the module docs).
+    pub fn command_in(&self, ns: &str, program: impl AsRef<OsStr>) -> Command {
+        netns_command_in(ns, self.cgroup_of(ns), program)
+    }
+
     /// Endpoints (IPv4) for the node's pods with the given indices.
     pub fn endpoints(&self, indices: &[usize]) -> Vec<Endpoint> {
         indices.iter().map(|&i| self.pods[i].endpoint()).collect()
@@ -1084,24 +1171,26 @@ impl Topology {
             .collect()
     }
 
-    /// Runs `program args` in namespace `ns`; see [`exec_in`].
+    /// Runs `program args` in namespace `ns` (in the node's cgroup when a
+    /// pod's of the node); see [`exec_in`].
     pub fn exec_in<S: AsRef<OsStr>>(
         &self,
         ns: &str,
         program: impl AsRef<OsStr>,
         args: &[S],
     ) -> anyhow::Result<String> {
-        exec_in(ns, program, args)
+        run(self.command_in(ns, program).args(args))
     }
 
-    /// Starts `program args` in namespace `ns`; see [`spawn_in`].
+    /// Starts `program args` in namespace `ns` (in the node's cgroup when a
+    /// pod's of the node); see [`spawn_in`].
     pub fn spawn_in<S: AsRef<OsStr>>(
         &self,
         ns: &str,
         program: impl AsRef<OsStr>,
         args: &[S],
     ) -> anyhow::Result<ChildGuard> {
-        spawn_in(ns, program, args)
+        spawn_quiet(self.command_in(ns, program).args(args))
     }
 
     /// Starts a pod-server named `name` in namespace `ns` (e.g. the node).
@@ -1146,7 +1235,7 @@ impl Topology {
                 args.extend([flag.to_string(), port.to_string()]);
             }
         }
-        spawn_in(ns, &self.tools.pod_server, &args)
+        self.spawn_in(ns, &self.tools.pod_server, &args)
     }
 
     /// Runs pod-client in the client namespace.
@@ -1155,9 +1244,10 @@ impl Topology {
     }
 
     /// Runs pod-client in namespace `ns`: a pod's (in-cluster traffic,
-    /// hairpin), a node's, or the client's.
+    /// hairpin; in the node's cgroup for the node's pods), a node's, or the
+    /// client's.
     pub fn run_client_in(&self, ns: &str, options: &ClientOptions) -> anyhow::Result<ClientReport> {
-        let stdout = exec_in(ns, &self.tools.pod_client, &client_args(options))?;
+        let stdout = self.exec_in(ns, &self.tools.pod_client, &client_args(options))?;
         parse_report(&stdout)
     }
 
@@ -1169,17 +1259,8 @@ impl Topology {
         cgroup: &Path,
         options: &ClientOptions,
     ) -> anyhow::Result<ClientReport> {
-        // The shell joins the cgroup, then becomes the client: nothing of
-        // the client runs outside it.
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(cgroup)
-            .args(["ip", "netns", "exec", ns])
-            .arg(&self.tools.pod_client)
-            .args(client_args(options));
-        parse_report(&run(&mut command)?)
+        let mut command = netns_command_in(ns, Some(cgroup), &self.tools.pod_client);
+        parse_report(&run(command.args(client_args(options)))?)
     }
 
     /// `count` TCP connections from the client to `ip:port`.
@@ -1240,7 +1321,7 @@ impl Topology {
     }
 
     /// An agent in the node namespace reading from `source`, pinning under
-    /// `bpffs`.
+    /// `bpffs`, its socket hooks on the node's cgroup ([`Topology::cgroup`]).
     pub fn agent_config(&self, binary: &Path, bpffs: &BpfFs, source: AgentSource) -> AgentConfig {
         AgentConfig {
             binary: binary.to_path_buf(),
@@ -1250,6 +1331,7 @@ impl Topology {
             node_name: self.node_name.clone(),
             mode: "ebpf".to_string(),
             extra_args: Vec::new(),
+            cgroup: self.cgroup().map(Path::to_path_buf),
         }
     }
 

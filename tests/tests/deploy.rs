@@ -247,9 +247,23 @@ fn check_overlay(mode: &str, capabilities: &[&str], xtables_lock: bool) -> anyho
 fn overlay_ebpf() -> anyhow::Result<()> {
     check_overlay(
         "ebpf",
-        &["NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"],
+        &["NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE", "SYS_ADMIN"],
         false,
-    )
+    )?;
+    // Socket-level load balancing for pods finds their namespaces through
+    // the host's processes and the runtime's named namespaces.
+    let yaml = render("deploy/overlays/ebpf")?;
+    let docs = documents(&yaml)?;
+    let pod = &only(&docs, "DaemonSet")?["spec"]["template"]["spec"];
+    ensure!(pod["hostPID"] == true, "not hostPID");
+    let mounts = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .context("no volumeMounts")?;
+    ensure!(
+        mounts.iter().any(|m| m["mountPath"] == "/run/netns"),
+        "/run/netns not mounted"
+    );
+    Ok(())
 }
 
 #[test]

@@ -16,6 +16,7 @@ use std::{
     collections::BTreeSet,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -26,7 +27,7 @@ use proxy_tests::manifests::TrafficPolicy;
 use proxy_tests::{
     client::check_spread,
     netns::{
-        Agent, AgentConfig, BpfFs, CLIENT_IP, CLIENT_IP6, CLUSTER_CIDR, ClientOptions,
+        Agent, AgentConfig, BpfFs, CLIENT_IP, CLIENT_IP6, CLUSTER_CIDR, ChildGuard, ClientOptions,
         ClientReport, IpFamily, ManifestsDir, NODE_IP, NODE_IP6, POD_GATEWAY_IP, POD_GATEWAY_IP6,
         POD_SCTP_PORT, POD_SESSION_PORT, POD_TCP_PORT, POD_UDP_PORT, PodNetwork, Protocol,
         ServiceSpec, SliceEndpoint, ToolPaths, Topology, agent_binary, in_netns,
@@ -40,7 +41,12 @@ use proxy_tests::{
 /// A dataplane mode the suite runs against (`--mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
+    /// The eBPF mode, pods' sockets balanced by the socket hooks.
     Ebpf,
+    /// The eBPF mode with pods' socket-level load balancing off
+    /// (`--socket-lb=false`): pods' flows are translated packet by packet,
+    /// like everyone else's but the node's own processes.
+    EbpfNoSocketLb,
     Nftables,
     /// The iptables mode through iptables-nft.
     Iptables,
@@ -53,7 +59,7 @@ impl Mode {
     /// The agent's mode this one runs.
     fn mode(self) -> AgentMode {
         match self {
-            Mode::Ebpf => AgentMode::Ebpf,
+            Mode::Ebpf | Mode::EbpfNoSocketLb => AgentMode::Ebpf,
             Mode::Nftables => AgentMode::Nftables,
             Mode::Iptables | Mode::IptablesLegacy => AgentMode::Iptables,
         }
@@ -63,9 +69,34 @@ impl Mode {
         self.mode().name()
     }
 
+    /// Whether this is the agent's eBPF mode (with or without pods'
+    /// socket-level load balancing).
+    fn is_ebpf(self) -> bool {
+        self.mode() == AgentMode::Ebpf
+    }
+
+    /// Whether pods' connections to services are given their backend at
+    /// connect (and each datagram at sendmsg) by the socket hooks, so
+    /// their packets need no translation.
+    fn balances_pod_sockets(self) -> bool {
+        self == Mode::Ebpf
+    }
+
+    /// Whether a pod's connected UDP socket whose backend leaves is moved
+    /// in place, rather than ended. The ebpf mode cannot with socket-level
+    /// load balancing (its reason names the flag that turns it off).
+    fn moves_pod_udp_sockets_in_place(self) -> bool {
+        !self.balances_pod_sockets()
+            || self
+                .mode()
+                .cannot(Behaviour::PodUdpSocketsMoveInPlace)
+                .is_none()
+    }
+
     /// The name of the scenarios' module of this mode.
     fn name(self) -> &'static str {
         match self {
+            Mode::EbpfNoSocketLb => "ebpf_no_socket_lb",
             Mode::IptablesLegacy => "iptables_legacy",
             other => other.flag(),
         }
@@ -74,6 +105,7 @@ impl Mode {
     /// The agent's arguments that choose this mode, besides `--mode`.
     fn args(self) -> Vec<String> {
         match self {
+            Mode::EbpfNoSocketLb => vec!["--socket-lb=false".into()],
             Mode::Iptables => vec!["--iptables-backend=nft".into()],
             Mode::IptablesLegacy => vec!["--iptables-backend=legacy".into()],
             Mode::Ebpf | Mode::Nftables => Vec::new(),
@@ -118,6 +150,7 @@ impl Mode {
 macro_rules! suite {
     ($($scenario:ident),* $(,)?) => {
         suite!(@mode ebpf, Ebpf, $($scenario),*);
+        suite!(@mode ebpf_no_socket_lb, EbpfNoSocketLb, $($scenario),*);
         suite!(@mode nftables, Nftables, $($scenario),*);
         suite!(@mode iptables, Iptables, $($scenario),*);
         suite!(@mode iptables_legacy, IptablesLegacy, $($scenario),*);
@@ -147,6 +180,7 @@ suite![
     terminating_endpoints_serve_only_when_none_is_ready,
     established_flow_survives_backend_removal,
     udp_flow_moves_off_a_removed_backend,
+    udp_socket_of_a_pod_moves_off_a_removed_backend,
     client_port_reused_straight_to_the_backend,
     internal_traffic_policy_local,
     external_traffic_policy_local,
@@ -648,19 +682,47 @@ fn clusterip_dual_stack_tcp_and_udp(mode: Mode) -> anyhow::Result<()> {
     };
     // Only the eBPF datapath sees packets; netfilter modes have the kernel's
     // own counters instead.
-    if mode != Mode::Ebpf {
+    if !mode.is_ebpf() {
         return Ok(());
     }
-    // Pods made 2 x COUNT plain new flows, the client 4 x COUNT masqueraded
+    // Pods made 2 x COUNT plain new flows (or, balanced by the socket
+    // hooks, connects given a backend), the client 4 x COUNT masqueraded
     // ones (each counted once, under the reason of its verdict).
+    let pods_reason = if mode.balances_pod_sockets() {
+        "sock_pod_translated"
+    } else {
+        "dnat_new"
+    };
     for (reason, at_least) in [
-        ("dnat_new", 2.0 * COUNT as f64),
+        (pods_reason, 2.0 * COUNT as f64),
         ("snat_new", 4.0 * COUNT as f64),
     ] {
         let value = counter(reason).with_context(|| format!("no {reason} counter in /metrics"))?;
         ensure!(
             value >= at_least,
             "{reason} = {value}, expected at least {at_least}"
+        );
+    }
+    if mode.balances_pod_sockets() {
+        // Every socket the hooks translated is closed: none left its
+        // reverse entry behind (they go when a socket is released).
+        let map = c
+            .agent
+            .borrow()
+            .config()
+            .bpf_root
+            .join("maps/PA_SOCK_REVNAT");
+        let dump = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&map)
+            .output()
+            .context("running bpftool")?;
+        ensure!(dump.status.success(), "bpftool map dump {}", map.display());
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&dump.stdout)?;
+        ensure!(
+            entries.is_empty(),
+            "{} reverse entries of closed sockets are left: {entries:?}",
+            entries.len()
         );
     }
     Ok(())
@@ -1184,6 +1246,319 @@ fn udp_flow_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the pod's UDP session of
+/// [`udp_socket_of_a_pod_moves_off_a_removed_backend`] queries, and how long
+/// it waits for each answer.
+const SESSION_INTERVAL: Duration = Duration::from_millis(20);
+const SESSION_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// A `pod-client udp-session`: one connected UDP socket in a namespace,
+/// queried every [`SESSION_INTERVAL`], a line per query (see pod-client).
+struct UdpSession {
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    /// Killed on drop, which ends both reader threads.
+    child: ChildGuard,
+}
+
+/// One line of a [`UdpSession`].
+#[derive(Debug, PartialEq, Eq)]
+enum SessionLine {
+    /// The answering backend's name.
+    Answer(String),
+    Timeout,
+    /// The socket failed (and the session went on with a new one).
+    Error(String),
+}
+
+impl SessionLine {
+    fn parse(line: &str) -> Self {
+        if line == "timeout" {
+            SessionLine::Timeout
+        } else if let Some(reason) = line.strip_prefix("error") {
+            SessionLine::Error(reason.trim().to_string())
+        } else {
+            SessionLine::Answer(line.trim().to_string())
+        }
+    }
+}
+
+/// Lines of a [`UdpSession`], shown with runs of one line once with their
+/// count, e.g. `[pod-1 x12, timeout, error ConnectionAborted (...), pod-2 x3]`.
+#[derive(Default)]
+struct SessionLines(Vec<SessionLine>);
+
+impl SessionLines {
+    fn push(&mut self, line: SessionLine) {
+        self.0.push(line);
+    }
+
+    fn timeouts(&self) -> usize {
+        self.0
+            .iter()
+            .filter(|line| **line == SessionLine::Timeout)
+            .count()
+    }
+
+    fn errors(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter_map(|line| match line {
+                SessionLine::Error(error) => Some(error.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for SessionLines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut runs: Vec<(String, usize)> = Vec::new();
+        for line in &self.0 {
+            let line = match line {
+                SessionLine::Answer(name) => name.clone(),
+                SessionLine::Timeout => "timeout".to_string(),
+                SessionLine::Error(error) => format!("error {error}"),
+            };
+            match runs.last_mut() {
+                Some((last, count)) if *last == line => *count += 1,
+                _ => runs.push((line, 1)),
+            }
+        }
+        let runs: Vec<String> = runs
+            .into_iter()
+            .map(|(line, count)| match count {
+                1 => line,
+                n => format!("{line} x{n}"),
+            })
+            .collect();
+        write!(f, "[{}]", runs.join(", "))
+    }
+}
+
+impl UdpSession {
+    /// Starts a session with `target` in namespace `ns` through the
+    /// topology (so in the node's cgroup for the node's pods), querying
+    /// for `duration` at most.
+    fn start(
+        t: &Topology,
+        ns: &str,
+        target: SocketAddr,
+        duration: Duration,
+    ) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let mut command = t.command_in(ns, &t.tools().pod_client);
+        command
+            .arg("udp-session")
+            .arg(target.to_string())
+            .arg("--interval-ms")
+            .arg(SESSION_INTERVAL.as_millis().to_string())
+            .arg("--timeout-ms")
+            .arg(SESSION_TIMEOUT.as_millis().to_string())
+            .arg("--duration-ms")
+            .arg(duration.as_millis().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut command)?;
+        let stdout = child.take_stdout().context("pod-client's stdout")?;
+        let mut stderr = child.take_stderr().context("pod-client's stderr")?;
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        Ok(UdpSession {
+            lines,
+            stderr: Some(stderr),
+            child,
+        })
+    }
+
+    /// The session's process id (the client itself).
+    fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// The next line, or `None` if none came by `deadline`; an error if the
+    /// client ended.
+    fn next_line(&mut self, deadline: Instant) -> anyhow::Result<Option<SessionLine>> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => Ok(Some(SessionLine::parse(&line))),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.child.terminate(Duration::from_secs(1))?;
+                let stderr = self
+                    .stderr
+                    .take()
+                    .and_then(|thread| thread.join().ok())
+                    .unwrap_or_default();
+                bail!("the udp-session client ended ({status}): {}", stderr.trim())
+            }
+        }
+    }
+}
+
+/// Whether process `pid` is in cgroup `cgroup` (by `/proc/<pid>/cgroup`,
+/// whose path is relative to the cgroup namespace's root).
+fn in_cgroup(pid: u32, cgroup: &std::path::Path) -> anyhow::Result<bool> {
+    let path = format!("/proc/{pid}/cgroup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let name = cgroup
+        .file_name()
+        .with_context(|| format!("cgroup {} has no name", cgroup.display()))?;
+    Ok(text.lines().any(|line| {
+        line.strip_prefix("0::")
+            .is_some_and(|member| std::path::Path::new(member).file_name() == Some(name))
+    }))
+}
+
+/// A connected UDP socket of a pod (a process in the node's cgroup, under
+/// the socket hooks, as a pod's resolver is) whose backend leaves is
+/// answered by a live backend soon after: either in place (netfilter
+/// modes delete the flow's conntrack entries; the eBPF datapath forgets the
+/// flow) or by the agent ending the socket that socket-level load
+/// balancing connected straight to the backend, so that the client takes a
+/// new one (as DNS clients do), which the next backend answers. Never back.
+fn udp_socket_of_a_pod_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result<()> {
+    const NAME: &str = "udp_socket_of_a_pod_moves_off_a_removed_backend";
+    /// Answers from one backend that make a flow stable, and answers
+    /// from the next one that show it stays there.
+    const STABLE: usize = 10;
+    /// Between the slice change and the first answer of the next backend:
+    /// at most one socket ended, and a few queries lost.
+    const MAX_ERRORS: usize = 1;
+    const MAX_TIMEOUTS: usize = 5;
+    let c = Cluster::start(mode, Setup::pods(3))?;
+    let service = echo();
+    c.publish(&service, &c.endpoints(&service, &[1, 2], &[]))?;
+    c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
+    // pod-0 is the client; pod-1 and pod-2 the backends.
+    let duration = ready_timeout() + POLL_LIMIT + Duration::from_secs(10);
+    let mut session = UdpSession::start(&c.t, c.t.pod(0).ns(), at(VIP, UDP_PORT), duration)?;
+    let mut seen = SessionLines::default();
+    // The first answers: one backend, STABLE times.
+    let ready_by = Instant::now() + ready_timeout();
+    let mut first: Option<String> = None;
+    let mut answers = 0;
+    while answers < STABLE {
+        let line = session
+            .next_line(ready_by)?
+            .with_context(|| format!("no stable backend within {:?}: {seen:?}", ready_timeout()))?;
+        match (&line, &first) {
+            (SessionLine::Answer(name), None) => {
+                ensure!(
+                    name == "pod-1" || name == "pod-2",
+                    "answered by {name}, not an endpoint: {seen:?}"
+                );
+                first = Some(name.clone());
+                answers = 1;
+            }
+            (SessionLine::Answer(name), Some(on)) => {
+                ensure!(
+                    name == on,
+                    "the flow moved with no change: {seen:?} {line:?}"
+                );
+                answers += 1;
+            }
+            // Not served yet, or a query lost.
+            (SessionLine::Timeout, _) | (SessionLine::Error(_), None) => {}
+            (SessionLine::Error(error), Some(_)) => {
+                bail!("the socket failed with no change ({error}): {seen:?}")
+            }
+        }
+        seen.push(line);
+    }
+    let removed = first.context("no first answer")?;
+    if let Some(cgroup) = c.t.cgroup() {
+        ensure!(
+            in_cgroup(session.pid(), cgroup)?,
+            "the pod's client is not in the node's cgroup {}",
+            cgroup.display()
+        );
+    }
+    let keep = if removed == "pod-1" { 2 } else { 1 };
+    let kept = c.t.pod(keep).name.clone();
+    c.set_endpoints(&service, &c.endpoints(&service, &[keep], &[]))?;
+    let changed = Instant::now();
+    let mut since = SessionLines::default();
+    let took = loop {
+        let line = session.next_line(changed + POLL_LIMIT)?.with_context(|| {
+            format!(
+                "the pod's UDP socket never reached {kept} within {POLL_LIMIT:?} of leaving \
+                 {removed}; since the change: {since:?}"
+            )
+        })?;
+        match &line {
+            SessionLine::Answer(name) if *name == kept => break changed.elapsed(),
+            // The agent has not acted yet.
+            SessionLine::Answer(name) if *name == removed => {}
+            SessionLine::Answer(name) => bail!("answered by {name}, not an endpoint: {since:?}"),
+            SessionLine::Timeout | SessionLine::Error(_) => {}
+        }
+        since.push(line);
+    };
+    let (errors, timeouts) = (since.errors(), since.timeouts());
+    ensure!(
+        errors.len() <= MAX_ERRORS && timeouts <= MAX_TIMEOUTS,
+        "moving to {kept} took {} errors and {timeouts} timeouts (at most {MAX_ERRORS} and \
+         {MAX_TIMEOUTS}): {since:?}",
+        errors.len()
+    );
+    let how = match errors.first() {
+        Some(error) => format!("the socket was ended ({error}) and a new one took it"),
+        None => "the socket was kept (moved in place)".to_string(),
+    };
+    let expected = if mode.moves_pod_udp_sockets_in_place() {
+        0
+    } else {
+        1
+    };
+    ensure!(
+        errors.len() == expected,
+        "expected {expected} ended socket(s) on the way to {kept}, saw: {since:?}"
+    );
+    eprintln!(
+        "{NAME}: moved from {removed} to {kept} {took:?} after the slice change; {how}; \
+         {timeouts} queries unanswered on the way"
+    );
+    // Never back to the removed backend, and no further failures.
+    let mut after = SessionLines::default();
+    let settled_by = Instant::now() + Duration::from_secs(5);
+    let mut answers = 1;
+    while answers < STABLE {
+        let line = session
+            .next_line(settled_by)?
+            .with_context(|| format!("too few answers after the move: {after:?}"))?;
+        match &line {
+            SessionLine::Answer(name) if *name == kept => answers += 1,
+            SessionLine::Answer(name) => bail!("answered by {name} after {kept}: {after:?}"),
+            SessionLine::Error(error) => {
+                bail!("the socket failed after the move ({error}): {after:?}")
+            }
+            SessionLine::Timeout => {}
+        }
+        after.push(line);
+    }
+    let timeouts = after.timeouts();
+    ensure!(
+        timeouts <= 2,
+        "{timeouts} queries unanswered after the move: {after:?}"
+    );
+    Ok(())
+}
+
 /// The client's source port in [`client_port_reused_straight_to_the_backend`]:
 /// below the ephemeral range, so no other socket of the client takes it.
 const REUSED_PORT: u16 = 23_456;
@@ -1688,7 +2063,7 @@ fn hairpin(mode: Mode, network: PodNetwork) -> anyhow::Result<()> {
     let pod0 = c.t.pod(0);
     // Netfilter's masquerade takes the address of the interface towards the
     // pod: on a bridge, the node's address there (the pods' gateway).
-    let bridged = matches!(network, PodNetwork::Bridge { .. }) && mode != Mode::Ebpf;
+    let bridged = matches!(network, PodNetwork::Bridge { .. }) && !mode.is_ebpf();
     let sources = if bridged {
         [
             (VIP, IpAddr::V4(POD_GATEWAY_IP)),
