@@ -222,6 +222,7 @@ fn main() -> Result<()> {
         node_name: "bench-node".into(),
         mode: "ebpf".into(),
         extra_args: Vec::new(),
+        cgroup: None,
     })?;
     let map = loop {
         agent.ensure_running()?;

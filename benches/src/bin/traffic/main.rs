@@ -36,7 +36,10 @@ use clap::Parser;
 use proxy_tests::{
     http,
     manifests::{Endpoint, ManifestsDir, ServiceSpec},
-    netns::{Agent, AgentSource, BpfFs, NODE_IP, PodNetwork, Topology, agent_binary},
+    netns::{
+        Agent, AgentSource, BpfFs, CLUSTER_CIDR, CgroupMember, NODE_IP, PodNetwork, Topology,
+        agent_binary,
+    },
 };
 
 use load::{CONN_PORT_BASE, ConnServer, IPERF_PORT};
@@ -48,8 +51,14 @@ use report::{At, Metric, NO_AGENT, Programming, Report, Route};
     args_override_self = true
 )]
 struct Args {
-    /// Modes, comma-separated; `none` (no agent: the direct path) always runs first.
-    #[arg(long, value_delimiter = ',', default_value = "ebpf,nftables,iptables")]
+    /// Modes, comma-separated; `none` (no agent: the direct path) always
+    /// runs first. `ebpf-packet` is the ebpf mode with `--socket-lb=false`
+    /// (pods' connections translated per packet, not at connect).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ebpf,ebpf-packet,nftables,iptables"
+    )]
     modes: Vec<String>,
     /// Numbers of filler Services, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0,1000,10000,30000")]
@@ -89,7 +98,7 @@ const PROGRAM_TIMEOUT: Duration = Duration::from_secs(300);
 fn main() -> Result<()> {
     let args = Args::parse();
     for mode in &args.modes {
-        if proxy_agent::dataplane::Mode::from_name(mode).is_none() {
+        if proxy_agent::dataplane::Mode::from_name(agent_mode(mode).0).is_none() {
             bail!("unknown mode {mode}");
         }
     }
@@ -165,13 +174,21 @@ fn run_network(
         .backends(PODS)
         .build()?;
     let client_pod = topology.pod(PODS - 1).ns().to_string();
-    let _iperf = load::iperf_server(topology.pod(0).ns())?;
     let bench = Bench {
         args,
         topology,
         network,
         client_pod,
     };
+    // The client pod's connections run on this process's threads: in the
+    // node's cgroup, the socket hooks see them as they see a pod's. Both
+    // go before the topology (its cgroup is removed only when empty).
+    let _member = bench
+        .topology
+        .cgroup()
+        .map(CgroupMember::join)
+        .transpose()?;
+    let _iperf = load::iperf_server(bench.topology.pod(0).ns())?;
     let pod0 = bench
         .topology
         .pod(0)
@@ -196,7 +213,15 @@ fn run_network(
                 &bpffs,
                 AgentSource::Manifests(manifests.path().into()),
             );
-            config.mode = mode.clone();
+            let (agent_mode, extra) = agent_mode(mode);
+            config.mode = agent_mode.to_string();
+            config
+                .extra_args
+                .extend(extra.iter().map(|a| a.to_string()));
+            // As a cluster's kube-proxy is configured: pods are known.
+            config
+                .extra_args
+                .push(format!("--cluster-cidr={CLUSTER_CIDR}"));
             let started = Instant::now();
             let mut agent = Agent::start(config)?;
             let seconds = bench.wait_programmed(&mut agent, services, started)?;
@@ -234,9 +259,22 @@ fn run_network(
     Ok(())
 }
 
+/// The agent's `--mode` and further arguments of a benchmark mode.
+fn agent_mode(mode: &str) -> (&str, &'static [&'static str]) {
+    match mode {
+        "ebpf-packet" => ("ebpf", &["--socket-lb=false"]),
+        other => (other, &[]),
+    }
+}
+
 /// The eBPF datapath's counters the report shows per phase: masquerade
 /// ports that ran out, or were reused inside the backend's TIME_WAIT.
-const DATAPATH_REASONS: [&str; 2] = ["drop_snat_exhausted", "snat_port_reused_early"];
+const DATAPATH_REASONS: [&str; 4] = [
+    "drop_snat_exhausted",
+    "snat_port_reused_early",
+    "sock_pod_translated",
+    "dnat_new",
+];
 
 /// `proxy_agent_datapath_packets_total{reason="<reason>"}`, if exported.
 fn datapath_count(metrics: &str, reason: &str) -> Option<u64> {
