@@ -12,8 +12,9 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    Backend, ClusterState, Frontend, FrontendKey, FrontendKind, FrontendPolicy, ModelConfig,
-    Protocol, Rejection, ServiceName, ServiceTable, check_service_cidr,
+    Backend, ClusterState, Frontend, FrontendChange, FrontendKey, FrontendKind, FrontendPolicy,
+    ModelConfig, Protocol, Rejection, ServiceName, ServiceTable, TableDiff, check_service_cidr,
+    objects::ObjectSet,
     validate::{
         EndpointPlan, IpFamily, ServiceCheck, ServicePlan, ServicePortPlan, SliceCheck, ZONE_LABEL,
         check_endpoint_slice, check_service, service_name_of,
@@ -56,140 +57,378 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
     TableBuilder::default().build(state, cfg)
 }
 
-/// Builds the tables of successive states, checking a Service or
-/// EndpointSlice object only when it is new: a source's snapshots share the
-/// `Arc` of every object that did not change, which keeps the check it got
-/// in the last build. [`TableBuilder::build`] gives what [`build_table`]
-/// gives for the same state.
+/// Builds the tables of successive states, redoing only what a changed
+/// object touches: a source's snapshots share the `Arc` of every object that
+/// did not change, so a new `Arc` is a new or changed object. Its Service
+/// (for an EndpointSlice, the one it names) is planned again, and only the
+/// frontends that Service claims, had claimed, or contests with another are
+/// looked at again. Anything every Service depends on (this node's Node
+/// objects, the node name) changing plans them all again.
+///
+/// [`TableBuilder::update`] returns what changed since the last update, as a
+/// [`TableDiff`]; the table, rejections and health checks after it are what
+/// [`build_table`] gives for the same state (a property test holds it).
 #[derive(Default)]
 pub struct TableBuilder {
-    services: ObjectChecks<Service, (ServiceName, ServiceCheck)>,
-    slices: ObjectChecks<EndpointSlice, SliceCheck>,
+    /// The checks of the objects of the last update, by object identity.
+    services: ObjectSet<Service, Arc<(ServiceName, ServiceCheck)>>,
+    slices: ObjectSet<EndpointSlice, Arc<SliceCheck>>,
+    context: Context,
+    /// The objects and output of each Service name that has objects or
+    /// slices.
+    by_service: HashMap<ServiceName, ServiceEntry>,
+    /// Every frontend asked for and its claimants, sorted: the first holds
+    /// it, as when the Services are planned in name order.
+    claims: HashMap<FrontendKey, Vec<Claim>>,
+    /// The rejections of the claimants that lost, per contested frontend.
+    claim_rejections: HashMap<FrontendKey, Vec<Rejection>>,
+    table: ServiceTable,
+    /// Every current rejection, counted by its sources (an object's
+    /// checks, a contested frontend, the Nodes...): the output holds each
+    /// once.
+    rejections: BTreeMap<Rejection, usize>,
+    health_check_node_ports: BTreeMap<ServiceName, HealthCheck>,
+    backend_count: usize,
+    /// The EndpointSlice objects new, and gone, in the last update.
+    slices_new: Vec<Arc<EndpointSlice>>,
+    slices_gone: Vec<Arc<EndpointSlice>>,
+}
+
+/// What every Service's planning depends on, and what depends only on it.
+#[derive(Default)]
+struct Context {
+    /// The Node and ServiceCIDR objects it was derived from, by identity.
+    nodes: Vec<usize>,
+    service_cidr_objects: Vec<usize>,
+    node_name: String,
+    zone: Option<String>,
+    /// Of the Nodes and ServiceCIDRs.
+    rejections: Vec<Rejection>,
+    service_cidrs: Vec<IpNet>,
+    /// Whether it was ever derived (the first update plans everything).
+    derived: bool,
+}
+
+/// One Service name's objects (normally one) and slices, and the
+/// rejections its objects give.
+#[derive(Default)]
+struct ServiceEntry {
+    /// By identity of the Service object.
+    objects: Vec<ServiceObject>,
+    /// By identity of the EndpointSlice object.
+    slices: Vec<(usize, Arc<SliceCheck>)>,
+    rejections: Vec<Rejection>,
+    /// The frontends the Service asks for, in its fixed order.
+    planned: Vec<PlannedFrontend>,
+}
+
+/// A Service object: its identity, the object and its check.
+type ServiceObject = (usize, Arc<Service>, Arc<(ServiceName, ServiceCheck)>);
+
+/// A Service asking for a frontend: the `order`-th of its planned ones.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    service: ServiceName,
+    order: usize,
 }
 
 impl TableBuilder {
+    /// The table, rejections, health checks and ServiceCIDR ranges of
+    /// `state`.
     pub fn build(&mut self, state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
+        self.update(state, cfg);
+        BuildOutput {
+            table: self.table.clone(),
+            rejections: self.rejections().cloned().collect(),
+            health_check_node_ports: self.health_check_node_ports.clone(),
+            service_cidrs: self.context.service_cidrs.clone(),
+        }
+    }
+
+    /// Brings the table to `state`, returning what changed in it since the
+    /// last update (every frontend on the first).
+    pub fn update(&mut self, state: &ClusterState, cfg: &ModelConfig) -> TableDiff {
+        let mut dirty: BTreeSet<ServiceName> = BTreeSet::new();
+        if self.update_context(state, cfg) {
+            dirty.extend(self.by_service.keys().cloned());
+        }
         let services = self.services.refresh(&state.services, |svc| {
-            (service_name_of(svc), check_service(svc))
+            Arc::new((service_name_of(svc), check_service(svc)))
         });
-        let slices = self
-            .slices
-            .refresh(&state.endpoint_slices, check_endpoint_slice);
-        build_checked(state, cfg, &services, &slices)
+        for (id, _, check) in services.removed {
+            let name = &check.0;
+            if let Some(entry) = self.by_service.get_mut(name) {
+                entry.objects.retain(|(object, _, _)| *object != id);
+            }
+            dirty.insert(name.clone());
+        }
+        for (id, object, check) in services.added {
+            dirty.insert(check.0.clone());
+            let entry = self.by_service.entry(check.0.clone()).or_default();
+            entry.objects.push((id, object, check));
+        }
+        let slices = self.slices.refresh(&state.endpoint_slices, |slice| {
+            Arc::new(check_endpoint_slice(slice))
+        });
+        self.slices_new.clear();
+        self.slices_gone.clear();
+        for (id, object, check) in slices.removed {
+            self.slices_gone.push(object);
+            count_out(&mut self.rejections, &check.rejections);
+            if let Some(name) = slice_service(&check) {
+                if let Some(entry) = self.by_service.get_mut(&name) {
+                    entry.slices.retain(|(slice, _)| *slice != id);
+                }
+                dirty.insert(name);
+            }
+        }
+        for (id, object, check) in slices.added {
+            self.slices_new.push(object);
+            count_in(&mut self.rejections, &check.rejections);
+            if let Some(name) = slice_service(&check) {
+                self.by_service
+                    .entry(name.clone())
+                    .or_default()
+                    .slices
+                    .push((id, check));
+                dirty.insert(name);
+            }
+        }
+
+        let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
+        for name in &dirty {
+            self.plan_service(name, &mut touched);
+        }
+        self.settle_claims(touched)
     }
-}
 
-/// The checks of the objects of the last build, by object identity. Each
-/// entry holds its object, so that its address is not reused while cached.
-struct ObjectChecks<K, C> {
-    by_object: HashMap<usize, (Arc<K>, Arc<C>)>,
-}
+    /// The EndpointSlice objects new (first) and gone (second) in the last
+    /// update: a changed slice is in both, its old version gone.
+    pub fn slice_changes(&self) -> (&[Arc<EndpointSlice>], &[Arc<EndpointSlice>]) {
+        (&self.slices_new, &self.slices_gone)
+    }
 
-impl<K, C> Default for ObjectChecks<K, C> {
-    fn default() -> Self {
-        ObjectChecks {
-            by_object: HashMap::new(),
+    /// The table after the last update.
+    pub fn table(&self) -> &ServiceTable {
+        &self.table
+    }
+
+    /// The rejections after the last update, sorted, without duplicates.
+    pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
+        self.rejections.keys()
+    }
+
+    pub fn health_check_node_ports(&self) -> &BTreeMap<ServiceName, HealthCheck> {
+        &self.health_check_node_ports
+    }
+
+    pub fn service_cidrs(&self) -> &[IpNet] {
+        &self.context.service_cidrs
+    }
+
+    /// The table's backends, counted over its frontends
+    /// ([`ServiceTable::backend_count`]), without walking it.
+    pub fn backend_count(&self) -> usize {
+        self.backend_count
+    }
+
+    /// Derives the context again when its objects changed; true when that
+    /// changes how every Service is planned.
+    fn update_context(&mut self, state: &ClusterState, cfg: &ModelConfig) -> bool {
+        let ids = |objects: &[Arc<_>]| -> Vec<usize> { ids_of(objects) };
+        let nodes: Vec<usize> = ids(&state.nodes);
+        let cidrs: Vec<usize> = ids_of(&state.service_cidrs);
+        let ctx = &self.context;
+        if ctx.derived
+            && ctx.nodes == nodes
+            && ctx.service_cidr_objects == cidrs
+            && ctx.node_name == cfg.node_name
+        {
+            return false;
+        }
+        let mut rejections: Vec<Rejection> =
+            state.nodes.iter().flat_map(|n| validate_node(n)).collect();
+        let service_cidrs = service_cidrs(state, &mut rejections);
+        let zone = node_zone(&state.nodes, cfg, &mut rejections);
+        count_out(&mut self.rejections, &self.context.rejections);
+        count_in(&mut self.rejections, &rejections);
+        let replan = !self.context.derived
+            || self.context.node_name != cfg.node_name
+            || self.context.zone != zone;
+        self.context = Context {
+            nodes,
+            service_cidr_objects: cidrs,
+            node_name: cfg.node_name.clone(),
+            zone,
+            rejections,
+            service_cidrs,
+            derived: true,
+        };
+        replan
+    }
+
+    /// Plans the Service `name` again from its objects and slices: its
+    /// rejections, health check and claims (the frontends whose claims
+    /// changed are added to `touched`).
+    fn plan_service(&mut self, name: &ServiceName, touched: &mut BTreeSet<FrontendKey>) {
+        let Some(entry) = self.by_service.get_mut(name) else {
+            return;
+        };
+        count_out(&mut self.rejections, &entry.rejections);
+        for (order, old) in entry.planned.iter().enumerate() {
+            let claim = Claim {
+                service: name.clone(),
+                order,
+            };
+            if let Some(claims) = self.claims.get_mut(&old.key) {
+                claims.retain(|c| *c != claim);
+            }
+            touched.insert(old.key);
+        }
+        let mut rejections = Vec::new();
+        let plan = service_plan(name, &entry.objects, &mut rejections);
+        let place = Place {
+            node_name: &self.context.node_name,
+            zone: self.context.zone.as_deref(),
+        };
+        let endpoints = index_endpoints(name, &entry.slices, place);
+        entry.planned = plan
+            .map(|plan| plan_frontends(plan, &endpoints))
+            .unwrap_or_default();
+        match plan.and_then(|plan| Some((plan.health_check_node_port?, plan))) {
+            Some((port, _)) => {
+                let local: BTreeSet<IpAddr> = endpoints
+                    .values()
+                    .flatten()
+                    .filter(|entry| entry.local && entry.ready)
+                    .map(|entry| entry.backend.ip)
+                    .collect();
+                let v4 = local.iter().filter(|ip| ip.is_ipv4()).count();
+                let local_endpoints = v4.max(local.len() - v4);
+                self.health_check_node_ports.insert(
+                    name.clone(),
+                    HealthCheck {
+                        port,
+                        local_endpoints,
+                    },
+                );
+            }
+            None => {
+                self.health_check_node_ports.remove(name);
+            }
+        }
+        count_in(&mut self.rejections, &rejections);
+        entry.rejections = rejections;
+        for (order, planned) in entry.planned.iter().enumerate() {
+            let claim = Claim {
+                service: name.clone(),
+                order,
+            };
+            let claims = self.claims.entry(planned.key).or_default();
+            let at = claims.partition_point(|c| *c < claim);
+            claims.insert(at, claim);
+            touched.insert(planned.key);
+        }
+        if entry.objects.is_empty() && entry.slices.is_empty() {
+            self.by_service.remove(name);
         }
     }
-}
 
-impl<K, C> ObjectChecks<K, C> {
-    /// The check of each of `objects`, in their order: the cached one of an
-    /// object seen in the last build, else `check`'s. Forgets the objects
-    /// that are gone.
-    fn refresh(&mut self, objects: &[Arc<K>], check: impl Fn(&K) -> C) -> Vec<Arc<C>> {
-        let mut next = HashMap::with_capacity(objects.len());
-        let mut checks = Vec::with_capacity(objects.len());
-        for object in objects {
-            let id = Arc::as_ptr(object) as usize;
-            let entry = self
-                .by_object
-                .remove(&id)
-                .or_else(|| next.remove(&id))
-                .unwrap_or_else(|| (object.clone(), Arc::new(check(object))));
-            checks.push(entry.1.clone());
-            next.insert(id, entry);
-        }
-        self.by_object = next;
-        checks
-    }
-}
-
-/// [`build_table`] with every Service and EndpointSlice already checked
-/// (`services[i]` is the name and check of `state.services[i]`, likewise
-/// `slices`).
-fn build_checked(
-    state: &ClusterState,
-    cfg: &ModelConfig,
-    services: &[Arc<(ServiceName, ServiceCheck)>],
-    slices: &[Arc<SliceCheck>],
-) -> BuildOutput {
-    let mut rejections: Vec<Rejection> =
-        state.nodes.iter().flat_map(|n| validate_node(n)).collect();
-    let service_cidrs = service_cidrs(state, &mut rejections);
-
-    let zone = node_zone(&state.nodes, cfg, &mut rejections);
-    let place = Place {
-        node_name: &cfg.node_name,
-        zone: zone.as_deref(),
-    };
-    let endpoints = index_endpoints(slices, place, &mut rejections);
-    let plans = service_plans(&state.services, services, &mut rejections);
-
-    let mut table = ServiceTable::new();
-    let mut health_check_node_ports = BTreeMap::new();
-    // Plans come sorted by name, and each yields its frontends in a fixed
-    // order, so when two Services (or two parts of one) claim one frontend
-    // the lexically smaller namespace/name wins whatever the input order.
-    for plan in plans {
-        for planned in plan_frontends(plan, &endpoints) {
-            if let Some(owner) = table.get(&planned.key) {
-                rejections.push(Rejection {
+    /// Gives each of `touched` to its first claimant (or removes it), and
+    /// rejects the others; returns what that changed in the table.
+    fn settle_claims(&mut self, touched: BTreeSet<FrontendKey>) -> TableDiff {
+        let mut diff = TableDiff::default();
+        for key in touched {
+            let old_rejections = self.claim_rejections.remove(&key).unwrap_or_default();
+            count_out(&mut self.rejections, &old_rejections);
+            let claims = match self.claims.get(&key) {
+                Some(claims) if !claims.is_empty() => claims,
+                _ => {
+                    self.claims.remove(&key);
+                    if let Some(old) = self.table.remove(&key) {
+                        self.backend_count -= old.backends.len();
+                        diff.removed.push((key, old));
+                    }
+                    continue;
+                }
+            };
+            let planned_of = |claim: &Claim| {
+                self.by_service
+                    .get(&claim.service)
+                    .and_then(|entry| entry.planned.get(claim.order))
+            };
+            let Some(winner) = planned_of(&claims[0]) else {
+                continue;
+            };
+            let rejections: Vec<Rejection> = claims[1..]
+                .iter()
+                .filter_map(|claim| Some((claim, planned_of(claim)?)))
+                .map(|(claim, planned)| Rejection {
                     kind: "Service",
-                    namespace: plan.name.namespace.clone(),
-                    name: plan.name.name.clone(),
+                    namespace: claim.service.namespace.clone(),
+                    name: claim.service.name.clone(),
                     reason: format!(
                         "{}: {}/{} is already claimed by Service {}",
                         planned.field,
-                        SocketAddr::new(planned.key.ip, planned.key.port),
-                        planned.key.protocol,
-                        owner.service
+                        SocketAddr::new(key.ip, key.port),
+                        key.protocol,
+                        claims[0].service
                     ),
-                });
-                continue;
-            }
-            // A frontend without backends stays: the dataplane must refuse
-            // its traffic rather than let it through unproxied.
-            table.insert(planned.key, planned.frontend);
-        }
-        if let Some(port) = plan.health_check_node_port {
-            let local: BTreeSet<IpAddr> = endpoints
-                .range(BackendGroup::first_of(&plan.name)..)
-                .take_while(|(group, _)| group.service == plan.name)
-                .flat_map(|(_, entries)| entries)
-                .filter(|entry| entry.local && entry.ready)
-                .map(|entry| entry.backend.ip)
+                })
                 .collect();
-            let v4 = local.iter().filter(|ip| ip.is_ipv4()).count();
-            let local_endpoints = v4.max(local.len() - v4);
-            health_check_node_ports.insert(
-                plan.name.clone(),
-                HealthCheck {
-                    port,
-                    local_endpoints,
-                },
-            );
+            // Planned backends come sorted and without duplicates, as the
+            // table keeps them.
+            let new = winner.frontend.clone();
+            count_in(&mut self.rejections, &rejections);
+            if !rejections.is_empty() {
+                self.claim_rejections.insert(key, rejections);
+            }
+            self.backend_count += new.backends.len();
+            match self.table.insert(key, new.clone()) {
+                None => diff.added.push((key, new)),
+                Some(old) => {
+                    self.backend_count -= old.backends.len();
+                    if old != new {
+                        diff.changed.push(FrontendChange { key, old, new });
+                    }
+                }
+            }
+        }
+        diff
+    }
+}
+
+fn ids_of<K>(objects: &[Arc<K>]) -> Vec<usize> {
+    let mut ids: Vec<usize> = objects.iter().map(|o| Arc::as_ptr(o) as usize).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn count_in(counts: &mut BTreeMap<Rejection, usize>, rejections: &[Rejection]) {
+    for rejection in rejections {
+        *counts.entry(rejection.clone()).or_default() += 1;
+    }
+}
+
+fn count_out(counts: &mut BTreeMap<Rejection, usize>, rejections: &[Rejection]) {
+    for rejection in rejections {
+        if let Some(count) = counts.get_mut(rejection) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(rejection);
+            }
         }
     }
+}
 
-    rejections.sort();
-    rejections.dedup();
-    BuildOutput {
-        table,
-        rejections,
-        health_check_node_ports,
-        service_cidrs,
-    }
+/// The Service whose endpoints a usable slice holds.
+fn slice_service(check: &SliceCheck) -> Option<ServiceName> {
+    let plan = check.plan.as_ref()?;
+    Some(ServiceName {
+        namespace: plan.namespace.clone(),
+        name: plan.service_name.clone()?,
+    })
 }
 
 /// The ranges of the valid ServiceCIDRs, sorted, without duplicates; the
@@ -430,18 +669,6 @@ struct BackendGroup {
     protocol: Protocol,
 }
 
-impl BackendGroup {
-    /// The smallest group of `service`, to iterate over all of its groups.
-    fn first_of(service: &ServiceName) -> BackendGroup {
-        BackendGroup {
-            service: service.clone(),
-            family: IpFamily::V4,
-            port_name: String::new(),
-            protocol: Protocol::Tcp,
-        }
-    }
-}
-
 /// An endpoint address and port with what decides whether it gets traffic.
 /// Kept as a set, so that one endpoint listed in several slices (even with
 /// differing conditions or hints) gives the same result in any order.
@@ -545,23 +772,15 @@ fn node_zone(
     zones.into_iter().next().flatten().map(str::to_owned)
 }
 
-/// Usable endpoints of all slices, merged per group.
+/// The usable endpoints of one Service's slices, merged per group.
 fn index_endpoints(
-    slices: &[Arc<SliceCheck>],
+    service: &ServiceName,
+    slices: &[(usize, Arc<SliceCheck>)],
     place: Place<'_>,
-    rejections: &mut Vec<Rejection>,
 ) -> BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> {
     let mut groups: BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> = BTreeMap::new();
-    for check in slices {
-        rejections.extend(check.rejections.iter().cloned());
+    for (_, check) in slices {
         let Some(plan) = &check.plan else { continue };
-        let Some(service_name) = &plan.service_name else {
-            continue;
-        };
-        let service = ServiceName {
-            namespace: plan.namespace.clone(),
-            name: service_name.clone(),
-        };
         for port in &plan.ports {
             let group = groups
                 .entry(BackendGroup {
@@ -583,57 +802,44 @@ fn index_endpoints(
     groups
 }
 
-/// Plans of the usable Services, sorted by namespace/name (`checks[i]` is
-/// the name and check of `services[i]`).
+/// The plan of the Service `name`, from its objects (normally one); its
+/// rejections go to `rejections`.
 ///
 /// Differing objects with one namespace/name (two manifest files defining
 /// the same Service, say) are all rejected: picking one would make the table
 /// depend on input order. Identical copies count as one.
-fn service_plans<'a>(
-    services: &[Arc<Service>],
-    checks: &'a [Arc<(ServiceName, ServiceCheck)>],
+fn service_plan<'a>(
+    name: &ServiceName,
+    objects: &'a [ServiceObject],
     rejections: &mut Vec<Rejection>,
-) -> Vec<&'a ServicePlan> {
-    let mut by_name: BTreeMap<&ServiceName, Vec<usize>> = BTreeMap::new();
-    for (i, check) in checks.iter().enumerate() {
-        by_name.entry(&check.0).or_default().push(i);
+) -> Option<&'a ServicePlan> {
+    let ((_, first_object, first), others) = objects.split_first()?;
+    let identical = others
+        .iter()
+        .all(|(_, other, _)| Arc::ptr_eq(other, first_object) || other == first_object);
+    // Nameless objects are all rejected by the check; they are not copies
+    // of each other.
+    if !identical && !name.name.is_empty() {
+        rejections.push(Rejection {
+            kind: "Service",
+            namespace: name.namespace.clone(),
+            name: name.name.clone(),
+            reason: format!(
+                "metadata.name: {} Service objects share this namespace/name and differ; \
+                 all are ignored",
+                objects.len()
+            ),
+        });
     }
-
-    let mut plans = Vec::new();
-    for (name, copies) in by_name {
-        let Some((&first, others)) = copies.split_first() else {
-            continue;
-        };
-        let same = |i: usize| {
-            Arc::ptr_eq(&services[i], &services[first]) || services[i] == services[first]
-        };
-        let identical = others.iter().all(|&other| same(other));
-        // Nameless objects are all rejected by the check; they are not copies
-        // of each other.
-        if !identical && !name.name.is_empty() {
-            rejections.push(Rejection {
-                kind: "Service",
-                namespace: name.namespace.clone(),
-                name: name.name.clone(),
-                reason: format!(
-                    "metadata.name: {} Service objects share this namespace/name and differ; \
-                     all are ignored",
-                    copies.len()
-                ),
-            });
+    if !identical {
+        // Still report each copy's own problems.
+        for (_, _, check) in objects {
+            rejections.extend(check.1.rejections.iter().cloned());
         }
-        if !identical {
-            // Still report each copy's own problems.
-            for &i in &copies {
-                rejections.extend(checks[i].1.rejections.iter().cloned());
-            }
-            continue;
-        }
-        let check = &checks[first].1;
-        rejections.extend(check.rejections.iter().cloned());
-        plans.extend(check.plan.as_ref());
+        return None;
     }
-    plans
+    rejections.extend(first.1.rejections.iter().cloned());
+    first.1.plan.as_ref()
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use k8s_openapi::api::{
 };
 
 mod builder;
+mod objects;
 pub mod plan;
 mod table;
 mod validate;
@@ -30,6 +31,7 @@ mod proptests;
 pub(crate) mod test_support;
 
 pub use builder::{BuildOutput, HealthCheck, TableBuilder, build_table};
+pub use objects::{ObjectDelta, ObjectSet, Objects};
 pub use plan::NodeNetwork;
 pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, validate_service};
 
@@ -37,11 +39,13 @@ pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, v
 ///
 /// Objects are shared (`Arc`), so that a source can publish a new state
 /// without copying the objects that did not change: with thousands of
-/// services, deep copies would cost more than building the table.
+/// services, deep copies would cost more than building the table. Services
+/// and EndpointSlices, tens of thousands in a large cluster, are in
+/// [`Objects`] lists, which a state shares by chunks with the last one.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    pub services: Vec<Arc<Service>>,
-    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub services: Objects<Service>,
+    pub endpoint_slices: Objects<EndpointSlice>,
     pub nodes: Vec<Arc<Node>>,
     /// `networking.k8s.io/v1` ServiceCIDRs: the ranges ClusterIPs are
     /// allocated from (empty where the API server has none to give).

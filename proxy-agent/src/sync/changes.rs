@@ -2,7 +2,7 @@
 //! objects (for its `*_changes_total` metrics), and the EndpointSlice
 //! changes a sync programs (for its network programming latency).
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{LAST_CHANGE_TRIGGER_TIME, ObjectChanges};
-use crate::model::ClusterState;
+use crate::model::{ClusterState, ObjectSet, Objects};
 
 type ObjectId = (String, String);
 
@@ -28,42 +28,36 @@ fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
 /// computed only for those, keeping this cheap at thousands of objects.
 #[derive(Default)]
 pub(super) struct Versions {
-    services: HashMap<usize, Arc<Service>>,
-    endpoint_slices: HashMap<usize, Arc<EndpointSlice>>,
+    services: ObjectSet<Service, ()>,
+    endpoint_slices: ObjectSet<EndpointSlice, ()>,
 }
 
 impl Versions {
     pub(super) fn update(&mut self, state: &ClusterState) -> ObjectChanges {
         fn count<K>(
-            seen: &mut HashMap<usize, Arc<K>>,
-            objects: &[Arc<K>],
+            seen: &mut ObjectSet<K, ()>,
+            objects: &Objects<K>,
             meta: impl Fn(&K) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
         ) -> usize {
-            let next: HashMap<usize, Arc<K>> = objects
-                .iter()
-                .map(|o| (Arc::as_ptr(o) as usize, o.clone()))
-                .collect();
+            let delta = seen.refresh(objects, |_| ());
             // Only objects whose pointer changed need a look: a new version
             // of an object appears on both sides under one identity (it counts
             // once), and a copy with the same resourceVersion not at all.
             let version = |o: &K| meta(o).resource_version.clone().unwrap_or_default();
-            let gone: HashMap<ObjectId, String> = seen
+            let gone: HashMap<ObjectId, String> = delta
+                .removed
                 .iter()
-                .filter(|(ptr, _)| !next.contains_key(ptr))
-                .map(|(_, o)| (object_id(meta(o)), version(o)))
+                .map(|(_, o, _)| (object_id(meta(o)), version(o)))
                 .collect();
-            let came: HashMap<ObjectId, String> = next
+            let came: HashMap<ObjectId, String> = delta
+                .added
                 .iter()
-                .filter(|(ptr, _)| !seen.contains_key(ptr))
-                .map(|(_, o)| (object_id(meta(o)), version(o)))
+                .map(|(_, o, _)| (object_id(meta(o)), version(o)))
                 .collect();
-            let changed = came
-                .iter()
+            came.iter()
                 .filter(|(id, v)| gone.get(*id) != Some(*v))
                 .count()
-                + gone.keys().filter(|id| !came.contains_key(*id)).count();
-            *seen = next;
-            changed
+                + gone.keys().filter(|id| !came.contains_key(*id)).count()
         }
         ObjectChanges {
             services: count(&mut self.services, &state.services, |s| &s.metadata),
@@ -90,29 +84,44 @@ impl TriggerTimes {
         }
     }
 
-    /// Records that `slices` are now programmed; returns, for each new
+    /// Records that the slices `new` since the last call are now
+    /// programmed and that `gone` ones are gone; returns, for each new
     /// trigger time, how long ago it was.
-    pub(super) fn programmed(&mut self, slices: &[Arc<EndpointSlice>]) -> Vec<Duration> {
-        self.programmed_at(slices, SystemTime::now())
+    pub(super) fn programmed(
+        &mut self,
+        new: &[Arc<EndpointSlice>],
+        gone: &[Arc<EndpointSlice>],
+    ) -> Vec<Duration> {
+        self.programmed_at(new, gone, SystemTime::now())
     }
 
     pub(super) fn programmed_at(
         &mut self,
-        slices: &[Arc<EndpointSlice>],
+        new: &[Arc<EndpointSlice>],
+        gone: &[Arc<EndpointSlice>],
         now: SystemTime,
     ) -> Vec<Duration> {
+        // A changed slice is both gone (its old version) and new: it keeps
+        // the trigger time it was programmed with.
+        let renewed: HashSet<ObjectId> = new.iter().map(|s| object_id(&s.metadata)).collect();
+        for slice in gone {
+            let id = object_id(&slice.metadata);
+            if !renewed.contains(&id) {
+                self.programmed.remove(&id);
+            }
+        }
         let mut latencies = Vec::new();
-        let mut next = HashMap::with_capacity(self.programmed.len());
-        for slice in slices {
+        for slice in new {
+            let id = object_id(&slice.metadata);
             let Some(value) = slice
                 .metadata
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
             else {
+                self.programmed.remove(&id);
                 continue;
             };
-            let id = object_id(&slice.metadata);
             if self.programmed.get(&id) != Some(value)
                 && let Some(at) = parse_time(value)
                 && at >= self.since
@@ -120,9 +129,8 @@ impl TriggerTimes {
             {
                 latencies.push(latency);
             }
-            next.insert(id, value.clone());
+            self.programmed.insert(id, value.clone());
         }
-        self.programmed = next;
         latencies
     }
 }

@@ -6,10 +6,11 @@
 //! apply of the combined difference.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
 use tokio::{
     sync::watch,
     time::{Instant, sleep_until},
@@ -26,9 +27,7 @@ use crate::{
         ApplyStats, Dataplane, DataplaneError, NodeNetwork,
         addresses::{InterfaceAddress, NodeNetworkSettings, node_network},
     },
-    model::{
-        ClusterState, HealthCheck, ModelConfig, Rejection, ServiceName, ServiceTable, TableBuilder,
-    },
+    model::{ClusterState, HealthCheck, ModelConfig, Rejection, ServiceName, TableBuilder},
     source::StateReceiver,
 };
 
@@ -204,16 +203,18 @@ struct Syncer<'a> {
     observer: &'a dyn SyncObserver,
     /// What the dataplane was last given successfully.
     node_net: Option<NodeNetwork>,
-    /// `None`: the next sync must be a full reconcile (the first one, or
-    /// after a failure left the kernel in an unknown state).
-    programmed: Option<ServiceTable>,
+    /// Whether the builder's table is what the kernel holds. When not (at
+    /// first, or after a failure left the kernel in an unknown state), the
+    /// next sync is a full reconcile.
+    programmed: bool,
     reported: BTreeSet<Rejection>,
     versions: Versions,
     triggers: TriggerTimes,
-    /// The ServiceCIDRs' ranges of the last state built, part of the node
-    /// network given to the dataplane.
-    service_cidrs: Vec<ipnet::IpNet>,
-    /// Keeps the checks of unchanged objects from one build to the next.
+    /// EndpointSlices new and gone in builds not yet programmed, for
+    /// `triggers`.
+    slices_new: Vec<Arc<EndpointSlice>>,
+    slices_gone: Vec<Arc<EndpointSlice>>,
+    /// Builds the table of each state, redoing only what changed.
     builder: TableBuilder,
 }
 
@@ -230,11 +231,12 @@ impl<'a> Syncer<'a> {
             network,
             observer,
             node_net: None,
-            programmed: None,
+            programmed: false,
             reported: BTreeSet::new(),
             versions: Versions::default(),
             triggers: TriggerTimes::new(SystemTime::now()),
-            service_cidrs: Vec::new(),
+            slices_new: Vec::new(),
+            slices_gone: Vec::new(),
             builder: TableBuilder::default(),
         }
     }
@@ -246,65 +248,81 @@ impl<'a> Syncer<'a> {
         let building = std::time::Instant::now();
         self.observer
             .node_eligible(node_eligible(state, &self.cfg.node_name));
-        let output = self.builder.build(state, self.cfg);
+        let diff = self.builder.update(state, self.cfg);
+        let (new, gone) = self.builder.slice_changes();
+        self.slices_new.extend_from_slice(new);
+        self.slices_gone.extend_from_slice(gone);
         // The node's network before the table: NodePorts of the table are
         // served on the addresses it names. Also retries a failed earlier
         // attempt.
-        self.service_cidrs = output.service_cidrs.clone();
         self.update_node_network(addresses, state);
-        report_rejections(&output.rejections, &mut self.reported, self.observer);
-        self.observer.health_checks(&output.health_check_node_ports);
-        let desired = output.table;
+        report_rejections(self.builder.rejections(), &mut self.reported, self.observer);
+        self.observer
+            .health_checks(self.builder.health_check_node_ports());
         let build_us = building.elapsed().as_micros() as u64;
         let started = std::time::Instant::now();
-        let result = match (&self.programmed, full) {
-            (Some(current), false) => {
-                let diff = current.diff(&desired);
-                if diff.is_empty() {
-                    self.observer.synced(&SyncReport {
-                        elapsed: started.elapsed(),
-                        frontends: desired.len(),
-                        backends: desired.backend_count(),
-                        programming_latencies: self.triggers.programmed(&state.endpoint_slices),
-                        ..SyncReport::default()
-                    });
-                    return Step::Unchanged;
-                }
-                self.dataplane.apply(&diff)
+        let was_programmed = self.programmed;
+        let result = if was_programmed && !full {
+            if diff.is_empty() {
+                let programming_latencies = self.programmed_slices();
+                self.observer.synced(&SyncReport {
+                    elapsed: started.elapsed(),
+                    frontends: self.builder.table().len(),
+                    backends: self.builder.backend_count(),
+                    programming_latencies,
+                    ..SyncReport::default()
+                });
+                return Step::Unchanged;
             }
-            _ => self.dataplane.reconcile(&desired).map(|report| {
-                // A periodic reconcile that had to repair found the kernel
-                // different from what we programmed: someone changed it.
-                if self.programmed.is_some() && report.repaired > 0 {
-                    tracing::warn!(
-                        dataplane = self.dataplane.name(),
-                        repaired = report.repaired,
-                        "full sync repaired drift in the kernel"
-                    );
-                }
-                report.stats
-            }),
+            self.dataplane.apply(&diff)
+        } else {
+            self.dataplane
+                .reconcile(self.builder.table())
+                .map(|report| {
+                    // A periodic reconcile that had to repair found the
+                    // kernel different from what we programmed: someone
+                    // changed it.
+                    if was_programmed && report.repaired > 0 {
+                        tracing::warn!(
+                            dataplane = self.dataplane.name(),
+                            repaired = report.repaired,
+                            "full sync repaired drift in the kernel"
+                        );
+                    }
+                    report.stats
+                })
         };
         let stats = match result {
             Ok(stats) => stats,
             Err(e) => {
-                self.programmed = None;
+                self.programmed = false;
                 return Step::Failed(e);
             }
         };
         let report = SyncReport {
-            full: self.programmed.is_none() || full,
+            full: !was_programmed || full,
             applied: true,
             elapsed: started.elapsed(),
             stats,
-            frontends: desired.len(),
-            backends: desired.backend_count(),
-            programming_latencies: self.triggers.programmed(&state.endpoint_slices),
+            frontends: self.builder.table().len(),
+            backends: self.builder.backend_count(),
+            programming_latencies: self.programmed_slices(),
         };
         log_synced(self.dataplane.name(), &report, build_us);
         self.observer.synced(&report);
-        self.programmed = Some(desired);
+        self.programmed = true;
         Step::Applied
+    }
+
+    /// The programming latencies of the slices built since the last
+    /// successful sync, now programmed.
+    fn programmed_slices(&mut self) -> Vec<Duration> {
+        let latencies = self
+            .triggers
+            .programmed(&self.slices_new, &self.slices_gone);
+        self.slices_new.clear();
+        self.slices_gone.clear();
+        latencies
     }
 
     /// Gives the dataplane the node's network when it differs from what it
@@ -317,7 +335,7 @@ impl<'a> Syncer<'a> {
             .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()))
             .map(|n| n.as_ref());
         let net = NodeNetwork {
-            service_cidrs: self.service_cidrs.clone(),
+            service_cidrs: self.builder.service_cidrs().to_vec(),
             ..node_network(addresses, node, self.network)
         };
         if self.node_net.as_ref() == Some(&net) {
@@ -382,12 +400,12 @@ fn log_node_network(dataplane: &str, old: Option<&NodeNetwork>, new: &NodeNetwor
 }
 
 /// Logs each rejection once while it persists, and tells the observer.
-fn report_rejections(
-    current: &[Rejection],
+fn report_rejections<'r>(
+    current: impl Iterator<Item = &'r Rejection>,
     reported: &mut BTreeSet<Rejection>,
     observer: &dyn SyncObserver,
 ) {
-    let now: BTreeSet<Rejection> = current.iter().cloned().collect();
+    let now: BTreeSet<Rejection> = current.cloned().collect();
     for r in now.difference(reported) {
         tracing::warn!(kind = r.kind, namespace = %r.namespace, name = %r.name, reason = %r.reason, "object rejected");
         observer.rejected(r);
@@ -491,7 +509,7 @@ mod tests {
         }
         fn reconcile(
             &mut self,
-            desired: &ServiceTable,
+            desired: &crate::model::ServiceTable,
         ) -> Result<crate::dataplane::ReconcileReport, DataplaneError> {
             self.calls
                 .lock()
@@ -911,21 +929,37 @@ mod tests {
                 .unwrap()
                 .to_string()
         };
-        let slices = |t: &str| with_trigger((*web(&["10.1.0.1"])).clone(), t).endpoint_slices;
+        let slices = |t: &str| {
+            with_trigger((*web(&["10.1.0.1"])).clone(), t)
+                .endpoint_slices
+                .to_vec()
+        };
         let now = start + Duration::from_secs(10);
+        let first = slices(&at(4));
         assert_eq!(
-            triggers.programmed_at(&slices(&at(4)), now),
+            triggers.programmed_at(&first, &[], now),
             vec![Duration::from_secs(6)]
         );
-        // The same trigger time again is not a new change.
-        assert!(triggers.programmed_at(&slices(&at(4)), now).is_empty());
+        // A new version with the same trigger time is not a new change.
+        let same = slices(&at(4));
+        assert!(triggers.programmed_at(&same, &first, now).is_empty());
+        let later = slices(&at(9));
         assert_eq!(
-            triggers.programmed_at(&slices(&at(9)), now),
+            triggers.programmed_at(&later, &same, now),
             vec![Duration::from_secs(1)]
         );
         // Unparsable or future times are ignored rather than guessed.
-        assert!(triggers.programmed_at(&slices("yesterday"), now).is_empty());
-        assert!(triggers.programmed_at(&slices(&at(20)), now).is_empty());
+        let bad = slices("yesterday");
+        assert!(triggers.programmed_at(&bad, &later, now).is_empty());
+        let future = slices(&at(20));
+        assert!(triggers.programmed_at(&future, &bad, now).is_empty());
+        // A slice deleted and made again with its old trigger time counts
+        // again: the deletion was programmed in between.
+        assert!(triggers.programmed_at(&[], &future, now).is_empty());
+        assert_eq!(
+            triggers.programmed_at(&first, &[], now),
+            vec![Duration::from_secs(6)]
+        );
     }
 
     #[test]
@@ -962,7 +996,7 @@ mod tests {
         };
         let (a, b) = (svc("a", "1"), svc("b", "1"));
         let state = |services: Vec<Arc<Service>>| ClusterState {
-            services,
+            services: services.into(),
             ..ClusterState::default()
         };
         let changes = |v: &mut Versions, s: &ClusterState| v.update(s).services;
