@@ -4,10 +4,10 @@
 //!
 //! Like kube-proxy, it asks the API server to filter with label selectors, so
 //! that objects it would ignore (services handled by another proxy, headless
-//! services' slices) never reach it. Each resource is followed by a
-//! reflector store; a relist (after `410 Gone` or a long outage) swaps the
-//! store's content atomically when the new list is complete, so a partial
-//! list is never published. While the API server cannot be reached, nothing
+//! services' slices) never reach it. Each resource is followed into an
+//! [`ObjectStore`]; a relist (after `410 Gone` or a long outage) replaces
+//! the store's content when the new list is complete, so a partial list is
+//! never published. While the API server cannot be reached, nothing
 //! is published: the dataplane keeps serving the last state.
 use std::{
     fmt::Debug,
@@ -24,12 +24,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource,
-    runtime::{
-        WatchStreamExt,
-        reflector::{self, Store},
-        utils::Backoff,
-        watcher,
-    },
+    runtime::{WatchStreamExt, utils::Backoff, watcher},
 };
 use serde::de::DeserializeOwned;
 
@@ -37,6 +32,9 @@ use super::{Source, SourceError, StateSender};
 use crate::model::ClusterState;
 
 pub mod events;
+mod store;
+
+pub use store::ObjectStore;
 
 /// Objects kube-proxy never handles: those of a service owned by another
 /// proxy implementation, and the endpoints of headless services. The same
@@ -49,10 +47,10 @@ pub const PROXYABLE_SELECTOR: &str =
 /// Events to).
 #[derive(Clone)]
 pub struct Stores {
-    pub services: Store<Service>,
-    pub endpoint_slices: Store<EndpointSlice>,
-    pub nodes: Store<Node>,
-    pub service_cidrs: Store<ServiceCIDR>,
+    pub services: ObjectStore<Service>,
+    pub endpoint_slices: ObjectStore<EndpointSlice>,
+    pub nodes: ObjectStore<Node>,
+    pub service_cidrs: ObjectStore<ServiceCIDR>,
 }
 
 /// Watches the Kubernetes API.
@@ -60,15 +58,7 @@ pub struct ApiSource {
     client: Client,
     node_name: String,
     stores: Stores,
-    writers: Writers,
     backoff: BackoffSettings,
-}
-
-struct Writers {
-    services: reflector::store::Writer<Service>,
-    endpoint_slices: reflector::store::Writer<EndpointSlice>,
-    nodes: reflector::store::Writer<Node>,
-    service_cidrs: reflector::store::Writer<ServiceCIDR>,
 }
 
 /// Retry timing after a failed list or watch.
@@ -92,24 +82,14 @@ impl Default for BackoffSettings {
 
 impl ApiSource {
     pub fn new(client: Client, node_name: String) -> Self {
-        let (services, services_w) = reflector::store();
-        let (endpoint_slices, endpoint_slices_w) = reflector::store();
-        let (nodes, nodes_w) = reflector::store();
-        let (service_cidrs, service_cidrs_w) = reflector::store();
         Self {
             client,
             node_name,
             stores: Stores {
-                services,
-                endpoint_slices,
-                nodes,
-                service_cidrs,
-            },
-            writers: Writers {
-                services: services_w,
-                endpoint_slices: endpoint_slices_w,
-                nodes: nodes_w,
-                service_cidrs: service_cidrs_w,
+                services: ObjectStore::default(),
+                endpoint_slices: ObjectStore::default(),
+                nodes: ObjectStore::default(),
+                service_cidrs: ObjectStore::default(),
             },
             backoff: BackoffSettings::default(),
         }
@@ -186,7 +166,7 @@ fn slim<K: Resource>(object: &mut K) {
 fn follow<K>(
     api: Api<K>,
     config: watcher::Config,
-    writer: reflector::store::Writer<K>,
+    store: ObjectStore<K>,
     backoff: BackoffSettings,
     which: Watched,
 ) -> BoxStream<'static, (Watched, Progress)>
@@ -196,14 +176,21 @@ where
 {
     let backoff = JitteredBackoff::new(backoff);
     let answered = backoff.answered.clone();
-    let stream = reflector::reflector(writer, watcher(api, config).modify(slim))
+    let stream = watcher(api, config)
+        .modify(slim)
         .backoff(backoff)
         .map(move |item| {
             let progress = match item {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Progress::Changed,
-                Ok(watcher::Event::Init) => Progress::Restarting,
-                Ok(watcher::Event::InitApply(_)) => Progress::Listing,
-                Ok(watcher::Event::InitDone) => Progress::Listed,
+                Ok(event) => {
+                    let progress = match &event {
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => Progress::Changed,
+                        watcher::Event::Init => Progress::Restarting,
+                        watcher::Event::InitApply(_) => Progress::Listing,
+                        watcher::Event::InitDone => Progress::Listed,
+                    };
+                    store.apply(event);
+                    progress
+                }
                 Err(e) => Progress::Failed(e),
             };
             if !matches!(progress, Progress::Restarting | Progress::Failed(_)) {
@@ -226,7 +213,6 @@ impl ApiSource {
             client,
             node_name,
             stores,
-            writers,
             backoff,
         } = self;
         let mut progress = Listings::default();
@@ -234,7 +220,7 @@ impl ApiSource {
         if !cidrs_readable {
             progress.listed[Watched::ServiceCidrs.index()] = true;
         }
-        let streams = follow_all(client, &node_name, writers, backoff, cidrs_readable);
+        let streams = follow_all(client, &node_name, stores.clone(), backoff, cidrs_readable);
         let mut events = futures::stream::select_all(streams);
         let mut published = false;
         while let Some(first) = events.next().await {
@@ -269,7 +255,7 @@ impl ApiSource {
 fn follow_all(
     client: Client,
     node_name: &str,
-    writers: Writers,
+    stores: Stores,
     backoff: BackoffSettings,
     cidrs_readable: bool,
 ) -> Vec<BoxStream<'static, (Watched, Progress)>> {
@@ -283,21 +269,21 @@ fn follow_all(
         follow(
             Api::<Service>::all(client.clone()),
             proxyable.clone(),
-            writers.services,
+            stores.services,
             backoff,
             Watched::Services,
         ),
         follow(
             Api::<EndpointSlice>::all(client.clone()),
             proxyable,
-            writers.endpoint_slices,
+            stores.endpoint_slices,
             backoff,
             Watched::EndpointSlices,
         ),
         follow(
             Api::<Node>::all(client.clone()),
             own_node,
-            writers.nodes,
+            stores.nodes,
             backoff,
             Watched::Node,
         ),
@@ -306,7 +292,7 @@ fn follow_all(
         streams.push(follow(
             Api::<ServiceCIDR>::all(client),
             watcher::Config::default().any_semantic(),
-            writers.service_cidrs,
+            stores.service_cidrs,
             backoff,
             Watched::ServiceCidrs,
         ));
@@ -434,10 +420,10 @@ fn log_failure(which: Watched, e: &watcher::Error, count: u32) {
 /// The stores' current content; the objects are shared, not copied.
 fn snapshot(stores: &Stores) -> ClusterState {
     ClusterState {
-        services: stores.services.state(),
-        endpoint_slices: stores.endpoint_slices.state(),
-        nodes: stores.nodes.state(),
-        service_cidrs: stores.service_cidrs.state(),
+        services: stores.services.snapshot(),
+        endpoint_slices: stores.endpoint_slices.snapshot(),
+        nodes: stores.nodes.snapshot().iter().cloned().collect(),
+        service_cidrs: stores.service_cidrs.snapshot().iter().cloned().collect(),
     }
 }
 

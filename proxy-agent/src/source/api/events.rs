@@ -19,7 +19,6 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
-    runtime::reflector::ObjectRef,
 };
 use tokio::sync::mpsc;
 
@@ -299,19 +298,11 @@ fn new_event(rejection: &Rejection, stores: &Stores, reporter: &Reporter, note: 
 }
 
 fn reference(r: &Rejection, stores: &Stores) -> ObjectReference {
-    fn live<K>(
-        store: &kube::runtime::reflector::Store<K>,
-        name: &str,
-        ns: &str,
-    ) -> Option<ObjectReference>
+    fn live<K>(store: &super::ObjectStore<K>, name: &str, ns: &str) -> Option<ObjectReference>
     where
-        K: Resource<DynamicType = ()> + Clone,
+        K: Resource<DynamicType = ()>,
     {
-        let mut key = ObjectRef::<K>::new(name);
-        if !ns.is_empty() {
-            key = key.within(ns);
-        }
-        store.get(&key).map(|obj| obj.object_ref(&()))
+        store.get(ns, name).map(|obj| obj.object_ref(&()))
     }
     let found = match r.kind {
         "Service" => live(&stores.services, &r.name, &r.namespace),
@@ -410,15 +401,11 @@ mod tests {
 
     #[test]
     fn reference_falls_back_to_kind_and_name() {
-        let (services, _w1) = kube::runtime::reflector::store();
-        let (endpoint_slices, _w2) = kube::runtime::reflector::store();
-        let (nodes, _w3) = kube::runtime::reflector::store();
-        let (service_cidrs, _w4) = kube::runtime::reflector::store();
         let stores = Stores {
-            services,
-            endpoint_slices,
-            nodes,
-            service_cidrs,
+            services: Default::default(),
+            endpoint_slices: Default::default(),
+            nodes: Default::default(),
+            service_cidrs: Default::default(),
         };
         let r = Rejection {
             kind: "EndpointSlice",

@@ -1,0 +1,258 @@
+//! [`ObjectStore`]: the objects of one watched resource, kept the way the
+//! model compares states cheaply.
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use kube::{Resource, runtime::watcher};
+
+use crate::model::Objects;
+
+/// The objects of one resource as its watch delivered them, in an
+/// [`Objects`] list: a changed object replaces its old version in place, so
+/// a published copy shares every chunk but one with the last. A relist
+/// (after `410 Gone` or an outage) is buffered and applied when complete,
+/// so a partial list is never seen; objects it brings back unchanged (same
+/// resourceVersion) keep their `Arc`, so the model redoes nothing for them.
+pub struct ObjectStore<K> {
+    inner: Arc<RwLock<Inner<K>>>,
+}
+
+impl<K> Clone for ObjectStore<K> {
+    fn clone(&self) -> Self {
+        ObjectStore {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K> Default for ObjectStore<K> {
+    fn default() -> Self {
+        ObjectStore {
+            inner: Arc::new(RwLock::new(Inner {
+                objects: Objects::new(),
+                index: HashMap::new(),
+                relist: None,
+            })),
+        }
+    }
+}
+
+struct Inner<K> {
+    objects: Objects<K>,
+    /// (namespace, name) -> position in `objects`.
+    index: HashMap<Key, usize>,
+    /// The objects of a relist under way.
+    relist: Option<Vec<Arc<K>>>,
+}
+
+type Key = (String, String);
+
+fn key_of<K: Resource>(object: &K) -> Key {
+    let meta = object.meta();
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+impl<K: Resource> ObjectStore<K> {
+    /// A copy of the list: one reference count per chunk.
+    pub fn snapshot(&self) -> Objects<K> {
+        self.read(|inner| inner.objects.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.read(|inner| inner.objects.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The object `namespace/name` ("" for cluster-scoped ones).
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+        self.read(|inner| {
+            let at = inner
+                .index
+                .get(&(namespace.to_string(), name.to_string()))?;
+            inner.objects.get(*at).cloned()
+        })
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Inner<K>) -> T) -> T {
+        // A writer that panicked left a consistent list (each step of an
+        // update is whole), so a poisoned lock is still read.
+        let guard = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        f(&guard)
+    }
+
+    /// Takes one event of the watch.
+    pub fn apply(&self, event: watcher::Event<K>) {
+        let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let inner = &mut *guard;
+        match event {
+            watcher::Event::Apply(object) => inner.upsert(Arc::new(object)),
+            watcher::Event::Delete(object) => inner.remove(&key_of(&object)),
+            watcher::Event::Init => inner.relist = Some(Vec::new()),
+            watcher::Event::InitApply(object) => {
+                inner
+                    .relist
+                    .get_or_insert_with(Vec::new)
+                    .push(Arc::new(object));
+            }
+            watcher::Event::InitDone => {
+                let listed = inner.relist.take().unwrap_or_default();
+                inner.replace_all(listed);
+            }
+        }
+    }
+}
+
+impl<K: Resource> Inner<K> {
+    fn upsert(&mut self, object: Arc<K>) {
+        let key = key_of(object.as_ref());
+        match self.index.get(&key) {
+            Some(&at) => {
+                self.objects.set(at, object);
+            }
+            None => {
+                self.index.insert(key, self.objects.len());
+                self.objects.push(object);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        let Some(at) = self.index.remove(key) else {
+            return;
+        };
+        self.objects.swap_remove(at);
+        // The last object moved into the freed position.
+        if let Some(moved) = self.objects.get(at) {
+            self.index.insert(key_of(moved.as_ref()), at);
+        }
+    }
+
+    /// The content of a completed relist: what it lacks is removed, what
+    /// it changed is replaced, what it brings back unchanged is kept.
+    fn replace_all(&mut self, listed: Vec<Arc<K>>) {
+        let mut listed_keys: HashMap<Key, ()> = HashMap::with_capacity(listed.len());
+        for object in &listed {
+            listed_keys.insert(key_of(object.as_ref()), ());
+        }
+        let gone: Vec<Key> = self
+            .index
+            .keys()
+            .filter(|key| !listed_keys.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.remove(&key);
+        }
+        for object in listed {
+            let key = key_of(object.as_ref());
+            if let Some(&at) = self.index.get(&key)
+                && let Some(current) = self.objects.get(at)
+                && current.meta().resource_version.is_some()
+                && current.meta().resource_version == object.meta().resource_version
+            {
+                continue;
+            }
+            self.upsert(object);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    fn svc(name: &str, version: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some(name.into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn names(store: &ObjectStore<Service>) -> Vec<String> {
+        let mut names: Vec<String> = store
+            .snapshot()
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}@{}",
+                    s.metadata.name.clone().unwrap_or_default(),
+                    s.metadata.resource_version.clone().unwrap_or_default()
+                )
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn events_update_in_place_and_deletes_keep_the_index() {
+        let store = ObjectStore::default();
+        store.apply(watcher::Event::Init);
+        for name in ["a", "b", "c"] {
+            store.apply(watcher::Event::InitApply(svc(name, "1")));
+        }
+        assert!(store.is_empty(), "a partial list is not seen");
+        store.apply(watcher::Event::InitDone);
+        assert_eq!(names(&store), ["a@1", "b@1", "c@1"]);
+        let before = store.snapshot();
+        store.apply(watcher::Event::Apply(svc("b", "2")));
+        let after = store.snapshot();
+        let differing = before
+            .iter()
+            .zip(after.iter())
+            .filter(|(x, y)| !Arc::ptr_eq(x, y))
+            .count();
+        assert_eq!(differing, 1, "replaced in place");
+        store.apply(watcher::Event::Delete(svc("a", "1")));
+        assert_eq!(names(&store), ["b@2", "c@1"]);
+        // The object moved into a's place is still found.
+        assert_eq!(
+            store
+                .get("ns", "c")
+                .and_then(|s| s.metadata.resource_version.clone()),
+            Some("1".into())
+        );
+        store.apply(watcher::Event::Apply(svc("d", "3")));
+        assert_eq!(names(&store), ["b@2", "c@1", "d@3"]);
+        assert!(store.get("ns", "a").is_none());
+    }
+
+    #[test]
+    fn a_relist_keeps_unchanged_objects_and_drops_missing_ones() {
+        let store = ObjectStore::default();
+        store.apply(watcher::Event::Init);
+        for name in ["a", "b", "c"] {
+            store.apply(watcher::Event::InitApply(svc(name, "1")));
+        }
+        store.apply(watcher::Event::InitDone);
+        let kept = store.get("ns", "a");
+        store.apply(watcher::Event::Init);
+        store.apply(watcher::Event::InitApply(svc("a", "1")));
+        store.apply(watcher::Event::InitApply(svc("b", "5")));
+        store.apply(watcher::Event::InitApply(svc("e", "6")));
+        // The old content stays until the relist completes.
+        assert_eq!(names(&store), ["a@1", "b@1", "c@1"]);
+        store.apply(watcher::Event::InitDone);
+        assert_eq!(names(&store), ["a@1", "b@5", "e@6"]);
+        let (Some(kept), Some(now)) = (kept, store.get("ns", "a")) else {
+            panic!("a is listed");
+        };
+        assert!(Arc::ptr_eq(&kept, &now), "unchanged: the same object");
+    }
+}
