@@ -379,8 +379,17 @@ impl EbpfDataplane {
             stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
             self.end_stale_sockets(&stale);
         }
-        let written = self.frontend_addresses.clone();
-        self.sync_frontend_addrs(written, &mut stats)?;
+        // Only added or removed frontends change the set of addresses, and
+        // only time ends a lingering one: a change of backends (the usual
+        // diff) leaves it, and skips a walk of every frontend.
+        let now = std::time::Instant::now();
+        if !diff.added.is_empty()
+            || !diff.removed.is_empty()
+            || self.lingering.values().any(|until| *until <= now)
+        {
+            let written = self.frontend_addresses.clone();
+            self.sync_frontend_addrs(written, &mut stats)?;
+        }
         Ok(stats)
     }
 }
