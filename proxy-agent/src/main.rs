@@ -435,11 +435,17 @@ async fn run(args: Settings) -> Result<()> {
     validate(&args)?;
     let node = node_name(args.hostname_override.clone())?;
     log_start(&args, &node);
+    // The source lists while the dataplane opens (loading and verifying
+    // the eBPF programs takes a second or two of CPU): on a large cluster
+    // the two together are most of the time to the first sync.
+    let (tx, rx) = watch::channel(None);
+    let (source, events) = source_of(&args, &node).await?;
+    let source_task = tokio::spawn(source.run(tx));
     let Running {
         mut dataplane,
         mut links,
         links_attached,
-    } = open_dataplane(&args)?;
+    } = tokio::task::block_in_place(|| open_dataplane(&args))?;
     let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
     let node_addresses = tokio::spawn(addresses::follow_addresses(addresses_tx));
 
@@ -449,10 +455,6 @@ async fn run(args: Settings) -> Result<()> {
     if args.mode == Mode::Ebpf {
         register_datapath_counters(&metrics, &args.bpf_root);
     }
-    let (tx, rx) = watch::channel(None);
-    let (source, events) = source_of(&args, &node).await?;
-    let source_task = tokio::spawn(source.run(tx));
-
     let (cfg, network, sync_opts) = sync_settings(&args, node);
     let observer = AgentObserver::new(health, metrics, events);
     // The follower sends its first list at once (or fails, which the select
