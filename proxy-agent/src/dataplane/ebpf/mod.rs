@@ -38,6 +38,7 @@ use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport}
 use crate::model::{FrontendKey, ServiceTable, TableDiff};
 
 pub mod attach;
+mod batch;
 pub mod bpffs;
 pub mod counters;
 mod encode;
@@ -154,6 +155,9 @@ pub struct EbpfDataplane {
     programmed: HashMap<FrontendKey, Programmed>,
     /// Every programmed backend, its ID and how many frontend views use it.
     backend_ids: HashMap<BackendRef, (BackendId, usize)>,
+    /// Backends given an ID and not yet written: written together, before
+    /// the entries that use them.
+    pending_backends: Vec<(BackendId, BackendValue)>,
     backend_alloc: IdAllocator,
     svc_alloc: IdAllocator,
     /// The node addresses written to the node-addresses map.
@@ -333,6 +337,7 @@ impl EbpfDataplane {
             stats: PerCpuArray::try_from(take_map(ebpf, MAP_STATS)?)?,
             programmed: HashMap::new(),
             backend_ids: HashMap::new(),
+            pending_backends: Vec::new(),
             backend_alloc: IdAllocator::default(),
             svc_alloc: IdAllocator::default(),
             node_addresses: BTreeSet::new(),

@@ -35,6 +35,8 @@ impl EbpfDataplane {
         desired: &ServiceTable,
     ) -> Result<ApplyStats, EbpfError> {
         let mut stats = ApplyStats::default();
+        // Left by a sync that failed: the backend IDs are adopted afresh.
+        self.pending_backends.clear();
         let (kernel_backends, kernel) = self.kernel_contents();
         let plans: Vec<(FrontendPlan, &Frontend)> = desired
             .iter()

@@ -10,7 +10,7 @@ use proxy_common::{
 };
 
 use super::{
-    EbpfDataplane, EbpfError,
+    EbpfDataplane, EbpfError, batch,
     encode::{
         BackendRef, Entries, SourceRangeSlot, addr_of, backend_value, backends_of, flags_of,
         frontend_name, node_addr_key, scoped_views, service_key, source_range_key,
@@ -70,7 +70,9 @@ impl EbpfDataplane {
             .backend_alloc
             .alloc()
             .ok_or(EbpfError::BackendIdsExhausted)?;
-        self.backends.insert(id, backend_value(&b), 0)?;
+        // Written with the entries that use it, before them (see
+        // `write_entries`).
+        self.pending_backends.push((id, backend_value(&b)));
         stats.kernel_writes += 1;
         self.backend_ids.insert(b, (id, 1));
         Ok(id)
@@ -194,21 +196,30 @@ impl EbpfDataplane {
         new: &Entries,
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
-        for m in new.members.difference(&old.members) {
-            self.members.insert(*m, 1, 0)?;
-            stats.kernel_writes += 1;
-        }
+        // New backends first, then members, ranges and slots, then the
+        // heads that make them reachable: make-before-break.
+        let backends = std::mem::take(&mut self.pending_backends);
+        batch::insert_all(&mut self.backends, &backends)?;
+        let members: Vec<(MemberKey, u32)> = new
+            .members
+            .difference(&old.members)
+            .map(|m| (*m, 1))
+            .collect();
+        batch::insert_all(&mut self.members, &members)?;
+        stats.kernel_writes += members.len();
         for r in new.ranges.difference(&old.ranges) {
             self.source_ranges.insert(&r.key(), 1, 0)?;
             stats.kernel_writes += 1;
         }
         for heads in [false, true] {
-            for (k, v) in &new.services {
-                if (k.slot == 0) == heads && old.services.get(k) != Some(v) {
-                    self.services.insert(*k, *v, 0)?;
-                    stats.kernel_writes += 1;
-                }
-            }
+            let services: Vec<(ServiceKey, ServiceValue)> = new
+                .services
+                .iter()
+                .filter(|(k, v)| (k.slot == 0) == heads && old.services.get(k) != Some(v))
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            batch::insert_all(&mut self.services, &services)?;
+            stats.kernel_writes += services.len();
         }
         let mut stale: Vec<&ServiceKey> = old
             .services

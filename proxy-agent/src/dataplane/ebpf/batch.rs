@@ -1,0 +1,108 @@
+//! Many writes to one hash map in few system calls (`BPF_MAP_UPDATE_BATCH`,
+//! Linux 5.6): a full sync at tens of thousands of services writes hundreds
+//! of thousands of entries, and one call each is most of its time.
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, IterableMap, MapData, MapError},
+};
+
+/// The kernel's own "operation not supported" (not in libc).
+const ENOTSUPP: i32 = 524;
+
+/// `enum bpf_cmd`: BPF_MAP_UPDATE_BATCH.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Entries per call: the kernel copies keys and values in; this bounds the
+/// time one call holds the CPU.
+const PER_CALL: usize = 4_096;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `entries` into `map`, in order, in batches; where the kernel
+/// cannot batch (before 5.6), one write each.
+pub(super) fn insert_all<K: Pod, V: Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    entries: &[(K, V)],
+) -> Result<(), MapError> {
+    let mut done = 0;
+    while done < entries.len() {
+        let chunk = &entries[done..(done + PER_CALL).min(entries.len())];
+        match update_batch(map.map(), chunk) {
+            Ok(()) => done += chunk.len(),
+            Err((written, e))
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+                ) =>
+            {
+                // Batching not understood: the rest one by one.
+                done += written;
+                for (k, v) in &entries[done..] {
+                    map.insert(*k, *v, 0)?;
+                }
+                return Ok(());
+            }
+            Err((_, io_error)) => {
+                return Err(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error,
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `BPF_MAP_UPDATE_BATCH` of `entries`; on failure, how many were
+/// written before it.
+fn update_batch<K: Pod, V: Pod>(
+    map: &MapData,
+    entries: &[(K, V)],
+) -> Result<(), (usize, io::Error)> {
+    let keys: Vec<K> = entries.iter().map(|(k, _)| *k).collect();
+    let values: Vec<V> = entries.iter().map(|(_, v)| *v).collect();
+    let Ok(count) = u32::try_from(entries.len()) else {
+        return Err((0, io::Error::from_raw_os_error(libc::E2BIG)));
+    };
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        // Descriptors are non-negative.
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size; `keys`
+    // and `values` hold `count` elements of the map's key and value types
+    // (Pod, `#[repr(C)]`) and outlive the call; the kernel only reads them
+    // and writes `attr.count`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err((attr.count as usize, io::Error::last_os_error()));
+    }
+    Ok(())
+}
