@@ -278,3 +278,39 @@ fn reconcile_repairs_entries_removed_behind_the_agents_back() {
     let again = f.dp.reconcile(&table).expect("reconcile again");
     assert_eq!(again.repaired, 0, "{again:?}");
 }
+
+/// A periodic reconcile of an unchanged kernel compares and writes
+/// nothing; an entry changed behind the agent's back, after it trusts its
+/// shadow, is still found and repaired.
+#[test]
+fn a_periodic_reconcile_writes_nothing_until_the_kernel_drifts() {
+    let mut f = Setup::Web.load();
+    let table = f.table.clone();
+    f.dp.reconcile(&table).expect("first reconcile");
+    let quiet = f.dp.reconcile(&table).expect("periodic reconcile");
+    assert_eq!(
+        (
+            quiet.repaired,
+            quiet.stats.kernel_writes,
+            quiet.stats.kernel_deletes
+        ),
+        (0, 0, 0),
+        "{quiet:?}"
+    );
+    // Another process deletes every service entry.
+    let id = f.dp.services_map_id().expect("services map id");
+    let data = aya::maps::MapData::from_id(id).expect("open the services map by id");
+    let mut other: aya::maps::HashMap<_, proxy_common::ServiceKey, proxy_common::ServiceValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("a hash map");
+    let keys: Vec<proxy_common::ServiceKey> = other.keys().filter_map(Result::ok).collect();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        other.remove(k).expect("remove");
+    }
+    let packet = tcp(sa(CLIENT, 43001), vip(), Tcp::Syn);
+    assert_eq!(f.ingress(&packet).1, packet, "drifted: nothing programmed");
+    let repair = f.dp.reconcile(&table).expect("reconcile after drift");
+    assert!(repair.repaired >= keys.len(), "{repair:?}");
+    let (_, out) = f.ingress(&packet);
+    assert!(backend_set().contains(&inspect(&out).dst.ip()));
+}

@@ -106,3 +106,88 @@ fn update_batch<K: Pod, V: Pod>(
     }
     Ok(())
 }
+
+/// `enum bpf_cmd`: BPF_MAP_LOOKUP_BATCH.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every entry of `map`, read in batches (one call per `PER_CALL`
+/// entries, not two per entry as key-by-key iteration takes); where the
+/// kernel cannot batch, key by key.
+pub(super) fn read_all<K: Pod, V: Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>, MapError> {
+    match lookup_batches(map.map()) {
+        Ok(entries) => Ok(entries),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+            ) =>
+        {
+            map.iter().collect()
+        }
+        Err(io_error) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error,
+        })),
+    }
+}
+
+fn lookup_batches<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, io::Error> {
+    let mut entries = Vec::new();
+    let mut keys: Vec<K> = Vec::with_capacity(PER_CALL);
+    let mut values: Vec<V> = Vec::with_capacity(PER_CALL);
+    // A hash map's position is a bucket index.
+    let mut position: u32 = 0;
+    let mut next: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &position as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: PER_CALL as u32,
+            // Descriptors are non-negative.
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size; `keys`
+        // and `values` have room for `PER_CALL` elements of the map's key
+        // and value types (Pod, `#[repr(C)]`), the kernel writes at most
+        // `attr.count` of each, and `position`/`next` are the u32 batch
+        // tokens of a hash map; all outlive the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let error = (ret < 0).then(io::Error::last_os_error);
+        let done = match error {
+            None => false,
+            // No more entries (those of this call are still copied).
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Some(e) => return Err(e),
+        };
+        let read = (attr.count as usize).min(PER_CALL);
+        // SAFETY: the call succeeded or ended with ENOENT, and the kernel
+        // wrote `attr.count` elements of each (capped to the room there is).
+        unsafe {
+            keys.set_len(read);
+            values.set_len(read);
+        }
+        entries.extend(keys.drain(..).zip(values.drain(..)));
+        if done {
+            return Ok(entries);
+        }
+        position = next;
+        first = false;
+    }
+}

@@ -180,6 +180,12 @@ pub struct EbpfDataplane {
     sock_revnat: BpfHashMap<MapData, SockRevKey, SockRevValue>,
     /// The pods whose sockets the hooks translate.
     pod_namespaces: PodNamespaces,
+    /// Whether the shadow (`programmed`, `backend_ids`, the written
+    /// addresses and ports) is what this agent last wrote in full: set by
+    /// a complete reconcile, kept by every complete write after it. Only
+    /// then can a periodic reconcile compare the kernel with it and skip
+    /// the rest.
+    shadow_trusted: bool,
 }
 
 /// Loads the programs and opens (or creates) the pinned maps under
@@ -338,6 +344,7 @@ impl EbpfDataplane {
             programmed: HashMap::new(),
             backend_ids: HashMap::new(),
             pending_backends: Vec::new(),
+            shadow_trusted: false,
             backend_alloc: IdAllocator::default(),
             svc_alloc: IdAllocator::default(),
             node_addresses: BTreeSet::new(),
@@ -371,6 +378,13 @@ impl EbpfDataplane {
         ports
     }
 
+    /// The kernel's ID of the services map (for tools and tests that
+    /// open it beside the agent).
+    pub fn services_map_id(&self) -> Option<u32> {
+        use aya::maps::IterableMap;
+        Some(self.services.map().info().ok()?.id())
+    }
+
     /// Number of session-affinity entries (walks the map; for tests).
     pub fn affinity_len(&self) -> usize {
         self.affinity.keys().filter(|k| k.is_ok()).count()
@@ -383,15 +397,34 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
-        Ok(self.apply_diff(diff)?)
+        // A failure part-way leaves the shadow unsure: the next reconcile
+        // does all of its work.
+        self.shadow_trusted = false;
+        let stats = self.apply_diff(diff)?;
+        self.shadow_trusted = true;
+        Ok(stats)
     }
 
     fn reconcile(&mut self, desired: &ServiceTable) -> Result<ReconcileReport, DataplaneError> {
-        Ok(ReconcileReport::of_repairs(self.reconcile_maps(desired)?))
+        if self.shadow_trusted && self.holds_exactly(desired)? {
+            // Nothing to repair; only lingering frontend addresses may be
+            // due to go, which is no drift.
+            let mut stats = ApplyStats::default();
+            let written = self.frontend_addresses.clone();
+            self.sync_frontend_addrs(written, &mut stats)?;
+            return Ok(ReconcileReport { repaired: 0, stats });
+        }
+        self.shadow_trusted = false;
+        let stats = self.reconcile_maps(desired)?;
+        self.shadow_trusted = true;
+        Ok(ReconcileReport::of_repairs(stats))
     }
 
     fn set_node_network(&mut self, network: &NodeNetwork) -> Result<(), DataplaneError> {
-        Ok(self.program_node_network(network)?)
+        let trusted = std::mem::replace(&mut self.shadow_trusted, false);
+        self.program_node_network(network)?;
+        self.shadow_trusted = trusted;
+        Ok(())
     }
 }
 

@@ -148,14 +148,19 @@ fn snat_port_ranges(ephemeral: Option<(u16, u16)>) -> [(u16, u16); 2] {
 pub(super) fn addresses_in(map: &BpfHashMap<MapData, NodeAddrKey, u32>) -> BTreeSet<IpAddr> {
     map.keys()
         .filter_map(Result::ok)
-        .filter_map(|k| match k.family {
-            FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
-                k.addr[0], k.addr[1], k.addr[2], k.addr[3],
-            ))),
-            FAMILY_V6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(k.addr))),
-            _ => None,
-        })
+        .filter_map(|k| address_of(&k))
         .collect()
+}
+
+/// The address of a node-addresses (or frontend-addresses) key.
+pub(super) fn address_of(k: &NodeAddrKey) -> Option<IpAddr> {
+    match k.family {
+        FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
+            k.addr[0], k.addr[1], k.addr[2], k.addr[3],
+        ))),
+        FAMILY_V6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(k.addr))),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use proxy_common::{BackendId, BackendValue, MemberKey, ServiceKey, ServiceValue};
 
 use super::{
-    EbpfDataplane, EbpfError,
+    EbpfDataplane, EbpfError, batch,
     encode::{
         BackendRef, Entries, SourceRangeSlot, backend_value, backends_of, scoped_views, service_key,
     },
-    network::addresses_in,
+    network::{address_of, addresses_in},
     words_of,
     writer::{Programmed, remove_ignoring_missing},
 };
@@ -184,6 +184,73 @@ impl EbpfDataplane {
             );
         }
         Ok((all_new, programmed))
+    }
+
+    /// Whether the maps hold exactly what the shadow says this agent wrote,
+    /// and the shadow is `desired`: a periodic reconcile then plans and
+    /// writes nothing. The maps are read in batches and compared in
+    /// memory, a small part of what a full reconcile costs (it plans every
+    /// frontend and reads the maps key by key).
+    pub(super) fn holds_exactly(&self, desired: &ServiceTable) -> Result<bool, EbpfError> {
+        if self.programmed.len() != desired.len()
+            || desired.iter().any(|(key, fe)| {
+                self.programmed.get(key).and_then(|p| p.frontend.as_ref()) != Some(fe)
+            })
+        {
+            return Ok(false);
+        }
+        let services: HashMap<ServiceKey, ServiceValue> =
+            batch::read_all(&self.services)?.into_iter().collect();
+        let members: HashSet<MemberKey> = batch::read_all(&self.members)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut expected_services = 0;
+        let mut expected_members = 0;
+        let mut expected_ranges: HashSet<SourceRangeSlot> = HashSet::new();
+        for programmed in self.programmed.values() {
+            let entries = &programmed.entries;
+            expected_services += entries.services.len();
+            expected_members += entries.members.len();
+            if entries
+                .services
+                .iter()
+                .any(|(k, v)| services.get(k) != Some(v))
+                || entries.members.iter().any(|m| !members.contains(m))
+            {
+                return Ok(false);
+            }
+            expected_ranges.extend(entries.ranges.iter().copied());
+        }
+        if services.len() != expected_services || members.len() != expected_members {
+            return Ok(false);
+        }
+        let backends: HashMap<BackendId, BackendValue> =
+            batch::read_all(&self.backends)?.into_iter().collect();
+        if backends.len() != self.backend_ids.len()
+            || self
+                .backend_ids
+                .iter()
+                .any(|(b, (id, _))| backends.get(id) != Some(&backend_value(b)))
+        {
+            return Ok(false);
+        }
+        let ranges: HashSet<SourceRangeSlot> = self
+            .source_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| SourceRangeSlot {
+                prefix_len: k.prefix_len(),
+                data: k.data(),
+            })
+            .collect();
+        let addresses: BTreeSet<std::net::IpAddr> = batch::read_all(&self.frontend_addrs)?
+            .into_iter()
+            .filter_map(|(k, _)| address_of(&k))
+            .collect();
+        Ok(ranges == expected_ranges
+            && addresses == self.frontend_addresses
+            && words_of(&self.backend_ports) == self.backend_port_words)
     }
 
     /// Removes the backends of `kernel_backends` no frontend uses any more,
