@@ -21,7 +21,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, ProgramArray},
-    programs::{CgroupSock, CgroupSockAddr, SchedClassifier},
+    programs::{Program, SchedClassifier},
 };
 use proxy_common::{
     AffinityKey, AffinityValue, BACKEND_PORT_WORDS, BackendId, BackendValue, CtKey, CtValue,
@@ -254,33 +254,51 @@ pub fn load_unpinned() -> Result<(EbpfDataplane, Ebpf), EbpfError> {
 
 /// Loads every program, and points the program array's slots at the
 /// tail-called stages (replacing what an earlier run left there).
+///
+/// The kernel verifies each program as it loads (a second or two of CPU
+/// for all of them), so they load on two threads, each program whole on
+/// one.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
-    for name in [
+    let wanted: Vec<&'static str> = [
         PROG_INGRESS,
         PROG_EGRESS,
         PROG_NEW_FLOW,
         PROG_REJECT,
         PROG_ICMP_INGRESS,
         PROG_ICMP_EGRESS,
-    ] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::MissingProgram(name))?
-            .try_into()?;
-        prog.load()?;
+        PROG_SOCK_RELEASE,
+    ]
+    .into_iter()
+    .chain(PROGS_SOCKET)
+    .collect();
+    let mut programs: Vec<(&'static str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, program)| Some((*wanted.iter().find(|w| **w == name)?, program)))
+        .collect();
+    if let Some(missing) = wanted
+        .iter()
+        .find(|name| !programs.iter().any(|(have, _)| have == *name))
+    {
+        return Err(EbpfError::MissingProgram(missing));
     }
-    for name in PROGS_SOCKET {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::MissingProgram(name))?
-            .try_into()?;
-        prog.load()?;
+    // The packet programs are the large ones: deal them out first.
+    programs.sort_by_key(|(name, _)| !matches!(*name, PROG_INGRESS | PROG_EGRESS | PROG_NEW_FLOW));
+    let (mut first, mut second): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
+    for (i, program) in programs.into_iter().enumerate() {
+        if i % 2 == 0 {
+            first.push(program);
+        } else {
+            second.push(program);
+        }
     }
-    let release: &mut CgroupSock = ebpf
-        .program_mut(PROG_SOCK_RELEASE)
-        .ok_or(EbpfError::MissingProgram(PROG_SOCK_RELEASE))?
-        .try_into()?;
-    release.load()?;
+    std::thread::scope(|scope| {
+        let other = scope.spawn(move || load_each(second));
+        let here = load_each(first);
+        let other = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        here.and(other)
+    })?;
     let mut stages = Vec::new();
     for (slot, name) in [
         (TAIL_NEW_FLOW, PROG_NEW_FLOW),
@@ -426,6 +444,26 @@ impl Dataplane for EbpfDataplane {
         self.shadow_trusted = trusted;
         Ok(())
     }
+}
+
+/// Loads each of `programs` (the kinds this agent has).
+fn load_each(programs: Vec<(&'static str, &mut Program)>) -> Result<(), EbpfError> {
+    for (name, program) in programs {
+        let started = std::time::Instant::now();
+        match program {
+            Program::SchedClassifier(p) => p.load()?,
+            Program::CgroupSockAddr(p) => p.load()?,
+            Program::CgroupSock(p) => p.load()?,
+            // The object defines each of these names with one kind.
+            _ => return Err(EbpfError::MissingProgram(name)),
+        }
+        tracing::debug!(
+            program = name,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "program loaded"
+        );
+    }
+    Ok(())
 }
 
 /// What `cleanup` removed.
