@@ -303,18 +303,30 @@ impl<K, V: Clone> ObjectSet<K, V> {
             if old.contains_key(&id) {
                 continue;
             }
-            let value = derive(object);
-            delta.added.push((id, object.clone(), value.clone()));
-            self.by_id.insert(
-                id,
-                Entry {
-                    object: object.clone(),
-                    value,
-                    epoch: self.epoch,
-                },
-            );
+            self.add(id, object, derive, self.epoch, &mut delta);
         }
         Some(delta)
+    }
+
+    /// Takes in a new object, marked with `epoch`, and reports it.
+    fn add(
+        &mut self,
+        id: usize,
+        object: &Arc<K>,
+        derive: &impl Fn(&Arc<K>) -> V,
+        epoch: bool,
+        delta: &mut ObjectDelta<K, V>,
+    ) {
+        let value = derive(object);
+        delta.added.push((id, object.clone(), value.clone()));
+        self.by_id.insert(
+            id,
+            Entry {
+                object: object.clone(),
+                value,
+                epoch,
+            },
+        );
     }
 
     /// One lookup per object; marks what is listed and sweeps the rest.
@@ -341,16 +353,7 @@ impl<K, V: Clone> ObjectSet<K, V> {
                 }
                 None => {
                     seen += 1;
-                    let value = derive(object);
-                    delta.added.push((id, object.clone(), value.clone()));
-                    self.by_id.insert(
-                        id,
-                        Entry {
-                            object: object.clone(),
-                            value,
-                            epoch,
-                        },
-                    );
+                    self.add(id, object, derive, epoch, &mut delta);
                 }
             }
         }

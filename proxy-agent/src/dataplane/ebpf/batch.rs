@@ -89,20 +89,31 @@ fn update_batch<K: Pod, V: Pod>(
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         ..BatchAttr::default()
     };
-    // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size; `keys`
-    // and `values` hold `count` elements of the map's key and value types
-    // (Pod, `#[repr(C)]`) and outlive the call; the kernel only reads them
-    // and writes `attr.count`.
+    // SAFETY: `keys` and `values` hold `count` elements of the map's key
+    // and value types (Pod, `#[repr(C)]`) and outlive the call; the kernel
+    // only reads them.
+    unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|e| (attr.count as usize, e))
+}
+
+/// One batch command on `attr`; the kernel sets `attr.count` to the
+/// elements it processed, also on failure.
+///
+/// # Safety
+/// The pointers in `attr` must be valid for the command: keys and values
+/// for `attr.count` elements of the map's types, batch tokens of its kind.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size, and its
+    // pointers are valid as the caller promises.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
+            cmd,
+            attr as *mut BatchAttr,
             std::mem::size_of::<BatchAttr>(),
         )
     };
     if ret < 0 {
-        return Err((attr.count as usize, io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -156,21 +167,12 @@ fn lookup_batches<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, io::Erro
             map_fd: map.fd().as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is a valid `bpf_attr.batch` of its own size; `keys`
-        // and `values` have room for `PER_CALL` elements of the map's key
-        // and value types (Pod, `#[repr(C)]`), the kernel writes at most
-        // `attr.count` of each, and `position`/`next` are the u32 batch
-        // tokens of a hash map; all outlive the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let error = (ret < 0).then(io::Error::last_os_error);
-        let done = match error {
+        // SAFETY: `keys` and `values` have room for `PER_CALL` elements of
+        // the map's key and value types (Pod, `#[repr(C)]`), the kernel
+        // writes at most `attr.count` of each, and `position`/`next` are the
+        // u32 batch tokens of a hash map; all outlive the call.
+        let result = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let done = match result.err() {
             None => false,
             // No more entries (those of this call are still copied).
             Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,

@@ -72,15 +72,7 @@ impl EbpfDataplane {
             self.services.iter().filter_map(Result::ok).collect();
         let kernel_members: HashSet<MemberKey> =
             self.members.keys().filter_map(Result::ok).collect();
-        let kernel_ranges: HashSet<SourceRangeSlot> = self
-            .source_ranges
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| SourceRangeSlot {
-                prefix_len: k.prefix_len(),
-                data: k.data(),
-            })
-            .collect();
+        let kernel_ranges = self.ranges_in_kernel();
         let kernel = Entries {
             services: kernel_services,
             members: kernel_members,
@@ -186,6 +178,18 @@ impl EbpfDataplane {
         Ok((all_new, programmed))
     }
 
+    /// The source-range slots in the kernel's trie.
+    fn ranges_in_kernel(&self) -> HashSet<SourceRangeSlot> {
+        self.source_ranges
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| SourceRangeSlot {
+                prefix_len: k.prefix_len(),
+                data: k.data(),
+            })
+            .collect()
+    }
+
     /// Whether the maps hold exactly what the shadow says this agent wrote,
     /// and the shadow is `desired`: a periodic reconcile then plans and
     /// writes nothing. The maps are read in batches and compared in
@@ -235,15 +239,7 @@ impl EbpfDataplane {
         {
             return Ok(false);
         }
-        let ranges: HashSet<SourceRangeSlot> = self
-            .source_ranges
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| SourceRangeSlot {
-                prefix_len: k.prefix_len(),
-                data: k.data(),
-            })
-            .collect();
+        let ranges = self.ranges_in_kernel();
         let addresses: BTreeSet<std::net::IpAddr> = batch::read_all(&self.frontend_addrs)?
             .into_iter()
             .filter_map(|(k, _)| address_of(&k))
