@@ -300,7 +300,7 @@ fn new_event(rejection: &Rejection, stores: &Stores, reporter: &Reporter, note: 
 fn reference(r: &Rejection, stores: &Stores) -> ObjectReference {
     fn live<K>(store: &super::ObjectStore<K>, name: &str, ns: &str) -> Option<ObjectReference>
     where
-        K: Resource<DynamicType = ()>,
+        K: Resource<DynamicType = ()> + Clone,
     {
         store.get(ns, name).map(|obj| obj.object_ref(&()))
     }
