@@ -123,7 +123,8 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// Every entry of `map`, read in batches (one call per `PER_CALL`
 /// entries, not two per entry as key-by-key iteration takes); where the
-/// kernel cannot batch, key by key.
+/// kernel cannot batch, key by key, skipping an entry removed between the
+/// two calls.
 pub(super) fn read_all<K: Pod, V: Pod>(
     map: &BpfHashMap<MapData, K, V>,
 ) -> Result<Vec<(K, V)>, MapError> {
@@ -135,7 +136,7 @@ pub(super) fn read_all<K: Pod, V: Pod>(
                 Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
             ) =>
         {
-            map.iter().collect()
+            Ok(map.iter().filter_map(Result::ok).collect())
         }
         Err(io_error) => Err(MapError::SyscallError(aya::sys::SyscallError {
             call: "bpf_map_lookup_batch",

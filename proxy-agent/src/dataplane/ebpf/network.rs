@@ -13,7 +13,7 @@ use proxy_common::{
 };
 
 use super::{
-    EbpfDataplane, EbpfError,
+    EbpfDataplane, EbpfError, batch,
     encode::{addr_of, node_addr_key},
     writer::remove_ignoring_missing,
 };
@@ -55,7 +55,7 @@ impl EbpfDataplane {
         }
         self.config.set(0, cfg, 0)?;
         // Addresses: add the new ones, then remove the old ones.
-        let kernel = addresses_in(&self.node_addrs);
+        let kernel = addresses_in(&self.node_addrs)?;
         for ip in network.nodeport_addresses.difference(&kernel) {
             self.node_addrs.insert(node_addr_key(*ip), 1, 0)?;
         }
@@ -145,15 +145,17 @@ fn snat_port_ranges(ephemeral: Option<(u16, u16)>) -> [(u16, u16); 2] {
 }
 
 /// The addresses an address-keyed map (node or frontend addresses) holds.
-pub(super) fn addresses_in(map: &BpfHashMap<MapData, NodeAddrKey, u32>) -> BTreeSet<IpAddr> {
-    map.keys()
-        .filter_map(Result::ok)
-        .filter_map(|k| address_of(&k))
-        .collect()
+pub(super) fn addresses_in(
+    map: &BpfHashMap<MapData, NodeAddrKey, u32>,
+) -> Result<BTreeSet<IpAddr>, EbpfError> {
+    Ok(batch::read_all(map)?
+        .into_iter()
+        .filter_map(|(k, _)| address_of(&k))
+        .collect())
 }
 
 /// The address of a node-addresses (or frontend-addresses) key.
-pub(super) fn address_of(k: &NodeAddrKey) -> Option<IpAddr> {
+fn address_of(k: &NodeAddrKey) -> Option<IpAddr> {
     match k.family {
         FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
             k.addr[0], k.addr[1], k.addr[2], k.addr[3],

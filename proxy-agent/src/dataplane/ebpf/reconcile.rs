@@ -2,14 +2,14 @@
 //! they held, adopting the IDs the kernel already uses.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use proxy_common::{BackendId, BackendValue, MemberKey, ServiceKey, ServiceValue};
+use proxy_common::{BackendId, BackendValue, ServiceKey, ServiceValue};
 
 use super::{
     EbpfDataplane, EbpfError, batch,
     encode::{
         BackendRef, Entries, SourceRangeSlot, backend_value, backends_of, scoped_views, service_key,
     },
-    network::{address_of, addresses_in},
+    network::addresses_in,
     words_of,
     writer::{Programmed, remove_ignoring_missing},
 };
@@ -37,7 +37,7 @@ impl EbpfDataplane {
         let mut stats = ApplyStats::default();
         // Left by a sync that failed: the backend IDs are adopted afresh.
         self.pending_backends.clear();
-        let (kernel_backends, kernel) = self.kernel_contents();
+        let (kernel_backends, kernel) = self.kernel_contents()?;
         let plans: Vec<(FrontendPlan, &Frontend)> = desired
             .iter()
             .map(|(key, fe)| (plan(key, fe, &self.network), fe))
@@ -58,27 +58,26 @@ impl EbpfDataplane {
         stats.frontends_added = desired.len();
         // What is really in the filter: drift, or an earlier run's
         // addresses, which linger rather than go at once.
-        let in_kernel = addresses_in(&self.frontend_addrs);
+        let in_kernel = addresses_in(&self.frontend_addrs)?;
         self.sync_frontend_addrs(in_kernel, &mut stats)?;
         Ok(stats)
     }
 
     /// What the kernel holds: the backends by ID, and the service entries,
-    /// members and source ranges of every frontend together.
-    fn kernel_contents(&self) -> (BTreeMap<BackendId, BackendValue>, Entries) {
+    /// members and source ranges of every frontend together. The hash maps
+    /// are read in batches (see [`batch::read_all`]).
+    fn kernel_contents(&self) -> Result<(BTreeMap<BackendId, BackendValue>, Entries), EbpfError> {
         let kernel_backends: BTreeMap<BackendId, BackendValue> =
-            self.backends.iter().filter_map(Result::ok).collect();
-        let kernel_services: HashMap<ServiceKey, ServiceValue> =
-            self.services.iter().filter_map(Result::ok).collect();
-        let kernel_members: HashSet<MemberKey> =
-            self.members.keys().filter_map(Result::ok).collect();
-        let kernel_ranges = self.ranges_in_kernel();
+            batch::read_all(&self.backends)?.into_iter().collect();
         let kernel = Entries {
-            services: kernel_services,
-            members: kernel_members,
-            ranges: kernel_ranges,
+            services: batch::read_all(&self.services)?.into_iter().collect(),
+            members: batch::read_all(&self.members)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect(),
+            ranges: self.ranges_in_kernel(),
         };
-        (kernel_backends, kernel)
+        Ok((kernel_backends, kernel))
     }
 
     /// Adopts the IDs of backends already in the kernel for the backends
@@ -203,12 +202,7 @@ impl EbpfDataplane {
         {
             return Ok(false);
         }
-        let services: HashMap<ServiceKey, ServiceValue> =
-            batch::read_all(&self.services)?.into_iter().collect();
-        let members: HashSet<MemberKey> = batch::read_all(&self.members)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let (backends, kernel) = self.kernel_contents()?;
         let mut expected_services = 0;
         let mut expected_members = 0;
         let mut expected_ranges: HashSet<SourceRangeSlot> = HashSet::new();
@@ -219,18 +213,19 @@ impl EbpfDataplane {
             if entries
                 .services
                 .iter()
-                .any(|(k, v)| services.get(k) != Some(v))
-                || entries.members.iter().any(|m| !members.contains(m))
+                .any(|(k, v)| kernel.services.get(k) != Some(v))
+                || entries.members.iter().any(|m| !kernel.members.contains(m))
             {
                 return Ok(false);
             }
             expected_ranges.extend(entries.ranges.iter().copied());
         }
-        if services.len() != expected_services || members.len() != expected_members {
+        if kernel.services.len() != expected_services
+            || kernel.members.len() != expected_members
+            || kernel.ranges != expected_ranges
+        {
             return Ok(false);
         }
-        let backends: HashMap<BackendId, BackendValue> =
-            batch::read_all(&self.backends)?.into_iter().collect();
         if backends.len() != self.backend_ids.len()
             || self
                 .backend_ids
@@ -239,14 +234,10 @@ impl EbpfDataplane {
         {
             return Ok(false);
         }
-        let ranges = self.ranges_in_kernel();
-        let addresses: BTreeSet<std::net::IpAddr> = batch::read_all(&self.frontend_addrs)?
-            .into_iter()
-            .filter_map(|(k, _)| address_of(&k))
-            .collect();
-        Ok(ranges == expected_ranges
-            && addresses == self.frontend_addresses
-            && words_of(&self.backend_ports) == self.backend_port_words)
+        Ok(
+            addresses_in(&self.frontend_addrs)? == self.frontend_addresses
+                && words_of(&self.backend_ports) == self.backend_port_words,
+        )
     }
 
     /// Removes the backends of `kernel_backends` no frontend uses any more,
