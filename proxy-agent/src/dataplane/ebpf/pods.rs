@@ -33,7 +33,9 @@ use rtnetlink::packet_route::{
     nsid::{NsidAttribute, NsidMessage},
 };
 
-use super::{EbpfError, encode::addr_of, sockets::own_netns_cookie};
+use super::{
+    EbpfError, encode::addr_of, sockets::own_netns_cookie, writer::remove_ignoring_missing,
+};
 
 /// Where `ip netns` and container runtimes keep named namespaces.
 const NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
@@ -99,7 +101,7 @@ impl PodSockets {
     pub fn clear(map: &mut BpfHashMap<MapData, u64, SockPod>) -> Result<(), EbpfError> {
         let cookies: Vec<u64> = map.keys().filter_map(Result::ok).collect();
         for cookie in cookies {
-            remove(map, cookie)?;
+            remove_ignoring_missing(map, &cookie)?;
         }
         Ok(())
     }
@@ -157,7 +159,7 @@ impl PodSockets {
         let present: Vec<u64> = self.map.keys().filter_map(Result::ok).collect();
         for cookie in present {
             if !wanted.contains_key(&cookie) {
-                remove(&mut self.map, cookie)?;
+                remove_ignoring_missing(&mut self.map, &cookie)?;
             }
         }
         for (cookie, pod) in &wanted {
@@ -174,14 +176,6 @@ impl PodSockets {
             .set(found.values().map(|pod| pod.netns.clone()).collect());
         self.known = found;
         Ok(wanted.len())
-    }
-}
-
-fn remove(map: &mut BpfHashMap<MapData, u64, SockPod>, cookie: u64) -> Result<(), EbpfError> {
-    match map.remove(&cookie) {
-        Ok(()) => Ok(()),
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -278,12 +272,29 @@ fn candidates() -> Vec<Candidate> {
     out
 }
 
-/// Looks into a namespace from a thread of its own (entering a namespace
-/// is per thread, and the thread ends with it): its cookie, and its
-/// addresses in the cluster CIDR. `None`: it has none, so it is no pod.
+/// Runs `f` on a thread of its own that has entered the network namespace
+/// `netns` (entering a namespace is per thread, and the thread ends with
+/// it).
+pub(super) fn in_namespace<T: Send>(
+    netns: &File,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                f()
+            })
+            .join()
+            .map_err(|_| io::Error::other("a thread in another network namespace panicked"))?
+    })
+}
+
+/// Looks into a namespace: its cookie, and its addresses in the cluster
+/// CIDR. `None`: it has none, so it is no pod.
 fn inspect(file: Arc<File>, cidrs: Vec<IpNet>) -> io::Result<Option<(u64, SockPod)>> {
-    let thread = std::thread::spawn(move || -> io::Result<Option<(u64, SockPod)>> {
-        nix::sched::setns(&*file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    in_namespace(&file, || {
         let cookie = own_netns_cookie()?;
         let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
         let ips = addrs.filter_map(|a| {
@@ -294,10 +305,7 @@ fn inspect(file: Arc<File>, cidrs: Vec<IpNet>) -> io::Result<Option<(u64, SockPo
             addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
         });
         Ok(pod_entry(ips, &cidrs).map(|pod| (cookie, pod)))
-    });
-    thread
-        .join()
-        .map_err(|_| io::Error::other("namespace inspection thread panicked"))?
+    })
 }
 
 /// The entry of a namespace with addresses `ips`: its first address of

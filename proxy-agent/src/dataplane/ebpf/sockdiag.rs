@@ -45,16 +45,10 @@ pub(super) struct ConnectedUdp {
 /// `None`): a socket belongs to the namespace it was made in, so a thread
 /// of its own enters the namespace to make it.
 pub(super) fn open_in(netns: Option<&File>) -> io::Result<Socket> {
-    let Some(netns) = netns else {
-        return open();
-    };
-    let netns = netns.try_clone()?;
-    std::thread::spawn(move || {
-        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        open()
-    })
-    .join()
-    .map_err(|_| io::Error::other("socket-diag thread panicked"))?
+    match netns {
+        Some(netns) => super::pods::in_namespace(netns, open),
+        None => open(),
+    }
 }
 
 fn open() -> io::Result<Socket> {
