@@ -346,6 +346,21 @@ pub struct SockRevKey {
     pub _pad0: [u8; 5],
 }
 
+impl SockRevKey {
+    /// The key of socket `cookie` and its peer `addr:port` (the port in
+    /// network byte order), the padding zeroed as both sides must have it.
+    #[inline(always)]
+    pub const fn new(cookie: u64, family: u8, addr: Addr, port: u16) -> Self {
+        SockRevKey {
+            cookie,
+            addr,
+            port,
+            family,
+            _pad0: [0; 5],
+        }
+    }
+}
+
 /// Value of the socket reverse-translation map: the frontend the socket
 /// asked for.
 #[repr(C)]

@@ -183,7 +183,7 @@ fn balance_pod(
 fn remember(ctx: &SockAddrContext, family: u8, backend: &BackendValue, addr: &Addr, port: u16) {
     // SAFETY: the context pointer is this program's.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rev_key = rev_key(cookie, family, &backend.addr, backend.port);
+    let rev_key = SockRevKey::new(cookie, family, backend.addr, backend.port);
     let rev = SockRevValue {
         addr: *addr,
         port,
@@ -191,18 +191,6 @@ fn remember(ctx: &SockAddrContext, family: u8, backend: &BackendValue, addr: &Ad
     };
     // A lost entry only costs the reply its frontend address.
     let _ = PA_SOCK_REVNAT.insert(&rev_key, &rev, 0);
-}
-
-/// The reverse-map key of socket `cookie` and its peer `addr:port`.
-#[inline(always)]
-fn rev_key(cookie: u64, family: u8, addr: &Addr, port: u16) -> SockRevKey {
-    SockRevKey {
-        cookie,
-        addr: *addr,
-        port,
-        family,
-        _pad0: [0; 5],
-    }
 }
 
 /// A backend for a call of `owner` to `addr:port`.
@@ -422,7 +410,7 @@ fn reverse(ctx: &SockAddrContext, family: u8, addr: &Addr, port: u16) -> Option<
     // SAFETY: the context pointer is this program's.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once; plain data.
-    unsafe { PA_SOCK_REVNAT.get(&rev_key(cookie, family, addr, port)) }.copied()
+    unsafe { PA_SOCK_REVNAT.get(&SockRevKey::new(cookie, family, *addr, port)) }.copied()
 }
 
 /// `recvmsg()` and `getpeername()` over IPv4: the backend's address
@@ -517,6 +505,6 @@ pub fn pa_sock_release(ctx: SockContext) -> i32 {
     };
     // SAFETY: the context pointer is this program's.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = PA_SOCK_REVNAT.remove(&rev_key(cookie, family, &addr, port));
+    let _ = PA_SOCK_REVNAT.remove(&SockRevKey::new(cookie, family, addr, port));
     1
 }

@@ -175,13 +175,7 @@ impl EbpfDataplane {
             for socket in sockets {
                 let (addr, family) = addr_of(socket.peer);
                 let port = socket.peer_port.to_be();
-                let key = SockRevKey {
-                    cookie: socket.cookie,
-                    addr,
-                    port,
-                    family,
-                    _pad0: [0; 5],
-                };
+                let key = SockRevKey::new(socket.cookie, family, addr, port);
                 let Ok(frontend) = self.sock_revnat.get(&key, 0) else {
                     continue;
                 };
