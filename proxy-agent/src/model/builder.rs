@@ -235,9 +235,8 @@ impl TableBuilder {
     /// Derives the context again when its objects changed; true when that
     /// changes how every Service is planned.
     fn update_context(&mut self, state: &ClusterState, cfg: &ModelConfig) -> bool {
-        let ids = |objects: &[Arc<_>]| -> Vec<usize> { ids_of(objects) };
-        let nodes: Vec<usize> = ids(&state.nodes);
-        let cidrs: Vec<usize> = ids_of(&state.service_cidrs);
+        let nodes = ids_of(&state.nodes);
+        let cidrs = ids_of(&state.service_cidrs);
         let ctx = &self.context;
         if ctx.derived
             && ctx.nodes == nodes

@@ -1,7 +1,10 @@
 //! [`Objects`]: a list of shared objects that is cheap to copy and to
 //! compare with an earlier copy, and [`ObjectSet`]: which objects of such a
 //! list are new and which are gone since the last one.
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 /// Objects per chunk of an [`Objects`] list.
 const CHUNK: usize = 128;
@@ -275,15 +278,13 @@ impl<K, V: Clone> ObjectSet<K, V> {
                 }
             }
         }
-        let old: HashMap<usize, ()> = old_ids.iter().map(|&id| (id, ())).collect();
-        let mut new: HashMap<usize, ()> = HashMap::with_capacity(new_objects.len());
+        let old: HashSet<usize> = old_ids.iter().copied().collect();
+        let mut new: HashSet<usize> = HashSet::with_capacity(new_objects.len());
         for object in &new_objects {
             let id = id_of(object);
             // Listed twice, or still listed at a position that did not
             // change: not a plain replacement.
-            if new.insert(id, ()).is_some()
-                || (!old.contains_key(&id) && self.by_id.contains_key(&id))
-            {
+            if !new.insert(id) || (!old.contains(&id) && self.by_id.contains_key(&id)) {
                 return None;
             }
         }
@@ -292,7 +293,7 @@ impl<K, V: Clone> ObjectSet<K, V> {
             removed: Vec::new(),
         };
         for gone in old_ids {
-            if !new.contains_key(&gone)
+            if !new.contains(&gone)
                 && let Some(entry) = self.by_id.remove(&gone)
             {
                 delta.removed.push((gone, entry.object, entry.value));
@@ -300,7 +301,7 @@ impl<K, V: Clone> ObjectSet<K, V> {
         }
         for object in new_objects {
             let id = id_of(object);
-            if old.contains_key(&id) {
+            if old.contains(&id) {
                 continue;
             }
             self.add(id, object, derive, self.epoch, &mut delta);

@@ -1,7 +1,7 @@
 //! [`ObjectStore`]: the objects of one watched resource, kept the way the
 //! model compares states cheaply.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, RwLock},
 };
 
@@ -146,14 +146,11 @@ impl<K: Resource> Inner<K> {
     /// The content of a completed relist: what it lacks is removed, what
     /// it changed is replaced, what it brings back unchanged is kept.
     fn replace_all(&mut self, listed: Vec<Arc<K>>) {
-        let mut listed_keys: HashMap<Key, ()> = HashMap::with_capacity(listed.len());
-        for object in &listed {
-            listed_keys.insert(key_of(object.as_ref()), ());
-        }
+        let listed_keys: HashSet<Key> = listed.iter().map(|o| key_of(o.as_ref())).collect();
         let gone: Vec<Key> = self
             .index
             .keys()
-            .filter(|key| !listed_keys.contains_key(*key))
+            .filter(|key| !listed_keys.contains(*key))
             .cloned()
             .collect();
         for key in gone {
