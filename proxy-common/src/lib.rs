@@ -121,7 +121,7 @@ pub type Addr = [u8; 16];
 /// new count, and removing surplus slots after it, keeps every lookup valid
 /// while a service changes (make-before-break).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub addr: Addr,
     /// Destination port, network byte order.

@@ -1,8 +1,5 @@
 //! Turning the model's frontends and plans into map keys and values.
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-};
+use std::{collections::HashSet, net::IpAddr};
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use ipnet::IpNet;
@@ -137,9 +134,52 @@ pub(super) fn source_range_key(
 /// Everything one frontend puts in the maps (besides its backends).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Entries {
-    pub(super) services: HashMap<ServiceKey, ServiceValue>,
+    pub(super) services: ServiceEntries,
     pub(super) members: HashSet<MemberKey>,
     pub(super) ranges: HashSet<SourceRangeSlot>,
+}
+
+/// Service-map entries, sorted by key, without duplicate keys.
+///
+/// The shadow holds one list per frontend (tens of thousands of them), so
+/// it is a plain list, without a hash table's buckets and spare room:
+/// built whole, then sorted once ([`ServiceEntries::from`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct ServiceEntries(Box<[(ServiceKey, ServiceValue)]>);
+
+impl ServiceEntries {
+    pub(super) fn get(&self, key: &ServiceKey) -> Option<&ServiceValue> {
+        let at = self.0.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+        Some(&self.0[at].1)
+    }
+
+    pub(super) fn contains_key(&self, key: &ServiceKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &(ServiceKey, ServiceValue)> {
+        self.0.iter()
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl From<Vec<(ServiceKey, ServiceValue)>> for ServiceEntries {
+    /// Sorted by key; of entries with one key, the last is kept.
+    fn from(mut entries: Vec<(ServiceKey, ServiceValue)>) -> Self {
+        // Stable, so that equal keys keep their order and the last wins.
+        entries.sort_by_key(|(k, _)| *k);
+        entries.reverse();
+        entries.dedup_by_key(|(k, _)| *k);
+        entries.reverse();
+        ServiceEntries(entries.into_boxed_slice())
+    }
 }
 
 /// A source-ranges trie key, hashable for the shadow.

@@ -2,12 +2,13 @@
 //! they held, adopting the IDs the kernel already uses.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use proxy_common::{BackendId, BackendValue, ServiceKey, ServiceValue};
+use proxy_common::{BackendId, BackendValue};
 
 use super::{
     EbpfDataplane, EbpfError, batch,
     encode::{
-        BackendRef, Entries, SourceRangeSlot, backend_value, backends_of, scoped_views, service_key,
+        BackendRef, Entries, ServiceEntries, SourceRangeSlot, backend_value, backends_of,
+        scoped_views, service_key,
     },
     network::addresses_in,
     words_of,
@@ -70,7 +71,7 @@ impl EbpfDataplane {
         let kernel_backends: BTreeMap<BackendId, BackendValue> =
             batch::read_all(&self.backends)?.into_iter().collect();
         let kernel = Entries {
-            services: batch::read_all(&self.services)?.into_iter().collect(),
+            services: batch::read_all(&self.services)?.into(),
             members: batch::read_all(&self.members)?
                 .into_iter()
                 .map(|(k, _)| k)
@@ -122,7 +123,7 @@ impl EbpfDataplane {
     fn adopt_svc_ids(
         &mut self,
         plans: &Plans<'_>,
-        kernel_services: &HashMap<ServiceKey, ServiceValue>,
+        kernel_services: &ServiceEntries,
     ) -> HashMap<FrontendKey, [Option<u32>; 2]> {
         let mut used_svc_ids = BTreeSet::new();
         let mut current_ids: HashMap<FrontendKey, [Option<u32>; 2]> = HashMap::new();
@@ -153,15 +154,14 @@ impl EbpfDataplane {
         stats: &mut ApplyStats,
     ) -> Result<(Entries, HashMap<FrontendKey, Programmed>), EbpfError> {
         let mut all_new = Entries::default();
-        let mut programmed = HashMap::new();
+        let mut all_services = Vec::new();
+        let mut programmed = HashMap::with_capacity(plans.len());
         for (plan, fe) in plans {
             let key = &plan.key;
             let current = current_ids.get(key).copied().unwrap_or([None, None]);
             let svc_ids = self.svc_ids_for(plan, current)?;
             let (entries, backends) = self.entries_for(plan, &svc_ids, stats)?;
-            all_new
-                .services
-                .extend(entries.services.iter().map(|(k, v)| (*k, *v)));
+            all_services.extend(entries.services.iter().copied());
             all_new.members.extend(entries.members.iter().copied());
             all_new.ranges.extend(entries.ranges.iter().copied());
             programmed.insert(
@@ -174,6 +174,7 @@ impl EbpfDataplane {
                 },
             );
         }
+        all_new.services = all_services.into();
         Ok((all_new, programmed))
     }
 

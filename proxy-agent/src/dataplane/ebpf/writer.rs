@@ -103,6 +103,7 @@ impl EbpfDataplane {
     ) -> Result<(Entries, Vec<BackendRef>), EbpfError> {
         let key = &plan.key;
         let mut entries = Entries::default();
+        let mut services = Vec::new();
         let mut refs = Vec::new();
         let (_, family) = addr_of(key.ip);
         for (scope, view) in scoped_views(plan) {
@@ -122,13 +123,13 @@ impl EbpfDataplane {
                 };
                 let id = self.acquire(r, stats)?;
                 refs.push(r);
-                entries.services.insert(
+                services.push((
                     service_key(key, scope, i as u16 + 1),
                     ServiceValue {
                         backend_id: id,
                         ..Default::default()
                     },
-                );
+                ));
                 if flags & SVC_AFFINITY != 0 {
                     entries.members.insert(MemberKey {
                         svc_id,
@@ -136,7 +137,7 @@ impl EbpfDataplane {
                     });
                 }
             }
-            entries.services.insert(
+            services.push((
                 service_key(key, scope, 0),
                 ServiceValue {
                     count: backends.len() as u16,
@@ -145,7 +146,7 @@ impl EbpfDataplane {
                     svc_id,
                     ..Default::default()
                 },
-            );
+            ));
             if scope == SCOPE_EXTERNAL {
                 for range in plan.source_ranges.iter().flatten() {
                     if let Some(k) = source_range_key(svc_id, family, range) {
@@ -157,6 +158,9 @@ impl EbpfDataplane {
                 }
             }
         }
+        entries.services = services.into();
+        // Kept in the shadow: no spare room.
+        refs.shrink_to_fit();
         Ok((entries, refs))
     }
 
@@ -216,7 +220,7 @@ impl EbpfDataplane {
                 .services
                 .iter()
                 .filter(|(k, v)| (k.slot == 0) == heads && old.services.get(k) != Some(v))
-                .map(|(k, v)| (*k, *v))
+                .copied()
                 .collect();
             batch::insert_all(&mut self.services, &services)?;
             stats.kernel_writes += services.len();
