@@ -6,18 +6,16 @@ use std::{
 };
 
 use ipnet::IpNet;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 
 use super::{
     Backend, ClusterState, Frontend, FrontendChange, FrontendKey, FrontendKind, FrontendPolicy,
     ModelConfig, Protocol, Rejection, ServiceName, ServiceTable, TableDiff, check_service_cidr,
     objects::ObjectSet,
+    slice::Slice,
     validate::{
         EndpointPlan, IpFamily, ServiceCheck, ServicePlan, ServicePortPlan, SliceCheck, ZONE_LABEL,
-        check_endpoint_slice, check_service, service_name_of,
+        check_service, service_name_of,
     },
     validate_node,
 };
@@ -72,7 +70,7 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
 pub struct TableBuilder {
     /// The checks of the objects of the last update, by object identity.
     services: ObjectSet<Service, Arc<(ServiceName, ServiceCheck)>>,
-    slices: ObjectSet<EndpointSlice, Arc<SliceCheck>>,
+    slices: ObjectSet<Slice, ()>,
     context: Context,
     /// The objects and output of each Service name that has objects or
     /// slices.
@@ -89,9 +87,9 @@ pub struct TableBuilder {
     rejections: BTreeMap<Rejection, usize>,
     health_check_node_ports: BTreeMap<ServiceName, HealthCheck>,
     backend_count: usize,
-    /// The EndpointSlice objects new, and gone, in the last update.
-    slices_new: Vec<Arc<EndpointSlice>>,
-    slices_gone: Vec<Arc<EndpointSlice>>,
+    /// The EndpointSlices new, and gone, in the last update.
+    slices_new: Vec<Arc<Slice>>,
+    slices_gone: Vec<Arc<Slice>>,
 }
 
 /// What every Service's planning depends on, and what depends only on it.
@@ -115,8 +113,8 @@ struct Context {
 struct ServiceEntry {
     /// By identity of the Service object.
     objects: Vec<ServiceObject>,
-    /// By identity of the EndpointSlice object.
-    slices: Vec<(usize, Arc<SliceCheck>)>,
+    /// By identity of the EndpointSlice.
+    slices: Vec<(usize, Arc<Slice>)>,
     rejections: Vec<Rejection>,
     /// The frontends the Service asks for, in its fixed order.
     planned: Vec<PlannedFrontend>,
@@ -167,32 +165,30 @@ impl TableBuilder {
             let entry = self.by_service.entry(check.0.clone()).or_default();
             entry.objects.push((id, object, check));
         }
-        let slices = self.slices.refresh(&state.endpoint_slices, |slice| {
-            Arc::new(check_endpoint_slice(slice))
-        });
+        let slices = self.slices.refresh(&state.endpoint_slices, |_| ());
         self.slices_new.clear();
         self.slices_gone.clear();
-        for (id, object, check) in slices.removed {
-            self.slices_gone.push(object);
-            count_out(&mut self.rejections, &check.rejections);
-            if let Some(name) = slice_service(&check) {
+        for (id, slice, ()) in slices.removed {
+            count_out(&mut self.rejections, slice.rejections());
+            if let Some(name) = slice_service(&slice.check) {
                 if let Some(entry) = self.by_service.get_mut(&name) {
                     entry.slices.retain(|(slice, _)| *slice != id);
                 }
                 dirty.insert(name);
             }
+            self.slices_gone.push(slice);
         }
-        for (id, object, check) in slices.added {
-            self.slices_new.push(object);
-            count_in(&mut self.rejections, &check.rejections);
-            if let Some(name) = slice_service(&check) {
+        for (id, slice, ()) in slices.added {
+            count_in(&mut self.rejections, slice.rejections());
+            if let Some(name) = slice_service(&slice.check) {
                 self.by_service
                     .entry(name.clone())
                     .or_default()
                     .slices
-                    .push((id, check));
+                    .push((id, slice.clone()));
                 dirty.insert(name);
             }
+            self.slices_new.push(slice);
         }
 
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
@@ -202,9 +198,9 @@ impl TableBuilder {
         self.settle_claims(touched)
     }
 
-    /// The EndpointSlice objects new (first) and gone (second) in the last
+    /// The EndpointSlices new (first) and gone (second) in the last
     /// update: a changed slice is in both, its old version gone.
-    pub fn slice_changes(&self) -> (&[Arc<EndpointSlice>], &[Arc<EndpointSlice>]) {
+    pub fn slice_changes(&self) -> (&[Arc<Slice>], &[Arc<Slice>]) {
         (&self.slices_new, &self.slices_gone)
     }
 
@@ -294,6 +290,8 @@ impl TableBuilder {
         entry.planned = plan
             .map(|plan| plan_frontends(plan, &endpoints))
             .unwrap_or_default();
+        // Kept until the Service changes: no spare room.
+        entry.planned.shrink_to_fit();
         match plan.and_then(|plan| Some((plan.health_check_node_port?, plan))) {
             Some((port, _)) => {
                 let local: BTreeSet<IpAddr> = endpoints
@@ -323,7 +321,11 @@ impl TableBuilder {
                 service: name.clone(),
                 order,
             };
-            let claims = self.claims.entry(planned.key).or_default();
+            // Most frontends have one claimant: room for one.
+            let claims = self
+                .claims
+                .entry(planned.key)
+                .or_insert_with(|| Vec::with_capacity(1));
             let at = claims.partition_point(|c| *c < claim);
             claims.insert(at, claim);
             touched.insert(planned.key);
@@ -725,8 +727,8 @@ impl Place<'_> {
             ready: endpoint.ready,
             serving_terminating: endpoint.serving_terminating,
             local: node_name.is_some() && endpoint.node_name.as_deref() == node_name,
-            zone_hint: Hint::of(&endpoint.zone_hints, self.zone),
-            node_hint: Hint::of(&endpoint.node_hints, node_name),
+            zone_hint: Hint::of(endpoint.zone_hints(), self.zone),
+            node_hint: Hint::of(endpoint.node_hints(), node_name),
         }
     }
 }
@@ -774,12 +776,14 @@ fn node_zone(
 /// The usable endpoints of one Service's slices, merged per group.
 fn index_endpoints(
     service: &ServiceName,
-    slices: &[(usize, Arc<SliceCheck>)],
+    slices: &[(usize, Arc<Slice>)],
     place: Place<'_>,
 ) -> BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> {
     let mut groups: BTreeMap<BackendGroup, BTreeSet<EndpointEntry>> = BTreeMap::new();
-    for (_, check) in slices {
-        let Some(plan) = &check.plan else { continue };
+    for (_, slice) in slices {
+        let Some(plan) = &slice.check.plan else {
+            continue;
+        };
         for port in &plan.ports {
             let group = groups
                 .entry(BackendGroup {
@@ -847,7 +851,7 @@ mod tests {
 
     use k8s_openapi::api::{
         core::v1::{LoadBalancerIngress, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointPort},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
     };
 
     use super::super::test_support::*;

@@ -2,15 +2,17 @@
 //! table, and the difference between two tables. No I/O happens here.
 //!
 //! CONTRACT (used by the source and dataplane layers; keep these names):
-//! - [`ClusterState`] is the input (what a source produces).
+//! - [`ClusterState`] is the input (what a source produces); a source keeps
+//!   each EndpointSlice as the [`Slice`] it reduces to.
 //! - [`build_table`] turns it into a [`ServiceTable`] plus [`Rejection`]s.
 //! - [`ServiceTable::diff`] yields the [`TableDiff`] a dataplane applies;
 //!   [`TableDiff::stale_udp_flows`] names the flows every mode forgets.
 //! - [`plan::plan`] decides, once for every mode, how a frontend treats
 //!   its clients under the node's [`NodeNetwork`].
-//! - [`validate_service`], [`validate_endpoint_slice`] and [`validate_node`]
-//!   let a source decide whether an object is broken; [`build_table`] runs the
-//!   same checks, so the two never disagree.
+//! - [`validate_service`], [`validate_endpoint_slice`] (or
+//!   [`Slice::rejections`]) and [`validate_node`] let a source decide whether
+//!   an object is broken; [`build_table`] runs the same checks, so the two
+//!   never disagree.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
@@ -22,6 +24,7 @@ use k8s_openapi::api::{
 mod builder;
 mod objects;
 pub mod plan;
+mod slice;
 mod table;
 mod validate;
 
@@ -33,6 +36,7 @@ pub(crate) mod test_support;
 pub use builder::{BuildOutput, HealthCheck, TableBuilder, build_table};
 pub use objects::{ObjectDelta, ObjectSet, Objects};
 pub use plan::NodeNetwork;
+pub use slice::{LAST_CHANGE_TRIGGER_TIME, Slice};
 pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, validate_service};
 
 /// Everything the model needs to know about the cluster, as a source sees it.
@@ -42,10 +46,11 @@ pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, v
 /// services, deep copies would cost more than building the table. Services
 /// and EndpointSlices, tens of thousands in a large cluster, are in
 /// [`Objects`] lists, which a state shares by chunks with the last one.
+/// EndpointSlices are kept as [`Slice`]s, reduced to what the model reads.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
     pub services: Objects<Service>,
-    pub endpoint_slices: Objects<EndpointSlice>,
+    pub endpoint_slices: Objects<Slice>,
     pub nodes: Vec<Arc<Node>>,
     /// `networking.k8s.io/v1` ServiceCIDRs: the ranges ClusterIPs are
     /// allocated from (empty where the API server has none to give).
@@ -61,7 +66,10 @@ impl ClusterState {
     ) -> Self {
         Self {
             services: services.into_iter().map(Arc::new).collect(),
-            endpoint_slices: endpoint_slices.into_iter().map(Arc::new).collect(),
+            endpoint_slices: endpoint_slices
+                .iter()
+                .map(|slice| Arc::new(Slice::new(slice)))
+                .collect(),
             nodes: nodes.into_iter().map(Arc::new).collect(),
             service_cidrs: Vec::new(),
         }

@@ -27,7 +27,7 @@ use super::{
         SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, TOPOLOGY_AWARE_HINTS_ANNOTATION,
         TOPOLOGY_MODE_ANNOTATION, ZONE_LABEL,
     },
-    validate_endpoint_slice, validate_node, validate_service,
+    validate_node, validate_service,
 };
 
 /// Modest case counts keep the suite fast on small machines; failures are
@@ -731,7 +731,7 @@ fn without_hints(state: &ClusterState) -> ClusterState {
         .iter()
         .map(|slice| {
             let mut slice = (**slice).clone();
-            for endpoint in slice.endpoints.iter_mut().flatten() {
+            for endpoint in slice.check.plan.iter_mut().flat_map(|p| &mut p.endpoints) {
                 endpoint.hints = None;
             }
             Arc::new(slice)
@@ -801,7 +801,7 @@ proptest! {
                 state
                     .endpoint_slices
                     .iter()
-                    .flat_map(|s| validate_endpoint_slice(s)),
+                    .flat_map(|s| s.rejections().to_vec()),
             )
             .chain(state.nodes.iter().flat_map(|n| validate_node(n)))
             .collect();
@@ -868,7 +868,9 @@ proptest! {
         reversed.endpoint_slices = slices.into();
         for slice in &mut reversed.endpoint_slices {
             let mut changed = (**slice).clone();
-            changed.endpoints.iter_mut().for_each(|endpoints| endpoints.reverse());
+            if let Some(plan) = changed.check.plan.as_mut() {
+                plan.endpoints.reverse();
+            }
             *slice = Arc::new(changed);
         }
         // (Rejections name endpoints by position, so only the table compares.)

@@ -218,11 +218,29 @@ pub(super) struct EndpointPlan {
     /// (nil: false) both hold: a fallback when nothing is ready.
     pub serving_terminating: bool,
     /// `nodeName`, when set and not empty.
-    pub node_name: Option<String>,
+    pub node_name: Option<Box<str>>,
+    /// `hints`, when it names any zone or node. Boxed: hundreds of
+    /// thousands of endpoints are kept, few of them with hints.
+    pub hints: Option<Box<EndpointHintsPlan>>,
+}
+
+impl EndpointPlan {
     /// `hints.forZones[].name`: sorted, without duplicates or empty names.
-    pub zone_hints: Vec<String>,
+    pub fn zone_hints(&self) -> &[String] {
+        self.hints.as_ref().map_or(&[], |h| &h.zones)
+    }
+
     /// `hints.forNodes[].name`: sorted, without duplicates or empty names.
-    pub node_hints: Vec<String>,
+    pub fn node_hints(&self) -> &[String] {
+        self.hints.as_ref().map_or(&[], |h| &h.nodes)
+    }
+}
+
+/// The names an endpoint's hints give (see [`EndpointPlan::zone_hints`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct EndpointHintsPlan {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,6 +251,7 @@ pub(super) struct SlicePortPlan {
     pub port: u16,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SliceCheck {
     pub rejections: Vec<Rejection>,
     /// `None` when the slice is rejected as a whole or ignored on purpose.
@@ -711,14 +730,14 @@ pub(super) fn check_endpoint_slice(slice: &EndpointSlice) -> SliceCheck {
     };
 
     let mut reasons = Vec::new();
-    let ports = slice
+    let mut ports: Vec<SlicePortPlan> = slice
         .ports
         .iter()
         .flatten()
         .enumerate()
         .filter_map(|(i, port)| check_slice_port(i, port, &mut reasons))
         .collect();
-    let endpoints = slice
+    let mut endpoints: Vec<EndpointPlan> = slice
         .endpoints
         .iter()
         .flatten()
@@ -729,17 +748,25 @@ pub(super) fn check_endpoint_slice(slice: &EndpointSlice) -> SliceCheck {
             if !(ready || serving_terminating) {
                 return None;
             }
-            let (zone_hints, node_hints) = check_hints(i, endpoint, &mut reasons);
+            let (zones, nodes) = check_hints(i, endpoint, &mut reasons);
+            let hints = (!zones.is_empty() || !nodes.is_empty())
+                .then(|| Box::new(EndpointHintsPlan { zones, nodes }));
             Some(EndpointPlan {
                 ip,
                 ready,
                 serving_terminating,
-                node_name: endpoint.node_name.clone().filter(|name| !name.is_empty()),
-                zone_hints,
-                node_hints,
+                node_name: endpoint
+                    .node_name
+                    .as_deref()
+                    .filter(|name| !name.is_empty())
+                    .map(Box::from),
+                hints,
             })
         })
         .collect();
+    // Kept as long as the slice lives: no spare room.
+    ports.shrink_to_fit();
+    endpoints.shrink_to_fit();
 
     let plan = SlicePlan {
         namespace: namespace.clone(),

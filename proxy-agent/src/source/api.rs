@@ -29,12 +29,12 @@ use kube::{
 use serde::de::DeserializeOwned;
 
 use super::{Source, SourceError, StateSender};
-use crate::model::ClusterState;
+use crate::model::{ClusterState, Slice};
 
 pub mod events;
 mod store;
 
-pub use store::ObjectStore;
+pub use store::{Kept, ObjectStore};
 
 /// Objects kube-proxy never handles: those of a service owned by another
 /// proxy implementation, and the endpoints of headless services. The same
@@ -48,7 +48,7 @@ pub const PROXYABLE_SELECTOR: &str =
 #[derive(Clone)]
 pub struct Stores {
     pub services: ObjectStore<Service>,
-    pub endpoint_slices: ObjectStore<EndpointSlice>,
+    pub endpoint_slices: ObjectStore<Slice>,
     pub nodes: ObjectStore<Node>,
     pub service_cidrs: ObjectStore<ServiceCIDR>,
 }
@@ -174,22 +174,8 @@ trait Slim: Resource + Sized {
 impl Slim for Service {}
 impl Slim for ServiceCIDR {}
 
-impl Slim for EndpointSlice {
-    /// Also each endpoint's `targetRef` (the pod: seven strings),
-    /// `hostname` and `deprecatedTopology`, and the owner references: with
-    /// tens of thousands of slices, the larger part of their memory. The
-    /// model (like kube-proxy) reads addresses, conditions, node, zone and
-    /// hints.
-    fn slim(&mut self) {
-        slim(self);
-        self.metadata.owner_references = None;
-        for endpoint in self.endpoints.iter_mut().flatten() {
-            endpoint.target_ref = None;
-            endpoint.hostname = None;
-            endpoint.deprecated_topology = None;
-        }
-    }
-}
+/// Slices are reduced to a [`Slice`] as they arrive (see [`Kept`]).
+impl Slim for EndpointSlice {}
 
 impl Slim for Node {
     /// Also the images the node holds (often tens of kilobytes) and its
@@ -205,15 +191,16 @@ impl Slim for Node {
 }
 
 fn follow<K>(
-    api: Api<K>,
+    api: Api<K::Watched>,
     config: watcher::Config,
     store: ObjectStore<K>,
     backoff: BackoffSettings,
     which: Watched,
 ) -> BoxStream<'static, (Watched, Progress)>
 where
-    K: Slim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    K: Kept,
+    K::Watched: Slim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    <K::Watched as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let backoff = JitteredBackoff::new(backoff);
     let answered = backoff.answered.clone();
@@ -570,61 +557,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn slices_keep_what_the_model_reads_and_drop_the_pod_references() {
-        use k8s_openapi::api::{
-            core::v1::ObjectReference,
-            discovery::v1::{Endpoint, EndpointConditions, EndpointHints, ForZone},
-        };
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-        let endpoint = Endpoint {
-            addresses: vec!["10.1.0.5".into()],
-            conditions: Some(EndpointConditions {
-                ready: Some(true),
-                serving: Some(true),
-                terminating: Some(false),
-            }),
-            hints: Some(EndpointHints {
-                for_zones: Some(vec![ForZone { name: "a".into() }]),
-                ..EndpointHints::default()
-            }),
-            node_name: Some("node-a".into()),
-            zone: Some("a".into()),
-            hostname: Some("web-0".into()),
-            target_ref: Some(ObjectReference {
-                kind: Some("Pod".into()),
-                name: Some("web-0".into()),
-                ..ObjectReference::default()
-            }),
-            deprecated_topology: Some([("k".to_string(), "v".to_string())].into()),
-        };
-        let mut slice = EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some("web-abc".into()),
-                labels: Some(
-                    [("kubernetes.io/service-name".to_string(), "web".to_string())].into(),
-                ),
-                owner_references: Some(vec![OwnerReference::default()]),
-                ..ObjectMeta::default()
-            },
-            address_type: "IPv4".into(),
-            endpoints: Some(vec![endpoint.clone()]),
-            ports: None,
-        };
-        Slim::slim(&mut slice);
-        let kept = Endpoint {
-            hostname: None,
-            target_ref: None,
-            deprecated_topology: None,
-            ..endpoint
-        };
-        assert_eq!(slice.endpoints, Some(vec![kept]));
-        assert!(slice.metadata.owner_references.is_none());
-        assert!(
-            slice.metadata.labels.is_some(),
-            "the service-name label stays"
-        );
-    }
     use super::*;
 
     #[test]

@@ -7,10 +7,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
-use super::{LAST_CHANGE_TRIGGER_TIME, ObjectChanges};
-use crate::model::{ClusterState, ObjectSet, Objects};
+use super::ObjectChanges;
+use crate::model::{ClusterState, ObjectSet, Objects, Slice};
 
 type ObjectId = (String, String);
 
@@ -29,7 +29,7 @@ fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
 #[derive(Default)]
 pub(super) struct Versions {
     services: ObjectSet<Service, ()>,
-    endpoint_slices: ObjectSet<EndpointSlice, ()>,
+    endpoint_slices: ObjectSet<Slice, ()>,
 }
 
 impl Versions {
@@ -87,18 +87,14 @@ impl TriggerTimes {
     /// Records that the slices `new` since the last call are now
     /// programmed and that `gone` ones are gone; returns, for each new
     /// trigger time, how long ago it was.
-    pub(super) fn programmed(
-        &mut self,
-        new: &[Arc<EndpointSlice>],
-        gone: &[Arc<EndpointSlice>],
-    ) -> Vec<Duration> {
+    pub(super) fn programmed(&mut self, new: &[Arc<Slice>], gone: &[Arc<Slice>]) -> Vec<Duration> {
         self.programmed_at(new, gone, SystemTime::now())
     }
 
     pub(super) fn programmed_at(
         &mut self,
-        new: &[Arc<EndpointSlice>],
-        gone: &[Arc<EndpointSlice>],
+        new: &[Arc<Slice>],
+        gone: &[Arc<Slice>],
         now: SystemTime,
     ) -> Vec<Duration> {
         // A changed slice is both gone (its old version) and new: it keeps
@@ -113,23 +109,18 @@ impl TriggerTimes {
         let mut latencies = Vec::new();
         for slice in new {
             let id = object_id(&slice.metadata);
-            let Some(value) = slice
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
-            else {
+            let Some(value) = slice.trigger_time() else {
                 self.programmed.remove(&id);
                 continue;
             };
-            if self.programmed.get(&id) != Some(value)
+            if self.programmed.get(&id).map(String::as_str) != Some(value)
                 && let Some(at) = parse_time(value)
                 && at >= self.since
                 && let Ok(latency) = now.duration_since(at)
             {
                 latencies.push(latency);
             }
-            self.programmed.insert(id, value.clone());
+            self.programmed.insert(id, value.to_owned());
         }
         latencies
     }

@@ -17,7 +17,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, ResourceExt,
     api::{Patch, PatchParams, PostParams},
 };
 use tokio::sync::mpsc;
@@ -298,11 +298,12 @@ fn new_event(rejection: &Rejection, stores: &Stores, reporter: &Reporter, note: 
 }
 
 fn reference(r: &Rejection, stores: &Stores) -> ObjectReference {
-    fn live<K>(store: &super::ObjectStore<K>, name: &str, ns: &str) -> Option<ObjectReference>
-    where
-        K: Resource<DynamicType = ()> + Clone,
-    {
-        store.get(ns, name).map(|obj| obj.object_ref(&()))
+    fn live<K: super::Kept>(
+        store: &super::ObjectStore<K>,
+        name: &str,
+        ns: &str,
+    ) -> Option<ObjectReference> {
+        store.get(ns, name).map(|obj| obj.reference())
     }
     let found = match r.kind {
         "Service" => live(&stores.services, &r.name, &r.namespace),

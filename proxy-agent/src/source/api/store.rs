@@ -5,9 +5,78 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use kube::{Resource, runtime::watcher};
+use k8s_openapi::api::{
+    core::v1::{Node, ObjectReference, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
+};
+use kube::{Resource, api::ObjectMeta, runtime::watcher};
 
-use crate::model::Objects;
+use crate::model::{Objects, Slice};
+
+/// What a store keeps of each object its watch delivers.
+pub trait Kept: Sized + Send + Sync + 'static {
+    /// The watched API type.
+    type Watched: Resource;
+
+    /// The form kept of `object`: a compact copy, made after the parsed
+    /// original (whose pieces lie between the parser's freed scratch) is
+    /// dropped, so that kept objects do not pin the parser's memory.
+    fn keep(object: Self::Watched) -> Self;
+
+    fn meta(&self) -> &ObjectMeta;
+
+    /// A reference to the object, for the Events that name it.
+    fn reference(&self) -> ObjectReference;
+}
+
+macro_rules! kept_as_is {
+    ($($kind:ty),*) => {$(
+        impl Kept for $kind {
+            type Watched = $kind;
+
+            fn keep(object: $kind) -> Self {
+                object.clone()
+            }
+
+            fn meta(&self) -> &ObjectMeta {
+                Resource::meta(self)
+            }
+
+            fn reference(&self) -> ObjectReference {
+                self.object_ref(&())
+            }
+        }
+    )*};
+}
+
+kept_as_is!(Service, Node, ServiceCIDR);
+
+/// EndpointSlices are kept as the model reads them: their endpoints
+/// checked and reduced, at about a fifth of the object's size.
+impl Kept for Slice {
+    type Watched = EndpointSlice;
+
+    fn keep(object: EndpointSlice) -> Self {
+        Slice::new(&object)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn reference(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some(<EndpointSlice as k8s_openapi::Resource>::API_VERSION.to_owned()),
+            kind: Some(<EndpointSlice as k8s_openapi::Resource>::KIND.to_owned()),
+            name: self.metadata.name.clone(),
+            namespace: self.metadata.namespace.clone(),
+            uid: self.metadata.uid.clone(),
+            resource_version: self.metadata.resource_version.clone(),
+            ..Default::default()
+        }
+    }
+}
 
 /// The objects of one resource as its watch delivered them, in an
 /// [`Objects`] list: a changed object replaces its old version in place, so
@@ -49,15 +118,14 @@ struct Inner<K> {
 
 type Key = (String, String);
 
-fn key_of<K: Resource>(object: &K) -> Key {
-    let meta = object.meta();
+fn key_of(meta: &ObjectMeta) -> Key {
     (
         meta.namespace.clone().unwrap_or_default(),
         meta.name.clone().unwrap_or_default(),
     )
 }
 
-impl<K: Resource + Clone> ObjectStore<K> {
+impl<K: Kept> ObjectStore<K> {
     /// A copy of the list: one reference count per chunk.
     pub fn snapshot(&self) -> Objects<K> {
         self.read(|inner| inner.objects.clone())
@@ -89,18 +157,18 @@ impl<K: Resource + Clone> ObjectStore<K> {
     }
 
     /// Takes one event of the watch.
-    pub fn apply(&self, event: watcher::Event<K>) {
+    pub fn apply(&self, event: watcher::Event<K::Watched>) {
         let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *guard;
         match event {
-            watcher::Event::Apply(object) => inner.upsert(compact(object)),
-            watcher::Event::Delete(object) => inner.remove(&key_of(&object)),
+            watcher::Event::Apply(object) => inner.upsert(Arc::new(K::keep(object))),
+            watcher::Event::Delete(object) => inner.remove(&key_of(object.meta())),
             watcher::Event::Init => inner.relist = Some(Vec::new()),
             watcher::Event::InitApply(object) => {
                 inner
                     .relist
                     .get_or_insert_with(Vec::new)
-                    .push(compact(object));
+                    .push(Arc::new(K::keep(object)));
             }
             watcher::Event::InitDone => {
                 let listed = inner.relist.take().unwrap_or_default();
@@ -110,17 +178,9 @@ impl<K: Resource + Clone> ObjectStore<K> {
     }
 }
 
-/// The object in allocations of its own: a copy, made after the parsed
-/// original (whose pieces lie between the parser's freed scratch) is
-/// dropped. Kept objects then do not pin the parser's memory: at 30 000
-/// EndpointSlices, about 90 MiB of the agent's RSS.
-fn compact<K: Clone>(object: K) -> Arc<K> {
-    Arc::new(object.clone())
-}
-
-impl<K: Resource> Inner<K> {
+impl<K: Kept> Inner<K> {
     fn upsert(&mut self, object: Arc<K>) {
-        let key = key_of(object.as_ref());
+        let key = key_of(object.meta());
         match self.index.get(&key) {
             Some(&at) => {
                 self.objects.set(at, object);
@@ -139,14 +199,14 @@ impl<K: Resource> Inner<K> {
         self.objects.swap_remove(at);
         // The last object moved into the freed position.
         if let Some(moved) = self.objects.get(at) {
-            self.index.insert(key_of(moved.as_ref()), at);
+            self.index.insert(key_of(moved.meta()), at);
         }
     }
 
     /// The content of a completed relist: what it lacks is removed, what
     /// it changed is replaced, what it brings back unchanged is kept.
     fn replace_all(&mut self, listed: Vec<Arc<K>>) {
-        let listed_keys: HashSet<Key> = listed.iter().map(|o| key_of(o.as_ref())).collect();
+        let listed_keys: HashSet<Key> = listed.iter().map(|o| key_of(o.meta())).collect();
         let gone: Vec<Key> = self
             .index
             .keys()
@@ -157,7 +217,7 @@ impl<K: Resource> Inner<K> {
             self.remove(&key);
         }
         for object in listed {
-            let key = key_of(object.as_ref());
+            let key = key_of(object.meta());
             if let Some(&at) = self.index.get(&key)
                 && let Some(current) = self.objects.get(at)
                 && current.meta().resource_version.is_some()

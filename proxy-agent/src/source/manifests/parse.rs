@@ -9,7 +9,7 @@ use k8s_openapi::api::{
 };
 use serde_json::{Map, Value};
 
-use crate::model::{self, Rejection};
+use crate::model::{self, Rejection, Slice};
 
 /// Files larger than this are refused (a safety net against reading a huge
 /// file by mistake, not a limit anyone should hit with manifests).
@@ -67,9 +67,10 @@ impl fmt::Display for ObjectKey {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ManifestObject {
     // Shared: the k8s-openapi types are large (about 0.4 to 1.5 KiB), and
-    // each published state refers to them without copying.
+    // each published state refers to them without copying. EndpointSlices
+    // are kept as the model reads them.
     Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    EndpointSlice(Arc<Slice>),
     Node(Arc<Node>),
     ServiceCidr(Arc<ServiceCIDR>),
 }
@@ -103,7 +104,7 @@ impl ManifestObject {
     fn validate(&self) -> Vec<Rejection> {
         match self {
             ManifestObject::Service(s) => model::validate_service(s),
-            ManifestObject::EndpointSlice(e) => model::validate_endpoint_slice(e),
+            ManifestObject::EndpointSlice(e) => e.rejections().to_vec(),
             ManifestObject::Node(n) => model::validate_node(n),
             ManifestObject::ServiceCidr(c) => {
                 model::check_service_cidr(c).err().unwrap_or_default()
@@ -240,7 +241,8 @@ fn collect_document(
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => out.push(ManifestObject::Service(Arc::new(typed(map, loc)?))),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            out.push(ManifestObject::EndpointSlice(Arc::new(typed(map, loc)?)))
+            let slice: EndpointSlice = typed(map, loc)?;
+            out.push(ManifestObject::EndpointSlice(Arc::new(Slice::new(&slice))))
         }
         ("v1", "Node") => out.push(ManifestObject::Node(Arc::new(typed(map, loc)?))),
         ("networking.k8s.io/v1", "ServiceCIDR") => {

@@ -1,0 +1,111 @@
+//! [`Slice`]: an EndpointSlice as the model keeps it.
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::{
+    Rejection,
+    validate::{SliceCheck, check_endpoint_slice},
+};
+
+/// The annotation the EndpointSlice controller sets to the time of the
+/// change that the slice's current version reflects (kube-proxy's network
+/// programming latency starts there).
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// An EndpointSlice reduced to what proxying reads: its identity, the time
+/// of its last change, and its ports and endpoints, already checked.
+///
+/// Sources keep this rather than the API object: the object's endpoint
+/// type alone is about 350 bytes before any of its strings, so at tens of
+/// thousands of slices the objects were most of the agent's memory, and
+/// the model parsed them once more anyway.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slice {
+    /// Namespace, name, uid, resourceVersion and the
+    /// [`LAST_CHANGE_TRIGGER_TIME`] annotation; nothing else.
+    pub metadata: ObjectMeta,
+    pub(super) check: SliceCheck,
+}
+
+impl Slice {
+    pub fn new(object: &EndpointSlice) -> Self {
+        let meta = &object.metadata;
+        let trigger = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+            .map(|at| BTreeMap::from([(LAST_CHANGE_TRIGGER_TIME.to_owned(), at.clone())]));
+        Slice {
+            metadata: ObjectMeta {
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                uid: meta.uid.clone(),
+                resource_version: meta.resource_version.clone(),
+                annotations: trigger,
+                ..Default::default()
+            },
+            check: check_endpoint_slice(object),
+        }
+    }
+
+    /// What is wrong with the object; empty when it is valid.
+    pub fn rejections(&self) -> &[Rejection] {
+        &self.check.rejections
+    }
+
+    /// The [`LAST_CHANGE_TRIGGER_TIME`] annotation.
+    pub fn trigger_time(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()?
+            .get(LAST_CHANGE_TRIGGER_TIME)
+            .map(String::as_str)
+    }
+}
+
+impl From<EndpointSlice> for Slice {
+    fn from(object: EndpointSlice) -> Self {
+        Slice::new(&object)
+    }
+}
+
+impl From<&EndpointSlice> for Slice {
+    fn from(object: &EndpointSlice) -> Self {
+        Slice::new(object)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_support::simple_slice;
+
+    #[test]
+    fn keeps_identity_trigger_time_and_the_check_only() {
+        let mut object = simple_slice("ns", "web-1", "web", 8080, &["10.1.0.1", "x"]);
+        object.metadata.uid = Some("u-1".into());
+        object.metadata.resource_version = Some("7".into());
+        object.metadata.annotations = Some(BTreeMap::from([
+            (
+                LAST_CHANGE_TRIGGER_TIME.to_owned(),
+                "2026-01-01T00:00:00Z".to_owned(),
+            ),
+            ("other".to_owned(), "dropped".to_owned()),
+        ]));
+        let slice = Slice::new(&object);
+        assert_eq!(slice.metadata.name.as_deref(), Some("web-1"));
+        assert_eq!(slice.metadata.uid.as_deref(), Some("u-1"));
+        assert_eq!(slice.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(slice.metadata.labels, None);
+        assert_eq!(slice.trigger_time(), Some("2026-01-01T00:00:00Z"));
+        assert_eq!(
+            slice.metadata.annotations.as_ref().map(|a| a.len()),
+            Some(1)
+        );
+        assert_eq!(slice.rejections(), check_endpoint_slice(&object).rejections);
+        assert_eq!(slice.rejections().len(), 1, "the address \"x\"");
+    }
+}
