@@ -35,36 +35,73 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Writes `entries` into `map`, in order, in batches; where the kernel
-/// cannot batch (before 5.6), one write each.
-pub(super) fn insert_all<K: Pod, V: Pod>(
+/// From this many entries on, a write is split over two threads.
+const PARALLEL_FROM: usize = 4 * PER_CALL;
+
+/// Writes `entries` into `map` in batches; where the kernel cannot batch
+/// (before 5.6), one write each. Returns when all are written.
+///
+/// A large write (a full sync) goes on two threads: the kernel's hash map
+/// takes concurrent updates (its buckets have their own locks), and the
+/// agent has nothing else for the second core to do then. The order of
+/// the entries within one call is not kept; callers that need an order
+/// (make-before-break) make one call per step.
+pub(super) fn insert_all<K: Pod + Sync, V: Pod + Sync>(
     map: &mut BpfHashMap<MapData, K, V>,
     entries: &[(K, V)],
 ) -> Result<(), MapError> {
-    let mut done = 0;
-    while done < entries.len() {
-        let chunk = &entries[done..(done + PER_CALL).min(entries.len())];
-        match update_batch(map.map(), chunk) {
-            Ok(()) => done += chunk.len(),
-            Err((written, e))
+    let outcome = if entries.len() >= PARALLEL_FROM {
+        let (first, second) = entries.split_at(entries.len() / 2);
+        let data = map.map();
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| write_batches(data, second));
+            let here = write_batches(data, first);
+            let other = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            here.and(other)
+        })
+    } else {
+        write_batches(map.map(), entries)
+    };
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(Batching::Unsupported) => {
+            // Batching not understood: one by one (writing again what a
+            // part may have written is harmless).
+            for (k, v) in entries {
+                map.insert(*k, *v, 0)?;
+            }
+            Ok(())
+        }
+        Err(Batching::Failed(io_error)) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_batch",
+            io_error,
+        })),
+    }
+}
+
+/// Why [`write_batches`] stopped.
+enum Batching {
+    /// The kernel does not batch updates of this map.
+    Unsupported,
+    Failed(io::Error),
+}
+
+/// `entries` in calls of [`PER_CALL`].
+fn write_batches<K: Pod, V: Pod>(map: &MapData, entries: &[(K, V)]) -> Result<(), Batching> {
+    for chunk in entries.chunks(PER_CALL) {
+        match update_batch(map, chunk) {
+            Ok(()) => {}
+            Err((_, e))
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
                 ) =>
             {
-                // Batching not understood: the rest one by one.
-                done += written;
-                for (k, v) in &entries[done..] {
-                    map.insert(*k, *v, 0)?;
-                }
-                return Ok(());
+                return Err(Batching::Unsupported);
             }
-            Err((_, io_error)) => {
-                return Err(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_update_batch",
-                    io_error,
-                }));
-            }
+            Err((_, e)) => return Err(Batching::Failed(e)),
         }
     }
     Ok(())
