@@ -18,7 +18,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};
+use futures::{StreamExt, future::BoxFuture, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR,
 };
@@ -249,16 +249,33 @@ impl ApiSource {
             progress.listed[Watched::ServiceCidrs.index()] = true;
         }
         let streams = follow_all(client, &node_name, stores.clone(), backoff, cidrs_readable);
-        let mut events = futures::stream::select_all(streams);
+        // Each resource's stream on a task of its own, so that the large
+        // lists (Services, EndpointSlices) are parsed on both cores at
+        // once; the tasks end with this future (their senders fail).
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let _followers: Vec<AbortOnDrop> = streams
+            .into_iter()
+            .map(|mut stream| {
+                let tx = events_tx.clone();
+                AbortOnDrop(tokio::spawn(async move {
+                    while let Some(event) = stream.next().await {
+                        if tx.send(event).is_err() {
+                            return;
+                        }
+                    }
+                }))
+            })
+            .collect();
+        drop(events_tx);
         let mut published = false;
-        while let Some(first) = events.next().await {
+        while let Some(first) = events.recv().await {
             // Drain what is already waiting so that a burst of events leads to
             // one snapshot, not one per event.
             let mut dirty = false;
             let mut next = Some(first);
             while let Some((which, item)) = next {
                 dirty |= progress.absorb(which, item);
-                next = events.next().now_or_never().flatten();
+                next = events.try_recv().ok();
             }
             if !dirty || !progress.all_listed() {
                 continue;
@@ -272,9 +289,18 @@ impl ApiSource {
                 return Ok(());
             }
         }
-        // select_all ends only when every watcher stream ends, which they
+        // The channel ends only when every watcher stream ends, which they
         // never do on their own.
         Err(SourceError::Ended)
+    }
+}
+
+/// A spawned task that ends when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
