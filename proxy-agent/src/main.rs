@@ -18,7 +18,7 @@ use proxy_agent::{
         ebpf::{self, EbpfOptions, InterfaceFilter},
         mode::{IptablesBackendChoice, Opened, remove_kube_proxy_leftovers},
     },
-    model::{HealthCheck, ModelConfig, Rejection, ServiceName},
+    model::{HealthCheck, ModelConfig, Rejection, ServiceName, TableBuilder},
     serve::{self, Health, Metrics, healthcheck::HealthCheckServers},
     source::{
         Source,
@@ -441,11 +441,15 @@ async fn run(args: Settings) -> Result<()> {
     let (tx, rx) = watch::channel(None);
     let (source, events) = source_of(&args, &node).await?;
     let source_task = tokio::spawn(source.run(tx));
+    let (cfg, network, sync_opts) = sync_settings(&args, node);
+    // The table of the first state is built meanwhile too.
+    let prebuild = Prebuild::start(rx.clone(), cfg.clone());
     let Running {
         mut dataplane,
         mut links,
         links_attached,
     } = tokio::task::block_in_place(|| open_dataplane(&args))?;
+    let builder = prebuild.finish().await;
     let (addresses_tx, mut addresses_rx) = watch::channel(Vec::new());
     let node_addresses = tokio::spawn(addresses::follow_addresses(addresses_tx));
 
@@ -455,7 +459,6 @@ async fn run(args: Settings) -> Result<()> {
     if args.mode == Mode::Ebpf {
         register_datapath_counters(&metrics, &args.bpf_root);
     }
-    let (cfg, network, sync_opts) = sync_settings(&args, node);
     let observer = AgentObserver::new(health, metrics, events);
     // The follower sends its first list at once (or fails, which the select
     // below reports): wait for it, so the first node network is complete.
@@ -469,7 +472,7 @@ async fn run(args: Settings) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
-        () = sync::run(rx, addresses_rx, dataplane.as_mut(), &cfg, &network, &sync_opts, &observer) => {}
+        () = sync::run(rx, addresses_rx, dataplane.as_mut(), builder, &cfg, &network, &sync_opts, &observer) => {}
         res = source_task => {
             res.context("source task panicked")?.context("service source failed")?;
         }
@@ -496,6 +499,50 @@ async fn run(args: Settings) -> Result<()> {
         "exiting; the dataplane keeps serving the last table (remove it with `proxy-agent cleanup`)"
     );
     Ok(())
+}
+
+/// The table of the source's first state, built while the dataplane opens
+/// (the two take about as long at tens of thousands of services).
+struct Prebuild {
+    task: tokio::task::JoinHandle<TableBuilder>,
+    /// Set once the first state came and its build began.
+    started: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Prebuild {
+    fn start(mut rx: proxy_agent::source::StateReceiver, cfg: ModelConfig) -> Self {
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = started.clone();
+        let task = tokio::spawn(async move {
+            let state = loop {
+                if rx.changed().await.is_err() {
+                    return TableBuilder::default();
+                }
+                if let Some(state) = rx.borrow().clone() {
+                    break state;
+                }
+            };
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            tokio::task::spawn_blocking(move || {
+                let mut builder = TableBuilder::default();
+                builder.update(&state, &cfg);
+                builder
+            })
+            .await
+            .unwrap_or_default()
+        });
+        Prebuild { task, started }
+    }
+
+    /// The builder, with the first state's table when its build began;
+    /// otherwise an empty one (the sync loop waits for the state itself).
+    async fn finish(self) -> TableBuilder {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            self.task.abort();
+            return TableBuilder::default();
+        }
+        self.task.await.unwrap_or_default()
+    }
 }
 
 /// What the sync loop needs from the settings.

@@ -123,18 +123,22 @@ impl SyncObserver for NoObserver {}
 /// Besides the service table, keeps the dataplane's [`NodeNetwork`] equal to
 /// what `addresses` (the node's interface addresses), this node's Node
 /// object and `network` give: it is set before the first reconcile, and
-/// again whenever it changes.
+/// again whenever it changes. `builder` may come with a state built (the
+/// agent builds the first while its dataplane opens); the loop brings it
+/// to each state it programs.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut rx: StateReceiver,
     mut addresses: watch::Receiver<Vec<InterfaceAddress>>,
     dataplane: &mut dyn Dataplane,
+    builder: TableBuilder,
     cfg: &ModelConfig,
     network: &NodeNetworkSettings,
     opts: &SyncOptions,
     observer: &dyn SyncObserver,
 ) {
     let mut schedule = Schedule::new(opts, Instant::now());
-    let mut syncer = Syncer::new(dataplane, cfg, network, observer);
+    let mut syncer = Syncer::new(dataplane, builder, cfg, network, observer);
     let mut addresses_open = true;
     let mut closed = false;
     loop {
@@ -232,12 +236,17 @@ struct Syncer<'a> {
 }
 
 impl<'a> Syncer<'a> {
+    /// `builder` may have built a state already (see [`run`]): its last
+    /// slice changes are counted as not yet programmed.
     fn new(
         dataplane: &'a mut dyn Dataplane,
+        builder: TableBuilder,
         cfg: &'a ModelConfig,
         network: &'a NodeNetworkSettings,
         observer: &'a dyn SyncObserver,
     ) -> Self {
+        let (new, gone) = builder.slice_changes();
+        let (slices_new, slices_gone) = (new.to_vec(), gone.to_vec());
         Syncer {
             dataplane,
             cfg,
@@ -248,9 +257,9 @@ impl<'a> Syncer<'a> {
             reported: BTreeSet::new(),
             versions: Versions::default(),
             triggers: TriggerTimes::new(SystemTime::now()),
-            slices_new: Vec::new(),
-            slices_gone: Vec::new(),
-            builder: TableBuilder::default(),
+            slices_new,
+            slices_gone,
+            builder,
         }
     }
 
@@ -600,6 +609,7 @@ mod tests {
                 rx,
                 addr_rx,
                 &mut dp,
+                TableBuilder::default(),
                 &cfg,
                 &network,
                 &opts,
