@@ -295,7 +295,7 @@ pub struct AffinityValue {
 /// affinity entry is used only while its backend is still a member, so a
 /// client never returns to a backend that left.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct MemberKey {
     pub svc_id: u32,
     pub backend_id: BackendId,
@@ -305,7 +305,7 @@ pub struct MemberKey {
 /// 32 bits of `svc_id`, then address bits). An IPv4 range uses the first
 /// four bytes of `addr`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct SourceRangeKey {
     /// Big-endian, so that it is the leading 32 bits of the trie key.
     pub svc_id_be: u32,

@@ -1,5 +1,5 @@
 //! Turning the model's frontends and plans into map keys and values.
-use std::{collections::HashSet, net::IpAddr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use ipnet::IpNet;
@@ -135,8 +135,10 @@ pub(super) fn source_range_key(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Entries {
     pub(super) services: ServiceEntries,
-    pub(super) members: HashSet<MemberKey>,
-    pub(super) ranges: HashSet<SourceRangeSlot>,
+    // Ordered sets: empty ones (most frontends have no members or ranges)
+    // take half the room of empty hash sets in the shadow.
+    pub(super) members: BTreeSet<MemberKey>,
+    pub(super) ranges: BTreeSet<SourceRangeSlot>,
 }
 
 /// Service-map entries, sorted by key, without duplicate keys.
@@ -182,8 +184,8 @@ impl From<Vec<(ServiceKey, ServiceValue)>> for ServiceEntries {
     }
 }
 
-/// A source-ranges trie key, hashable for the shadow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A source-ranges trie key, ordered for the shadow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(super) struct SourceRangeSlot {
     pub(super) prefix_len: u32,
     pub(super) data: SourceRangeKey,

@@ -154,7 +154,7 @@ pub struct EbpfDataplane {
     stats: PerCpuArray<MapData, u64>,
     programmed: HashMap<FrontendKey, Programmed>,
     /// Every programmed backend, its ID and how many frontend views use it.
-    backend_ids: HashMap<BackendRef, (BackendId, usize)>,
+    backend_ids: HashMap<BackendRef, (BackendId, u32)>,
     /// Backends given an ID and not yet written: written together, before
     /// the entries that use them.
     pending_backends: Vec<(BackendId, BackendValue)>,

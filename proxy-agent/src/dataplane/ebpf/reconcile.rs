@@ -1,6 +1,6 @@
 //! The reconcile: making the maps hold exactly the desired table whatever
 //! they held, adopting the IDs the kernel already uses.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proxy_common::{BackendId, BackendValue};
 
@@ -170,7 +170,7 @@ impl EbpfDataplane {
                     entries,
                     backends,
                     svc_ids,
-                    frontend: Some((*fe).clone()),
+                    frontend: Some(Box::new((*fe).clone())),
                 },
             );
         }
@@ -179,7 +179,7 @@ impl EbpfDataplane {
     }
 
     /// The source-range slots in the kernel's trie.
-    fn ranges_in_kernel(&self) -> HashSet<SourceRangeSlot> {
+    fn ranges_in_kernel(&self) -> BTreeSet<SourceRangeSlot> {
         self.source_ranges
             .keys()
             .filter_map(Result::ok)
@@ -198,7 +198,7 @@ impl EbpfDataplane {
     pub(super) fn holds_exactly(&self, desired: &ServiceTable) -> Result<bool, EbpfError> {
         if self.programmed.len() != desired.len()
             || desired.iter().any(|(key, fe)| {
-                self.programmed.get(key).and_then(|p| p.frontend.as_ref()) != Some(fe)
+                self.programmed.get(key).and_then(|p| p.frontend.as_deref()) != Some(fe)
             })
         {
             return Ok(false);
@@ -206,7 +206,7 @@ impl EbpfDataplane {
         let (backends, kernel) = self.kernel_contents()?;
         let mut expected_services = 0;
         let mut expected_members = 0;
-        let mut expected_ranges: HashSet<SourceRangeSlot> = HashSet::new();
+        let mut expected_ranges: BTreeSet<SourceRangeSlot> = BTreeSet::new();
         for programmed in self.programmed.values() {
             let entries = &programmed.entries;
             expected_services += entries.services.len();

@@ -33,8 +33,10 @@ pub(super) struct Programmed {
     pub(super) backends: Vec<BackendRef>,
     /// svc_id per scope (index = scope).
     pub(super) svc_ids: [Option<u32>; 2],
-    /// The frontend, planned again when the node's network changes a plan.
-    pub(super) frontend: Option<Frontend>,
+    /// The frontend, planned again when the node's network changes a plan
+    /// (boxed: the shadow's hash table has room for more entries than it
+    /// holds).
+    pub(super) frontend: Option<Box<Frontend>>,
 }
 
 /// How long an address no frontend has any more stays in the
@@ -63,7 +65,7 @@ pub(super) fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
 impl EbpfDataplane {
     fn acquire(&mut self, b: BackendRef, stats: &mut ApplyStats) -> Result<BackendId, EbpfError> {
         if let Some((id, refs)) = self.backend_ids.get_mut(&b) {
-            *refs += 1;
+            *refs = refs.saturating_add(1);
             return Ok(*id);
         }
         let id = self
@@ -273,7 +275,7 @@ impl EbpfDataplane {
                 entries,
                 backends,
                 svc_ids,
-                frontend: Some(frontend.clone()),
+                frontend: Some(Box::new(frontend.clone())),
             },
         );
         Ok(())
@@ -366,7 +368,7 @@ impl EbpfDataplane {
         let frontends: Vec<(FrontendKey, Frontend)> = self
             .programmed
             .iter()
-            .filter_map(|(key, p)| p.frontend.clone().map(|f| (*key, f)))
+            .filter_map(|(key, p)| p.frontend.as_deref().map(|f| (*key, f.clone())))
             .collect();
         let mut stats = ApplyStats::default();
         for (key, frontend) in &frontends {
