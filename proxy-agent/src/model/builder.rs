@@ -6,17 +6,15 @@ use std::{
 };
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 
 use super::{
     Backend, ClusterState, Frontend, FrontendChange, FrontendKey, FrontendKind, FrontendPolicy,
     ModelConfig, Protocol, Rejection, ServiceName, ServiceTable, TableDiff, check_service_cidr,
     objects::ObjectSet,
+    service::ServiceObject,
     slice::Slice,
-    validate::{
-        EndpointPlan, IpFamily, ServiceCheck, ServicePlan, ServicePortPlan, SliceCheck, ZONE_LABEL,
-        check_service, service_name_of,
-    },
+    validate::{EndpointPlan, IpFamily, ServicePlan, ServicePortPlan, SliceCheck, ZONE_LABEL},
     validate_node,
 };
 
@@ -69,7 +67,7 @@ pub fn build_table(state: &ClusterState, cfg: &ModelConfig) -> BuildOutput {
 #[derive(Default)]
 pub struct TableBuilder {
     /// The checks of the objects of the last update, by object identity.
-    services: ObjectSet<Service, Arc<(ServiceName, ServiceCheck)>>,
+    services: ObjectSet<ServiceObject, ()>,
     slices: ObjectSet<Slice, ()>,
     context: Context,
     /// The objects and output of each Service name that has objects or
@@ -112,16 +110,13 @@ struct Context {
 #[derive(Default)]
 struct ServiceEntry {
     /// By identity of the Service object.
-    objects: Vec<ServiceObject>,
+    objects: Vec<(usize, Arc<ServiceObject>)>,
     /// By identity of the EndpointSlice.
     slices: Vec<(usize, Arc<Slice>)>,
     rejections: Vec<Rejection>,
     /// The frontends the Service asks for, in its fixed order.
     planned: Vec<PlannedFrontend>,
 }
-
-/// A Service object: its identity, the object and its check.
-type ServiceObject = (usize, Arc<Service>, Arc<(ServiceName, ServiceCheck)>);
 
 /// A Service asking for a frontend: the `order`-th of its planned ones.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -150,20 +145,18 @@ impl TableBuilder {
         if self.update_context(state, cfg) {
             dirty.extend(self.by_service.keys().cloned());
         }
-        let services = self.services.refresh(&state.services, |svc| {
-            Arc::new((service_name_of(svc), check_service(svc)))
-        });
-        for (id, _, check) in services.removed {
-            let name = &check.0;
+        let services = self.services.refresh(&state.services, |_| ());
+        for (id, service, ()) in services.removed {
+            let name = &service.name;
             if let Some(entry) = self.by_service.get_mut(name) {
-                entry.objects.retain(|(object, _, _)| *object != id);
+                entry.objects.retain(|(object, _)| *object != id);
             }
             dirty.insert(name.clone());
         }
-        for (id, object, check) in services.added {
-            dirty.insert(check.0.clone());
-            let entry = self.by_service.entry(check.0.clone()).or_default();
-            entry.objects.push((id, object, check));
+        for (id, service, ()) in services.added {
+            dirty.insert(service.name.clone());
+            let entry = self.by_service.entry(service.name.clone()).or_default();
+            entry.objects.push((id, service));
         }
         let slices = self.slices.refresh(&state.endpoint_slices, |_| ());
         self.slices_new.clear();
@@ -813,13 +806,15 @@ fn index_endpoints(
 /// depend on input order. Identical copies count as one.
 fn service_plan<'a>(
     name: &ServiceName,
-    objects: &'a [ServiceObject],
+    objects: &'a [(usize, Arc<ServiceObject>)],
     rejections: &mut Vec<Rejection>,
 ) -> Option<&'a ServicePlan> {
-    let ((_, first_object, first), others) = objects.split_first()?;
+    let ((_, first), others) = objects.split_first()?;
+    // Copies are identical when they proxy the same: fields nothing here
+    // reads may differ.
     let identical = others
         .iter()
-        .all(|(_, other, _)| Arc::ptr_eq(other, first_object) || other == first_object);
+        .all(|(_, other)| Arc::ptr_eq(other, first) || other.check == first.check);
     // Nameless objects are all rejected by the check; they are not copies
     // of each other.
     if !identical && !name.name.is_empty() {
@@ -836,13 +831,13 @@ fn service_plan<'a>(
     }
     if !identical {
         // Still report each copy's own problems.
-        for (_, _, check) in objects {
-            rejections.extend(check.1.rejections.iter().cloned());
+        for (_, other) in objects {
+            rejections.extend(other.rejections().iter().cloned());
         }
         return None;
     }
-    rejections.extend(first.1.rejections.iter().cloned());
-    first.1.plan.as_ref()
+    rejections.extend(first.rejections().iter().cloned());
+    first.check.plan.as_ref()
 }
 
 #[cfg(test)]
@@ -850,7 +845,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use k8s_openapi::api::{
-        core::v1::{LoadBalancerIngress, ServicePort, ServiceSpec},
+        core::v1::{LoadBalancerIngress, Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
     };
 

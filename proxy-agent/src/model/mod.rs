@@ -3,14 +3,15 @@
 //!
 //! CONTRACT (used by the source and dataplane layers; keep these names):
 //! - [`ClusterState`] is the input (what a source produces); a source keeps
-//!   each EndpointSlice as the [`Slice`] it reduces to.
+//!   each Service and EndpointSlice as the [`ServiceObject`] and [`Slice`]
+//!   it reduces to.
 //! - [`build_table`] turns it into a [`ServiceTable`] plus [`Rejection`]s.
 //! - [`ServiceTable::diff`] yields the [`TableDiff`] a dataplane applies;
 //!   [`TableDiff::stale_udp_flows`] names the flows every mode forgets.
 //! - [`plan::plan`] decides, once for every mode, how a frontend treats
 //!   its clients under the node's [`NodeNetwork`].
-//! - [`validate_service`], [`validate_endpoint_slice`] (or
-//!   [`Slice::rejections`]) and [`validate_node`] let a source decide whether
+//! - [`validate_service`], [`validate_endpoint_slice`] (or the kept forms'
+//!   `rejections()`) and [`validate_node`] let a source decide whether
 //!   an object is broken; [`build_table`] runs the same checks, so the two
 //!   never disagree.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
@@ -24,6 +25,7 @@ use k8s_openapi::api::{
 mod builder;
 mod objects;
 pub mod plan;
+mod service;
 mod slice;
 mod table;
 mod validate;
@@ -36,6 +38,7 @@ pub(crate) mod test_support;
 pub use builder::{BuildOutput, HealthCheck, TableBuilder, build_table};
 pub use objects::{ObjectDelta, ObjectSet, Objects};
 pub use plan::NodeNetwork;
+pub use service::ServiceObject;
 pub use slice::{LAST_CHANGE_TRIGGER_TIME, Slice};
 pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, validate_service};
 
@@ -46,10 +49,11 @@ pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, v
 /// services, deep copies would cost more than building the table. Services
 /// and EndpointSlices, tens of thousands in a large cluster, are in
 /// [`Objects`] lists, which a state shares by chunks with the last one.
-/// EndpointSlices are kept as [`Slice`]s, reduced to what the model reads.
+/// Services and EndpointSlices are kept as [`ServiceObject`]s and
+/// [`Slice`]s, reduced to what the model reads.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
-    pub services: Objects<Service>,
+    pub services: Objects<ServiceObject>,
     pub endpoint_slices: Objects<Slice>,
     pub nodes: Vec<Arc<Node>>,
     /// `networking.k8s.io/v1` ServiceCIDRs: the ranges ClusterIPs are
@@ -65,7 +69,10 @@ impl ClusterState {
         nodes: Vec<Node>,
     ) -> Self {
         Self {
-            services: services.into_iter().map(Arc::new).collect(),
+            services: services
+                .iter()
+                .map(|service| Arc::new(ServiceObject::new(service)))
+                .collect(),
             endpoint_slices: endpoint_slices
                 .iter()
                 .map(|slice| Arc::new(Slice::new(slice)))

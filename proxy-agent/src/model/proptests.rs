@@ -27,7 +27,7 @@ use super::{
         SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, TOPOLOGY_AWARE_HINTS_ANNOTATION,
         TOPOLOGY_MODE_ANNOTATION, ZONE_LABEL,
     },
-    validate_node, validate_service,
+    validate_node,
 };
 
 /// Modest case counts keep the suite fast on small machines; failures are
@@ -796,7 +796,7 @@ proptest! {
         let validated: Vec<_> = state
             .services
             .iter()
-            .flat_map(|s| validate_service(s))
+            .flat_map(|s| s.rejections().to_vec())
             .chain(
                 state
                     .endpoint_slices

@@ -189,6 +189,7 @@ pub(super) struct ServicePortPlan {
     pub node_port: Option<u16>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServiceCheck {
     pub rejections: Vec<Rejection>,
     /// `None` when the Service is rejected as a whole or ignored on purpose.

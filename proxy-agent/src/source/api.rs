@@ -29,7 +29,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 
 use super::{Source, SourceError, StateSender};
-use crate::model::{ClusterState, Slice};
+use crate::model::{ClusterState, ServiceObject, Slice};
 
 pub mod events;
 mod store;
@@ -47,7 +47,7 @@ pub const PROXYABLE_SELECTOR: &str =
 /// Events to).
 #[derive(Clone)]
 pub struct Stores {
-    pub services: ObjectStore<Service>,
+    pub services: ObjectStore<ServiceObject>,
     pub endpoint_slices: ObjectStore<Slice>,
     pub nodes: ObjectStore<Node>,
     pub service_cidrs: ObjectStore<ServiceCIDR>,

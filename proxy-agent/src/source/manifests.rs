@@ -405,7 +405,7 @@ mod tests {
         state
             .services
             .iter()
-            .filter_map(|s| s.spec.as_ref()?.cluster_ip.clone())
+            .filter_map(|s| Some(s.cluster_ips().first()?.to_string()))
             .collect()
     }
 

@@ -7,10 +7,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::core::v1::Service;
-
 use super::ObjectChanges;
-use crate::model::{ClusterState, ObjectSet, Objects, Slice};
+use crate::model::{ClusterState, ObjectSet, Objects, ServiceObject, Slice};
 
 type ObjectId = (String, String);
 
@@ -28,7 +26,7 @@ fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
 /// computed only for those, keeping this cheap at thousands of objects.
 #[derive(Default)]
 pub(super) struct Versions {
-    services: ObjectSet<Service, ()>,
+    services: ObjectSet<ServiceObject, ()>,
     endpoint_slices: ObjectSet<Slice, ()>,
 }
 

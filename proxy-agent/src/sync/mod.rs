@@ -467,7 +467,7 @@ mod tests {
 
     use tokio::sync::watch;
 
-    use k8s_openapi::api::core::v1::Service;
+    use crate::model::ServiceObject;
 
     use super::*;
     use crate::{
@@ -796,7 +796,12 @@ mod tests {
             .metadata
             .resource_version = Some("2".into());
         new.services
-            .push(Arc::new(simple_service("ns", "broken", "10.0.0.300", 80)));
+            .push(Arc::new(ServiceObject::new(&simple_service(
+                "ns",
+                "broken",
+                "10.0.0.300",
+                80,
+            ))));
         tx.send(Some(Arc::new(new))).unwrap();
         settle().await;
         let reports = recorder.reports.lock().unwrap().clone();
@@ -1018,10 +1023,10 @@ mod tests {
         let svc = |name: &str, rv: &str| {
             let mut s = simple_service("ns", name, "10.0.0.1", 80);
             s.metadata.resource_version = Some(rv.into());
-            Arc::new(s)
+            Arc::new(ServiceObject::new(&s))
         };
         let (a, b) = (svc("a", "1"), svc("b", "1"));
-        let state = |services: Vec<Arc<Service>>| ClusterState {
+        let state = |services: Vec<Arc<ServiceObject>>| ClusterState {
             services: services.into(),
             ..ClusterState::default()
         };

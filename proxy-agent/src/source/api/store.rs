@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 };
 use kube::{Resource, api::ObjectMeta, runtime::watcher};
 
-use crate::model::{Objects, Slice};
+use crate::model::{Objects, ServiceObject, Slice};
 
 /// What a store keeps of each object its watch delivers.
 pub trait Kept: Sized + Send + Sync + 'static {
@@ -50,7 +50,25 @@ macro_rules! kept_as_is {
     )*};
 }
 
-kept_as_is!(Service, Node, ServiceCIDR);
+kept_as_is!(Node, ServiceCIDR);
+
+/// Services are kept as the model reads them: their identity and checked
+/// plan, a fraction of the object.
+impl Kept for ServiceObject {
+    type Watched = Service;
+
+    fn keep(object: Service) -> Self {
+        ServiceObject::new(&object)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn reference(&self) -> ObjectReference {
+        reference_to::<Service>(&self.metadata)
+    }
+}
 
 /// EndpointSlices are kept as the model reads them: their endpoints
 /// checked and reduced, at about a fifth of the object's size.
@@ -66,15 +84,20 @@ impl Kept for Slice {
     }
 
     fn reference(&self) -> ObjectReference {
-        ObjectReference {
-            api_version: Some(<EndpointSlice as k8s_openapi::Resource>::API_VERSION.to_owned()),
-            kind: Some(<EndpointSlice as k8s_openapi::Resource>::KIND.to_owned()),
-            name: self.metadata.name.clone(),
-            namespace: self.metadata.namespace.clone(),
-            uid: self.metadata.uid.clone(),
-            resource_version: self.metadata.resource_version.clone(),
-            ..Default::default()
-        }
+        reference_to::<EndpointSlice>(&self.metadata)
+    }
+}
+
+/// A reference to the object of kind `K` that `meta` identifies.
+fn reference_to<K: k8s_openapi::Resource>(meta: &ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::API_VERSION.to_owned()),
+        kind: Some(K::KIND.to_owned()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
     }
 }
 
@@ -249,7 +272,7 @@ mod tests {
         }
     }
 
-    fn names(store: &ObjectStore<Service>) -> Vec<String> {
+    fn names(store: &ObjectStore<ServiceObject>) -> Vec<String> {
         let mut names: Vec<String> = store
             .snapshot()
             .iter()

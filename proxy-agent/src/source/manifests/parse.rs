@@ -9,7 +9,7 @@ use k8s_openapi::api::{
 };
 use serde_json::{Map, Value};
 
-use crate::model::{self, Rejection, Slice};
+use crate::model::{self, Rejection, ServiceObject, Slice};
 
 /// Files larger than this are refused (a safety net against reading a huge
 /// file by mistake, not a limit anyone should hit with manifests).
@@ -66,10 +66,9 @@ impl fmt::Display for ObjectKey {
 /// One object read from a manifest file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ManifestObject {
-    // Shared: the k8s-openapi types are large (about 0.4 to 1.5 KiB), and
-    // each published state refers to them without copying. EndpointSlices
-    // are kept as the model reads them.
-    Service(Arc<Service>),
+    // Shared: each published state refers to them without copying.
+    // Services and EndpointSlices are kept as the model reads them.
+    Service(Arc<ServiceObject>),
     EndpointSlice(Arc<Slice>),
     Node(Arc<Node>),
     ServiceCidr(Arc<ServiceCIDR>),
@@ -103,7 +102,7 @@ impl ManifestObject {
 
     fn validate(&self) -> Vec<Rejection> {
         match self {
-            ManifestObject::Service(s) => model::validate_service(s),
+            ManifestObject::Service(s) => s.rejections().to_vec(),
             ManifestObject::EndpointSlice(e) => e.rejections().to_vec(),
             ManifestObject::Node(n) => model::validate_node(n),
             ManifestObject::ServiceCidr(c) => {
@@ -239,7 +238,12 @@ fn collect_document(
     let api_version = string_field(&map, "apiVersion", loc)?;
     let kind = string_field(&map, "kind", loc)?;
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => out.push(ManifestObject::Service(Arc::new(typed(map, loc)?))),
+        ("v1", "Service") => {
+            let service: Service = typed(map, loc)?;
+            out.push(ManifestObject::Service(Arc::new(ServiceObject::new(
+                &service,
+            ))))
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let slice: EndpointSlice = typed(map, loc)?;
             out.push(ManifestObject::EndpointSlice(Arc::new(Slice::new(&slice))))
@@ -402,9 +406,11 @@ metadata:
         let ManifestObject::Service(svc) = &objects[0] else {
             panic!("not a service");
         };
-        let spec = svc.spec.as_ref().unwrap();
-        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
-        assert_eq!(spec.ports.as_ref().unwrap()[0].port, 80);
+        assert_eq!(
+            svc.cluster_ips(),
+            ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert!(svc.rejections().is_empty());
     }
 
     #[test]

@@ -293,7 +293,7 @@ mod tests {
             .services
             .iter()
             .find(|s| s.metadata.name.as_deref() == Some(name))
-            .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
+            .and_then(|s| Some(s.cluster_ips().first()?.to_string()))
     }
 
     fn broken(report: &ScanReport) -> Vec<(&Path, &str, bool)> {

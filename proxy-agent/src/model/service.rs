@@ -1,0 +1,87 @@
+//! [`ServiceObject`]: a Service as the model keeps it.
+use std::net::IpAddr;
+
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+use super::{
+    Rejection, ServiceName,
+    validate::{ServiceCheck, check_service, service_name_of},
+};
+
+/// A Service reduced to what proxying reads: its identity and its checked
+/// plan (addresses, ports, policies, affinity).
+///
+/// Sources keep this rather than the API object, whose spec type alone is
+/// about a kilobyte; the model checked every object once more anyway.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceObject {
+    /// Namespace, name, uid and resourceVersion; nothing else.
+    pub metadata: ObjectMeta,
+    /// The namespace/name it is known by (namespace defaulted).
+    pub(super) name: ServiceName,
+    pub(super) check: ServiceCheck,
+}
+
+impl ServiceObject {
+    pub fn new(object: &Service) -> Self {
+        let meta = &object.metadata;
+        ServiceObject {
+            metadata: ObjectMeta {
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                uid: meta.uid.clone(),
+                resource_version: meta.resource_version.clone(),
+                ..Default::default()
+            },
+            name: service_name_of(object),
+            check: check_service(object),
+        }
+    }
+
+    /// What is wrong with the object; empty when it is valid.
+    pub fn rejections(&self) -> &[Rejection] {
+        &self.check.rejections
+    }
+
+    /// The valid cluster IPs it is proxied on (empty when it is not
+    /// proxied).
+    pub fn cluster_ips(&self) -> &[IpAddr] {
+        self.check
+            .plan
+            .as_ref()
+            .map_or(&[], |plan| &plan.cluster_ips)
+    }
+}
+
+impl From<Service> for ServiceObject {
+    fn from(object: Service) -> Self {
+        ServiceObject::new(&object)
+    }
+}
+
+impl From<&Service> for ServiceObject {
+    fn from(object: &Service) -> Self {
+        ServiceObject::new(object)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_support::simple_service;
+
+    #[test]
+    fn keeps_identity_and_the_check_only() {
+        let mut object = simple_service("ns", "web", "10.0.0.300", 80);
+        object.metadata.uid = Some("u-1".into());
+        object.metadata.resource_version = Some("7".into());
+        object.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
+        let kept = ServiceObject::new(&object);
+        assert_eq!(kept.metadata.uid.as_deref(), Some("u-1"));
+        assert_eq!(kept.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(kept.metadata.labels, None);
+        assert_eq!(kept.name.to_string(), "ns/web");
+        assert_eq!(kept.rejections(), check_service(&object).rejections);
+        assert_eq!(kept.rejections().len(), 1, "the cluster IP");
+    }
+}
