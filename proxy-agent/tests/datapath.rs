@@ -314,3 +314,41 @@ fn a_periodic_reconcile_writes_nothing_until_the_kernel_drifts() {
     let (_, out) = f.ingress(&packet);
     assert!(backend_set().contains(&inspect(&out).dst.ip()));
 }
+
+/// A change that adds or removes a frontend moves only its address in the
+/// frontend-address filter: a new address serves at once, a removed one
+/// lingers (its flows keep their translation), and the filter always
+/// matches the shadow, so a periodic reconcile finds nothing to repair.
+#[test]
+fn added_and_removed_frontends_move_only_their_addresses() {
+    let mut f = Setup::Web.load();
+    let web = f.table.clone();
+    f.dp.reconcile(&web).expect("first reconcile");
+    let other = Ipv4Addr::new(10, 96, 7, 7);
+    let mut grown = web.clone();
+    grown.insert(
+        key(other, SVC_PORT, Protocol::Tcp),
+        frontend(ClusterIp, &v4s(&BACKENDS)),
+    );
+    f.set_table(grown.clone());
+    let packet = tcp(sa(CLIENT, 43101), sa(other, SVC_PORT), Tcp::Syn);
+    let (_, out) = f.ingress(&packet);
+    assert!(
+        backend_set().contains(&inspect(&out).dst.ip()),
+        "the new address serves"
+    );
+    let quiet = |f: &mut Fixture, table: &ServiceTable| {
+        let report = f.dp.reconcile(table).expect("periodic reconcile");
+        (
+            report.repaired,
+            report.stats.kernel_writes,
+            report.stats.kernel_deletes,
+        )
+    };
+    assert_eq!(quiet(&mut f, &grown), (0, 0, 0), "added: shadow matches");
+    f.set_table(web.clone());
+    // The established flow on the removed frontend keeps its translation.
+    let (_, out) = f.ingress(&tcp(sa(CLIENT, 43101), sa(other, SVC_PORT), Tcp::Ack));
+    assert!(backend_set().contains(&inspect(&out).dst.ip()), "lingers");
+    assert_eq!(quiet(&mut f, &web), (0, 0, 0), "removed: shadow matches");
+}

@@ -175,6 +175,10 @@ pub struct EbpfDataplane {
     /// Addresses no frontend has any more, kept in the frontend-address
     /// filter until the given time (see [`writer::FRONTEND_ADDR_LINGER`]).
     lingering: HashMap<IpAddr, std::time::Instant>,
+    /// The programmed frontends of each address (NodePorts' unspecified
+    /// address left out): a change that adds or removes a frontend
+    /// updates the filter from these, without a walk of every frontend.
+    address_refs: HashMap<IpAddr, u32>,
     /// Which socket the socket hooks gave which backend (read to end the
     /// connected UDP sockets of backends that went away).
     sock_revnat: BpfHashMap<MapData, SockRevKey, SockRevValue>,
@@ -357,6 +361,7 @@ impl EbpfDataplane {
             pod_namespaces: PodNamespaces::default(),
             frontend_addresses: BTreeSet::new(),
             lingering: HashMap::new(),
+            address_refs: HashMap::new(),
             config: Array::try_from(take_map(ebpf, MAP_CONFIG)?)?,
             stats: PerCpuArray::try_from(take_map(ebpf, MAP_STATS)?)?,
             programmed: HashMap::new(),

@@ -360,6 +360,68 @@ impl EbpfDataplane {
             stats.kernel_deletes += 1;
         }
         self.frontend_addresses = wanted;
+        self.address_refs.clear();
+        for key in self.programmed.keys() {
+            if !key.ip.is_unspecified() {
+                *self.address_refs.entry(key.ip).or_default() += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a newly programmed frontend on `ip`; its first one puts the
+    /// address in the filter (after the frontend's entries: make before
+    /// break).
+    fn hold_address(&mut self, ip: IpAddr, stats: &mut ApplyStats) -> Result<(), EbpfError> {
+        if ip.is_unspecified() {
+            return Ok(());
+        }
+        let refs = self.address_refs.entry(ip).or_default();
+        *refs += 1;
+        if *refs == 1 {
+            self.lingering.remove(&ip);
+            if self.frontend_addresses.insert(ip) {
+                self.frontend_addrs.insert(node_addr_key(ip), 1, 0)?;
+                stats.kernel_writes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Uncounts a removed frontend on `ip`; after its last one the address
+    /// lingers in the filter (see [`FRONTEND_ADDR_LINGER`]).
+    fn release_address(&mut self, ip: IpAddr, now: std::time::Instant) {
+        let Some(refs) = self.address_refs.get_mut(&ip) else {
+            return;
+        };
+        *refs -= 1;
+        if *refs == 0 {
+            self.address_refs.remove(&ip);
+            self.lingering
+                .entry(ip)
+                .or_insert(now + FRONTEND_ADDR_LINGER);
+        }
+    }
+
+    /// Takes the addresses whose lingering is over out of the filter.
+    fn expire_lingering(
+        &mut self,
+        now: std::time::Instant,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        let over: Vec<IpAddr> = self
+            .lingering
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in over {
+            self.lingering.remove(&ip);
+            if self.frontend_addresses.remove(&ip) {
+                remove_ignoring_missing(&mut self.frontend_addrs, &node_addr_key(ip))?;
+                stats.kernel_deletes += 1;
+            }
+        }
         Ok(())
     }
 
@@ -379,12 +441,21 @@ impl EbpfDataplane {
 
     pub(super) fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, EbpfError> {
         let mut stats = ApplyStats::default();
+        let now = std::time::Instant::now();
         for (key, _) in &diff.removed {
+            let programmed = self.programmed.contains_key(key);
             self.remove_frontend(key, &mut stats)?;
+            if programmed {
+                self.release_address(key.ip, now);
+            }
             stats.frontends_removed += 1;
         }
         for (key, fe) in &diff.added {
+            let new = !self.programmed.contains_key(key);
             self.program_frontend(key, fe, &mut stats)?;
+            if new {
+                self.hold_address(key.ip, &mut stats)?;
+            }
             stats.frontends_added += 1;
         }
         for change in &diff.changed {
@@ -396,17 +467,9 @@ impl EbpfDataplane {
             stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
             self.end_stale_sockets(&stale);
         }
-        // Only added or removed frontends change the set of addresses, and
-        // only time ends a lingering one: a change of backends (the usual
-        // diff) leaves it, and skips a walk of every frontend.
-        let now = std::time::Instant::now();
-        if !diff.added.is_empty()
-            || !diff.removed.is_empty()
-            || self.lingering.values().any(|until| *until <= now)
-        {
-            let written = self.frontend_addresses.clone();
-            self.sync_frontend_addrs(written, &mut stats)?;
-        }
+        // Added and removed frontends moved their addresses' counts above;
+        // only time ends a lingering one.
+        self.expire_lingering(now, &mut stats)?;
         Ok(stats)
     }
 }
