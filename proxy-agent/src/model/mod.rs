@@ -83,6 +83,29 @@ impl ClusterState {
     }
 }
 
+/// Who a kept object is (see [`ServiceObject`], [`Slice`]): what sources
+/// key it by, what change counts compare and what Events name. The fields
+/// of its `metadata` of the same names; nothing else of the metadata is
+/// kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
+impl Identity {
+    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        Identity {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+        }
+    }
+}
+
 /// Node-level settings that shape the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelConfig {

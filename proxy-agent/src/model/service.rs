@@ -1,10 +1,10 @@
 //! [`ServiceObject`]: a Service as the model keeps it.
 use std::net::IpAddr;
 
-use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    Rejection, ServiceName,
+    Identity, Rejection, ServiceName,
     validate::{ServiceCheck, check_service, service_name_of},
 };
 
@@ -15,8 +15,7 @@ use super::{
 /// about a kilobyte; the model checked every object once more anyway.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceObject {
-    /// Namespace, name, uid and resourceVersion; nothing else.
-    pub metadata: ObjectMeta,
+    pub identity: Identity,
     /// The namespace/name it is known by (namespace defaulted).
     pub(super) name: ServiceName,
     pub(super) check: ServiceCheck,
@@ -24,15 +23,8 @@ pub struct ServiceObject {
 
 impl ServiceObject {
     pub fn new(object: &Service) -> Self {
-        let meta = &object.metadata;
         ServiceObject {
-            metadata: ObjectMeta {
-                namespace: meta.namespace.clone(),
-                name: meta.name.clone(),
-                uid: meta.uid.clone(),
-                resource_version: meta.resource_version.clone(),
-                ..Default::default()
-            },
+            identity: Identity::of(&object.metadata),
             name: service_name_of(object),
             check: check_service(object),
         }
@@ -77,9 +69,8 @@ mod tests {
         object.metadata.resource_version = Some("7".into());
         object.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
         let kept = ServiceObject::new(&object);
-        assert_eq!(kept.metadata.uid.as_deref(), Some("u-1"));
-        assert_eq!(kept.metadata.resource_version.as_deref(), Some("7"));
-        assert_eq!(kept.metadata.labels, None);
+        assert_eq!(kept.identity.uid.as_deref(), Some("u-1"));
+        assert_eq!(kept.identity.resource_version.as_deref(), Some("7"));
         assert_eq!(kept.name.to_string(), "ns/web");
         assert_eq!(kept.rejections(), check_service(&object).rejections);
         assert_eq!(kept.rejections().len(), 1, "the cluster IP");

@@ -1,12 +1,8 @@
 //! [`Slice`]: an EndpointSlice as the model keeps it.
-use std::collections::BTreeMap;
-
-use k8s_openapi::{
-    api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    Rejection,
+    Identity, Rejection,
     validate::{SliceCheck, check_endpoint_slice},
 };
 
@@ -24,29 +20,22 @@ pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-
 /// the model parsed them once more anyway.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Slice {
-    /// Namespace, name, uid, resourceVersion and the
-    /// [`LAST_CHANGE_TRIGGER_TIME`] annotation; nothing else.
-    pub metadata: ObjectMeta,
+    pub identity: Identity,
+    /// The [`LAST_CHANGE_TRIGGER_TIME`] annotation.
+    pub trigger_time: Option<String>,
     pub(super) check: SliceCheck,
 }
 
 impl Slice {
     pub fn new(object: &EndpointSlice) -> Self {
         let meta = &object.metadata;
-        let trigger = meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
-            .map(|at| BTreeMap::from([(LAST_CHANGE_TRIGGER_TIME.to_owned(), at.clone())]));
         Slice {
-            metadata: ObjectMeta {
-                namespace: meta.namespace.clone(),
-                name: meta.name.clone(),
-                uid: meta.uid.clone(),
-                resource_version: meta.resource_version.clone(),
-                annotations: trigger,
-                ..Default::default()
-            },
+            identity: Identity::of(meta),
+            trigger_time: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+                .cloned(),
             check: check_endpoint_slice(object),
         }
     }
@@ -54,15 +43,6 @@ impl Slice {
     /// What is wrong with the object; empty when it is valid.
     pub fn rejections(&self) -> &[Rejection] {
         &self.check.rejections
-    }
-
-    /// The [`LAST_CHANGE_TRIGGER_TIME`] annotation.
-    pub fn trigger_time(&self) -> Option<&str> {
-        self.metadata
-            .annotations
-            .as_ref()?
-            .get(LAST_CHANGE_TRIGGER_TIME)
-            .map(String::as_str)
     }
 }
 
@@ -80,6 +60,8 @@ impl From<&EndpointSlice> for Slice {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::model::test_support::simple_slice;
 
@@ -96,15 +78,10 @@ mod tests {
             ("other".to_owned(), "dropped".to_owned()),
         ]));
         let slice = Slice::new(&object);
-        assert_eq!(slice.metadata.name.as_deref(), Some("web-1"));
-        assert_eq!(slice.metadata.uid.as_deref(), Some("u-1"));
-        assert_eq!(slice.metadata.resource_version.as_deref(), Some("7"));
-        assert_eq!(slice.metadata.labels, None);
-        assert_eq!(slice.trigger_time(), Some("2026-01-01T00:00:00Z"));
-        assert_eq!(
-            slice.metadata.annotations.as_ref().map(|a| a.len()),
-            Some(1)
-        );
+        assert_eq!(slice.identity.name.as_deref(), Some("web-1"));
+        assert_eq!(slice.identity.uid.as_deref(), Some("u-1"));
+        assert_eq!(slice.identity.resource_version.as_deref(), Some("7"));
+        assert_eq!(slice.trigger_time.as_deref(), Some("2026-01-01T00:00:00Z"));
         assert_eq!(slice.rejections(), check_endpoint_slice(&object).rejections);
         assert_eq!(slice.rejections().len(), 1, "the address \"x\"");
     }

@@ -8,14 +8,14 @@ use std::{
 };
 
 use super::ObjectChanges;
-use crate::model::{ClusterState, ObjectSet, Objects, ServiceObject, Slice};
+use crate::model::{ClusterState, Identity, ObjectSet, Objects, ServiceObject, Slice};
 
 type ObjectId = (String, String);
 
-fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectId {
+fn object_id(id: &Identity) -> ObjectId {
     (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
+        id.namespace.clone().unwrap_or_default(),
+        id.name.clone().unwrap_or_default(),
     )
 }
 
@@ -35,7 +35,7 @@ impl Versions {
         fn count<K>(
             seen: &mut ObjectSet<K, ()>,
             objects: &Objects<K>,
-            meta: impl Fn(&K) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            meta: impl Fn(&K) -> &Identity,
         ) -> usize {
             let delta = seen.refresh(objects, |_| ());
             // Only objects whose pointer changed need a look: a new version
@@ -58,9 +58,9 @@ impl Versions {
                 + gone.keys().filter(|id| !came.contains_key(*id)).count()
         }
         ObjectChanges {
-            services: count(&mut self.services, &state.services, |s| &s.metadata),
+            services: count(&mut self.services, &state.services, |s| &s.identity),
             endpoint_slices: count(&mut self.endpoint_slices, &state.endpoint_slices, |s| {
-                &s.metadata
+                &s.identity
             }),
         }
     }
@@ -97,17 +97,17 @@ impl TriggerTimes {
     ) -> Vec<Duration> {
         // A changed slice is both gone (its old version) and new: it keeps
         // the trigger time it was programmed with.
-        let renewed: HashSet<ObjectId> = new.iter().map(|s| object_id(&s.metadata)).collect();
+        let renewed: HashSet<ObjectId> = new.iter().map(|s| object_id(&s.identity)).collect();
         for slice in gone {
-            let id = object_id(&slice.metadata);
+            let id = object_id(&slice.identity);
             if !renewed.contains(&id) {
                 self.programmed.remove(&id);
             }
         }
         let mut latencies = Vec::new();
         for slice in new {
-            let id = object_id(&slice.metadata);
-            let Some(value) = slice.trigger_time() else {
+            let id = object_id(&slice.identity);
+            let Some(value) = slice.trigger_time.as_deref() else {
                 self.programmed.remove(&id);
                 continue;
             };

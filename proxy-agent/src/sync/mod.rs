@@ -772,11 +772,7 @@ mod tests {
 
     fn with_trigger(mut state: ClusterState, at: &str) -> ClusterState {
         for slice in &mut state.endpoint_slices {
-            Arc::make_mut(slice)
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(LAST_CHANGE_TRIGGER_TIME.to_string(), at.to_string());
+            Arc::make_mut(slice).trigger_time = Some(at.to_string());
         }
         state
     }
@@ -793,7 +789,7 @@ mod tests {
         let changed_at = jiff::Timestamp::now() - jiff::SignedDuration::from_millis(50);
         let mut new = with_trigger((*web(&["10.1.0.2"])).clone(), &changed_at.to_string());
         Arc::make_mut(&mut new.endpoint_slices[0])
-            .metadata
+            .identity
             .resource_version = Some("2".into());
         new.services
             .push(Arc::new(ServiceObject::new(&simple_service(

@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 };
 use kube::{Resource, api::ObjectMeta, runtime::watcher};
 
-use crate::model::{Objects, ServiceObject, Slice};
+use crate::model::{Identity, Objects, ServiceObject, Slice};
 
 /// What a store keeps of each object its watch delivers.
 pub trait Kept: Sized + Send + Sync + 'static {
@@ -24,7 +24,10 @@ pub trait Kept: Sized + Send + Sync + 'static {
     /// dropped, so that kept objects do not pin the parser's memory.
     fn keep(object: Self::Watched) -> Self;
 
-    fn meta(&self) -> &ObjectMeta;
+    /// (namespace, name), "" where unset.
+    fn key(&self) -> Key;
+
+    fn resource_version(&self) -> Option<&str>;
 
     /// A reference to the object, for the Events that name it.
     fn reference(&self) -> ObjectReference;
@@ -39,8 +42,12 @@ macro_rules! kept_as_is {
                 object.clone()
             }
 
-            fn meta(&self) -> &ObjectMeta {
-                Resource::meta(self)
+            fn key(&self) -> Key {
+                key_of(Resource::meta(self))
+            }
+
+            fn resource_version(&self) -> Option<&str> {
+                Resource::meta(self).resource_version.as_deref()
             }
 
             fn reference(&self) -> ObjectReference {
@@ -61,12 +68,16 @@ impl Kept for ServiceObject {
         ServiceObject::new(&object)
     }
 
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
+    fn key(&self) -> Key {
+        key_of_identity(&self.identity)
+    }
+
+    fn resource_version(&self) -> Option<&str> {
+        self.identity.resource_version.as_deref()
     }
 
     fn reference(&self) -> ObjectReference {
-        reference_to::<Service>(&self.metadata)
+        reference_to::<Service>(&self.identity)
     }
 }
 
@@ -79,26 +90,37 @@ impl Kept for Slice {
         Slice::new(&object)
     }
 
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
+    fn key(&self) -> Key {
+        key_of_identity(&self.identity)
+    }
+
+    fn resource_version(&self) -> Option<&str> {
+        self.identity.resource_version.as_deref()
     }
 
     fn reference(&self) -> ObjectReference {
-        reference_to::<EndpointSlice>(&self.metadata)
+        reference_to::<EndpointSlice>(&self.identity)
     }
 }
 
-/// A reference to the object of kind `K` that `meta` identifies.
-fn reference_to<K: k8s_openapi::Resource>(meta: &ObjectMeta) -> ObjectReference {
+/// A reference to the object of kind `K` that `id` identifies.
+fn reference_to<K: k8s_openapi::Resource>(id: &Identity) -> ObjectReference {
     ObjectReference {
         api_version: Some(K::API_VERSION.to_owned()),
         kind: Some(K::KIND.to_owned()),
-        name: meta.name.clone(),
-        namespace: meta.namespace.clone(),
-        uid: meta.uid.clone(),
-        resource_version: meta.resource_version.clone(),
+        name: id.name.clone(),
+        namespace: id.namespace.clone(),
+        uid: id.uid.clone(),
+        resource_version: id.resource_version.clone(),
         ..Default::default()
     }
+}
+
+fn key_of_identity(id: &Identity) -> Key {
+    (
+        id.namespace.clone().unwrap_or_default(),
+        id.name.clone().unwrap_or_default(),
+    )
 }
 
 /// The objects of one resource as its watch delivered them, in an
@@ -139,7 +161,8 @@ struct Inner<K> {
     relist: Option<Vec<Arc<K>>>,
 }
 
-type Key = (String, String);
+/// (namespace, name).
+pub type Key = (String, String);
 
 fn key_of(meta: &ObjectMeta) -> Key {
     (
@@ -203,7 +226,7 @@ impl<K: Kept> ObjectStore<K> {
 
 impl<K: Kept> Inner<K> {
     fn upsert(&mut self, object: Arc<K>) {
-        let key = key_of(object.meta());
+        let key = object.key();
         match self.index.get(&key) {
             Some(&at) => {
                 self.objects.set(at, object);
@@ -222,14 +245,14 @@ impl<K: Kept> Inner<K> {
         self.objects.swap_remove(at);
         // The last object moved into the freed position.
         if let Some(moved) = self.objects.get(at) {
-            self.index.insert(key_of(moved.meta()), at);
+            self.index.insert(moved.key(), at);
         }
     }
 
     /// The content of a completed relist: what it lacks is removed, what
     /// it changed is replaced, what it brings back unchanged is kept.
     fn replace_all(&mut self, listed: Vec<Arc<K>>) {
-        let listed_keys: HashSet<Key> = listed.iter().map(|o| key_of(o.meta())).collect();
+        let listed_keys: HashSet<Key> = listed.iter().map(|o| o.key()).collect();
         let gone: Vec<Key> = self
             .index
             .keys()
@@ -240,11 +263,11 @@ impl<K: Kept> Inner<K> {
             self.remove(&key);
         }
         for object in listed {
-            let key = key_of(object.meta());
+            let key = object.key();
             if let Some(&at) = self.index.get(&key)
                 && let Some(current) = self.objects.get(at)
-                && current.meta().resource_version.is_some()
-                && current.meta().resource_version == object.meta().resource_version
+                && current.resource_version().is_some()
+                && current.resource_version() == object.resource_version()
             {
                 continue;
             }
@@ -279,8 +302,8 @@ mod tests {
             .map(|s| {
                 format!(
                     "{}@{}",
-                    s.metadata.name.clone().unwrap_or_default(),
-                    s.metadata.resource_version.clone().unwrap_or_default()
+                    s.identity.name.clone().unwrap_or_default(),
+                    s.identity.resource_version.clone().unwrap_or_default()
                 )
             })
             .collect();
@@ -313,7 +336,7 @@ mod tests {
         assert_eq!(
             store
                 .get("ns", "c")
-                .and_then(|s| s.metadata.resource_version.clone()),
+                .and_then(|s| s.identity.resource_version.clone()),
             Some("1".into())
         );
         store.apply(watcher::Event::Apply(svc("d", "3")));

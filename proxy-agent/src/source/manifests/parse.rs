@@ -88,8 +88,8 @@ impl ManifestObject {
     /// their namespace is "".
     pub fn key(&self) -> ObjectKey {
         let (namespace, name) = match self {
-            ManifestObject::Service(s) => (s.metadata.namespace.clone(), &s.metadata.name),
-            ManifestObject::EndpointSlice(e) => (e.metadata.namespace.clone(), &e.metadata.name),
+            ManifestObject::Service(s) => (s.identity.namespace.clone(), &s.identity.name),
+            ManifestObject::EndpointSlice(e) => (e.identity.namespace.clone(), &e.identity.name),
             ManifestObject::Node(n) => (None, &n.metadata.name),
             ManifestObject::ServiceCidr(c) => (None, &c.metadata.name),
         };
@@ -115,18 +115,30 @@ impl ManifestObject {
     /// requires a name.
     fn normalize(&mut self) -> Result<(), String> {
         let kind = self.kind();
-        let meta = match self {
-            ManifestObject::Service(s) => &mut Arc::make_mut(s).metadata,
-            ManifestObject::EndpointSlice(e) => &mut Arc::make_mut(e).metadata,
-            ManifestObject::Node(n) => &mut Arc::make_mut(n).metadata,
-            ManifestObject::ServiceCidr(c) => &mut Arc::make_mut(c).metadata,
+        let (namespace, name) = match self {
+            ManifestObject::Service(s) => {
+                let id = &mut Arc::make_mut(s).identity;
+                (&mut id.namespace, &id.name)
+            }
+            ManifestObject::EndpointSlice(e) => {
+                let id = &mut Arc::make_mut(e).identity;
+                (&mut id.namespace, &id.name)
+            }
+            ManifestObject::Node(n) => {
+                let meta = &mut Arc::make_mut(n).metadata;
+                (&mut meta.namespace, &meta.name)
+            }
+            ManifestObject::ServiceCidr(c) => {
+                let meta = &mut Arc::make_mut(c).metadata;
+                (&mut meta.namespace, &meta.name)
+            }
         };
         let cluster_scoped = matches!(kind, ObjectKind::Node | ObjectKind::ServiceCidr);
-        if !cluster_scoped && meta.namespace.as_deref().is_none_or(str::is_empty) {
-            meta.namespace = Some("default".to_owned());
+        if !cluster_scoped && namespace.as_deref().is_none_or(str::is_empty) {
+            *namespace = Some("default".to_owned());
         }
-        if meta.name.as_deref().is_none_or(str::is_empty) {
-            let ns = meta.namespace.as_deref().unwrap_or("");
+        if name.as_deref().is_none_or(str::is_empty) {
+            let ns = namespace.as_deref().unwrap_or("");
             return Err(if ns.is_empty() || cluster_scoped {
                 format!("{kind} without metadata.name")
             } else {

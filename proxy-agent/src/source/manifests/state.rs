@@ -292,7 +292,7 @@ mod tests {
             .cluster_state()
             .services
             .iter()
-            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .find(|s| s.identity.name.as_deref() == Some(name))
             .and_then(|s| Some(s.cluster_ips().first()?.to_string()))
     }
 
@@ -340,7 +340,7 @@ mod tests {
         let names: Vec<_> = cs
             .services
             .iter()
-            .filter_map(|s| s.metadata.name.as_deref())
+            .filter_map(|s| s.identity.name.as_deref())
             .collect();
         assert_eq!(names, ["a", "b", "z"]);
         assert_eq!(cs.endpoint_slices.len(), 1);
