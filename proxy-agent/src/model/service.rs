@@ -45,18 +45,6 @@ impl ServiceObject {
     }
 }
 
-impl From<Service> for ServiceObject {
-    fn from(object: Service) -> Self {
-        ServiceObject::new(&object)
-    }
-}
-
-impl From<&Service> for ServiceObject {
-    fn from(object: &Service) -> Self {
-        ServiceObject::new(object)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

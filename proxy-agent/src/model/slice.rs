@@ -46,18 +46,6 @@ impl Slice {
     }
 }
 
-impl From<EndpointSlice> for Slice {
-    fn from(object: EndpointSlice) -> Self {
-        Slice::new(&object)
-    }
-}
-
-impl From<&EndpointSlice> for Slice {
-    fn from(object: &EndpointSlice) -> Self {
-        Slice::new(object)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
