@@ -104,6 +104,14 @@ impl Identity {
             resource_version: meta.resource_version.clone(),
         }
     }
+
+    /// (namespace, name), "" where unset: what sources key objects by.
+    pub fn key(&self) -> (String, String) {
+        (
+            self.namespace.clone().unwrap_or_default(),
+            self.name.clone().unwrap_or_default(),
+        )
+    }
 }
 
 /// Node-level settings that shape the table.

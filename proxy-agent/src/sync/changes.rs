@@ -12,13 +12,6 @@ use crate::model::{ClusterState, Identity, ObjectSet, Objects, ServiceObject, Sl
 
 type ObjectId = (String, String);
 
-fn object_id(id: &Identity) -> ObjectId {
-    (
-        id.namespace.clone().unwrap_or_default(),
-        id.name.clone().unwrap_or_default(),
-    )
-}
-
 /// The objects of the last state seen, to count changed objects.
 ///
 /// Sources share unchanged objects between states (the same `Arc`), so a
@@ -45,12 +38,12 @@ impl Versions {
             let gone: HashMap<ObjectId, String> = delta
                 .removed
                 .iter()
-                .map(|(_, o, _)| (object_id(meta(o)), version(o)))
+                .map(|(_, o, _)| (meta(o).key(), version(o)))
                 .collect();
             let came: HashMap<ObjectId, String> = delta
                 .added
                 .iter()
-                .map(|(_, o, _)| (object_id(meta(o)), version(o)))
+                .map(|(_, o, _)| (meta(o).key(), version(o)))
                 .collect();
             came.iter()
                 .filter(|(id, v)| gone.get(*id) != Some(*v))
@@ -97,16 +90,16 @@ impl TriggerTimes {
     ) -> Vec<Duration> {
         // A changed slice is both gone (its old version) and new: it keeps
         // the trigger time it was programmed with.
-        let renewed: HashSet<ObjectId> = new.iter().map(|s| object_id(&s.identity)).collect();
+        let renewed: HashSet<ObjectId> = new.iter().map(|s| s.identity.key()).collect();
         for slice in gone {
-            let id = object_id(&slice.identity);
+            let id = slice.identity.key();
             if !renewed.contains(&id) {
                 self.programmed.remove(&id);
             }
         }
         let mut latencies = Vec::new();
         for slice in new {
-            let id = object_id(&slice.identity);
+            let id = slice.identity.key();
             let Some(value) = slice.trigger_time.as_deref() else {
                 self.programmed.remove(&id);
                 continue;

@@ -59,49 +59,33 @@ macro_rules! kept_as_is {
 
 kept_as_is!(Node, ServiceCIDR);
 
-/// Services are kept as the model reads them: their identity and checked
-/// plan, a fraction of the object.
-impl Kept for ServiceObject {
-    type Watched = Service;
+macro_rules! kept_reduced {
+    ($($kept:ty => $kind:ty),*) => {$(
+        impl Kept for $kept {
+            type Watched = $kind;
 
-    fn keep(object: Service) -> Self {
-        ServiceObject::new(&object)
-    }
+            fn keep(object: $kind) -> Self {
+                <$kept>::new(&object)
+            }
 
-    fn key(&self) -> Key {
-        key_of_identity(&self.identity)
-    }
+            fn key(&self) -> Key {
+                self.identity.key()
+            }
 
-    fn resource_version(&self) -> Option<&str> {
-        self.identity.resource_version.as_deref()
-    }
+            fn resource_version(&self) -> Option<&str> {
+                self.identity.resource_version.as_deref()
+            }
 
-    fn reference(&self) -> ObjectReference {
-        reference_to::<Service>(&self.identity)
-    }
+            fn reference(&self) -> ObjectReference {
+                reference_to::<$kind>(&self.identity)
+            }
+        }
+    )*};
 }
 
-/// EndpointSlices are kept as the model reads them: their endpoints
-/// checked and reduced, at about a fifth of the object's size.
-impl Kept for Slice {
-    type Watched = EndpointSlice;
-
-    fn keep(object: EndpointSlice) -> Self {
-        Slice::new(&object)
-    }
-
-    fn key(&self) -> Key {
-        key_of_identity(&self.identity)
-    }
-
-    fn resource_version(&self) -> Option<&str> {
-        self.identity.resource_version.as_deref()
-    }
-
-    fn reference(&self) -> ObjectReference {
-        reference_to::<EndpointSlice>(&self.identity)
-    }
-}
+// Services and EndpointSlices are kept as the model reads them: their
+// identity and checked plan, a fraction of the object.
+kept_reduced!(ServiceObject => Service, Slice => EndpointSlice);
 
 /// A reference to the object of kind `K` that `id` identifies.
 fn reference_to<K: k8s_openapi::Resource>(id: &Identity) -> ObjectReference {
@@ -114,13 +98,6 @@ fn reference_to<K: k8s_openapi::Resource>(id: &Identity) -> ObjectReference {
         resource_version: id.resource_version.clone(),
         ..Default::default()
     }
-}
-
-fn key_of_identity(id: &Identity) -> Key {
-    (
-        id.namespace.clone().unwrap_or_default(),
-        id.name.clone().unwrap_or_default(),
-    )
 }
 
 /// The objects of one resource as its watch delivered them, in an
