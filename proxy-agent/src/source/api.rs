@@ -147,49 +147,6 @@ enum Progress {
     Failed(watcher::Error),
 }
 
-/// kubectl's copy of the object as last applied: often as large as the
-/// object itself, and never read here.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Drops what the model never reads before an object is stored: its
-/// managed fields and kubectl's last-applied copy, which on a real cluster
-/// are a large share of every object kept (Cilium keeps slim objects for the
-/// same reason). Labels, the other annotations, spec and status stay.
-fn slim<K: Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-    }
-}
-
-/// What each kind keeps: [`slim`], and what of the kind the model never
-/// reads.
-trait Slim: Resource + Sized {
-    fn slim(&mut self) {
-        slim(self);
-    }
-}
-
-impl Slim for Service {}
-impl Slim for ServiceCIDR {}
-
-/// Slices are reduced to a [`Slice`] as they arrive (see [`Kept`]).
-impl Slim for EndpointSlice {}
-
-impl Slim for Node {
-    /// Also the images the node holds (often tens of kilobytes) and its
-    /// volumes.
-    fn slim(&mut self) {
-        slim(self);
-        if let Some(status) = self.status.as_mut() {
-            status.images = None;
-            status.volumes_attached = None;
-            status.volumes_in_use = None;
-        }
-    }
-}
-
 fn follow<K>(
     api: Api<K::Watched>,
     config: watcher::Config,
@@ -199,33 +156,30 @@ fn follow<K>(
 ) -> BoxStream<'static, (Watched, Progress)>
 where
     K: Kept,
-    K::Watched: Slim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::Watched: Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     <K::Watched as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let backoff = JitteredBackoff::new(backoff);
     let answered = backoff.answered.clone();
-    let stream = watcher(api, config)
-        .modify(Slim::slim)
-        .backoff(backoff)
-        .map(move |item| {
-            let progress = match item {
-                Ok(event) => {
-                    let progress = match &event {
-                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => Progress::Changed,
-                        watcher::Event::Init => Progress::Restarting,
-                        watcher::Event::InitApply(_) => Progress::Listing,
-                        watcher::Event::InitDone => Progress::Listed,
-                    };
-                    store.apply(event);
-                    progress
-                }
-                Err(e) => Progress::Failed(e),
-            };
-            if !matches!(progress, Progress::Restarting | Progress::Failed(_)) {
-                answered.store(true, Ordering::Relaxed);
+    let stream = watcher(api, config).backoff(backoff).map(move |item| {
+        let progress = match item {
+            Ok(event) => {
+                let progress = match &event {
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => Progress::Changed,
+                    watcher::Event::Init => Progress::Restarting,
+                    watcher::Event::InitApply(_) => Progress::Listing,
+                    watcher::Event::InitDone => Progress::Listed,
+                };
+                store.apply(event);
+                progress
             }
-            (which, progress)
-        });
+            Err(e) => Progress::Failed(e),
+        };
+        if !matches!(progress, Progress::Restarting | Progress::Failed(_)) {
+            answered.store(true, Ordering::Relaxed);
+        }
+        (which, progress)
+    });
     stream.boxed()
 }
 
@@ -543,45 +497,6 @@ impl Backoff for JitteredBackoff {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn slim_drops_managed_fields_and_the_last_applied_copy_only() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
-        let annotations = std::collections::BTreeMap::from([
-            (super::LAST_APPLIED.to_string(), "{...}".to_string()),
-            (
-                "service.kubernetes.io/topology-mode".to_string(),
-                "Auto".to_string(),
-            ),
-        ]);
-        let mut service = Service {
-            metadata: ObjectMeta {
-                name: Some("web".into()),
-                labels: Some([("app".to_string(), "web".to_string())].into()),
-                annotations: Some(annotations),
-                managed_fields: Some(vec![ManagedFieldsEntry {
-                    manager: Some("kube-controller-manager".into()),
-                    ..ManagedFieldsEntry::default()
-                }]),
-                ..ObjectMeta::default()
-            },
-            ..Service::default()
-        };
-        let mut want = service.clone();
-        want.metadata.managed_fields = None;
-        want.metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .remove(super::LAST_APPLIED);
-        super::slim(&mut service);
-        assert_eq!(service, want);
-        assert_eq!(
-            service.metadata.annotations.unwrap().len(),
-            1,
-            "other annotations (topology) stay"
-        );
-    }
 
     use super::*;
 

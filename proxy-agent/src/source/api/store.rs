@@ -33,12 +33,53 @@ pub trait Kept: Sized + Send + Sync + 'static {
     fn reference(&self) -> ObjectReference;
 }
 
+/// kubectl's copy of the object as last applied: often as large as the
+/// object itself, and never read here.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what the model never reads before an object is kept as it is
+/// (Services and EndpointSlices are reduced instead, see [`Kept`]): its
+/// managed fields and kubectl's last-applied copy, which on a real cluster
+/// are a large share of every object kept (Cilium keeps slim objects for the
+/// same reason). Labels, the other annotations, spec and status stay.
+fn slim<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// What each kind keeps: [`slim`], and what of the kind the model never
+/// reads.
+trait Slim: Resource + Sized {
+    fn slim(&mut self) {
+        slim(self);
+    }
+}
+
+impl Slim for ServiceCIDR {}
+
+impl Slim for Node {
+    /// Also the images the node holds (often tens of kilobytes) and its
+    /// volumes.
+    fn slim(&mut self) {
+        slim(self);
+        if let Some(status) = self.status.as_mut() {
+            status.images = None;
+            status.volumes_attached = None;
+            status.volumes_in_use = None;
+        }
+    }
+}
+
 macro_rules! kept_as_is {
     ($($kind:ty),*) => {$(
         impl Kept for $kind {
             type Watched = $kind;
 
-            fn keep(object: $kind) -> Self {
+            fn keep(mut object: $kind) -> Self {
+                Slim::slim(&mut object);
                 object.clone()
             }
 
@@ -342,5 +383,44 @@ mod tests {
             panic!("a is listed");
         };
         assert!(Arc::ptr_eq(&kept, &now), "unchanged: the same object");
+    }
+
+    #[test]
+    fn slim_drops_managed_fields_and_the_last_applied_copy_only() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+        let annotations = std::collections::BTreeMap::from([
+            (LAST_APPLIED.to_string(), "{...}".to_string()),
+            (
+                "service.kubernetes.io/topology-mode".to_string(),
+                "Auto".to_string(),
+            ),
+        ]);
+        let mut cidr = ServiceCIDR {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                labels: Some([("app".to_string(), "web".to_string())].into()),
+                annotations: Some(annotations),
+                managed_fields: Some(vec![ManagedFieldsEntry {
+                    manager: Some("kube-controller-manager".into()),
+                    ..ManagedFieldsEntry::default()
+                }]),
+                ..ObjectMeta::default()
+            },
+            ..ServiceCIDR::default()
+        };
+        let mut want = cidr.clone();
+        want.metadata.managed_fields = None;
+        want.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(LAST_APPLIED);
+        slim(&mut cidr);
+        assert_eq!(cidr, want);
+        assert_eq!(
+            cidr.metadata.annotations.unwrap().len(),
+            1,
+            "other annotations (topology) stay"
+        );
     }
 }
