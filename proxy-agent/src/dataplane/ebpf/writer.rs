@@ -253,14 +253,18 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    /// Programs one frontend (new or changed), make-before-break.
+    /// Programs one frontend (new or changed), make-before-break; a new
+    /// one's address goes into the frontend-address filter after its
+    /// entries.
     fn program_frontend(
         &mut self,
         key: &FrontendKey,
         frontend: &Frontend,
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
-        let old = self.programmed.remove(key).unwrap_or_default();
+        let old = self.programmed.remove(key);
+        let new = old.is_none();
+        let old = old.unwrap_or_default();
         let plan = plan(key, frontend, &self.network);
         let svc_ids = self.svc_ids_for(&plan, old.svc_ids)?;
         let (entries, backends) = self.entries_for(&plan, &svc_ids, stats)?;
@@ -278,9 +282,14 @@ impl EbpfDataplane {
                 frontend: Some(Box::new(frontend.clone())),
             },
         );
+        if new {
+            self.hold_address(key.ip, stats)?;
+        }
         Ok(())
     }
 
+    /// Removes one frontend; its address lingers in the filter once no
+    /// frontend has it.
     fn remove_frontend(
         &mut self,
         key: &FrontendKey,
@@ -296,6 +305,7 @@ impl EbpfDataplane {
         for id in old.svc_ids.into_iter().flatten() {
             self.svc_alloc.release(id);
         }
+        self.release_address(key.ip, std::time::Instant::now());
         Ok(())
     }
 
@@ -441,21 +451,12 @@ impl EbpfDataplane {
 
     pub(super) fn apply_diff(&mut self, diff: &TableDiff) -> Result<ApplyStats, EbpfError> {
         let mut stats = ApplyStats::default();
-        let now = std::time::Instant::now();
         for (key, _) in &diff.removed {
-            let programmed = self.programmed.contains_key(key);
             self.remove_frontend(key, &mut stats)?;
-            if programmed {
-                self.release_address(key.ip, now);
-            }
             stats.frontends_removed += 1;
         }
         for (key, fe) in &diff.added {
-            let new = !self.programmed.contains_key(key);
             self.program_frontend(key, fe, &mut stats)?;
-            if new {
-                self.hold_address(key.ip, &mut stats)?;
-            }
             stats.frontends_added += 1;
         }
         for change in &diff.changed {
@@ -469,7 +470,7 @@ impl EbpfDataplane {
         }
         // Added and removed frontends moved their addresses' counts above;
         // only time ends a lingering one.
-        self.expire_lingering(now, &mut stats)?;
+        self.expire_lingering(std::time::Instant::now(), &mut stats)?;
         Ok(stats)
     }
 }
