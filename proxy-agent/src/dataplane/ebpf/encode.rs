@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use aya::maps::lpm_trie::Key as LpmKey;
 use ipnet::IpNet;
 use proxy_common::{
-    Addr, BackendValue, FAMILY_V4, FAMILY_V6, MemberKey, NodeAddrKey, SCOPE_EXTERNAL,
+    Addr, BackendId, BackendValue, FAMILY_V4, FAMILY_V6, MemberKey, NodeAddrKey, SCOPE_EXTERNAL,
     SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_MASQUERADE,
     SVC_MASQUERADE_OUTSIDE, SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
 };
@@ -181,6 +181,98 @@ impl From<Vec<(ServiceKey, ServiceValue)>> for ServiceEntries {
         entries.dedup_by_key(|(k, _)| *k);
         entries.reverse();
         ServiceEntries(entries.into_boxed_slice())
+    }
+}
+
+/// What the shadow keeps of one frontend's entries: its service entries
+/// compact (see [`FrontendServices`]), its members and source ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct FrontendEntries {
+    pub(super) services: FrontendServices,
+    pub(super) members: BTreeSet<MemberKey>,
+    pub(super) ranges: BTreeSet<SourceRangeSlot>,
+}
+
+impl FrontendEntries {
+    /// The entries as the writer compares them.
+    pub(super) fn expand(&self) -> Entries {
+        Entries {
+            services: ServiceEntries(self.services.iter().collect()),
+            members: self.members.clone(),
+            ranges: self.ranges.clone(),
+        }
+    }
+}
+
+/// One frontend's service entries, as the shadow keeps them (tens of
+/// thousands of frontends, each with a dozen entries): the key they share,
+/// and per scope the head (slot 0) and the backend IDs of slots `1..=n`.
+/// Every other slot's value is its backend ID alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct FrontendServices {
+    /// The frontend's key at scope 0, slot 0.
+    base: ServiceKey,
+    /// By scope, ascending.
+    scopes: Box<[ScopeEntries]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ScopeEntries {
+    scope: u8,
+    head: ServiceValue,
+    slots: Box<[BackendId]>,
+}
+
+impl FrontendServices {
+    /// The entries of `key`: per scope its head and the backend IDs of its
+    /// slots, in order.
+    pub(super) fn new(
+        key: &FrontendKey,
+        scopes: impl IntoIterator<Item = (u8, ServiceValue, Vec<BackendId>)>,
+    ) -> Self {
+        let mut scopes: Vec<ScopeEntries> = scopes
+            .into_iter()
+            .map(|(scope, head, slots)| ScopeEntries {
+                scope,
+                head,
+                slots: slots.into_boxed_slice(),
+            })
+            .collect();
+        scopes.sort_by_key(|s| s.scope);
+        scopes.dedup_by_key(|s| s.scope);
+        FrontendServices {
+            base: service_key(key, 0, 0),
+            scopes: scopes.into_boxed_slice(),
+        }
+    }
+
+    /// The entries in key order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (ServiceKey, ServiceValue)> + '_ {
+        self.scopes.iter().flat_map(move |s| {
+            let key = move |slot: u16| ServiceKey {
+                scope: s.scope,
+                slot,
+                ..self.base
+            };
+            let slots = (1u16..).zip(s.slots.iter()).map(move |(slot, id)| {
+                let value = ServiceValue {
+                    backend_id: *id,
+                    ..Default::default()
+                };
+                (key(slot), value)
+            });
+            std::iter::once((key(0), s.head)).chain(slots)
+        })
+    }
+
+    /// The backend IDs of every slot, one per slot (a backend both scopes
+    /// use comes twice, as it holds a reference for each).
+    pub(super) fn backend_ids(&self) -> impl Iterator<Item = BackendId> + '_ {
+        self.scopes.iter().flat_map(|s| s.slots.iter().copied())
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.scopes.iter().map(|s| 1 + s.slots.len()).sum()
     }
 }
 

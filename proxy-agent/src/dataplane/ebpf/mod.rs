@@ -38,6 +38,7 @@ use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport}
 use crate::model::{FrontendKey, ServiceTable, TableDiff};
 
 pub mod attach;
+mod backends;
 mod batch;
 pub mod bpffs;
 pub mod counters;
@@ -52,8 +53,8 @@ pub mod sockets;
 mod writer;
 
 pub use attach::{Attacher, InterfaceFilter, follow_links};
+use backends::BackendTable;
 pub use bpffs::PinLayout;
-use encode::BackendRef;
 use ids::IdAllocator;
 use ipnet::IpNet;
 use pods::{PodNamespaces, PodSockets};
@@ -154,7 +155,7 @@ pub struct EbpfDataplane {
     stats: PerCpuArray<MapData, u64>,
     programmed: HashMap<FrontendKey, Programmed>,
     /// Every programmed backend, its ID and how many frontend views use it.
-    backend_ids: HashMap<BackendRef, (BackendId, u32)>,
+    backend_ids: BackendTable,
     /// Backends given an ID and not yet written: written together, before
     /// the entries that use them.
     pending_backends: Vec<(BackendId, BackendValue)>,
@@ -365,7 +366,7 @@ impl EbpfDataplane {
             config: Array::try_from(take_map(ebpf, MAP_CONFIG)?)?,
             stats: PerCpuArray::try_from(take_map(ebpf, MAP_STATS)?)?,
             programmed: HashMap::new(),
-            backend_ids: HashMap::new(),
+            backend_ids: BackendTable::default(),
             pending_backends: Vec::new(),
             shadow_trusted: false,
             backend_alloc: IdAllocator::default(),

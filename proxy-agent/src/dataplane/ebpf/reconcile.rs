@@ -113,7 +113,7 @@ impl EbpfDataplane {
         self.backend_ids.clear();
         for (b, id) in adopted {
             // Counted up again as frontends take them below.
-            self.backend_ids.insert(b, (id, 0));
+            self.backend_ids.insert(b, id, 0);
         }
         Ok(())
     }
@@ -160,15 +160,14 @@ impl EbpfDataplane {
             let key = &plan.key;
             let current = current_ids.get(key).copied().unwrap_or([None, None]);
             let svc_ids = self.svc_ids_for(plan, current)?;
-            let (entries, backends) = self.entries_for(plan, &svc_ids, stats)?;
-            all_services.extend(entries.services.iter().copied());
+            let entries = self.entries_for(plan, &svc_ids, stats)?;
+            all_services.extend(entries.services.iter());
             all_new.members.extend(entries.members.iter().copied());
             all_new.ranges.extend(entries.ranges.iter().copied());
             programmed.insert(
                 *key,
                 Programmed {
                     entries,
-                    backends,
                     svc_ids,
                     frontend: Some(Box::new((*fe).clone())),
                 },
@@ -214,7 +213,7 @@ impl EbpfDataplane {
             if entries
                 .services
                 .iter()
-                .any(|(k, v)| kernel.services.get(k) != Some(v))
+                .any(|(k, v)| kernel.services.get(&k) != Some(&v))
                 || entries.members.iter().any(|m| !kernel.members.contains(m))
             {
                 return Ok(false);
@@ -231,7 +230,7 @@ impl EbpfDataplane {
             || self
                 .backend_ids
                 .iter()
-                .any(|(b, (id, _))| backends.get(id) != Some(&backend_value(b)))
+                .any(|(id, b)| backends.get(&id) != Some(&backend_value(b)))
         {
             return Ok(false);
         }
@@ -248,7 +247,7 @@ impl EbpfDataplane {
         kernel_backends: &BTreeMap<BackendId, BackendValue>,
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
-        let in_use: BTreeSet<BackendId> = self.backend_ids.values().map(|(id, _)| *id).collect();
+        let in_use: BTreeSet<BackendId> = self.backend_ids.iter().map(|(id, _)| id).collect();
         for id in kernel_backends.keys().filter(|id| !in_use.contains(id)) {
             remove_ignoring_missing(&mut self.backends, id)?;
             stats.kernel_deletes += 1;

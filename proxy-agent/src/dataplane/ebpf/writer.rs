@@ -12,8 +12,9 @@ use proxy_common::{
 use super::{
     EbpfDataplane, EbpfError, batch,
     encode::{
-        BackendRef, Entries, SourceRangeSlot, addr_of, backend_value, backends_of, flags_of,
-        frontend_name, node_addr_key, scoped_views, service_key, source_range_key,
+        BackendRef, Entries, FrontendEntries, FrontendServices, SourceRangeSlot, addr_of,
+        backend_value, backends_of, flags_of, frontend_name, node_addr_key, scoped_views,
+        source_range_key,
     },
     flows::stale_udp_flows,
 };
@@ -28,9 +29,8 @@ use crate::{
 /// What this agent wrote for one frontend.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Programmed {
-    pub(super) entries: Entries,
-    /// The backends it holds a reference on.
-    pub(super) backends: Vec<BackendRef>,
+    /// Its entries; it holds a reference on the backend of each slot.
+    pub(super) entries: FrontendEntries,
     /// svc_id per scope (index = scope).
     pub(super) svc_ids: [Option<u32>; 2],
     /// The frontend, planned again when the node's network changes a plan
@@ -64,49 +64,50 @@ pub(super) fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
 
 impl EbpfDataplane {
     fn acquire(&mut self, b: BackendRef, stats: &mut ApplyStats) -> Result<BackendId, EbpfError> {
-        if let Some((id, refs)) = self.backend_ids.get_mut(&b) {
-            *refs = refs.saturating_add(1);
-            return Ok(*id);
+        if let Some(id) = self.backend_ids.id_of(&b) {
+            self.backend_ids.take(id);
+            return Ok(id);
         }
         let id = self
             .backend_alloc
             .alloc()
             .ok_or(EbpfError::BackendIdsExhausted)?;
         // Written with the entries that use it, before them (see
-        // `write_entries`).
+        // `write_entries`); its port marked before either.
+        self.mark_backend_ports([&b], stats)?;
         self.pending_backends.push((id, backend_value(&b)));
         stats.kernel_writes += 1;
-        self.backend_ids.insert(b, (id, 1));
+        self.backend_ids.insert(b, id, 1);
         Ok(id)
     }
 
-    fn release(&mut self, b: &BackendRef, stats: &mut ApplyStats) -> Result<(), EbpfError> {
-        let Some((id, refs)) = self.backend_ids.get_mut(b) else {
-            return Ok(());
-        };
-        *refs -= 1;
-        if *refs == 0 {
-            let id = *id;
-            self.backend_ids.remove(b);
-            remove_ignoring_missing(&mut self.backends, &id)?;
-            stats.kernel_deletes += 1;
-            self.backend_alloc.release(id);
+    /// Drops a reference on every backend of `entries`' slots.
+    fn release_all(
+        &mut self,
+        entries: &FrontendEntries,
+        stats: &mut ApplyStats,
+    ) -> Result<(), EbpfError> {
+        for id in entries.services.backend_ids() {
+            if self.backend_ids.drop_ref(id).is_some() {
+                remove_ignoring_missing(&mut self.backends, &id)?;
+                stats.kernel_deletes += 1;
+                self.backend_alloc.release(id);
+            }
         }
         Ok(())
     }
 
     /// The entries a frontend's `plan` needs, given its views' IDs;
-    /// acquires (and returns) a reference on every backend it uses.
+    /// acquires a reference on the backend of every slot.
     pub(super) fn entries_for(
         &mut self,
         plan: &FrontendPlan,
         svc_ids: &[Option<u32>; 2],
         stats: &mut ApplyStats,
-    ) -> Result<(Entries, Vec<BackendRef>), EbpfError> {
+    ) -> Result<FrontendEntries, EbpfError> {
         let key = &plan.key;
-        let mut entries = Entries::default();
-        let mut services = Vec::new();
-        let mut refs = Vec::new();
+        let mut entries = FrontendEntries::default();
+        let mut scopes = Vec::new();
         let (_, family) = addr_of(key.ip);
         for (scope, view) in scoped_views(plan) {
             let (backends, flags) = (backends_of(view), flags_of(plan, scope, view));
@@ -117,21 +118,15 @@ impl EbpfDataplane {
                 ));
             }
             let svc_id = svc_ids[scope as usize].ok_or(EbpfError::ServiceIdsExhausted)?;
-            for (i, b) in backends.iter().enumerate() {
+            let mut slots = Vec::with_capacity(backends.len());
+            for b in backends {
                 let r = BackendRef {
                     ip: b.ip,
                     port: b.port,
                     protocol: key.protocol,
                 };
                 let id = self.acquire(r, stats)?;
-                refs.push(r);
-                services.push((
-                    service_key(key, scope, i as u16 + 1),
-                    ServiceValue {
-                        backend_id: id,
-                        ..Default::default()
-                    },
-                ));
+                slots.push(id);
                 if flags & SVC_AFFINITY != 0 {
                     entries.members.insert(MemberKey {
                         svc_id,
@@ -139,16 +134,14 @@ impl EbpfDataplane {
                     });
                 }
             }
-            services.push((
-                service_key(key, scope, 0),
-                ServiceValue {
-                    count: backends.len() as u16,
-                    flags,
-                    affinity_timeout_secs: plan.affinity_timeout_secs.unwrap_or(0),
-                    svc_id,
-                    ..Default::default()
-                },
-            ));
+            let head = ServiceValue {
+                count: backends.len() as u16,
+                flags,
+                affinity_timeout_secs: plan.affinity_timeout_secs.unwrap_or(0),
+                svc_id,
+                ..Default::default()
+            };
+            scopes.push((scope, head, slots));
             if scope == SCOPE_EXTERNAL {
                 for range in plan.source_ranges.iter().flatten() {
                     if let Some(k) = source_range_key(svc_id, family, range) {
@@ -160,10 +153,8 @@ impl EbpfDataplane {
                 }
             }
         }
-        entries.services = services.into();
-        // Kept in the shadow: no spare room.
-        refs.shrink_to_fit();
-        Ok((entries, refs))
+        entries.services = FrontendServices::new(key, scopes);
+        Ok(entries)
     }
 
     /// IDs for the views `frontend` needs, keeping those it already has.
@@ -267,17 +258,13 @@ impl EbpfDataplane {
         let old = old.unwrap_or_default();
         let plan = plan(key, frontend, &self.network);
         let svc_ids = self.svc_ids_for(&plan, old.svc_ids)?;
-        let (entries, backends) = self.entries_for(&plan, &svc_ids, stats)?;
-        self.mark_backend_ports(&backends, stats)?;
-        self.write_entries(&old.entries, &entries, stats)?;
-        for b in &old.backends {
-            self.release(b, stats)?;
-        }
+        let entries = self.entries_for(&plan, &svc_ids, stats)?;
+        self.write_entries(&old.entries.expand(), &entries.expand(), stats)?;
+        self.release_all(&old.entries, stats)?;
         self.programmed.insert(
             *key,
             Programmed {
                 entries,
-                backends,
                 svc_ids,
                 frontend: Some(Box::new(frontend.clone())),
             },
@@ -298,10 +285,8 @@ impl EbpfDataplane {
         let Some(old) = self.programmed.remove(key) else {
             return Ok(());
         };
-        self.write_entries(&old.entries, &Entries::default(), stats)?;
-        for b in &old.backends {
-            self.release(b, stats)?;
-        }
+        self.write_entries(&old.entries.expand(), &Entries::default(), stats)?;
+        self.release_all(&old.entries, stats)?;
         for id in old.svc_ids.into_iter().flatten() {
             self.svc_alloc.release(id);
         }
