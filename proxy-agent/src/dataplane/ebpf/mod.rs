@@ -276,7 +276,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     .into_iter()
     .chain(PROGS_SOCKET)
     .collect();
-    let mut programs: Vec<(&'static str, &mut Program)> = ebpf
+    let programs: Vec<(&'static str, &mut Program)> = ebpf
         .programs_mut()
         .filter_map(|(name, program)| Some((*wanted.iter().find(|w| **w == name)?, program)))
         .collect();
@@ -286,16 +286,30 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     {
         return Err(EbpfError::MissingProgram(missing));
     }
-    // The packet programs are the large ones: deal them out first.
-    programs.sort_by_key(|(name, _)| !matches!(*name, PROG_INGRESS | PROG_EGRESS | PROG_NEW_FLOW));
+    // Verification time is nearly all in the three packet programs, and
+    // pa_new_flow alone takes about as long as pa_ingress and pa_egress
+    // together: it gets a thread of its own, the other two share one, and
+    // the small programs go where the load is lighter.
     let (mut first, mut second): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
-    for (i, program) in programs.into_iter().enumerate() {
-        if i % 2 == 0 {
-            first.push(program);
-        } else {
-            second.push(program);
+    let mut small = 0usize;
+    for program in programs {
+        match program.0 {
+            PROG_NEW_FLOW => first.push(program),
+            PROG_INGRESS | PROG_EGRESS => second.push(program),
+            _ => {
+                small += 1;
+                if small % 2 == 0 {
+                    first.push(program);
+                } else {
+                    second.push(program);
+                }
+            }
         }
     }
+    // The large ones first on each thread, so neither waits on the other
+    // for long at the end.
+    first.sort_by_key(|(name, _)| *name != PROG_NEW_FLOW);
+    second.sort_by_key(|(name, _)| !matches!(*name, PROG_INGRESS | PROG_EGRESS));
     std::thread::scope(|scope| {
         let other = scope.spawn(move || load_each(second));
         let here = load_each(first);
