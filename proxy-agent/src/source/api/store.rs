@@ -1,9 +1,12 @@
 //! [`ObjectStore`]: the objects of one watched resource, kept the way the
 //! model compares states cheaply.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
+    hash::{BuildHasher, RandomState},
     sync::{Arc, RwLock},
 };
+
+use hashbrown::HashTable;
 
 use k8s_openapi::api::{
     core::v1::{Node, ObjectReference, Service},
@@ -25,7 +28,7 @@ pub trait Kept: Sized + Send + Sync + 'static {
     fn keep(object: Self::Watched) -> Self;
 
     /// (namespace, name), "" where unset.
-    fn key(&self) -> Key;
+    fn key(&self) -> Key<'_>;
 
     fn resource_version(&self) -> Option<&str>;
 
@@ -83,7 +86,7 @@ macro_rules! kept_as_is {
                 object.clone()
             }
 
-            fn key(&self) -> Key {
+            fn key(&self) -> Key<'_> {
                 key_of(Resource::meta(self))
             }
 
@@ -109,8 +112,11 @@ macro_rules! kept_reduced {
                 <$kept>::new(&object)
             }
 
-            fn key(&self) -> Key {
-                self.identity.key()
+            fn key(&self) -> Key<'_> {
+                (
+                    self.identity.namespace.as_deref().unwrap_or_default(),
+                    self.identity.name.as_deref().unwrap_or_default(),
+                )
             }
 
             fn resource_version(&self) -> Option<&str> {
@@ -164,7 +170,8 @@ impl<K> Default for ObjectStore<K> {
         ObjectStore {
             inner: Arc::new(RwLock::new(Inner {
                 objects: Objects::new(),
-                index: HashMap::new(),
+                index: HashTable::new(),
+                hasher: RandomState::new(),
                 relist: None,
             })),
         }
@@ -173,19 +180,21 @@ impl<K> Default for ObjectStore<K> {
 
 struct Inner<K> {
     objects: Objects<K>,
-    /// (namespace, name) -> position in `objects`.
-    index: HashMap<Key, usize>,
+    /// The positions in `objects`, found by (namespace, name) (hashed from
+    /// the objects themselves: tens of thousands of keys are not copied).
+    index: HashTable<usize>,
+    hasher: RandomState,
     /// The objects of a relist under way.
     relist: Option<Vec<Arc<K>>>,
 }
 
 /// (namespace, name).
-pub type Key = (String, String);
+pub type Key<'a> = (&'a str, &'a str);
 
-fn key_of(meta: &ObjectMeta) -> Key {
+fn key_of(meta: &ObjectMeta) -> Key<'_> {
     (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
     )
 }
 
@@ -206,10 +215,8 @@ impl<K: Kept> ObjectStore<K> {
     /// The object `namespace/name` ("" for cluster-scoped ones).
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
         self.read(|inner| {
-            let at = inner
-                .index
-                .get(&(namespace.to_string(), name.to_string()))?;
-            inner.objects.get(*at).cloned()
+            let at = inner.position((namespace, name))?;
+            inner.objects.get(at).cloned()
         })
     }
 
@@ -226,7 +233,7 @@ impl<K: Kept> ObjectStore<K> {
         let inner = &mut *guard;
         match event {
             watcher::Event::Apply(object) => inner.upsert(Arc::new(K::keep(object))),
-            watcher::Event::Delete(object) => inner.remove(&key_of(object.meta())),
+            watcher::Event::Delete(object) => inner.remove(key_of(object.meta())),
             watcher::Event::Init => inner.relist = Some(Vec::new()),
             watcher::Event::InitApply(object) => {
                 inner
@@ -243,46 +250,64 @@ impl<K: Kept> ObjectStore<K> {
 }
 
 impl<K: Kept> Inner<K> {
-    fn upsert(&mut self, object: Arc<K>) {
-        let key = object.key();
-        match self.index.get(&key) {
-            Some(&at) => {
-                self.objects.set(at, object);
-            }
-            None => {
-                self.index.insert(key, self.objects.len());
-                self.objects.push(object);
-            }
-        }
+    fn position(&self, key: Key<'_>) -> Option<usize> {
+        let hash = self.hasher.hash_one(key);
+        self.index
+            .find(hash, |at| {
+                self.objects.get(*at).is_some_and(|o| o.key() == key)
+            })
+            .copied()
     }
 
-    fn remove(&mut self, key: &Key) {
-        let Some(at) = self.index.remove(key) else {
+    fn upsert(&mut self, object: Arc<K>) {
+        if let Some(at) = self.position(object.key()) {
+            self.objects.set(at, object);
+            return;
+        }
+        let hash = self.hasher.hash_one(object.key());
+        let at = self.objects.len();
+        self.objects.push(object);
+        let (objects, hasher) = (&self.objects, &self.hasher);
+        self.index.insert_unique(hash, at, |at| {
+            objects.get(*at).map_or(0, |o| hasher.hash_one(o.key()))
+        });
+    }
+
+    fn remove(&mut self, key: Key<'_>) {
+        let Some(at) = self.position(key) else {
             return;
         };
+        let hash = self.hasher.hash_one(key);
+        if let Ok(entry) = self.index.find_entry(hash, |other| *other == at) {
+            entry.remove();
+        }
+        let last = self.objects.len() - 1;
         self.objects.swap_remove(at);
         // The last object moved into the freed position.
         if let Some(moved) = self.objects.get(at) {
-            self.index.insert(moved.key(), at);
+            let hash = self.hasher.hash_one(moved.key());
+            if let Some(position) = self.index.find_mut(hash, |other| *other == last) {
+                *position = at;
+            }
         }
     }
 
     /// The content of a completed relist: what it lacks is removed, what
     /// it changed is replaced, what it brings back unchanged is kept.
     fn replace_all(&mut self, listed: Vec<Arc<K>>) {
-        let listed_keys: HashSet<Key> = listed.iter().map(|o| o.key()).collect();
-        let gone: Vec<Key> = self
-            .index
-            .keys()
-            .filter(|key| !listed_keys.contains(*key))
+        let listed_keys: HashSet<Key<'_>> = listed.iter().map(|o| o.key()).collect();
+        let gone: Vec<Arc<K>> = self
+            .objects
+            .iter()
+            .filter(|o| !listed_keys.contains(&o.key()))
             .cloned()
             .collect();
-        for key in gone {
-            self.remove(&key);
+        drop(listed_keys);
+        for object in gone {
+            self.remove(object.key());
         }
         for object in listed {
-            let key = object.key();
-            if let Some(&at) = self.index.get(&key)
+            if let Some(at) = self.position(object.key())
                 && let Some(current) = self.objects.get(at)
                 && current.resource_version().is_some()
                 && current.resource_version() == object.resource_version()
@@ -360,6 +385,33 @@ mod tests {
         store.apply(watcher::Event::Apply(svc("d", "3")));
         assert_eq!(names(&store), ["b@2", "c@1", "d@3"]);
         assert!(store.get("ns", "a").is_none());
+    }
+
+    #[test]
+    fn the_index_follows_objects_moved_by_removals() {
+        let store = ObjectStore::<ServiceObject>::default();
+        for i in 0..600 {
+            store.apply(watcher::Event::Apply(svc(&format!("s{i}"), "1")));
+        }
+        // Every third one goes; each removal moves the last object.
+        for i in (0..600).step_by(3) {
+            store.apply(watcher::Event::Delete(svc(&format!("s{i}"), "1")));
+        }
+        store.apply(watcher::Event::Apply(svc("s1", "2")));
+        assert_eq!(store.len(), 400);
+        for i in 0..600 {
+            let found = store
+                .get("ns", &format!("s{i}"))
+                .and_then(|s| s.identity.name.clone());
+            let want = (i % 3 != 0).then(|| format!("s{i}"));
+            assert_eq!(found, want, "s{i}");
+        }
+        assert_eq!(
+            store
+                .get("ns", "s1")
+                .and_then(|s| s.identity.resource_version.clone()),
+            Some("2".into())
+        );
     }
 
     #[test]
