@@ -176,8 +176,8 @@ fn measure(mode: &str, args: &Args) -> Result<Figures> {
         let diff = TableDiff {
             changed: vec![FrontendChange {
                 key: k,
-                old,
-                new: new.clone(),
+                old: old.into(),
+                new: new.clone().into(),
             }],
             ..TableDiff::default()
         };
@@ -189,14 +189,14 @@ fn measure(mode: &str, args: &Args) -> Result<Figures> {
     changes.sort();
     let extra = args.services;
     let diff = TableDiff {
-        added: vec![(key(extra), frontend(extra, args.endpoints))],
+        added: vec![(key(extra), frontend(extra, args.endpoints).into())],
         ..TableDiff::default()
     };
     let started = Instant::now();
     dp.apply(&diff)?;
     let add = started.elapsed();
     for (k, f) in diff.added {
-        current.insert(k, f);
+        current.insert_shared(k, f);
     }
     let started = Instant::now();
     let report = dp.reconcile(&current)?;

@@ -378,7 +378,7 @@ impl TableBuilder {
                 self.claim_rejections.insert(key, rejections);
             }
             self.backend_count += new.backends.len();
-            match self.table.insert(key, new.clone()) {
+            match self.table.insert_shared(key, new.clone()) {
                 None => diff.added.push((key, new)),
                 Some(old) => {
                     self.backend_count -= old.backends.len();
@@ -444,7 +444,9 @@ fn service_cidrs(state: &ClusterState, rejections: &mut Vec<Rejection>) -> Vec<I
 struct PlannedFrontend {
     field: String,
     key: FrontendKey,
-    frontend: Frontend,
+    /// Shared with the table (and the diffs and dataplanes after it) while
+    /// the Service does not change.
+    frontend: Arc<Frontend>,
 }
 
 /// Every frontend of a valid Service, in a fixed order: per cluster IP and
@@ -470,7 +472,7 @@ fn plan_frontends(
                     port: number,
                     protocol: port.protocol,
                 };
-                let frontend = frontend_of(plan, port, entries, kind);
+                let frontend = Arc::new(frontend_of(plan, port, entries, kind));
                 planned.push(PlannedFrontend {
                     field,
                     key,

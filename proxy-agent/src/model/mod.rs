@@ -247,7 +247,7 @@ pub struct Frontend {
 /// The desired (or programmed) set of frontends, ordered by key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTable {
-    frontends: BTreeMap<FrontendKey, Frontend>,
+    frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
 }
 
 /// A Kubernetes object, or part of one, the model refused.
@@ -264,14 +264,18 @@ pub struct Rejection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendChange {
     pub key: FrontendKey,
-    pub old: Frontend,
-    pub new: Frontend,
+    pub old: Arc<Frontend>,
+    pub new: Arc<Frontend>,
 }
 
 /// What differs between two tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Frontends are shared with the tables they come from (and with what a
+/// dataplane keeps of them): at tens of thousands of frontends, a copy
+/// each would be most of the agent's memory.
 pub struct TableDiff {
-    pub added: Vec<(FrontendKey, Frontend)>,
+    pub added: Vec<(FrontendKey, Arc<Frontend>)>,
     pub changed: Vec<FrontendChange>,
-    pub removed: Vec<(FrontendKey, Frontend)>,
+    pub removed: Vec<(FrontendKey, Arc<Frontend>)>,
 }

@@ -1,5 +1,5 @@
 //! Operations on [`ServiceTable`] and its [`TableDiff`]s.
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use super::{Backend, Frontend, FrontendChange, FrontendKey, Protocol, ServiceTable, TableDiff};
 
@@ -10,25 +10,42 @@ impl ServiceTable {
 
     /// Sets the frontend for `key`, returning the one it replaces. Backends
     /// are sorted and de-duplicated, as [`Frontend`] promises.
-    pub fn insert(&mut self, key: FrontendKey, mut frontend: Frontend) -> Option<Frontend> {
+    pub fn insert(&mut self, key: FrontendKey, mut frontend: Frontend) -> Option<Arc<Frontend>> {
         frontend.backends.sort_unstable();
         frontend.backends.dedup();
         frontend.cluster_backends.sort_unstable();
         frontend.cluster_backends.dedup();
+        self.frontends.insert(key, Arc::new(frontend))
+    }
+
+    /// Sets the frontend for `key` to one shared with its maker, who keeps
+    /// [`Frontend`]'s promise (backends sorted, without duplicates);
+    /// returns the one it replaces.
+    pub fn insert_shared(
+        &mut self,
+        key: FrontendKey,
+        frontend: Arc<Frontend>,
+    ) -> Option<Arc<Frontend>> {
+        debug_assert!(frontend.backends.is_sorted() && frontend.cluster_backends.is_sorted());
         self.frontends.insert(key, frontend)
     }
 
     /// Removes the frontend for `key`, returning it.
-    pub fn remove(&mut self, key: &FrontendKey) -> Option<Frontend> {
+    pub fn remove(&mut self, key: &FrontendKey) -> Option<Arc<Frontend>> {
         self.frontends.remove(key)
     }
 
     pub fn get(&self, key: &FrontendKey) -> Option<&Frontend> {
-        self.frontends.get(key)
+        self.frontends.get(key).map(|f| &**f)
     }
 
     /// Frontends in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&FrontendKey, &Frontend)> {
+        self.frontends.iter().map(|(k, f)| (k, &**f))
+    }
+
+    /// Frontends in key order, to share.
+    pub fn iter_shared(&self) -> impl Iterator<Item = (&FrontendKey, &Arc<Frontend>)> {
         self.frontends.iter()
     }
 
@@ -234,7 +251,7 @@ mod tests {
         ]);
         let new = table(&[(key("10.0.0.2", 80), frontend("ns", "b", &[]))]);
         let diff = old.diff(&new);
-        assert_eq!(diff.removed, vec![(key("10.0.0.1", 80), gone)]);
+        assert_eq!(diff.removed, vec![(key("10.0.0.1", 80), gone.into())]);
         assert!(diff.added.is_empty() && diff.changed.is_empty());
         assert_eq!(apply(&old, &diff), new);
     }
@@ -355,13 +372,13 @@ mod tests {
                     Some(new) => TableDiff {
                         changed: vec![FrontendChange {
                             key: k,
-                            old: old.clone(),
-                            new: new.clone(),
+                            old: old.clone().into(),
+                            new: new.clone().into(),
                         }],
                         ..TableDiff::default()
                     },
                     None => TableDiff {
-                        removed: vec![(k, old.clone())],
+                        removed: vec![(k, old.clone().into())],
                         ..TableDiff::default()
                     },
                 };

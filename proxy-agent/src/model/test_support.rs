@@ -322,7 +322,7 @@ pub fn apply(table: &ServiceTable, diff: &TableDiff) -> ServiceTable {
         assert_eq!(result.remove(key).as_ref(), Some(old), "removed {key:?}");
     }
     for change in &diff.changed {
-        let replaced = result.insert(change.key, change.new.clone());
+        let replaced = result.insert_shared(change.key, change.new.clone());
         assert_eq!(
             replaced.as_ref(),
             Some(&change.old),
@@ -331,7 +331,11 @@ pub fn apply(table: &ServiceTable, diff: &TableDiff) -> ServiceTable {
         );
     }
     for (key, frontend) in &diff.added {
-        assert_eq!(result.insert(*key, frontend.clone()), None, "added {key:?}");
+        assert_eq!(
+            result.insert_shared(*key, frontend.clone()),
+            None,
+            "added {key:?}"
+        );
     }
     result
 }

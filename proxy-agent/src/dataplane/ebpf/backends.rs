@@ -44,13 +44,8 @@ impl BackendTable {
         }
         self.slots[at] = Some((backend, refs));
         let hash = self.hasher.hash_one(backend);
-        let slots = &self.slots;
-        let hasher = &self.hasher;
-        self.index.insert_unique(hash, id, |id| {
-            slots[*id as usize]
-                .as_ref()
-                .map_or(0, |(b, _)| hasher.hash_one(b))
-        });
+        self.index
+            .insert_unique(hash, id, rehash(&self.slots, &self.hasher));
     }
 
     /// Takes one more reference on the backend with ID `id`.
@@ -90,9 +85,33 @@ impl BackendTable {
         self.index.len()
     }
 
+    /// Gives back the room that growing one ID at a time left (after a
+    /// full reconcile: the table then keeps its size for long).
+    pub(super) fn shrink_to_fit(&mut self) {
+        while self.slots.last().is_some_and(Option::is_none) {
+            self.slots.pop();
+        }
+        self.slots.shrink_to_fit();
+        self.index.shrink_to_fit(rehash(&self.slots, &self.hasher));
+    }
+
     pub(super) fn clear(&mut self) {
         self.slots = Vec::new();
         self.index = HashTable::new();
+    }
+}
+
+/// The hash of an ID in the index, for moving it when the index grows or
+/// shrinks: its backend's.
+fn rehash<'a>(
+    slots: &'a [Option<(BackendRef, u32)>],
+    hasher: &'a std::hash::RandomState,
+) -> impl Fn(&BackendId) -> u64 + 'a {
+    move |id| {
+        slots
+            .get(*id as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |(b, _)| hasher.hash_one(b))
     }
 }
 
@@ -141,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn many_backends_survive_the_index_growing() {
+    fn many_backends_survive_the_index_growing_and_shrinking() {
         let mut table = BackendTable::default();
         for i in 0..2000u32 {
             let b = BackendRef {
@@ -154,6 +173,7 @@ mod tests {
         for i in (0..2000u32).step_by(2) {
             assert!(table.drop_ref(i + 1).is_some());
         }
+        table.shrink_to_fit();
         for i in 0..2000u32 {
             let b = BackendRef {
                 ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),

@@ -12,7 +12,7 @@
 //! make-before-break, `reconcile` makes the maps match a whole table,
 //! `flows` forgets stale UDP flows, `network` programs the node's network.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -153,7 +153,9 @@ pub struct EbpfDataplane {
     node_addrs: BpfHashMap<MapData, NodeAddrKey, u32>,
     config: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, u64>,
-    programmed: HashMap<FrontendKey, Programmed>,
+    /// Ordered: built whole by a reconcile, its nodes are full (a hash
+    /// table keeps room for up to twice as many frontends as it holds).
+    programmed: BTreeMap<FrontendKey, Programmed>,
     /// Every programmed backend, its ID and how many frontend views use it.
     backend_ids: BackendTable,
     /// Backends given an ID and not yet written: written together, before
@@ -379,7 +381,7 @@ impl EbpfDataplane {
             address_refs: HashMap::new(),
             config: Array::try_from(take_map(ebpf, MAP_CONFIG)?)?,
             stats: PerCpuArray::try_from(take_map(ebpf, MAP_STATS)?)?,
-            programmed: HashMap::new(),
+            programmed: BTreeMap::new(),
             backend_ids: BackendTable::default(),
             pending_backends: Vec::new(),
             shadow_trusted: false,

@@ -1,6 +1,9 @@
 //! The reconcile: making the maps hold exactly the desired table whatever
 //! they held, adopting the IDs the kernel already uses.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use proxy_common::{BackendId, BackendValue};
 
@@ -23,7 +26,7 @@ use crate::{
 };
 
 /// The desired table's frontends, each with its plan.
-type Plans<'a> = [(FrontendPlan, &'a Frontend)];
+type Plans<'a> = [(FrontendPlan, &'a Arc<Frontend>)];
 
 impl EbpfDataplane {
     /// Makes the maps hold exactly `desired`, whatever they held before (an
@@ -39,8 +42,8 @@ impl EbpfDataplane {
         // Left by a sync that failed: the backend IDs are adopted afresh.
         self.pending_backends.clear();
         let (kernel_backends, kernel) = self.kernel_contents()?;
-        let plans: Vec<(FrontendPlan, &Frontend)> = desired
-            .iter()
+        let plans: Vec<(FrontendPlan, &Arc<Frontend>)> = desired
+            .iter_shared()
             .map(|(key, fe)| (plan(key, fe, &self.network), fe))
             .collect();
         self.adopt_backend_ids(&plans, &kernel_backends, &mut stats)?;
@@ -55,6 +58,7 @@ impl EbpfDataplane {
         // new ones; what is left is the service entries, then stale backends.
         self.write_entries(&kernel, &all_new, &mut stats)?;
         self.remove_stale_backends(&kernel_backends, &mut stats)?;
+        self.backend_ids.shrink_to_fit();
         self.programmed = programmed;
         stats.frontends_added = desired.len();
         // What is really in the filter: drift, or an earlier run's
@@ -152,10 +156,10 @@ impl EbpfDataplane {
         plans: &Plans<'_>,
         current_ids: &HashMap<FrontendKey, [Option<u32>; 2]>,
         stats: &mut ApplyStats,
-    ) -> Result<(Entries, HashMap<FrontendKey, Programmed>), EbpfError> {
+    ) -> Result<(Entries, BTreeMap<FrontendKey, Programmed>), EbpfError> {
         let mut all_new = Entries::default();
         let mut all_services = Vec::new();
-        let mut programmed = HashMap::with_capacity(plans.len());
+        let mut programmed = Vec::with_capacity(plans.len());
         for (plan, fe) in plans {
             let key = &plan.key;
             let current = current_ids.get(key).copied().unwrap_or([None, None]);
@@ -164,17 +168,18 @@ impl EbpfDataplane {
             all_services.extend(entries.services.iter());
             all_new.members.extend(entries.members.iter().copied());
             all_new.ranges.extend(entries.ranges.iter().copied());
-            programmed.insert(
+            programmed.push((
                 *key,
                 Programmed {
                     entries,
                     svc_ids,
-                    frontend: Some(Box::new((*fe).clone())),
+                    frontend: Some(Arc::clone(fe)),
                 },
-            );
+            ));
         }
         all_new.services = all_services.into();
-        Ok((all_new, programmed))
+        // Built from a list, the map's nodes are full.
+        Ok((all_new, programmed.into_iter().collect()))
     }
 
     /// The source-range slots in the kernel's trie.
@@ -196,8 +201,9 @@ impl EbpfDataplane {
     /// frontend and reads the maps key by key).
     pub(super) fn holds_exactly(&self, desired: &ServiceTable) -> Result<bool, EbpfError> {
         if self.programmed.len() != desired.len()
-            || desired.iter().any(|(key, fe)| {
-                self.programmed.get(key).and_then(|p| p.frontend.as_deref()) != Some(fe)
+            || desired.iter_shared().any(|(key, fe)| {
+                // Shared with the table when unchanged: equal at a glance.
+                self.programmed.get(key).and_then(|p| p.frontend.as_ref()) != Some(fe)
             })
         {
             return Ok(false);

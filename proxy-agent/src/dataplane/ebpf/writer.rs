@@ -1,7 +1,7 @@
 //! The make-before-break writer: programs frontends (and the backends,
 //! backend ports and frontend addresses they use) into the maps, and keeps
 //! the shadow of what it wrote.
-use std::{collections::BTreeSet, io, net::IpAddr};
+use std::{collections::BTreeSet, io, net::IpAddr, sync::Arc};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use proxy_common::{
@@ -34,9 +34,8 @@ pub(super) struct Programmed {
     /// svc_id per scope (index = scope).
     pub(super) svc_ids: [Option<u32>; 2],
     /// The frontend, planned again when the node's network changes a plan
-    /// (boxed: the shadow's hash table has room for more entries than it
-    /// holds).
-    pub(super) frontend: Option<Box<Frontend>>,
+    /// (shared with the table it came from).
+    pub(super) frontend: Option<Arc<Frontend>>,
 }
 
 /// How long an address no frontend has any more stays in the
@@ -250,7 +249,7 @@ impl EbpfDataplane {
     fn program_frontend(
         &mut self,
         key: &FrontendKey,
-        frontend: &Frontend,
+        frontend: &Arc<Frontend>,
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
         let old = self.programmed.remove(key);
@@ -266,7 +265,7 @@ impl EbpfDataplane {
             Programmed {
                 entries,
                 svc_ids,
-                frontend: Some(Box::new(frontend.clone())),
+                frontend: Some(frontend.clone()),
             },
         );
         if new {
@@ -422,10 +421,10 @@ impl EbpfDataplane {
 
     /// Programs every frontend again under the current node network.
     pub(super) fn replan(&mut self) -> Result<(), EbpfError> {
-        let frontends: Vec<(FrontendKey, Frontend)> = self
+        let frontends: Vec<(FrontendKey, Arc<Frontend>)> = self
             .programmed
             .iter()
-            .filter_map(|(key, p)| p.frontend.as_deref().map(|f| (*key, f.clone())))
+            .filter_map(|(key, p)| Some((*key, p.frontend.clone()?)))
             .collect();
         let mut stats = ApplyStats::default();
         for (key, frontend) in &frontends {

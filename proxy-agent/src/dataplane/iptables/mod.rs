@@ -569,7 +569,7 @@ mod tests {
             // Removing every frontend at once deletes their chains (in
             // restores ordered so that no chain is still jumped to).
             let diff = TableDiff {
-                removed: table.iter().map(|(k, f)| (*k, f.clone())).collect(),
+                removed: table.iter_shared().map(|(k, f)| (*k, f.clone())).collect(),
                 ..TableDiff::default()
             };
             dp.apply_diff(&diff).unwrap();

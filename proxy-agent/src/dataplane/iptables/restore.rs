@@ -637,8 +637,8 @@ mod tests {
         let diff = TableDiff {
             changed: vec![FrontendChange {
                 key: a,
-                old: external(FrontendKind::ClusterIp, &a0),
-                new: external(FrontendKind::ClusterIp, &a0[..1]),
+                old: external(FrontendKind::ClusterIp, &a0).into(),
+                new: external(FrontendKind::ClusterIp, &a0[..1]).into(),
             }],
             ..TableDiff::default()
         };
@@ -656,7 +656,7 @@ mod tests {
         // Removing b deletes its entry by its text, then its chains.
         let entry = dp.programmed[&b].rendered.top[&("nat", SERVICES_CHAIN)][0].clone();
         let diff = TableDiff {
-            removed: vec![(b, external(FrontendKind::ClusterIp, &b0))],
+            removed: vec![(b, external(FrontendKind::ClusterIp, &b0).into())],
             ..TableDiff::default()
         };
         let texts = restores_of(&dp, &diff, Family::V4, TopLevel::Edit);
@@ -738,7 +738,10 @@ mod tests {
             dp.programmed.insert(*k, p);
         }
         let diff = TableDiff {
-            removed: frontends.clone(),
+            removed: frontends
+                .iter()
+                .map(|(k, f)| (*k, f.clone().into()))
+                .collect(),
             ..TableDiff::default()
         };
         let texts = restores_of(&dp, &diff, Family::V4, TopLevel::Edit);

@@ -74,7 +74,10 @@ pub(super) fn restore_text(dp: &IptablesDataplane, diff: &TableDiff, family: Fam
 
 pub(super) fn added(frontends: &[(FrontendKey, Frontend)]) -> TableDiff {
     TableDiff {
-        added: frontends.to_vec(),
+        added: frontends
+            .iter()
+            .map(|(k, f)| (*k, f.clone().into()))
+            .collect(),
         ..TableDiff::default()
     }
 }

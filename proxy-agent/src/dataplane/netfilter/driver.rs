@@ -456,7 +456,7 @@ mod tests {
         let fa = frontend("ns", "a", &[backend("10.1.0.1", 80)]);
         let fb = frontend("ns", "b", &[backend("10.1.0.2", 80)]);
         let diff = TableDiff {
-            added: vec![(a, fa.clone())],
+            added: vec![(a, fa.clone().into())],
             ..TableDiff::default()
         };
         let stats = dp.apply_diff(&diff).unwrap();
@@ -485,7 +485,7 @@ mod tests {
         assert_eq!(log(&mut dp), ["read due=false", "rewrite 1 over 0"]);
 
         let diff = TableDiff {
-            removed: vec![(a, fa)],
+            removed: vec![(a, fa.into())],
             ..TableDiff::default()
         };
         let stats = dp.apply_diff(&diff).unwrap();
@@ -500,7 +500,7 @@ mod tests {
         assert_eq!(log(&mut dp), ["base"]);
         let a = key("10.96.0.1", 80);
         let diff = TableDiff {
-            added: vec![(a, frontend("ns", "a", &[backend("10.1.0.1", 80)]))],
+            added: vec![(a, frontend("ns", "a", &[backend("10.1.0.1", 80)]).into())],
             ..TableDiff::default()
         };
         dp.apply_diff(&diff).unwrap();

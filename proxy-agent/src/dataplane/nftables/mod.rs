@@ -370,8 +370,8 @@ mod tests {
             let diff = TableDiff {
                 changed: vec![FrontendChange {
                     key: a,
-                    old,
-                    new: new.clone(),
+                    old: old.into(),
+                    new: new.clone().into(),
                 }],
                 ..TableDiff::default()
             };
