@@ -872,7 +872,23 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
     }
 }
 
+/// Sets the allocator up for a long-lived process whose full syncs build
+/// and drop tables of tens of MiB. Blocks from 128 KiB up come from their
+/// own mappings and go back to the kernel when freed: glibc would otherwise
+/// raise that threshold after the first such block is freed, and the next
+/// ones would land in the heap, fragment it and keep the agent's RSS high
+/// (158 against 170 MiB at 30 000 services).
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; called
+    // first thing in main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     // The config file is read before logging starts, as it may set the format
     // and verbosity (the flags still win).
