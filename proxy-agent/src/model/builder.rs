@@ -14,7 +14,9 @@ use super::{
     objects::ObjectSet,
     service::ServiceObject,
     slice::Slice,
-    validate::{EndpointPlan, IpFamily, ServicePlan, ServicePortPlan, SliceCheck, ZONE_LABEL},
+    validate::{
+        EndpointPlan, IpFamily, NodeName, ServicePlan, ServicePortPlan, SliceCheck, ZONE_LABEL,
+    },
     validate_node,
 };
 
@@ -277,6 +279,7 @@ impl TableBuilder {
         let plan = service_plan(name, &entry.objects, &mut rejections);
         let place = Place {
             node_name: &self.context.node_name,
+            node: NodeName::find(&self.context.node_name),
             zone: self.context.zone.as_deref(),
         };
         let endpoints = index_endpoints(name, &entry.slices, place);
@@ -710,6 +713,8 @@ impl Hint {
 struct Place<'a> {
     /// "" when unknown.
     node_name: &'a str,
+    /// `node_name` as endpoints name it (`None`: none does).
+    node: Option<NodeName>,
     /// The `topology.kubernetes.io/zone` label of this node's Node object.
     zone: Option<&'a str>,
 }
@@ -721,7 +726,7 @@ impl Place<'_> {
             backend,
             ready: endpoint.ready,
             serving_terminating: endpoint.serving_terminating,
-            local: node_name.is_some() && endpoint.node_name.as_deref() == node_name,
+            local: self.node.is_some() && endpoint.node_name == self.node,
             zone_hint: Hint::of(endpoint.zone_hints(), self.zone),
             node_hint: Hint::of(endpoint.node_hints(), node_name),
         }

@@ -7,7 +7,7 @@
 //! purpose (headless, ExternalName, owned by another proxy, FQDN slices) yield
 //! neither.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr},
 };
@@ -219,7 +219,7 @@ pub(super) struct EndpointPlan {
     /// (nil: false) both hold: a fallback when nothing is ready.
     pub serving_terminating: bool,
     /// `nodeName`, when set and not empty.
-    pub node_name: Option<Box<str>>,
+    pub node_name: Option<NodeName>,
     /// `hints`, when it names any zone or node. Boxed: hundreds of
     /// thousands of endpoints are kept, few of them with hints.
     pub hints: Option<Box<EndpointHintsPlan>>,
@@ -234,6 +234,41 @@ impl EndpointPlan {
     /// `hints.forNodes[].name`: sorted, without duplicates or empty names.
     pub fn node_hints(&self) -> &[String] {
         self.hints.as_ref().map_or(&[], |h| &h.nodes)
+    }
+}
+
+/// A node's name, interned: hundreds of thousands of endpoints are kept,
+/// each naming its node, and a cluster has few nodes. Names are not
+/// forgotten: the nodes a cluster has over the agent's life are few too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct NodeName(std::num::NonZeroU32);
+
+static NODE_NAMES: std::sync::LazyLock<std::sync::Mutex<HashMap<Box<str>, NodeName>>> =
+    std::sync::LazyLock::new(Default::default);
+
+impl NodeName {
+    /// The name `name`, interned.
+    pub fn of(name: &str) -> NodeName {
+        let mut names = NODE_NAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(id) = names.get(name) {
+            return *id;
+        }
+        let next = u32::try_from(names.len() + 1)
+            .ok()
+            .and_then(std::num::NonZeroU32::new)
+            .unwrap_or(std::num::NonZeroU32::MAX);
+        names.insert(name.into(), NodeName(next));
+        NodeName(next)
+    }
+
+    /// The name `name` if any endpoint named it.
+    pub fn find(name: &str) -> Option<NodeName> {
+        let names = NODE_NAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        names.get(name).copied()
     }
 }
 
@@ -760,7 +795,7 @@ pub(super) fn check_endpoint_slice(slice: &EndpointSlice) -> SliceCheck {
                     .node_name
                     .as_deref()
                     .filter(|name| !name.is_empty())
-                    .map(Box::from),
+                    .map(NodeName::of),
                 hints,
             })
         })
@@ -1257,6 +1292,17 @@ mod tests {
             ..ServiceCIDR::default()
         };
         assert!(check_service_cidr(&three).is_err());
+    }
+
+    #[test]
+    fn node_names_are_interned_once_and_found_by_name() {
+        let a = NodeName::of("interned-node-a");
+        assert_eq!(NodeName::of("interned-node-a"), a);
+        assert_ne!(NodeName::of("interned-node-b"), a);
+        assert_eq!(NodeName::find("interned-node-a"), Some(a));
+        assert_eq!(NodeName::find("interned-node-never-named"), None);
+        // Hundreds of thousands are kept: an endpoint is four words.
+        assert!(std::mem::size_of::<EndpointPlan>() <= 32);
     }
 
     #[test]
