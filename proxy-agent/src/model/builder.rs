@@ -73,8 +73,8 @@ pub struct TableBuilder {
     slices: ObjectSet<Slice, ()>,
     context: Context,
     /// The objects and output of each Service name that has objects or
-    /// slices.
-    by_service: HashMap<ServiceName, ServiceEntry>,
+    /// slices (boxed: the table keeps room for up to twice as many).
+    by_service: HashMap<ServiceName, Box<ServiceEntry>>,
     /// Every frontend asked for and its claimants, sorted: the first holds
     /// it, as when the Services are planned in name order.
     claims: HashMap<FrontendKey, Vec<Claim>>,
@@ -445,7 +445,7 @@ fn service_cidrs(state: &ClusterState, rejections: &mut Vec<Rejection>) -> Vec<I
 
 /// A frontend a Service asks for, and the spec field it comes from.
 struct PlannedFrontend {
-    field: String,
+    field: FrontendField,
     key: FrontendKey,
     /// Shared with the table (and the diffs and dataplanes after it) while
     /// the Service does not change.
@@ -487,17 +487,49 @@ fn plan_frontends(
     planned
 }
 
+/// The spec field that asks for a frontend, for messages (written out
+/// only for a message: every frontend keeps one).
+#[derive(Clone, Copy, Debug)]
+enum FrontendField {
+    /// `spec.ports[port]`.
+    Port { port: usize },
+    /// `spec.ports[port].nodePort`.
+    NodePort { port: usize },
+    /// `spec.externalIPs[at]` of `spec.ports[port]`.
+    ExternalIp { at: usize, port: usize },
+    /// `status.loadBalancer.ingress[at].ip` of `spec.ports[port]`.
+    LoadBalancer { at: usize, port: usize },
+}
+
+impl std::fmt::Display for FrontendField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrontendField::Port { port } => write!(f, "spec.ports[{port}]"),
+            FrontendField::NodePort { port } => write!(f, "spec.ports[{port}].nodePort"),
+            FrontendField::ExternalIp { at, port } => {
+                write!(f, "spec.externalIPs[{at}] (spec.ports[{port}])")
+            }
+            FrontendField::LoadBalancer { at, port } => {
+                write!(
+                    f,
+                    "status.loadBalancer.ingress[{at}].ip (spec.ports[{port}])"
+                )
+            }
+        }
+    }
+}
+
 /// Where one port of a Service is reached from `cluster_ip`'s family: the
 /// field that asks for it (for messages), address, port and kind.
 fn frontend_addresses(
     plan: &ServicePlan,
     cluster_ip: IpAddr,
     port: &ServicePortPlan,
-) -> Vec<(String, IpAddr, u16, FrontendKind)> {
+) -> Vec<(FrontendField, IpAddr, u16, FrontendKind)> {
     let family = IpFamily::of(cluster_ip);
     let index = port.index;
     let mut out = vec![(
-        format!("spec.ports[{index}]"),
+        FrontendField::Port { port: index },
         cluster_ip,
         port.port,
         FrontendKind::ClusterIp,
@@ -507,7 +539,7 @@ fn frontend_addresses(
             IpFamily::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpFamily::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         };
-        let field = format!("spec.ports[{index}].nodePort");
+        let field = FrontendField::NodePort { port: index };
         out.push((field, any, node_port, FrontendKind::NodePort));
     }
     let of_family = |list: &[(usize, IpAddr)]| -> Vec<(usize, IpAddr)> {
@@ -517,11 +549,11 @@ fn frontend_addresses(
             .collect()
     };
     for (i, ip) in of_family(&plan.external_ips) {
-        let field = format!("spec.externalIPs[{i}] (spec.ports[{index}])");
+        let field = FrontendField::ExternalIp { at: i, port: index };
         out.push((field, ip, port.port, FrontendKind::ExternalIp));
     }
     for (i, ip) in of_family(&plan.load_balancer_ips) {
-        let field = format!("status.loadBalancer.ingress[{i}].ip (spec.ports[{index}])");
+        let field = FrontendField::LoadBalancer { at: i, port: index };
         out.push((field, ip, port.port, FrontendKind::LoadBalancer));
     }
     out
