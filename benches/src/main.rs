@@ -106,7 +106,7 @@ fn fillers(count: u32, backends: u32) -> ServiceTable {
             Frontend {
                 service: ServiceName {
                     namespace: "bench".into(),
-                    name: format!("svc-{i}"),
+                    name: format!("svc-{i}").into(),
                 },
                 port_name: "http".into(),
                 kind: FrontendKind::ClusterIp,

@@ -87,7 +87,7 @@ fn frontend(i: u32, endpoints: u32) -> Frontend {
     Frontend {
         service: ServiceName {
             namespace: "bench".into(),
-            name: format!("svc-{i}"),
+            name: format!("svc-{i}").into(),
         },
         port_name: String::new(),
         kind: FrontendKind::ClusterIp,

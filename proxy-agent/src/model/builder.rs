@@ -362,8 +362,8 @@ impl TableBuilder {
                 .filter_map(|claim| Some((claim, planned_of(claim)?)))
                 .map(|(claim, planned)| Rejection {
                     kind: "Service",
-                    namespace: claim.service.namespace.clone(),
-                    name: claim.service.name.clone(),
+                    namespace: claim.service.namespace.to_string(),
+                    name: claim.service.name.to_string(),
                     reason: format!(
                         "{}: {}/{} is already claimed by Service {}",
                         planned.field,
@@ -422,10 +422,10 @@ fn count_out(counts: &mut BTreeMap<Rejection, usize>, rejections: &[Rejection]) 
 /// The Service whose endpoints a usable slice holds.
 fn slice_service(check: &SliceCheck) -> Option<ServiceName> {
     let plan = check.plan.as_ref()?;
-    Some(ServiceName {
-        namespace: plan.namespace.clone(),
-        name: plan.service_name.clone()?,
-    })
+    Some(ServiceName::new(
+        &plan.namespace,
+        plan.service_name.as_deref()?,
+    ))
 }
 
 /// The ranges of the valid ServiceCIDRs, sorted, without duplicates; the
@@ -859,8 +859,8 @@ fn service_plan<'a>(
     if !identical && !name.name.is_empty() {
         rejections.push(Rejection {
             kind: "Service",
-            namespace: name.namespace.clone(),
-            name: name.name.clone(),
+            namespace: name.namespace.to_string(),
+            name: name.name.to_string(),
             reason: format!(
                 "metadata.name: {} Service objects share this namespace/name and differ; \
                  all are ignored",

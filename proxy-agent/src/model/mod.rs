@@ -155,11 +155,21 @@ impl std::fmt::Display for Protocol {
     }
 }
 
-/// namespace/name of a Service.
+/// namespace/name of a Service. Shared strings: the builder, the table's
+/// frontends and every claim of a frontend name their Service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ServiceName {
+    pub fn new(namespace: &str, name: &str) -> ServiceName {
+        ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
 }
 
 impl std::fmt::Display for ServiceName {

@@ -297,7 +297,7 @@ pub(super) struct SliceCheck {
 /// The namespace/name a Service is known by (namespace defaulted like kubectl).
 pub(super) fn service_name_of(svc: &Service) -> ServiceName {
     let (namespace, name) = identity(&svc.metadata, "default");
-    ServiceName { namespace, name }
+    ServiceName::new(&namespace, &name)
 }
 
 pub(super) fn check_service(svc: &Service) -> ServiceCheck {

@@ -247,8 +247,8 @@ fn answer(target: &Target, proxy_healthy: bool) -> Response<Full<Bytes>> {
     // Field order as kube-proxy writes it; names are JSON-escaped.
     let body = format!(
         r#"{{"service":{{"namespace":{},"name":{}}},"localEndpoints":{},"serviceProxyHealthy":{}}}"#,
-        serde_json::Value::from(target.service.namespace.as_str()),
-        serde_json::Value::from(target.service.name.as_str()),
+        serde_json::Value::from(&*target.service.namespace),
+        serde_json::Value::from(&*target.service.name),
         target.local_endpoints,
         proxy_healthy,
     );
