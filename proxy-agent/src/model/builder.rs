@@ -187,9 +187,7 @@ impl TableBuilder {
         }
 
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
-        for name in &dirty {
-            self.plan_service(name, &mut touched);
-        }
+        self.plan_services(&dirty, &mut touched);
         self.settle_claims(touched)
     }
 
@@ -257,10 +255,71 @@ impl TableBuilder {
         replan
     }
 
-    /// Plans the Service `name` again from its objects and slices: its
-    /// rejections, health check and claims (the frontends whose claims
-    /// changed are added to `touched`).
-    fn plan_service(&mut self, name: &ServiceName, touched: &mut BTreeSet<FrontendKey>) {
+    /// Plans the Services `dirty` again from their objects and slices: their
+    /// rejections, health checks and claims (the frontends whose claims
+    /// changed are added to `touched`). Planning a Service reads only its
+    /// own entry, so a large update (every Service, at start) plans on
+    /// every core, then records the plans one by one.
+    fn plan_services(
+        &mut self,
+        dirty: &BTreeSet<ServiceName>,
+        touched: &mut BTreeSet<FrontendKey>,
+    ) {
+        let place = Place {
+            node_name: &self.context.node_name,
+            node: NodeName::find(&self.context.node_name),
+            zone: self.context.zone.as_deref(),
+        };
+        let by_service = &self.by_service;
+        let plan_one = |name: &ServiceName| {
+            by_service
+                .get(name)
+                .map(|entry| plan_entry(name, entry, place))
+        };
+        let names: Vec<&ServiceName> = dirty.iter().collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        // In the order of `names`.
+        let planned: Vec<Option<ServicePlanned>> = if names.len() < PARALLEL_PLANNING_MIN
+            || threads < 2
+        {
+            names.iter().map(|name| plan_one(name)).collect()
+        } else {
+            let chunk = names.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = names
+                    .chunks(chunk)
+                    .map(|part| {
+                        scope.spawn(|| part.iter().map(|name| plan_one(name)).collect::<Vec<_>>())
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|worker| {
+                        worker
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    })
+                    .collect()
+            })
+        };
+        let plans: Vec<(ServiceName, ServicePlanned)> = names
+            .into_iter()
+            .zip(planned)
+            .filter_map(|(name, plan)| Some((name.clone(), plan?)))
+            .collect();
+        for (name, plan) in plans {
+            self.record_plan(&name, plan, touched);
+        }
+    }
+
+    /// Replaces the plan of the Service `name` (which has an entry) with
+    /// `plan`.
+    fn record_plan(
+        &mut self,
+        name: &ServiceName,
+        plan: ServicePlanned,
+        touched: &mut BTreeSet<FrontendKey>,
+    ) {
         let Some(entry) = self.by_service.get_mut(name) else {
             return;
         };
@@ -275,43 +334,17 @@ impl TableBuilder {
             }
             touched.insert(old.key);
         }
-        let mut rejections = Vec::new();
-        let plan = service_plan(name, &entry.objects, &mut rejections);
-        let place = Place {
-            node_name: &self.context.node_name,
-            node: NodeName::find(&self.context.node_name),
-            zone: self.context.zone.as_deref(),
-        };
-        let endpoints = index_endpoints(name, &entry.slices, place);
-        entry.planned = plan
-            .map(|plan| plan_frontends(plan, &endpoints))
-            .unwrap_or_default();
-        // Kept until the Service changes: no spare room.
-        entry.planned.shrink_to_fit();
-        match plan.and_then(|plan| Some((plan.health_check_node_port?, plan))) {
-            Some((port, _)) => {
-                let local: BTreeSet<IpAddr> = endpoints
-                    .values()
-                    .flatten()
-                    .filter(|entry| entry.local && entry.ready)
-                    .map(|entry| entry.backend.ip)
-                    .collect();
-                let v4 = local.iter().filter(|ip| ip.is_ipv4()).count();
-                let local_endpoints = v4.max(local.len() - v4);
-                self.health_check_node_ports.insert(
-                    name.clone(),
-                    HealthCheck {
-                        port,
-                        local_endpoints,
-                    },
-                );
+        entry.planned = plan.frontends;
+        match plan.health_check {
+            Some(check) => {
+                self.health_check_node_ports.insert(name.clone(), check);
             }
             None => {
                 self.health_check_node_ports.remove(name);
             }
         }
-        count_in(&mut self.rejections, &rejections);
-        entry.rejections = rejections;
+        count_in(&mut self.rejections, &plan.rejections);
+        entry.rejections = plan.rejections;
         for (order, planned) in entry.planned.iter().enumerate() {
             let claim = Claim {
                 service: name.clone(),
@@ -441,6 +474,51 @@ fn service_cidrs(state: &ClusterState, rejections: &mut Vec<Rejection>) -> Vec<I
     cidrs.sort();
     cidrs.dedup();
     cidrs
+}
+
+/// Below this many Services to plan, one thread plans them (starting
+/// threads costs more than it saves).
+const PARALLEL_PLANNING_MIN: usize = 1024;
+
+/// What planning one Service gives: its frontends in their fixed order,
+/// its health check, and the rejections of its objects.
+struct ServicePlanned {
+    frontends: Vec<PlannedFrontend>,
+    health_check: Option<HealthCheck>,
+    rejections: Vec<Rejection>,
+}
+
+/// Plans the Service `name` from its objects and slices (pure: reads only
+/// `entry`).
+fn plan_entry(name: &ServiceName, entry: &ServiceEntry, place: Place<'_>) -> ServicePlanned {
+    let mut rejections = Vec::new();
+    let plan = service_plan(name, &entry.objects, &mut rejections);
+    let endpoints = index_endpoints(name, &entry.slices, place);
+    let mut frontends = plan
+        .map(|plan| plan_frontends(plan, &endpoints))
+        .unwrap_or_default();
+    // Kept until the Service changes: no spare room.
+    frontends.shrink_to_fit();
+    let health_check = plan
+        .and_then(|plan| plan.health_check_node_port)
+        .map(|port| {
+            let local: BTreeSet<IpAddr> = endpoints
+                .values()
+                .flatten()
+                .filter(|entry| entry.local && entry.ready)
+                .map(|entry| entry.backend.ip)
+                .collect();
+            let v4 = local.iter().filter(|ip| ip.is_ipv4()).count();
+            HealthCheck {
+                port,
+                local_endpoints: v4.max(local.len() - v4),
+            }
+        });
+    ServicePlanned {
+        frontends,
+        health_check,
+        rejections,
+    }
 }
 
 /// A frontend a Service asks for, and the spec field it comes from.
@@ -892,6 +970,44 @@ mod tests {
     use super::super::validate::{TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION};
     use super::*;
     use Want::{Backends, Frontends, Health};
+
+    #[test]
+    fn planning_on_several_threads_gives_what_planning_one_by_one_gives() {
+        // More Services than PARALLEL_PLANNING_MIN; every 97th takes the
+        // address of the one before (a contested frontend, one rejection).
+        let n = PARALLEL_PLANNING_MIN + 500;
+        let address = |i: usize| {
+            let i = if i % 97 == 0 && i > 0 { i - 1 } else { i };
+            format!("10.96.{}.{}", i / 250, i % 250 + 1)
+        };
+        let services: Vec<Service> = (0..n)
+            .map(|i| simple_service("ns", &format!("s{i}"), &address(i), 80))
+            .collect();
+        let slices: Vec<EndpointSlice> = (0..n)
+            .map(|i| {
+                let a = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+                let b = format!("10.2.{}.{}", i / 250, i % 250 + 1);
+                simple_slice("ns", &format!("s{i}-x"), &format!("s{i}"), 8080, &[&a, &b])
+            })
+            .collect();
+        let all = state(services.clone(), slices.clone());
+        let mut at_once = TableBuilder::default();
+        let diff = at_once.update(&all, &config());
+        // The same state reached in two updates, each under the threshold.
+        let half = n / 2;
+        let first = state(services[..half].to_vec(), slices[..half].to_vec());
+        let mut in_steps = TableBuilder::default();
+        in_steps.update(&first, &config());
+        in_steps.update(&all, &config());
+        assert_eq!(at_once.table().len(), n - n / 97);
+        assert_eq!(at_once.table(), in_steps.table());
+        assert_eq!(
+            at_once.rejections().collect::<Vec<_>>(),
+            in_steps.rejections().collect::<Vec<_>>()
+        );
+        assert_eq!(at_once.rejections().count(), n / 97);
+        assert_eq!(&apply(&ServiceTable::new(), &diff), at_once.table());
+    }
 
     /// One row: a cluster state, this agent's config, and what building them
     /// gives. Every row is also built with each list reversed, and with all
