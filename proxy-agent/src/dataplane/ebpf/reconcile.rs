@@ -88,37 +88,46 @@ impl EbpfDataplane {
     /// Adopts the IDs of backends already in the kernel for the backends
     /// `plans` use (with no reference yet: they are counted up again as
     /// frontends take them), and sets their ports in the backend-port
-    /// bitmap.
+    /// bitmap (the others' ports are set as they get their IDs).
     fn adopt_backend_ids(
         &mut self,
         plans: &Plans<'_>,
         kernel_backends: &BTreeMap<BackendId, BackendValue>,
         stats: &mut ApplyStats,
     ) -> Result<(), EbpfError> {
-        // Adopt the IDs of backends already in the kernel.
         let mut by_value: HashMap<BackendValue, BackendId> = HashMap::new();
         for (id, v) in kernel_backends {
             by_value.entry(*v).or_insert(*id);
         }
-        let wanted = wanted_backends(plans);
-        // The bitmap as the kernel has it (an earlier run's bits, or drift),
-        // then the desired ports set in it.
+        // The bitmap as the kernel has it (an earlier run's bits, or drift).
         self.backend_port_words = words_of(&self.backend_ports);
-        self.mark_backend_ports(wanted.keys(), stats)?;
-        let mut used_backend_ids = BTreeSet::new();
-        let mut adopted = HashMap::new();
-        for b in wanted.keys() {
-            if let Some(id) = by_value.get(&backend_value(b)) {
-                used_backend_ids.insert(*id);
-                adopted.insert(*b, *id);
+        self.backend_ids.clear();
+        let mut adopted = BTreeSet::new();
+        // Nothing to adopt on a fresh node: no walk of every backend.
+        let wanted = plans
+            .iter()
+            .filter(|_| !by_value.is_empty())
+            .flat_map(|(plan, _)| {
+                scoped_views(plan).flat_map(|(_, view)| {
+                    backends_of(view).iter().map(|b| BackendRef {
+                        ip: b.ip,
+                        port: b.port,
+                        protocol: plan.key.protocol,
+                    })
+                })
+            });
+        for b in wanted {
+            if self.backend_ids.id_of(&b).is_some() {
+                continue;
+            }
+            if let Some(id) = by_value.get(&backend_value(&b)) {
+                adopted.insert(*id);
+                // Counted up again as frontends take them below.
+                self.backend_ids.insert(b, *id, 0);
+                self.mark_backend_ports([&b], stats)?;
             }
         }
-        self.backend_alloc.reset(&used_backend_ids);
-        self.backend_ids.clear();
-        for (b, id) in adopted {
-            // Counted up again as frontends take them below.
-            self.backend_ids.insert(b, id, 0);
-        }
+        self.backend_alloc.reset(&adopted);
         Ok(())
     }
 
@@ -261,24 +270,4 @@ impl EbpfDataplane {
         self.backend_alloc.reset(&in_use);
         Ok(())
     }
-}
-
-/// Every backend the views of `plans` balance over, with how many views
-/// use it.
-fn wanted_backends(plans: &Plans<'_>) -> BTreeMap<BackendRef, usize> {
-    let mut wanted: BTreeMap<BackendRef, usize> = BTreeMap::new();
-    for (plan, _) in plans {
-        let key = &plan.key;
-        for (_, view) in scoped_views(plan) {
-            for b in backends_of(view) {
-                let r = BackendRef {
-                    ip: b.ip,
-                    port: b.port,
-                    protocol: key.protocol,
-                };
-                *wanted.entry(r).or_default() += 1;
-            }
-        }
-    }
-    wanted
 }
