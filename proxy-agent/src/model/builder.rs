@@ -977,7 +977,11 @@ mod tests {
         // address of the one before (a contested frontend, one rejection).
         let n = PARALLEL_PLANNING_MIN + 500;
         let address = |i: usize| {
-            let i = if i % 97 == 0 && i > 0 { i - 1 } else { i };
+            let i = if i.is_multiple_of(97) && i > 0 {
+                i - 1
+            } else {
+                i
+            };
             format!("10.96.{}.{}", i / 250, i % 250 + 1)
         };
         let services: Vec<Service> = (0..n)

@@ -300,7 +300,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
             PROG_INGRESS | PROG_EGRESS => second.push(program),
             _ => {
                 small += 1;
-                if small % 2 == 0 {
+                if small.is_multiple_of(2) {
                     first.push(program);
                 } else {
                     second.push(program);
