@@ -277,11 +277,15 @@ impl TableBuilder {
                 .map(|entry| plan_entry(name, entry, place))
         };
         let names: Vec<&ServiceName> = dirty.iter().collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        // Asked only for a large update: the answer comes from reading the
+        // process's cgroup files, which costs more than planning a Service.
+        let threads = if names.len() < PARALLEL_PLANNING_MIN {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+        };
         // In the order of `names`.
-        let planned: Vec<Option<ServicePlanned>> = if names.len() < PARALLEL_PLANNING_MIN
-            || threads < 2
-        {
+        let planned: Vec<Option<ServicePlanned>> = if threads < 2 {
             names.iter().map(|name| plan_one(name)).collect()
         } else {
             let chunk = names.len().div_ceil(threads);
