@@ -59,24 +59,27 @@ impl Versions {
     }
 }
 
-/// The last-change-trigger-time of each EndpointSlice as last programmed.
+/// Network programming latency, from the last-change-trigger-time of each
+/// EndpointSlice version programmed.
+///
+/// A version counts when its trigger time differs from that of the version
+/// it replaced: the gone version of the same slice, found in the same
+/// programming step (no table of every slice's time is kept: at tens of
+/// thousands of slices it would be several MiB of copied names and times).
 pub(super) struct TriggerTimes {
     /// Trigger times before this are ignored, as kube-proxy does: at start
     /// every slice is "new" but its change happened long before.
     since: SystemTime,
-    programmed: HashMap<ObjectId, String>,
 }
 
 impl TriggerTimes {
     pub(super) fn new(since: SystemTime) -> Self {
-        Self {
-            since,
-            programmed: HashMap::new(),
-        }
+        Self { since }
     }
 
     /// Records that the slices `new` since the last call are now
-    /// programmed and that `gone` ones are gone; returns, for each new
+    /// programmed and that `gone` ones are gone (in the order they came,
+    /// over steps that programmed nothing too); returns, for each new
     /// trigger time, how long ago it was.
     pub(super) fn programmed(&mut self, new: &[Arc<Slice>], gone: &[Arc<Slice>]) -> Vec<Duration> {
         self.programmed_at(new, gone, SystemTime::now())
@@ -88,33 +91,38 @@ impl TriggerTimes {
         gone: &[Arc<Slice>],
         now: SystemTime,
     ) -> Vec<Duration> {
-        // A changed slice is both gone (its old version) and new: it keeps
-        // the trigger time it was programmed with.
-        let renewed: HashSet<ObjectId> = new.iter().map(|s| s.identity.key()).collect();
-        for slice in gone {
-            let id = slice.identity.key();
-            if !renewed.contains(&id) {
-                self.programmed.remove(&id);
-            }
-        }
+        // The time each slice was last programmed with: that of its version
+        // gone, unless that version is also among the new ones (it came and
+        // went between two programming steps, and is compared in turn).
+        let came: HashSet<*const Slice> = new.iter().map(Arc::as_ptr).collect();
+        let mut last: HashMap<(&str, &str), Option<&str>> = gone
+            .iter()
+            .filter(|slice| !came.contains(&Arc::as_ptr(slice)))
+            .map(|slice| (names(slice), slice.trigger_time.as_deref()))
+            .collect();
         let mut latencies = Vec::new();
         for slice in new {
-            let id = slice.identity.key();
-            let Some(value) = slice.trigger_time.as_deref() else {
-                self.programmed.remove(&id);
-                continue;
-            };
-            if self.programmed.get(&id).map(String::as_str) != Some(value)
+            let value = slice.trigger_time.as_deref();
+            let before = last.insert(names(slice), value).flatten();
+            if let Some(value) = value
+                && before != Some(value)
                 && let Some(at) = parse_time(value)
                 && at >= self.since
                 && let Ok(latency) = now.duration_since(at)
             {
                 latencies.push(latency);
             }
-            self.programmed.insert(id, value.to_owned());
         }
         latencies
     }
+}
+
+/// A slice's namespace and name.
+fn names(slice: &Slice) -> (&str, &str) {
+    (
+        slice.identity.namespace.as_deref().unwrap_or_default(),
+        slice.identity.name.as_deref().unwrap_or_default(),
+    )
 }
 
 fn parse_time(value: &str) -> Option<SystemTime> {

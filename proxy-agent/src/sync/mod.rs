@@ -987,6 +987,21 @@ mod tests {
             triggers.programmed_at(&first, &[], now),
             vec![Duration::from_secs(6)]
         );
+        // Two versions programmed in one step (the step between them
+        // failed): each counts against the one before it, and a version
+        // that came and went is compared in turn, not taken as programmed.
+        let (second, third) = (slices(&at(7)), slices(&at(8)));
+        let came: Vec<_> = second.iter().chain(&third).cloned().collect();
+        let went: Vec<_> = first.iter().chain(&second).cloned().collect();
+        assert_eq!(
+            triggers.programmed_at(&came, &went, now),
+            vec![Duration::from_secs(3), Duration::from_secs(2)]
+        );
+        // The same trigger time again in the same step is one change.
+        let (again, once_more) = (slices(&at(8)), slices(&at(8)));
+        let came: Vec<_> = again.iter().chain(&once_more).cloned().collect();
+        let went: Vec<_> = third.iter().chain(&again).cloned().collect();
+        assert!(triggers.programmed_at(&came, &went, now).is_empty());
     }
 
     #[test]
