@@ -873,17 +873,25 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
 }
 
 /// Sets the allocator up for a long-lived process whose full syncs build
-/// and drop tables of tens of MiB. Blocks from 128 KiB up come from their
-/// own mappings and go back to the kernel when freed: glibc would otherwise
-/// raise that threshold after the first such block is freed, and the next
-/// ones would land in the heap, fragment it and keep the agent's RSS high
-/// (158 against 170 MiB at 30 000 services).
+/// and drop tables of tens of MiB, and whose watches parse large lists.
+/// - Blocks from 128 KiB up come from their own mappings and go back to the
+///   kernel when freed: glibc would otherwise raise that threshold after
+///   the first such block is freed, and the next ones would land in the
+///   heap, fragment it and keep the agent's RSS high (158 against 170 MiB
+///   at 30 000 services).
+/// - Two arenas, not eight per core: each thread that parses a list (the
+///   watches run on every worker) keeps the kept objects of its pages in
+///   its own arena, between the pages' freed scratch, and no arena can
+///   use another's free memory. At 30 000 services with the metadata
+///   kubectl and the controllers write (managed fields, last-applied
+///   copies): 143 against 169 MiB.
 fn tune_allocator() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets a parameter of glibc's allocator; called
+    // SAFETY: mallopt only sets parameters of glibc's allocator; called
     // first thing in main, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
