@@ -48,9 +48,11 @@ struct Args {
     /// Single changes measured.
     #[arg(long, default_value_t = 300)]
     changes: u32,
-    /// Give every object the metadata a real API server and kubectl add
-    /// (managed fields, and kubectl's last-applied copy on Services), so
-    /// that the agent's memory is measured on objects of a real size.
+    /// Give every object the metadata a real cluster gives it (managed
+    /// fields; kubectl's last-applied copy on Services; on EndpointSlices
+    /// the controller's change-trigger time, and each endpoint's nodeName,
+    /// spread over 100 nodes), so that the agent's memory is measured on
+    /// objects of a real size.
     #[arg(long)]
     real_metadata: bool,
     /// Pause between changes, so that each one is applied alone.
@@ -112,10 +114,10 @@ impl ServicesMap {
     }
 }
 
-/// Percentile (nearest rank) of sorted durations.
-/// What a real API server and kubectl add to an object: a managed-fields
-/// entry naming every field `manager` set (as `fieldsV1`), and on
-/// kubectl-applied objects the last-applied copy of the object.
+/// What a real API server, kubectl and the EndpointSlice controller add to
+/// an object: a managed-fields entry naming every field `manager` set (as
+/// `fieldsV1`), on kubectl-applied objects the last-applied copy of the
+/// object, and on the controller's slices the change-trigger time.
 fn add_real_metadata(object: &mut serde_json::Value, manager: &str) {
     fn fields_of(value: &serde_json::Value) -> serde_json::Value {
         match value {
@@ -149,13 +151,21 @@ fn add_real_metadata(object: &mut serde_json::Value, manager: &str) {
         meta["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
             serde_json::Value::String(copy);
     }
+    if manager == SLICE_CONTROLLER {
+        meta["annotations"]["endpoints.kubernetes.io/last-change-trigger-time"] =
+            serde_json::json!("2026-12-06T00:00:00Z");
+    }
 }
+
+/// The field manager of EndpointSlices in a real cluster.
+const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 
 /// The agent's resident memory in MiB (0 when it cannot be read).
 fn rss_mib(agent: &Agent) -> f64 {
     agent.rss_bytes().unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
 
+/// Percentile (nearest rank) of sorted durations.
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -200,9 +210,10 @@ fn main() -> Result<()> {
         .collect::<Result<_, _>>()?;
     let slices: Vec<EndpointSlice> = (0..n)
         .map(|i| {
+            let node = args.real_metadata.then(|| format!("node-{}", i % 100));
             serde_json::from_value(real(
-                spec(i).endpoint_slice(&endpoints(i, args.endpoints), None),
-                "endpointslice-controller.k8s.io",
+                spec(i).endpoint_slice(&endpoints(i, args.endpoints), node.as_deref()),
+                SLICE_CONTROLLER,
             ))
         })
         .collect::<Result<_, _>>()?;
