@@ -92,6 +92,10 @@ const CONN_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 const CONN_NODE_PORT: u16 = 30080;
 const IPERF_NODE_PORT: u16 = 30201;
+/// Filler Services (each with its EndpointSlice) per manifest file: about
+/// 11 MB of JSON at 10 endpoints each.
+const FILLERS_PER_FILE: usize = 5_000;
+
 /// How long the agent gets to program the largest table.
 const PROGRAM_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -300,7 +304,9 @@ impl Bench<'_> {
     }
 
     /// The two measured Services (`bench/conn` to `conn_port`), and
-    /// `services` fillers in one List file.
+    /// `services` fillers in List files of [`FILLERS_PER_FILE`] each (the
+    /// agent refuses a manifest file over 64 MiB, which 30 000 fillers in
+    /// one file exceed).
     fn manifests(&self, services: u32, conn_port: u16) -> Result<ManifestsDir> {
         let mut dir = ManifestsDir::new()?;
         dir.write_node(self.topology.node_name(), IpAddr::V4(NODE_IP))?;
@@ -331,8 +337,10 @@ impl Bench<'_> {
             items.push(spec.service());
             items.push(spec.endpoint_slice(&endpoints, Some(self.topology.node_name())));
         }
-        let list = serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": items });
-        dir.write_file("fillers.json", &serde_json::to_vec(&list)?)?;
+        for (n, items) in items.chunks(2 * FILLERS_PER_FILE).enumerate() {
+            let list = serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": items });
+            dir.write_file(&format!("fillers-{n:03}.json"), &serde_json::to_vec(&list)?)?;
+        }
         Ok(dir)
     }
 
