@@ -343,8 +343,17 @@ fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
         run(&mut command)?;
     }
     if which.is_none_or(|w| w == "traffic") {
-        // Timing matters: the agent under test is a release build too.
-        run(&mut env.cargo(&["build", "--release", "-p", "proxy-agent"]))?;
+        // Timing matters: the agent under test is a release build too, and
+        // so are the pods' servers and clients the topology runs.
+        run(&mut env.cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "proxy-agent",
+            "-p",
+            "proxy-tests",
+            "--bins",
+        ]))?;
         let mut command = bench_bin("traffic");
         command
             .env(
