@@ -84,6 +84,20 @@ pub(super) fn backends_of(view: &View) -> &[Backend] {
     }
 }
 
+/// The backends of one view of frontend `key`, as the kernel identifies
+/// them.
+pub(super) fn backend_refs<'a>(
+    key: &FrontendKey,
+    view: &'a View,
+) -> impl Iterator<Item = BackendRef> + 'a {
+    let protocol = key.protocol;
+    backends_of(view).iter().map(move |b| BackendRef {
+        ip: b.ip,
+        port: b.port,
+        protocol,
+    })
+}
+
 /// The service-entry flags of one scope of a plan.
 pub(super) fn flags_of(plan: &FrontendPlan, scope: u8, view: &View) -> u32 {
     let mut flags = match view.masquerade {

@@ -10,8 +10,8 @@ use proxy_common::{BackendId, BackendValue};
 use super::{
     EbpfDataplane, EbpfError, batch,
     encode::{
-        BackendRef, Entries, ServiceEntries, SourceRangeSlot, backend_value, backends_of,
-        scoped_views, service_key,
+        Entries, ServiceEntries, SourceRangeSlot, backend_refs, backend_value, scoped_views,
+        service_key,
     },
     network::addresses_in,
     words_of,
@@ -104,18 +104,13 @@ impl EbpfDataplane {
         self.backend_ids.clear();
         let mut adopted = BTreeSet::new();
         // Nothing to adopt on a fresh node: no walk of every backend.
-        let wanted = plans
-            .iter()
-            .filter(|_| !by_value.is_empty())
-            .flat_map(|(plan, _)| {
-                scoped_views(plan).flat_map(|(_, view)| {
-                    backends_of(view).iter().map(|b| BackendRef {
-                        ip: b.ip,
-                        port: b.port,
-                        protocol: plan.key.protocol,
-                    })
-                })
-            });
+        if by_value.is_empty() {
+            self.backend_alloc.reset(&adopted);
+            return Ok(());
+        }
+        let wanted = plans.iter().flat_map(|(plan, _)| {
+            scoped_views(plan).flat_map(|(_, view)| backend_refs(&plan.key, view))
+        });
         for b in wanted {
             if self.backend_ids.id_of(&b).is_some() {
                 continue;

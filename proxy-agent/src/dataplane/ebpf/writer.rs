@@ -13,8 +13,8 @@ use super::{
     EbpfDataplane, EbpfError, batch,
     encode::{
         BackendRef, Entries, FrontendEntries, FrontendServices, SourceRangeSlot, addr_of,
-        backend_value, backends_of, flags_of, frontend_name, node_addr_key, scoped_views,
-        source_range_key,
+        backend_refs, backend_value, backends_of, flags_of, frontend_name, node_addr_key,
+        scoped_views, source_range_key,
     },
     flows::stale_udp_flows,
 };
@@ -118,12 +118,7 @@ impl EbpfDataplane {
             }
             let svc_id = svc_ids[scope as usize].ok_or(EbpfError::ServiceIdsExhausted)?;
             let mut slots = Vec::with_capacity(backends.len());
-            for b in backends {
-                let r = BackendRef {
-                    ip: b.ip,
-                    port: b.port,
-                    protocol: key.protocol,
-                };
+            for r in backend_refs(key, view) {
                 let id = self.acquire(r, stats)?;
                 slots.push(id);
                 if flags & SVC_AFFINITY != 0 {
