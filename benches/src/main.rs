@@ -39,7 +39,7 @@ use proxy_agent::model::{
     Backend, Frontend, FrontendKey, FrontendKind, FrontendPolicy, Protocol, ServiceName,
     ServiceTable,
 };
-use proxy_common::{PROG_FLOOR, PROG_INGRESS};
+use proxy_common::{PROG_FLOOR, PROG_INGRESS, PROG_STEPS};
 
 #[path = "../../proxy-agent/tests/common/mod.rs"]
 mod common;
@@ -68,6 +68,18 @@ const REPEATED: [&str; 2] = [
     "clusterip/pass/udp-to-other-address/ingress",
 ];
 
+/// The rows broken down step by step (`PROG_STEPS`), each with how many
+/// of the steps it takes: an established packet is done at its flow entry,
+/// a packet for no Service after parsing and the frontend address check,
+/// which at ingress is the real program (at egress, a flow lookup).
+const STEPPED: [(&str, usize); 5] = [
+    ("clusterip/pass/other-address/ingress", 1),
+    ("clusterip/pass/other-address/egress", 1),
+    ("clusterip/tcp/established", 3),
+    ("clusterip/tcp/syn", 5),
+    ("nodeport-masquerade/tcp/syn", 5),
+];
+
 #[derive(Parser, Debug)]
 #[command(about = "Per-packet cost of the eBPF datapath (BPF_PROG_TEST_RUN)")]
 struct Args {
@@ -89,6 +101,14 @@ struct Args {
     /// List the rows of the packet-case table and exit.
     #[arg(long)]
     list: bool,
+    /// Skip the step-by-step breakdown.
+    #[arg(long)]
+    no_steps: bool,
+    /// An earlier build's eBPF object (`target/*/build/proxy-agent-*/out/
+    /// proxy-ebpf`, same map layout), measured beside this build's: each
+    /// table size gets a "before" and an "after" column.
+    #[arg(long)]
+    baseline: Option<std::path::PathBuf>,
 }
 
 /// `count` ClusterIP services in 10.100.0.0/14 (clear of every address
@@ -157,6 +177,88 @@ fn measure_floor(f: &Fixture, case: &Case, all: &[Case], calls: u32) -> Result<f
         total += took;
     }
     Ok(total.as_nanos() as f64 / f64::from(calls))
+}
+
+/// Mean ns per call of the variant `prog` (which stops after a step and
+/// passes the packet unchanged) on the packets of row `case`, measured
+/// as [`measure`] measures the real programs.
+fn measure_step(f: &Fixture, prog: &str, case: &Case, all: &[Case], calls: u32) -> Result<f64> {
+    let fail = |e: String| anyhow!("{}: {e}", case.name);
+    let mut run = Run::start(f, case, all).map_err(fail)?;
+    let mut total = Duration::ZERO;
+    for i in 0..=calls {
+        let packet = run.packet(f, i).map_err(fail)?;
+        let (verdict, out, took) = f.run_timed(prog, &packet);
+        if verdict != 0 || out != packet {
+            bail!(
+                "{prog} on {}: verdict {verdict}, or the packet changed",
+                case.name
+            );
+        }
+        if i > 0 {
+            total += took;
+        }
+    }
+    Ok(total.as_nanos() as f64 / f64::from(calls))
+}
+
+/// Mean ns per call of row `case`'s first hook alone (the real program),
+/// its verdict checked; measured as [`measure`] measures every hook.
+fn measure_first_hook(f: &Fixture, case: &Case, all: &[Case], calls: u32) -> Result<f64> {
+    let fail = |e: String| anyhow!("{}: {e}", case.name);
+    let stage = case.stages.first().context("a row without hooks")?;
+    let mut run = Run::start(f, case, all).map_err(fail)?;
+    let mut total = Duration::ZERO;
+    for i in 0..=calls {
+        let packet = run.packet(f, i).map_err(fail)?;
+        let (verdict, _, took) = f.run_timed(stage.hook.prog(), &packet);
+        if verdict != stage.verdict {
+            bail!(
+                "{}: verdict {verdict}, expected {}",
+                case.name,
+                stage.verdict
+            );
+        }
+        if i > 0 {
+            total += took;
+        }
+    }
+    Ok(total.as_nanos() as f64 / f64::from(calls))
+}
+
+/// One measurement of the step-by-step table.
+#[derive(Clone, Copy)]
+enum StepRun {
+    Floor,
+    /// `PROG_STEPS[i]`.
+    Variant(usize),
+    FirstHook,
+    EveryHook,
+}
+
+/// The rows of the step-by-step table for row `case` taking `steps` steps.
+fn step_rows(case: &Case, steps: usize) -> Vec<(String, StepRun)> {
+    let mut rows = vec![(
+        format!("{}: empty program (floor)", case.name),
+        StepRun::Floor,
+    )];
+    for (i, (_, what)) in PROG_STEPS.iter().enumerate().take(steps) {
+        rows.push((format!("{}: {what}", case.name), StepRun::Variant(i)));
+    }
+    rows.push((
+        format!(
+            "{}: {} hook, the real program",
+            case.name, case.stages[0].hook
+        ),
+        StepRun::FirstHook,
+    ));
+    if case.stages.len() > 1 {
+        rows.push((
+            format!("{}: every hook ({})", case.name, case.stages.len()),
+            StepRun::EveryHook,
+        ));
+    }
+    rows
 }
 
 /// ns per run from one call of `prog` with a large repeat count, on the
@@ -235,47 +337,113 @@ fn main() -> Result<()> {
     }));
     let repeat_rows = rows.len() - 1 - repeated.len();
 
-    for &n in &args.services {
-        let n = n.max(1);
-        eprintln!(
-            "{n} services: each row's own and {} fillers x {} backends ...",
-            n - 1,
-            args.backends
-        );
-        let extra = fillers(n - 1, args.backends);
-        let mut column = vec![f64::NAN; rows.len()];
-        for &setup in &setups {
-            let mut f = Fixture::load();
-            {
-                let floor: &mut SchedClassifier = f
-                    .ebpf
-                    .program_mut(PROG_FLOOR)
-                    .context("floor program")?
-                    .try_into()?;
-                floor.load()?;
-            }
-            let started = std::time::Instant::now();
-            setup.apply(&mut f, &extra);
-            eprintln!("  {setup:?} programmed in {:.2?}", started.elapsed());
-            if setup == Setup::Web {
-                column[0] = measure_floor(&f, floor_case, &all, args.calls)?;
-                column[repeat_rows] = repeated_ns(&f, PROG_FLOOR, floor_case, &all, args.repeat)?;
-                for (i, case) in repeated.iter().enumerate() {
-                    column[repeat_rows + 1 + i] =
-                        repeated_ns(&f, PROG_INGRESS, case, &all, args.repeat)?;
-                }
-            }
-            for (i, case) in measured.iter().enumerate() {
-                if case.setup == setup {
-                    // Rows of one setup share its object; each starts
-                    // without flows, as in the tests.
-                    f.forget_flows();
-                    column[1 + i] = measure(&f, case, &all, args.calls)?;
-                }
-            }
+    let stepped: Vec<(&Case, usize)> = if args.no_steps {
+        vec![]
+    } else {
+        STEPPED
+            .iter()
+            .map(|&(name, steps)| Ok((find(&all, name)?, steps)))
+            .collect::<Result<_>>()?
+    };
+    for (case, _) in &stepped {
+        if !setups.contains(&case.setup) {
+            setups.push(case.setup);
         }
-        for (row, v) in rows.iter_mut().zip(column) {
-            row.ns.push(v);
+    }
+    let mut step_table: Vec<(String, StepRun, &Case, Vec<f64>)> = stepped
+        .iter()
+        .flat_map(|&(case, steps)| {
+            step_rows(case, steps)
+                .into_iter()
+                .map(move |(name, run)| (name, run, case, vec![]))
+        })
+        .collect();
+
+    // The objects measured, with their column labels: this build's last.
+    let baseline = match &args.baseline {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    let objects: Vec<(&str, Option<&[u8]>)> = match &baseline {
+        Some(object) => vec![("before", Some(object.as_slice())), ("after", None)],
+        None => vec![("", None)],
+    };
+    let mut labels = vec![];
+    for &n in &args.services {
+        for (label, _) in &objects {
+            labels.push(format!("{n} {label}").trim().to_string());
+        }
+    }
+
+    for &n in &args.services {
+        for &(label, object) in &objects {
+            let n = n.max(1);
+            eprintln!(
+                "{n} services: each row's own and {} fillers x {} backends ... {label}",
+                n - 1,
+                args.backends
+            );
+            let extra = fillers(n - 1, args.backends);
+            let mut column = vec![f64::NAN; rows.len()];
+            // The breakdown is of this build (an earlier one may lack it).
+            let steps_here = object.is_none() && !stepped.is_empty();
+            for &setup in &setups {
+                let mut f = Fixture::load_object(object);
+                let extra_progs = std::iter::once(PROG_FLOOR).chain(
+                    PROG_STEPS
+                        .iter()
+                        .map(|(name, _)| *name)
+                        .filter(|_| steps_here),
+                );
+                for name in extra_progs {
+                    let prog: &mut SchedClassifier = f
+                        .ebpf
+                        .program_mut(name)
+                        .with_context(|| format!("program {name}"))?
+                        .try_into()?;
+                    prog.load().with_context(|| format!("loading {name}"))?;
+                }
+                let started = std::time::Instant::now();
+                setup.apply(&mut f, &extra);
+                eprintln!("  {setup:?} programmed in {:.2?}", started.elapsed());
+                if setup == Setup::Web {
+                    column[0] = measure_floor(&f, floor_case, &all, args.calls)?;
+                    column[repeat_rows] =
+                        repeated_ns(&f, PROG_FLOOR, floor_case, &all, args.repeat)?;
+                    for (i, case) in repeated.iter().enumerate() {
+                        column[repeat_rows + 1 + i] =
+                            repeated_ns(&f, PROG_INGRESS, case, &all, args.repeat)?;
+                    }
+                }
+                for (i, case) in measured.iter().enumerate() {
+                    if case.setup == setup {
+                        // Rows of one setup share its object; each starts
+                        // without flows, as in the tests.
+                        f.forget_flows();
+                        column[1 + i] = measure(&f, case, &all, args.calls)?;
+                    }
+                }
+                for (_, run, case, ns) in step_table.iter_mut() {
+                    if case.setup != setup || !steps_here {
+                        continue;
+                    }
+                    f.forget_flows();
+                    let v = match *run {
+                        StepRun::Floor => measure_floor(&f, case, &all, args.calls)?,
+                        StepRun::Variant(i) => {
+                            measure_step(&f, PROG_STEPS[i].0, case, &all, args.calls)?
+                        }
+                        StepRun::FirstHook => measure_first_hook(&f, case, &all, args.calls)?,
+                        StepRun::EveryHook => measure(&f, case, &all, args.calls)?,
+                    };
+                    ns.push(v);
+                }
+            }
+            for (row, v) in rows.iter_mut().zip(column) {
+                row.ns.push(v);
+            }
         }
     }
 
@@ -286,8 +454,8 @@ fn main() -> Result<()> {
         "rows of the packet-case table by name; in brackets: the ratio to the floor of the same column."
     );
     print!("{:<width$}", "case \\ services loaded");
-    for n in &args.services {
-        print!("{:>20}", n);
+    for label in &labels {
+        print!("{label:>20}");
     }
     println!();
     for (r, row) in rows.iter().enumerate() {
@@ -326,5 +494,38 @@ fn main() -> Result<()> {
         "call with repeat={} on packets the program leaves unchanged (verified).",
         args.repeat
     );
+    if !step_table.is_empty() {
+        print_steps(&args.services, &step_table);
+    }
     Ok(())
+}
+
+/// The step-by-step table: each step's cumulative cost, and in brackets
+/// what it adds to the step before.
+fn print_steps(services: &[u32], table: &[(String, StepRun, &Case, Vec<f64>)]) {
+    let width = table.iter().map(|r| r.0.len()).max().unwrap_or(0) + 2;
+    println!();
+    println!("Step by step (ns per call, repeat=1, measured as the rows above): each variant");
+    println!("runs the ingress program's own code up to a step and passes the packet unchanged;");
+    println!("in brackets, what the row adds to the row above it.");
+    print!("{:<width$}", "row: step \\ services loaded");
+    for n in services {
+        print!("{:>18}", n);
+    }
+    println!();
+    for (r, (name, _, _, ns)) in table.iter().enumerate() {
+        print!("{name:<width$}");
+        for (i, v) in ns.iter().enumerate() {
+            let above = if r > 0 && !matches!(table[r].1, StepRun::Floor) {
+                table[r - 1].3.get(i).copied()
+            } else {
+                None
+            };
+            match above {
+                Some(a) => print!("{:>18}", format!("{v:.0} ({:+.0})", v - a)),
+                None => print!("{:>18}", format!("{v:.0}")),
+            }
+        }
+        println!();
+    }
 }

@@ -109,6 +109,26 @@ pub const TAIL_ICMP_EGRESS: u32 = 3;
 pub const TAIL_SLOTS: u32 = 4;
 /// An empty TC program: the floor of the per-packet benchmark harness.
 pub const PROG_FLOOR: &str = "pa_floor";
+/// Variants of the ingress program that stop after a step and pass the
+/// packet unchanged, in the order of the steps, with what each has done
+/// by then; loaded only by the per-packet benchmark, which tells the cost
+/// of each step from them.
+pub const PROG_STEPS: [(&str, &str); 5] = [
+    ("pa_step_parse", "headers parsed"),
+    (
+        "pa_step_classify",
+        "+ masquerade-reply and frontend address checks",
+    ),
+    (
+        "pa_step_conntrack",
+        "+ flow entry looked up (and refreshed)",
+    ),
+    ("pa_step_select", "+ new flow: frontend and backend chosen"),
+    (
+        "pa_step_create",
+        "+ new flow: entries written, masquerade port claimed",
+    ),
+];
 
 /// An IPv4 or IPv6 address in network byte order. IPv4 uses the first four
 /// bytes and leaves the rest zero, so one key type serves both families.

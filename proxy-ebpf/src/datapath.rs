@@ -42,7 +42,81 @@ static PA_PROGS: ProgramArray = ProgramArray::with_max_entries(TAIL_SLOTS, 0);
 
 #[classifier]
 pub fn pa_ingress(mut ctx: TcContext) -> i32 {
-    stage(&mut ctx, TC_ACT_OK as i32, Some(TAIL_ICMP_INGRESS), ingress)
+    stage(
+        &mut ctx,
+        TC_ACT_OK as i32,
+        Some(TAIL_ICMP_INGRESS),
+        ingress::<{ step::ALL }>,
+    )
+}
+
+/// How far a variant of ingress goes. The variants (`pa_step_*`, loaded
+/// only by the per-packet benchmark) run the real program's code up to a
+/// step and pass the packet unchanged there, so that the benchmark can
+/// tell what each step costs; in the real program (`ALL`) every test of
+/// the step is a constant and compiles away.
+mod step {
+    /// Headers parsed.
+    pub(crate) const PARSE: u32 = 1;
+    /// The masquerade-reply check and the frontend address check.
+    pub(crate) const CLASSIFY: u32 = 2;
+    /// The flow's entry looked up and refreshed.
+    pub(crate) const CONNTRACK: u32 = 3;
+    /// A new flow's frontend and backend chosen.
+    pub(crate) const SELECT: u32 = 4;
+    /// A new flow's entries written (and its masquerade port claimed).
+    pub(crate) const CREATE: u32 = 5;
+    /// The real program.
+    pub(crate) const ALL: u32 = u32::MAX;
+}
+
+/// What a variant answers where it stops: the packet passed, nothing
+/// counted (no counter has this index).
+const STOPPED: Verdict = (TC_ACT_OK as i32, u32::MAX);
+
+#[classifier]
+pub fn pa_step_parse(mut ctx: TcContext) -> i32 {
+    stage(&mut ctx, TC_ACT_OK as i32, None, ingress::<{ step::PARSE }>)
+}
+
+#[classifier]
+pub fn pa_step_classify(mut ctx: TcContext) -> i32 {
+    stage(
+        &mut ctx,
+        TC_ACT_OK as i32,
+        None,
+        ingress::<{ step::CLASSIFY }>,
+    )
+}
+
+#[classifier]
+pub fn pa_step_conntrack(mut ctx: TcContext) -> i32 {
+    stage(
+        &mut ctx,
+        TC_ACT_OK as i32,
+        None,
+        ingress::<{ step::CONNTRACK }>,
+    )
+}
+
+#[classifier]
+pub fn pa_step_select(mut ctx: TcContext) -> i32 {
+    stage(
+        &mut ctx,
+        TC_ACT_OK as i32,
+        None,
+        ingress::<{ step::SELECT }>,
+    )
+}
+
+#[classifier]
+pub fn pa_step_create(mut ctx: TcContext) -> i32 {
+    stage(
+        &mut ctx,
+        TC_ACT_OK as i32,
+        None,
+        ingress::<{ step::CREATE }>,
+    )
 }
 
 /// Parses the packet and runs `body` on it, counting the reason it gives;
@@ -79,7 +153,10 @@ fn stage(
 pub(crate) type Verdict = (i32, u32);
 
 #[inline(always)]
-fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
+fn ingress<const UNTIL: u32>(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
+    if UNTIL == step::PARSE {
+        return STOPPED;
+    }
     let cfg = config();
     // A reply to a masqueraded flow: give it back its client as destination.
     if let Some(snat) = snat_addr(cfg, pkt.family)
@@ -92,6 +169,9 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         // refreshes a clock twice.
         let ct = unsafe { &mut *ct };
         if ct_touch(ct, pkt, now()).is_some() {
+            if UNTIL != step::ALL {
+                return STOPPED;
+            }
             let (addr, port) = (ct.nat_addr, ct.nat_port);
             return match rewrite(ctx, pkt, Side::Destination, &addr, port) {
                 Ok(()) => (TC_ACT_OK as i32, stat::SNAT_IN),
@@ -110,6 +190,9 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         forget_flow_on_tuple(ctx, pkt);
         return (TC_ACT_OK as i32, stat::PASS_NO_SERVICE);
     }
+    if UNTIL == step::CLASSIFY {
+        return STOPPED;
+    }
     let fwd_key = ct_key(pkt, CT_FORWARD);
     if let Some(ct) = PA_CONNTRACK.get_ptr_mut(&fwd_key) {
         // SAFETY: as above.
@@ -118,6 +201,9 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         if let Some(refreshed) = ct_touch(ct, pkt, now) {
             if refreshed && ct.flags & CT_FLAG_AFFINITY != 0 {
                 refresh_affinity(ct.svc_id, pkt, ct.backend_id, now);
+            }
+            if UNTIL != step::ALL {
+                return STOPPED;
             }
             let (addr, port) = (ct.nat_addr, ct.nat_port);
             return match rewrite(ctx, pkt, Side::Destination, &addr, port) {
@@ -128,6 +214,13 @@ fn ingress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         // Over: gone even if no new flow replaces it (its frontend went),
         // so that later packets on the tuple are not translated by it.
         let _ = PA_CONNTRACK.remove(&fwd_key);
+    }
+    if UNTIL == step::CONNTRACK {
+        return STOPPED;
+    }
+    if UNTIL != step::ALL {
+        // A variant runs the later steps itself, without the tail call.
+        return new_flow::<UNTIL>(ctx, pkt, config());
     }
     tail_call(ctx, TAIL_NEW_FLOW)
 }
@@ -144,7 +237,7 @@ pub(crate) fn tail_call(ctx: &TcContext, slot: u32) -> Verdict {
 #[classifier]
 pub fn pa_new_flow(mut ctx: TcContext) -> i32 {
     stage(&mut ctx, TC_ACT_OK as i32, None, |ctx, pkt| {
-        new_flow(ctx, pkt, config())
+        new_flow::<{ step::ALL }>(ctx, pkt, config())
     })
 }
 
@@ -158,15 +251,25 @@ pub fn pa_reject(mut ctx: TcContext) -> i32 {
 /// A packet that starts a flow: [`lb::select`] its backend,
 /// [`conntrack::create`] its entries, [`nat::translate`] it.
 #[inline(always)]
-fn new_flow(ctx: &mut TcContext, pkt: &Packet, cfg: Option<&NodeConfig>) -> Verdict {
+fn new_flow<const UNTIL: u32>(
+    ctx: &mut TcContext,
+    pkt: &Packet,
+    cfg: Option<&NodeConfig>,
+) -> Verdict {
     let sel = match lb::select(ctx, pkt, cfg) {
         Ok(sel) => sel,
         Err(verdict) => return verdict,
     };
+    if UNTIL == step::SELECT {
+        return STOPPED;
+    }
     let reason = match conntrack::create(ctx, pkt, cfg, &sel) {
         Ok(reason) => reason,
         Err(verdict) => return verdict,
     };
+    if UNTIL == step::CREATE {
+        return STOPPED;
+    }
     nat::translate(ctx, pkt, &sel, reason)
 }
 

@@ -21,7 +21,7 @@ use aya::{
 use proxy_agent::{
     dataplane::{
         Dataplane, NodeNetwork,
-        ebpf::{EbpfDataplane, load_unpinned},
+        ebpf::{EbpfDataplane, load_unpinned, load_unpinned_object},
     },
     model::ServiceTable,
 };
@@ -44,7 +44,16 @@ pub struct Fixture {
 impl Fixture {
     /// Loads the programs, with an empty table and no node network.
     pub fn load() -> Self {
-        let (dp, ebpf) = load_unpinned().expect("load the eBPF object (are we root?)");
+        Self::load_object(None)
+    }
+
+    /// [`Fixture::load`] of another build's object (`None`: this build's).
+    pub fn load_object(object: Option<&[u8]>) -> Self {
+        let (dp, ebpf) = match object {
+            Some(object) => load_unpinned_object(object),
+            None => load_unpinned(),
+        }
+        .expect("load the eBPF object (are we root?)");
         Fixture {
             ebpf,
             dp,

@@ -250,10 +250,16 @@ pub fn load(opts: &EbpfOptions) -> Result<(EbpfDataplane, Attacher), EbpfError> 
 /// Loads the object without pinning anything, for packet-fixture tests and
 /// benchmarks through `BPF_PROG_TEST_RUN`.
 pub fn load_unpinned() -> Result<(EbpfDataplane, Ebpf), EbpfError> {
-    if OBJECT.is_empty() {
+    load_unpinned_object(OBJECT)
+}
+
+/// [`load_unpinned`] for another build's object (of the same map layout):
+/// the per-packet benchmark measures an earlier build beside this one.
+pub fn load_unpinned_object(object: &[u8]) -> Result<(EbpfDataplane, Ebpf), EbpfError> {
+    if object.is_empty() {
         return Err(EbpfError::NoObject);
     }
-    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    let mut ebpf = EbpfLoader::new().load(object)?;
     load_programs(&mut ebpf)?;
     let dataplane = EbpfDataplane::from_ebpf(&mut ebpf)?;
     Ok((dataplane, ebpf))
