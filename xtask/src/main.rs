@@ -306,6 +306,13 @@ const TRAFFIC_SMOKE: &[&str] = &[
 
 fn demo(env: &Env) -> anyhow::Result<()> {
     setup(env)?;
+    build_release_binaries(env)?;
+    proxy_tests::demo::run(&env.target_dir.join("release/proxy-agent"))
+}
+
+/// The agent and the binaries the test topology runs in its pods, as
+/// release builds.
+fn build_release_binaries(env: &Env) -> anyhow::Result<()> {
     run(&mut env.cargo(&[
         "build",
         "--release",
@@ -313,8 +320,8 @@ fn demo(env: &Env) -> anyhow::Result<()> {
         "proxy-agent",
         "-p",
         "proxy-tests",
-    ]))?;
-    proxy_tests::demo::run(&env.target_dir.join("release/proxy-agent"))
+        "--bins",
+    ]))
 }
 
 /// `bench [packet|sync|traffic|dataplane] [ARGS]`: every benchmark, or one with its arguments.
@@ -345,15 +352,7 @@ fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
     if which.is_none_or(|w| w == "traffic") {
         // Timing matters: the agent under test is a release build too, and
         // so are the pods' servers and clients the topology runs.
-        run(&mut env.cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "proxy-agent",
-            "-p",
-            "proxy-tests",
-            "--bins",
-        ]))?;
+        build_release_binaries(env)?;
         let mut command = bench_bin("traffic");
         command
             .env(
