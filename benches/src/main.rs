@@ -163,38 +163,23 @@ fn measure(f: &Fixture, case: &Case, all: &[Case], calls: u32) -> Result<f64> {
     Ok(total.as_nanos() as f64 / f64::from(calls))
 }
 
-/// The same over the empty program, with the packets of row `case`.
-fn measure_floor(f: &Fixture, case: &Case, all: &[Case], calls: u32) -> Result<f64> {
-    let fail = |e: String| anyhow!("{}: {e}", case.name);
-    let mut run = Run::start(f, case, all).map_err(fail)?;
-    let mut total = Duration::ZERO;
-    for i in 1..=calls {
-        let packet = run.packet(f, i).map_err(fail)?;
-        let (verdict, out, took) = f.run_timed(PROG_FLOOR, &packet);
-        if verdict != 0 || out != packet {
-            bail!("{PROG_FLOOR}: verdict {verdict}, or the packet changed");
-        }
-        total += took;
-    }
-    Ok(total.as_nanos() as f64 / f64::from(calls))
-}
-
-/// Mean ns per call of the variant `prog` (which stops after a step and
-/// passes the packet unchanged) on the packets of row `case`, measured
-/// as [`measure`] measures the real programs.
-fn measure_step(f: &Fixture, prog: &str, case: &Case, all: &[Case], calls: u32) -> Result<f64> {
+/// Mean kernel-measured ns per call over `calls` calls on the packets of
+/// row `case` (after its `given` rows and one unmeasured warm-up call,
+/// as [`measure`]), each call made by `call`, which checks its outcome and
+/// gives the time the kernel measured.
+fn mean_ns(
+    f: &Fixture,
+    case: &Case,
+    all: &[Case],
+    calls: u32,
+    call: impl Fn(&[u8]) -> Result<Duration>,
+) -> Result<f64> {
     let fail = |e: String| anyhow!("{}: {e}", case.name);
     let mut run = Run::start(f, case, all).map_err(fail)?;
     let mut total = Duration::ZERO;
     for i in 0..=calls {
         let packet = run.packet(f, i).map_err(fail)?;
-        let (verdict, out, took) = f.run_timed(prog, &packet);
-        if verdict != 0 || out != packet {
-            bail!(
-                "{prog} on {}: verdict {verdict}, or the packet changed",
-                case.name
-            );
-        }
+        let took = call(&packet)?;
         if i > 0 {
             total += took;
         }
@@ -202,16 +187,34 @@ fn measure_step(f: &Fixture, prog: &str, case: &Case, all: &[Case], calls: u32) 
     Ok(total.as_nanos() as f64 / f64::from(calls))
 }
 
+/// Mean ns per call of `prog`, which must pass row `case`'s packets
+/// unchanged: the empty program (the floor), or a variant that stops
+/// after a step.
+fn measure_unchanged(
+    f: &Fixture,
+    prog: &str,
+    case: &Case,
+    all: &[Case],
+    calls: u32,
+) -> Result<f64> {
+    mean_ns(f, case, all, calls, |packet| {
+        let (verdict, out, took) = f.run_timed(prog, packet);
+        if verdict != 0 || out != packet {
+            bail!(
+                "{prog} on {}: verdict {verdict}, or the packet changed",
+                case.name
+            );
+        }
+        Ok(took)
+    })
+}
+
 /// Mean ns per call of row `case`'s first hook alone (the real program),
-/// its verdict checked; measured as [`measure`] measures every hook.
+/// its verdict checked.
 fn measure_first_hook(f: &Fixture, case: &Case, all: &[Case], calls: u32) -> Result<f64> {
-    let fail = |e: String| anyhow!("{}: {e}", case.name);
     let stage = case.stages.first().context("a row without hooks")?;
-    let mut run = Run::start(f, case, all).map_err(fail)?;
-    let mut total = Duration::ZERO;
-    for i in 0..=calls {
-        let packet = run.packet(f, i).map_err(fail)?;
-        let (verdict, _, took) = f.run_timed(stage.hook.prog(), &packet);
+    mean_ns(f, case, all, calls, |packet| {
+        let (verdict, _, took) = f.run_timed(stage.hook.prog(), packet);
         if verdict != stage.verdict {
             bail!(
                 "{}: verdict {verdict}, expected {}",
@@ -219,11 +222,8 @@ fn measure_first_hook(f: &Fixture, case: &Case, all: &[Case], calls: u32) -> Res
                 stage.verdict
             );
         }
-        if i > 0 {
-            total += took;
-        }
-    }
-    Ok(total.as_nanos() as f64 / f64::from(calls))
+        Ok(took)
+    })
 }
 
 /// One measurement of the step-by-step table.
@@ -378,14 +378,14 @@ fn main() -> Result<()> {
     }
 
     for &n in &args.services {
+        let n = n.max(1);
+        let extra = fillers(n - 1, args.backends);
         for &(label, object) in &objects {
-            let n = n.max(1);
             eprintln!(
                 "{n} services: each row's own and {} fillers x {} backends ... {label}",
                 n - 1,
                 args.backends
             );
-            let extra = fillers(n - 1, args.backends);
             let mut column = vec![f64::NAN; rows.len()];
             // The breakdown is of this build (an earlier one may lack it).
             let steps_here = object.is_none() && !stepped.is_empty();
@@ -409,7 +409,7 @@ fn main() -> Result<()> {
                 setup.apply(&mut f, &extra);
                 eprintln!("  {setup:?} programmed in {:.2?}", started.elapsed());
                 if setup == Setup::Web {
-                    column[0] = measure_floor(&f, floor_case, &all, args.calls)?;
+                    column[0] = measure_unchanged(&f, PROG_FLOOR, floor_case, &all, args.calls)?;
                     column[repeat_rows] =
                         repeated_ns(&f, PROG_FLOOR, floor_case, &all, args.repeat)?;
                     for (i, case) in repeated.iter().enumerate() {
@@ -431,9 +431,11 @@ fn main() -> Result<()> {
                     }
                     f.forget_flows();
                     let v = match *run {
-                        StepRun::Floor => measure_floor(&f, case, &all, args.calls)?,
+                        StepRun::Floor => {
+                            measure_unchanged(&f, PROG_FLOOR, case, &all, args.calls)?
+                        }
                         StepRun::Variant(i) => {
-                            measure_step(&f, PROG_STEPS[i].0, case, &all, args.calls)?
+                            measure_unchanged(&f, PROG_STEPS[i].0, case, &all, args.calls)?
                         }
                         StepRun::FirstHook => measure_first_hook(&f, case, &all, args.calls)?,
                         StepRun::EveryHook => measure(&f, case, &all, args.calls)?,

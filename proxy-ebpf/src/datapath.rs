@@ -220,7 +220,7 @@ fn ingress<const UNTIL: u32>(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
     }
     if UNTIL != step::ALL {
         // A variant runs the later steps itself, without the tail call.
-        return new_flow::<UNTIL>(ctx, pkt, config());
+        return new_flow::<UNTIL>(ctx, pkt, cfg);
     }
     tail_call(ctx, TAIL_NEW_FLOW)
 }
