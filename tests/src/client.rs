@@ -416,6 +416,14 @@ fn exchange(options: &ClientOptions) -> Result<Answer, ExchangeError> {
         Protocol::Tcp => {
             let stream = TcpStream::connect_timeout(&options.target, options.timeout)
                 .map_err(|e| ExchangeError::io("connect", &e))?;
+            // The socket's peer is the address it connected to, whatever
+            // translated the connection (socket-level load balancing
+            // answers getpeername() with the frontend).
+            match stream.peer_addr() {
+                Ok(peer) if peer == options.target => {}
+                Ok(peer) => return Err(ExchangeError::new("getpeername", peer.to_string())),
+                Err(e) => return Err(ExchangeError::io("getpeername", &e)),
+            }
             stream_exchange(stream, options.timeout)
         }
         Protocol::Sctp => {
