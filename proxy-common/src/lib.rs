@@ -63,9 +63,10 @@ pub const MAP_FRONTEND_ADDRS: &str = "PA_FRONTEND_ADDRS";
 /// One bit per port (word `port / 64`, bit `port % 64`, the port in host
 /// order) on which a backend has been programmed: only a UDP or SCTP
 /// packet to such a port can be a client reusing a flow's tuple straight
-/// to its backend, and only a socket whose peer has such a port can have
-/// been given its peer by the socket hooks, so other traffic and other
-/// sockets skip those lookups.
+/// to its backend, only a socket whose peer has such a port can have
+/// been given its peer by the socket hooks, and only a packet with such a
+/// port (as source or destination) can have an egress entry, so other
+/// traffic and other sockets skip those lookups.
 pub const MAP_BACKEND_PORTS: &str = "PA_BACKEND_PORTS";
 /// Words of [`MAP_BACKEND_PORTS`].
 pub const BACKEND_PORT_WORDS: u32 = 1_024;

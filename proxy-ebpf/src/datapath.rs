@@ -31,7 +31,10 @@ use proxy_common::{
 
 use crate::conntrack::{self, ct_key, ct_touch, forget_flow_on_tuple};
 use crate::lb::{self, refresh_affinity};
-use crate::maps::{PA_CONNTRACK, config, count, in_service_cidr, may_be_frontend, now, snat_addr};
+use crate::maps::{
+    PA_CONNTRACK, config, count, in_service_cidr, may_be_backend_port, may_be_frontend, now,
+    snat_addr,
+};
 use crate::nat::{self, Side, may_be_snat_port, rewrite};
 use crate::parse::{Packet, parse};
 use crate::reject::reject;
@@ -297,6 +300,13 @@ pub fn pa_egress(mut ctx: TcContext) -> i32 {
 /// either (see `CT_EGRESS`).
 #[inline(always)]
 fn egress(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
+    // Every egress entry has a backend's port in its tuple: as the source
+    // of a reply, or the destination of a masqueraded flow's forward
+    // packet. Traffic between other ports (most of a node's) leaves after
+    // the bitmap's word, without a connection-table lookup.
+    if !may_be_backend_port(pkt.sport) && !may_be_backend_port(pkt.dport) {
+        return (TC_ACT_OK as i32, u32::MAX);
+    }
     let key = ct_key(pkt, CT_EGRESS);
     let Some(ct) = PA_CONNTRACK.get_ptr_mut(&key) else {
         return (TC_ACT_OK as i32, u32::MAX);
