@@ -2,7 +2,11 @@
 //! difference of two addresses, the SCTP CRC32c fixed for a port change,
 //! and whole one's-complement sums for packets built from scratch (Cilium's
 //! `csum.h`, Katran's `csum_helpers.h`).
-use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, helpers::bpf_csum_diff, programs::TcContext};
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0},
+    helpers::bpf_csum_diff,
+    programs::TcContext,
+};
 use proxy_common::{Addr, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
 use crate::packet::{ETH_HLEN, IP6_HLEN};
@@ -88,25 +92,59 @@ const fn x2n_table() -> [u32; 32] {
     table
 }
 
+/// Rows of [`ZERO_SHIFT`]: runs of up to 2^24 - 1 zero bytes, more than
+/// any packet has.
+const ZERO_SHIFT_ROWS: usize = 24;
+
+/// `ZERO_SHIFT[j][b][v]` = `(v << 8b) * x^(8 * 2^j) mod P`: multiplying by
+/// the constant `x^(8 * 2^j)` is linear, so it is the XOR of one entry per
+/// byte of the multiplicand. Four loads per set bit of a run's length
+/// instead of a 32-step loop, which keeps the verifier's walk short.
+static ZERO_SHIFT: [[[u32; 256]; 4]; ZERO_SHIFT_ROWS] = zero_shift_table();
+
+const fn zero_shift_table() -> [[[u32; 256]; 4]; ZERO_SHIFT_ROWS] {
+    let mut table = [[[0u32; 256]; 4]; ZERO_SHIFT_ROWS];
+    let mut j = 0;
+    while j < ZERO_SHIFT_ROWS {
+        // 8 * 2^j = 2^(j + 3).
+        let factor = X2N[j + 3];
+        let mut b = 0;
+        while b < 4 {
+            let mut v = 0;
+            while v < 256 {
+                table[j][b][v] = multmodp(factor, (v as u32) << (8 * b));
+                v += 1;
+            }
+            b += 1;
+        }
+        j += 1;
+    }
+    table
+}
+
 /// `crc * x^(8 * bytes) mod P`: the effect of `bytes` zero bytes following
-/// the data a raw CRC was taken over.
+/// the data a raw CRC was taken over. `None` past [`ZERO_SHIFT_ROWS`].
 #[inline(always)]
-fn crc_shift_zeros(crc: u32, bytes: u32) -> u32 {
+fn crc_shift_zeros(crc: u32, bytes: u32) -> Option<u32> {
+    if bytes >> ZERO_SHIFT_ROWS != 0 {
+        return None;
+    }
     let mut p = crc;
-    let mut n = bytes;
-    // 8 * bytes = bytes << 3: start at x^(2^3).
-    let mut k = 3;
-    while k < 32 {
-        if n == 0 {
+    let mut j = 0;
+    while j < ZERO_SHIFT_ROWS {
+        if bytes >> j == 0 {
             break;
         }
-        if n & 1 != 0 {
-            p = multmodp(X2N[k], p);
+        if (bytes >> j) & 1 != 0 {
+            let row = &ZERO_SHIFT[j];
+            p = row[0][(p & 0xff) as usize]
+                ^ row[1][((p >> 8) & 0xff) as usize]
+                ^ row[2][((p >> 16) & 0xff) as usize]
+                ^ row[3][(p >> 24) as usize];
         }
-        n >>= 1;
-        k += 1;
+        j += 1;
     }
-    p
+    Some(p)
 }
 
 /// Fixes the SCTP CRC32c for a port change. CRC is linear: the checksum of
@@ -117,14 +155,40 @@ fn crc_shift_zeros(crc: u32, bytes: u32) -> u32 {
 ///
 /// `delta` is the XOR of the old and new port as they sit in memory, at
 /// offset `port_at` of the SCTP header. Returns 0, or a helper's error.
-#[inline(never)]
+#[inline(always)]
 pub(crate) fn sctp_port_changed(
     ctx: &mut TcContext,
     pkt: &Packet,
     port_at: usize,
     delta: u16,
 ) -> i64 {
-    let delta = delta.to_ne_bytes();
+    pa_sctp_port_changed(
+        ctx.skb.skb,
+        pkt.l4_off as u32,
+        port_at as u32,
+        u32::from(delta),
+        u32::from(pkt.family),
+    )
+}
+
+/// [`sctp_port_changed`] as a global function: the verifier checks it once
+/// per program, whatever the caller's state, instead of once for every
+/// path that reaches it (its loops are most of the instructions a program
+/// would otherwise take to verify). Its arguments are scalars and the
+/// context, as a global function's must be.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn pa_sctp_port_changed(
+    skb: *mut __sk_buff,
+    l4_off: u32,
+    port_at: u32,
+    delta: u32,
+    family: u32,
+) -> i64 {
+    // SAFETY: the program's own context, passed down unchanged.
+    let ctx = TcContext::new(skb);
+    let (l4_off, port_at) = (l4_off as usize & 0xffff, port_at as usize & 0xff);
+    let delta = (delta as u16).to_ne_bytes();
     // Raw CRC (no init, no final xor) of the delta's bytes at the port's
     // place: the leading zero bytes leave the register at zero, so only
     // these two bytes and the zeros after them matter.
@@ -146,7 +210,7 @@ pub(crate) fn sctp_port_changed(
     // The SCTP packet ends where the IP header says, not at the end of the
     // skb: at ingress a short frame still carries its Ethernet padding.
     let skb_end = ctx.len() as usize;
-    let ip_end = if pkt.family == FAMILY_V4 {
+    let ip_end = if family == u32::from(FAMILY_V4) {
         match ctx.load::<u16>(ETH_HLEN + IP_TOT_LEN) {
             Ok(v) => ETH_HLEN + u16::from_be(v) as usize,
             Err(e) => return e,
@@ -160,10 +224,12 @@ pub(crate) fn sctp_port_changed(
         }
     };
     let end = if ip_end < skb_end { ip_end } else { skb_end };
-    let sctp_len = end.saturating_sub(pkt.l4_off);
+    let sctp_len = end.saturating_sub(l4_off);
     let after = sctp_len.saturating_sub(port_at + 2) as u32;
-    let crc = crc_shift_zeros(crc, after);
-    let off = pkt.l4_off + SCTP_CSUM;
+    let Some(crc) = crc_shift_zeros(crc, after) else {
+        return -1;
+    };
+    let off = l4_off + SCTP_CSUM;
     // The checksum field holds the CRC little-endian.
     let old: u32 = match ctx.load(off) {
         Ok(v) => v,

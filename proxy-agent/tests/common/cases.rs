@@ -1147,6 +1147,12 @@ pub fn cases() -> Vec<Case> {
     // SHUTDOWN COMPLETE (type 14), 4 bytes: 14 + 20 + 12 + 4 = 50 bytes.
     let shutdown_complete = [14, 0, 0, 4];
     let padded = [Edit::Pad { from: 50, to: 60 }];
+    // DATA (type 0, flags: unfragmented), 3 000 bytes: a 16-byte header
+    // (length, TSN, stream, sequence, payload protocol) and its payload.
+    let mut large_data = vec![0u8, 3];
+    large_data.extend_from_slice(&3000u16.to_be_bytes());
+    large_data.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    large_data.extend((0..2984u32).map(|i| (i * 7 + 1) as u8));
     cases.extend([
         // Session affinity: the first connection finds the client's
         // backend, every later one keeps it.
@@ -1249,6 +1255,12 @@ pub fn cases() -> Vec<Case> {
             .given("sctp6/init")
             .egress(OK, Flow(sctp_vip6, Client))
             .after([n(REVNAT, 1)]),
+        // A DATA chunk of 3 000 bytes: the CRC's shift over the zeros that
+        // follow the port takes the table rows of long runs too.
+        case("sctp6/large-data", Sctp6, sa(POD_CLIENT6, 50100), Pkt::sctp(Client, sctp_vip6, 7, &large_data))
+            .given("sctp6/init")
+            .ingress(OK, Flow(Client, sctp_b6))
+            .after([n(DNAT_NEW, 1), n(DNAT_ESTABLISHED, 1)]),
         // A 4-byte chunk, the shortest SCTP packet.
         case("sctp6/abort", Sctp6, sa(POD_CLIENT6, 50100), Pkt::sctp(Client, sctp_vip6, 7, &[6, 0, 0, 4]))
             .given("sctp6/init")
