@@ -56,9 +56,10 @@ pub const MAP_SOCK_REVNAT: &str = "PA_SOCK_REVNAT";
 /// sockets get socket-level load balancing for the frontends that need no
 /// packet-level work.
 pub const MAP_SOCK_PODS: &str = "PA_SOCK_PODS";
-/// Every address a frontend has (or had, while its flows may live on),
-/// keyed like the node-addresses map: traffic to any other address is no
-/// service traffic, and leaves ingress after one lookup.
+/// Every address a frontend has (or had, while its flows may live on), and
+/// every NodePort address of the node, keyed like the node-addresses map:
+/// traffic to any other address is no service traffic, and leaves ingress
+/// after one lookup.
 pub const MAP_FRONTEND_ADDRS: &str = "PA_FRONTEND_ADDRS";
 /// One bit per port (word `port / 64`, bit `port % 64`, the port in host
 /// order) on which a backend has been programmed: only a UDP or SCTP

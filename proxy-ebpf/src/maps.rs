@@ -145,8 +145,9 @@ pub(crate) fn snat_addr(cfg: Option<&NodeConfig>, family: u8) -> Option<Addr> {
 }
 
 /// Whether a destination can be a frontend at all: an address a frontend
-/// has (or had, while its flows may live on), or a NodePort address. The
-/// one lookup that traffic to anything else pays.
+/// has (or had, while its flows may live on), or a NodePort address (the
+/// agent keeps both in one map). The one lookup that traffic to anything
+/// else pays.
 #[inline(always)]
 pub(crate) fn may_be_frontend(family: u8, addr: &Addr) -> bool {
     let key = NodeAddrKey {
@@ -155,7 +156,7 @@ pub(crate) fn may_be_frontend(family: u8, addr: &Addr) -> bool {
         _pad0: [0; 3],
     };
     // SAFETY: only presence is read.
-    unsafe { PA_FRONTEND_ADDRS.get(&key).is_some() || PA_NODE_ADDRS.get(&key).is_some() }
+    unsafe { PA_FRONTEND_ADDRS.get(&key).is_some() }
 }
 
 /// The service entry (slot 0) for a destination: its frontend address,

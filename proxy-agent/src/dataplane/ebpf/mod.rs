@@ -234,6 +234,13 @@ pub fn load(opts: &EbpfOptions) -> Result<(EbpfDataplane, Attacher), EbpfError> 
     };
     let mut dataplane = EbpfDataplane::from_ebpf(&mut ebpf)?;
     dataplane.pod_namespaces = namespaces;
+    let copied = dataplane.copy_node_addresses_to_filter()?;
+    if copied > 0 {
+        tracing::info!(
+            addresses = copied,
+            "NodePort addresses of an earlier version put in the frontend-address filter"
+        );
+    }
     let moved = dataplane.move_old_masquerade_entries()?;
     if moved > 0 {
         tracing::info!(

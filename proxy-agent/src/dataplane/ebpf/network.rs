@@ -17,7 +17,7 @@ use super::{
     encode::{addr_of, node_addr_key},
     writer::remove_ignoring_missing,
 };
-use crate::dataplane::NodeNetwork;
+use crate::dataplane::{ApplyStats, NodeNetwork};
 
 impl EbpfDataplane {
     /// Programs the node's NodePort addresses and masquerade settings.
@@ -63,6 +63,11 @@ impl EbpfDataplane {
             remove_ignoring_missing(&mut self.node_addrs, &node_addr_key(*ip))?;
         }
         self.node_addresses = network.nodeport_addresses.clone();
+        // The datapath tells service traffic by the frontend-address filter
+        // alone: NodePort addresses are in it too (one that goes lingers
+        // there, as a frontend's address does).
+        let written = self.frontend_addresses.clone();
+        self.sync_frontend_addrs(written, &mut ApplyStats::default())?;
         self.program_service_cidrs(&network.service_cidrs)?;
         let replan = self.network.changes_plans(network);
         self.network = network.clone();
@@ -74,6 +79,23 @@ impl EbpfDataplane {
 }
 
 impl EbpfDataplane {
+    /// Copies the node-addresses map into the frontend-address filter before
+    /// this version's programs are attached: an earlier version's programs
+    /// looked node addresses up in their own map, this version's look in
+    /// the filter only, and the first sync that puts them there comes after
+    /// the programs. Returns how many were copied.
+    pub(super) fn copy_node_addresses_to_filter(&mut self) -> Result<usize, EbpfError> {
+        let mut copied = 0;
+        for ip in addresses_in(&self.node_addrs)? {
+            let key = node_addr_key(ip);
+            if self.frontend_addrs.get(&key, 0).is_err() {
+                self.frontend_addrs.insert(key, 1, 0)?;
+                copied += 1;
+            }
+        }
+        Ok(copied)
+    }
+
     /// Makes the service-CIDRs trie hold exactly `cidrs`: new ones first,
     /// then those that went.
     fn program_service_cidrs(&mut self, cidrs: &[IpNet]) -> Result<(), EbpfError> {
@@ -189,5 +211,44 @@ mod tests {
         for bad in ["", "32768", "60999 32768", "a b", "1 70000"] {
             assert_eq!(parse_port_range(bad), None, "{bad:?}");
         }
+    }
+
+    /// The datapath tells service traffic by the frontend-address filter
+    /// alone, so NodePort addresses are in it: a new one at once, one that
+    /// goes lingers like a frontend's address, and one that is also a
+    /// frontend's lingering address stays. An earlier version kept them
+    /// only in the node-addresses map; they are copied in at load.
+    #[test]
+    fn nodeport_addresses_are_in_the_frontend_address_filter() {
+        let Ok((mut dp, _ebpf)) = super::super::load_unpinned() else {
+            eprintln!("skipped: cannot load the eBPF object here (not root?)");
+            return;
+        };
+        let a: IpAddr = "192.0.2.10".parse().expect("address");
+        let b: IpAddr = "2001:db8::11".parse().expect("address");
+        let network = |addresses: &[IpAddr]| NodeNetwork {
+            nodeport_addresses: addresses.iter().copied().collect(),
+            ..NodeNetwork::default()
+        };
+        let filter = |dp: &EbpfDataplane| addresses_in(&dp.frontend_addrs).expect("read");
+        let set = |addresses: &[IpAddr]| addresses.iter().copied().collect::<BTreeSet<_>>();
+
+        dp.program_node_network(&network(&[a, b])).expect("program");
+        assert_eq!(filter(&dp), set(&[a, b]));
+        dp.program_node_network(&network(&[a])).expect("program");
+        assert_eq!(filter(&dp), set(&[a, b]), "a removed address lingers");
+        let later = std::time::Instant::now()
+            + super::super::writer::FRONTEND_ADDR_LINGER
+            + std::time::Duration::from_secs(1);
+        // `a` also lingers as a frontend's address whose frontend went.
+        dp.lingering.insert(a, std::time::Instant::now());
+        dp.expire_lingering(later, &mut ApplyStats::default())
+            .expect("expire");
+        assert_eq!(filter(&dp), set(&[a]), "b is gone, a stays");
+
+        remove_ignoring_missing(&mut dp.frontend_addrs, &node_addr_key(a)).expect("remove");
+        assert_eq!(dp.copy_node_addresses_to_filter().expect("copy"), 1);
+        assert_eq!(filter(&dp), set(&[a]));
+        assert_eq!(dp.copy_node_addresses_to_filter().expect("copy"), 0);
     }
 }

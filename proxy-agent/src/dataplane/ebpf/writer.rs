@@ -312,10 +312,10 @@ impl EbpfDataplane {
     }
 
     /// Makes the frontend-address filter, which holds `in_kernel`, hold
-    /// every address of a programmed frontend, and those that lost their
-    /// last frontend less than [`FRONTEND_ADDR_LINGER`] ago. NodePorts (the
-    /// unspecified address) are served through the node-addresses map
-    /// instead.
+    /// every address of a programmed frontend, every NodePort address of
+    /// the node (NodePorts' own key has the unspecified address), and
+    /// those that lost their last frontend less than
+    /// [`FRONTEND_ADDR_LINGER`] ago.
     pub(super) fn sync_frontend_addrs(
         &mut self,
         in_kernel: BTreeSet<IpAddr>,
@@ -327,6 +327,7 @@ impl EbpfDataplane {
             .keys()
             .map(|k| k.ip)
             .filter(|ip| !ip.is_unspecified())
+            .chain(self.node_addresses.iter().copied())
             .collect();
         for ip in in_kernel.difference(&current) {
             self.lingering
@@ -393,7 +394,7 @@ impl EbpfDataplane {
     }
 
     /// Takes the addresses whose lingering is over out of the filter.
-    fn expire_lingering(
+    pub(super) fn expire_lingering(
         &mut self,
         now: std::time::Instant,
         stats: &mut ApplyStats,
@@ -406,6 +407,10 @@ impl EbpfDataplane {
             .collect();
         for ip in over {
             self.lingering.remove(&ip);
+            // A NodePort address stays, whatever else it was.
+            if self.node_addresses.contains(&ip) {
+                continue;
+            }
             if self.frontend_addresses.remove(&ip) {
                 remove_ignoring_missing(&mut self.frontend_addrs, &node_addr_key(ip))?;
                 stats.kernel_deletes += 1;
