@@ -359,6 +359,12 @@ fn every_program_stays_well_inside_the_verifier_budget() {
     // The kernel verifies at most 1 000 000 instructions per program; the
     // datapath once drifted up to that limit. Half of it is the guard rail.
     const BUDGET: u32 = 500_000;
+    // Verification is most of the CPU an agent's start takes before it
+    // can program anything. The per-packet programs stay small: the SCTP
+    // CRC fix, the one large piece they share, is a global function the
+    // kernel verifies once per program, not once per path to it (about
+    // 200 000 instructions each when it was not).
+    const PER_PACKET_BUDGET: u32 = 50_000;
     let f = Fixture::load();
     let mut over = Vec::new();
     let tc = [PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROG_EGRESS];
@@ -374,13 +380,18 @@ fn every_program_stays_well_inside_the_verifier_budget() {
             .expect("kernel reports verified instructions (5.16+)");
         eprintln!("{name}: {count} verified instructions");
         assert!(count > 0);
-        if count >= BUDGET {
-            over.push((name, count));
+        let budget = if [PROG_INGRESS, PROG_EGRESS].contains(&name) {
+            PER_PACKET_BUDGET
+        } else {
+            BUDGET
+        };
+        if count >= budget {
+            over.push((name, count, budget));
         }
     }
     assert!(
         over.is_empty(),
-        "over {BUDGET} verified instructions: {over:?}"
+        "over budget (name, verified instructions, budget): {over:?}"
     );
 }
 
