@@ -185,7 +185,7 @@ pub extern "C" fn pa_sctp_port_changed(
     delta: u32,
     family: u32,
 ) -> i64 {
-    // SAFETY: the program's own context, passed down unchanged.
+    // The calling program's own context, passed down unchanged.
     let ctx = TcContext::new(skb);
     let (l4_off, port_at) = (l4_off as usize & 0xffff, port_at as usize & 0xff);
     let delta = (delta as u16).to_ne_bytes();
