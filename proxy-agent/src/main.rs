@@ -431,10 +431,14 @@ fn validate(args: &Settings) -> Result<()> {
     Ok(())
 }
 
-async fn run(args: Settings) -> Result<()> {
+async fn run(mut args: Settings) -> Result<()> {
     validate(&args)?;
     let node = node_name(args.hostname_override.clone())?;
     log_start(&args, &node);
+    if args.mode == Mode::Ebpf && args.cgroup_root.is_none() {
+        args.cgroup_root = mount_own_cgroup2();
+    }
+    warn_if_not_forwarding();
     // The source lists while the dataplane opens (loading and verifying
     // the eBPF programs takes a second or two of CPU): on a large cluster
     // the two together are most of the time to the first sync.
@@ -574,6 +578,39 @@ fn log_start(args: &Settings, node: &str) {
     }
 }
 
+/// Every mode sends a pod's packets for a Service back out of the node
+/// (to a backend on another interface, or the same one): with forwarding
+/// off they are dropped. kubeadm's preflight requires it; a node set up by
+/// hand may lack it, and this line is then the only hint.
+fn warn_if_not_forwarding() {
+    let off = |path: &str| std::fs::read_to_string(path).is_ok_and(|value| value.trim() == "0");
+    if off("/proc/sys/net/ipv4/ip_forward") {
+        tracing::warn!(
+            "net.ipv4.ip_forward is 0: packets from pods and other hosts to Services are not forwarded (the node's own connections work); set it to 1"
+        );
+    }
+}
+
+/// With no cgroup v2 in this mount namespace (as under `ip netns exec`,
+/// whose fresh sysfs has none), mounts one for the socket hooks.
+fn mount_own_cgroup2() -> Option<PathBuf> {
+    let at = PathBuf::from(ebpf::sockets::OWN_CGROUP2_MOUNT);
+    match ebpf::sockets::mount_cgroup2(&at) {
+        Ok(()) => {
+            tracing::info!(path = %at.display(), "no cgroup v2 mounted: mounted one for the socket hooks");
+            Some(at)
+        }
+        Err(e) => {
+            tracing::warn!(
+                path = %at.display(),
+                error = %e,
+                "no cgroup v2 mounted and none could be: the node's own processes cannot reach services"
+            );
+            None
+        }
+    }
+}
+
 /// The ebpf mode's task that attaches its programs to the node's
 /// interfaces as they come and go.
 type LinksTask = tokio::task::JoinHandle<Result<(), ebpf::EbpfError>>;
@@ -606,11 +643,6 @@ fn open_dataplane(args: &Settings) -> Result<Running> {
     args.mode.remove_other_modes(&options);
     if args.cleanup_kube_proxy {
         remove_kube_proxy_leftovers();
-    }
-    if args.mode == Mode::Ebpf && options.ebpf.cgroup.is_none() {
-        tracing::warn!(
-            "no cgroup v2 mount found and no --cgroup-root given: the node's own processes cannot reach services"
-        );
     }
     let Opened {
         dataplane,
@@ -933,8 +965,55 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, joined by ": ", each cause printed once: the
+/// library errors name their cause in their own message too (so a log line
+/// of one of them alone says it), which anyhow's `{:#}` would repeat.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("preparing {0}: {1}")]
+    struct Preparing(&'static str, #[source] std::io::Error);
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let text = io.to_string();
+        let e = anyhow::Error::new(Preparing("/sys/fs/bpf/x", io)).context("opening the dataplane");
+        assert_eq!(
+            error_chain(&e),
+            format!("opening the dataplane: preparing /sys/fs/bpf/x: {text}")
+        );
+        // A cause its parent does not name is printed.
+        let plain = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EACCES))
+            .context("reading x");
+        assert!(
+            error_chain(&plain).starts_with("reading x: "),
+            "{}",
+            error_chain(&plain)
+        );
+        assert!(error_chain(&plain).len() > "reading x: ".len());
     }
 }

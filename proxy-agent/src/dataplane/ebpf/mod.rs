@@ -205,8 +205,17 @@ pub fn load(opts: &EbpfOptions) -> Result<(EbpfDataplane, Attacher), EbpfError> 
     let layout = PinLayout::new(&opts.bpf_root);
     let mounted = bpffs::ensure_mounted(&layout.root)
         .map_err(|e| EbpfError::BpfFs(layout.root.clone(), e))?;
-    if mounted {
-        tracing::info!(path = %layout.root.display(), "mounted bpffs");
+    match mounted {
+        Some(bpffs::Mounted { at, private: false }) => {
+            tracing::info!(path = %at.display(), "mounted bpffs");
+        }
+        Some(bpffs::Mounted { at, private: true }) => tracing::warn!(
+            path = %at.display(),
+            "mounted bpffs in this process's own mount namespace (as under `ip netns exec`): \
+             the pinned maps and programs go when the agent exits, and a restart starts from \
+             an empty datapath; mount a bpffs at /sys/fs/bpf on the host to keep them"
+        ),
+        None => {}
     }
     for dir in [layout.maps(), layout.links()] {
         std::fs::create_dir_all(&dir).map_err(|e| EbpfError::Io(dir.clone(), e))?;

@@ -50,6 +50,30 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     cgroup2_mount_in(&text)
 }
 
+/// Where the agent mounts a cgroup v2 when its mount namespace has none (as
+/// Cilium mounts one at `/run/cilium/cgroupv2`).
+pub const OWN_CGROUP2_MOUNT: &str = "/run/proxy-agent/cgroupv2";
+
+/// Mounts the cgroup v2 hierarchy at `at` (creating it) unless one is
+/// there already. Its root is the root of this process's cgroup namespace:
+/// on a node, the cgroup every pod's processes are below.
+pub fn mount_cgroup2(at: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(at)?;
+    if nix::sys::statfs::statfs(at)?.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("cgroup2"),
+        at,
+        Some("cgroup2"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
 /// The mount point of the first `cgroup2` filesystem in a mountinfo text.
 fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
