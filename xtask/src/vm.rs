@@ -14,16 +14,54 @@ use crate::{Env, describe, query, run};
 /// The Debian kernel the VM boots; its modules are copied to this
 /// machine's /lib/modules, where the VM (sharing the filesystem) finds them.
 const KERNEL: &str = "6.12.100+deb12-amd64";
-const PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
-/// The scenarios run in the VM (exact test names) and the modules they
-/// need.
-const SCENARIOS: &[&str] = &[
-    "ebpf::clusterip_sctp",
-    "nftables::clusterip_sctp",
-    "iptables::clusterip_sctp",
-    "iptables_legacy::clusterip_sctp",
+const PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static", "ipvsadm"];
+/// The tests run in the VM (exact test names, each in its test binary)
+/// and the modules they need.
+const SCENARIOS: &[(TestBinary, &str)] = &[
+    (TestBinary::Scenarios, "ebpf::clusterip_sctp"),
+    (TestBinary::Scenarios, "nftables::clusterip_sctp"),
+    (TestBinary::Scenarios, "iptables::clusterip_sctp"),
+    (TestBinary::Scenarios, "iptables_legacy::clusterip_sctp"),
+    (
+        TestBinary::AgentLib,
+        "dataplane::ipvs::netlink::tests::requests_round_trip_through_the_kernel",
+    ),
 ];
-const MODULES: &[&str] = &["sctp"];
+const MODULES: &[&str] = &["sctp", "ip_vs", "dummy"];
+
+/// The test binaries the VM runs tests of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TestBinary {
+    /// proxy-tests' scenario suite (`tests/scenarios.rs`).
+    Scenarios,
+    /// proxy-agent's unit tests (the kernel round trips of its netlink code).
+    AgentLib,
+}
+
+impl TestBinary {
+    /// `cargo test` arguments that build it, and the line cargo names it by.
+    fn cargo_args(self) -> (&'static [&'static str], &'static str) {
+        match self {
+            TestBinary::Scenarios => (
+                &["-p", "proxy-tests", "--test", "scenarios"],
+                "Executable tests/scenarios.rs (",
+            ),
+            TestBinary::AgentLib => (
+                &["-p", "proxy-agent", "--lib"],
+                "Executable unittests src/lib.rs (",
+            ),
+        }
+    }
+
+    /// The directory it runs in (the scenario suite finds its files from
+    /// the tests crate).
+    fn dir(self) -> &'static str {
+        match self {
+            TestBinary::Scenarios => "tests",
+            TestBinary::AgentLib => "proxy-agent",
+        }
+    }
+}
 /// The agent verifies its programs many times slower under emulation.
 const READY_TIMEOUT_SECS: &str = "600";
 
@@ -40,7 +78,8 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
     let dir = env.target_dir.join("vm");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let vmlinuz = kernel(env, &dir)?;
-    let binary = scenario_binary(env)?;
+    let scenarios = test_binary(env, TestBinary::Scenarios)?;
+    let agent_lib = test_binary(env, TestBinary::AgentLib)?;
 
     let results = dir.join("results.txt");
     let _ = std::fs::remove_file(&results);
@@ -52,12 +91,16 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
         ));
     }
     let agent = env.target_dir.join("debug/proxy-agent");
-    for scenario in SCENARIOS {
+    for (which, scenario) in SCENARIOS {
+        let binary = match which {
+            TestBinary::Scenarios => &scenarios,
+            TestBinary::AgentLib => &agent_lib,
+        };
         text.push_str(&format!(
-            "cd {tests} && PROXY_TESTS_READY_TIMEOUT_SECS={READY_TIMEOUT_SECS} PROXY_AGENT_BIN={agent} \
+            "cd {dir} && PROXY_TESTS_READY_TIMEOUT_SECS={READY_TIMEOUT_SECS} PROXY_AGENT_BIN={agent} \
              {binary} --exact {scenario} --nocapture >> {results} 2>&1\n\
              echo \"VM-RC {scenario} $?\" >> {results}\n",
-            tests = env.workspace.join("tests").display(),
+            dir = env.workspace.join(which.dir()).display(),
             agent = agent.display(),
             binary = binary.display(),
             results = results.display(),
@@ -103,7 +146,7 @@ fn verdict(out: &str) -> Result<usize, String> {
         return Err(format!("a scenario skipped in the VM: {line}"));
     }
     let mut passed = 0;
-    for scenario in SCENARIOS {
+    for (_, scenario) in SCENARIOS {
         let rc = out
             .lines()
             .find_map(|l| l.strip_prefix(&format!("VM-RC {scenario} ")))
@@ -177,32 +220,26 @@ fn kernel(env: &Env, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(vmlinuz)
 }
 
-/// The scenario suite's test binary, built.
-fn scenario_binary(env: &Env) -> anyhow::Result<PathBuf> {
+/// A test binary of the VM's tests, built.
+fn test_binary(env: &Env, which: TestBinary) -> anyhow::Result<PathBuf> {
+    let (args, marker) = which.cargo_args();
+    let mut cargo_args = vec!["test"];
+    cargo_args.extend_from_slice(args);
+    cargo_args.push("--no-run");
     let output = env
-        .cargo(&[
-            "test",
-            "-p",
-            "proxy-tests",
-            "--test",
-            "scenarios",
-            "--no-run",
-        ])
+        .cargo(&cargo_args)
         .stderr(Stdio::piped())
         .output()
-        .context("building the scenario binary")?;
+        .with_context(|| format!("building the {which:?} test binary"))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
-        bail!("building the scenario binary failed:\n{stderr}");
+        bail!("building the {which:?} test binary failed:\n{stderr}");
     }
     // "  Executable tests/scenarios.rs (target/debug/deps/scenarios-...)"
     let path = stderr
         .lines()
-        .find_map(|l| {
-            let rest = l.trim().strip_prefix("Executable tests/scenarios.rs (")?;
-            rest.strip_suffix(')')
-        })
-        .context("cargo did not name the scenario binary")?;
+        .find_map(|l| l.trim().strip_prefix(marker)?.strip_suffix(')'))
+        .with_context(|| format!("cargo did not name the {which:?} test binary"))?;
     Ok(env.workspace.join(path))
 }
 
@@ -222,7 +259,7 @@ mod tests {
     fn a_vm_run_counts_only_when_every_scenario_passed_without_skipping() {
         let run = |rc: &str, result: &str, extra: &str| {
             let mut out = String::from(extra);
-            for scenario in SCENARIOS {
+            for (_, scenario) in SCENARIOS {
                 out.push_str(&format!(
                     "test {scenario} ... {result}\nVM-RC {scenario} {rc}\n"
                 ));

@@ -8,6 +8,7 @@ pub mod addresses;
 pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
+pub mod ipvs;
 pub mod mode;
 pub mod netfilter;
 pub mod nftables;

@@ -1,0 +1,2 @@
+//! The ipvs mode: kube-proxy's IPVS layout.
+pub mod netlink;
