@@ -227,6 +227,18 @@ pub struct Ipvs {
     pub exclude_cidrs: Option<Vec<IpNet>>,
 }
 
+impl Ipvs {
+    fn has_unused(&self) -> bool {
+        self.sync_period.is_some()
+            || self.min_sync_period.is_some()
+            || self.strict_arp.is_some()
+            || self.tcp_timeout.is_some()
+            || self.tcp_fin_timeout.is_some()
+            || self.udp_timeout.is_some()
+            || self.exclude_cidrs.is_some()
+    }
+}
+
 /// The `iptables:` or `nftables:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rules {
@@ -302,7 +314,10 @@ impl FileConfig {
             "clientConnection (except kubeconfig)",
         );
         add(self.conntrack.is_some(), "conntrack");
-        add(self.ipvs.is_some(), "ipvs");
+        add(
+            self.ipvs.as_ref().is_some_and(Ipvs::has_unused),
+            "ipvs (except scheduler)",
+        );
         add(
             self.iptables.as_ref().is_some_and(Rules::has_unused),
             "iptables (except masqueradeAll)",

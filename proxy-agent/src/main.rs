@@ -108,6 +108,12 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     iptables_backend: IptablesBackendChoice,
 
+    /// The ipvs mode's scheduler, as kube-proxy's `--ipvs-scheduler`: rr
+    /// (the default), wrr, lc, wlc, lblc, lblcr, sh, dh, sed, nq or mh
+    /// (what the kernel has modules for).
+    #[arg(long, value_name = "NAME", value_parser = ["rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh"])]
+    ipvs_scheduler: Option<String>,
+
     /// Read Services, EndpointSlices and Nodes from the YAML/JSON files of this
     /// directory and follow its changes (instead of the Kubernetes API).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "master"])]
@@ -253,8 +259,6 @@ impl From<config::LogFormat> for LogFormat {
 #[derive(Debug)]
 struct Settings {
     mode: Mode,
-    /// Whether `mode` came from the config file (for error messages).
-    mode_from_file: bool,
     manifests: Option<PathBuf>,
     manifests_from_file: bool,
     kubeconfig: Option<PathBuf>,
@@ -265,6 +269,7 @@ struct Settings {
     masquerade_all: bool,
     cleanup_kube_proxy: bool,
     iptables_backend: IptablesBackendChoice,
+    ipvs_scheduler: String,
     bpf_root: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
@@ -294,7 +299,6 @@ impl Settings {
         let manifests_flag = args.manifests.is_some();
         let manifests = args.manifests.or(pa.manifests.filter(|_| !api_flag));
         Settings {
-            mode_from_file: args.mode.is_none() && f.mode.is_some(),
             mode,
             manifests_from_file: manifests.is_some() && !manifests_flag,
             manifests,
@@ -306,6 +310,10 @@ impl Settings {
             masquerade_all,
             cleanup_kube_proxy: args.cleanup_kube_proxy,
             iptables_backend: args.iptables_backend,
+            ipvs_scheduler: args
+                .ipvs_scheduler
+                .or(f.ipvs.as_ref().and_then(|i| i.scheduler.clone()))
+                .unwrap_or_else(|| proxy_agent::dataplane::ipvs::DEFAULT_SCHEDULER.to_string()),
             bpf_root: args
                 .bpf_root
                 .or(pa.bpf_root)
@@ -402,19 +410,6 @@ fn validate(args: &Settings) -> Result<()> {
     if v4 > 1 || v6 > 1 {
         bail!("--cluster-cidr: at most one CIDR per IP family, got {v4} IPv4 and {v6} IPv6");
     }
-    if !args.mode.implemented() {
-        let implemented: Vec<&str> = Mode::ALL
-            .into_iter()
-            .filter(|m| m.implemented())
-            .map(Mode::name)
-            .collect();
-        bail!(
-            "{}={}: this build implements modes {} only so far",
-            args.origin(args.mode_from_file, "--mode", "mode"),
-            args.mode,
-            implemented.join(", ")
-        );
-    }
     if let Some(dir) = &args.manifests
         && !dir.is_dir()
     {
@@ -432,9 +427,9 @@ fn validate(args: &Settings) -> Result<()> {
 }
 
 async fn run(mut args: Settings) -> Result<()> {
-    validate(&args)?;
     let node = node_name(args.hostname_override.clone())?;
     log_start(&args, &node);
+    validate(&args)?;
     if args.mode == Mode::Ebpf && args.cgroup_root.is_none() {
         args.cgroup_root = mount_own_cgroup2();
     }
@@ -460,8 +455,10 @@ async fn run(mut args: Settings) -> Result<()> {
     let health = Arc::new(Health::new(health_timeout(args.sync_period)));
     let metrics = Arc::new(Metrics::new());
     let mut servers = start_servers(&args, &health, &metrics).await?;
-    if args.mode == Mode::Ebpf {
-        register_datapath_counters(&metrics, &args.bpf_root);
+    match args.mode {
+        Mode::Ebpf => register_datapath_counters(&metrics, &args.bpf_root),
+        Mode::Ipvs => register_ipvs_counters(&metrics),
+        Mode::Nftables | Mode::Iptables => {}
     }
     let observer = AgentObserver::new(health, metrics, events);
     // The follower sends its first list at once (or fails, which the select
@@ -639,6 +636,7 @@ fn open_dataplane(args: &Settings) -> Result<Running> {
             pod_socket_lb: pod_socket_lb(args),
         },
         iptables_backend: args.iptables_backend,
+        ipvs_scheduler: args.ipvs_scheduler.clone(),
     };
     args.mode.remove_other_modes(&options);
     if args.cleanup_kube_proxy {
@@ -759,6 +757,99 @@ fn register_datapath_counters(metrics: &Metrics, bpf_root: &std::path::Path) {
             tracing::debug!(error = %e, "reading datapath counters");
             Vec::new()
         }
+    });
+}
+
+/// IPVS's own statistics (what `ipvsadm -Ln --stats` shows), per virtual
+/// server and per real server, read at each scrape over a netlink socket
+/// of the collector's own.
+fn register_ipvs_counters(metrics: &Metrics) {
+    use proxy_agent::dataplane::ipvs::netlink::{IpvsSocket, describe};
+    let socket = match IpvsSocket::open() {
+        Ok(s) => std::sync::Mutex::new(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "IPVS statistics unavailable; not exported");
+            return;
+        }
+    };
+    metrics.register_collector(move || {
+        let Ok(mut socket) = socket.lock() else {
+            return Vec::new();
+        };
+        let services = match socket.services() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading IPVS statistics");
+                return Vec::new();
+            }
+        };
+        let mut samples = Vec::new();
+        let counter = |name: &str, help: &str, labels: &[(String, String)], value: u64| {
+            serve::metrics::Sample {
+                name: name.into(),
+                help: help.into(),
+                kind: serve::metrics::SampleKind::Counter,
+                labels: labels.to_vec(),
+                value: value as f64,
+            }
+        };
+        for vs in services {
+            let labels = vec![("virtual_server".to_string(), describe(&vs.id))];
+            let s = vs.stats;
+            for (name, help, value) in [
+                (
+                    "proxy_agent_ipvs_connections_total",
+                    "Connections IPVS scheduled to a virtual server",
+                    s.connections,
+                ),
+                (
+                    "proxy_agent_ipvs_packets_in_total",
+                    "Packets IPVS received for a virtual server",
+                    s.packets_in,
+                ),
+                (
+                    "proxy_agent_ipvs_packets_out_total",
+                    "Packets IPVS sent back for a virtual server",
+                    s.packets_out,
+                ),
+                (
+                    "proxy_agent_ipvs_bytes_in_total",
+                    "Bytes IPVS received for a virtual server",
+                    s.bytes_in,
+                ),
+                (
+                    "proxy_agent_ipvs_bytes_out_total",
+                    "Bytes IPVS sent back for a virtual server",
+                    s.bytes_out,
+                ),
+            ] {
+                samples.push(counter(name, help, &labels, value));
+            }
+            let Ok(real) = socket.real_servers(&vs.id) else {
+                continue;
+            };
+            for rs in real {
+                let mut labels = labels.clone();
+                labels.push((
+                    "real_server".into(),
+                    std::net::SocketAddr::new(rs.addr, rs.port).to_string(),
+                ));
+                samples.push(counter(
+                    "proxy_agent_ipvs_real_server_connections_total",
+                    "Connections IPVS scheduled to a real server",
+                    &labels,
+                    rs.stats.connections,
+                ));
+                samples.push(serve::metrics::Sample {
+                    name: "proxy_agent_ipvs_real_server_active_connections".into(),
+                    help: "Connections of a real server IPVS counts as active".into(),
+                    kind: serve::metrics::SampleKind::Gauge,
+                    labels,
+                    value: f64::from(rs.active_conns),
+                });
+            }
+        }
+        samples
     });
 }
 

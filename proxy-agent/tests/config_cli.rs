@@ -52,12 +52,13 @@ fn mode_flag_overrides_the_file() {
     let missing = dir.path().join("no-such-dir");
     let missing = missing.to_str().unwrap();
 
-    // The file's mode alone is refused by this build, naming the file's field.
+    // The file's mode, as the start line says; the run then stops at the
+    // --manifests check.
     let (code, stderr) = run(&["run", "--config", &cfg, "--manifests", missing]);
     assert_ne!(code, 0, "{stderr}");
-    assert!(stderr.contains("mode=ipvs"), "{stderr}");
+    assert!(stderr.contains("mode=\"ipvs\""), "{stderr}");
 
-    // With --mode=ebpf the run gets past the mode to the --manifests check.
+    // With --mode=ebpf the flag wins.
     let (code, stderr) = run(&[
         "run",
         "--config",
@@ -67,6 +68,7 @@ fn mode_flag_overrides_the_file() {
         missing,
     ]);
     assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("mode=\"ebpf\""), "{stderr}");
     assert!(
         stderr.contains("--manifests") && stderr.contains("is not a directory"),
         "{stderr}"

@@ -82,8 +82,8 @@ pub enum DataplaneError {
     Iptables(#[from] iptables::IptablesError),
     #[error(transparent)]
     Conntrack(#[from] conntrack::ConntrackError),
-    #[error("mode {0} is not in this build")]
-    NotInThisBuild(&'static str),
+    #[error(transparent)]
+    Ipvs(ipvs::IpvsModeError),
 }
 
 /// Test support: runs `test` on a fresh thread moved into a network

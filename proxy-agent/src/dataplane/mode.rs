@@ -6,6 +6,7 @@ use super::{
     Dataplane, DataplaneError,
     ebpf::{self, EbpfOptions, attach::Attacher},
     iptables::{self, IptablesBackend, IptablesDataplane},
+    ipvs,
     nftables::{self, NftablesDataplane},
 };
 
@@ -18,7 +19,8 @@ pub enum Mode {
     Nftables,
     /// iptables rules (iptables-restore) in kube-proxy's KUBE-* chains.
     Iptables,
-    /// IPVS virtual servers (not in this build yet).
+    /// IPVS virtual servers (kube-proxy's IPVS layout), VIPs on `kube-ipvs0`,
+    /// and the nftables table `inet proxy-agent-ipvs`.
     Ipvs,
 }
 
@@ -39,11 +41,6 @@ impl Mode {
     /// The mode spelled `name`, as `--mode` and the config file take it.
     pub fn from_name(name: &str) -> Option<Mode> {
         Mode::ALL.into_iter().find(|m| m.name() == name)
-    }
-
-    /// Whether this build can run the mode.
-    pub fn implemented(self) -> bool {
-        self != Mode::Ipvs
     }
 
     /// kube-proxy's default `minSyncPeriod` for its rule-writing modes (1 s)
@@ -78,7 +75,9 @@ impl Mode {
                 log_removed(self, iptables::cleanup_backends(&others).map(usize::from));
                 Ok(Opened::of(IptablesDataplane::new(backend)))
             }
-            Mode::Ipvs => Err(DataplaneError::NotInThisBuild(self.name())),
+            Mode::Ipvs => Ok(Opened::of(
+                ipvs::open(&options.ipvs_scheduler).map_err(DataplaneError::Ipvs)?,
+            )),
         }
     }
 
@@ -96,7 +95,7 @@ impl Mode {
             Mode::Iptables => Ok(usize::from(iptables::cleanup_backends(
                 &IptablesBackend::ALL,
             )?)),
-            Mode::Ipvs => Ok(0),
+            Mode::Ipvs => ipvs::cleanup().map_err(DataplaneError::Ipvs),
         }
     }
 
@@ -132,6 +131,11 @@ pub enum Behaviour {
     /// A pod's connected UDP socket whose backend leaves is moved to a live
     /// backend in place (its next datagram is answered), not ended.
     PodUdpSocketsMoveInPlace,
+    /// A client that reuses the source port of a closed connection through
+    /// a Service for a connection straight to the backend is answered.
+    ClientPortReusedStraightToTheBackend,
+    /// NodePorts served on `127.0.0.1` when `--nodeport-addresses` names it.
+    LocalhostNodePorts,
 }
 
 impl Mode {
@@ -166,6 +170,16 @@ impl Mode {
                  to move it: the agent ends the socket (SOCK_DESTROY, as Cilium does), so its \
                  next send fails once and a new socket reaches a live backend; with \
                  --socket-lb=false pods keep the packet path, which moves it in place",
+            ),
+            ClientPortReusedStraightToTheBackend if self == Mode::Ipvs => Some(
+                "IPVS keeps a closed connection in its own connection table (TIME_WAIT, two \
+                 minutes) and rewrites the backend's reply to a new connection on the same \
+                 tuple as the VIP's, so the client's direct connection gets an answer from the \
+                 wrong address; kube-proxy's IPVS mode behaves the same",
+            ),
+            LocalhostNodePorts if self == Mode::Ipvs => Some(
+                "kube-proxy's IPVS mode never serves NodePorts on loopback: a virtual server on \
+                 127.0.0.1 would send the backend a packet with a loopback source",
             ),
             RefusesNodeConnectsAtOnce if netfilter => Some(
                 "netfilter drops or rejects the connection's first packet, as kube-proxy does; \
@@ -220,6 +234,8 @@ pub struct ModeOptions {
     /// attaches to, the cgroup of its socket hooks.
     pub ebpf: EbpfOptions,
     pub iptables_backend: IptablesBackendChoice,
+    /// The ipvs mode's scheduler (`--ipvs-scheduler`, `ipvs.scheduler`).
+    pub ipvs_scheduler: String,
 }
 
 /// An opened mode: its dataplane and, for the ebpf mode, what attaches its
@@ -252,6 +268,19 @@ pub fn remove_kube_proxy_leftovers() {
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, "removing kube-proxy's iptables chains"),
     }
+    // Its IPVS state: kube-ipvs0 (the ipvs mode's link too), the virtual
+    // servers on its addresses and NodePorts, then the ipsets no iptables
+    // rule names any more.
+    match ipvs::cleanup() {
+        Ok(0) => {}
+        Ok(objects) => tracing::info!(objects, "removed kube-proxy's IPVS state"),
+        Err(e) => tracing::warn!(error = %e, "removing kube-proxy's IPVS state"),
+    }
+    match ipvs::destroy_kube_proxy_ipsets() {
+        Ok(0) => {}
+        Ok(sets) => tracing::info!(sets, "removed kube-proxy's KUBE-* ipsets"),
+        Err(e) => tracing::warn!(error = %e, "removing kube-proxy's ipsets"),
+    }
 }
 
 #[cfg(test)]
@@ -268,10 +297,12 @@ mod tests {
             RefusesNodeConnectsAtOnce,
             ChecksServiceCidrs,
             PodUdpSocketsMoveInPlace,
+            ClientPortReusedStraightToTheBackend,
+            LocalhostNodePorts,
         ] {
             let can: Vec<Mode> = Mode::ALL
                 .into_iter()
-                .filter(|m| m.implemented() && m.cannot(behaviour).is_none())
+                .filter(|m| m.cannot(behaviour).is_none())
                 .collect();
             assert!(!can.is_empty(), "{behaviour:?}: no mode does it");
             for mode in Mode::ALL {
@@ -283,16 +314,11 @@ mod tests {
     }
 
     #[test]
-    fn names_round_trip_and_only_ipvs_is_missing() {
+    fn names_round_trip() {
         for mode in Mode::ALL {
             assert_eq!(Mode::from_name(mode.name()), Some(mode));
             assert_eq!(mode.to_string(), mode.name());
-            assert_eq!(mode.implemented(), mode != Mode::Ipvs);
         }
         assert_eq!(Mode::from_name("userspace"), None);
-        assert!(matches!(
-            Mode::Ipvs.open(&ModeOptions::default()),
-            Err(DataplaneError::NotInThisBuild("ipvs"))
-        ));
     }
 }

@@ -1,2 +1,610 @@
-//! The ipvs mode: kube-proxy's IPVS layout.
+//! The ipvs mode: kube-proxy's IPVS layout, rendered from the shared plan.
+//! - One IPVS virtual server per frontend address (ClusterIP, external IP,
+//!   LoadBalancer IP, and each NodePort address but loopback), real servers
+//!   in masquerading forwarding with weight 1, persistence for session
+//!   affinity; programmed over generic netlink ([`netlink`]).
+//! - Every VIP bound on the dummy link `kube-ipvs0` ([`link`]).
+//! - What IPVS cannot do in the nftables table `inet proxy-agent-ipvs`
+//!   ([`table`]).
+//! - Graceful termination as kube-proxy's: a TCP real server whose backend
+//!   left gets weight 0 and is deleted once IPVS counts no connection on it;
+//!   UDP and SCTP ones are deleted at once (and the UDP flows' conntrack
+//!   entries, as in the other modes).
+//!
+//! The [`Driver`] keeps the shadow of what is programmed per frontend, as
+//! for the other rule-writing modes.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+pub mod link;
 pub mod netlink;
+pub mod render;
+pub mod table;
+
+use netlink::{IpvsError, IpvsSocket, RealServer, ServiceId, VirtualServer};
+use render::{Element, IpvsFrontend, Server, hairpin_element};
+
+use crate::{
+    dataplane::{
+        ApplyStats, DataplaneError,
+        netfilter::{Driver, NodeNetwork, Planned, RuleBackend, Scope, Shadow, run_with_input},
+    },
+    model::FrontendKey,
+};
+
+/// kube-proxy's default scheduler.
+pub const DEFAULT_SCHEDULER: &str = "rr";
+
+/// How long a drained TCP real server may keep connections before it is
+/// deleted anyway (kube-proxy's graceful termination has no bound; a
+/// connection idle for this long is not coming back through this node).
+const MAX_DRAIN: Duration = Duration::from_secs(15 * 60);
+
+/// The ipvs mode's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum IpvsModeError {
+    #[error(transparent)]
+    Ipvs(#[from] IpvsError),
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
+    #[error("nft -f (table {table}): {0}", table = table::TABLE)]
+    Nft(String),
+    #[error("ipset: {0}")]
+    Ipset(String),
+}
+
+impl From<IpvsModeError> for DataplaneError {
+    fn from(e: IpvsModeError) -> Self {
+        DataplaneError::Ipvs(e)
+    }
+}
+
+pub type IpvsDataplane = Driver<Ipvs>;
+
+/// Opens the mode: the IPVS netlink socket (loading `ip_vs` when the
+/// kernel has it as a module), kube-proxy's sysctls.
+pub fn open(scheduler: &str) -> Result<IpvsDataplane, IpvsModeError> {
+    let socket = match IpvsSocket::open() {
+        Err(IpvsError::NoIpvs) => {
+            // kube-proxy loads the modules it needs the same way.
+            let _ = std::process::Command::new("modprobe").arg("ip_vs").status();
+            IpvsSocket::open()?
+        }
+        other => other?,
+    };
+    set_sysctls();
+    Ok(Driver::with_rules(Ipvs {
+        scheduler: scheduler.to_string(),
+        socket,
+        bound: BTreeSet::new(),
+        shared: BTreeSet::new(),
+        draining: BTreeMap::new(),
+    }))
+}
+
+/// kube-proxy's IPVS sysctls: connections keep their conntrack entry (for
+/// masquerade), and connections to a removed real server end at their next
+/// packet instead of being dropped until they time out. Failures are
+/// logged: a kernel without them still serves.
+fn set_sysctls() {
+    for (name, value) in [
+        ("net/ipv4/vs/conntrack", "1"),
+        ("net/ipv4/vs/expire_nodest_conn", "1"),
+        ("net/ipv4/vs/expire_quiescent_template", "1"),
+    ] {
+        let path = format!("/proc/sys/{name}");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+            continue;
+        }
+        if let Err(e) = std::fs::write(&path, value) {
+            tracing::warn!(sysctl = name, error = %e, "cannot set");
+        }
+    }
+}
+
+/// What the ipvs mode holds besides the shadow.
+pub struct Ipvs {
+    scheduler: String,
+    socket: IpvsSocket,
+    /// The addresses bound on `kube-ipvs0`, as last read or written.
+    bound: BTreeSet<IpAddr>,
+    /// The elements of the sets frontends share (VIPs, hairpin backends)
+    /// in the kernel, as last written.
+    shared: BTreeSet<Element>,
+    /// TCP real servers given weight 0 when their backend left, and since
+    /// when: deleted once IPVS counts no connection on them.
+    draining: BTreeMap<(ServiceId, IpAddr, u16), Instant>,
+}
+
+/// What a reconcile read: the virtual servers of ours in the kernel.
+pub struct Found {
+    services: Vec<VirtualServer>,
+}
+
+fn nft(text: &str) -> Result<(), IpvsModeError> {
+    if text.is_empty() {
+        return Ok(());
+    }
+    let out = run_with_input("nft", &["-f", "-"], text.as_bytes())
+        .map_err(|e| IpvsModeError::Nft(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(IpvsModeError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+fn table_exists() -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", table::TABLE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Virtual servers by id, from a shadow.
+fn servers_of(shadow: &Shadow<IpvsFrontend>) -> BTreeMap<ServiceId, &Server> {
+    shadow
+        .values()
+        .flat_map(|p| p.rendered.servers.iter())
+        .map(|s| (s.virtual_server.id, s))
+        .collect()
+}
+
+impl RuleBackend for Ipvs {
+    const NAME: &'static str = "ipvs";
+    type Rendered = IpvsFrontend;
+    type Found = Found;
+    type Error = IpvsModeError;
+
+    fn render(&self, planned: &Planned<'_>, network: &NodeNetwork) -> IpvsFrontend {
+        render::render(planned.plan, &self.scheduler, network)
+    }
+
+    fn ensure_base(&mut self, network: &NodeNetwork) -> Result<(), IpvsModeError> {
+        link::ensure()?;
+        nft(&table::base(network))
+    }
+
+    fn write(
+        &mut self,
+        programmed: &mut Shadow<IpvsFrontend>,
+        keys: &[FrontendKey],
+        wanted: &Shadow<IpvsFrontend>,
+        _network: &NodeNetwork,
+        _scope: Scope,
+    ) -> Result<(), IpvsModeError> {
+        let mut remove: Vec<Element> = Vec::new();
+        let mut add: Vec<Element> = Vec::new();
+        for key in keys {
+            let old = programmed.get(key).map(|p| &p.rendered);
+            let new = wanted.get(key).map(|p| &p.rendered);
+            let none = Vec::new();
+            let old_servers = old.map_or(&none, |o| &o.servers);
+            let new_servers = new.map_or(&none, |n| &n.servers);
+            self.sync_servers(old_servers, new_servers)?;
+            let old_elements: BTreeSet<&Element> =
+                old.iter().flat_map(|o| o.elements.iter()).collect();
+            let new_elements: BTreeSet<&Element> =
+                new.iter().flat_map(|n| n.elements.iter()).collect();
+            remove.extend(old_elements.difference(&new_elements).map(|e| (*e).clone()));
+            add.extend(new_elements.difference(&old_elements).map(|e| (*e).clone()));
+            match wanted.get(key) {
+                Some(p) => {
+                    programmed.insert(*key, p.clone());
+                }
+                None => {
+                    programmed.remove(key);
+                }
+            }
+        }
+        let mut text = table::elements("delete", &remove.iter().collect::<Vec<_>>());
+        text.push_str(&table::elements("add", &add.iter().collect::<Vec<_>>()));
+        text.push_str(&self.shared_changes(programmed));
+        nft(&text)?;
+        self.shared = shared_of(programmed);
+        self.bind(programmed)?;
+        self.expire_drained()?;
+        Ok(())
+    }
+
+    fn read_kernel(
+        &mut self,
+        programmed: &Shadow<IpvsFrontend>,
+        wanted: &Shadow<IpvsFrontend>,
+        network: &NodeNetwork,
+        due: bool,
+        stats: &mut ApplyStats,
+    ) -> Result<Option<Found>, IpvsModeError> {
+        let had_table = table_exists();
+        self.ensure_base(network)?;
+        self.bound = link::addresses()?;
+        let ours = self.ours(wanted, programmed, network);
+        let kernel: Vec<VirtualServer> = self
+            .socket
+            .services()?
+            .into_iter()
+            .filter(|vs| ours.contains(&vs.id.addr))
+            .collect();
+        let in_kernel: BTreeMap<ServiceId, &VirtualServer> =
+            kernel.iter().map(|vs| (vs.id, vs)).collect();
+        let wanted_servers = servers_of(wanted);
+        let programmed_servers = servers_of(programmed);
+        let mut drift = !had_table;
+        for (id, server) in &wanted_servers {
+            match in_kernel.get(id) {
+                None => stats.kernel_writes += 1,
+                Some(vs) if !vs.same_config(&server.virtual_server) => {
+                    stats.kernel_writes += 1;
+                }
+                Some(_) => {}
+            }
+        }
+        for id in in_kernel.keys() {
+            if !wanted_servers.contains_key(id) {
+                stats.kernel_deletes += 1;
+            }
+        }
+        // Drift: the kernel is not what we programmed.
+        for (id, server) in &programmed_servers {
+            match in_kernel.get(id) {
+                Some(vs) if vs.same_config(&server.virtual_server) => {
+                    let real = self.socket.real_servers(id)?;
+                    if !same_real_servers(&real, &server.real_servers, id, &self.draining) {
+                        drift = true;
+                    }
+                }
+                _ => drift = true,
+            }
+        }
+        if in_kernel.len() != programmed_servers.len() {
+            drift = true;
+        }
+        let wanted_vips: BTreeSet<IpAddr> =
+            wanted.values().filter_map(|p| p.rendered.vip).collect();
+        if wanted_vips != self.bound {
+            drift = true;
+        }
+        Ok((due || drift).then_some(Found { services: kernel }))
+    }
+
+    fn rewrite(
+        &mut self,
+        programmed: &mut Shadow<IpvsFrontend>,
+        wanted: &Shadow<IpvsFrontend>,
+        network: &NodeNetwork,
+        found: Found,
+    ) -> Result<(), IpvsModeError> {
+        let wanted_servers = servers_of(wanted);
+        // Virtual servers nobody wants go; the others are brought in line
+        // in place, so their connections are kept.
+        for vs in &found.services {
+            if !wanted_servers.contains_key(&vs.id) {
+                self.socket.delete_service(&vs.id)?;
+                self.draining.retain(|(id, ..), _| *id != vs.id);
+            }
+        }
+        let existing: BTreeMap<ServiceId, &VirtualServer> =
+            found.services.iter().map(|vs| (vs.id, vs)).collect();
+        for (id, server) in &wanted_servers {
+            match existing.get(id) {
+                None => self.add_server(server)?,
+                Some(vs) => {
+                    if !vs.same_config(&server.virtual_server) {
+                        self.socket.update_service(&server.virtual_server)?;
+                    }
+                    let real = self.socket.real_servers(id)?;
+                    self.sync_real_servers(id, &real, &server.real_servers)?;
+                }
+            }
+        }
+        let mut text = table::base(network);
+        text.push_str(&table::flush_sets());
+        let all: Vec<&Element> = wanted
+            .values()
+            .flat_map(|p| p.rendered.elements.iter())
+            .collect();
+        text.push_str(&table::elements("add", &all));
+        let shared = shared_of(wanted);
+        text.push_str(&table::elements("add", &shared.iter().collect::<Vec<_>>()));
+        nft(&text)?;
+        self.shared = shared;
+        programmed.clone_from(wanted);
+        self.bind(programmed)?;
+        self.expire_drained()?;
+        Ok(())
+    }
+
+    fn write_node_network(
+        &mut self,
+        old: &NodeNetwork,
+        network: &NodeNetwork,
+    ) -> Result<bool, IpvsModeError> {
+        if old.cluster_cidrs != network.cluster_cidrs {
+            nft(&table::mark_chain(network))?;
+        }
+        // NodePort virtual servers are rendered per node address.
+        Ok(old.nodeport_addresses != network.nodeport_addresses)
+    }
+}
+
+/// Whether the kernel's real servers `real` are `wanted` plus the ones
+/// being drained.
+fn same_real_servers(
+    real: &[RealServer],
+    wanted: &[RealServer],
+    id: &ServiceId,
+    draining: &BTreeMap<(ServiceId, IpAddr, u16), Instant>,
+) -> bool {
+    let live: BTreeSet<(IpAddr, u16, u32)> = real
+        .iter()
+        .filter(|r| !draining.contains_key(&(*id, r.addr, r.port)))
+        .map(|r| (r.addr, r.port, r.weight))
+        .collect();
+    let want: BTreeSet<(IpAddr, u16, u32)> =
+        wanted.iter().map(|r| (r.addr, r.port, r.weight)).collect();
+    live == want
+}
+
+/// The elements every frontend shares: the VIPs (the filter's), the
+/// backends that may be their own clients (hairpin).
+fn shared_of(shadow: &Shadow<IpvsFrontend>) -> BTreeSet<Element> {
+    let mut out = BTreeSet::new();
+    for p in shadow.values() {
+        if let Some(vip) = p.rendered.vip {
+            out.insert(Element {
+                set: "vips",
+                family: crate::dataplane::netfilter::Family::of(vip),
+                value: vip.to_string(),
+            });
+        }
+        out.extend(p.rendered.backends.iter().map(hairpin_element));
+    }
+    out
+}
+
+impl Ipvs {
+    /// The nft commands that take the shared sets from what was written to
+    /// what `programmed` needs.
+    fn shared_changes(&self, programmed: &Shadow<IpvsFrontend>) -> String {
+        let want = shared_of(programmed);
+        let remove: Vec<&Element> = self.shared.difference(&want).collect();
+        let add: Vec<&Element> = want.difference(&self.shared).collect();
+        let mut text = table::elements("delete", &remove);
+        text.push_str(&table::elements("add", &add));
+        text
+    }
+
+    /// The addresses whose virtual servers are ours: the VIPs bound on
+    /// `kube-ipvs0` and wanted, and the node's NodePort addresses.
+    fn ours(
+        &self,
+        wanted: &Shadow<IpvsFrontend>,
+        programmed: &Shadow<IpvsFrontend>,
+        network: &NodeNetwork,
+    ) -> BTreeSet<IpAddr> {
+        let mut ours: BTreeSet<IpAddr> = self.bound.clone();
+        ours.extend(network.nodeport_addresses.iter().copied());
+        for shadow in [wanted, programmed] {
+            for server in servers_of(shadow).keys() {
+                ours.insert(server.addr);
+            }
+        }
+        ours
+    }
+
+    /// Binds the VIPs `programmed` needs on `kube-ipvs0`, unbinds the rest.
+    fn bind(&mut self, programmed: &Shadow<IpvsFrontend>) -> Result<(), IpvsModeError> {
+        let want: BTreeSet<IpAddr> = programmed.values().filter_map(|p| p.rendered.vip).collect();
+        let add: Vec<IpAddr> = want.difference(&self.bound).copied().collect();
+        let remove: Vec<IpAddr> = self.bound.difference(&want).copied().collect();
+        if let Err(e) = link::change(&add, &remove) {
+            // An address bound or gone behind our back: what counts is
+            // whether the link now holds what is wanted.
+            self.bound = link::addresses()?;
+            if self.bound != want {
+                return Err(e.into());
+            }
+        }
+        self.bound = want;
+        Ok(())
+    }
+
+    /// Adds a virtual server with its real servers.
+    fn add_server(&mut self, server: &Server) -> Result<(), IpvsModeError> {
+        let id = server.virtual_server.id;
+        self.socket.add_service(&server.virtual_server)?;
+        for rs in &server.real_servers {
+            self.socket.add_real_server(&id, rs)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the kernel's virtual servers of one frontend from `old` to
+    /// `new`.
+    fn sync_servers(&mut self, old: &[Server], new: &[Server]) -> Result<(), IpvsModeError> {
+        let old_by: BTreeMap<ServiceId, &Server> =
+            old.iter().map(|s| (s.virtual_server.id, s)).collect();
+        let new_by: BTreeMap<ServiceId, &Server> =
+            new.iter().map(|s| (s.virtual_server.id, s)).collect();
+        for id in old_by.keys() {
+            if !new_by.contains_key(id) {
+                self.socket.delete_service(id)?;
+                self.draining.retain(|(vs, ..), _| vs != id);
+            }
+        }
+        for (id, server) in &new_by {
+            match old_by.get(id) {
+                None => self.add_server(server)?,
+                Some(before) => {
+                    if !before.virtual_server.same_config(&server.virtual_server) {
+                        self.socket.update_service(&server.virtual_server)?;
+                    }
+                    self.sync_real_servers(id, &before.real_servers, &server.real_servers)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes virtual server `id`'s real servers from `old` to `new`: a
+    /// removed TCP one drains (weight 0), others go at once; one that comes
+    /// back while draining gets its weight again.
+    fn sync_real_servers(
+        &mut self,
+        id: &ServiceId,
+        old: &[RealServer],
+        new: &[RealServer],
+    ) -> Result<(), IpvsModeError> {
+        let key = |r: &RealServer| (r.addr, r.port);
+        let old_by: BTreeMap<(IpAddr, u16), &RealServer> =
+            old.iter().map(|r| (key(r), r)).collect();
+        let new_by: BTreeMap<(IpAddr, u16), &RealServer> =
+            new.iter().map(|r| (key(r), r)).collect();
+        for ((addr, port), rs) in &old_by {
+            if new_by.contains_key(&(*addr, *port)) {
+                continue;
+            }
+            if self.draining.contains_key(&(*id, *addr, *port)) {
+                continue;
+            }
+            if i32::from(id.protocol) == libc::IPPROTO_TCP {
+                self.socket.update_real_server(
+                    id,
+                    &RealServer {
+                        weight: 0,
+                        ..(*rs).clone()
+                    },
+                )?;
+                self.draining.insert((*id, *addr, *port), Instant::now());
+            } else {
+                self.socket.delete_real_server(id, *addr, *port)?;
+            }
+        }
+        for ((addr, port), rs) in &new_by {
+            let was_draining = self.draining.remove(&(*id, *addr, *port)).is_some();
+            match old_by.get(&(*addr, *port)) {
+                None if !was_draining => self.socket.add_real_server(id, rs)?,
+                Some(before) if before.weight == rs.weight && !was_draining => {}
+                _ => self.socket.update_real_server(id, rs)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes drained real servers that IPVS counts no connection on (or
+    /// that drained for [`MAX_DRAIN`]).
+    fn expire_drained(&mut self) -> Result<(), IpvsModeError> {
+        if self.draining.is_empty() {
+            return Ok(());
+        }
+        let services: BTreeSet<ServiceId> = self.draining.keys().map(|(id, ..)| *id).collect();
+        for id in services {
+            let real = match self.socket.real_servers(&id) {
+                Ok(real) => real,
+                Err(IpvsError::Kernel { .. }) => {
+                    // The virtual server is gone, and its real servers with it.
+                    self.draining.retain(|(vs, ..), _| *vs != id);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let present: BTreeSet<(IpAddr, u16)> = real.iter().map(|r| (r.addr, r.port)).collect();
+            for rs in real {
+                let Some(since) = self.draining.get(&(id, rs.addr, rs.port)) else {
+                    continue;
+                };
+                if rs.active_conns + rs.inactive_conns == 0 || since.elapsed() > MAX_DRAIN {
+                    self.socket.delete_real_server(&id, rs.addr, rs.port)?;
+                    self.draining.remove(&(id, rs.addr, rs.port));
+                }
+            }
+            // Deleted behind our back: nothing left to drain.
+            self.draining
+                .retain(|(vs, addr, port), _| *vs != id || present.contains(&(*addr, *port)));
+        }
+        Ok(())
+    }
+}
+
+/// Removes what the ipvs mode left: the companion table, the virtual
+/// servers on `kube-ipvs0`'s addresses and on the node's NodePorts (only
+/// when `kube-ipvs0` or the table shows the mode ran here: other IPVS
+/// users of the node are left alone), and the link. Returns how many
+/// objects went. A kernel without IPVS has nothing to remove.
+pub fn cleanup() -> Result<usize, IpvsModeError> {
+    let had_table = table_exists();
+    let had_link = link::exists();
+    if !had_table && !had_link {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    let bound = link::addresses()?;
+    match IpvsSocket::open() {
+        Ok(mut socket) => {
+            for vs in socket.services()? {
+                if bound.contains(&vs.id.addr) || is_node_port(&vs) {
+                    socket.delete_service(&vs.id)?;
+                    removed += 1;
+                }
+            }
+        }
+        Err(IpvsError::NoIpvs) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if had_table {
+        nft(&format!("delete table inet {}\n", table::TABLE))?;
+        removed += 1;
+    }
+    if link::delete()? {
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Destroys kube-proxy's `KUBE-*` ipsets (its IPVS mode's), when the
+/// `ipset` tool is on the node; returns how many went. Sets still named by
+/// a rule stay (the kernel refuses), and are reported.
+pub fn destroy_kube_proxy_ipsets() -> Result<usize, IpvsModeError> {
+    let Ok(out) = std::process::Command::new("ipset")
+        .args(["list", "-n"])
+        .output()
+    else {
+        return Ok(0);
+    };
+    if !out.status.success() {
+        return Ok(0);
+    }
+    let mut destroyed = 0;
+    for name in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| n.starts_with("KUBE-"))
+    {
+        let status = std::process::Command::new("ipset")
+            .args(["destroy", name])
+            .output()
+            .map_err(|e| IpvsModeError::Ipset(format!("destroy {name}: {e}")))?;
+        if status.status.success() {
+            destroyed += 1;
+        } else {
+            tracing::warn!(
+                set = name,
+                error = %String::from_utf8_lossy(&status.stderr).trim(),
+                "cannot destroy kube-proxy's ipset"
+            );
+        }
+    }
+    Ok(destroyed)
+}
+
+/// A virtual server on a local address and a port of the default NodePort
+/// range (30000-32767): a NodePort of ours.
+fn is_node_port(vs: &VirtualServer) -> bool {
+    (30000..=32767).contains(&vs.id.port) && !vs.id.addr.is_loopback()
+}
