@@ -53,6 +53,8 @@ enum Mode {
     /// The iptables mode through iptables-legacy (one restore per sync,
     /// where iptables-nft splits large ones).
     IptablesLegacy,
+    /// The ipvs mode (in the VM: this machine's kernel has no IPVS).
+    Ipvs,
 }
 
 impl Mode {
@@ -62,6 +64,7 @@ impl Mode {
             Mode::Ebpf | Mode::EbpfNoSocketLb => AgentMode::Ebpf,
             Mode::Nftables => AgentMode::Nftables,
             Mode::Iptables | Mode::IptablesLegacy => AgentMode::Iptables,
+            Mode::Ipvs => AgentMode::Ipvs,
         }
     }
 
@@ -108,7 +111,7 @@ impl Mode {
             Mode::EbpfNoSocketLb => vec!["--socket-lb=false".into()],
             Mode::Iptables => vec!["--iptables-backend=nft".into()],
             Mode::IptablesLegacy => vec!["--iptables-backend=legacy".into()],
-            Mode::Ebpf | Mode::Nftables => Vec::new(),
+            Mode::Ebpf | Mode::Nftables | Mode::Ipvs => Vec::new(),
         }
     }
 
@@ -118,6 +121,10 @@ impl Mode {
         let behaviour = match scenario {
             "hairpin_bridge" => Behaviour::HairpinWithoutHairpinMode,
             "unallocated_service_ips_are_dropped" => Behaviour::ChecksServiceCidrs,
+            "client_port_reused_straight_to_the_backend" => {
+                Behaviour::ClientPortReusedStraightToTheBackend
+            }
+            "localhost_nodeport_only_when_asked" => Behaviour::LocalhostNodePorts,
             _ => return None,
         };
         self.mode().cannot(behaviour)
@@ -154,6 +161,7 @@ macro_rules! suite {
         suite!(@mode nftables, Nftables, $($scenario),*);
         suite!(@mode iptables, Iptables, $($scenario),*);
         suite!(@mode iptables_legacy, IptablesLegacy, $($scenario),*);
+        suite!(@mode ipvs, Ipvs, $($scenario),*);
     };
     (@mode $module:ident, $mode:ident, $($scenario:ident),*) => {
         mod $module {
@@ -208,13 +216,36 @@ fn run(test: &str, mode: Mode, scenario: fn(Mode) -> anyhow::Result<()>) {
         return;
     }
     if let Some(reason) = mode.cannot(test) {
-        let _ = writeln!(std::io::stderr(), "{name}: skipped: {reason}");
+        // The VM stage counts this skip as done (`Mode::cannot` decided it).
+        let _ = writeln!(
+            std::io::stderr(),
+            "{name}: skipped (Mode::cannot): {reason}"
+        );
+        return;
+    }
+    if mode == Mode::Ipvs && !ipvs_available() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "{name}: skipped: this kernel has no IPVS; the VM stage of `cargo xtask test` runs it"
+        );
         return;
     }
     if let Err(error) = scenario(mode) {
         let evidence = LAST_CLUSTER.with(|last| last.take());
         panic!("{name}: {error:?}\n{evidence}");
     }
+}
+
+/// Whether the kernel has IPVS (loading its module if it is one).
+fn ipvs_available() -> bool {
+    let present = || std::path::Path::new("/proc/net/ip_vs").exists();
+    present()
+        || (std::process::Command::new("modprobe")
+            .arg("ip_vs")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && present())
 }
 
 thread_local! {
@@ -527,6 +558,20 @@ impl Drop for Cluster {
                 &[&["iptables-legacy-save"], &["ip6tables-legacy-save"]]
             } else if agent.config().mode == "iptables" {
                 &[&["iptables-nft-save"], &["ip6tables-nft-save"]]
+            } else if agent.config().mode == "ipvs" {
+                // What IPVS holds, its connections, and the sysctls it
+                // follows, beside the companion table.
+                &[
+                    &["nft", "list", "ruleset"],
+                    &["ipvsadm", "-Ln"],
+                    &["ipvsadm", "-Lnc"],
+                    &[
+                        "sysctl",
+                        "net.ipv4.vs.conntrack",
+                        "net.ipv4.vs.conn_reuse_mode",
+                    ],
+                    &["conntrack", "-L"],
+                ]
             } else {
                 &[&["nft", "list", "ruleset"]]
             };

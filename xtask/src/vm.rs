@@ -91,7 +91,8 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
         ));
     }
     let agent = env.target_dir.join("debug/proxy-agent");
-    for (which, scenario) in SCENARIOS {
+    let tests = vm_tests(env, &scenarios)?;
+    for (which, scenario) in &tests {
         let binary = match which {
             TestBinary::Scenarios => &scenarios,
             TestBinary::AgentLib => &agent_lib,
@@ -113,7 +114,9 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
     command
         .args(["--verbose", "--disable-kvm", "--run"])
         .arg(&vmlinuz)
-        .args(["--user", "root", "--memory", "2G", "--rw", "--exec"])
+        .args([
+            "--user", "root", "--memory", "2G", "--cpus", "2", "--rw", "--exec",
+        ])
         .arg(&script)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -124,7 +127,7 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
     let _ = command.status().context("starting vng")?;
     let out = std::fs::read_to_string(&results)
         .with_context(|| format!("the VM wrote no results to {}", results.display()))?;
-    let verdict = verdict(&out);
+    let verdict = verdict(&out, &tests);
     for line in out
         .lines()
         .filter(|l| l.starts_with("test ") || l.contains("skipped"))
@@ -141,12 +144,59 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
 }
 
 /// How many scenarios passed, or why the run does not count.
-fn verdict(out: &str) -> Result<usize, String> {
-    if let Some(line) = out.lines().find(|l| l.contains(": skipped:")) {
+/// The ipvs mode's scenarios the VM stage runs by default: the ones it
+/// passes so far, chosen to cover each part of the mode (virtual servers
+/// of every kind, masquerade, source ranges, graceful termination, stale
+/// UDP flows, hairpin) in about eight minutes of emulation. With
+/// `PROXY_VM_IPVS=all` every `ipvs::` scenario of the suite runs (about 30
+/// minutes); bringing the rest up is issue 15's work.
+const IPVS_SCENARIOS: &[&str] = &[
+    "ipvs::clusterip_dual_stack_tcp_and_udp",
+    "ipvs::clusterip_sctp",
+    "ipvs::nodeport_on_node_addresses_never_loopback",
+    "ipvs::masquerade_all_masquerades_pods_too",
+    "ipvs::external_and_load_balancer_ips_with_source_ranges",
+    "ipvs::established_flow_survives_backend_removal",
+    "ipvs::udp_flow_moves_off_a_removed_backend",
+    "ipvs::hairpin_routed",
+];
+
+/// [`SCENARIOS`] and [`IPVS_SCENARIOS`], or with `PROXY_VM_IPVS=all` every
+/// `ipvs::` scenario (listed by the scenario binary).
+fn vm_tests(env: &Env, scenarios: &Path) -> anyhow::Result<Vec<(TestBinary, String)>> {
+    let mut tests: Vec<(TestBinary, String)> = SCENARIOS
+        .iter()
+        .map(|(b, name)| (*b, name.to_string()))
+        .collect();
+    let ipvs: Vec<String> = if std::env::var("PROXY_VM_IPVS").as_deref() == Ok("all") {
+        let listed = query(env.command(scenarios).args(["--list", "--format", "terse"]))
+            .context("listing the scenarios")?;
+        listed
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .filter(|name| name.starts_with("ipvs::"))
+            .map(str::to_string)
+            .collect()
+    } else {
+        IPVS_SCENARIOS.iter().map(|s| s.to_string()).collect()
+    };
+    tests.extend(ipvs.into_iter().map(|name| (TestBinary::Scenarios, name)));
+    Ok(tests)
+}
+
+/// A skip that the mode's `Mode::cannot` names is a decision, not a
+/// missing kernel feature: it counts as done.
+const DECIDED_SKIP: &str = ": skipped (Mode::cannot):";
+
+fn verdict(out: &str, tests: &[(TestBinary, String)]) -> Result<usize, String> {
+    if let Some(line) = out
+        .lines()
+        .find(|l| l.contains(": skipped:") && !l.contains(DECIDED_SKIP))
+    {
         return Err(format!("a scenario skipped in the VM: {line}"));
     }
     let mut passed = 0;
-    for (_, scenario) in SCENARIOS {
+    for (_, scenario) in tests {
         let rc = out
             .lines()
             .find_map(|l| l.strip_prefix(&format!("VM-RC {scenario} ")))
@@ -257,16 +307,29 @@ mod tests {
 
     #[test]
     fn a_vm_run_counts_only_when_every_scenario_passed_without_skipping() {
+        let tests: Vec<(TestBinary, String)> = SCENARIOS
+            .iter()
+            .map(|(b, n)| (*b, n.to_string()))
+            .chain([(TestBinary::Scenarios, "ipvs::hairpin_bridge".to_string())])
+            .collect();
+        let verdict = |out: &str| verdict(out, &tests);
         let run = |rc: &str, result: &str, extra: &str| {
             let mut out = String::from(extra);
-            for (_, scenario) in SCENARIOS {
+            for (_, scenario) in &tests {
                 out.push_str(&format!(
                     "test {scenario} ... {result}\nVM-RC {scenario} {rc}\n"
                 ));
             }
             out
         };
-        assert_eq!(verdict(&run("0", "ok", "")), Ok(SCENARIOS.len()));
+        assert_eq!(verdict(&run("0", "ok", "")), Ok(tests.len()));
+        // A skip Mode::cannot decided counts as done.
+        let decided = run(
+            "0",
+            "ok",
+            "ipvs::hairpin_bridge: skipped (Mode::cannot): with br_netfilter on ...\n",
+        );
+        assert_eq!(verdict(&decided), Ok(tests.len()));
         assert!(
             verdict(&run("101", "FAILED", ""))
                 .unwrap_err()
