@@ -11,8 +11,11 @@
 //!   endpoint, and new connections to a VIP on a port that is no service's
 //!   (`KUBE-IPVS-FILTER`, rejected).
 //!
-//! The filter chain runs at `input` priority 0, before IPVS's own hook
-//! (`NF_IP_PRI_NAT_SRC - 2`); the mark is set at `prerouting`/`output`
+//! The filter rules (chain `filtering`) run at `input` priority 0, before
+//! IPVS's own input hook (`NF_IP_PRI_NAT_SRC - 2`), and at `output`
+//! priority -150 for the node's own connections, before IPVS schedules
+//! them at its output hook (`NF_IP_PRI_NAT_DST + 1`), after which they
+//! never reach input; the mark is set at `prerouting`/`output`
 //! before IPVS schedules, and read at `postrouting` after its NAT (with
 //! `net.ipv4.vs.conntrack=1` the connection keeps its conntrack entry).
 use std::fmt::Write;
@@ -98,7 +101,14 @@ pub fn base(network: &NodeNetwork) -> String {
             "postrouting",
             Some("type nat hook postrouting priority 100"),
         ),
+        ("filtering", None),
         ("input", Some("type filter hook input priority 0")),
+        // Before IPVS's own output hook (dstnat + 1), which schedules the
+        // node's own connections there and never shows them to input.
+        (
+            "output-filter",
+            Some("type filter hook output priority -150"),
+        ),
     ] {
         match hook {
             Some(hook) => {
@@ -129,6 +139,8 @@ fn chain_rules(network: &NodeNetwork) -> String {
     };
     rule("prerouting", "jump marking".into());
     rule("output", "jump marking".into());
+    rule("input", "jump filtering".into());
+    rule("output-filter", "jump filtering".into());
     for family in [Family::V4, Family::V6] {
         let s = suffix(family);
         let (_, ip, nfproto) = family_words(family);
@@ -162,19 +174,19 @@ fn chain_rules(network: &NodeNetwork) -> String {
             format!("{ip} saddr . {ip} daddr . th dport @hairpin{s} masquerade"),
         );
         rule(
-            "input",
+            "filtering",
             format!("ct state new {ip} daddr . {l4} @drop{s} drop"),
         );
         rule(
-            "input",
+            "filtering",
             format!(
                 "ct state new fib daddr type local meta nfproto {nfproto} {l4} @nodeport-drop{s} drop"
             ),
         );
         rule(
-            "input",
+            "filtering",
             format!(
-                "{ip} daddr . {l4} @restricted{s} {ip} daddr . {l4} . {ip} saddr != @allowed{s} drop"
+                "ct state new {ip} daddr . {l4} @restricted{s} {ip} daddr . {l4} . {ip} saddr != @allowed{s} drop"
             ),
         );
         // No endpoint at all: refused, as kube-proxy's other modes do
@@ -187,13 +199,16 @@ fn chain_rules(network: &NodeNetwork) -> String {
             ),
         ] {
             for verdict in REJECTS {
-                rule("input", format!("ct state new {matched} {set} {verdict}"));
+                rule(
+                    "filtering",
+                    format!("ct state new {matched} {set} {verdict}"),
+                );
             }
         }
         // kube-proxy's KUBE-IPVS-FILTER: a VIP answers only on its ports.
         for verdict in REJECTS {
             rule(
-                "input",
+                "filtering",
                 format!(
                     "ct state new {ip} daddr @vips{s} {ip} daddr . {l4} != @services{s} {verdict}"
                 ),
