@@ -172,6 +172,11 @@ impl RuleBackend for Ipvs {
         nft(&table::base(network))
     }
 
+    /// Writes the changed frontends in the order that never shows a client
+    /// a half-made one: the set elements they gain and the VIPs first (a
+    /// virtual server is reachable only with its masquerade and filter
+    /// rules in place), then the virtual servers, then the elements they
+    /// lose.
     fn write(
         &mut self,
         programmed: &mut Shadow<IpvsFrontend>,
@@ -185,16 +190,34 @@ impl RuleBackend for Ipvs {
         for key in keys {
             let old = programmed.get(key).map(|p| &p.rendered);
             let new = wanted.get(key).map(|p| &p.rendered);
-            let none = Vec::new();
-            let old_servers = old.map_or(&none, |o| &o.servers);
-            let new_servers = new.map_or(&none, |n| &n.servers);
-            self.sync_servers(old_servers, new_servers)?;
             let old_elements: BTreeSet<&Element> =
                 old.iter().flat_map(|o| o.elements.iter()).collect();
             let new_elements: BTreeSet<&Element> =
                 new.iter().flat_map(|n| n.elements.iter()).collect();
             remove.extend(old_elements.difference(&new_elements).map(|e| (*e).clone()));
             add.extend(new_elements.difference(&old_elements).map(|e| (*e).clone()));
+        }
+        let touched: BTreeSet<&FrontendKey> = keys.iter().collect();
+        let after: Vec<&IpvsFrontend> = programmed
+            .iter()
+            .filter(|(k, _)| !touched.contains(k))
+            .chain(wanted.iter().filter(|(k, _)| touched.contains(k)))
+            .map(|(_, p)| &p.rendered)
+            .collect();
+        let shared = shared_of(after.iter().copied());
+        let vips: BTreeSet<IpAddr> = after.iter().filter_map(|r| r.vip).collect();
+        let mut text = table::elements("add", &add.iter().collect::<Vec<_>>());
+        text.push_str(&table::elements(
+            "add",
+            &shared.difference(&self.shared).collect::<Vec<_>>(),
+        ));
+        nft(&text)?;
+        self.bind(&vips)?;
+        for key in keys {
+            let none = Vec::new();
+            let old_servers = programmed.get(key).map_or(&none, |o| &o.rendered.servers);
+            let new_servers = wanted.get(key).map_or(&none, |n| &n.rendered.servers);
+            self.sync_servers(old_servers, new_servers)?;
             match wanted.get(key) {
                 Some(p) => {
                     programmed.insert(*key, p.clone());
@@ -205,11 +228,12 @@ impl RuleBackend for Ipvs {
             }
         }
         let mut text = table::elements("delete", &remove.iter().collect::<Vec<_>>());
-        text.push_str(&table::elements("add", &add.iter().collect::<Vec<_>>()));
-        text.push_str(&self.shared_changes(programmed));
+        text.push_str(&table::elements(
+            "delete",
+            &self.shared.difference(&shared).collect::<Vec<_>>(),
+        ));
         nft(&text)?;
-        self.shared = shared_of(programmed);
-        self.bind(programmed)?;
+        self.shared = shared;
         self.expire_drained()?;
         Ok(())
     }
@@ -281,6 +305,20 @@ impl RuleBackend for Ipvs {
         network: &NodeNetwork,
         found: Found,
     ) -> Result<(), IpvsModeError> {
+        // The table and the VIPs first, as in `write`.
+        let mut text = table::base(network);
+        text.push_str(&table::flush_sets());
+        let all: Vec<&Element> = wanted
+            .values()
+            .flat_map(|p| p.rendered.elements.iter())
+            .collect();
+        text.push_str(&table::elements("add", &all));
+        let shared = shared_of(wanted.values().map(|p| &p.rendered));
+        text.push_str(&table::elements("add", &shared.iter().collect::<Vec<_>>()));
+        nft(&text)?;
+        self.shared = shared;
+        let vips: BTreeSet<IpAddr> = wanted.values().filter_map(|p| p.rendered.vip).collect();
+        self.bind(&vips)?;
         let wanted_servers = servers_of(wanted);
         // Virtual servers nobody wants go; the others are brought in line
         // in place, so their connections are kept.
@@ -304,19 +342,7 @@ impl RuleBackend for Ipvs {
                 }
             }
         }
-        let mut text = table::base(network);
-        text.push_str(&table::flush_sets());
-        let all: Vec<&Element> = wanted
-            .values()
-            .flat_map(|p| p.rendered.elements.iter())
-            .collect();
-        text.push_str(&table::elements("add", &all));
-        let shared = shared_of(wanted);
-        text.push_str(&table::elements("add", &shared.iter().collect::<Vec<_>>()));
-        nft(&text)?;
-        self.shared = shared;
         programmed.clone_from(wanted);
-        self.bind(programmed)?;
         self.expire_drained()?;
         Ok(())
     }
@@ -354,33 +380,22 @@ fn same_real_servers(
 
 /// The elements every frontend shares: the VIPs (the filter's), the
 /// backends that may be their own clients (hairpin).
-fn shared_of(shadow: &Shadow<IpvsFrontend>) -> BTreeSet<Element> {
+fn shared_of<'a>(frontends: impl Iterator<Item = &'a IpvsFrontend>) -> BTreeSet<Element> {
     let mut out = BTreeSet::new();
-    for p in shadow.values() {
-        if let Some(vip) = p.rendered.vip {
+    for rendered in frontends {
+        if let Some(vip) = rendered.vip {
             out.insert(Element {
                 set: "vips",
                 family: crate::dataplane::netfilter::Family::of(vip),
                 value: vip.to_string(),
             });
         }
-        out.extend(p.rendered.backends.iter().map(hairpin_element));
+        out.extend(rendered.backends.iter().map(hairpin_element));
     }
     out
 }
 
 impl Ipvs {
-    /// The nft commands that take the shared sets from what was written to
-    /// what `programmed` needs.
-    fn shared_changes(&self, programmed: &Shadow<IpvsFrontend>) -> String {
-        let want = shared_of(programmed);
-        let remove: Vec<&Element> = self.shared.difference(&want).collect();
-        let add: Vec<&Element> = want.difference(&self.shared).collect();
-        let mut text = table::elements("delete", &remove);
-        text.push_str(&table::elements("add", &add));
-        text
-    }
-
     /// The addresses whose virtual servers are ours: the VIPs bound on
     /// `kube-ipvs0` and wanted, and the node's NodePort addresses.
     fn ours(
@@ -399,9 +414,9 @@ impl Ipvs {
         ours
     }
 
-    /// Binds the VIPs `programmed` needs on `kube-ipvs0`, unbinds the rest.
-    fn bind(&mut self, programmed: &Shadow<IpvsFrontend>) -> Result<(), IpvsModeError> {
-        let want: BTreeSet<IpAddr> = programmed.values().filter_map(|p| p.rendered.vip).collect();
+    /// Binds `want` on `kube-ipvs0`, unbinds the rest.
+    fn bind(&mut self, want: &BTreeSet<IpAddr>) -> Result<(), IpvsModeError> {
+        let want = want.clone();
         let add: Vec<IpAddr> = want.difference(&self.bound).copied().collect();
         let remove: Vec<IpAddr> = self.bound.difference(&want).copied().collect();
         if let Err(e) = link::change(&add, &remove) {
