@@ -11,6 +11,7 @@ pub mod iptables;
 pub mod ipvs;
 pub mod mode;
 pub mod netfilter;
+pub mod netlink_socket;
 pub mod nftables;
 
 /// Counts of what one apply or reconcile did, for logs and metrics.

@@ -3,9 +3,10 @@
 
 use std::io;
 
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 
 use super::{ConntrackError, REPLY_TIMEOUT, SOCKET_RCVBUF};
+use crate::dataplane::netlink_socket::{connected, restarting};
 
 /// A datagram channel to the kernel's netfilter netlink (a fake in tests).
 pub(super) trait Transport {
@@ -26,35 +27,12 @@ impl NetlinkSocket {
     /// A `NETLINK_NETFILTER` socket connected to the kernel (so no other
     /// process can send to it), in the calling thread's network namespace.
     pub(super) fn open() -> Result<Self, ConntrackError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ConntrackError::Socket)?;
-        // netlink-sys has no setter for SO_RCVTIMEO; socket2 sets it on any
-        // socket it borrows.
-        socket2::SockRef::from(&socket)
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(ConntrackError::Socket)?;
+        let socket = connected(NETLINK_NETFILTER, REPLY_TIMEOUT).map_err(ConntrackError::Socket)?;
         // Best effort: a larger receive buffer and short acks only make
         // overruns less likely; the protocol works without them.
         let _ = socket.set_rx_buf_sz(SOCKET_RCVBUF);
         let _ = socket.set_cap_ack(true);
-        // Our port: any the kernel picks. Our peer: the kernel (port 0),
-        // the only one then allowed to send to us.
-        socket
-            .bind(&SocketAddr::new(0, 0))
-            .map_err(ConntrackError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(ConntrackError::Socket)?;
         Ok(NetlinkSocket { socket })
-    }
-}
-
-/// Runs `op` again while a signal interrupts it.
-fn restarting<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    loop {
-        match op() {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            done => return done,
-        }
     }
 }
 

@@ -13,6 +13,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use crate::dataplane::netlink_socket::{connected, restarting};
 use netlink_packet_core::{
     DecodeError, DefaultNla, Emitable, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
     NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla, NlaBuffer, NlasIterator,
@@ -731,16 +732,7 @@ impl IpvsSocket {
     /// Opens the socket and resolves the IPVS family; [`IpvsError::NoIpvs`]
     /// when the kernel has none (module not loaded or not built).
     pub fn open() -> Result<Self, IpvsError> {
-        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_GENERIC)
-            .map_err(IpvsError::Socket)?;
-        socket2::SockRef::from(&socket)
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(IpvsError::Socket)?;
-        socket
-            .bind(&netlink_sys::SocketAddr::new(0, 0))
-            .map_err(IpvsError::Socket)?;
-        socket
-            .connect(&netlink_sys::SocketAddr::new(0, 0))
+        let socket = connected(netlink_sys::protocols::NETLINK_GENERIC, REPLY_TIMEOUT)
             .map_err(IpvsError::Socket)?;
         let mut this = IpvsSocket {
             socket,
@@ -814,16 +806,11 @@ impl IpvsSocket {
         message.finalize();
         let mut datagram = vec![0u8; message.buffer_len()];
         message.serialize(&mut datagram);
-        let sent = loop {
-            match self.socket.send(&datagram, 0) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => break other,
-            }
-        }
-        .map_err(|source| IpvsError::Io {
-            during: what,
-            source,
-        })?;
+        let sent =
+            restarting(|| self.socket.send(&datagram, 0)).map_err(|source| IpvsError::Io {
+                during: what,
+                source,
+            })?;
         if sent != datagram.len() {
             return Err(IpvsError::Io {
                 during: what,
@@ -832,16 +819,13 @@ impl IpvsSocket {
         }
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         loop {
-            let len = loop {
-                match self.socket.recv(&mut &mut self.buf[..], 0) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    other => break other,
-                }
-            }
-            .map_err(|source| IpvsError::Io {
-                during: what,
-                source,
-            })?;
+            let len =
+                restarting(|| self.socket.recv(&mut &mut self.buf[..], 0)).map_err(|source| {
+                    IpvsError::Io {
+                        during: what,
+                        source,
+                    }
+                })?;
             let mut at = 0;
             while at < len {
                 let bytes = &self.buf[at..len];
