@@ -37,21 +37,18 @@ fn tools() -> ToolPaths {
 /// The programs attached to the host's root cgroup v2, by id (none if the
 /// host mounts no cgroup v2).
 fn root_cgroup_programs() -> anyhow::Result<BTreeSet<u64>> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let Some(root) = mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        (right.split_whitespace().next()? == "cgroup2")
-            .then(|| left.split_whitespace().nth(4).map(str::to_string))?
-    }) else {
+    let Some(root) = proxy_agent::dataplane::ebpf::sockets::cgroup2_mount() else {
         return Ok(BTreeSet::new());
     };
     let output = Command::new("bpftool")
-        .args(["-j", "cgroup", "show", &root])
+        .args(["-j", "cgroup", "show"])
+        .arg(&root)
         .output()
         .context("running bpftool")?;
     ensure!(
         output.status.success(),
-        "bpftool cgroup show {root}: {}",
+        "bpftool cgroup show {}: {}",
+        root.display(),
         String::from_utf8_lossy(&output.stderr)
     );
     let text = String::from_utf8_lossy(&output.stdout);

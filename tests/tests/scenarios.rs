@@ -236,16 +236,20 @@ fn run(test: &str, mode: Mode, scenario: fn(Mode) -> anyhow::Result<()>) {
     }
 }
 
-/// Whether the kernel has IPVS (loading its module if it is one).
+/// Whether the kernel has IPVS (loading its module if it is one), decided
+/// once per test process.
 fn ipvs_available() -> bool {
-    let present = || std::path::Path::new("/proc/net/ip_vs").exists();
-    present()
-        || (std::process::Command::new("modprobe")
-            .arg("ip_vs")
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-            && present())
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let present = || std::path::Path::new("/proc/net/ip_vs").exists();
+        present()
+            || (std::process::Command::new("modprobe")
+                .arg("ip_vs")
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+                && present())
+    })
 }
 
 thread_local! {

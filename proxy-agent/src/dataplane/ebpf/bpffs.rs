@@ -116,21 +116,37 @@ fn mount_is_shared(at: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// One line of `/proc/self/mountinfo`.
+pub(super) struct Mount<'a> {
+    pub point: &'a str,
+    /// The optional fields: propagation tags (`shared:N`, `master:N`).
+    pub tags: Vec<&'a str>,
+    pub fstype: &'a str,
+}
+
+/// The mounts of a mountinfo text, in mount order; lines that do not parse
+/// are skipped.
+pub(super) fn mounts(mountinfo: &str) -> impl DoubleEndedIterator<Item = Mount<'_>> {
+    mountinfo.lines().filter_map(|line| {
+        // "<id> <parent> <dev> <root> <mount point> <options> [tags] - <fstype> ..."
+        let (left, right) = line.split_once(" - ")?;
+        let mut fields = left.split_whitespace();
+        let point = fields.nth(4)?;
+        Some(Mount {
+            point,
+            tags: fields.skip(1).collect(),
+            fstype: right.split_whitespace().next()?,
+        })
+    })
+}
+
 /// Whether the last mount at `at` in a mountinfo text carries a `shared:`
 /// propagation tag.
 fn mountinfo_shared(mountinfo: &str, at: &Path) -> bool {
-    mountinfo
-        .lines()
+    mounts(mountinfo)
         .rev()
-        .find_map(|line| {
-            // "<id> <parent> <dev> <root> <mount point> <options> [tags] - <fstype> ..."
-            let (left, _) = line.split_once(" - ")?;
-            let mut fields = left.split_whitespace();
-            let mount_point = fields.nth(4)?;
-            (Path::new(mount_point) == at)
-                .then(|| fields.skip(1).any(|tag| tag.starts_with("shared:")))
-        })
-        .unwrap_or(false)
+        .find(|m| Path::new(m.point) == at)
+        .is_some_and(|m| m.tags.iter().any(|tag| tag.starts_with("shared:")))
 }
 
 /// Whether this process shares the mount namespace of its ancestors (PID 1

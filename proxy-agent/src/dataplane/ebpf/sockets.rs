@@ -76,13 +76,9 @@ pub fn mount_cgroup2(at: &Path) -> io::Result<()> {
 
 /// The mount point of the first `cgroup2` filesystem in a mountinfo text.
 fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // "<id> <parent> <dev> <root> <mount point> <options> [tags] - <fstype> ..."
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
+    super::bpffs::mounts(mountinfo)
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| PathBuf::from(m.point))
 }
 
 fn pin_path(layout: &PinLayout, prog: &str) -> PathBuf {

@@ -114,50 +114,29 @@ pub fn render(plan: &FrontendPlan, scheduler: &str, network: &NodeNetwork) -> Ip
         format!("{} . {proto} . {}", addr(key.ip), key.port)
     };
     let element = |set: &'static str, value: String| Element { set, family, value };
+    let node_port = plan.is_node_port();
+    // The set of a frontend's own address, or its NodePort twin.
+    let own_or_node_port = |own: &'static str, of_node_port: &'static str| {
+        element(if node_port { of_node_port } else { own }, matched.clone())
+    };
     let mut elements = Vec::new();
-    if !plan.is_node_port() {
+    if !node_port {
         elements.push(element("services", matched.clone()));
     }
     match &plan.view.masquerade {
         Masquerade::Never => {}
-        Masquerade::Always => elements.push(element(
-            if plan.is_node_port() {
-                "nodeport-masq"
-            } else {
-                "masq"
-            },
-            matched.clone(),
-        )),
-        Masquerade::SourceOutside(_) => elements.push(element(
-            if plan.is_node_port() {
-                "nodeport-masq-outside"
-            } else {
-                "masq-outside"
-            },
-            matched.clone(),
-        )),
+        Masquerade::Always => elements.push(own_or_node_port("masq", "nodeport-masq")),
+        Masquerade::SourceOutside(_) => {
+            elements.push(own_or_node_port("masq-outside", "nodeport-masq-outside"))
+        }
     }
     match plan.view.action {
-        Action::Drop => elements.push(element(
-            if plan.is_node_port() {
-                "nodeport-drop"
-            } else {
-                "drop"
-            },
-            matched.clone(),
-        )),
-        Action::Reject => elements.push(element(
-            if plan.is_node_port() {
-                "nodeport-reject"
-            } else {
-                "reject"
-            },
-            matched.clone(),
-        )),
+        Action::Drop => elements.push(own_or_node_port("drop", "nodeport-drop")),
+        Action::Reject => elements.push(own_or_node_port("reject", "nodeport-reject")),
         Action::Balance(_) => {}
     }
     if let Some(ranges) = &plan.source_ranges
-        && !plan.is_node_port()
+        && !node_port
     {
         elements.push(element("restricted", matched.clone()));
         for range in ranges {
@@ -166,7 +145,7 @@ pub fn render(plan: &FrontendPlan, scheduler: &str, network: &NodeNetwork) -> Ip
     }
     IpvsFrontend {
         servers,
-        vip: (!plan.is_node_port()).then_some(key.ip),
+        vip: (!node_port).then_some(key.ip),
         elements,
         backends,
     }
