@@ -136,6 +136,13 @@ pub enum Behaviour {
     ClientPortReusedStraightToTheBackend,
     /// NodePorts served on `127.0.0.1` when `--nodeport-addresses` names it.
     LocalhostNodePorts,
+    /// Pods and the node reaching an external frontend with the Local
+    /// policy are served by every endpoint of the cluster, even when the
+    /// node has a local one (kube-proxy's short-circuit).
+    ExternalLocalShortCircuitToEveryEndpoint,
+    /// A `ClientIP` affinity ends `timeoutSeconds` after the client's last
+    /// packet, even while its closed connections linger in TIME_WAIT.
+    AffinityEndsAfterTheLastPacket,
 }
 
 impl Mode {
@@ -180,6 +187,19 @@ impl Mode {
             LocalhostNodePorts if self == Mode::Ipvs => Some(
                 "kube-proxy's IPVS mode never serves NodePorts on loopback: a virtual server on \
                  127.0.0.1 would send the backend a packet with a loopback source",
+            ),
+            ExternalLocalShortCircuitToEveryEndpoint if self == Mode::Ipvs => Some(
+                "IPVS has one set of real servers per virtual server, which every client of the \
+                 address shares: with a local endpoint it holds the local endpoints only, so pods \
+                 and the node reach those (without one, the cluster-wide endpoints, for pods and \
+                 the node only); kube-proxy's IPVS mode behaves the same",
+            ),
+            AffinityEndsAfterTheLastPacket if self == Mode::Ipvs => Some(
+                "IPVS persistence keeps a client's template while any connection it scheduled \
+                 is in IPVS's connection table, closed ones for two minutes in TIME_WAIT (a \
+                 timeout the IPVS API does not set), so a client that comes back within two \
+                 minutes of its last connection keeps its backend however short the timeout; \
+                 kube-proxy's IPVS mode behaves the same",
             ),
             RefusesNodeConnectsAtOnce if netfilter => Some(
                 "netfilter drops or rejects the connection's first packet, as kube-proxy does; \

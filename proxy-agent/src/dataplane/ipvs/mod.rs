@@ -353,7 +353,7 @@ impl RuleBackend for Ipvs {
         network: &NodeNetwork,
     ) -> Result<bool, IpvsModeError> {
         if old.cluster_cidrs != network.cluster_cidrs {
-            nft(&table::mark_chain(network))?;
+            nft(&table::network_chains(network))?;
         }
         // NodePort virtual servers are rendered per node address.
         Ok(old.nodeport_addresses != network.nodeport_addresses)

@@ -9,7 +9,9 @@ use ipnet::IpNet;
 
 use super::netlink::{RealServer, ServiceId, VirtualServer};
 use crate::{
-    dataplane::netfilter::{Action, Family, FrontendPlan, Masquerade, NodeNetwork, proto_name},
+    dataplane::netfilter::{
+        Action, Family, FrontendPlan, Masquerade, NodeNetwork, View, proto_name,
+    },
     model::Backend,
 };
 
@@ -77,13 +79,28 @@ pub fn render(plan: &FrontendPlan, scheduler: &str, network: &NodeNetwork) -> Ip
     } else {
         vec![key.ip]
     };
-    // IPVS has one set of real servers per virtual server: the plan's main
-    // view (the policy's backends). Its other views (pods and the node
-    // reaching an external frontend with the Local policy) are
-    // `Behaviour::ExternalLocalShortCircuit`, which this mode cannot do.
-    let backends: Vec<Backend> = match &plan.view.action {
-        Action::Balance(backends) => backends.clone(),
-        Action::Reject | Action::Drop => Vec::new(),
+    // IPVS has one set of real servers per virtual server. The plan's main
+    // view (the policy's backends) is it, but for an external frontend with
+    // the Local policy and no local endpoint: kube-proxy's IPVS mode then
+    // gives the virtual server the cluster-wide endpoints (its #97081), for
+    // the pods and the node that the plan's other views serve, and this
+    // mode drops the other clients before IPVS sees them (set
+    // `local-fallback`), as the view's Drop says. With a local endpoint,
+    // pods and the node are served by the local endpoints alone:
+    // `Behaviour::ExternalLocalShortCircuitToEveryEndpoint`.
+    let fallback = match (&plan.view.action, &plan.node_view) {
+        (
+            Action::Drop,
+            Some(View {
+                action: Action::Balance(cluster),
+                ..
+            }),
+        ) => Some(cluster),
+        _ => None,
+    };
+    let backends: Vec<Backend> = match (&plan.view.action, fallback) {
+        (Action::Balance(backends), _) | (_, Some(backends)) => backends.clone(),
+        (Action::Reject | Action::Drop, None) => Vec::new(),
     };
     let servers = addresses
         .iter()
@@ -131,6 +148,10 @@ pub fn render(plan: &FrontendPlan, scheduler: &str, network: &NodeNetwork) -> Ip
         }
     }
     match plan.view.action {
+        Action::Drop if fallback.is_some() => elements.push(own_or_node_port(
+            "local-fallback",
+            "nodeport-local-fallback",
+        )),
         Action::Drop => elements.push(own_or_node_port("drop", "nodeport-drop")),
         Action::Reject => elements.push(own_or_node_port("reject", "nodeport-reject")),
         Action::Balance(_) => {}
@@ -257,14 +278,19 @@ mod tests {
     }
 
     #[test]
-    fn local_policy_without_local_endpoints_drops_and_source_ranges_restrict() {
+    fn local_policy_without_local_endpoints_serves_the_cluster_only_and_source_ranges_restrict() {
         let k = key("203.0.113.7", 443, Protocol::Tcp);
         let mut fe = frontend(FrontendKind::LoadBalancer, &[]);
         fe.policy.local_only = true;
         fe.cluster_backends = vec![backend("10.244.2.9", 8443)];
         fe.policy.source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
         let rendered = render(&plan(&k, &fe, &network()), "rr", &network());
-        assert!(rendered.servers[0].real_servers.is_empty());
+        // kube-proxy's fallback: the cluster-wide endpoints, for the pods
+        // and the node only.
+        assert_eq!(
+            rendered.servers[0].real_servers,
+            vec![RealServer::masq("10.244.2.9".parse().unwrap(), 8443, 1)]
+        );
         let sets: Vec<String> = rendered
             .elements
             .iter()
@@ -274,11 +300,36 @@ mod tests {
             sets,
             vec![
                 "services4 203.0.113.7 . tcp . 443",
-                "drop4 203.0.113.7 . tcp . 443",
+                "local-fallback4 203.0.113.7 . tcp . 443",
                 "restricted4 203.0.113.7 . tcp . 443",
                 "allowed4 203.0.113.7 . tcp . 443 . 198.51.100.0/24",
             ]
         );
+    }
+
+    #[test]
+    fn local_policy_with_a_local_endpoint_serves_it_alone_and_nodeports_fall_back_by_port() {
+        let mut fe = frontend(FrontendKind::NodePort, &[backend("10.244.1.5", 8080)]);
+        fe.policy.local_only = true;
+        fe.cluster_backends = vec![backend("10.244.1.5", 8080), backend("10.244.2.9", 8080)];
+        let k = key("0.0.0.0", 30080, Protocol::Tcp);
+        let rendered = render(&plan(&k, &fe, &network()), "rr", &network());
+        assert_eq!(
+            rendered.servers[0].real_servers,
+            vec![RealServer::masq("10.244.1.5".parse().unwrap(), 8080, 1)]
+        );
+        assert!(rendered.elements.is_empty(), "{:?}", rendered.elements);
+        fe.backends.clear();
+        let rendered = render(&plan(&k, &fe, &network()), "rr", &network());
+        assert_eq!(rendered.servers[0].real_servers.len(), 2);
+        assert_eq!(rendered.elements.len(), 1);
+        assert_eq!(rendered.elements[0].set_name(), "nodeport-local-fallback4");
+        assert_eq!(rendered.elements[0].value, "tcp . 30080");
+        // No endpoint anywhere: refused, with no real server.
+        fe.cluster_backends.clear();
+        let rendered = render(&plan(&k, &fe, &network()), "rr", &network());
+        assert!(rendered.servers[0].real_servers.is_empty());
+        assert_eq!(rendered.elements[0].set_name(), "nodeport-reject4");
     }
 
     #[test]

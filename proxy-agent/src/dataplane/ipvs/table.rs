@@ -38,6 +38,8 @@ const SETS: &[(&str, &str)] = &[
     ("nodeport-masq-outside", "inet_proto . inet_service"),
     ("drop", "{a} . inet_proto . inet_service"),
     ("nodeport-drop", "inet_proto . inet_service"),
+    ("local-fallback", "{a} . inet_proto . inet_service"),
+    ("nodeport-local-fallback", "inet_proto . inet_service"),
     ("reject", "{a} . inet_proto . inet_service"),
     ("nodeport-reject", "inet_proto . inet_service"),
     ("restricted", "{a} . inet_proto . inet_service"),
@@ -72,7 +74,7 @@ fn family_words(family: Family) -> (&'static str, &'static str, &'static str) {
 
 /// The whole table but the sets' elements: tables and sets are added (an
 /// add of what exists changes nothing), chains flushed and written again.
-/// The cluster CIDRs of `network` are in the mark chain's rules.
+/// The cluster CIDRs of `network` are in the marking and filtering rules.
 pub fn base(network: &NodeNetwork) -> String {
     let mut out = format!("add table inet {TABLE}\n");
     for family in [Family::V4, Family::V6] {
@@ -127,7 +129,7 @@ pub fn base(network: &NodeNetwork) -> String {
     out
 }
 
-/// The rules of the chains; the mark chain's depend on the cluster CIDRs.
+/// The rules of the chains; marking and filtering depend on the cluster CIDRs.
 fn chain_rules(network: &NodeNetwork) -> String {
     // On the connection, not the packet: IPVS transmits the scheduled
     // packet itself, and the connection's conntrack entry is what reaches
@@ -169,6 +171,16 @@ fn chain_rules(network: &NodeNetwork) -> String {
                 ),
             );
         }
+        // The node's own connections to an external Local frontend served
+        // cluster-wide (kube-proxy's "LOCAL traffic for external
+        // destinations"): masqueraded, so the remote endpoint's reply
+        // comes back through this node.
+        let own = format!("{ip} daddr . {l4} @local-fallback{s}");
+        let own_node_port =
+            format!("fib daddr type local meta nfproto {nfproto} {l4} @nodeport-local-fallback{s}");
+        for matched in [&own, &own_node_port] {
+            rule("marking", format!("fib saddr type local {matched} {mark}"));
+        }
         rule(
             "postrouting",
             format!("{ip} saddr . {ip} daddr . th dport @hairpin{s} masquerade"),
@@ -183,6 +195,20 @@ fn chain_rules(network: &NodeNetwork) -> String {
                 "ct state new fib daddr type local meta nfproto {nfproto} {l4} @nodeport-drop{s} drop"
             ),
         );
+        // The same frontends admit the pods (the cluster CIDR) and the
+        // node only: an external client must find a local endpoint.
+        let pods = network
+            .cluster_cidrs
+            .iter()
+            .find(|c| Family::of_net(c) == family)
+            .map(|cidr| format!("{ip} saddr != {} ", IpNet::trunc(cidr)))
+            .unwrap_or_default();
+        for matched in [&own, &own_node_port] {
+            rule(
+                "filtering",
+                format!("ct state new {pods}fib saddr type != local {matched} drop"),
+            );
+        }
         rule(
             "filtering",
             format!(
@@ -225,11 +251,15 @@ fn chain_rules(network: &NodeNetwork) -> String {
     out
 }
 
-/// The mark chain written again for a new network (its cluster CIDRs).
-pub fn mark_chain(network: &NodeNetwork) -> String {
-    let mut out = format!("flush chain inet {TABLE} marking\n");
-    for line in chain_rules(network).lines() {
-        if line.starts_with(&format!("add rule inet {TABLE} marking ")) {
+/// The chains whose rules name the cluster CIDRs (marking, filtering),
+/// written again for a new network, in one transaction.
+pub fn network_chains(network: &NodeNetwork) -> String {
+    let mut out = String::new();
+    let rules = chain_rules(network);
+    for chain in ["marking", "filtering"] {
+        let _ = writeln!(out, "flush chain inet {TABLE} {chain}");
+        let prefix = format!("add rule inet {TABLE} {chain} ");
+        for line in rules.lines().filter(|l| l.starts_with(&prefix)) {
             out.push_str(line);
             out.push('\n');
         }
@@ -279,9 +309,16 @@ mod tests {
         assert!(
             text.contains("ct mark & 0x4000 == 0x4000 ct mark set ct mark & 0xffffbfff masquerade")
         );
-        let mark = mark_chain(&network);
-        assert!(mark.starts_with("flush chain inet proxy-agent-ipvs marking\n"));
-        assert_eq!(mark.lines().count(), 1 + 4 + 2);
+        let chains = network_chains(&network);
+        assert!(chains.starts_with("flush chain inet proxy-agent-ipvs marking\n"));
+        assert!(chains.contains("flush chain inet proxy-agent-ipvs filtering\n"));
+        let marking = chains
+            .lines()
+            .take_while(|l| !l.contains("filtering"))
+            .count();
+        assert_eq!(marking, 1 + 4 * 2 + 2);
+        assert!(chains.contains("add rule inet proxy-agent-ipvs filtering ct state new ip saddr != 10.244.0.0/16 fib saddr type != local ip daddr . meta l4proto . th dport @local-fallback4 drop"));
+        assert!(chains.contains("add rule inet proxy-agent-ipvs filtering ct state new fib saddr type != local ip6 daddr . meta l4proto . th dport @local-fallback6 drop"));
     }
 
     fn nft(text: &str) {
@@ -323,6 +360,8 @@ mod tests {
                 element("nodeport-masq-outside", Family::V6, "sctp . 30081"),
                 element("drop", Family::V6, "fd00::10 . tcp . 443"),
                 element("nodeport-drop", Family::V4, "udp . 30082"),
+                element("local-fallback", Family::V4, "203.0.113.8 . tcp . 80"),
+                element("nodeport-local-fallback", Family::V6, "tcp . 30084"),
                 element("reject", Family::V4, "10.96.0.11 . udp . 53"),
                 element("nodeport-reject", Family::V6, "tcp . 30083"),
                 element("restricted", Family::V4, "203.0.113.7 . tcp . 443"),
@@ -337,7 +376,7 @@ mod tests {
             nft(&elements("add", &refs));
             nft(&elements("delete", &refs[..3]));
             network.cluster_cidrs.pop();
-            nft(&mark_chain(&network));
+            nft(&network_chains(&network));
             nft(&flush_sets());
         });
     }
