@@ -229,13 +229,7 @@ pub struct Ipvs {
 
 impl Ipvs {
     fn has_unused(&self) -> bool {
-        self.sync_period.is_some()
-            || self.min_sync_period.is_some()
-            || self.strict_arp.is_some()
-            || self.tcp_timeout.is_some()
-            || self.tcp_fin_timeout.is_some()
-            || self.udp_timeout.is_some()
-            || self.exclude_cidrs.is_some()
+        self.sync_period.is_some() || self.min_sync_period.is_some()
     }
 }
 
@@ -316,7 +310,7 @@ impl FileConfig {
         add(self.conntrack.is_some(), "conntrack");
         add(
             self.ipvs.as_ref().is_some_and(Ipvs::has_unused),
-            "ipvs (except scheduler)",
+            "ipvs (syncPeriod, minSyncPeriod)",
         );
         add(
             self.iptables.as_ref().is_some_and(Rules::has_unused),
@@ -798,6 +792,14 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
     match parse_go_duration_signed(s)? {
         (false, d) if !d.is_zero() => Ok(d),
         _ => Err(format!("{s:?} must be > 0")),
+    }
+}
+
+/// A Go duration that may be 0 (kube-proxy's "unset" for its timeouts).
+pub fn parse_go_duration_or_zero(s: &str) -> Result<Duration, String> {
+    match parse_go_duration_signed(s)? {
+        (false, d) => Ok(d),
+        (true, _) => Err(format!("{s:?} must not be negative")),
     }
 }
 

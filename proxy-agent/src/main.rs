@@ -16,6 +16,7 @@ use proxy_agent::{
         Dataplane, Mode, ModeOptions,
         addresses::{self, NodeNetworkSettings},
         ebpf::{self, EbpfOptions, InterfaceFilter},
+        ipvs::{self, IpvsOptions, netlink::Timeouts},
         mode::{IptablesBackendChoice, Opened, remove_kube_proxy_leftovers},
     },
     model::{HealthCheck, ModelConfig, Rejection, ServiceName, TableBuilder},
@@ -113,6 +114,32 @@ struct RunArgs {
     /// (what the kernel has modules for).
     #[arg(long, value_name = "NAME", value_parser = ["rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh"])]
     ipvs_scheduler: Option<String>,
+
+    /// The ipvs mode: answer ARP only for the addresses of the interface
+    /// asked (`arp_ignore=1`, `arp_announce=2`), so the VIPs on
+    /// `kube-ipvs0` are not announced, as kube-proxy's `--ipvs-strict-arp`.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    ipvs_strict_arp: Option<bool>,
+
+    /// The ipvs mode: IPVS's timeout of established TCP connections (Go
+    /// duration; 0 leaves the kernel's, 15m).
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration_or_zero)]
+    ipvs_tcp_timeout: Option<Duration>,
+
+    /// The ipvs mode: IPVS's timeout of TCP connections after a FIN (Go
+    /// duration; 0 leaves the kernel's, 2m).
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration_or_zero)]
+    ipvs_tcpfin_timeout: Option<Duration>,
+
+    /// The ipvs mode: IPVS's timeout of UDP flows (Go duration; 0 leaves
+    /// the kernel's, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration_or_zero)]
+    ipvs_udp_timeout: Option<Duration>,
+
+    /// The ipvs mode: comma-separated CIDRs whose virtual servers belong to
+    /// someone else (never deleted by the agent).
+    #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    ipvs_exclude_cidrs: Option<Vec<IpNet>>,
 
     /// Read Services, EndpointSlices and Nodes from the YAML/JSON files of this
     /// directory and follow its changes (instead of the Kubernetes API).
@@ -255,6 +282,33 @@ impl From<config::LogFormat> for LogFormat {
     }
 }
 
+/// The ipvs mode's options: flag, else the file's `ipvs:` section, else
+/// kube-proxy's defaults.
+fn ipvs_options(args: &RunArgs, file: config::Ipvs) -> IpvsOptions {
+    let seconds = |flag: Option<Duration>, field: Option<Duration>| {
+        flag.or(field)
+            .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+    };
+    IpvsOptions {
+        scheduler: args
+            .ipvs_scheduler
+            .clone()
+            .or(file.scheduler)
+            .unwrap_or_else(|| ipvs::DEFAULT_SCHEDULER.to_string()),
+        strict_arp: args.ipvs_strict_arp.or(file.strict_arp).unwrap_or(false),
+        timeouts: Timeouts {
+            tcp: seconds(args.ipvs_tcp_timeout, file.tcp_timeout),
+            tcp_fin: seconds(args.ipvs_tcpfin_timeout, file.tcp_fin_timeout),
+            udp: seconds(args.ipvs_udp_timeout, file.udp_timeout),
+        },
+        exclude_cidrs: args
+            .ipvs_exclude_cidrs
+            .clone()
+            .or(file.exclude_cidrs)
+            .unwrap_or_default(),
+    }
+}
+
 /// The settings of `run` after merging: flag, else config file, else default.
 #[derive(Debug)]
 struct Settings {
@@ -269,7 +323,7 @@ struct Settings {
     masquerade_all: bool,
     cleanup_kube_proxy: bool,
     iptables_backend: IptablesBackendChoice,
-    ipvs_scheduler: String,
+    ipvs: IpvsOptions,
     bpf_root: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
@@ -288,6 +342,7 @@ impl Settings {
     fn resolve(args: RunArgs, file: Option<FileConfig>) -> Self {
         let f = file.clone().unwrap_or_default();
         let mode = args.mode.or(f.mode).unwrap_or(Mode::Ebpf);
+        let ipvs = ipvs_options(&args, f.ipvs.clone().unwrap_or_default());
         let masquerade_all = args
             .masquerade_all
             .or_else(|| f.masquerade_all(mode))
@@ -310,10 +365,7 @@ impl Settings {
             masquerade_all,
             cleanup_kube_proxy: args.cleanup_kube_proxy,
             iptables_backend: args.iptables_backend,
-            ipvs_scheduler: args
-                .ipvs_scheduler
-                .or(f.ipvs.as_ref().and_then(|i| i.scheduler.clone()))
-                .unwrap_or_else(|| proxy_agent::dataplane::ipvs::DEFAULT_SCHEDULER.to_string()),
+            ipvs,
             bpf_root: args
                 .bpf_root
                 .or(pa.bpf_root)
@@ -636,7 +688,7 @@ fn open_dataplane(args: &Settings) -> Result<Running> {
             pod_socket_lb: pod_socket_lb(args),
         },
         iptables_backend: args.iptables_backend,
-        ipvs_scheduler: args.ipvs_scheduler.clone(),
+        ipvs: args.ipvs.clone(),
     };
     args.mode.remove_other_modes(&options);
     if args.cleanup_kube_proxy {
@@ -1087,6 +1139,54 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("preparing {0}: {1}")]
     struct Preparing(&'static str, #[source] std::io::Error);
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["proxy-agent", "run"].iter().chain(argv)).unwrap();
+        match cli.command {
+            Command::Run(args) => *args,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn ipvs_options_take_the_flag_then_the_file_then_kube_proxys_defaults() {
+        let file = config::Ipvs {
+            scheduler: Some("lc".into()),
+            strict_arp: Some(true),
+            tcp_timeout: Some(Duration::from_secs(900)),
+            udp_timeout: Some(Duration::ZERO),
+            exclude_cidrs: Some(vec!["10.0.0.0/8".parse().unwrap()]),
+            ..config::Ipvs::default()
+        };
+        let options = ipvs_options(&run_args(&[]), file.clone());
+        assert_eq!(options.scheduler, "lc");
+        assert!(options.strict_arp);
+        assert_eq!(
+            options.timeouts,
+            Timeouts {
+                tcp: Some(900),
+                tcp_fin: None,
+                udp: Some(0),
+            }
+        );
+        assert_eq!(options.exclude_cidrs.len(), 1);
+        let options = ipvs_options(
+            &run_args(&[
+                "--ipvs-scheduler=sh",
+                "--ipvs-strict-arp=false",
+                "--ipvs-tcpfin-timeout=30s",
+                "--ipvs-exclude-cidrs=192.0.2.0/24,2001:db8::/64",
+            ]),
+            file,
+        );
+        assert_eq!(options.scheduler, "sh");
+        assert!(!options.strict_arp);
+        assert_eq!(options.timeouts.tcp_fin, Some(30));
+        assert_eq!(options.exclude_cidrs.len(), 2);
+        let defaults = ipvs_options(&run_args(&[]), config::Ipvs::default());
+        assert_eq!(defaults, IpvsOptions::default());
+        assert!(Cli::try_parse_from(["proxy-agent", "run", "--ipvs-udp-timeout=-1s"]).is_err());
+    }
 
     #[test]
     fn an_error_chain_names_each_cause_once() {

@@ -76,7 +76,7 @@ impl Mode {
                 Ok(Opened::of(IptablesDataplane::new(backend)))
             }
             Mode::Ipvs => Ok(Opened::of(
-                ipvs::open(&options.ipvs_scheduler).map_err(DataplaneError::Ipvs)?,
+                ipvs::open(&options.ipvs).map_err(DataplaneError::Ipvs)?,
             )),
         }
     }
@@ -254,8 +254,8 @@ pub struct ModeOptions {
     /// attaches to, the cgroup of its socket hooks.
     pub ebpf: EbpfOptions,
     pub iptables_backend: IptablesBackendChoice,
-    /// The ipvs mode's scheduler (`--ipvs-scheduler`, `ipvs.scheduler`).
-    pub ipvs_scheduler: String,
+    /// The ipvs mode's scheduler, timeouts, strict ARP, excluded CIDRs.
+    pub ipvs: ipvs::IpvsOptions,
 }
 
 /// An opened mode: its dataplane and, for the ebpf mode, what attaches its

@@ -24,7 +24,8 @@ pub mod netlink;
 pub mod render;
 pub mod table;
 
-use netlink::{IpvsError, IpvsSocket, RealServer, ServiceId, VirtualServer};
+use ipnet::IpNet;
+use netlink::{IpvsError, IpvsSocket, RealServer, ServiceId, Timeouts, VirtualServer};
 use render::{Element, IpvsFrontend, Server, hairpin_element};
 
 use crate::{
@@ -37,6 +38,37 @@ use crate::{
 
 /// kube-proxy's default scheduler.
 pub const DEFAULT_SCHEDULER: &str = "rr";
+
+/// What the ipvs mode is configured with: kube-proxy's `ipvs:` section and
+/// its `--ipvs-*` flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpvsOptions {
+    /// `--ipvs-scheduler`, `ipvs.scheduler`.
+    pub scheduler: String,
+    /// `--ipvs-strict-arp`, `ipvs.strictARP`: the node answers ARP only for
+    /// the addresses of the interface asked (`arp_ignore=1`,
+    /// `arp_announce=2`), so the VIPs on `kube-ipvs0` are not announced
+    /// (what MetalLB's L2 mode needs).
+    pub strict_arp: bool,
+    /// `--ipvs-tcp-timeout`, `--ipvs-tcpfin-timeout`, `--ipvs-udp-timeout`
+    /// (`ipvs.tcpTimeout`, ...): IPVS's connection timeouts; unset leaves
+    /// the kernel's.
+    pub timeouts: Timeouts,
+    /// `--ipvs-exclude-cidrs`, `ipvs.excludeCIDRs`: virtual servers on these
+    /// addresses belong to someone else and are never deleted.
+    pub exclude_cidrs: Vec<IpNet>,
+}
+
+impl Default for IpvsOptions {
+    fn default() -> Self {
+        IpvsOptions {
+            scheduler: DEFAULT_SCHEDULER.to_string(),
+            strict_arp: false,
+            timeouts: Timeouts::default(),
+            exclude_cidrs: Vec::new(),
+        }
+    }
+}
 
 /// How long a drained TCP real server may keep connections before it is
 /// deleted anyway (kube-proxy's graceful termination has no bound; a
@@ -65,9 +97,9 @@ impl From<IpvsModeError> for DataplaneError {
 pub type IpvsDataplane = Driver<Ipvs>;
 
 /// Opens the mode: the IPVS netlink socket (loading `ip_vs` when the
-/// kernel has it as a module), kube-proxy's sysctls.
-pub fn open(scheduler: &str) -> Result<IpvsDataplane, IpvsModeError> {
-    let socket = match IpvsSocket::open() {
+/// kernel has it as a module), kube-proxy's sysctls and IPVS timeouts.
+pub fn open(options: &IpvsOptions) -> Result<IpvsDataplane, IpvsModeError> {
+    let mut socket = match IpvsSocket::open() {
         Err(IpvsError::NoIpvs) => {
             // kube-proxy loads the modules it needs the same way.
             let _ = std::process::Command::new("modprobe").arg("ip_vs").status();
@@ -75,9 +107,14 @@ pub fn open(scheduler: &str) -> Result<IpvsDataplane, IpvsModeError> {
         }
         other => other?,
     };
-    set_sysctls();
+    set_sysctls(options.strict_arp);
+    // As kube-proxy: a kernel that refuses them still serves.
+    if let Err(e) = socket.set_timeouts(&options.timeouts) {
+        tracing::warn!(error = %e, "cannot set the IPVS timeouts");
+    }
     Ok(Driver::with_rules(Ipvs {
-        scheduler: scheduler.to_string(),
+        scheduler: options.scheduler.clone(),
+        exclude_cidrs: options.exclude_cidrs.clone(),
         socket,
         bound: BTreeSet::new(),
         shared: BTreeSet::new(),
@@ -87,14 +124,21 @@ pub fn open(scheduler: &str) -> Result<IpvsDataplane, IpvsModeError> {
 
 /// kube-proxy's IPVS sysctls: connections keep their conntrack entry (for
 /// masquerade), and connections to a removed real server end at their next
-/// packet instead of being dropped until they time out. Failures are
-/// logged: a kernel without them still serves.
-fn set_sysctls() {
-    for (name, value) in [
+/// packet instead of being dropped until they time out; with `strict_arp`,
+/// ARP answered only for the interface's own addresses (never lowered back
+/// when off, as kube-proxy). Failures are logged: a kernel without them
+/// still serves.
+fn set_sysctls(strict_arp: bool) {
+    let mut sysctls = vec![
         ("net/ipv4/vs/conntrack", "1"),
         ("net/ipv4/vs/expire_nodest_conn", "1"),
         ("net/ipv4/vs/expire_quiescent_template", "1"),
-    ] {
+    ];
+    if strict_arp {
+        sysctls.push(("net/ipv4/conf/all/arp_ignore", "1"));
+        sysctls.push(("net/ipv4/conf/all/arp_announce", "2"));
+    }
+    for (name, value) in sysctls {
         let path = format!("/proc/sys/{name}");
         if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
             continue;
@@ -108,6 +152,8 @@ fn set_sysctls() {
 /// What the ipvs mode holds besides the shadow.
 pub struct Ipvs {
     scheduler: String,
+    /// Addresses whose virtual servers are someone else's.
+    exclude_cidrs: Vec<IpNet>,
     socket: IpvsSocket,
     /// The addresses bound on `kube-ipvs0`, as last read or written.
     bound: BTreeSet<IpAddr>,
@@ -249,13 +295,8 @@ impl RuleBackend for Ipvs {
         let had_table = table_exists();
         self.ensure_base(network)?;
         self.bound = link::addresses()?;
-        let ours = self.ours(wanted, programmed, network);
-        let kernel: Vec<VirtualServer> = self
-            .socket
-            .services()?
-            .into_iter()
-            .filter(|vs| ours.contains(&vs.id.addr))
-            .collect();
+        let all = self.socket.services()?;
+        let kernel = self.ours(all, wanted, programmed, network);
         let in_kernel: BTreeMap<ServiceId, &VirtualServer> =
             kernel.iter().map(|vs| (vs.id, vs)).collect();
         let wanted_servers = servers_of(wanted);
@@ -396,22 +437,28 @@ fn shared_of<'a>(frontends: impl Iterator<Item = &'a IpvsFrontend>) -> BTreeSet<
 }
 
 impl Ipvs {
-    /// The addresses whose virtual servers are ours: the VIPs bound on
-    /// `kube-ipvs0` and wanted, and the node's NodePort addresses.
+    /// The virtual servers of the kernel that are ours: the ones we want or
+    /// programmed, and (outside `excludeCIDRs`, other IPVS users' space)
+    /// any on a VIP bound on `kube-ipvs0` or on a NodePort address with a
+    /// port of the NodePort range (an earlier run's).
     fn ours(
         &self,
+        kernel: Vec<VirtualServer>,
         wanted: &Shadow<IpvsFrontend>,
         programmed: &Shadow<IpvsFrontend>,
         network: &NodeNetwork,
-    ) -> BTreeSet<IpAddr> {
-        let mut ours: BTreeSet<IpAddr> = self.bound.clone();
-        ours.extend(network.nodeport_addresses.iter().copied());
-        for shadow in [wanted, programmed] {
-            for server in servers_of(shadow).keys() {
-                ours.insert(server.addr);
-            }
-        }
-        ours
+    ) -> Vec<VirtualServer> {
+        let ids: BTreeSet<ServiceId> = [wanted, programmed]
+            .into_iter()
+            .flat_map(|shadow| servers_of(shadow).into_keys())
+            .collect();
+        let owner = Owner {
+            ids: &ids,
+            bound: &self.bound,
+            nodeport_addresses: &network.nodeport_addresses,
+            exclude_cidrs: &self.exclude_cidrs,
+        };
+        kernel.into_iter().filter(|vs| owner.owns(vs)).collect()
     }
 
     /// Binds `want` on `kube-ipvs0`, unbinds the rest.
@@ -618,8 +665,79 @@ pub fn destroy_kube_proxy_ipsets() -> Result<usize, IpvsModeError> {
     Ok(destroyed)
 }
 
+/// What tells the mode's virtual servers from other IPVS users' ones.
+struct Owner<'a> {
+    /// Virtual servers wanted or programmed.
+    ids: &'a BTreeSet<ServiceId>,
+    /// The addresses on `kube-ipvs0`.
+    bound: &'a BTreeSet<IpAddr>,
+    nodeport_addresses: &'a BTreeSet<IpAddr>,
+    exclude_cidrs: &'a [IpNet],
+}
+
+impl Owner<'_> {
+    fn owns(&self, vs: &VirtualServer) -> bool {
+        let addr = vs.id.addr;
+        // What we wrote is ours wherever it is; excludeCIDRs guard only
+        // what we may have left before.
+        self.ids.contains(&vs.id)
+            || (!self.exclude_cidrs.iter().any(|net| net.contains(&addr))
+                && (self.bound.contains(&addr)
+                    || (self.nodeport_addresses.contains(&addr) && is_node_port(vs))))
+    }
+}
+
 /// A virtual server on a local address and a port of the default NodePort
 /// range (30000-32767): a NodePort of ours.
 fn is_node_port(vs: &VirtualServer) -> bool {
     (30000..=32767).contains(&vs.id.port) && !vs.id.addr.is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_modes_virtual_servers_are_its_own_and_excluded_cidrs_never() {
+        let vs = |addr: &str, port: u16| {
+            VirtualServer::new(
+                ServiceId {
+                    protocol: 6,
+                    addr: addr.parse().unwrap(),
+                    port,
+                },
+                "rr",
+                None,
+            )
+        };
+        let programmed = vs("10.96.0.10", 80);
+        let ids = BTreeSet::from([programmed.id]);
+        let bound = BTreeSet::from(["10.96.0.11".parse().unwrap()]);
+        let node: BTreeSet<IpAddr> = BTreeSet::from(["192.0.2.10".parse().unwrap()]);
+        let exclude = ["10.96.0.8/29".parse().unwrap()];
+        let owner = Owner {
+            ids: &ids,
+            bound: &bound,
+            nodeport_addresses: &node,
+            exclude_cidrs: &[],
+        };
+        assert!(owner.owns(&programmed));
+        assert!(owner.owns(&vs("10.96.0.11", 443)), "a VIP on kube-ipvs0");
+        assert!(owner.owns(&vs("192.0.2.10", 30080)), "an earlier NodePort");
+        assert!(
+            !owner.owns(&vs("192.0.2.10", 80)),
+            "keepalived's server on the node's address"
+        );
+        assert!(
+            !owner.owns(&vs("198.51.100.1", 30080)),
+            "not a node address"
+        );
+        let owner = Owner {
+            exclude_cidrs: &exclude,
+            ..owner
+        };
+        assert!(owner.owns(&programmed), "written by us, even inside");
+        assert!(!owner.owns(&vs("10.96.0.11", 443)), "inside excludeCIDRs");
+        assert!(owner.owns(&vs("192.0.2.10", 30080)));
+    }
 }

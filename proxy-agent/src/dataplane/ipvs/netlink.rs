@@ -39,10 +39,15 @@ const IPVS_CMD_NEW_DEST: u8 = 5;
 const IPVS_CMD_SET_DEST: u8 = 6;
 const IPVS_CMD_DEL_DEST: u8 = 7;
 const IPVS_CMD_GET_DEST: u8 = 8;
+const IPVS_CMD_SET_CONFIG: u8 = 12;
+const IPVS_CMD_GET_CONFIG: u8 = 13;
 const IPVS_CMD_FLUSH: u8 = 17;
 
 const IPVS_CMD_ATTR_SERVICE: u16 = 1;
 const IPVS_CMD_ATTR_DEST: u16 = 2;
+const IPVS_CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+const IPVS_CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+const IPVS_CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 
 const IPVS_SVC_ATTR_AF: u16 = 1;
 const IPVS_SVC_ATTR_PROTOCOL: u16 = 2;
@@ -97,6 +102,64 @@ pub struct ServiceId {
     pub protocol: u16,
     pub addr: IpAddr,
     pub port: u16,
+}
+
+/// IPVS's connection timeouts in seconds (`ipvsadm --set tcp tcpfin udp`):
+/// established TCP, TCP after a FIN, UDP. Written, `None` leaves one as it
+/// is (the kernel takes 0 to mean the same).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: Option<u32>,
+    pub tcp_fin: Option<u32>,
+    pub udp: Option<u32>,
+}
+
+impl Timeouts {
+    fn nlas(&self) -> Vec<IpvsNla> {
+        [
+            (IPVS_CMD_ATTR_TIMEOUT_TCP, self.tcp),
+            (IPVS_CMD_ATTR_TIMEOUT_TCP_FIN, self.tcp_fin),
+            (IPVS_CMD_ATTR_TIMEOUT_UDP, self.udp),
+        ]
+        .into_iter()
+        .filter_map(|(kind, value)| {
+            let value = value.filter(|v| *v > 0)?;
+            Some(IpvsNla::Other(DefaultNla::new(
+                kind,
+                value.to_ne_bytes().to_vec(),
+            )))
+        })
+        .collect()
+    }
+
+    fn parse(nlas: &[IpvsNla]) -> Result<Timeouts, DecodeError> {
+        let mut out = Timeouts::default();
+        for nla in nlas {
+            if let IpvsNla::Other(nla) = nla {
+                let value = || -> Result<Option<u32>, DecodeError> {
+                    let mut bytes = [0u8; 4];
+                    let mut payload = vec![0u8; nla.value_len()];
+                    nla.emit_value(&mut payload);
+                    if payload.len() != 4 {
+                        return Err(DecodeError::from(format!(
+                            "timeout attribute {} of {} bytes",
+                            nla.kind(),
+                            payload.len()
+                        )));
+                    }
+                    bytes.copy_from_slice(&payload);
+                    Ok(Some(u32::from_ne_bytes(bytes)))
+                };
+                match nla.kind() {
+                    IPVS_CMD_ATTR_TIMEOUT_TCP => out.tcp = value()?,
+                    IPVS_CMD_ATTR_TIMEOUT_TCP_FIN => out.tcp_fin = value()?,
+                    IPVS_CMD_ATTR_TIMEOUT_UDP => out.udp = value()?,
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A virtual server, as written (statistics are read only).
@@ -1017,6 +1080,36 @@ impl IpvsSocket {
         )
     }
 
+    /// Sets the connection timeouts that `timeouts` names (`ipvsadm --set`).
+    pub fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), IpvsError> {
+        let nlas = timeouts.nlas();
+        if nlas.is_empty() {
+            return Ok(());
+        }
+        self.command(IPVS_CMD_SET_CONFIG, nlas, "setting timeouts", || {
+            format!("{timeouts:?}")
+        })
+    }
+
+    /// The connection timeouts in force.
+    pub fn timeouts(&mut self) -> Result<Timeouts, IpvsError> {
+        let request = self.request(IPVS_CMD_GET_CONFIG, vec![]);
+        let mut out = Timeouts::default();
+        self.exchange(
+            request,
+            NLM_F_REQUEST | NLM_F_ACK,
+            "reading the timeouts",
+            |reply: GenlMessage<IpvsMessage>| {
+                out = Timeouts::parse(&reply.payload.nlas).map_err(|e| IpvsError::Malformed {
+                    during: "reading the timeouts",
+                    reason: e.to_string(),
+                })?;
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
     /// Removes every virtual server of the namespace (`ipvsadm -C`).
     pub fn flush(&mut self) -> Result<(), IpvsError> {
         self.command(IPVS_CMD_FLUSH, vec![], "flushing IPVS", String::new)
@@ -1091,6 +1184,33 @@ mod tests {
             };
             assert_eq!(parse_service(nlas).unwrap(), Some(vs));
         }
+    }
+
+    #[test]
+    fn timeouts_encode_only_the_ones_set_and_parse_back() {
+        let timeouts = Timeouts {
+            tcp: Some(900),
+            tcp_fin: Some(0),
+            udp: None,
+        };
+        let nlas = timeouts.nlas();
+        assert_eq!(nlas.len(), 1, "0 and None are left out: {nlas:?}");
+        let mut bytes = vec![0u8; nested_len(&nlas)];
+        emit_nested(&nlas, &mut bytes);
+        // One u32 attribute: length 8, type 4 (IPVS_CMD_ATTR_TIMEOUT_TCP).
+        assert_eq!(&bytes[..4], &[8, 0, 4, 0]);
+        assert_eq!(&bytes[4..], &900u32.to_ne_bytes());
+        let parsed: Vec<IpvsNla> = parse_nested(&bytes).unwrap();
+        assert_eq!(
+            Timeouts::parse(&parsed).unwrap(),
+            Timeouts {
+                tcp: Some(900),
+                ..Timeouts::default()
+            }
+        );
+        let short = [6u8, 0, 6, 0, 1, 0, 0, 0];
+        let parsed: Vec<IpvsNla> = parse_nested(&short).unwrap();
+        assert!(Timeouts::parse(&parsed).is_err());
     }
 
     #[test]
@@ -1319,6 +1439,25 @@ mod tests {
                 gone.to_string()
                     .contains("deleting virtual server TCP 10.96.0.10:80"),
                 "{gone}"
+            );
+
+            // Timeouts: the ones named change, the others stay.
+            let before = ipvs.timeouts().unwrap();
+            assert!(before.tcp.is_some_and(|t| t > 0), "{before:?}");
+            ipvs.set_timeouts(&Timeouts {
+                tcp: Some(900),
+                tcp_fin: None,
+                udp: Some(30),
+            })
+            .unwrap();
+            let after = ipvs.timeouts().unwrap();
+            assert_eq!(
+                after,
+                Timeouts {
+                    tcp: Some(900),
+                    tcp_fin: before.tcp_fin,
+                    udp: Some(30),
+                }
             );
         });
     }
