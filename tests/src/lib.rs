@@ -47,6 +47,22 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether the kernel has IPVS (loading its module if it is one), decided
+/// once per test process.
+pub fn ipvs_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let present = || std::path::Path::new("/proc/net/ip_vs").exists();
+        present()
+            || (std::process::Command::new("modprobe")
+                .arg("ip_vs")
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+                && present())
+    })
+}
+
 /// Whether test `test` must be skipped here, printing why. Writes to stderr
 /// directly: the test harness captures `eprintln!` of passing tests.
 pub fn skipped(test: &str) -> bool {

@@ -1035,6 +1035,16 @@ pub struct Topology {
 /// the agent to program a service).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the agent may take to serve after it starts: [`READY_TIMEOUT`],
+/// or `PROXY_TESTS_READY_TIMEOUT_SECS` for slow runs (a VM under software
+/// emulation takes minutes to verify the programs).
+pub fn start_timeout() -> Duration {
+    std::env::var("PROXY_TESTS_READY_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(READY_TIMEOUT, Duration::from_secs)
+}
+
 /// Per-exchange timeout of the client helpers.
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Threads the client helpers use.

@@ -5,6 +5,9 @@
 //! packets); `--cleanup-kube-proxy` also removes a kube-proxy's tables, and
 //! `proxy-agent cleanup` removes everything of every mode.
 //!
+//! The ipvs mode takes part where the kernel has IPVS (the VM stage of
+//! `cargo xtask test`).
+//!
 //! Needs root; without it the test prints why and passes.
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -13,9 +16,10 @@ use std::{
 
 use anyhow::{Context, ensure};
 use proxy_tests::{
+    ipvs_available,
     netns::{
-        Agent, AgentConfig, BpfFs, IpFamily, ManifestsDir, POD_TCP_PORT, Protocol, READY_TIMEOUT,
-        ServiceSpec, ToolPaths, Topology, agent_binary, exec_in,
+        Agent, AgentConfig, BpfFs, IpFamily, ManifestsDir, POD_TCP_PORT, Protocol, ServiceSpec,
+        ToolPaths, Topology, agent_binary, exec_in, start_timeout,
     },
     poll_until, serial, skipped,
 };
@@ -30,6 +34,8 @@ struct Leftovers {
     iptables_chains: usize,
     iptables_legacy_chains: usize,
     ebpf_pins: usize,
+    /// The ipvs mode's table, `kube-ipvs0`, and IPVS virtual servers.
+    ipvs: usize,
 }
 
 fn leftovers(t: &Topology, bpffs: &BpfFs) -> anyhow::Result<Leftovers> {
@@ -41,12 +47,26 @@ fn leftovers(t: &Topology, bpffs: &BpfFs) -> anyhow::Result<Leftovers> {
         Ok(entries) => entries.count(),
         Err(_) => 0,
     };
+    let ipvs = if ipvs_available() {
+        let servers = exec_in(t.node_ns(), "cat", &["/proc/net/ip_vs"])?;
+        let links = exec_in(t.node_ns(), "ip", &["-o", "link", "show"])?;
+        servers
+            .lines()
+            .filter(|l| ["TCP ", "UDP ", "SCTP "].iter().any(|p| l.starts_with(p)))
+            .count()
+            + links.matches(" kube-ipvs0:").count()
+            + tables.matches("table inet proxy-agent-ipvs").count()
+    } else {
+        0
+    };
     Ok(Leftovers {
-        nftables_tables: tables.matches("table inet proxy-agent-").count(),
+        nftables_tables: tables.matches("table inet proxy-agent-").count()
+            - tables.matches("table inet proxy-agent-ipvs").count(),
         kube_proxy_tables: tables.matches(" kube-proxy").count(),
         iptables_chains: nat.lines().filter(|l| l.starts_with(":KUBE-")).count(),
         iptables_legacy_chains: legacy.lines().filter(|l| l.starts_with(":KUBE-")).count(),
         ebpf_pins,
+        ipvs,
     })
 }
 
@@ -82,7 +102,7 @@ fn switch_modes() -> anyhow::Result<()> {
 
     let target = SocketAddr::new(VIP, 80);
     let mut kube_proxy_tables = 2;
-    for (mode, extra) in [
+    let mut steps = vec![
         ("nftables", &[][..]),
         (
             "iptables",
@@ -91,7 +111,17 @@ fn switch_modes() -> anyhow::Result<()> {
         ("iptables", &["--iptables-backend=legacy"][..]),
         ("ebpf", &[][..]),
         ("nftables", &[][..]),
-    ] {
+    ];
+    if ipvs_available() {
+        // From every other kind of state: iptables-legacy chains before,
+        // the ebpf mode's pins after.
+        steps.insert(3, ("ipvs", &[][..]));
+    } else {
+        eprintln!(
+            "switching modes: the ipvs step skipped: this kernel has no IPVS (the VM runs it)"
+        );
+    }
+    for (mode, extra) in steps {
         if extra.contains(&"--cleanup-kube-proxy") {
             kube_proxy_tables = 0;
         }
@@ -101,7 +131,7 @@ fn switch_modes() -> anyhow::Result<()> {
             extra_args: extra.iter().map(|a| a.to_string()).collect(),
             ..t.start_agent_config(&binary, &bpffs, &manifests)
         })?;
-        t.wait_reachable(&mut agent, Protocol::Tcp, target, READY_TIMEOUT)
+        t.wait_reachable(&mut agent, Protocol::Tcp, target, start_timeout())
             .with_context(|| format!("{mode}: agent log:\n{}", agent.log()))?;
         // The previous mode still serves while this agent starts: wait
         // until only this mode's state is left.
@@ -110,10 +140,11 @@ fn switch_modes() -> anyhow::Result<()> {
                 && (found.iptables_chains > 0) == (mode == "iptables" && !legacy)
                 && (found.iptables_legacy_chains > 0) == (mode == "iptables" && legacy)
                 && (found.ebpf_pins > 0) == (mode == "ebpf")
+                && (found.ipvs > 0) == (mode == "ipvs")
                 && found.kube_proxy_tables == kube_proxy_tables
         };
         let mut last = None;
-        let settled = poll_until(READY_TIMEOUT, Duration::from_millis(100), || {
+        let settled = poll_until(start_timeout(), Duration::from_millis(100), || {
             let found = leftovers(&t, &bpffs)?;
             let done = expected(&found);
             last = Some(found);
@@ -124,7 +155,7 @@ fn switch_modes() -> anyhow::Result<()> {
             "{mode}: other modes' state left: {last:?}\nagent log:\n{}",
             agent.log()
         );
-        t.wait_reachable(&mut agent, Protocol::Tcp, target, READY_TIMEOUT)
+        t.wait_reachable(&mut agent, Protocol::Tcp, target, start_timeout())
             .with_context(|| format!("{mode} after the switch: agent log:\n{}", agent.log()))?;
         // Stopped without cleanup: its dataplane keeps serving, as after a
         // crash, for the next mode to find.
@@ -145,6 +176,7 @@ fn switch_modes() -> anyhow::Result<()> {
                 iptables_chains: 0,
                 iptables_legacy_chains: 0,
                 ebpf_pins: 0,
+                ipvs: 0,
             },
         "after cleanup: {found:?}"
     );

@@ -26,11 +26,12 @@ use proxy_tests::http;
 use proxy_tests::manifests::TrafficPolicy;
 use proxy_tests::{
     client::check_spread,
+    ipvs_available,
     netns::{
         Agent, AgentConfig, BpfFs, CLIENT_IP, CLIENT_IP6, CLUSTER_CIDR, ChildGuard, ClientOptions,
         ClientReport, IpFamily, ManifestsDir, NODE_IP, NODE_IP6, POD_GATEWAY_IP, POD_GATEWAY_IP6,
         POD_SCTP_PORT, POD_SESSION_PORT, POD_TCP_PORT, POD_UDP_PORT, PodNetwork, Protocol,
-        ServiceSpec, SliceEndpoint, ToolPaths, Topology, agent_binary, in_netns,
+        ServiceSpec, SliceEndpoint, ToolPaths, Topology, agent_binary, in_netns, start_timeout,
     },
     poll_until, serial, skipped,
 };
@@ -250,22 +251,6 @@ fn run(test: &str, mode: Mode, scenario: fn(Mode) -> anyhow::Result<()>) {
     }
 }
 
-/// Whether the kernel has IPVS (loading its module if it is one), decided
-/// once per test process.
-fn ipvs_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let present = || std::path::Path::new("/proc/net/ip_vs").exists();
-        present()
-            || (std::process::Command::new("modprobe")
-                .arg("ip_vs")
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-                && present())
-    })
-}
-
 thread_local! {
     /// What the last [`Cluster`] of this thread left as evidence when it was
     /// dropped: the agent's log and the datapath's counters. A failing
@@ -294,18 +279,6 @@ const TCP_NODE_PORT: u16 = 30080;
 const UDP_NODE_PORT: u16 = 30053;
 const HEALTH_CHECK_PORT: u16 = 30256;
 
-/// How long the agent may take to serve a change.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long the agent may take to serve after it starts: [`READY_TIMEOUT`],
-/// or `PROXY_TESTS_READY_TIMEOUT_SECS` for slow runs (a VM under software
-/// emulation takes minutes to verify the programs).
-fn ready_timeout() -> Duration {
-    std::env::var("PROXY_TESTS_READY_TIMEOUT_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(READY_TIMEOUT, Duration::from_secs)
-}
 /// How long a check may keep polling for an expected change.
 const POLL_LIMIT: Duration = Duration::from_secs(10);
 /// Exchanges per check: with two backends, each is missed by chance with
@@ -460,7 +433,7 @@ impl Cluster {
                 &mut self.agent.borrow_mut(),
                 protocol,
                 target,
-                ready_timeout(),
+                start_timeout(),
             )
             .map(|_| ())
     }
@@ -1512,17 +1485,17 @@ fn udp_socket_of_a_pod_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result
     c.publish(&service, &c.endpoints(&service, &[1, 2], &[]))?;
     c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
     // pod-0 is the client; pod-1 and pod-2 the backends.
-    let duration = ready_timeout() + POLL_LIMIT + Duration::from_secs(10);
+    let duration = start_timeout() + POLL_LIMIT + Duration::from_secs(10);
     let mut session = UdpSession::start(&c.t, c.t.pod(0).ns(), at(VIP, UDP_PORT), duration)?;
     let mut seen = SessionLines::default();
     // The first answers: one backend, STABLE times.
-    let ready_by = Instant::now() + ready_timeout();
+    let ready_by = Instant::now() + start_timeout();
     let mut first: Option<String> = None;
     let mut answers = 0;
     while answers < STABLE {
         let line = session
             .next_line(ready_by)?
-            .with_context(|| format!("no stable backend within {:?}: {seen:?}", ready_timeout()))?;
+            .with_context(|| format!("no stable backend within {:?}: {seen:?}", start_timeout()))?;
         match (&line, &first) {
             (SessionLine::Answer(name), None) => {
                 ensure!(
@@ -2330,7 +2303,7 @@ fn node_reaches_a_restricted_lb_ip_in_its_ranges(mode: Mode) -> anyhow::Result<(
     let quick = Duration::from_secs(2);
     // The client (outside the ranges) cannot tell when it is served: wait
     // from the node.
-    poll_until(ready_timeout(), Duration::from_millis(50), || {
+    poll_until(start_timeout(), Duration::from_millis(50), || {
         let r = c.exchange_from_node(&cgroup, Protocol::Tcp, at(LB_IP, TCP_PORT), 1, quick)?;
         Ok((r.ok == 1).then_some(()))
     })
@@ -2434,7 +2407,12 @@ fn churn_10000_connections_while_endpoints_change(mode: Mode) -> anyhow::Result<
         let client = scope.spawn(|| c.t.run_client(&options));
         let mut changes = 0usize;
         while !client.is_finished() && started.elapsed() < Duration::from_secs(120) {
-            std::thread::sleep(Duration::from_millis(100));
+            // About every 100 ms, but never in step with the agent's own
+            // period (1 s in the rule modes): a steady 600 ms cycle of
+            // subsets sampled every 1.2 s would show it the same subsets
+            // each time.
+            let jitter = (changes as u64 * 37) % 61;
+            std::thread::sleep(Duration::from_millis(70 + jitter));
             changes += 1;
             c.set_endpoints(&service, &slice(subsets[changes % subsets.len()]))?;
         }

@@ -26,6 +26,10 @@ const SCENARIOS: &[(TestBinary, &str)] = &[
         TestBinary::AgentLib,
         "dataplane::ipvs::netlink::tests::requests_round_trip_through_the_kernel",
     ),
+    (
+        TestBinary::Modes,
+        "switching_modes_removes_the_previous_modes_state_and_cleanup_removes_all",
+    ),
 ];
 const MODULES: &[&str] = &["sctp", "ip_vs", "dummy"];
 
@@ -36,6 +40,8 @@ enum TestBinary {
     Scenarios,
     /// proxy-agent's unit tests (the kernel round trips of its netlink code).
     AgentLib,
+    /// proxy-tests' mode switch (`tests/modes.rs`), with the ipvs mode.
+    Modes,
 }
 
 impl TestBinary {
@@ -50,6 +56,10 @@ impl TestBinary {
                 &["-p", "proxy-agent", "--lib"],
                 "Executable unittests src/lib.rs (",
             ),
+            TestBinary::Modes => (
+                &["-p", "proxy-tests", "--test", "modes"],
+                "Executable tests/modes.rs (",
+            ),
         }
     }
 
@@ -57,11 +67,13 @@ impl TestBinary {
     /// the tests crate).
     fn dir(self) -> &'static str {
         match self {
-            TestBinary::Scenarios => "tests",
+            TestBinary::Scenarios | TestBinary::Modes => "tests",
             TestBinary::AgentLib => "proxy-agent",
         }
     }
 }
+/// How many tests the VM runs at once: one per vCPU.
+const LANES: usize = 2;
 /// The agent verifies its programs many times slower under emulation.
 const READY_TIMEOUT_SECS: &str = "600";
 
@@ -80,33 +92,47 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
     let vmlinuz = kernel(env, &dir)?;
     let scenarios = test_binary(env, TestBinary::Scenarios)?;
     let agent_lib = test_binary(env, TestBinary::AgentLib)?;
+    let modes = test_binary(env, TestBinary::Modes)?;
 
-    let results = dir.join("results.txt");
-    let _ = std::fs::remove_file(&results);
-    let script = dir.join("run.sh");
+    let agent = env.target_dir.join("debug/proxy-agent");
+    let tests = vm_tests(env, &scenarios)?;
+    // Two lanes, one per vCPU, each running its tests one after another
+    // into its own results file: under emulation a scenario mostly waits
+    // for its single-threaded vCPU, so two at once take about half the time.
+    let lanes: Vec<PathBuf> = (0..LANES)
+        .map(|lane| dir.join(format!("results-{lane}.txt")))
+        .collect();
+    for results in &lanes {
+        let _ = std::fs::remove_file(results);
+    }
     let mut text = String::from("#!/bin/sh\n");
     for module in MODULES {
         text.push_str(&format!(
             "modprobe {module} || echo 'modprobe {module} failed'\n"
         ));
     }
-    let agent = env.target_dir.join("debug/proxy-agent");
-    let tests = vm_tests(env, &scenarios)?;
-    for (which, scenario) in &tests {
-        let binary = match which {
-            TestBinary::Scenarios => &scenarios,
-            TestBinary::AgentLib => &agent_lib,
-        };
-        text.push_str(&format!(
-            "cd {dir} && PROXY_TESTS_READY_TIMEOUT_SECS={READY_TIMEOUT_SECS} PROXY_AGENT_BIN={agent} \
-             {binary} --exact {scenario} --nocapture >> {results} 2>&1\n\
-             echo \"VM-RC {scenario} $?\" >> {results}\n",
-            dir = env.workspace.join(which.dir()).display(),
-            agent = agent.display(),
-            binary = binary.display(),
-            results = results.display(),
-        ));
+    for (lane, results) in lanes.iter().enumerate() {
+        text.push_str("(\n");
+        for (which, scenario) in tests.iter().skip(lane).step_by(LANES) {
+            let binary = match which {
+                TestBinary::Scenarios => &scenarios,
+                TestBinary::AgentLib => &agent_lib,
+                TestBinary::Modes => &modes,
+            };
+            text.push_str(&format!(
+                "cd {dir} && PROXY_TESTS_READY_TIMEOUT_SECS={READY_TIMEOUT_SECS} PROXY_AGENT_BIN={agent} \
+                 {binary} --exact {scenario} --nocapture >> {results} 2>&1\n\
+                 echo \"VM-RC {scenario} $?\" >> {results}\n",
+                dir = env.workspace.join(which.dir()).display(),
+                agent = agent.display(),
+                binary = binary.display(),
+                results = results.display(),
+            ));
+        }
+        text.push_str(") &\n");
     }
+    text.push_str("wait\n");
+    let script = dir.join("run.sh");
     std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
     make_executable(&script)?;
 
@@ -125,8 +151,13 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
     // vng exits 255 even when the command succeeded: the verdict comes
     // from the results file.
     let _ = command.status().context("starting vng")?;
-    let out = std::fs::read_to_string(&results)
-        .with_context(|| format!("the VM wrote no results to {}", results.display()))?;
+    let mut out = String::new();
+    for results in &lanes {
+        out.push_str(
+            &std::fs::read_to_string(results)
+                .with_context(|| format!("the VM wrote no results to {}", results.display()))?,
+        );
+    }
     let verdict = verdict(&out, &tests);
     for line in out
         .lines()
@@ -143,13 +174,10 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
     }
 }
 
-/// How many scenarios passed, or why the run does not count.
-/// The ipvs mode's scenarios the VM stage runs by default: the ones it
-/// passes so far, chosen to cover each part of the mode (virtual servers
-/// of every kind, masquerade, source ranges, graceful termination, stale
-/// UDP flows, hairpin) in about eight minutes of emulation. With
-/// `PROXY_VM_IPVS=all` every `ipvs::` scenario of the suite runs (about 30
-/// minutes); bringing the rest up is issue 15's work.
+/// The ipvs mode's scenarios of `PROXY_VM_IPVS=quick`: one for each part
+/// of the mode (virtual servers of every kind, masquerade, source ranges,
+/// graceful termination, stale UDP flows, hairpin), for a quicker loop
+/// while working on it. By default the VM runs every `ipvs::` scenario.
 const IPVS_SCENARIOS: &[&str] = &[
     "ipvs::clusterip_dual_stack_tcp_and_udp",
     "ipvs::clusterip_sctp",
@@ -161,14 +189,14 @@ const IPVS_SCENARIOS: &[&str] = &[
     "ipvs::hairpin_routed",
 ];
 
-/// [`SCENARIOS`] and [`IPVS_SCENARIOS`], or with `PROXY_VM_IPVS=all` every
-/// `ipvs::` scenario (listed by the scenario binary).
+/// [`SCENARIOS`] and every `ipvs::` scenario (listed by the scenario
+/// binary), or only [`IPVS_SCENARIOS`] with `PROXY_VM_IPVS=quick`.
 fn vm_tests(env: &Env, scenarios: &Path) -> anyhow::Result<Vec<(TestBinary, String)>> {
     let mut tests: Vec<(TestBinary, String)> = SCENARIOS
         .iter()
         .map(|(b, name)| (*b, name.to_string()))
         .collect();
-    let ipvs: Vec<String> = if std::env::var("PROXY_VM_IPVS").as_deref() == Ok("all") {
+    let ipvs: Vec<String> = if std::env::var("PROXY_VM_IPVS").as_deref() != Ok("quick") {
         let listed = query(env.command(scenarios).args(["--list", "--format", "terse"]))
             .context("listing the scenarios")?;
         listed
@@ -188,6 +216,7 @@ fn vm_tests(env: &Env, scenarios: &Path) -> anyhow::Result<Vec<(TestBinary, Stri
 /// missing kernel feature: it counts as done.
 const DECIDED_SKIP: &str = ": skipped (Mode::cannot):";
 
+/// How many tests passed, or why the run does not count.
 fn verdict(out: &str, tests: &[(TestBinary, String)]) -> Result<usize, String> {
     if let Some(line) = out
         .lines()
