@@ -46,7 +46,8 @@ enum Task {
     /// mode against the direct path, at 0 to 30 000 services; report and
     /// plots in target/bench; about 2 h with its defaults) and
     /// `dataplane` (full and one-endpoint sync time of each mode at 10 000
-    /// services); all when none is named.
+    /// services; then every mode again with the ipvs mode in the VM, when
+    /// this kernel has no IPVS); all when none is named.
     Bench {
         /// `packet ARGS`, `sync ARGS`, `traffic ARGS` or `dataplane ARGS` run one benchmark with its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -368,10 +369,19 @@ fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
     }
     if which.is_none_or(|w| w == "dataplane") {
         let mut command = bench_bin("dataplane-sync");
-        if which.is_some() {
-            command.args(rest);
-        }
+        let rest: &[String] = if which.is_some() { rest } else { &[] };
+        command.args(rest);
         run(&mut command)?;
+        // The ipvs mode needs a kernel with IPVS: every mode again, side by
+        // side in the VM, unless the modes were named.
+        if !std::path::Path::new("/proc/net/ip_vs").exists()
+            && !rest.iter().any(|a| a.starts_with("--modes"))
+        {
+            let binary = env.target_dir.join("release/dataplane-sync");
+            let mut args = rest.to_vec();
+            args.push("--modes=ebpf,nftables,iptables,iptables-legacy,ipvs".into());
+            vm::run_dataplane_bench(env, &binary, &args)?;
+        }
     }
     Ok(())
 }

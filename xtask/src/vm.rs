@@ -85,11 +85,7 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
         eprintln!("xtask: VM scenarios skipped: they need root");
         return Ok(());
     }
-    crate::install_packages(env, PACKAGES)?;
-    let vng = virtme_ng(env)?;
-    let dir = env.target_dir.join("vm");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let vmlinuz = kernel(env, &dir)?;
+    let vm = Vm::prepare(env)?;
     let scenarios = test_binary(env, TestBinary::Scenarios)?;
     let agent_lib = test_binary(env, TestBinary::AgentLib)?;
     let modes = test_binary(env, TestBinary::Modes)?;
@@ -98,19 +94,14 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
     let tests = vm_tests(env, &scenarios)?;
     // Two lanes, one per vCPU, each running its tests one after another
     // into its own results file: under emulation a scenario mostly waits
-    // for its single-threaded vCPU, so two at once take about half the time.
+    // for its single-threaded vCPU, so two at once take less time.
     let lanes: Vec<PathBuf> = (0..LANES)
-        .map(|lane| dir.join(format!("results-{lane}.txt")))
+        .map(|lane| vm.dir.join(format!("results-{lane}.txt")))
         .collect();
     for results in &lanes {
         let _ = std::fs::remove_file(results);
     }
-    let mut text = String::from("#!/bin/sh\n");
-    for module in MODULES {
-        text.push_str(&format!(
-            "modprobe {module} || echo 'modprobe {module} failed'\n"
-        ));
-    }
+    let mut text = String::new();
     for (lane, results) in lanes.iter().enumerate() {
         text.push_str("(\n");
         for (which, scenario) in tests.iter().skip(lane).step_by(LANES) {
@@ -132,25 +123,7 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
         text.push_str(") &\n");
     }
     text.push_str("wait\n");
-    let script = dir.join("run.sh");
-    std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
-    make_executable(&script)?;
-
-    let mut command = env.command(&vng);
-    command
-        .args(["--verbose", "--disable-kvm", "--run"])
-        .arg(&vmlinuz)
-        .args([
-            "--user", "root", "--memory", "2G", "--cpus", "2", "--rw", "--exec",
-        ])
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    eprintln!("xtask: running {} (a few minutes)", describe(&command));
-    // vng exits 255 even when the command succeeded: the verdict comes
-    // from the results file.
-    let _ = command.status().context("starting vng")?;
+    vm.boot(env, "run.sh", &text)?;
     let mut out = String::new();
     for results in &lanes {
         out.push_str(
@@ -215,6 +188,88 @@ fn vm_tests(env: &Env, scenarios: &Path) -> anyhow::Result<Vec<(TestBinary, Stri
 /// A skip that the mode's `Mode::cannot` names is a decision, not a
 /// missing kernel feature: it counts as done.
 const DECIDED_SKIP: &str = ": skipped (Mode::cannot):";
+
+/// The VM, set up: the kernel it boots, the `vng` that boots it, and the
+/// directory its scripts and results live in.
+struct Vm {
+    vng: PathBuf,
+    vmlinuz: PathBuf,
+    dir: PathBuf,
+}
+
+impl Vm {
+    /// Installs what the VM needs (packages, kernel, virtme-ng).
+    fn prepare(env: &Env) -> anyhow::Result<Vm> {
+        crate::install_packages(env, PACKAGES)?;
+        let vng = virtme_ng(env)?;
+        let dir = env.target_dir.join("vm");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let vmlinuz = kernel(env, &dir)?;
+        Ok(Vm { vng, vmlinuz, dir })
+    }
+
+    /// Boots the VM once to run `body` (shell, after loading [`MODULES`])
+    /// as script `name`. What the script writes under the workspace is its
+    /// result: vng's own exit status says nothing (255 even on success).
+    fn boot(&self, env: &Env, name: &str, body: &str) -> anyhow::Result<()> {
+        let mut text = String::from("#!/bin/sh\n");
+        for module in MODULES {
+            text.push_str(&format!(
+                "modprobe {module} || echo 'modprobe {module} failed'\n"
+            ));
+        }
+        text.push_str(body);
+        let script = self.dir.join(name);
+        std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
+        make_executable(&script)?;
+        let mut command = env.command(&self.vng);
+        command
+            .args(["--verbose", "--disable-kvm", "--run"])
+            .arg(&self.vmlinuz)
+            .args([
+                "--user", "root", "--memory", "2G", "--cpus", "2", "--rw", "--exec",
+            ])
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        eprintln!("xtask: running {} (minutes)", describe(&command));
+        let _ = command.status().context("starting vng")?;
+        Ok(())
+    }
+}
+
+/// `bench dataplane` in the VM, whose kernel has IPVS: `binary` (the
+/// release dataplane-sync) with `args`, every mode side by side on that
+/// kernel; prints what it printed.
+pub fn run_dataplane_bench(env: &Env, binary: &Path, args: &[String]) -> anyhow::Result<()> {
+    if !proxy_tests::is_root() {
+        eprintln!("xtask: the VM's dataplane benchmark skipped: it needs root");
+        return Ok(());
+    }
+    let vm = Vm::prepare(env)?;
+    let out = vm.dir.join("bench-dataplane.txt");
+    let _ = std::fs::remove_file(&out);
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    vm.boot(
+        env,
+        "bench-dataplane.sh",
+        &format!(
+            "cd {dir} && {binary} {args} > {out} 2>&1\necho \"VM-RC $?\" >> {out}\n",
+            dir = env.workspace.display(),
+            binary = binary.display(),
+            args = quoted.join(" "),
+            out = out.display(),
+        ),
+    )?;
+    let text = std::fs::read_to_string(&out)
+        .with_context(|| format!("the VM wrote no results to {}", out.display()))?;
+    print!("{text}");
+    if !text.contains("VM-RC 0") {
+        bail!("the dataplane benchmark failed in the VM");
+    }
+    Ok(())
+}
 
 /// How many tests passed, or why the run does not count.
 fn verdict(out: &str, tests: &[(TestBinary, String)]) -> Result<usize, String> {

@@ -117,7 +117,8 @@ pub fn open(options: &IpvsOptions) -> Result<IpvsDataplane, IpvsModeError> {
         exclude_cidrs: options.exclude_cidrs.clone(),
         socket,
         bound: BTreeSet::new(),
-        shared: BTreeSet::new(),
+        shared: RefCounts::default(),
+        vips: RefCounts::default(),
         draining: BTreeMap::new(),
     }))
 }
@@ -157,9 +158,12 @@ pub struct Ipvs {
     socket: IpvsSocket,
     /// The addresses bound on `kube-ipvs0`, as last read or written.
     bound: BTreeSet<IpAddr>,
-    /// The elements of the sets frontends share (VIPs, hairpin backends)
-    /// in the kernel, as last written.
-    shared: BTreeSet<Element>,
+    /// The elements of the sets frontends share (VIPs, hairpin backends),
+    /// by how many programmed frontends need each: a change writes only
+    /// the elements its frontends gain or lose, whatever the table's size.
+    shared: RefCounts<Element>,
+    /// The VIPs the programmed frontends need bound, by how many need each.
+    vips: RefCounts<IpAddr>,
     /// TCP real servers given weight 0 when their backend left, and since
     /// when: deleted once IPVS counts no connection on them.
     draining: BTreeMap<(ServiceId, IpAddr, u16), Instant>,
@@ -243,22 +247,27 @@ impl RuleBackend for Ipvs {
             remove.extend(old_elements.difference(&new_elements).map(|e| (*e).clone()));
             add.extend(new_elements.difference(&old_elements).map(|e| (*e).clone()));
         }
-        let touched: BTreeSet<&FrontendKey> = keys.iter().collect();
-        let after: Vec<&IpvsFrontend> = programmed
-            .iter()
-            .filter(|(k, _)| !touched.contains(k))
-            .chain(wanted.iter().filter(|(k, _)| touched.contains(k)))
-            .map(|(_, p)| &p.rendered)
-            .collect();
-        let shared = shared_of(after.iter().copied());
-        let vips: BTreeSet<IpAddr> = after.iter().filter_map(|r| r.vip).collect();
+        let (mut gained, mut lost) = (Vec::new(), Vec::new());
+        let (mut vips_gained, mut vips_lost) = (Vec::new(), Vec::new());
+        for key in keys {
+            if let Some(old) = programmed.get(key) {
+                lost.extend(shared_of(&old.rendered));
+                vips_lost.extend(old.rendered.vip);
+            }
+            if let Some(new) = wanted.get(key) {
+                gained.extend(shared_of(&new.rendered));
+                vips_gained.extend(new.rendered.vip);
+            }
+        }
+        let (appeared, disappeared) = self.shared.change(gained, lost);
+        let (bind, unbind) = self.vips.change(vips_gained, vips_lost);
         let mut text = table::elements("add", &add.iter().collect::<Vec<_>>());
         text.push_str(&table::elements(
             "add",
-            &shared.difference(&self.shared).collect::<Vec<_>>(),
+            &appeared.iter().collect::<Vec<_>>(),
         ));
         nft(&text)?;
-        self.bind(&vips)?;
+        self.bind_changes(&bind, &unbind)?;
         for key in keys {
             let none = Vec::new();
             let old_servers = programmed.get(key).map_or(&none, |o| &o.rendered.servers);
@@ -276,10 +285,9 @@ impl RuleBackend for Ipvs {
         let mut text = table::elements("delete", &remove.iter().collect::<Vec<_>>());
         text.push_str(&table::elements(
             "delete",
-            &self.shared.difference(&shared).collect::<Vec<_>>(),
+            &disappeared.iter().collect::<Vec<_>>(),
         ));
         nft(&text)?;
-        self.shared = shared;
         self.expire_drained()?;
         Ok(())
     }
@@ -354,11 +362,14 @@ impl RuleBackend for Ipvs {
             .flat_map(|p| p.rendered.elements.iter())
             .collect();
         text.push_str(&table::elements("add", &all));
-        let shared = shared_of(wanted.values().map(|p| &p.rendered));
-        text.push_str(&table::elements("add", &shared.iter().collect::<Vec<_>>()));
+        self.shared = RefCounts::of(wanted.values().flat_map(|p| shared_of(&p.rendered)));
+        text.push_str(&table::elements(
+            "add",
+            &self.shared.keys().collect::<Vec<_>>(),
+        ));
         nft(&text)?;
-        self.shared = shared;
-        let vips: BTreeSet<IpAddr> = wanted.values().filter_map(|p| p.rendered.vip).collect();
+        self.vips = RefCounts::of(wanted.values().filter_map(|p| p.rendered.vip));
+        let vips: BTreeSet<IpAddr> = self.vips.keys().copied().collect();
         self.bind(&vips)?;
         let wanted_servers = servers_of(wanted);
         // Virtual servers nobody wants go; the others are brought in line
@@ -419,21 +430,81 @@ fn same_real_servers(
     live == want
 }
 
-/// The elements every frontend shares: the VIPs (the filter's), the
-/// backends that may be their own clients (hairpin).
-fn shared_of<'a>(frontends: impl Iterator<Item = &'a IpvsFrontend>) -> BTreeSet<Element> {
+/// The elements a frontend may share with others: its VIP (the filter's
+/// set), the backends that may be their own clients (hairpin).
+fn shared_of(rendered: &IpvsFrontend) -> BTreeSet<Element> {
     let mut out = BTreeSet::new();
-    for rendered in frontends {
-        if let Some(vip) = rendered.vip {
-            out.insert(Element {
-                set: "vips",
-                family: crate::dataplane::netfilter::Family::of(vip),
-                value: vip.to_string(),
-            });
-        }
-        out.extend(rendered.backends.iter().map(hairpin_element));
+    if let Some(vip) = rendered.vip {
+        out.insert(Element {
+            set: "vips",
+            family: crate::dataplane::netfilter::Family::of(vip),
+            value: vip.to_string(),
+        });
     }
+    out.extend(rendered.backends.iter().map(hairpin_element));
     out
+}
+
+/// How many frontends need each shared thing (a VIP, a set element).
+#[derive(Debug)]
+struct RefCounts<T: Ord> {
+    counts: BTreeMap<T, usize>,
+}
+
+impl<T: Ord> Default for RefCounts<T> {
+    fn default() -> Self {
+        RefCounts {
+            counts: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T: Ord + Clone> RefCounts<T> {
+    /// One count per item.
+    fn of(items: impl IntoIterator<Item = T>) -> Self {
+        let mut out = RefCounts::default();
+        for item in items {
+            *out.counts.entry(item).or_default() += 1;
+        }
+        out
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &T> {
+        self.counts.keys()
+    }
+
+    /// Counts `gained` in and `lost` out (one per frontend each); returns
+    /// what is needed now and was not before, and what was and is no more.
+    /// A thing one frontend lost and another gained in the batch is in
+    /// neither.
+    fn change(&mut self, gained: Vec<T>, lost: Vec<T>) -> (Vec<T>, Vec<T>) {
+        let touched: BTreeSet<T> = gained.iter().chain(&lost).cloned().collect();
+        let before: BTreeSet<T> = touched
+            .iter()
+            .filter(|t| self.counts.contains_key(*t))
+            .cloned()
+            .collect();
+        for item in gained {
+            *self.counts.entry(item).or_default() += 1;
+        }
+        for item in lost {
+            if let Some(count) = self.counts.get_mut(&item) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.counts.remove(&item);
+                }
+            }
+        }
+        let (mut appeared, mut disappeared) = (Vec::new(), Vec::new());
+        for item in touched {
+            match (before.contains(&item), self.counts.contains_key(&item)) {
+                (false, true) => appeared.push(item),
+                (true, false) => disappeared.push(item),
+                _ => {}
+            }
+        }
+        (appeared, disappeared)
+    }
 }
 
 impl Ipvs {
@@ -459,6 +530,25 @@ impl Ipvs {
             exclude_cidrs: &self.exclude_cidrs,
         };
         kernel.into_iter().filter(|vs| owner.owns(vs)).collect()
+    }
+
+    /// Binds `bind` on `kube-ipvs0` and unbinds `unbind`.
+    fn bind_changes(&mut self, bind: &[IpAddr], unbind: &[IpAddr]) -> Result<(), IpvsModeError> {
+        if let Err(e) = link::change(bind, unbind) {
+            // An address bound or gone behind our back: what counts is
+            // whether the link now holds what is wanted.
+            self.bound = link::addresses()?;
+            let want: BTreeSet<IpAddr> = self.vips.keys().copied().collect();
+            if self.bound != want {
+                return Err(e.into());
+            }
+            return Ok(());
+        }
+        self.bound.extend(bind.iter().copied());
+        for addr in unbind {
+            self.bound.remove(addr);
+        }
+        Ok(())
     }
 
     /// Binds `want` on `kube-ipvs0`, unbinds the rest.
@@ -696,6 +786,21 @@ fn is_node_port(vs: &VirtualServer) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_things_appear_with_their_first_user_and_go_with_their_last() {
+        let mut counts = RefCounts::of(["a", "b", "b"]);
+        // One user of b leaves, c arrives.
+        assert_eq!(counts.change(vec!["c"], vec!["b"]), (vec!["c"], vec![]));
+        // b's last user leaves; a moves from one frontend to another.
+        assert_eq!(
+            counts.change(vec!["a"], vec!["b", "a"]),
+            (vec![], vec!["b"])
+        );
+        assert_eq!(counts.keys().copied().collect::<Vec<_>>(), vec!["a", "c"]);
+        // Losing what was never counted changes nothing.
+        assert_eq!(counts.change(vec![], vec!["z"]), (vec![], vec![]));
+    }
 
     #[test]
     fn only_the_modes_virtual_servers_are_its_own_and_excluded_cidrs_never() {
