@@ -374,9 +374,7 @@ fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
         run(&mut command)?;
         // The ipvs mode needs a kernel with IPVS: every mode again, side by
         // side in the VM, unless the modes were named.
-        if !std::path::Path::new("/proc/net/ip_vs").exists()
-            && !rest.iter().any(|a| a.starts_with("--modes"))
-        {
+        if !proxy_tests::ipvs_available() && !rest.iter().any(|a| a.starts_with("--modes")) {
             let binary = env.target_dir.join("release/dataplane-sync");
             let mut args = rest.to_vec();
             args.push("--modes=ebpf,nftables,iptables,iptables-legacy,ipvs".into());

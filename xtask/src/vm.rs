@@ -1,5 +1,5 @@
-//! Scenarios that need a kernel feature this machine's kernel lacks (SCTP
-//! today, IPVS next), run in a VM: virtme-ng boots Debian's kernel over a
+//! Scenarios that need a kernel feature this machine's kernel lacks (SCTP,
+//! IPVS), run in a VM: virtme-ng boots Debian's kernel over a
 //! snapshot of this machine's filesystem, under software emulation (qemu's
 //! KVM path fails on these machines), and runs the scenario binary there.
 use std::{

@@ -54,8 +54,9 @@ pub struct IpvsOptions {
     /// (`ipvs.tcpTimeout`, ...): IPVS's connection timeouts; unset leaves
     /// the kernel's.
     pub timeouts: Timeouts,
-    /// `--ipvs-exclude-cidrs`, `ipvs.excludeCIDRs`: virtual servers on these
-    /// addresses belong to someone else and are never deleted.
+    /// `--ipvs-exclude-cidrs`, `ipvs.excludeCIDRs`: addresses where other
+    /// IPVS users' virtual servers live; the mode deletes there only the
+    /// ones it wrote itself.
     pub exclude_cidrs: Vec<IpNet>,
 }
 
@@ -153,7 +154,7 @@ fn set_sysctls(strict_arp: bool) {
 /// What the ipvs mode holds besides the shadow.
 pub struct Ipvs {
     scheduler: String,
-    /// Addresses whose virtual servers are someone else's.
+    /// Addresses where only the virtual servers we wrote are ours.
     exclude_cidrs: Vec<IpNet>,
     socket: IpvsSocket,
     /// The addresses bound on `kube-ipvs0`, as last read or written.
@@ -369,8 +370,7 @@ impl RuleBackend for Ipvs {
         ));
         nft(&text)?;
         self.vips = RefCounts::of(wanted.values().filter_map(|p| p.rendered.vip));
-        let vips: BTreeSet<IpAddr> = self.vips.keys().copied().collect();
-        self.bind(&vips)?;
+        self.bind_all()?;
         let wanted_servers = servers_of(wanted);
         // Virtual servers nobody wants go; the others are brought in line
         // in place, so their connections are kept.
@@ -551,21 +551,12 @@ impl Ipvs {
         Ok(())
     }
 
-    /// Binds `want` on `kube-ipvs0`, unbinds the rest.
-    fn bind(&mut self, want: &BTreeSet<IpAddr>) -> Result<(), IpvsModeError> {
-        let want = want.clone();
-        let add: Vec<IpAddr> = want.difference(&self.bound).copied().collect();
-        let remove: Vec<IpAddr> = self.bound.difference(&want).copied().collect();
-        if let Err(e) = link::change(&add, &remove) {
-            // An address bound or gone behind our back: what counts is
-            // whether the link now holds what is wanted.
-            self.bound = link::addresses()?;
-            if self.bound != want {
-                return Err(e.into());
-            }
-        }
-        self.bound = want;
-        Ok(())
+    /// Binds every VIP the frontends need on `kube-ipvs0`, unbinds the rest.
+    fn bind_all(&mut self) -> Result<(), IpvsModeError> {
+        let want: BTreeSet<IpAddr> = self.vips.keys().copied().collect();
+        let bind: Vec<IpAddr> = want.difference(&self.bound).copied().collect();
+        let unbind: Vec<IpAddr> = self.bound.difference(&want).copied().collect();
+        self.bind_changes(&bind, &unbind)
     }
 
     /// Adds a virtual server with its real servers.

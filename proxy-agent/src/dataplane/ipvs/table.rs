@@ -147,6 +147,12 @@ fn chain_rules(network: &NodeNetwork) -> String {
         let s = suffix(family);
         let (_, ip, nfproto) = family_words(family);
         let l4 = "meta l4proto . th dport";
+        // The family's cluster CIDR: its sources are pods.
+        let cluster_cidr = network
+            .cluster_cidrs
+            .iter()
+            .find(|c| Family::of_net(c) == family)
+            .map(IpNet::trunc);
         rule("marking", format!("{ip} daddr . {l4} @masq{s} {mark}"));
         rule(
             "marking",
@@ -154,12 +160,7 @@ fn chain_rules(network: &NodeNetwork) -> String {
         );
         // Off-cluster clients: sources outside the family's cluster CIDR.
         // Without one, kube-proxy masquerades none of them.
-        if let Some(cidr) = network
-            .cluster_cidrs
-            .iter()
-            .find(|c| Family::of_net(c) == family)
-        {
-            let cidr = IpNet::trunc(cidr);
+        if let Some(cidr) = cluster_cidr {
             rule(
                 "marking",
                 format!("{ip} saddr != {cidr} {ip} daddr . {l4} @masq-outside{s} {mark}"),
@@ -197,11 +198,8 @@ fn chain_rules(network: &NodeNetwork) -> String {
         );
         // The same frontends admit the pods (the cluster CIDR) and the
         // node only: an external client must find a local endpoint.
-        let pods = network
-            .cluster_cidrs
-            .iter()
-            .find(|c| Family::of_net(c) == family)
-            .map(|cidr| format!("{ip} saddr != {} ", IpNet::trunc(cidr)))
+        let pods = cluster_cidr
+            .map(|cidr| format!("{ip} saddr != {cidr} "))
             .unwrap_or_default();
         for matched in [&own, &own_node_port] {
             rule(
