@@ -596,46 +596,37 @@ impl Ipvs {
         Ok(())
     }
 
-    /// Takes virtual server `id`'s real servers from `old` to `new`: a
-    /// removed TCP one drains (weight 0), others go at once; one that comes
-    /// back while draining gets its weight again.
+    /// Takes virtual server `id`'s real servers from `old` to `new`, in the
+    /// order [`real_server_steps`] gives.
     fn sync_real_servers(
         &mut self,
         id: &ServiceId,
         old: &[RealServer],
         new: &[RealServer],
     ) -> Result<(), IpvsModeError> {
-        let key = |r: &RealServer| (r.addr, r.port);
-        let old_by: BTreeMap<(IpAddr, u16), &RealServer> =
-            old.iter().map(|r| (key(r), r)).collect();
-        let new_by: BTreeMap<(IpAddr, u16), &RealServer> =
-            new.iter().map(|r| (key(r), r)).collect();
-        for ((addr, port), rs) in &old_by {
-            if new_by.contains_key(&(*addr, *port)) {
-                continue;
-            }
-            if self.draining.contains_key(&(*id, *addr, *port)) {
-                continue;
-            }
-            if i32::from(id.protocol) == libc::IPPROTO_TCP {
-                self.socket.update_real_server(
-                    id,
-                    &RealServer {
-                        weight: 0,
-                        ..(*rs).clone()
-                    },
-                )?;
-                self.draining.insert((*id, *addr, *port), Instant::now());
-            } else {
-                self.socket.delete_real_server(id, *addr, *port)?;
-            }
-        }
-        for ((addr, port), rs) in &new_by {
-            let was_draining = self.draining.remove(&(*id, *addr, *port)).is_some();
-            match old_by.get(&(*addr, *port)) {
-                None if !was_draining => self.socket.add_real_server(id, rs)?,
-                Some(before) if before.weight == rs.weight && !was_draining => {}
-                _ => self.socket.update_real_server(id, rs)?,
+        let tcp = i32::from(id.protocol) == libc::IPPROTO_TCP;
+        let draining = |addr: IpAddr, port: u16| self.draining.contains_key(&(*id, addr, port));
+        for step in real_server_steps(old, new, tcp, draining) {
+            match step {
+                RealServerStep::Add(rs) => self.socket.add_real_server(id, rs)?,
+                RealServerStep::Set(rs) => {
+                    self.draining.remove(&(*id, rs.addr, rs.port));
+                    self.socket.update_real_server(id, rs)?;
+                }
+                RealServerStep::Drain(rs) => {
+                    self.socket.update_real_server(
+                        id,
+                        &RealServer {
+                            weight: 0,
+                            ..rs.clone()
+                        },
+                    )?;
+                    self.draining
+                        .insert((*id, rs.addr, rs.port), Instant::now());
+                }
+                RealServerStep::Delete(rs) => {
+                    self.socket.delete_real_server(id, rs.addr, rs.port)?
+                }
             }
         }
         Ok(())
@@ -674,6 +665,55 @@ impl Ipvs {
         }
         Ok(())
     }
+}
+
+/// One write to a virtual server's real servers.
+#[derive(Debug, PartialEq, Eq)]
+enum RealServerStep<'a> {
+    Add(&'a RealServer),
+    /// A new weight, or a draining one's weight back.
+    Set(&'a RealServer),
+    /// Weight 0: a TCP backend that left keeps its connections until they
+    /// end (kube-proxy's graceful termination).
+    Drain(&'a RealServer),
+    Delete(&'a RealServer),
+}
+
+/// The writes that take a virtual server's real servers from `old` to
+/// `new`, every gain before any loss: IPVS answers a new connection that
+/// finds no real server of weight above 0 with ICMP port unreachable, so
+/// removing first would refuse clients for the moment between two writes
+/// of a change that replaces every backend. `draining` tells which of
+/// `old`'s are already draining.
+fn real_server_steps<'a>(
+    old: &'a [RealServer],
+    new: &'a [RealServer],
+    tcp: bool,
+    draining: impl Fn(IpAddr, u16) -> bool,
+) -> Vec<RealServerStep<'a>> {
+    let key = |r: &RealServer| (r.addr, r.port);
+    let old_by: BTreeMap<(IpAddr, u16), &RealServer> = old.iter().map(|r| (key(r), r)).collect();
+    let new_by: BTreeMap<(IpAddr, u16), &RealServer> = new.iter().map(|r| (key(r), r)).collect();
+    let mut steps = Vec::new();
+    for (k, rs) in &new_by {
+        let was_draining = draining(k.0, k.1);
+        match old_by.get(k) {
+            None if !was_draining => steps.push(RealServerStep::Add(rs)),
+            Some(before) if before.weight == rs.weight && !was_draining => {}
+            _ => steps.push(RealServerStep::Set(rs)),
+        }
+    }
+    for (k, rs) in &old_by {
+        if new_by.contains_key(k) || draining(k.0, k.1) {
+            continue;
+        }
+        steps.push(if tcp {
+            RealServerStep::Drain(rs)
+        } else {
+            RealServerStep::Delete(rs)
+        });
+    }
+    steps
 }
 
 /// Removes what the ipvs mode left: the companion table, the virtual
@@ -791,6 +831,66 @@ mod tests {
         assert_eq!(counts.keys().copied().collect::<Vec<_>>(), vec!["a", "c"]);
         // Losing what was never counted changes nothing.
         assert_eq!(counts.change(vec![], vec!["z"]), (vec![], vec![]));
+    }
+
+    #[test]
+    fn real_servers_are_gained_before_any_is_lost() {
+        let rs =
+            |last: u8, weight: u32| RealServer::masq(IpAddr::from([10, 0, 0, last]), 80, weight);
+        let (a, b, c) = (rs(1, 1), rs(2, 1), rs(3, 1));
+        let none = |_: IpAddr, _: u16| false;
+        // Every backend replaced: both gains come before the loss, for TCP
+        // (drain) and the others (delete).
+        let old = [a.clone()];
+        let new = [b.clone(), c.clone()];
+        assert_eq!(
+            real_server_steps(&old, &new, true, none),
+            vec![
+                RealServerStep::Add(&b),
+                RealServerStep::Add(&c),
+                RealServerStep::Drain(&a)
+            ]
+        );
+        assert_eq!(
+            real_server_steps(&old, &new, false, none),
+            vec![
+                RealServerStep::Add(&b),
+                RealServerStep::Add(&c),
+                RealServerStep::Delete(&a)
+            ]
+        );
+        // A draining backend that comes back gets its weight again (it is
+        // still in the kernel), before the one that leaves drains; one
+        // already draining is not drained again.
+        let b_draining = |addr: IpAddr, _: u16| addr == b.addr;
+        assert_eq!(
+            real_server_steps(
+                std::slice::from_ref(&a),
+                std::slice::from_ref(&b),
+                true,
+                b_draining
+            ),
+            vec![RealServerStep::Set(&b), RealServerStep::Drain(&a)]
+        );
+        assert_eq!(
+            real_server_steps(
+                std::slice::from_ref(&a),
+                std::slice::from_ref(&a),
+                true,
+                none
+            ),
+            vec![]
+        );
+        let heavier = rs(1, 5);
+        assert_eq!(
+            real_server_steps(
+                &[a.clone(), c.clone()],
+                std::slice::from_ref(&heavier),
+                true,
+                none
+            ),
+            vec![RealServerStep::Set(&heavier), RealServerStep::Drain(&c)]
+        );
     }
 
     #[test]
