@@ -256,6 +256,8 @@ struct Session<T> {
     transport: T,
     seq: u32,
     buf: Vec<u8>,
+    /// Entries the kernel sent in dumps, matching or not.
+    dumped: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,6 +280,7 @@ impl<T: Transport> Session<T> {
             transport,
             seq: 0,
             buf: vec![0; RECV_BUF_LEN],
+            dumped: 0,
         }
     }
 
@@ -298,22 +301,30 @@ impl<T: Transport> Session<T> {
         Ok(len)
     }
 
-    /// Dumps the table of `flows.family`, adding a delete request for each
-    /// matching entry to `out`.
+    /// Dumps the UDP entries of the table of `flows.family` (all entries
+    /// unless `filtered`), adding a delete request for each matching entry
+    /// to `out`.
     fn dump(
         &mut self,
         flows: &FlowSet,
+        filtered: bool,
         out: &mut BTreeSet<DeleteRequest>,
     ) -> Result<(), ConntrackError> {
         const DURING: &str = "dumping the conntrack table";
         let seq = self.next_seq();
         let mut request = Vec::new();
-        put_dump_request(&mut request, flows.family, seq)?;
+        put_dump_request(
+            &mut request,
+            flows.family,
+            seq,
+            filtered.then_some(IPPROTO_UDP),
+        )?;
         self.send(&request, DURING)?;
         loop {
             let len = self.recv(true, DURING)?;
             let datagram = &self.buf[..len];
-            if handle_dump_datagram(datagram, seq, flows, out)? == Progress::Done {
+            if handle_dump_datagram(datagram, seq, flows, out, &mut self.dumped)? == Progress::Done
+            {
                 return Ok(());
             }
         }
@@ -430,6 +441,7 @@ fn handle_dump_datagram(
     seq: u32,
     flows: &FlowSet,
     out: &mut BTreeSet<DeleteRequest>,
+    dumped: &mut usize,
 ) -> Result<Progress, ConntrackError> {
     for msg in messages(datagram) {
         let msg = msg?;
@@ -459,6 +471,7 @@ fn handle_dump_datagram(
                     || msg.ty == ct_msg_type(IPCTNL_MSG_CT_NEW) =>
             {
                 let entry = parse_entry(payload)?;
+                *dumped += 1;
                 if flows.matches(&entry) {
                     out.insert(DeleteRequest::of(&entry));
                 }
@@ -481,18 +494,31 @@ fn delete_with<T: Transport>(
     }
     let mut deletes = BTreeSet::new();
     let mut session = None;
+    // The kernel filters the dump by protocol where it can; a kernel that
+    // refuses the filter gets the plain dump (the entries are matched here
+    // either way).
+    let mut filtered = true;
     for set in &sets {
         let mut attempt = 1;
         loop {
             // A fresh socket for each attempt: leftovers of an overrun dump
             // must not mix with the new one.
             let mut fresh = Session::new(open()?);
-            match fresh.dump(set, &mut deletes) {
+            match fresh.dump(set, filtered, &mut deletes) {
                 Ok(()) => {
                     session = Some(fresh);
                     break;
                 }
                 Err(ConntrackError::Overrun { .. }) if attempt < DUMP_ATTEMPTS => attempt += 1,
+                Err(ConntrackError::Kernel { source, .. })
+                    if filtered
+                        && matches!(
+                            source.raw_os_error(),
+                            Some(libc::EINVAL | libc::EOPNOTSUPP)
+                        ) =>
+                {
+                    filtered = false;
+                }
                 Err(e) => return Err(e),
             }
         }

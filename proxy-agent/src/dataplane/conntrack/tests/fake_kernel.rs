@@ -24,6 +24,11 @@ struct FakeState {
     duplicate: bool,
     /// A stray message with a foreign seq before every answer.
     stray: bool,
+    /// Answer a dump filtered by protocol with EINVAL (a kernel that knows
+    /// CTA_FILTER but not this use of it).
+    refuse_filter: bool,
+    /// For each dump, whether it asked for one protocol only.
+    filtered: Vec<bool>,
 }
 
 struct FakeKernel {
@@ -46,12 +51,33 @@ impl Transport for FakeKernel {
             if msg.ty == ct_msg_type(IPCTNL_MSG_CT_GET) {
                 assert_eq!(msg.flags, NLM_F_REQUEST | NLM_F_DUMP);
                 st.dumps.push(family);
+                // The request's protocol filter: the attributes after the
+                // nfgenmsg, exactly as the agent sends them for UDP.
+                let filter = &msg.payload[4..];
+                let protocol = match filter {
+                    [] => None,
+                    _ => {
+                        let mut want = Vec::new();
+                        put_dump_request(&mut want, family, msg.seq, Some(IPPROTO_UDP)).unwrap();
+                        assert_eq!(filter, &want[NLMSG_HDRLEN + 4..], "unexpected dump filter");
+                        Some(IPPROTO_UDP)
+                    }
+                };
+                st.filtered.push(protocol.is_some());
+                if protocol.is_some() && st.refuse_filter {
+                    self.queue.push_back(Ok(error_msg(msg.seq, -libc::EINVAL)));
+                    continue;
+                }
                 if let Some(code) = st.dump_error {
                     self.queue.push_back(Ok(error_msg(msg.seq, code)));
                     continue;
                 }
-                let mut listed: Vec<&FakeEntry> =
-                    st.entries.iter().filter(|e| e.family == family).collect();
+                let mut listed: Vec<&FakeEntry> = st
+                    .entries
+                    .iter()
+                    .filter(|e| e.family == family)
+                    .filter(|e| protocol.is_none_or(|p| e.orig.proto == p))
+                    .collect();
                 if st.duplicate {
                     listed.extend(listed.clone());
                 }
@@ -265,6 +291,32 @@ fn a_refused_dump_is_a_kernel_error_and_deletes_nothing() {
         "{err:?}"
     );
     assert_eq!(ids(&state).len(), 6);
+}
+
+#[test]
+fn the_kernel_filters_the_dump_by_protocol_or_sends_all_when_it_refuses() {
+    let mut entries = table(3);
+    // A TCP entry to the stale backend: never deleted, and never sent by
+    // a kernel that filters.
+    let mut tcp = dnat_entry(
+        ("10.2.0.7", 8888),
+        ("10.96.0.10", 53),
+        ("10.1.0.5", 5353),
+        3000,
+    );
+    tcp.orig.proto = libc::IPPROTO_TCP as u8;
+    tcp.reply.proto = libc::IPPROTO_TCP as u8;
+    entries.push(tcp);
+    let state = fake(entries.clone());
+    assert_eq!(run(&state, &[DNS]).unwrap(), 3);
+    assert_eq!(ids(&state), [1000, 2000, 3000]);
+    assert_eq!(state.borrow().filtered, [true]);
+
+    let state = fake(entries);
+    state.borrow_mut().refuse_filter = true;
+    assert_eq!(run(&state, &[DNS]).unwrap(), 3);
+    assert_eq!(ids(&state), [1000, 2000, 3000]);
+    assert_eq!(state.borrow().filtered, [true, false]);
 }
 
 #[test]

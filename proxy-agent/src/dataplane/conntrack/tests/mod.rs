@@ -166,13 +166,31 @@ fn constants_agree_with_libc() {
 #[test]
 fn dump_request_bytes() {
     let mut buf = Vec::new();
-    put_dump_request(&mut buf, AF_INET6, 7).unwrap();
+    put_dump_request(&mut buf, AF_INET6, 7, None).unwrap();
     let mut want = 20u32.to_ne_bytes().to_vec();
     want.extend_from_slice(&0x0101u16.to_ne_bytes()); // CTNETLINK << 8 | CT_GET
     want.extend_from_slice(&0x0301u16.to_ne_bytes()); // REQUEST | DUMP
     want.extend_from_slice(&7u32.to_ne_bytes());
     want.extend_from_slice(&0u32.to_ne_bytes());
     want.extend_from_slice(&[10, 0, 0, 0]); // AF_INET6, v0, res_id 0
+    assert_eq!(buf, want);
+
+    // Filtered to UDP: CTA_TUPLE_ORIG { CTA_TUPLE_PROTO { CTA_PROTO_NUM 17 } }
+    // and CTA_FILTER { CTA_FILTER_ORIG_FLAGS CTA_FILTER_FLAG_CTA_PROTO_NUM }.
+    let mut buf = Vec::new();
+    put_dump_request(&mut buf, AF_INET, 8, Some(IPPROTO_UDP)).unwrap();
+    #[rustfmt::skip]
+    let attrs: [u8; 28] = [
+        16, 0, 0x01, 0x80,          // CTA_TUPLE_ORIG, nested
+            12, 0, 0x02, 0x80,      // CTA_TUPLE_PROTO, nested
+                5, 0, 1, 0, 17, 0, 0, 0, // CTA_PROTO_NUM udp + pad
+        12, 0, 25, 0x80,            // CTA_FILTER, nested
+            8, 0, 1, 0, 8, 0, 0, 0, // CTA_FILTER_ORIG_FLAGS 1 << 3 (x86_64)
+    ];
+    let mut payload = vec![2, 0, 0, 0];
+    payload.extend_from_slice(&attrs);
+    let mut want = nlmsg(0x0101, NLM_F_REQUEST | NLM_F_DUMP, 8, &payload);
+    want[12..16].copy_from_slice(&0u32.to_ne_bytes());
     assert_eq!(buf, want);
 }
 
@@ -569,8 +587,9 @@ fn error_messages_need_the_whole_nlmsgerr() {
 #[test]
 fn the_end_of_a_dump_carries_its_status() {
     let flows = FlowSet::by_family(&[stale_flow("10.96.0.10", 53, "10.1.0.5", 5353)]);
-    let handle =
-        |datagram: &[u8]| handle_dump_datagram(datagram, 5, &flows[0], &mut BTreeSet::new());
+    let handle = |datagram: &[u8]| {
+        handle_dump_datagram(datagram, 5, &flows[0], &mut BTreeSet::new(), &mut 0)
+    };
     let kernel_error = |result| match result {
         Err(ConntrackError::Kernel {
             request: "dump",
@@ -617,7 +636,7 @@ proptest! {
     #[test]
     fn arbitrary_datagrams_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
         let flows = FlowSet::by_family(&[stale_flow("0.0.0.0", 1, "127.0.0.1", 2)]);
-        let _ = handle_dump_datagram(&bytes, 5, &flows[0], &mut BTreeSet::new());
+        let _ = handle_dump_datagram(&bytes, 5, &flows[0], &mut BTreeSet::new(), &mut 0);
         let _ = parse_entry(&bytes);
     }
 

@@ -216,4 +216,24 @@ fn in_namespace() {
     let last = listed("ipv4");
     assert!(!lists(&last, other_port, 5556), "{last}");
     assert!(lists(&last, not_nated, 7777), "{last}");
+
+    // The kernel filters a dump by protocol: with a TCP flow tracked, the
+    // UDP-only dump sends one entry fewer than the plain one.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let _tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let flows = FlowSet::by_family(&[flow]);
+    let dumped = |filtered: bool| {
+        let mut session = Session::new(NetlinkSocket::open().unwrap());
+        session
+            .dump(&flows[0], filtered, &mut BTreeSet::new())
+            .unwrap();
+        session.dumped
+    };
+    let (udp_only, all) = (dumped(true), dumped(false));
+    assert!(udp_only >= 1, "the untranslated UDP flow is listed");
+    assert_eq!(
+        all,
+        udp_only + 1,
+        "the TCP flow is left out of the filtered dump"
+    );
 }
