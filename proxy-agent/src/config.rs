@@ -121,6 +121,7 @@ struct RawLogging {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawProxyAgent {
     manifests: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     bpf_root: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
     socket_lb: Option<bool>,
@@ -262,6 +263,8 @@ pub struct Logging {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProxyAgent {
     pub manifests: Option<PathBuf>,
+    /// Where the agent keeps what must outlive it (`--state-dir`).
+    pub state_dir: Option<PathBuf>,
     pub bpf_root: Option<PathBuf>,
     /// The cgroup v2 directory of the socket hooks (`--cgroup-root`).
     pub cgroup_root: Option<PathBuf>,
@@ -359,6 +362,7 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
     let base = path.parent().unwrap_or(Path::new("."));
     for p in [
         &mut cfg.proxy_agent.manifests,
+        &mut cfg.proxy_agent.state_dir,
         &mut cfg.proxy_agent.bpf_root,
         &mut cfg.proxy_agent.cgroup_root,
     ]
@@ -708,6 +712,7 @@ impl Validator {
             })
         };
         let manifests = paths("proxyAgent.manifests", p.manifests);
+        let state_dir = paths("proxyAgent.stateDir", p.state_dir);
         let bpf_root = paths("proxyAgent.bpfRoot", p.bpf_root);
         let cgroup_root = paths("proxyAgent.cgroupRoot", p.cgroup_root);
         let mut names = |field: &str, list: Option<Vec<String>>| {
@@ -724,6 +729,7 @@ impl Validator {
         };
         ProxyAgent {
             manifests,
+            state_dir,
             bpf_root,
             cgroup_root,
             socket_lb: p.socket_lb,

@@ -194,6 +194,12 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     bpf_root: Option<PathBuf>,
 
+    /// Directory where the agent keeps what must outlive it: the last good
+    /// version of each manifest file, which applies when the file is broken
+    /// at the next start. Default: /var/lib/proxy-agent.
+    #[arg(long, value_name = "PATH")]
+    state_dir: Option<PathBuf>,
+
     /// Attach only to these interfaces (comma-separated). Default: every
     /// non-loopback interface, including ones that appear later.
     #[arg(long, value_name = "IFACE[,IFACE]", value_delimiter = ',')]
@@ -263,6 +269,7 @@ fn optional_bind_address(s: &str) -> Result<BindFlag, String> {
 }
 
 const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/proxy-agent";
+const DEFAULT_STATE_DIR: &str = "/var/lib/proxy-agent";
 const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 const DEFAULT_HEALTHZ: config::BindAddress = config::BindAddress {
     ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
@@ -325,6 +332,7 @@ struct Settings {
     iptables_backend: IptablesBackendChoice,
     ipvs: IpvsOptions,
     bpf_root: PathBuf,
+    state_dir: PathBuf,
     interfaces: Vec<String>,
     exclude_interfaces: Vec<String>,
     cgroup_root: Option<PathBuf>,
@@ -370,6 +378,10 @@ impl Settings {
                 .bpf_root
                 .or(pa.bpf_root)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT)),
+            state_dir: args
+                .state_dir
+                .or(pa.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             interfaces: args.interfaces.or(pa.interfaces).unwrap_or_default(),
             exclude_interfaces: args
                 .exclude_interfaces
@@ -779,7 +791,10 @@ async fn source_of(
         );
         return Ok((Box::new(source), Some(events)));
     };
-    Ok((Box::new(ManifestSource::new(dir.clone())), None))
+    Ok((
+        Box::new(ManifestSource::new(dir.clone()).with_state_dir(&args.state_dir)),
+        None,
+    ))
 }
 
 /// Exports the datapath's per-reason counters at every scrape as

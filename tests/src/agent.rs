@@ -199,7 +199,14 @@ impl Agent {
         let mut command = netns_command(&config.netns, &config.binary);
         command.arg("run").arg(format!("--mode={}", config.mode));
         match &config.source {
-            AgentSource::Manifests(dir) => command.arg("--manifests").arg(dir),
+            // The agent's state (the manifests' saved copies) in a hidden
+            // directory of the test's manifest directory: kept across the
+            // test's restarts, gone with the directory.
+            AgentSource::Manifests(dir) => command
+                .arg("--manifests")
+                .arg(dir)
+                .arg("--state-dir")
+                .arg(dir.join(".agent-state")),
             AgentSource::Kubeconfig(file) => command.arg("--kubeconfig").arg(file),
         };
         command

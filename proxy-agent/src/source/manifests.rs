@@ -8,7 +8,10 @@
 //!   `v1` `List`, or (JSON) several concatenated objects.
 //! - A file that cannot be read or parsed, holds an unsupported kind, or holds
 //!   an object the model rejects is *broken*: it is skipped as a whole with a
-//!   warning, and its last good version (if any) keeps applying. A removed
+//!   warning, and its last good version (if any) keeps applying, across
+//!   restarts too: each file's last good version is copied under the state
+//!   directory (`--state-dir`), and a file broken when the agent starts
+//!   applies that copy. A removed
 //!   file removes its objects. An object defined twice keeps the definition
 //!   from the lexically first file.
 //! - The directory is watched with inotify: events are debounced briefly and
@@ -19,9 +22,13 @@
 //! ([`DirectoryState`], [`parse_manifest`], [`read_manifest_dir`]) and the
 //! async shell in this file ([`ManifestSource`]).
 use std::{
+    collections::BTreeMap,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -59,6 +66,7 @@ pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 pub struct ManifestSource {
     dir: PathBuf,
     rescan_interval: Duration,
+    saved: Option<PathBuf>,
 }
 
 impl ManifestSource {
@@ -66,7 +74,16 @@ impl ManifestSource {
         Self {
             dir,
             rescan_interval: DEFAULT_RESCAN_INTERVAL,
+            saved: None,
         }
+    }
+
+    /// Keeps a copy of each file's last good version under `state_dir`
+    /// (in a directory named after the manifest directory), so that a file
+    /// broken when the agent starts applies its last good version.
+    pub fn with_state_dir(mut self, state_dir: &Path) -> Self {
+        self.saved = Some(SavedCopies::dir_for(state_dir, &self.dir));
+        self
     }
 
     /// Changes how often the directory is rescanned without any event
@@ -88,15 +105,19 @@ impl ManifestSource {
         let mut watch = DirWatch::new(dir.clone(), signal_tx);
         // Watch before the first scan so no change slips in between.
         watch.ensure()?;
-        let state = Arc::new(Mutex::new(DirectoryState::new()));
+        let saved = self.saved.map(|dir| Arc::new(SavedCopies::new(dir)));
+        let mut initial = DirectoryState::new();
+        if let Some(saved) = &saved {
+            saved.seed(&dir, &mut initial);
+        }
+        let state = Arc::new(Mutex::new(initial));
 
-        let (report, _) =
-            scan(dir.clone(), state.clone())
-                .await
-                .map_err(|source| SourceError::Directory {
-                    path: dir.clone(),
-                    source,
-                })?;
+        let (report, _) = scan(dir.clone(), state.clone(), saved.clone())
+            .await
+            .map_err(|source| SourceError::Directory {
+                path: dir.clone(),
+                source,
+            })?;
         log_events(&report.events);
         let first = lock(&state).cluster_state();
         info!(
@@ -140,7 +161,7 @@ impl ManifestSource {
             pending = None;
             // Rewatch if the directory was replaced or watching had failed.
             watch.ensure_or_warn();
-            rescan(&dir, &state, &tx, &mut dir_readable).await;
+            rescan(&dir, &state, saved.as_ref(), &tx, &mut dir_readable).await;
         }
     }
 }
@@ -150,10 +171,11 @@ impl ManifestSource {
 async fn rescan(
     dir: &Path,
     state: &Arc<Mutex<DirectoryState>>,
+    saved: Option<&Arc<SavedCopies>>,
     tx: &StateSender,
     dir_readable: &mut bool,
 ) {
-    match scan(dir.to_path_buf(), state.clone()).await {
+    match scan(dir.to_path_buf(), state.clone(), saved.cloned()).await {
         Ok((report, new_state)) => {
             if !*dir_readable {
                 info!(dir = %dir.display(), "manifest directory is readable again");
@@ -201,11 +223,15 @@ fn lock(state: &Mutex<DirectoryState>) -> std::sync::MutexGuard<'_, DirectorySta
 async fn scan(
     dir: PathBuf,
     state: Arc<Mutex<DirectoryState>>,
+    saved: Option<Arc<SavedCopies>>,
 ) -> std::io::Result<(ScanReport, Option<ClusterState>)> {
     tokio::task::spawn_blocking(move || {
         let files = read_manifest_dir(&dir)?;
         let mut state = lock(&state);
-        let report = state.update(files);
+        let report = state.update(&files);
+        if let Some(saved) = &saved {
+            saved.record(&report.events, &files);
+        }
         let new_state = report.changed.then(|| state.cluster_state());
         Ok((report, new_state))
     })
@@ -226,13 +252,27 @@ fn log_events(events: &[ScanEvent]) {
                 path,
                 reason,
                 kept_last_good: true,
+                saved: false,
             } => {
                 warn!(path = %path.display(), %reason, "manifest file is broken; keeping its last good version");
             }
             ScanEvent::Broken {
                 path,
                 reason,
+                kept_last_good: true,
+                saved: true,
+            } => {
+                warn!(
+                    path = %path.display(),
+                    %reason,
+                    "manifest file is broken; applying its last good version, saved by an earlier run"
+                );
+            }
+            ScanEvent::Broken {
+                path,
+                reason,
                 kept_last_good: false,
+                ..
             } => {
                 warn!(path = %path.display(), %reason, "manifest file is broken; ignoring it");
             }
@@ -248,6 +288,132 @@ fn log_events(events: &[ScanEvent]) {
                 );
             }
         }
+    }
+}
+
+/// Copies of the manifest files' last good versions, one directory per
+/// manifest directory, written when a file loads and removed with it.
+#[derive(Debug)]
+struct SavedCopies {
+    dir: PathBuf,
+    /// Whether a failure to write a copy was logged (once is enough).
+    warned: AtomicBool,
+}
+
+impl SavedCopies {
+    fn new(dir: PathBuf) -> Self {
+        SavedCopies {
+            dir,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// `<state_dir>/manifests/<the manifest directory's path, its '/' as
+    /// '%2F'>`: readable, and distinct for distinct manifest directories.
+    fn dir_for(state_dir: &Path, manifests: &Path) -> PathBuf {
+        let absolute = std::path::absolute(manifests).unwrap_or_else(|_| manifests.to_path_buf());
+        let name = absolute
+            .to_string_lossy()
+            .replace('%', "%25")
+            .replace('/', "%2F");
+        state_dir.join("manifests").join(name)
+    }
+
+    /// Removes the copies of manifest directories that are gone (a
+    /// temporary directory, one the node no longer uses).
+    fn prune_gone_directories(&self) {
+        let Some(parent) = self.dir.parent() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let original = PathBuf::from(name.replace("%2F", "/").replace("%25", "%"));
+            if original.is_absolute() && !original.exists() && entry.path() != self.dir {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    /// Gives `state` the saved copy of every file that is in `manifests`
+    /// now; drops the copies of files that are not.
+    fn seed(&self, manifests: &Path, state: &mut DirectoryState) {
+        self.prune_gone_directories();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return; // nothing saved yet
+        };
+        for entry in entries.flatten() {
+            let copy = entry.path();
+            let name = entry.file_name();
+            if !is_manifest_file_name(&name) {
+                continue;
+            }
+            let original = manifests.join(&name);
+            if !original.exists() {
+                let _ = std::fs::remove_file(&copy);
+                continue;
+            }
+            let seeded = std::fs::read(&copy)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| state.seed_saved(original.clone(), &bytes));
+            match seeded {
+                Ok(objects) => debug!(
+                    path = %original.display(),
+                    copy = %copy.display(),
+                    objects,
+                    "saved last good version of manifest file read"
+                ),
+                Err(reason) => warn!(
+                    copy = %copy.display(),
+                    %reason,
+                    "saved copy of a manifest file is unusable; ignoring it"
+                ),
+            }
+        }
+    }
+
+    /// Saves the files that loaded in `events` and drops the copies of the
+    /// removed ones. A failure is logged once: the agent works without.
+    fn record(&self, events: &[ScanEvent], files: &BTreeMap<PathBuf, FileRead>) {
+        for event in events {
+            let result = match event {
+                ScanEvent::Loaded { path, .. } | ScanEvent::Recovered { path, .. } => {
+                    match (files.get(path), path.file_name()) {
+                        (Some(Ok(bytes)), Some(name)) => self.save(name.as_ref(), bytes),
+                        _ => Ok(()),
+                    }
+                }
+                ScanEvent::Removed { path } => match path.file_name() {
+                    Some(name) => match std::fs::remove_file(self.dir.join(name)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                        _ => Ok(()),
+                    },
+                    None => Ok(()),
+                },
+                _ => Ok(()),
+            };
+            if let Err(error) = result
+                && !self.warned.swap(true, Ordering::Relaxed)
+            {
+                warn!(
+                    dir = %self.dir.display(),
+                    %error,
+                    "cannot save the last good versions of the manifest files; \
+                     a file broken at the next start will be ignored"
+                );
+            }
+        }
+    }
+
+    /// Writes the copy of file `name` whole or not at all.
+    fn save(&self, name: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let copy = self.dir.join(name);
+        let partial = self.dir.join(format!(".{}.partial", name.display()));
+        std::fs::write(&partial, bytes)?;
+        std::fs::rename(&partial, &copy)
     }
 }
 
@@ -482,6 +648,82 @@ mod tests {
 
         fs::remove_file(&file).unwrap();
         published(&mut rx, "the file gone", |s| s.services.is_empty()).await;
+        task.abort();
+    }
+
+    /// Starts a source with a state directory; returns once it published.
+    async fn start_saving(dir: &Path, state: &Path) -> (StateReceiver, Task) {
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        let source = ManifestSource::new(dir.to_path_buf())
+            .with_rescan_interval(Duration::from_secs(3600))
+            .with_state_dir(state);
+        let task = Task(tokio::spawn(Box::new(source).run(tx)));
+        timeout(WITHIN, rx.wait_for(Option::is_some))
+            .await
+            .expect("first state within 1 s")
+            .expect("sender alive");
+        rx.mark_unchanged();
+        (rx, task)
+    }
+
+    #[tokio::test]
+    async fn the_last_good_version_outlives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        fs::write(&a, service("a", "10.96.0.1")).unwrap();
+        fs::write(&b, service("b", "10.96.0.2")).unwrap();
+        let (mut rx, task) = start_saving(dir.path(), state.path()).await;
+        assert_eq!(ips(&current(&rx)), ["10.96.0.1", "10.96.0.2"]);
+        fs::write(&a, service("a", "10.96.0.3")).unwrap();
+        published(&mut rx, "a's new version", |s| {
+            ips(s) == ["10.96.0.3", "10.96.0.2"]
+        })
+        .await;
+        task.abort();
+
+        // Broken while the agent is down: its last good version applies at
+        // the next start. A removed file's copy goes; a file that is fine
+        // applies as it is.
+        fs::write(&a, "apiVersion: v1\nkind: Service\nspec: [").unwrap();
+        fs::remove_file(&b).unwrap();
+        let (mut rx, task) = start_saving(dir.path(), state.path()).await;
+        assert_eq!(ips(&current(&rx)), ["10.96.0.3"]);
+        let saved = SavedCopies::dir_for(state.path(), dir.path());
+        assert!(saved.join("a.yaml").exists() && !saved.join("b.yaml").exists());
+
+        // Fixed: applies, and is the copy from now on.
+        fs::write(&a, service("a", "10.96.0.4")).unwrap();
+        published(&mut rx, "a fixed", |s| ips(s) == ["10.96.0.4"]).await;
+        task.abort();
+        assert_eq!(
+            fs::read_to_string(saved.join("a.yaml")).unwrap(),
+            service("a", "10.96.0.4")
+        );
+
+        // Another manifest directory has copies of its own; those of a
+        // directory that is gone go at the next start.
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join("a.yaml"), "{{{").unwrap();
+        let (rx, task) = start_saving(other.path(), state.path()).await;
+        assert!(current(&rx).services.is_empty());
+        task.abort();
+        drop(dir);
+        let (_rx, task) = start_saving(other.path(), state.path()).await;
+        task.abort();
+        assert!(!saved.exists(), "the copies of a removed directory stay");
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_state_directory_only_costs_the_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        // A file where the directory would go.
+        let blocked = state.path().join("blocked");
+        fs::write(&blocked, "").unwrap();
+        fs::write(dir.path().join("a.yaml"), service("a", "10.96.0.1")).unwrap();
+        let (rx, task) = start_saving(dir.path(), &blocked).await;
+        assert_eq!(ips(&current(&rx)), ["10.96.0.1"]);
         task.abort();
     }
 

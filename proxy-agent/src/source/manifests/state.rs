@@ -80,11 +80,14 @@ pub enum ScanEvent {
     /// A file that was broken is good again; its objects apply.
     Recovered { path: PathBuf, objects: usize },
     /// A new or changed file is broken and skipped. `kept_last_good` says
-    /// whether an earlier good version of it still applies.
+    /// whether an earlier good version of it still applies, `saved` that
+    /// this version is the copy a previous run saved (see
+    /// [`DirectoryState::seed_saved`]).
     Broken {
         path: PathBuf,
         reason: String,
         kept_last_good: bool,
+        saved: bool,
     },
     /// A file disappeared; its objects no longer apply.
     Removed { path: PathBuf },
@@ -106,6 +109,8 @@ pub struct ScanReport {
 enum FileInput {
     Content(Fingerprint),
     ReadError(String),
+    /// Not read yet: the good version is a saved copy.
+    Saved,
 }
 
 /// A file's content as far as telling a change goes: its length and a
@@ -157,7 +162,7 @@ impl DirectoryState {
     /// Takes a complete scan of the directory (every manifest file's path and
     /// content; paths not present are gone). Only files whose content (or
     /// read error) changed since the previous scan are parsed again.
-    pub fn update(&mut self, scan: BTreeMap<PathBuf, FileRead>) -> ScanReport {
+    pub fn update(&mut self, scan: &BTreeMap<PathBuf, FileRead>) -> ScanReport {
         let mut events = Vec::new();
         let removed: Vec<PathBuf> = self
             .files
@@ -172,7 +177,8 @@ impl DirectoryState {
         }
 
         for (path, read) in scan {
-            let input = match &read {
+            let path = path.clone();
+            let input = match read {
                 Ok(bytes) => FileInput::Content(Fingerprint::of(bytes)),
                 Err(e) => FileInput::ReadError(e.to_string()),
             };
@@ -182,6 +188,9 @@ impl DirectoryState {
             let previous = self.files.remove(&path);
             touched = true;
             let was_broken = previous.as_ref().is_some_and(|p| p.error.is_some());
+            let saved = previous
+                .as_ref()
+                .is_some_and(|p| p.input == FileInput::Saved);
             let last_good = previous.and_then(|p| p.good);
             let parsed = match &read {
                 Ok(bytes) => parse_manifest(&path, bytes),
@@ -212,6 +221,7 @@ impl DirectoryState {
                         path: path.clone(),
                         reason: reason.clone(),
                         kept_last_good: last_good.is_some(),
+                        saved: saved && last_good.is_some(),
                     });
                     FileState {
                         input,
@@ -231,6 +241,28 @@ impl DirectoryState {
         }
         let changed = self.merge(&mut events);
         ScanReport { changed, events }
+    }
+
+    /// Takes `bytes`, the last good version of `path` that a previous run
+    /// saved, as the version to keep should the file be broken at the next
+    /// [`update`](Self::update); a file that is fine there replaces it.
+    /// Returns how many objects it holds, or why it does not parse (then
+    /// nothing is kept). Only before the file's first update.
+    pub fn seed_saved(&mut self, path: PathBuf, bytes: &[u8]) -> Result<usize, String> {
+        if self.files.contains_key(&path) {
+            return Err("the file was read already".to_string());
+        }
+        let objects = parse_manifest(&path, bytes)?;
+        let count = objects.len();
+        self.files.insert(
+            path,
+            FileState {
+                input: FileInput::Saved,
+                good: Some(objects),
+                error: None,
+            },
+        );
+        Ok(count)
     }
 
     /// Recomputes the merged objects; returns whether they changed.
@@ -330,6 +362,7 @@ mod tests {
                     path,
                     reason,
                     kept_last_good,
+                    ..
                 } => Some((path.as_path(), reason.as_str(), *kept_last_good)),
                 _ => None,
             })
@@ -344,7 +377,7 @@ mod tests {
             service("z", "10.96.0.3"),
             service("b", "10.96.0.2")
         );
-        let report = state.update(scan(&[
+        let report = state.update(&scan(&[
             ("d/1.yaml", NODE_1),
             ("d/2.yaml", SLICE_A),
             ("d/3.yaml", &b),
@@ -376,16 +409,16 @@ mod tests {
     #[test]
     fn unchanged_scan_reports_nothing() {
         let mut state = DirectoryState::new();
-        assert!(state.update(scan(&[("d/a.yaml", SERVICE_A)])).changed);
-        let again = state.update(scan(&[("d/a.yaml", SERVICE_A)]));
+        assert!(state.update(&scan(&[("d/a.yaml", SERVICE_A)])).changed);
+        let again = state.update(&scan(&[("d/a.yaml", SERVICE_A)]));
         assert_eq!(again, ScanReport::default());
         // A change that does not change the objects (a comment) is no change.
         let commented = format!("# hello\n{SERVICE_A}");
-        let report = state.update(scan(&[("d/a.yaml", &commented)]));
+        let report = state.update(&scan(&[("d/a.yaml", &commented)]));
         assert!(!report.changed);
         // An empty directory at the start is not a change either (the shell
         // publishes the first scan regardless).
-        assert!(!DirectoryState::new().update(BTreeMap::new()).changed);
+        assert!(!DirectoryState::new().update(&BTreeMap::new()).changed);
     }
 
     #[test]
@@ -393,13 +426,13 @@ mod tests {
         // Only a fingerprint of each file is kept: an edit of the same
         // length must still be parsed again.
         let mut state = DirectoryState::new();
-        assert!(state.update(scan(&[("d/a.yaml", SERVICE_A)])).changed);
+        assert!(state.update(&scan(&[("d/a.yaml", SERVICE_A)])).changed);
         let edited = SERVICE_A.replace("10.96.0.10", "10.96.0.11");
         assert_eq!(edited.len(), SERVICE_A.len());
-        assert!(state.update(scan(&[("d/a.yaml", &edited)])).changed);
+        assert!(state.update(&scan(&[("d/a.yaml", &edited)])).changed);
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.11"));
         // And going back is a change too.
-        assert!(state.update(scan(&[("d/a.yaml", SERVICE_A)])).changed);
+        assert!(state.update(&scan(&[("d/a.yaml", SERVICE_A)])).changed);
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.10"));
     }
 
@@ -408,7 +441,7 @@ mod tests {
         let mut state = DirectoryState::new();
         let mixed =
             format!("{SERVICE_A}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\n");
-        let report = state.update(scan(&[("d/mixed.yaml", &mixed), ("d/node.yaml", NODE_1)]));
+        let report = state.update(&scan(&[("d/mixed.yaml", &mixed), ("d/node.yaml", NODE_1)]));
         assert_eq!(keys(&state), ["Node node-1"]);
         let b = broken(&report);
         assert_eq!(b.len(), 1);
@@ -422,7 +455,7 @@ mod tests {
     #[test]
     fn bad_yaml_is_skipped() {
         let mut state = DirectoryState::new();
-        let report = state.update(scan(&[
+        let report = state.update(&scan(&[
             ("d/bad.yaml", "kind: [unclosed\n"),
             ("d/a.yaml", SERVICE_A),
         ]));
@@ -434,7 +467,7 @@ mod tests {
     #[test]
     fn invalid_ip_is_skipped() {
         let mut state = DirectoryState::new();
-        let report = state.update(scan(&[
+        let report = state.update(&scan(&[
             ("d/bad.yaml", &service("bad", "10.96.0.256")),
             ("d/a.yaml", SERVICE_A),
         ]));
@@ -452,7 +485,7 @@ mod tests {
             "d/b.yaml".into(),
             Err(io::Error::other("permission denied")),
         );
-        let report = state.update(files);
+        let report = state.update(&files);
         assert_eq!(keys(&state), ["Service default/a"]);
         assert!(broken(&report)[0].1.contains("permission denied"));
     }
@@ -460,11 +493,11 @@ mod tests {
     #[test]
     fn broken_file_keeps_last_good_objects_until_fixed() {
         let mut state = DirectoryState::new();
-        state.update(scan(&[("d/a.yaml", &service("a", "10.96.0.1"))]));
+        state.update(&scan(&[("d/a.yaml", &service("a", "10.96.0.1"))]));
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.1"));
 
         // Broken: the old version stays, no change, one warning.
-        let report = state.update(scan(&[(
+        let report = state.update(&scan(&[(
             "d/a.yaml",
             "apiVersion: v1\nkind: Service\nspec: [",
         )]));
@@ -474,19 +507,19 @@ mod tests {
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.1"));
 
         // Same broken content again: nothing new to say.
-        let report = state.update(scan(&[(
+        let report = state.update(&scan(&[(
             "d/a.yaml",
             "apiVersion: v1\nkind: Service\nspec: [",
         )]));
         assert_eq!(report, ScanReport::default());
 
         // Broken differently (invalid IP): a new warning, still the old version.
-        let report = state.update(scan(&[("d/a.yaml", &service("a", "not-an-ip"))]));
+        let report = state.update(&scan(&[("d/a.yaml", &service("a", "not-an-ip"))]));
         assert_eq!(broken(&report).len(), 1);
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.1"));
 
         // Fixed with new content: applies, and says it recovered.
-        let report = state.update(scan(&[("d/a.yaml", &service("a", "10.96.0.2"))]));
+        let report = state.update(&scan(&[("d/a.yaml", &service("a", "10.96.0.2"))]));
         assert!(report.changed);
         assert_eq!(
             report.events,
@@ -502,9 +535,9 @@ mod tests {
     #[test]
     fn file_that_never_parsed_contributes_nothing_until_fixed() {
         let mut state = DirectoryState::new();
-        state.update(scan(&[("d/a.yaml", "{{{")]));
+        state.update(&scan(&[("d/a.yaml", "{{{")]));
         assert!(keys(&state).is_empty());
-        let report = state.update(scan(&[("d/a.yaml", SERVICE_A)]));
+        let report = state.update(&scan(&[("d/a.yaml", SERVICE_A)]));
         assert!(report.changed);
         assert!(matches!(report.events[..], [ScanEvent::Recovered { .. }]));
         assert_eq!(keys(&state), ["Service default/a"]);
@@ -513,8 +546,8 @@ mod tests {
     #[test]
     fn removed_file_removes_its_objects() {
         let mut state = DirectoryState::new();
-        state.update(scan(&[("d/a.yaml", SERVICE_A), ("d/n.yaml", NODE_1)]));
-        let report = state.update(scan(&[("d/n.yaml", NODE_1)]));
+        state.update(&scan(&[("d/a.yaml", SERVICE_A), ("d/n.yaml", NODE_1)]));
+        let report = state.update(&scan(&[("d/n.yaml", NODE_1)]));
         assert!(report.changed);
         assert_eq!(
             report.events,
@@ -525,10 +558,10 @@ mod tests {
         assert_eq!(keys(&state), ["Node node-1"]);
 
         // Removing a broken file drops its last good objects too.
-        state.update(scan(&[("d/n.yaml", NODE_1), ("d/a.yaml", SERVICE_A)]));
-        state.update(scan(&[("d/n.yaml", NODE_1), ("d/a.yaml", "{{{")]));
+        state.update(&scan(&[("d/n.yaml", NODE_1), ("d/a.yaml", SERVICE_A)]));
+        state.update(&scan(&[("d/n.yaml", NODE_1), ("d/a.yaml", "{{{")]));
         assert_eq!(keys(&state).len(), 2);
-        assert!(state.update(scan(&[("d/n.yaml", NODE_1)])).changed);
+        assert!(state.update(&scan(&[("d/n.yaml", NODE_1)])).changed);
         assert_eq!(keys(&state), ["Node node-1"]);
         assert_eq!(state.broken_files().count(), 0);
     }
@@ -538,7 +571,7 @@ mod tests {
         let mut state = DirectoryState::new();
         let first = service("a", "10.96.0.1");
         let second = service("a", "10.96.0.2");
-        let report = state.update(scan(&[("d/b.yaml", &second), ("d/a.yaml", &first)]));
+        let report = state.update(&scan(&[("d/b.yaml", &second), ("d/a.yaml", &first)]));
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.1"));
         let dup = Duplicate {
             key: ObjectKey {
@@ -552,7 +585,7 @@ mod tests {
         assert!(report.events.contains(&ScanEvent::Duplicate(dup.clone())));
 
         // Not reported again while it persists, even if other files change.
-        let report = state.update(scan(&[
+        let report = state.update(&scan(&[
             ("d/b.yaml", &second),
             ("d/a.yaml", &first),
             ("d/n.yaml", NODE_1),
@@ -565,14 +598,14 @@ mod tests {
         );
 
         // Remove the winner: the other definition takes over.
-        let report = state.update(scan(&[("d/b.yaml", &second), ("d/n.yaml", NODE_1)]));
+        let report = state.update(&scan(&[("d/b.yaml", &second), ("d/n.yaml", NODE_1)]));
         assert!(report.changed);
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.2"));
 
         // Within one file, the first definition wins.
         let both = format!("{first}---\n{second}");
         let mut state = DirectoryState::new();
-        let report = state.update(scan(&[("d/x.yaml", &both)]));
+        let report = state.update(&scan(&[("d/x.yaml", &both)]));
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.1"));
         assert!(
             report
@@ -630,7 +663,7 @@ mod tests {
         );
 
         let mut state = DirectoryState::new();
-        let report = state.update(files);
+        let report = state.update(&files);
         assert_eq!(keys(&state), ["Service default/a"]);
         let b = broken(&report);
         assert_eq!(b.len(), 1, "{b:?}");
