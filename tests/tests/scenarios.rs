@@ -222,6 +222,7 @@ suite![
     hairpin_bridge,
     hairpin_bridge_with_hairpin_mode,
     churn_10000_connections_while_endpoints_change,
+    a_file_broken_while_the_agent_is_down_keeps_serving,
 ];
 
 fn run(test: &str, mode: Mode, scenario: fn(Mode) -> anyhow::Result<()>) {
@@ -2406,15 +2407,24 @@ fn churn_10000_connections_while_endpoints_change(mode: Mode) -> anyhow::Result<
     let report = std::thread::scope(|scope| -> anyhow::Result<ClientReport> {
         let client = scope.spawn(|| c.t.run_client(&options));
         let mut changes = 0usize;
+        // Subsets and intervals drawn at random (xorshift, seeded by the
+        // clock): the agent samples the changes at its own period (1 s in
+        // the rule modes, longer on a slow machine), and any fixed cycle
+        // of subsets can alias with it and show it the same ones each time.
+        let mut random = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::from(d.subsec_nanos()) | 1);
+        let mut next = move || {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random
+        };
         while !client.is_finished() && started.elapsed() < Duration::from_secs(120) {
-            // About every 100 ms, but never in step with the agent's own
-            // period (1 s in the rule modes): a steady 600 ms cycle of
-            // subsets sampled every 1.2 s would show it the same subsets
-            // each time.
-            let jitter = (changes as u64 * 37) % 61;
-            std::thread::sleep(Duration::from_millis(70 + jitter));
+            std::thread::sleep(Duration::from_millis(70 + next() % 61));
             changes += 1;
-            c.set_endpoints(&service, &slice(subsets[changes % subsets.len()]))?;
+            let subset = subsets[(next() % subsets.len() as u64) as usize];
+            c.set_endpoints(&service, &slice(subset))?;
         }
         let report = client
             .join()
@@ -2439,5 +2449,58 @@ fn churn_10000_connections_while_endpoints_change(mode: Mode) -> anyhow::Result<
         report.backends() == names(&["pod-0", "pod-1", "pod-2"]),
         "not every ready backend was used: {report:?}"
     );
+    Ok(())
+}
+
+/// A Service's file broken while the agent is down (an edit gone wrong
+/// before a restart): the agent starts with the file's last good version,
+/// saved under its `--state-dir`, as it would have kept it running, and the
+/// Service keeps serving; the file fixed later applies as usual.
+fn a_file_broken_while_the_agent_is_down_keeps_serving(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(2))?;
+    let service = echo();
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    {
+        let mut agent = c.agent.borrow_mut();
+        agent.stop()?;
+        let broken = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "namespace": "default", "name": "echo" },
+            "spec": { "clusterIP": VIP.to_string(), "ports": "not a list" },
+        });
+        c.manifests.write_service_object(&service, &broken)?;
+        let restarted = Agent::start(agent.config().clone())?;
+        // The stopped agent must not clean up what the new one serves.
+        std::mem::replace(&mut *agent, restarted).stop_keeping_pins()?;
+    }
+    // The old agent's rules or maps serve until the new one syncs: wait
+    // for its first sync, then check the Service still answers.
+    let deadline = Instant::now() + start_timeout();
+    loop {
+        let log = c.agent.borrow().log();
+        if log.contains("saved by an earlier run") && log.contains("programmed service table") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the restarted agent did not apply the saved version:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), 6)?;
+    ensure!(
+        report.backends() == names(&["pod-0"]),
+        "the saved version's backend does not serve: {report:?}"
+    );
+    // Fixed, with another backend: applies.
+    c.publish(&service, &c.endpoints(&service, &[1], &[]))?;
+    c.until(
+        Protocol::Tcp,
+        at(VIP, TCP_PORT),
+        "only the fixed file's backend",
+        |report| report.backends() == names(&["pod-1"]),
+    )?;
     Ok(())
 }
