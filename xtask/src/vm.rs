@@ -1,7 +1,8 @@
 //! Scenarios that need a kernel feature this machine's kernel lacks (SCTP,
 //! IPVS), run in a VM: virtme-ng boots Debian's kernel over a
-//! snapshot of this machine's filesystem, under software emulation (qemu's
-//! KVM path fails on these machines), and runs the scenario binary there.
+//! snapshot of this machine's filesystem, with KVM where a probe boot
+//! shows that it works and under software emulation otherwise, and runs
+//! the scenario binary there.
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
@@ -14,7 +15,13 @@ use crate::{Env, describe, query, run};
 /// The Debian kernel the VM boots; its modules are copied to this
 /// machine's /lib/modules, where the VM (sharing the filesystem) finds them.
 const KERNEL: &str = "6.12.100+deb12-amd64";
-const PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static", "ipvsadm"];
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "kmod",
+    "busybox-static",
+    "ipvsadm",
+    "binutils",
+];
 /// The tests run in the VM (exact test names, each in its test binary)
 /// and the modules they need.
 const SCENARIOS: &[(TestBinary, &str)] = &[
@@ -89,9 +96,30 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
     let scenarios = test_binary(env, TestBinary::Scenarios)?;
     let agent_lib = test_binary(env, TestBinary::AgentLib)?;
     let modes = test_binary(env, TestBinary::Modes)?;
-
-    let agent = env.target_dir.join("debug/proxy-agent");
     let tests = vm_tests(env, &scenarios)?;
+
+    // The VM reads its files from this machine's through 9p, slowly, and
+    // starts every process under emulation: a debug binary's debug info
+    // makes it 5-20 times larger than its code and costs seconds a start
+    // (pod-client: 2 s of a scenario's 20). The VM runs copies without it.
+    let bin = vm.dir.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    let debug = env.target_dir.join("debug");
+    let slim = |from: &Path, name: &str| -> anyhow::Result<PathBuf> {
+        let to = bin.join(name);
+        run(env
+            .command("objcopy")
+            .arg("--strip-debug")
+            .arg(from)
+            .arg(&to))?;
+        Ok(to)
+    };
+    let agent = slim(&debug.join("proxy-agent"), "proxy-agent")?;
+    let pod_server = slim(&debug.join("pod-server"), "pod-server")?;
+    let pod_client = slim(&debug.join("pod-client"), "pod-client")?;
+    let scenarios = slim(&scenarios, "scenarios")?;
+    let agent_lib = slim(&agent_lib, "agent-lib")?;
+    let modes = slim(&modes, "modes")?;
     // Two lanes, one per vCPU, each running its tests one after another
     // into its own results file: under emulation a scenario mostly waits
     // for its single-threaded vCPU, so two at once take less time.
@@ -112,10 +140,13 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
             };
             text.push_str(&format!(
                 "cd {dir} && PROXY_TESTS_READY_TIMEOUT_SECS={READY_TIMEOUT_SECS} PROXY_AGENT_BIN={agent} \
+                 POD_SERVER_BIN={pod_server} POD_CLIENT_BIN={pod_client} \
                  {binary} --exact {scenario} --nocapture >> {results} 2>&1\n\
                  echo \"VM-RC {scenario} $?\" >> {results}\n",
                 dir = env.workspace.join(which.dir()).display(),
                 agent = agent.display(),
+                pod_server = pod_server.display(),
+                pod_client = pod_client.display(),
                 binary = binary.display(),
                 results = results.display(),
             ));
@@ -189,13 +220,34 @@ fn vm_tests(env: &Env, scenarios: &Path) -> anyhow::Result<Vec<(TestBinary, Stri
 /// missing kernel feature: it counts as done.
 const DECIDED_SKIP: &str = ": skipped (Mode::cannot):";
 
-/// The VM, set up: the kernel it boots, the `vng` that boots it, and the
-/// directory its scripts and results live in.
+/// The VM, set up: the kernel it boots, the `vng` that boots it, the
+/// directory its scripts and results live in, and how qemu runs it.
+#[derive(Clone)]
 struct Vm {
     vng: PathBuf,
     vmlinuz: PathBuf,
     dir: PathBuf,
+    accel: Accel,
 }
+
+/// How qemu runs the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Accel {
+    /// With the bound of a boot, in seconds: a guest that KVM cannot run
+    /// hangs rather than exits.
+    Kvm { limit_secs: u32 },
+    /// Software emulation: several times slower, works everywhere.
+    Emulation,
+}
+
+/// The CPU model of a KVM boot: the host's, without the MSR qemu 7.2
+/// fails to set on these machines ("failed to set MSR 0x10a").
+const KVM_CPU: &str = "-cpu host,-arch-capabilities";
+/// How long a KVM probe boot may take before emulation is used instead.
+const KVM_PROBE_SECS: u32 = 90;
+/// The bound of a KVM boot that runs tests (the whole VM stage takes
+/// minutes under KVM).
+const KVM_RUN_SECS: u32 = 3600;
 
 impl Vm {
     /// Installs what the VM needs (packages, kernel, virtme-ng).
@@ -205,7 +257,63 @@ impl Vm {
         let dir = env.target_dir.join("vm");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let vmlinuz = kernel(env, &dir)?;
-        Ok(Vm { vng, vmlinuz, dir })
+        let mut vm = Vm {
+            vng,
+            vmlinuz,
+            dir,
+            accel: Accel::Emulation,
+        };
+        vm.accel = vm.choose_accel(env);
+        eprintln!("xtask: the VM runs with {:?}", vm.accel);
+        Ok(vm)
+    }
+
+    /// KVM when the host has a KVM that boots Debian's kernel, found by a
+    /// probe boot; emulation otherwise, or with `PROXY_VM_ACCEL=emulation`.
+    fn choose_accel(&self, env: &Env) -> Accel {
+        let forced = std::env::var("PROXY_VM_ACCEL").unwrap_or_default();
+        if forced == "emulation" {
+            return Accel::Emulation;
+        }
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("xtask: no /dev/kvm: the VM runs under emulation");
+            return Accel::Emulation;
+        }
+        // PVM (kvm_pvm, KVM without hardware virtualisation inside a VM)
+        // boots only kernels built as PVM guests: Debian's stops in its
+        // decompressor with "KVM internal error. Suberror: 1".
+        let module = |name: &str| Path::new("/sys/module").join(name).exists();
+        if module("kvm_pvm") && !module("kvm_intel") && !module("kvm_amd") && forced != "kvm" {
+            eprintln!(
+                "xtask: /dev/kvm is PVM's (kvm_pvm), which boots only PVM guest kernels: \
+                 the VM runs under emulation"
+            );
+            return Accel::Emulation;
+        }
+        let marker = self.dir.join("kvm-probe.txt");
+        let _ = std::fs::remove_file(&marker);
+        let probe = Vm {
+            accel: Accel::Kvm {
+                limit_secs: KVM_PROBE_SECS,
+            },
+            ..self.clone()
+        };
+        let body = format!("echo booted > {}\n", marker.display());
+        if let Err(e) = probe.boot(env, "kvm-probe.sh", &body) {
+            eprintln!("xtask: the KVM probe boot failed ({e:#}): the VM runs under emulation");
+            return Accel::Emulation;
+        }
+        if marker.exists() {
+            Accel::Kvm {
+                limit_secs: KVM_RUN_SECS,
+            }
+        } else {
+            eprintln!(
+                "xtask: a VM did not boot under KVM within {KVM_PROBE_SECS} s: \
+                 it runs under emulation"
+            );
+            Accel::Emulation
+        }
     }
 
     /// Boots the VM once to run `body` (shell, after loading [`MODULES`])
@@ -222,9 +330,24 @@ impl Vm {
         let script = self.dir.join(name);
         std::fs::write(&script, text).with_context(|| format!("writing {}", script.display()))?;
         make_executable(&script)?;
-        let mut command = env.command(&self.vng);
+        let mut command = match self.accel {
+            Accel::Emulation => {
+                let mut c = env.command(&self.vng);
+                c.args(["--verbose", "--disable-kvm"]);
+                c
+            }
+            Accel::Kvm { limit_secs } => {
+                let mut c = env.command("timeout");
+                c.arg(limit_secs.to_string()).arg(&self.vng).args([
+                    "--verbose",
+                    "--qemu-opts",
+                    KVM_CPU,
+                ]);
+                c
+            }
+        };
         command
-            .args(["--verbose", "--disable-kvm", "--run"])
+            .arg("--run")
             .arg(&self.vmlinuz)
             .args([
                 "--user", "root", "--memory", "2G", "--cpus", "2", "--rw", "--exec",
