@@ -230,6 +230,19 @@ impl ToolPaths {
         }
     }
 
+    /// `POD_SERVER_BIN`/`POD_CLIENT_BIN` if set (the VM stage runs copies
+    /// without debug info), else the binaries cargo built for the test
+    /// (`env!("CARGO_BIN_EXE_pod-server")`, ...).
+    pub fn built(pod_server: &str, pod_client: &str) -> Self {
+        match (
+            std::env::var_os("POD_SERVER_BIN"),
+            std::env::var_os("POD_CLIENT_BIN"),
+        ) {
+            (Some(server), Some(client)) => ToolPaths::new(server, client),
+            _ => ToolPaths::new(pod_server, pod_client),
+        }
+    }
+
     /// Both binaries in `dir`, e.g. `target/release`.
     pub fn in_dir(dir: &Path) -> Self {
         ToolPaths::new(dir.join("pod-server"), dir.join("pod-client"))

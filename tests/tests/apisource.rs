@@ -44,7 +44,7 @@ const HEALTH_CHECK_PORT: u16 = 32456;
 const RECOVERY_LIMIT: Duration = Duration::from_secs(20);
 
 fn tools() -> ToolPaths {
-    ToolPaths::new(
+    ToolPaths::built(
         env!("CARGO_BIN_EXE_pod-server"),
         env!("CARGO_BIN_EXE_pod-client"),
     )

@@ -42,7 +42,7 @@ const POLL_LIMIT: Duration = Duration::from_secs(5);
 const BATCH: u64 = 20;
 
 fn tools() -> ToolPaths {
-    ToolPaths::new(
+    ToolPaths::built(
         env!("CARGO_BIN_EXE_pod-server"),
         env!("CARGO_BIN_EXE_pod-client"),
     )

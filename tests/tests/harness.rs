@@ -22,7 +22,7 @@ use proxy_tests::{
 };
 
 fn tools() -> ToolPaths {
-    ToolPaths::new(
+    ToolPaths::built(
         env!("CARGO_BIN_EXE_pod-server"),
         env!("CARGO_BIN_EXE_pod-client"),
     )

@@ -85,7 +85,7 @@ fn switch_modes() -> anyhow::Result<()> {
     let binary = agent_binary()?;
     let t = Topology::builder()
         .backends(1)
-        .tools(ToolPaths::new(
+        .tools(ToolPaths::built(
             env!("CARGO_BIN_EXE_pod-server"),
             env!("CARGO_BIN_EXE_pod-client"),
         ))

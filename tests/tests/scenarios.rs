@@ -359,7 +359,7 @@ impl Cluster {
         let mut builder = Topology::builder()
             .backends(setup.pods)
             .pod_network(setup.network)
-            .tools(ToolPaths::new(
+            .tools(ToolPaths::built(
                 env!("CARGO_BIN_EXE_pod-server"),
                 env!("CARGO_BIN_EXE_pod-client"),
             ));
