@@ -103,8 +103,51 @@ struct Context {
     /// Of the Nodes and ServiceCIDRs.
     rejections: Vec<Rejection>,
     service_cidrs: Vec<IpNet>,
+    /// `cfg.cluster_cidrs` it was derived with.
+    cluster_cidrs: Vec<IpNet>,
+    /// Where no ClusterIP is proxied: the cluster CIDRs and this node's
+    /// addresses.
+    reserved: Vec<Reserved>,
     /// Whether it was ever derived (the first update plans everything).
     derived: bool,
+}
+
+/// Addresses no ClusterIP may take, and what they are, for the rejection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Reserved {
+    net: IpNet,
+    what: String,
+}
+
+impl Reserved {
+    /// The cluster CIDRs and the addresses of this node's Node objects.
+    fn of(nodes: &[Arc<Node>], cfg: &ModelConfig) -> Vec<Reserved> {
+        let mut reserved: Vec<Reserved> = cfg
+            .cluster_cidrs
+            .iter()
+            .map(|net| Reserved {
+                net: *net,
+                what: format!("inside the cluster CIDR {net}, the pods' addresses"),
+            })
+            .collect();
+        let own = nodes.iter().filter(|node| {
+            !cfg.node_name.is_empty()
+                && node.metadata.name.as_deref() == Some(cfg.node_name.as_str())
+        });
+        let addresses: BTreeSet<IpAddr> = own
+            .flat_map(|node| {
+                node.status
+                    .iter()
+                    .flat_map(|s| s.addresses.iter().flatten())
+            })
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            .collect();
+        reserved.extend(addresses.into_iter().map(|ip| Reserved {
+            net: IpNet::from(ip),
+            what: format!("the address of this node ({})", cfg.node_name),
+        }));
+        reserved
+    }
 }
 
 /// One Service name's objects (normally one) and slices, and the
@@ -121,10 +164,27 @@ struct ServiceEntry {
 }
 
 /// A Service asking for a frontend: the `order`-th of its planned ones.
+/// Claims sort as the frontend goes: to the oldest Service, as the API
+/// server's allocator would have it (a new Service never takes a live
+/// one's address), then by name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
+    age: Age,
     service: ServiceName,
     order: usize,
+}
+
+impl Claim {
+    fn is_of(&self, service: &ServiceName, order: usize) -> bool {
+        self.service == *service && self.order == order
+    }
+}
+
+/// A Service's creation time, for sorting: older first, unknown last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Age {
+    Created(jiff::Timestamp),
+    Unknown,
 }
 
 impl TableBuilder {
@@ -231,6 +291,7 @@ impl TableBuilder {
             && ctx.nodes == nodes
             && ctx.service_cidr_objects == cidrs
             && ctx.node_name == cfg.node_name
+            && ctx.cluster_cidrs == cfg.cluster_cidrs
         {
             return false;
         }
@@ -240,9 +301,11 @@ impl TableBuilder {
         let zone = node_zone(&state.nodes, cfg, &mut rejections);
         count_out(&mut self.rejections, &self.context.rejections);
         count_in(&mut self.rejections, &rejections);
+        let reserved = Reserved::of(&state.nodes, cfg);
         let replan = !self.context.derived
             || self.context.node_name != cfg.node_name
-            || self.context.zone != zone;
+            || self.context.zone != zone
+            || self.context.reserved != reserved;
         self.context = Context {
             nodes,
             service_cidr_objects: cidrs,
@@ -250,6 +313,8 @@ impl TableBuilder {
             zone,
             rejections,
             service_cidrs,
+            cluster_cidrs: cfg.cluster_cidrs.clone(),
+            reserved,
             derived: true,
         };
         replan
@@ -269,6 +334,7 @@ impl TableBuilder {
             node_name: &self.context.node_name,
             node: NodeName::find(&self.context.node_name),
             zone: self.context.zone.as_deref(),
+            reserved: &self.context.reserved,
         };
         let by_service = &self.by_service;
         let plan_one = |name: &ServiceName| {
@@ -329,15 +395,17 @@ impl TableBuilder {
         };
         count_out(&mut self.rejections, &entry.rejections);
         for (order, old) in entry.planned.iter().enumerate() {
-            let claim = Claim {
-                service: name.clone(),
-                order,
-            };
             if let Some(claims) = self.claims.get_mut(&old.key) {
-                claims.retain(|c| *c != claim);
+                claims.retain(|c| !c.is_of(name, order));
             }
             touched.insert(old.key);
         }
+        let age = entry
+            .objects
+            .iter()
+            .filter_map(|(_, object)| object.created)
+            .min()
+            .map_or(Age::Unknown, Age::Created);
         entry.planned = plan.frontends;
         match plan.health_check {
             Some(check) => {
@@ -351,6 +419,7 @@ impl TableBuilder {
         entry.rejections = plan.rejections;
         for (order, planned) in entry.planned.iter().enumerate() {
             let claim = Claim {
+                age,
                 service: name.clone(),
                 order,
             };
@@ -498,8 +567,28 @@ fn plan_entry(name: &ServiceName, entry: &ServiceEntry, place: Place<'_>) -> Ser
     let mut rejections = Vec::new();
     let plan = service_plan(name, &entry.objects, &mut rejections);
     let endpoints = index_endpoints(name, &entry.slices, place);
+    // A ClusterIP in a pod range or on the node would capture their own
+    // traffic: refused, the Service's other addresses still proxied.
+    let mut refused: Vec<IpAddr> = Vec::new();
+    for (i, ip) in plan
+        .iter()
+        .flat_map(|plan| plan.cluster_ips.iter().enumerate())
+    {
+        if let Some(reserved) = place.reserved.iter().find(|r| r.net.contains(ip)) {
+            refused.push(*ip);
+            rejections.push(Rejection {
+                kind: "Service",
+                namespace: name.namespace.to_string(),
+                name: name.name.to_string(),
+                reason: format!(
+                    "spec.clusterIPs[{i}]: {ip} is {}; not proxied on it",
+                    reserved.what
+                ),
+            });
+        }
+    }
     let mut frontends = plan
-        .map(|plan| plan_frontends(plan, &endpoints))
+        .map(|plan| plan_frontends(plan, &endpoints, &refused))
         .unwrap_or_default();
     // Kept until the Service changes: no spare room.
     frontends.shrink_to_fit();
@@ -540,9 +629,10 @@ struct PlannedFrontend {
 fn plan_frontends(
     plan: &ServicePlan,
     endpoints: &BTreeMap<BackendGroup, BTreeSet<EndpointEntry>>,
+    refused: &[IpAddr],
 ) -> Vec<PlannedFrontend> {
     let mut planned = Vec::new();
-    for &cluster_ip in &plan.cluster_ips {
+    for &cluster_ip in plan.cluster_ips.iter().filter(|ip| !refused.contains(ip)) {
         let family = IpFamily::of(cluster_ip);
         for port in &plan.ports {
             let entries = endpoints.get(&BackendGroup {
@@ -831,6 +921,8 @@ struct Place<'a> {
     node: Option<NodeName>,
     /// The `topology.kubernetes.io/zone` label of this node's Node object.
     zone: Option<&'a str>,
+    /// Where no ClusterIP is proxied.
+    reserved: &'a [Reserved],
 }
 
 impl Place<'_> {
@@ -1057,6 +1149,11 @@ mod tests {
             }
         }
 
+        fn cluster_cidrs(mut self, cidrs: &[&str]) -> Case {
+            self.config.cluster_cidrs = cidrs.iter().map(|c| c.parse().expect("a CIDR")).collect();
+            self
+        }
+
         fn no_node_name(self) -> Case {
             let config = ModelConfig::default();
             Case { config, ..self }
@@ -1220,6 +1317,27 @@ mod tests {
     }
 
     /// ns/web: 10.0.0.1, one unnamed TCP port, 80.
+    /// Node `name` with InternalIP `address`.
+    fn node_with_address(name: &str, address: &str) -> Node {
+        let mut node = node(name);
+        node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+                address: address.into(),
+                type_: "InternalIP".into(),
+            }]),
+            ..Default::default()
+        });
+        node
+    }
+
+    /// `service` with `metadata.creationTimestamp` `at` (RFC 3339).
+    fn created(mut service: Service, at: &str) -> Service {
+        service.metadata.creation_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at.parse().expect("a timestamp")),
+        );
+        service
+    }
+
     fn web() -> Service {
         simple_service("ns", "web", "10.0.0.1", 80)
     }
@@ -1683,6 +1801,56 @@ mod tests {
                 .frontends(&[
                     "10.0.0.1:80/TCP ClusterIp ns/a -> 10.1.0.1:8080",
                     "10.0.0.1:81/TCP ClusterIp ns/b:y -> 10.2.0.1:9091",
+                ]),
+            Case::new("a frontend conflict goes to the older Service, whatever its name")
+                .services([
+                    created(
+                        simple_service("ns", "a", "10.0.0.1", 80),
+                        "2026-12-07T10:00:01Z",
+                    ),
+                    created(
+                        simple_service("ns", "z", "10.0.0.1", 80),
+                        "2026-12-07T10:00:00Z",
+                    ),
+                    // Unknown age: after every known one.
+                    simple_service("ns", "0", "10.0.0.1", 80),
+                ])
+                .reasons(&[
+                    "Service ns/0: spec.ports[0]: 10.0.0.1:80/TCP is already claimed by Service \
+                     ns/z",
+                    "Service ns/a: spec.ports[0]: 10.0.0.1:80/TCP is already claimed by Service \
+                     ns/z",
+                ])
+                .frontends(&["10.0.0.1:80/TCP ClusterIp ns/z"]),
+            Case::new("no ClusterIP in the cluster CIDR or on the node's address")
+                .cluster_cidrs(&["10.244.0.0/16"])
+                .nodes([
+                    node_with_address("node-a", "192.168.1.10"),
+                    node_with_address("node-b", "192.168.1.11"),
+                ])
+                .services([
+                    simple_service("ns", "pod", "10.244.1.5", 80),
+                    simple_service("ns", "node", "192.168.1.10", 80),
+                    // Another node's address is not this node's concern.
+                    simple_service("ns", "other", "192.168.1.11", 80),
+                    service(
+                        "ns",
+                        "dual",
+                        &["10.244.0.9", "fd00::1"],
+                        &[service_port("", 80, "")],
+                    ),
+                ])
+                .reasons(&[
+                    "Service ns/dual: spec.clusterIPs[0]: 10.244.0.9 is inside the cluster CIDR \
+                     10.244.0.0/16, the pods' addresses; not proxied on it",
+                    "Service ns/node: spec.clusterIPs[0]: 192.168.1.10 is the address of this \
+                     node (node-a); not proxied on it",
+                    "Service ns/pod: spec.clusterIPs[0]: 10.244.1.5 is inside the cluster CIDR \
+                     10.244.0.0/16, the pods' addresses; not proxied on it",
+                ])
+                .frontends(&[
+                    "192.168.1.11:80/TCP ClusterIp ns/other",
+                    "[fd00::1]:80/TCP ClusterIp ns/dual",
                 ]),
             Case::new("a node port conflict goes to the smaller name")
                 .services([

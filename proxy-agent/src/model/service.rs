@@ -19,6 +19,9 @@ pub struct ServiceObject {
     /// The namespace/name it is known by (namespace defaulted).
     pub(super) name: ServiceName,
     pub(super) check: ServiceCheck,
+    /// `metadata.creationTimestamp`: of two Services claiming one frontend,
+    /// the older keeps it.
+    pub(super) created: Option<jiff::Timestamp>,
 }
 
 impl ServiceObject {
@@ -27,6 +30,22 @@ impl ServiceObject {
             identity: Identity::of(&object.metadata),
             name: service_name_of(object),
             check: check_service(object),
+            created: object.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        }
+    }
+
+    /// `metadata.creationTimestamp`, if it has one.
+    pub fn created(&self) -> Option<jiff::Timestamp> {
+        self.created
+    }
+
+    /// The object with `at` for creation time, for an object that has
+    /// none (a manifest file's): when its source first saw it, so that a
+    /// Service added later never takes an address from one that was there.
+    pub fn first_seen_at(&self, at: jiff::Timestamp) -> ServiceObject {
+        ServiceObject {
+            created: self.created.or(Some(at)),
+            ..self.clone()
         }
     }
 

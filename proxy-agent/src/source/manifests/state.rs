@@ -151,7 +151,13 @@ struct FileState {
 pub struct DirectoryState {
     files: BTreeMap<PathBuf, FileState>,
     merged: BTreeMap<ObjectKey, ManifestObject>,
+    /// The file each merged object comes from: it keeps the object while
+    /// it defines it, whatever file defines it too later.
+    merged_from: BTreeMap<ObjectKey, PathBuf>,
     duplicates: BTreeSet<Duplicate>,
+    /// When each Service without a `creationTimestamp` was first seen; it
+    /// stands in for one (see [`ServiceObject::first_seen_at`]).
+    first_seen: BTreeMap<ObjectKey, jiff::Timestamp>,
 }
 
 impl DirectoryState {
@@ -163,6 +169,16 @@ impl DirectoryState {
     /// content; paths not present are gone). Only files whose content (or
     /// read error) changed since the previous scan are parsed again.
     pub fn update(&mut self, scan: &BTreeMap<PathBuf, FileRead>) -> ScanReport {
+        self.update_at(scan, jiff::Timestamp::now())
+    }
+
+    /// [`update`](Self::update) at time `now` (the first-seen time of the
+    /// Services it finds without a creation time).
+    pub fn update_at(
+        &mut self,
+        scan: &BTreeMap<PathBuf, FileRead>,
+        now: jiff::Timestamp,
+    ) -> ScanReport {
         let mut events = Vec::new();
         let removed: Vec<PathBuf> = self
             .files
@@ -198,6 +214,7 @@ impl DirectoryState {
             };
             let state = match parsed {
                 Ok(objects) => {
+                    let objects = self.stamp(objects, now);
                     let objects_len = objects.len();
                     events.push(if was_broken {
                         ScanEvent::Recovered {
@@ -265,29 +282,56 @@ impl DirectoryState {
         Ok(count)
     }
 
+    /// Gives the Services of `objects` that have no creation time the one
+    /// they were first seen at (`now` for those new).
+    fn stamp(&mut self, objects: Vec<ManifestObject>, now: jiff::Timestamp) -> Vec<ManifestObject> {
+        objects
+            .into_iter()
+            .map(|object| match &object {
+                ManifestObject::Service(service) if service.created().is_none() => {
+                    let at = *self.first_seen.entry(object.key()).or_insert(now);
+                    ManifestObject::Service(std::sync::Arc::new(service.first_seen_at(at)))
+                }
+                _ => object,
+            })
+            .collect()
+    }
+
     /// Recomputes the merged objects; returns whether they changed.
     fn merge(&mut self, events: &mut Vec<ScanEvent>) -> bool {
         let mut merged: BTreeMap<ObjectKey, (&Path, &ManifestObject)> = BTreeMap::new();
         let mut duplicates = BTreeSet::new();
-        // BTreeMap order: the lexically first file wins.
+        // The file that held an object keeps it while it defines it (a new
+        // file never moves a live object); otherwise, BTreeMap order: the
+        // lexically first file wins.
         for (path, file) in &self.files {
             for object in file.good.iter().flatten() {
                 let key = object.key();
-                if let Some((kept, _)) = merged.get(&key) {
-                    duplicates.insert(Duplicate {
-                        key,
-                        kept: kept.to_path_buf(),
-                        ignored: path.clone(),
-                    });
-                } else {
+                let Some((kept, _)) = merged.get(&key) else {
                     merged.insert(key, (path, object));
-                }
+                    continue;
+                };
+                let (kept, ignored) =
+                    if *kept != path.as_path() && self.merged_from.get(&key) == Some(path) {
+                        let earlier = kept.to_path_buf();
+                        merged.insert(key.clone(), (path, object));
+                        (path.clone(), earlier)
+                    } else {
+                        (kept.to_path_buf(), path.clone())
+                    };
+                duplicates.insert(Duplicate { key, kept, ignored });
             }
         }
+        let merged_from: BTreeMap<ObjectKey, PathBuf> = merged
+            .iter()
+            .map(|(k, (path, _))| (k.clone(), path.to_path_buf()))
+            .collect();
         let merged: BTreeMap<ObjectKey, ManifestObject> = merged
             .into_iter()
             .map(|(k, (_, o))| (k, o.clone()))
             .collect();
+        self.merged_from = merged_from;
+        self.first_seen.retain(|key, _| merged.contains_key(key));
         events.extend(
             duplicates
                 .difference(&self.duplicates)
@@ -567,7 +611,7 @@ mod tests {
     }
 
     #[test]
-    fn duplicates_keep_the_lexically_first_file() {
+    fn duplicates_keep_the_file_that_had_them_else_the_lexically_first() {
         let mut state = DirectoryState::new();
         let first = service("a", "10.96.0.1");
         let second = service("a", "10.96.0.2");
@@ -602,10 +646,29 @@ mod tests {
         assert!(report.changed);
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.2"));
 
-        // Within one file, the first definition wins.
+        // A file added later never takes an object over, even one whose
+        // name sorts first; it does once the holder goes.
+        let report = state.update(&scan(&[
+            ("d/b.yaml", &second),
+            ("d/0.yaml", &first),
+            ("d/n.yaml", NODE_1),
+        ]));
+        assert!(!report.changed);
+        assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.2"));
+        assert!(report.events.contains(&ScanEvent::Duplicate(Duplicate {
+            kept: "d/b.yaml".into(),
+            ignored: "d/0.yaml".into(),
+            ..dup.clone()
+        })));
+        state.update(&scan(&[("d/0.yaml", &first), ("d/n.yaml", NODE_1)]));
+        assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.1"));
+
+        // Within one file, the first definition wins, in later scans too.
         let both = format!("{first}---\n{second}");
         let mut state = DirectoryState::new();
         let report = state.update(&scan(&[("d/x.yaml", &both)]));
+        assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.1"));
+        state.update(&scan(&[("d/x.yaml", &both), ("d/n.yaml", NODE_1)]));
         assert_eq!(cluster_ip(&state, "a").as_deref(), Some("10.96.0.1"));
         assert!(
             report
@@ -613,6 +676,45 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, ScanEvent::Duplicate(_)))
         );
+    }
+
+    #[test]
+    fn services_without_a_creation_time_get_the_time_they_were_first_seen() {
+        let mut state = DirectoryState::new();
+        let t = |s: &str| -> jiff::Timestamp { s.parse().unwrap() };
+        let created = |state: &DirectoryState, name: &str| {
+            state
+                .cluster_state()
+                .services
+                .iter()
+                .find(|s| s.identity.name.as_deref() == Some(name))
+                .and_then(|s| s.created())
+        };
+        let a = service("a", "10.96.0.1");
+        state.update_at(&scan(&[("d/a.yaml", &a)]), t("2026-01-01T00:00:00Z"));
+        let b = service("b", "10.96.0.1");
+        let edited = service("a", "10.96.0.9");
+        state.update_at(
+            &scan(&[("d/a.yaml", &edited), ("d/b.yaml", &b)]),
+            t("2026-01-01T00:01:00Z"),
+        );
+        // An edit keeps the first time; the newcomer is younger.
+        assert_eq!(created(&state, "a"), Some(t("2026-01-01T00:00:00Z")));
+        assert_eq!(created(&state, "b"), Some(t("2026-01-01T00:01:00Z")));
+        // Gone, then back: new again.
+        state.update_at(&scan(&[("d/b.yaml", &b)]), t("2026-01-01T00:02:00Z"));
+        state.update_at(
+            &scan(&[("d/a.yaml", &a), ("d/b.yaml", &b)]),
+            t("2026-01-01T00:03:00Z"),
+        );
+        assert_eq!(created(&state, "a"), Some(t("2026-01-01T00:03:00Z")));
+        // A creation time in the file stands.
+        let dated = service("c", "10.96.0.3").replace(
+            "metadata:",
+            "metadata:\n  creationTimestamp: \"2020-01-01T00:00:00Z\"",
+        );
+        state.update_at(&scan(&[("d/c.yaml", &dated)]), t("2026-01-01T00:04:00Z"));
+        assert_eq!(created(&state, "c"), Some(t("2020-01-01T00:00:00Z")));
     }
 
     #[test]
