@@ -622,7 +622,11 @@ fn sync_settings(args: &Settings, node: String) -> (ModelConfig, NodeNetworkSett
         min_sync_period: args.min_sync_period,
         ..SyncOptions::default()
     };
-    (ModelConfig { node_name: node }, network, sync_opts)
+    let cfg = ModelConfig {
+        node_name: node,
+        cluster_cidrs: args.cluster_cidr.clone(),
+    };
+    (cfg, network, sync_opts)
 }
 
 fn log_start(args: &Settings, node: &str) {

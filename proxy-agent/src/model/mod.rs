@@ -119,6 +119,9 @@ impl Identity {
 pub struct ModelConfig {
     /// The node this agent runs on (its Node object and local endpoints).
     pub node_name: String,
+    /// The pods' address ranges (`--cluster-cidr`): no ClusterIP is
+    /// proxied inside them, where it would capture a pod's own traffic.
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// L4 protocol of a service port.

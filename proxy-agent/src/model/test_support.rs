@@ -310,6 +310,7 @@ pub fn state(services: Vec<Service>, endpoint_slices: Vec<EndpointSlice>) -> Clu
 pub fn config() -> ModelConfig {
     ModelConfig {
         node_name: "node-a".into(),
+        cluster_cidrs: Vec::new(),
     }
 }
 
