@@ -11,9 +11,11 @@
 //!   warning, and its last good version (if any) keeps applying, across
 //!   restarts too: each file's last good version is copied under the state
 //!   directory (`--state-dir`), and a file broken when the agent starts
-//!   applies that copy. A removed
-//!   file removes its objects. An object defined twice keeps the definition
-//!   from the lexically first file.
+//!   applies that copy. A removed file removes its objects. An object
+//!   defined twice keeps the definition of the file that had it (at start,
+//!   the lexically first file's). A Service without a creation time gets
+//!   the time it was first seen, which decides who keeps a contested
+//!   address in the model.
 //! - The directory is watched with inotify: events are debounced briefly and
 //!   the directory rescanned; a slow timer rescans too, in case an event was
 //!   missed. A new state is published only when the merged objects change.
