@@ -474,7 +474,10 @@ fn validate(args: &Settings) -> Result<()> {
     if v4 > 1 || v6 > 1 {
         bail!("--cluster-cidr: at most one CIDR per IP family, got {v4} IPv4 and {v6} IPv6");
     }
+    // A directory that does not exist yet is waited for (the source says
+    // so); one that is something else is a mistake.
     if let Some(dir) = &args.manifests
+        && dir.exists()
         && !dir.is_dir()
     {
         bail!(

@@ -60,6 +60,8 @@ pub use state::{DirectoryState, Duplicate, FileRead, ScanEvent, ScanReport, read
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// The longest a rescan waits under a continuous stream of events.
 pub const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
+/// How often a manifest directory missing at start is looked for.
+const MISSING_DIR_POLL: Duration = Duration::from_secs(1);
 /// How often the directory is rescanned without any event.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -101,6 +103,21 @@ impl ManifestSource {
 
     async fn run_loop(self, tx: StateSender) -> Result<(), SourceError> {
         let dir = self.dir;
+        // A directory not there yet (a volume mounted late, a path made by
+        // a later step) is waited for: until it appears nothing is
+        // published, so the agent is not ready and leaves the kernel's
+        // state as it is.
+        if !dir.exists() {
+            warn!(
+                dir = %dir.display(),
+                "manifest directory does not exist; waiting for it (nothing is programmed until it does)"
+            );
+            let poll = self.rescan_interval.min(MISSING_DIR_POLL);
+            while !dir.exists() {
+                tokio::time::sleep(poll).await;
+            }
+            info!(dir = %dir.display(), "manifest directory appeared");
+        }
         // Keep one sender so the receiver never reports "closed", even while
         // no watcher exists.
         let (signal_tx, mut signals) = mpsc::channel(64);
@@ -587,15 +604,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn missing_directory_fails_at_start() {
+    async fn a_missing_directory_is_waited_for_and_a_file_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, _rx) = tokio::sync::watch::channel(None);
-        let source = Box::new(ManifestSource::new(dir.path().join("nope")));
-        let result = timeout(WITHIN, source.run(tx)).await.expect("fails fast");
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        let missing = dir.path().join("later");
+        let source =
+            ManifestSource::new(missing.clone()).with_rescan_interval(Duration::from_millis(20));
+        let task = Task(tokio::spawn(Box::new(source).run(tx)));
+        assert_quiet(&mut rx, Duration::from_millis(200)).await;
         assert!(
-            matches!(result, Err(SourceError::Directory { .. })),
-            "{result:?}"
+            rx.borrow().is_none(),
+            "nothing published while it is missing"
         );
+        fs::create_dir(&missing).unwrap();
+        fs::write(missing.join("a.yaml"), service("a", "10.96.0.1")).unwrap();
+        published(&mut rx, "the directory's objects", |s| {
+            ips(s) == ["10.96.0.1"]
+        })
+        .await;
+        task.abort();
 
         let file = dir.path().join("file.yaml");
         fs::write(&file, SERVICE_A).unwrap();
