@@ -32,6 +32,9 @@ struct Leftovers {
     nftables_tables: usize,
     kube_proxy_tables: usize,
     iptables_chains: usize,
+    /// iptables-nft's own tables (`ip`/`ip6` `nat`, `filter`, `mangle`),
+    /// which keep netfilter's NAT and conntrack hooked even when empty.
+    iptables_nft_tables: usize,
     iptables_legacy_chains: usize,
     ebpf_pins: usize,
     /// The ipvs mode's table, `kube-ipvs0`, and IPVS virtual servers.
@@ -64,6 +67,16 @@ fn leftovers(t: &Topology, bpffs: &BpfFs) -> anyhow::Result<Leftovers> {
             - tables.matches("table inet proxy-agent-ipvs").count(),
         kube_proxy_tables: tables.matches(" kube-proxy").count(),
         iptables_chains: nat.lines().filter(|l| l.starts_with(":KUBE-")).count(),
+        iptables_nft_tables: tables
+            .lines()
+            .filter(|l| {
+                ["ip", "ip6"].iter().any(|family| {
+                    ["nat", "filter", "mangle"]
+                        .iter()
+                        .any(|table| l.trim() == format!("table {family} {table}"))
+                })
+            })
+            .count(),
         iptables_legacy_chains: legacy.lines().filter(|l| l.starts_with(":KUBE-")).count(),
         ebpf_pins,
         ipvs,
@@ -139,6 +152,7 @@ fn switch_modes() -> anyhow::Result<()> {
             (found.nftables_tables > 0) == (mode == "nftables")
                 && (found.iptables_chains > 0) == (mode == "iptables" && !legacy)
                 && (found.iptables_legacy_chains > 0) == (mode == "iptables" && legacy)
+                && (found.iptables_nft_tables == 0 || (mode == "iptables" && !legacy))
                 && (found.ebpf_pins > 0) == (mode == "ebpf")
                 && (found.ipvs > 0) == (mode == "ipvs")
                 && found.kube_proxy_tables == kube_proxy_tables
@@ -174,6 +188,7 @@ fn switch_modes() -> anyhow::Result<()> {
                 nftables_tables: 0,
                 kube_proxy_tables: 0,
                 iptables_chains: 0,
+                iptables_nft_tables: 0,
                 iptables_legacy_chains: 0,
                 ebpf_pins: 0,
                 ipvs: 0,

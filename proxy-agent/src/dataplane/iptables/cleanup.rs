@@ -151,14 +151,112 @@ pub fn cleanup_backends(backends: &[IptablesBackend]) -> Result<bool, IptablesEr
             for text in restores {
                 restore(backend, family, &text)?;
             }
+            if backend == IptablesBackend::Nft {
+                for (table, _) in KUBE_PROXY_CHAINS {
+                    any |= remove_if_unused(family, table)?;
+                }
+            }
         }
     }
     Ok(any)
 }
 
+/// Deletes the nftables table `table` of `family` (iptables-nft's `nat`,
+/// `filter`, `mangle`) when nothing is left in it but its built-in chains,
+/// empty and accepting: iptables-nft made it on first use, and left in place
+/// its hooked chains would keep netfilter's NAT and conntrack on every
+/// packet. A table with anything else in it stays. Returns whether it went.
+fn remove_if_unused(family: Family, table: &str) -> Result<bool, IptablesError> {
+    let nft_family = match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    };
+    let listed = std::process::Command::new("nft")
+        .args(["-j", "list", "table", nft_family, table])
+        .output();
+    let Ok(listed) = listed else {
+        return Ok(false); // no nft: nothing of iptables-nft's either
+    };
+    if !listed.status.success() || !only_unused_base_chains(&listed.stdout) {
+        return Ok(false);
+    }
+    let deleted = std::process::Command::new("nft")
+        .args(["delete", "table", nft_family, table])
+        .output()
+        .map_err(|source| IptablesError::Spawn {
+            binary: "nft",
+            source,
+        })?;
+    if !deleted.status.success() {
+        // Filled in between, or gone: either way not ours to insist on.
+        tracing::debug!(
+            table,
+            family = nft_family,
+            stderr = %String::from_utf8_lossy(&deleted.stderr),
+            "leaving the table"
+        );
+        return Ok(false);
+    }
+    tracing::info!(
+        table,
+        family = nft_family,
+        "removed iptables-nft's empty table"
+    );
+    Ok(true)
+}
+
+/// Whether `nft -j list table` output holds a table and nothing but base
+/// chains without rules and with policy accept.
+fn only_unused_base_chains(json: &[u8]) -> bool {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return false;
+    };
+    let Some(items) = value.get("nftables").and_then(|v| v.as_array()) else {
+        return false;
+    };
+    items.iter().all(|item| {
+        let Some((kind, body)) = item.as_object().and_then(|o| o.iter().next()) else {
+            return false;
+        };
+        match kind.as_str() {
+            "metainfo" | "table" => true,
+            "chain" => {
+                body.get("hook").is_some()
+                    && body.get("policy").and_then(|p| p.as_str()) == Some("accept")
+            }
+            _ => false,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_table_of_empty_accepting_base_chains_is_unused() {
+        let table = |items: &str| {
+            format!(
+                r#"{{"nftables": [{{"metainfo": {{"version": "1.0.6"}}}},
+                {{"table": {{"family": "ip", "name": "nat", "handle": 1}}}}{items}]}}"#
+            )
+        };
+        let base = r#", {"chain": {"family": "ip", "table": "nat", "name": "POSTROUTING",
+            "handle": 1, "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}"#;
+        assert!(only_unused_base_chains(table("").as_bytes()));
+        assert!(only_unused_base_chains(table(base).as_bytes()));
+        let drop = base.replace("accept", "drop");
+        assert!(!only_unused_base_chains(table(&drop).as_bytes()));
+        let user_chain =
+            r#", {"chain": {"family": "ip", "table": "nat", "name": "DOCKER", "handle": 2}}"#;
+        assert!(!only_unused_base_chains(table(user_chain).as_bytes()));
+        let rule = r#", {"rule": {"family": "ip", "table": "nat", "chain": "POSTROUTING",
+            "handle": 3, "expr": [{"counter": {"packets": 0, "bytes": 0}}]}}"#;
+        assert!(!only_unused_base_chains(
+            format!("{}", table(&format!("{base}{rule}"))).as_bytes()
+        ));
+        assert!(!only_unused_base_chains(b"not json"));
+    }
     use crate::dataplane::iptables::restore::CHAINS_PER_RESTORE;
 
     #[test]
