@@ -253,7 +253,7 @@ mod tests {
         let rule = r#", {"rule": {"family": "ip", "table": "nat", "chain": "POSTROUTING",
             "handle": 3, "expr": [{"counter": {"packets": 0, "bytes": 0}}]}}"#;
         assert!(!only_unused_base_chains(
-            format!("{}", table(&format!("{base}{rule}"))).as_bytes()
+            table(&format!("{base}{rule}")).as_bytes()
         ));
         assert!(!only_unused_base_chains(b"not json"));
     }
