@@ -1308,6 +1308,25 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            crate::fuzz_cases(256),
+        ))]
+
+        /// A broken config file is an error, never a panic.
+        #[test]
+        fn never_panics_on_arbitrary_config(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            let _ = parse(&String::from_utf8_lossy(&bytes));
+        }
+
+        /// The example with one byte changed.
+        #[test]
+        fn never_panics_on_mutated_config(pos in 0usize..4000, byte in proptest::num::u8::ANY) {
+            let mut text = EXAMPLE.as_bytes().to_vec();
+            let pos = pos % text.len();
+            text[pos] = byte;
+            let _ = parse(&String::from_utf8_lossy(&text));
+        }
+
         #[test]
         fn go_duration_round_trips_h_m_s(h in 0u64..1000, m in 0u64..60, s in 0u64..60, ms in 0u64..1000) {
             let text = format!("{h}h{m}m{s}s{ms}ms");

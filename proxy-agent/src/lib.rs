@@ -7,6 +7,17 @@
 //! - kernel: the eBPF programs (crate `proxy-ebpf`), sharing map types through `proxy-common`.
 pub mod config;
 pub mod dataplane;
+
+/// How many cases the "never panics on bad input" property tests run:
+/// `default` in the test suite, `PROXY_FUZZ_CASES` when `cargo xtask fuzz`
+/// runs them long.
+#[cfg(test)]
+pub(crate) fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("PROXY_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 pub mod model;
 pub mod serve;
 pub mod source;

@@ -53,7 +53,23 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The "never panics on bad input" property tests of the parsers and
+    /// decoders (manifests, config file, ctnetlink, IPVS netlink) and the
+    /// eBPF programs' mangled-packet test (`BPF_PROG_TEST_RUN`, needs root)
+    /// run long: `--cases` each (the test suite runs a few hundred).
+    Fuzz {
+        #[arg(long, default_value_t = 100_000)]
+        cases: u32,
+    },
 }
+
+/// The names of the fuzzing property tests (libtest filters).
+const FUZZ_TESTS: &[&str] = &[
+    "never_panics_on",
+    "do_not_panic",
+    "decode_without_panic",
+    "mangled_packets",
+];
 
 /// What the eBPF build, the agent and the tests need from Debian.
 /// (kubectl is not among them: it is already on the machines.)
@@ -83,6 +99,22 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo => demo(&env),
         Task::Bench { args } => bench(&env, &args),
+        Task::Fuzz { cases } => {
+            let mut command = env.cargo(&[
+                "test",
+                "--release",
+                "-p",
+                "proxy-agent",
+                "--lib",
+                "--test",
+                "datapath_fuzz",
+                "--",
+            ]);
+            command
+                .args(FUZZ_TESTS)
+                .env("PROXY_FUZZ_CASES", cases.to_string());
+            run(&mut command)
+        }
     }
 }
 

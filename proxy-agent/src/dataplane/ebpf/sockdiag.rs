@@ -188,6 +188,23 @@ mod tests {
 
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            crate::fuzz_cases(512),
+        ))]
+
+        /// Any datagram: split into messages, each read as a socket and as
+        /// an error, without panicking.
+        #[test]
+        fn arbitrary_answers_do_not_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+        ) {
+            for (kind, payload) in messages(&bytes) {
+                let _ = (kind, parse_msg(payload), error_of(payload));
+            }
+        }
+    }
+
     /// Against this machine's kernel: a connected socket of ours is listed
     /// with its peer and cookie, and once destroyed reports an error.
     #[test]

@@ -1143,6 +1143,70 @@ mod tests {
         }
     }
 
+    /// Parses `bytes` as the kernel's answer to command `cmd`, and every
+    /// virtual server and real server in it: errors are fine, panics not.
+    fn decode_everything(bytes: &[u8], cmd: u8) {
+        let header = GenlHeader {
+            cmd,
+            version: IPVS_GENL_VERSION,
+        };
+        let Ok(message) = IpvsMessage::parse_with_param(bytes, header) else {
+            return;
+        };
+        for nla in &message.nlas {
+            match nla {
+                IpvsNla::Service(nlas) => {
+                    let _ = parse_service(nlas);
+                }
+                IpvsNla::Dest(nlas) => {
+                    for af in [libc::AF_INET as u16, libc::AF_INET6 as u16, 0, 99] {
+                        let _ = parse_dest(af, nlas);
+                    }
+                }
+                IpvsNla::Other(_) => {}
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            crate::fuzz_cases(512),
+        ))]
+
+        #[test]
+        fn arbitrary_answers_decode_without_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            cmd in proptest::num::u8::ANY,
+        ) {
+            decode_everything(&bytes, cmd);
+        }
+
+        /// A real answer (a virtual server with its stats, a real server)
+        /// with one byte changed, or cut short.
+        #[test]
+        fn mutated_answers_decode_without_panic(
+            at in 0usize..400,
+            byte in proptest::num::u8::ANY,
+            cut in 0usize..400,
+        ) {
+            let mut vs = VirtualServer::new(tcp("fd00::10", 443), "rr", Some(10_800));
+            vs.stats.connections = 9;
+            let mut service = service_nlas(&vs);
+            service.push(ServiceNla::Stats(vs.stats));
+            let rs = RealServer::masq("fd00::20".parse().unwrap(), 8080, 1);
+            let message = IpvsMessage {
+                cmd: IPVS_CMD_NEW_DEST,
+                nlas: vec![IpvsNla::Service(service), IpvsNla::Dest(dest_nlas(&rs))],
+            };
+            let mut bytes = vec![0u8; message.buffer_len()];
+            message.emit(&mut bytes);
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            bytes.truncate(cut.max(1));
+            decode_everything(&bytes, message.cmd);
+        }
+    }
+
     /// Emits `message` as the kernel would frame it and parses it back.
     fn round_trip(message: &IpvsMessage) -> IpvsMessage {
         let mut bytes = vec![0u8; message.buffer_len()];

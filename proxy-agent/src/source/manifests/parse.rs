@@ -581,6 +581,10 @@ metadata:
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            crate::fuzz_cases(256),
+        ))]
+
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
             let _ = parse_manifest(Path::new("f.yaml"), &bytes);
