@@ -10,7 +10,6 @@
 //! Needs root (CAP_BPF + CAP_NET_ADMIN).
 use std::net::{IpAddr, SocketAddr};
 
-use aya::programs::{TestRun, TestRunOptions};
 use proptest::{
     prelude::*,
     test_runner::{Config, TestCaseError, TestRunner},
@@ -211,17 +210,8 @@ fn packet_protocol(packet: &[u8]) -> Option<Protocol> {
 /// Runs `packet` through program `prog`; `None` when the kernel refuses to
 /// run it (the program never sees a packet that short).
 fn run(f: &Fixture, prog: &str, packet: &[u8]) -> Option<(u32, Vec<u8>)> {
-    let mut out = vec![0u8; packet.len() + 256];
-    let result = f
-        .program(prog)
-        .test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .ok()?;
-    out.truncate(result.data_size_out as usize);
-    Some((result.return_value, out))
+    let (verdict, out, _) = f.try_run(prog, packet).ok()?;
+    Some((verdict, out))
 }
 
 fn check(f: &Fixture, prog: &str, packet: &[u8]) -> Result<(), TestCaseError> {

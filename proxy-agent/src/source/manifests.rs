@@ -554,9 +554,14 @@ mod tests {
     /// Starts a source on `dir` (no periodic rescans unless asked) and waits
     /// for its first state.
     async fn start(dir: &Path, rescan: Option<Duration>) -> (StateReceiver, Task) {
-        let (tx, mut rx) = tokio::sync::watch::channel(None);
         let source = ManifestSource::new(dir.to_path_buf())
             .with_rescan_interval(rescan.unwrap_or(Duration::from_secs(3600)));
+        run_until_published(source).await
+    }
+
+    /// Runs `source`; returns once it published its first state.
+    async fn run_until_published(source: ManifestSource) -> (StateReceiver, Task) {
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
         let task = Task(tokio::spawn(Box::new(source).run(tx)));
         timeout(WITHIN, rx.wait_for(Option::is_some))
             .await
@@ -682,17 +687,10 @@ mod tests {
 
     /// Starts a source with a state directory; returns once it published.
     async fn start_saving(dir: &Path, state: &Path) -> (StateReceiver, Task) {
-        let (tx, mut rx) = tokio::sync::watch::channel(None);
         let source = ManifestSource::new(dir.to_path_buf())
             .with_rescan_interval(Duration::from_secs(3600))
             .with_state_dir(state);
-        let task = Task(tokio::spawn(Box::new(source).run(tx)));
-        timeout(WITHIN, rx.wait_for(Option::is_some))
-            .await
-            .expect("first state within 1 s")
-            .expect("sender alive");
-        rx.mark_unchanged();
-        (rx, task)
+        run_until_published(source).await
     }
 
     #[tokio::test]

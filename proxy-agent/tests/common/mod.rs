@@ -89,17 +89,23 @@ impl Fixture {
 
     /// [`Fixture::run`], with the time the kernel measured for the run.
     pub fn run_timed(&self, prog: &str, packet: &[u8]) -> (u32, Vec<u8>, Duration) {
+        self.try_run(prog, packet).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// [`Fixture::run_timed`], or the kernel's refusal to run `packet`.
+    pub fn try_run(
+        &self,
+        prog: &str,
+        packet: &[u8],
+    ) -> Result<(u32, Vec<u8>, Duration), aya::programs::ProgramError> {
         let mut out = vec![0u8; packet.len() + 256];
-        let result = self
-            .program(prog)
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
+        let result = self.program(prog).test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
         out.truncate(result.data_size_out as usize);
-        (result.return_value, out, result.duration)
+        Ok((result.return_value, out, result.duration))
     }
 
     pub fn ingress(&self, packet: &[u8]) -> (u32, Vec<u8>) {
