@@ -123,6 +123,12 @@ fn fix_ipv4_checksum(packet: &mut [u8]) {
     }
 }
 
+/// Whether the IPv4 header length field is sane and within the packet.
+fn ihl_fits(p: &[u8]) -> bool {
+    let ihl = usize::from(p[ETH_HLEN] & 0x0f) * 4;
+    (20..=60).contains(&ihl) && p.len() >= ETH_HLEN + ihl
+}
+
 fn mutate(mut p: Vec<u8>, m: &Mutation) -> Vec<u8> {
     if p.len() < ETH_HLEN + 40 && !matches!(m, Mutation::Trailer(_)) {
         // Cut short already: only bytes added.
@@ -137,9 +143,9 @@ fn mutate(mut p: Vec<u8>, m: &Mutation) -> Vec<u8> {
             p[at] = *b;
         }
         Mutation::Cut(len) => p.truncate(len % p.len()),
-        Mutation::Ipv4Options(words) if v4 => {
+        Mutation::Ipv4Options(words) if v4 && ihl_fits(&p) => {
             let ihl = usize::from(p[ETH_HLEN] & 0x0f) * 4;
-            let extra = usize::from(*words) * 4;
+            let extra = usize::from(*words).min((60 - ihl) / 4) * 4;
             let at = ETH_HLEN + ihl;
             p.splice(at..at, std::iter::repeat_n(1u8, extra));
             p[ETH_HLEN] = 0x40 | ((ihl + extra) / 4) as u8;
