@@ -1,19 +1,54 @@
 //! `proxy-agent run --config FILE`: the built binary rejects a bad file at
 //! once, naming the field, and flags override the file.
-use std::process::Command;
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 const HEAD: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
 
+/// Runs the agent, which must stop by itself within 30 s (these runs are
+/// refused at start; one that is not would program this machine): killed
+/// and failed otherwise.
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_proxy-agent"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_proxy-agent"))
         .args(args)
         .env_remove("RUST_LOG")
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running proxy-agent");
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for proxy-agent") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("proxy-agent {args:?} did not stop within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        reader.join().unwrap_or_default(),
     )
+}
+
+/// A `--manifests` path the agent refuses at start: a file. (A directory
+/// that does not exist yet is waited for, with the dataplane running.)
+fn not_a_directory(dir: &tempfile::TempDir) -> String {
+    let path = dir.path().join("a-file");
+    std::fs::write(&path, "").unwrap();
+    path.to_str().unwrap().to_string()
 }
 
 fn write_config(dir: &tempfile::TempDir, body: &str) -> String {
@@ -49,8 +84,8 @@ fn unknown_field_fails_naming_it() {
 fn mode_flag_overrides_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(&dir, "mode: ipvs\n");
-    let missing = dir.path().join("no-such-dir");
-    let missing = missing.to_str().unwrap();
+    let missing = not_a_directory(&dir);
+    let missing = missing.as_str();
 
     // The file's mode, as the start line says; the run then stops at the
     // --manifests check.
@@ -98,8 +133,8 @@ fn bad_nodeport_addresses_flag_fails_at_start() {
 #[test]
 fn node_network_flags_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("no-such-dir");
-    let missing = missing.to_str().unwrap();
+    let missing = not_a_directory(&dir);
+    let missing = missing.as_str();
     for flags in [
         &["--nodeport-addresses", "10.0.0.0/8,127.0.0.1/32"][..],
         &["--nodeport-addresses=primary", "--masquerade-all"][..],
