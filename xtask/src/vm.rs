@@ -174,7 +174,11 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
             eprintln!("xtask: VM scenarios: {passed} passed, 0 failed");
             Ok(())
         }
-        Err(e) => bail!("VM scenarios: {e}\n{out}"),
+        Err(e) => bail!(
+            "VM scenarios: {e}\n{out}\nthe guest kernel's console ({}):\n{}",
+            vm.console("run.sh").display(),
+            vm.console_trouble("run.sh")
+        ),
     }
 }
 
@@ -316,6 +320,36 @@ impl Vm {
         }
     }
 
+    /// Where the console of script `name`'s boot goes.
+    fn console(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.console.log"))
+    }
+
+    /// The guest kernel's complaints in the console of script `name`, if
+    /// any: what to look at when a test did not run.
+    fn console_trouble(&self, name: &str) -> String {
+        let text = std::fs::read(self.console(name)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                [
+                    "Kernel panic",
+                    "BUG:",
+                    "Oops",
+                    "Out of memory",
+                    "Killed process",
+                    "RIP:",
+                    "Call Trace",
+                ]
+                .iter()
+                .any(|needle| l.contains(needle))
+            })
+            .take(40)
+            .collect();
+        lines.join("\n")
+    }
+
     /// Boots the VM once to run `body` (shell, after loading [`MODULES`])
     /// as script `name`. What the script writes under the workspace is its
     /// result: vng's own exit status says nothing (255 even on success).
@@ -353,9 +387,19 @@ impl Vm {
                 "--user", "root", "--memory", "2G", "--cpus", "2", "--rw", "--exec",
             ])
             .arg(&script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdin(Stdio::null());
+        // The console (the guest kernel's messages: a panic, an oops, the
+        // OOM killer) for when a test "did not run".
+        let console_path = self.console(name);
+        let console = std::fs::File::create(&console_path)
+            .with_context(|| format!("creating {}", console_path.display()))?;
+        command
+            .stdout(
+                console
+                    .try_clone()
+                    .context("duplicating the console file")?,
+            )
+            .stderr(console);
         eprintln!("xtask: running {} (minutes)", describe(&command));
         let _ = command.status().context("starting vng")?;
         Ok(())
