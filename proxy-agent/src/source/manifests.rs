@@ -360,6 +360,7 @@ impl SavedCopies {
     /// now; drops the copies of files that are not.
     fn seed(&self, manifests: &Path, state: &mut DirectoryState) {
         self.prune_gone_directories();
+        let now = jiff::Timestamp::now();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return; // nothing saved yet
         };
@@ -376,7 +377,7 @@ impl SavedCopies {
             }
             let seeded = std::fs::read(&copy)
                 .map_err(|e| e.to_string())
-                .and_then(|bytes| state.seed_saved(original.clone(), &bytes));
+                .and_then(|bytes| state.seed_saved(original.clone(), &bytes, now));
             match seeded {
                 Ok(objects) => debug!(
                     path = %original.display(),
@@ -426,10 +427,14 @@ impl SavedCopies {
         }
     }
 
-    /// Writes the copy of file `name` whole or not at all.
+    /// Writes the copy of file `name` whole or not at all; a copy that
+    /// holds `bytes` already (every file at start) is left as it is.
     fn save(&self, name: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
         let copy = self.dir.join(name);
+        if std::fs::read(&copy).is_ok_and(|held| held == bytes) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir)?;
         let partial = self.dir.join(format!(".{}.partial", name.display()));
         std::fs::write(&partial, bytes)?;
         std::fs::rename(&partial, &copy)

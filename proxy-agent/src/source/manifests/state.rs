@@ -264,12 +264,19 @@ impl DirectoryState {
     /// saved, as the version to keep should the file be broken at the next
     /// [`update`](Self::update); a file that is fine there replaces it.
     /// Returns how many objects it holds, or why it does not parse (then
-    /// nothing is kept). Only before the file's first update.
-    pub fn seed_saved(&mut self, path: PathBuf, bytes: &[u8]) -> Result<usize, String> {
+    /// nothing is kept). Only before the file's first update. Its Services
+    /// without a creation time are first seen at `now`, as an update's are.
+    pub fn seed_saved(
+        &mut self,
+        path: PathBuf,
+        bytes: &[u8],
+        now: jiff::Timestamp,
+    ) -> Result<usize, String> {
         if self.files.contains_key(&path) {
             return Err("the file was read already".to_string());
         }
         let objects = parse_manifest(&path, bytes)?;
+        let objects = self.stamp(objects, now);
         let count = objects.len();
         self.files.insert(
             path,
@@ -322,7 +329,7 @@ impl DirectoryState {
                 duplicates.insert(Duplicate { key, kept, ignored });
             }
         }
-        let merged_from: BTreeMap<ObjectKey, PathBuf> = merged
+        self.merged_from = merged
             .iter()
             .map(|(k, (path, _))| (k.clone(), path.to_path_buf()))
             .collect();
@@ -330,7 +337,6 @@ impl DirectoryState {
             .into_iter()
             .map(|(k, (_, o))| (k, o.clone()))
             .collect();
-        self.merged_from = merged_from;
         self.first_seen.retain(|key, _| merged.contains_key(key));
         events.extend(
             duplicates
@@ -708,6 +714,17 @@ mod tests {
             t("2026-01-01T00:03:00Z"),
         );
         assert_eq!(created(&state, "a"), Some(t("2026-01-01T00:03:00Z")));
+        // A saved copy applied for a broken file is dated like the rest.
+        let mut seeded = DirectoryState::new();
+        seeded
+            .seed_saved(
+                "d/s.yaml".into(),
+                service("s", "10.96.0.5").as_bytes(),
+                t("2026-01-01T00:05:00Z"),
+            )
+            .unwrap();
+        seeded.update_at(&scan(&[("d/s.yaml", "{{{")]), t("2026-01-01T00:06:00Z"));
+        assert_eq!(created(&seeded, "s"), Some(t("2026-01-01T00:05:00Z")));
         // A creation time in the file stands.
         let dated = service("c", "10.96.0.3").replace(
             "metadata:",
