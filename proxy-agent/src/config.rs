@@ -1308,9 +1308,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            crate::fuzz_cases(256),
-        ))]
+        #![proptest_config(crate::fuzz_config(256))]
 
         /// A broken config file is an error, never a panic.
         #[test]

@@ -8,15 +8,16 @@
 pub mod config;
 pub mod dataplane;
 
-/// How many cases the "never panics on bad input" property tests run:
-/// `default` in the test suite, `PROXY_FUZZ_CASES` when `cargo xtask fuzz`
-/// runs them long.
+/// The config of a "never panics on bad input" property test: `default`
+/// cases in the test suite, `PROXY_FUZZ_CASES` when `cargo xtask fuzz` runs
+/// them long.
 #[cfg(test)]
-pub(crate) fn fuzz_cases(default: u32) -> u32 {
-    std::env::var("PROXY_FUZZ_CASES")
+pub(crate) fn fuzz_config(default: u32) -> proptest::prelude::ProptestConfig {
+    let cases = std::env::var("PROXY_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+        .unwrap_or(default);
+    proptest::prelude::ProptestConfig::with_cases(cases)
 }
 pub mod model;
 pub mod serve;

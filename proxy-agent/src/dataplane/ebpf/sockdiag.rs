@@ -189,9 +189,7 @@ mod tests {
     use super::*;
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            crate::fuzz_cases(512),
-        ))]
+        #![proptest_config(crate::fuzz_config(512))]
 
         /// Any datagram: split into messages, each read as a socket and as
         /// an error, without panicking.

@@ -1169,9 +1169,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            crate::fuzz_cases(512),
-        ))]
+        #![proptest_config(crate::fuzz_config(512))]
 
         #[test]
         fn arbitrary_answers_decode_without_panic(

@@ -581,9 +581,7 @@ metadata:
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            crate::fuzz_cases(256),
-        ))]
+        #![proptest_config(crate::fuzz_config(256))]
 
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {

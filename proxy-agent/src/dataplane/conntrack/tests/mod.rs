@@ -630,7 +630,7 @@ fn the_end_of_a_dump_carries_its_status() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(2000)))]
+    #![proptest_config(crate::fuzz_config(2000))]
 
     /// Arbitrary bytes never panic the datagram handler.
     #[test]
