@@ -232,6 +232,7 @@ fn only_unused_base_chains(json: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::iptables::restore::CHAINS_PER_RESTORE;
 
     #[test]
     fn only_a_table_of_empty_accepting_base_chains_is_unused() {
@@ -257,7 +258,6 @@ mod tests {
         ));
         assert!(!only_unused_base_chains(b"not json"));
     }
-    use crate::dataplane::iptables::restore::CHAINS_PER_RESTORE;
 
     #[test]
     fn cleanup_deletes_jumps_then_chains_and_keeps_what_a_foreign_chain_uses() {
