@@ -125,8 +125,17 @@ struct RawProxyAgent {
     bpf_root: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
     socket_lb: Option<bool>,
+    translated_mark_bit: Option<RawMarkBit>,
     interfaces: Option<Vec<String>>,
     exclude_interfaces: Option<Vec<String>>,
+}
+
+/// `proxyAgent.translatedMarkBit`: a bit number, or `none`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawMarkBit {
+    Bit(i64),
+    Word(String),
 }
 
 // ---------------------------------------------------------------------------
@@ -270,6 +279,9 @@ pub struct ProxyAgent {
     pub cgroup_root: Option<PathBuf>,
     /// Socket-level load balancing for pods (`--socket-lb`).
     pub socket_lb: Option<bool>,
+    /// The packet-mark bit of "translated at ingress" in the ebpf mode
+    /// (`--translated-mark-bit`).
+    pub translated_mark_bit: Option<MarkBit>,
     pub interfaces: Option<Vec<String>>,
     pub exclude_interfaces: Option<Vec<String>>,
 }
@@ -715,6 +727,15 @@ impl Validator {
         let state_dir = paths("proxyAgent.stateDir", p.state_dir);
         let bpf_root = paths("proxyAgent.bpfRoot", p.bpf_root);
         let cgroup_root = paths("proxyAgent.cgroupRoot", p.cgroup_root);
+        let translated_mark_bit = p.translated_mark_bit.and_then(|raw| {
+            let parsed = match raw {
+                RawMarkBit::Bit(bit) => parse_mark_bit(&bit.to_string()),
+                RawMarkBit::Word(word) => parse_mark_bit(&word),
+            };
+            parsed
+                .map_err(|msg| self.err("proxyAgent.translatedMarkBit", msg))
+                .ok()
+        });
         let mut names = |field: &str, list: Option<Vec<String>>| {
             list.inspect(|list| {
                 for (i, name) in list.iter().enumerate() {
@@ -733,6 +754,7 @@ impl Validator {
             bpf_root,
             cgroup_root,
             socket_lb: p.socket_lb,
+            translated_mark_bit,
             interfaces: names("proxyAgent.interfaces", p.interfaces),
             exclude_interfaces: names("proxyAgent.excludeInterfaces", p.exclude_interfaces),
         }
@@ -788,6 +810,27 @@ fn node_port_addresses<S: AsRef<str>>(
         })
         .collect();
     (NodePortAddresses::Cidrs(cidrs), errors)
+}
+
+// ---------------------------------------------------------------------------
+// The translated-packet mark.
+
+/// `--translated-mark-bit`: a bit of the packet mark (0-31), or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkBit(pub Option<u8>);
+
+/// Parses `--translated-mark-bit`: a bit number 0-31, or `none` for no
+/// mark.
+pub fn parse_mark_bit(s: &str) -> Result<MarkBit, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(MarkBit(None));
+    }
+    match s.trim().parse::<u8>() {
+        Ok(bit) if bit < 32 => Ok(MarkBit(Some(bit))),
+        _ => Err(format!(
+            "{s:?} is not a packet-mark bit: give 0-31, or none"
+        )),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1283,6 +1326,34 @@ mod tests {
         ] {
             assert!(parse_go_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn translated_mark_bit_is_a_bit_or_none_on_the_flag_and_in_the_file() {
+        assert_eq!(parse_mark_bit("12"), Ok(MarkBit(Some(12))));
+        assert_eq!(parse_mark_bit("31"), Ok(MarkBit(Some(31))));
+        assert_eq!(parse_mark_bit("none"), Ok(MarkBit(None)));
+        for bad in ["32", "-1", "0x1000", "", "twelve"] {
+            assert!(parse_mark_bit(bad).is_err(), "{bad:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        for (value, expected) in [("20", MarkBit(Some(20))), ("none", MarkBit(None))] {
+            std::fs::write(
+                &path,
+                format!("{HEAD}proxyAgent:\n  translatedMarkBit: {value}\n"),
+            )
+            .unwrap();
+            let loaded = load(&path).unwrap().proxy_agent.translated_mark_bit;
+            assert_eq!(loaded, Some(expected), "{value}");
+        }
+        std::fs::write(
+            &path,
+            format!("{HEAD}proxyAgent:\n  translatedMarkBit: 40\n"),
+        )
+        .unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("proxyAgent.translatedMarkBit"), "{e}");
     }
 
     #[test]

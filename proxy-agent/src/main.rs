@@ -233,6 +233,14 @@ struct RunArgs {
     )]
     socket_lb: Option<bool>,
 
+    /// The packet-mark bit (0-31) the ebpf mode sets on packets it
+    /// translated at an ingress hook, so that a later hook on their way
+    /// (a bridge's own after its port's) never translates them again; or
+    /// `none`. Choose a bit that nothing else on the node uses. Default:
+    /// 12 (0x1000).
+    #[arg(long, value_name = "BIT|none", value_parser = config::parse_mark_bit)]
+    translated_mark_bit: Option<config::MarkBit>,
+
     /// Interval of the full reconcile that repairs drift in the kernel (Go
     /// duration, e.g. 30s, 1m, 1m30s). Default: 30s.
     #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration)]
@@ -337,6 +345,7 @@ struct Settings {
     exclude_interfaces: Vec<String>,
     cgroup_root: Option<PathBuf>,
     socket_lb: bool,
+    translated_mark_bit: Option<u8>,
     sync_period: Duration,
     min_sync_period: Duration,
     healthz_bind_address: Option<config::BindAddress>,
@@ -392,6 +401,10 @@ impl Settings {
                 .or(pa.cgroup_root)
                 .or_else(ebpf::sockets::cgroup2_mount),
             socket_lb: args.socket_lb.or(pa.socket_lb).unwrap_or(true),
+            translated_mark_bit: args
+                .translated_mark_bit
+                .or(pa.translated_mark_bit)
+                .map_or(Some(proxy_common::TRANSLATED_MARK_BIT), |bit| bit.0),
             sync_period: args
                 .sync_period
                 .or(f.sync_period)
@@ -705,6 +718,7 @@ fn open_dataplane(args: &Settings) -> Result<Running> {
             },
             cgroup: args.cgroup_root.clone(),
             pod_socket_lb: pod_socket_lb(args),
+            translated_mark_bit: args.translated_mark_bit,
         },
         iptables_backend: args.iptables_backend,
         ipvs: args.ipvs.clone(),

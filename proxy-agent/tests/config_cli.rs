@@ -128,6 +128,9 @@ fn bad_nodeport_addresses_flag_fails_at_start() {
     let (code, stderr) = run(&["run", "--masquerade-all=maybe"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--masquerade-all"), "{stderr}");
+    let (code, stderr) = run(&["run", "--translated-mark-bit=32"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--translated-mark-bit"), "{stderr}");
 }
 
 #[test]
@@ -144,6 +147,8 @@ fn node_network_flags_are_accepted() {
             "--healthz-bind-address=127.0.0.1:0",
             "--metrics-bind-address=[::1]:0",
         ][..],
+        &["--translated-mark-bit=20"][..],
+        &["--translated-mark-bit", "none"][..],
     ] {
         // Parsed, then stopped by the --manifests check that follows.
         let mut args = vec!["run", "--manifests", missing];

@@ -13,16 +13,19 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use proxy_agent::{
     dataplane::Dataplane,
-    model::{FrontendKind::ClusterIp, Protocol, ServiceTable},
+    model::{
+        FrontendKind::{ClusterIp, ExternalIp},
+        Protocol, ServiceTable,
+    },
 };
-use proxy_common::stat;
+use proxy_common::{PROG_INGRESS, stat};
 
 mod common;
 use common::{
     Fixture, TC_ACT_OK,
     cases::{
-        BACKENDS, CLIENT, DNS_PORT, DNS_TARGET_PORT, SVC_PORT, Setup, TARGET_PORT, VIP,
-        backend_set, cases, frontend, frontend_on, key, run_all, sa, table, v4s,
+        BACKENDS, CLIENT, DNS_PORT, DNS_TARGET_PORT, POD_CLIENT, SVC_PORT, Setup, TARGET_PORT, VIP,
+        backend_set, cases, frontend, frontend_on, key, node_network, run_all, sa, table, v4s,
     },
     packet::{Flow, Tcp, flow, inspect, tcp, udp},
 };
@@ -104,6 +107,65 @@ fn service_flow(f: &Fixture, sport: u16, ending: Option<Tcp>) -> SocketAddr {
         assert_eq!(reply(kind).src, vip());
     }
     backend
+}
+
+/// A Service whose external IP and port are another Service's backend: a
+/// flow through the first is translated once, at the first ingress hook
+/// it crosses, and marked; the bridge's own hook, which sees the packet
+/// again with the backend (a frontend of the second Service) as its
+/// destination, passes it untouched, and the reply is reversed once.
+/// Traffic straight to that address goes to the second Service, as
+/// kube-proxy sends it.
+#[test]
+fn a_packet_translated_at_one_ingress_hook_is_not_translated_at_the_next() {
+    const EXTERNAL_TARGET_PORT: u16 = 9090;
+    let mut f = common::Fixture::load();
+    f.set_network(&node_network());
+    let pod = std::net::IpAddr::V4(BACKENDS[0]);
+    f.set_table(table([
+        (
+            key(VIP, SVC_PORT, Protocol::Tcp),
+            frontend(ClusterIp, &v4s(&BACKENDS[..1])),
+        ),
+        (
+            key(pod, TARGET_PORT, Protocol::Tcp),
+            frontend_on(ExternalIp, &v4s(&BACKENDS[1..2]), EXTERNAL_TARGET_PORT),
+        ),
+    ]));
+    let mark = 1u32 << proxy_common::TRANSLATED_MARK_BIT;
+    let other_bits = 0x1;
+    let client = sa(POD_CLIENT, 40100);
+    let backend = sa(BACKENDS[0], TARGET_PORT);
+    // At the pod's bridge port: translated and marked, the other bits kept.
+    let (verdict, out, mark_out) =
+        f.run_marked(PROG_INGRESS, &tcp(client, vip(), Tcp::Syn), other_bits);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(inspect(&out), flow(client, backend));
+    assert_eq!(mark_out, other_bits | mark);
+    // At the bridge's own hook: untouched.
+    let (verdict, again, mark_again) = f.run_marked(PROG_INGRESS, &out, mark_out);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(again, out, "translated once");
+    assert_eq!(mark_again, mark_out);
+    assert_eq!(f.stat(stat::PASS_TRANSLATED), 1);
+    assert_eq!(f.stat(stat::DNAT_NEW), 1);
+    // The established flow's packets likewise.
+    let (_, out, mark_out) = f.run_marked(PROG_INGRESS, &tcp(client, vip(), Tcp::Ack), 0);
+    assert_eq!(inspect(&out), flow(client, backend));
+    assert_eq!(mark_out, mark);
+    let (_, again, _) = f.run_marked(PROG_INGRESS, &out, mark_out);
+    assert_eq!(again, out);
+    // The reply is reversed once.
+    let (_, reply) = f.egress(&tcp(backend, client, Tcp::SynAck));
+    assert_eq!(inspect(&reply), flow(vip(), client));
+    // Straight to the pod's address and port: the external IP's Service.
+    let direct = sa(POD_CLIENT, 40101);
+    let (_, out, mark_out) = f.run_marked(PROG_INGRESS, &tcp(direct, backend, Tcp::Syn), 0);
+    let external_backend = sa(BACKENDS[1], EXTERNAL_TARGET_PORT);
+    assert_eq!(inspect(&out), flow(direct, external_backend));
+    assert_eq!(mark_out, mark);
+    let (_, reply) = f.egress(&tcp(external_backend, direct, Tcp::SynAck));
+    assert_eq!(inspect(&reply), flow(backend, direct));
 }
 
 /// A client that connects straight to a backend from a port a service flow

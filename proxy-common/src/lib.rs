@@ -417,6 +417,17 @@ pub const CFG_CLUSTER_V4: u32 = 1 << 2;
 pub const CFG_CLUSTER_V6: u32 = 1 << 3;
 // Bit 4 (once `--masquerade-all`) is retired: the agent's plan decides
 // masquerade per view (`SVC_MASQUERADE`).
+/// Packets the ingress program translates get bit
+/// [`NodeConfig::translated_mark_bit`] of their mark, and a marked packet
+/// is not translated again at a later ingress hook of the node (a bridge's
+/// own after its port's, a bond's after its slave's).
+pub const CFG_TRANSLATED_MARK: u32 = 1 << 5;
+
+/// The packet-mark bit of [`CFG_TRANSLATED_MARK`] unless configured: bit
+/// 12 (0x1000), outside the bits kube-proxy and kubelet use (0x4000
+/// masquerade, 0x8000 drop), Cilium's (0x0f00 and the upper half) and
+/// Calico's (the upper half).
+pub const TRANSLATED_MARK_BIT: u8 = 12;
 
 /// The single entry of the config array: the node's network facts.
 #[repr(C)]
@@ -430,7 +441,11 @@ pub struct NodeConfig {
     pub cluster_v6: Addr,
     pub cluster_v4_len: u8,
     pub cluster_v6_len: u8,
-    pub _pad0: u16,
+    /// With [`CFG_TRANSLATED_MARK`]: the bit of the packet mark that says
+    /// "translated at an ingress hook of this node" (0-31). In what was
+    /// padding, so that a pinned config map of an earlier version fits.
+    pub translated_mark_bit: u8,
+    pub _pad0: u8,
     pub flags: u32,
     /// Masquerade source ports: two inclusive ranges, host byte order,
     /// around the node's ephemeral range and the NodePort range. A range
@@ -516,7 +531,10 @@ pub mod stat {
     /// A pod's socket call to a frontend was given a backend (socket-level
     /// load balancing: its packets need no translation).
     pub const SOCK_POD_TRANSLATED: u32 = 31;
-    pub const COUNT: u32 = 32;
+    /// A packet already translated at an earlier ingress hook of the node
+    /// (its mark says so) passed untouched: one translation per packet.
+    pub const PASS_TRANSLATED: u32 = 32;
+    pub const COUNT: u32 = 33;
 
     /// Human names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -552,6 +570,7 @@ pub mod stat {
         "drop_unallocated",
         "snat_port_reused_early",
         "sock_pod_translated",
+        "pass_translated",
     ];
 }
 
@@ -612,6 +631,9 @@ mod tests {
         assert_eq!(size_of::<SockRevKey>(), 8 + 16 + 2 + 1 + 5);
         assert_eq!(size_of::<SockRevValue>(), 16 + 2 + 6);
         assert_eq!(size_of::<SockPod>(), 16 + 16 + 1 + 7);
-        assert_eq!(size_of::<NodeConfig>(), 4 * 16 + 1 + 1 + 2 + 4 + 2 + 2 + 4);
+        assert_eq!(
+            size_of::<NodeConfig>(),
+            4 * 16 + 1 + 1 + 1 + 1 + 4 + 2 + 2 + 4
+        );
     }
 }

@@ -35,7 +35,7 @@ use crate::maps::{
     PA_CONNTRACK, config, count, in_service_cidr, may_be_backend_port, may_be_frontend, now,
     snat_addr,
 };
-use crate::nat::{self, Side, may_be_snat_port, rewrite};
+use crate::nat::{self, Side, mark_translated, may_be_snat_port, rewrite, translated_before};
 use crate::parse::{Packet, parse};
 use crate::reject::reject;
 
@@ -161,6 +161,10 @@ fn ingress<const UNTIL: u32>(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
         return STOPPED;
     }
     let cfg = config();
+    // One translation per packet, whatever hooks it crosses.
+    if translated_before(ctx, cfg) {
+        return (TC_ACT_OK as i32, stat::PASS_TRANSLATED);
+    }
     // A reply to a masqueraded flow: give it back its client as destination.
     if let Some(snat) = snat_addr(cfg, pkt.family)
         && snat == pkt.daddr
@@ -177,7 +181,10 @@ fn ingress<const UNTIL: u32>(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
             }
             let (addr, port) = (ct.nat_addr, ct.nat_port);
             return match rewrite(ctx, pkt, Side::Destination, &addr, port) {
-                Ok(()) => (TC_ACT_OK as i32, stat::SNAT_IN),
+                Ok(()) => {
+                    mark_translated(ctx, cfg);
+                    (TC_ACT_OK as i32, stat::SNAT_IN)
+                }
                 Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
             };
         }
@@ -210,7 +217,10 @@ fn ingress<const UNTIL: u32>(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
             }
             let (addr, port) = (ct.nat_addr, ct.nat_port);
             return match rewrite(ctx, pkt, Side::Destination, &addr, port) {
-                Ok(()) => (TC_ACT_OK as i32, stat::DNAT_ESTABLISHED),
+                Ok(()) => {
+                    mark_translated(ctx, cfg);
+                    (TC_ACT_OK as i32, stat::DNAT_ESTABLISHED)
+                }
                 Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
             };
         }

@@ -6,10 +6,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    Addr, BackendValue, CT_EGRESS, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST, CT_FLAG_SNAT_OUT,
-    CT_SNAT_IN, CtKey, CtValue, FAMILY_V4, FAMILY_V6, NodeConfig, PROTO_TCP, SNAT_LOW_PORT_MAX,
-    SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_TCP_HOLD_NS,
-    SVC_MASQUERADE, SVC_MASQUERADE_OUTSIDE, ServiceValue, stat,
+    Addr, BackendValue, CFG_TRANSLATED_MARK, CT_EGRESS, CT_FLAG_SEEN_FIN, CT_FLAG_SEEN_RST,
+    CT_FLAG_SNAT_OUT, CT_SNAT_IN, CtKey, CtValue, FAMILY_V4, FAMILY_V6, NodeConfig, PROTO_TCP,
+    SNAT_LOW_PORT_MAX, SNAT_LOW_PORT_MIN, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SNAT_TCP_HOLD_NS, SVC_MASQUERADE, SVC_MASQUERADE_OUTSIDE, ServiceValue, stat,
 };
 
 use crate::conntrack::{FlowScratch, lifetime};
@@ -100,6 +100,36 @@ pub(crate) fn rewrite(
     Ok(())
 }
 
+/// The mark bit that says a packet was translated at an ingress hook of
+/// this node, when the agent has set one.
+#[inline(always)]
+fn translated_mark(cfg: Option<&NodeConfig>) -> Option<u32> {
+    let cfg = cfg?;
+    (cfg.flags & CFG_TRANSLATED_MARK != 0).then(|| 1u32 << (cfg.translated_mark_bit & 31))
+}
+
+/// Whether an earlier ingress hook of the node translated this packet: a
+/// bridge's own hook sees again what its port's translated, and the new
+/// destination may itself be a frontend (another Service's external IP on
+/// a backend's address), which must not be translated a second time.
+#[inline(always)]
+pub(crate) fn translated_before(ctx: &TcContext, cfg: Option<&NodeConfig>) -> bool {
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    translated_mark(cfg).is_some_and(|mark| unsafe { (*ctx.skb.skb).mark } & mark != 0)
+}
+
+/// Marks a packet translated at ingress (see [`translated_before`]). The
+/// mark goes with the packet in the node's namespace only: crossing into
+/// a pod's clears it.
+#[inline(always)]
+pub(crate) fn mark_translated(ctx: &TcContext, cfg: Option<&NodeConfig>) {
+    if let Some(mark) = translated_mark(cfg) {
+        // SAFETY: as above.
+        let old = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(old | mark);
+    }
+}
+
 /// The last step of a new flow: sends its first packet to the backend.
 /// `reason` is the flow's, counted when the rewrite works.
 #[inline(always)]
@@ -116,7 +146,10 @@ pub(crate) fn translate(
         &sel.backend.addr,
         sel.backend.port,
     ) {
-        Ok(()) => (TC_ACT_OK as i32, reason),
+        Ok(()) => {
+            mark_translated(ctx, config());
+            (TC_ACT_OK as i32, reason)
+        }
         Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
     }
 }

@@ -173,6 +173,12 @@ fn balance_pod(
     if backend.addr == *own {
         return None;
     }
+    // A backend that is itself a frontend (another Service's external IP
+    // on a pod's address): the node's ingress hook would translate its
+    // packets again. The packet path translates the flow once and marks it.
+    if lookup_frontend(family, proto, &backend.addr, backend.port).is_some() {
+        return None;
+    }
     remember(ctx, family, &backend, addr, port);
     Some(backend)
 }

@@ -1058,6 +1058,17 @@ pub fn start_timeout() -> Duration {
         .map_or(READY_TIMEOUT, Duration::from_secs)
 }
 
+/// How long a change may take to show in traffic: 10 s, or
+/// `PROXY_TESTS_CONVERGE_SECS` for slow runs (in a VM under software
+/// emulation the debug agent's sync, a process start at a time, can take
+/// several seconds). Only a failing wait lasts this long.
+pub fn converge_timeout() -> Duration {
+    std::env::var("PROXY_TESTS_CONVERGE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(10), Duration::from_secs)
+}
+
 /// Per-exchange timeout of the client helpers.
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Threads the client helpers use.

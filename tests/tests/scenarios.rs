@@ -31,7 +31,8 @@ use proxy_tests::{
         Agent, AgentConfig, BpfFs, CLIENT_IP, CLIENT_IP6, CLUSTER_CIDR, ChildGuard, ClientOptions,
         ClientReport, IpFamily, ManifestsDir, NODE_IP, NODE_IP6, POD_GATEWAY_IP, POD_GATEWAY_IP6,
         POD_SCTP_PORT, POD_SESSION_PORT, POD_TCP_PORT, POD_UDP_PORT, PodNetwork, Protocol,
-        ServiceSpec, SliceEndpoint, ToolPaths, Topology, agent_binary, in_netns, start_timeout,
+        ServiceSpec, SliceEndpoint, ToolPaths, Topology, agent_binary, converge_timeout, in_netns,
+        start_timeout,
     },
     poll_until, serial, skipped,
 };
@@ -126,6 +127,7 @@ impl Mode {
                 Behaviour::ClientPortReusedStraightToTheBackend
             }
             "localhost_nodeport_only_when_asked" => Behaviour::LocalhostNodePorts,
+            "a_frontend_on_another_services_backend" => Behaviour::FrontendOnABackendsAddress,
             _ => return None,
         };
         self.mode().cannot(behaviour)
@@ -221,6 +223,7 @@ suite![
     hairpin_routed,
     hairpin_bridge,
     hairpin_bridge_with_hairpin_mode,
+    a_frontend_on_another_services_backend,
     churn_10000_connections_while_endpoints_change,
     a_file_broken_while_the_agent_is_down_keeps_serving,
 ];
@@ -281,7 +284,6 @@ const UDP_NODE_PORT: u16 = 30053;
 const HEALTH_CHECK_PORT: u16 = 30256;
 
 /// How long a check may keep polling for an expected change.
-const POLL_LIMIT: Duration = Duration::from_secs(10);
 /// Exchanges per check: with two backends, each is missed by chance with
 /// probability 2^-30.
 const COUNT: u64 = 30;
@@ -514,7 +516,7 @@ impl Cluster {
         done: impl Fn(&ClientReport) -> bool,
     ) -> anyhow::Result<Duration> {
         let mut last = None;
-        let result = poll_until(POLL_LIMIT, Duration::from_millis(20), || {
+        let result = poll_until(converge_timeout(), Duration::from_millis(20), || {
             let report = self.probe_in(ns, protocol, target, 10)?;
             let ok = done(&report);
             last = Some(report);
@@ -578,9 +580,10 @@ impl Drop for Cluster {
                         .unwrap_or_else(|e| format!("({}: {e})", lister[0]))
                 })
                 .collect();
+            let log = agent.log();
             let evidence = format!(
-                "---- node ruleset ----\n{ruleset}\n---- proxy-agent log ----\n{}",
-                agent.log()
+                "{}---- node ruleset ----\n{ruleset}\n---- proxy-agent log ----\n{log}",
+                log_tail(&log)
             );
             LAST_CLUSTER.with(|last| *last.borrow_mut() = evidence);
             return;
@@ -603,13 +606,27 @@ impl Drop for Cluster {
                 .unwrap_or_else(|e| format!("(bpftool: {e})")),
             None => "(no cgroup)".to_string(),
         };
+        let log = agent.log();
         let evidence = format!(
-            "---- datapath counters ----\n{counters}\n---- socket hooks ----\n{hooks}\n\
-             ---- proxy-agent log ----\n{}",
-            agent.log()
+            "{}---- datapath counters ----\n{counters}\n---- socket hooks ----\n{hooks}\n\
+             ---- proxy-agent log ----\n{log}",
+            log_tail(&log)
         );
         LAST_CLUSTER.with(|last| *last.borrow_mut() = evidence);
     }
+}
+
+/// The agent log's last lines, first in a failure's evidence: what the
+/// agent did last is what a cut-short CI log must still show.
+fn log_tail(log: &str) -> String {
+    const LINES: usize = 30;
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(LINES)..];
+    format!(
+        "---- proxy-agent log, last {} lines ----\n{}\n",
+        tail.len(),
+        tail.join("\n")
+    )
 }
 
 /// The non-zero per-reason counters of a `bpftool map dump` of the stats
@@ -1270,7 +1287,7 @@ fn udp_flow_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result<()> {
     c.set_endpoints(&service, &c.endpoints(&service, &[keep], &[]))?;
     let removed_at = Instant::now();
     let expected = c.t.pod(keep).name.clone();
-    let ((), took) = poll_until(POLL_LIMIT, Duration::from_millis(10), || {
+    let ((), took) = poll_until(converge_timeout(), Duration::from_millis(10), || {
         Ok((query(&socket).as_deref() == Some(expected.as_str())).then_some(()))
     })
     .context("the UDP flow never moved off its removed backend")?;
@@ -1486,7 +1503,7 @@ fn udp_socket_of_a_pod_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result
     c.publish(&service, &c.endpoints(&service, &[1, 2], &[]))?;
     c.wait(Protocol::Udp, at(VIP, UDP_PORT))?;
     // pod-0 is the client; pod-1 and pod-2 the backends.
-    let duration = start_timeout() + POLL_LIMIT + Duration::from_secs(10);
+    let duration = start_timeout() + converge_timeout() + Duration::from_secs(10);
     let mut session = UdpSession::start(&c.t, c.t.pod(0).ns(), at(VIP, UDP_PORT), duration)?;
     let mut seen = SessionLines::default();
     // The first answers: one backend, STABLE times.
@@ -1535,9 +1552,10 @@ fn udp_socket_of_a_pod_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result
     let changed = Instant::now();
     let mut since = SessionLines::default();
     let took = loop {
-        let line = session.next_line(changed + POLL_LIMIT)?.with_context(|| {
+        let limit = converge_timeout();
+        let line = session.next_line(changed + limit)?.with_context(|| {
             format!(
-                "the pod's UDP socket never reached {kept} within {POLL_LIMIT:?} of leaving \
+                "the pod's UDP socket never reached {kept} within {limit:?} of leaving \
                  {removed}; since the change: {since:?}"
             )
         })?;
@@ -2115,6 +2133,88 @@ fn pods_reaching_a_nodeport_are_masqueraded(mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Another Service's frontend on a backend's address and port: an
+/// external IP on pod-0's address and serving port, and one on the node's
+/// address and the port of a host-network endpoint. The Services whose
+/// backends these are keep working for a pod on the bridge (whose packets
+/// cross the bridge port's hook, then the bridge's own): each flow is
+/// translated once. Traffic straight to those addresses goes to the
+/// external IPs' Service, as kube-proxy sends it.
+fn a_frontend_on_another_services_backend(mode: Mode) -> anyhow::Result<()> {
+    const HOST_TCP_PORT: u16 = 18_080;
+    const HOST_UDP_PORT: u16 = 18_053;
+    let shadow_vip = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 11));
+    let host_vip = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 12));
+    let node_shadow_vip = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 13));
+    let c = Cluster::start(
+        mode,
+        Setup::pods(3).network(PodNetwork::Bridge { hairpin: false }),
+    )?;
+    let (pod0, pod2) = (c.t.pod(0), c.t.pod(2));
+    let pod0_ip = pod0.ip_of(IpFamily::V4);
+    let pod2_ip = pod2.ip_of(IpFamily::V4);
+    let _host_server = c.t.spawn_server(
+        c.t.node_ns(),
+        "host",
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        HOST_TCP_PORT,
+        HOST_UDP_PORT,
+    )?;
+    // Service echo on pod-0; Service shadow's external IP is pod-0's
+    // serving address, its backend pod-1.
+    let service = echo();
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    let shadow = ServiceSpec::cluster_ip("default", "shadow", shadow_vip)
+        .tcp(POD_TCP_PORT, POD_TCP_PORT)
+        .external_ips(&[pod0_ip]);
+    c.publish(&shadow, &c.endpoints(&shadow, &[1], &[]))?;
+    // Service host on the node's address (a host-network endpoint);
+    // Service node-shadow's external IP is that address and port.
+    let host = ServiceSpec::cluster_ip("default", "host", host_vip).tcp(TCP_PORT, HOST_TCP_PORT);
+    let host_endpoint = SliceEndpoint::from(proxy_tests::manifests::Endpoint {
+        pod: "host".to_string(),
+        ip: NODE,
+    })
+    .on(c.t.node_name());
+    c.publish(&host, &[host_endpoint])?;
+    let node_shadow = ServiceSpec::cluster_ip("default", "node-shadow", node_shadow_vip)
+        .tcp(HOST_TCP_PORT, POD_TCP_PORT)
+        .external_ips(&[NODE]);
+    c.publish(&node_shadow, &c.endpoints(&node_shadow, &[1], &[]))?;
+
+    c.wait(Protocol::Tcp, at(host_vip, TCP_PORT))?;
+    c.wait(Protocol::Tcp, at(NODE, HOST_TCP_PORT))?;
+    for (protocol, port) in [(Protocol::Tcp, TCP_PORT), (Protocol::Udp, UDP_PORT)] {
+        let report = c.exchange_in(pod2.ns(), protocol, at(VIP, port), 10)?;
+        check(
+            &format!("{protocol} to echo, whose backend is another Service's external IP"),
+            &report,
+            10,
+            &["pod-0"],
+            &[pod2_ip],
+        )?;
+    }
+    let report = c.exchange_in(pod2.ns(), Protocol::Tcp, at(host_vip, TCP_PORT), 10)?;
+    check(
+        "to a host-network backend that is another Service's external IP",
+        &report,
+        10,
+        &["host"],
+        &[pod2_ip],
+    )?;
+    // Straight to those addresses, from outside: the external IPs' Service.
+    for target in [at(pod0_ip, POD_TCP_PORT), at(NODE, HOST_TCP_PORT)] {
+        let report = c.exchange(Protocol::Tcp, target, 10)?;
+        check_spread(
+            &format!("straight to external IP {target}"),
+            &report,
+            10,
+            &names(&["pod-1"]),
+        )?;
+    }
+    Ok(())
+}
+
 /// A pod that reaches a service and is chosen as its own backend gets an
 /// answer: it is masqueraded to the node, so the reply comes back through
 /// the dataplane.
@@ -2261,7 +2361,7 @@ fn node_processes_reach_services_through_socket_hooks(mode: Mode) -> anyhow::Res
     }
     // No endpoints: the connect fails at once.
     c.set_endpoints(&service, &[])?;
-    let ((), took) = poll_until(POLL_LIMIT, Duration::from_millis(50), || {
+    let ((), took) = poll_until(converge_timeout(), Duration::from_millis(50), || {
         let r = c.exchange_from_node(&cgroup, Protocol::Tcp, at(VIP, TCP_PORT), 1, quick)?;
         Ok(r.errors
             .keys()
@@ -2320,7 +2420,7 @@ fn node_reaches_a_restricted_lb_ip_in_its_ranges(mode: Mode) -> anyhow::Result<(
     }
     c.manifests
         .write_service(&inside.clone().source_ranges(&["203.0.113.0/24"]))?;
-    poll_until(POLL_LIMIT, Duration::from_millis(50), || {
+    poll_until(converge_timeout(), Duration::from_millis(50), || {
         let r = c.exchange_from_node(&cgroup, Protocol::Tcp, at(LB_IP, TCP_PORT), 3, quick)?;
         Ok((r.ok == 0).then_some(r))
     })

@@ -83,6 +83,9 @@ impl TestBinary {
 const LANES: usize = 2;
 /// The agent verifies its programs many times slower under emulation.
 const READY_TIMEOUT_SECS: &str = "600";
+/// How long a scenario waits for a change to show in traffic in the VM:
+/// the debug agent's sync is several times slower there than on a host.
+const CONVERGE_SECS: &str = "30";
 
 /// Sets the VM up (packages, kernel, virtme-ng) and runs [`SCENARIOS`]
 /// in it; an error unless each ran and passed (a skip is a failure here:
@@ -139,7 +142,8 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
                 TestBinary::Modes => &modes,
             };
             text.push_str(&format!(
-                "cd {dir} && PROXY_TESTS_READY_TIMEOUT_SECS={READY_TIMEOUT_SECS} PROXY_AGENT_BIN={agent} \
+                "cd {dir} && PROXY_TESTS_READY_TIMEOUT_SECS={READY_TIMEOUT_SECS} \
+                 PROXY_TESTS_CONVERGE_SECS={CONVERGE_SECS} PROXY_AGENT_BIN={agent} \
                  POD_SERVER_BIN={pod_server} POD_CLIENT_BIN={pod_client} \
                  {binary} --exact {scenario} --nocapture >> {results} 2>&1\n\
                  echo \"VM-RC {scenario} $?\" >> {results}\n",

@@ -143,6 +143,10 @@ pub enum Behaviour {
     /// A `ClientIP` affinity ends `timeoutSeconds` after the client's last
     /// packet, even while its closed connections linger in TIME_WAIT.
     AffinityEndsAfterTheLastPacket,
+    /// A Service's external IP and port equal to another Service's backend
+    /// (a pod's address, or the node's for a host-network endpoint) leaves
+    /// that other Service working.
+    FrontendOnABackendsAddress,
 }
 
 impl Mode {
@@ -200,6 +204,12 @@ impl Mode {
                  timeout the IPVS API does not set), so a client that comes back within two \
                  minutes of its last connection keeps its backend however short the timeout; \
                  kube-proxy's IPVS mode behaves the same",
+            ),
+            FrontendOnABackendsAddress if self == Mode::Ipvs => Some(
+                "IPVS serves only addresses the node holds: the external IP is bound on \
+                 kube-ipvs0, so a pod's address there becomes one of the node's own and the \
+                 traffic of the Service whose backend the pod is gets delivered to the node; \
+                 kube-proxy's IPVS mode binds external IPs the same way",
             ),
             RefusesNodeConnectsAtOnce if netfilter => Some(
                 "netfilter drops or rejects the connection's first packet, as kube-proxy does; \

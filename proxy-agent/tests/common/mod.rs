@@ -108,6 +108,36 @@ impl Fixture {
         Ok((result.return_value, out, result.duration))
     }
 
+    /// Runs `packet` through `prog` with `mark` as its skb mark: the
+    /// verdict, the packet and the mark as they came out.
+    pub fn run_marked(&self, prog: &str, packet: &[u8], mark: u32) -> (u32, Vec<u8>, u32) {
+        // `struct __sk_buff`: `mark` is its third u32; the kernel takes a
+        // shorter context and zero-fills the rest.
+        const SKB_CTX_LEN: usize = 192;
+        const MARK_AT: usize = 8;
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        ctx_in[MARK_AT..MARK_AT + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self
+            .program(prog)
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN with a context");
+        out.truncate(result.data_size_out as usize);
+        let mark_out = u32::from_ne_bytes(
+            ctx_out[MARK_AT..MARK_AT + 4]
+                .try_into()
+                .expect("four bytes"),
+        );
+        (result.return_value, out, mark_out)
+    }
+
     pub fn ingress(&self, packet: &[u8]) -> (u32, Vec<u8>) {
         self.run(PROG_INGRESS, packet)
     }

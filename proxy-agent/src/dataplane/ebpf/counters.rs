@@ -43,7 +43,10 @@ pub(super) fn sum_over_cpus<T: std::borrow::Borrow<MapData>>(
     stats: &PerCpuArray<T, u64>,
 ) -> Result<[u64; stat::COUNT as usize], EbpfError> {
     let mut out = [0u64; stat::COUNT as usize];
-    for (i, slot) in out.iter_mut().enumerate() {
+    // A map pinned by an earlier version may have fewer counters: the
+    // newer ones read 0 until the map is made again.
+    let present = stats.len() as usize;
+    for (i, slot) in out.iter_mut().enumerate().take(present) {
         *slot = stats.get(&(i as u32), 0)?.iter().sum();
     }
     Ok(out)

@@ -139,6 +139,11 @@ pub struct EbpfOptions {
     /// hooks, so only with a cgroup): the cluster CIDRs that tell a pod's
     /// namespace. `None`: pods keep the packet path.
     pub pod_socket_lb: Option<Vec<IpNet>>,
+    /// The packet-mark bit (0-31) that the ingress program sets on what it
+    /// translates, so that no later ingress hook translates it again;
+    /// `None`: no mark (a packet may then be translated twice when a
+    /// backend's address and port are another Service's frontend).
+    pub translated_mark_bit: Option<u8>,
 }
 
 /// The maps, and a shadow of what this agent has written into them.
@@ -187,6 +192,8 @@ pub struct EbpfDataplane {
     sock_revnat: BpfHashMap<MapData, SockRevKey, SockRevValue>,
     /// The pods whose sockets the hooks translate.
     pod_namespaces: PodNamespaces,
+    /// The packet-mark bit of "translated at ingress" (`None`: not marked).
+    translated_mark_bit: Option<u8>,
     /// Whether the shadow (`programmed`, `backend_ids`, the written
     /// addresses and ports) is what this agent last wrote in full: set by
     /// a complete reconcile, kept by every complete write after it. Only
@@ -243,6 +250,7 @@ pub fn load(opts: &EbpfOptions) -> Result<(EbpfDataplane, Attacher), EbpfError> 
     };
     let mut dataplane = EbpfDataplane::from_ebpf(&mut ebpf)?;
     dataplane.pod_namespaces = namespaces;
+    dataplane.translated_mark_bit = opts.translated_mark_bit;
     let copied = dataplane.copy_node_addresses_to_filter()?;
     if copied > 0 {
         tracing::info!(
@@ -398,6 +406,7 @@ impl EbpfDataplane {
             frontend_addrs: BpfHashMap::try_from(take_map(ebpf, MAP_FRONTEND_ADDRS)?)?,
             sock_revnat: BpfHashMap::try_from(take_map(ebpf, MAP_SOCK_REVNAT)?)?,
             pod_namespaces: PodNamespaces::default(),
+            translated_mark_bit: Some(proxy_common::TRANSLATED_MARK_BIT),
             frontend_addresses: BTreeSet::new(),
             lingering: HashMap::new(),
             address_refs: HashMap::new(),

@@ -8,8 +8,9 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData, lpm_trie::Key as LpmKey};
 use ipnet::IpNet;
 use proxy_common::{
-    CFG_CLUSTER_V4, CFG_CLUSTER_V6, CFG_SNAT_V4, CFG_SNAT_V6, FAMILY_V4, FAMILY_V6, NodeAddrKey,
-    NodeConfig, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, ServiceCidrKey,
+    CFG_CLUSTER_V4, CFG_CLUSTER_V6, CFG_SNAT_V4, CFG_SNAT_V6, CFG_TRANSLATED_MARK, FAMILY_V4,
+    FAMILY_V6, NodeAddrKey, NodeConfig, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    ServiceCidrKey,
 };
 
 use super::{
@@ -33,6 +34,10 @@ impl EbpfDataplane {
             snat_low_max: low_max,
             ..Default::default()
         };
+        if let Some(bit) = self.translated_mark_bit {
+            cfg.translated_mark_bit = bit;
+            cfg.flags |= CFG_TRANSLATED_MARK;
+        }
         if let Some(v4) = network.snat_v4 {
             cfg.snat_v4 = addr_of(IpAddr::V4(v4)).0;
             cfg.flags |= CFG_SNAT_V4;
