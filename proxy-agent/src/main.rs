@@ -540,7 +540,23 @@ async fn run(mut args: Settings) -> Result<()> {
         Mode::Ipvs => register_ipvs_counters(&metrics),
         Mode::Nftables | Mode::Iptables => {}
     }
-    let observer = AgentObserver::new(health, metrics, events);
+    let (first_sync_tx, first_sync) = tokio::sync::oneshot::channel();
+    let observer = AgentObserver::new(health, metrics, events, first_sync_tx);
+    // Taking over needs where the other modes' state is, nothing else.
+    let handover_options = ModeOptions {
+        ebpf: EbpfOptions {
+            bpf_root: args.bpf_root.clone(),
+            ..EbpfOptions::default()
+        },
+        iptables_backend: args.iptables_backend,
+        ipvs: args.ipvs.clone(),
+    };
+    tokio::spawn(hand_over(
+        args.mode,
+        handover_options,
+        args.cleanup_kube_proxy,
+        first_sync,
+    ));
     // The follower sends its first list at once (or fails, which the select
     // below reports): wait for it, so the first node network is complete.
     addresses_rx.changed().await.ok();
@@ -705,11 +721,9 @@ struct Running {
     links_attached: Option<LinksAttached>,
 }
 
-/// Removes what other modes left (two dataplanes translating the same
-/// packets would fight), then opens this mode's dataplane, and for the
-/// ebpf mode starts following the node's interfaces.
-fn open_dataplane(args: &Settings) -> Result<Running> {
-    let options = ModeOptions {
+/// What opening (and handing over from) a mode needs, from the settings.
+fn mode_options(args: &Settings) -> ModeOptions {
+    ModeOptions {
         ebpf: EbpfOptions {
             bpf_root: args.bpf_root.clone(),
             interfaces: InterfaceFilter {
@@ -722,9 +736,75 @@ fn open_dataplane(args: &Settings) -> Result<Running> {
         },
         iptables_backend: args.iptables_backend,
         ipvs: args.ipvs.clone(),
+    }
+}
+
+/// After the first sync (this mode serves): takes the node over from the
+/// other modes, keeping their state while it carries established flows
+/// ([`Mode::take_over`]), at most [`HANDOVER_LIMIT`].
+async fn hand_over(
+    mode: Mode,
+    options: ModeOptions,
+    kube_proxy: bool,
+    first_sync: tokio::sync::oneshot::Receiver<()>,
+) {
+    if first_sync.await.is_err() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let Ok(handover) =
+        tokio::task::spawn_blocking(move || mode.take_over(&options, kube_proxy)).await
+    else {
+        return;
     };
-    args.mode.remove_other_modes(&options);
-    if args.cleanup_kube_proxy {
+    let handover = Arc::new(handover);
+    let mut logged = false;
+    loop {
+        let counting = handover.clone();
+        let left = tokio::task::spawn_blocking(move || counting.flows_left())
+            .await
+            .unwrap_or(0);
+        if left == 0 {
+            break;
+        }
+        if started.elapsed() >= HANDOVER_LIMIT {
+            tracing::warn!(
+                flows = left,
+                limit = ?HANDOVER_LIMIT,
+                "removing an earlier mode's state with flows it still carries: they end"
+            );
+            break;
+        }
+        if !logged {
+            let kept: Vec<&str> = handover.kept().iter().map(|m| m.name()).collect();
+            tracing::info!(
+                modes = %kept.join(", "),
+                flows = left,
+                "keeping an earlier mode's state for the established connections it carries"
+            );
+            logged = true;
+        }
+        tokio::time::sleep(HANDOVER_POLL).await;
+    }
+    if let Ok(handover) = Arc::try_unwrap(handover) {
+        let _ = tokio::task::spawn_blocking(move || handover.finish()).await;
+    }
+}
+
+/// How long an earlier mode's state may stay for its established flows.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(3600);
+/// How often the flows it carries are counted.
+const HANDOVER_POLL: Duration = Duration::from_secs(2);
+
+/// Opens this mode's dataplane (the other modes' state goes once it
+/// serves: [`hand_over`]), and for the ebpf mode starts following the
+/// node's interfaces.
+fn open_dataplane(args: &Settings) -> Result<Running> {
+    let options = mode_options(args);
+    // The other modes' state goes once this mode serves (`hand_over`).
+    // kube-proxy's goes first under a netfilter mode, whose own state has
+    // some of its names.
+    if args.cleanup_kube_proxy && args.mode != Mode::Ebpf {
         remove_kube_proxy_leftovers();
     }
     let Opened {
@@ -985,10 +1065,17 @@ struct AgentObserver {
     events: Option<EventPublisher>,
     /// The HTTP servers of `spec.healthCheckNodePort`s.
     health_checks: Mutex<HealthCheckServers>,
+    /// Fired at the first sync: this mode serves, the others may go.
+    first_sync: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl AgentObserver {
-    fn new(health: Arc<Health>, metrics: Arc<Metrics>, events: Option<EventPublisher>) -> Self {
+    fn new(
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        events: Option<EventPublisher>,
+        first_sync: tokio::sync::oneshot::Sender<()>,
+    ) -> Self {
         let health_checks = {
             let health = health.clone();
             // On every node address (kube-proxy binds them the same way); the
@@ -1000,6 +1087,7 @@ impl AgentObserver {
             metrics,
             events,
             health_checks: Mutex::new(health_checks),
+            first_sync: Mutex::new(Some(first_sync)),
         }
     }
 }
@@ -1015,6 +1103,9 @@ impl SyncObserver for AgentObserver {
 
     fn synced(&self, report: &SyncReport) {
         self.health.updated();
+        if let Some(first) = self.first_sync.lock().ok().and_then(|mut f| f.take()) {
+            let _ = first.send(());
+        }
         if report.applied {
             self.metrics.observe_sync(report.full, report.elapsed);
         }

@@ -534,7 +534,12 @@ pub mod stat {
     /// A packet already translated at an earlier ingress hook of the node
     /// (its mark says so) passed untouched: one translation per packet.
     pub const PASS_TRANSLATED: u32 = 32;
-    pub const COUNT: u32 = 33;
+    /// A TCP packet past its handshake (no SYN) of a flow the datapath
+    /// does not know passed untouched: netfilter's conntrack may carry it
+    /// (a flow an earlier mode, or kube-proxy, translated before this one
+    /// started), and a backend picked now would not know the connection.
+    pub const PASS_NO_FLOW: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     /// Human names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -571,6 +576,7 @@ pub mod stat {
         "snat_port_reused_early",
         "sock_pod_translated",
         "pass_translated",
+        "pass_no_flow",
     ];
 }
 

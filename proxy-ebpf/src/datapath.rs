@@ -231,6 +231,7 @@ fn ingress<const UNTIL: u32>(ctx: &mut TcContext, pkt: &Packet) -> Verdict {
     if UNTIL == step::CONNTRACK {
         return STOPPED;
     }
+
     if UNTIL != step::ALL {
         // A variant runs the later steps itself, without the tail call.
         return new_flow::<UNTIL>(ctx, pkt, cfg);

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Addr, AffinityValue, BackendId, BackendValue, CFG_CLUSTER_V4, CFG_CLUSTER_V6, FAMILY_V4,
-    NodeConfig, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_SOURCE_RANGES, ServiceValue,
-    TAIL_REJECT, stat,
+    NodeConfig, PROTO_TCP, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_SOURCE_RANGES,
+    ServiceValue, TAIL_REJECT, stat,
 };
 
 use crate::conntrack::forget_flow_on_tuple;
@@ -18,7 +18,7 @@ use crate::maps::{
     PA_AFFINITY, affinity_backend, affinity_key, in_service_cidr, lookup_frontend, now, pick_slot,
     source_admitted, use_internal_view,
 };
-use crate::parse::Packet;
+use crate::parse::{Packet, TCP_SYN};
 
 /// What [`select`] chose for a new flow, and what the later steps need to
 /// know of how.
@@ -73,6 +73,13 @@ pub(crate) fn select(
         }
         let (_, reason) = tail_call(ctx, TAIL_REJECT);
         return Err((TC_ACT_SHOT as i32, reason));
+    }
+    // Only a SYN starts a TCP flow here. A later packet of a connection
+    // this datapath never saw belongs to whoever translated its SYN (an
+    // earlier mode's netfilter state, kept until its flows end); a backend
+    // chosen now would answer it with a reset.
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN == 0 {
+        return Err((TC_ACT_OK as i32, stat::PASS_NO_FLOW));
     }
 
     let now = now();

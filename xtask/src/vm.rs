@@ -37,6 +37,10 @@ const SCENARIOS: &[(TestBinary, &str)] = &[
         TestBinary::Modes,
         "switching_modes_removes_the_previous_modes_state_and_cleanup_removes_all",
     ),
+    (
+        TestBinary::Modes,
+        "mode_switches_keep_established_connections_and_lose_no_new_ones",
+    ),
 ];
 const MODULES: &[&str] = &["sctp", "ip_vs", "dummy"];
 

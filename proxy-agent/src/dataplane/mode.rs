@@ -3,7 +3,7 @@
 //! mode is one module behind [`Mode::open`] and [`Mode::remove_leftovers`];
 //! adding one is a module, a variant here, and a line in the suite's list.
 use super::{
-    Dataplane, DataplaneError,
+    Dataplane, DataplaneError, conntrack,
     ebpf::{self, EbpfOptions, attach::Attacher},
     iptables::{self, IptablesBackend, IptablesDataplane},
     ipvs,
@@ -105,6 +105,103 @@ impl Mode {
     pub fn remove_other_modes(self, options: &ModeOptions) {
         for other in Mode::ALL.into_iter().filter(|m| *m != self) {
             log_removed(other, other.remove_leftovers(options));
+        }
+    }
+
+    /// Takes the node over from the other modes, once this one serves (its
+    /// first complete sync): what cannot carry their established flows is
+    /// removed now, the rest stays until [`Handover::flows_left`] is 0.
+    ///
+    /// - An ebpf mode's pins: its frontends go (new flows reach this
+    ///   mode), its programs go on translating the flows they hold.
+    /// - Another netfilter mode's rules, under a netfilter mode: removed;
+    ///   conntrack keeps each flow's translation, and this mode's own NAT
+    ///   chains keep netfilter's NAT hooks.
+    /// - Netfilter modes' rules, under the ebpf mode: kept while conntrack
+    ///   holds translated TCP connections to this mode's frontends (the
+    ///   programs leave a connection whose SYN they never saw to the
+    ///   kernel), since without NAT chains netfilter no longer translates
+    ///   them. So is kube-proxy's state with `kube_proxy`
+    ///   (`--cleanup-kube-proxy`; the netfilter modes remove it before
+    ///   they open, as some of it has their own names).
+    pub fn take_over(self, options: &ModeOptions, kube_proxy: bool) -> Handover {
+        let mut kept = Vec::new();
+        for other in Mode::ALL.into_iter().filter(|m| *m != self) {
+            let keep = match (self, other) {
+                (_, Mode::Ebpf) => match ebpf::handover::stop_new_flows(&options.ebpf.bpf_root) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stopping new flows in the ebpf mode's maps");
+                        false
+                    }
+                },
+                (Mode::Ebpf, _) => true,
+                _ => false,
+            };
+            if keep {
+                kept.push(other);
+            } else {
+                log_removed(other, other.remove_leftovers(options));
+            }
+        }
+        Handover {
+            mode: self,
+            kept,
+            kube_proxy: kube_proxy && self == Mode::Ebpf,
+            options: options.clone(),
+        }
+    }
+}
+
+/// The other modes' state that [`Mode::take_over`] kept for their
+/// established flows.
+#[derive(Debug)]
+pub struct Handover {
+    mode: Mode,
+    kept: Vec<Mode>,
+    /// kube-proxy's state is kept too, to be removed with the rest.
+    kube_proxy: bool,
+    options: ModeOptions,
+}
+
+impl Handover {
+    /// The modes whose state is kept.
+    pub fn kept(&self) -> &[Mode] {
+        &self.kept
+    }
+
+    /// The established TCP flows the kept state still carries; what cannot
+    /// be read counts as none (the state then goes).
+    pub fn flows_left(&self) -> usize {
+        if self.kept.is_empty() && !self.kube_proxy {
+            return 0;
+        }
+        let bpf_root = &self.options.ebpf.bpf_root;
+        let counted = if self.mode == Mode::Ebpf {
+            ebpf::handover::tcp_frontends(bpf_root)
+                .map_err(|e| e.to_string())
+                .and_then(|frontends| {
+                    conntrack::count_translated_tcp_flows(|ip, port| {
+                        frontends.contains(&(ip, port))
+                    })
+                    .map_err(|e| e.to_string())
+                })
+        } else {
+            ebpf::handover::live_tcp_flows(bpf_root).map_err(|e| e.to_string())
+        };
+        counted.unwrap_or_else(|error| {
+            tracing::warn!(%error, "counting the flows an earlier mode carries");
+            0
+        })
+    }
+
+    /// Removes the kept state.
+    pub fn finish(self) {
+        for other in self.kept {
+            log_removed(other, other.remove_leftovers(&self.options));
+        }
+        if self.kube_proxy {
+            remove_kube_proxy_leftovers();
         }
     }
 }

@@ -894,6 +894,12 @@ pub fn cases() -> Vec<Case> {
              Pkt::tcp(Client, vip, Ack))
             .given("no-endpoints/tcp/syn-is-reset")
             .ingress(SHOT, Ignored),
+        // A later segment of a connection whose SYN the datapath never saw
+        // (an earlier mode's, which netfilter's conntrack carries): passed.
+        case("clusterip/tcp/segment-of-an-unknown-flow-passes", Web, sa(CLIENT, 42002),
+             Pkt::tcp(Client, vip, Ack))
+            .ingress(OK, Unchanged)
+            .after([n(PASS_NO_FLOW, 1), n(DNAT_NEW, 0)]),
         case("deleted/tcp/syn-passes", WebDeleted, sa(CLIENT, 42001), Pkt::tcp(Client, vip, Syn))
             .ingress(OK, Unchanged),
         case("no-endpoints/udp/port-unreachable", UdpWithoutEndpoints, sa(CLIENT, 48000), Pkt::udp(Client, vip_dns))
@@ -1179,13 +1185,13 @@ pub fn cases() -> Vec<Case> {
         // the client from the VIP, quoting the client's own packet (the
         // IPv6 header and the whole TCP header, its checksum too; the
         // ICMPv6 checksum covers a pseudo-header with the outer addresses).
-        case("clusterip6-one-backend/tcp/ack", ClusterIp6ToOneBackend, sa(POD_CLIENT6, 49100),
-             Pkt::tcp(Client, vip6, Ack))
+        case("clusterip6-one-backend/tcp/syn", ClusterIp6ToOneBackend, sa(POD_CLIENT6, 49100),
+             Pkt::tcp(Client, vip6, Syn))
             .ingress(OK, Flow(Client, b6)),
         case("clusterip6-one-backend/icmp6/packet-too-big-from-the-backend", ClusterIp6ToOneBackend,
              sa(POD_CLIENT6, 49100),
              Pkt::icmp_error(b6, Client, &too_big, Pkt::tcp(Client, b6, Ack), 60))
-            .given("clusterip6-one-backend/tcp/ack")
+            .given("clusterip6-one-backend/tcp/syn")
             .egress(OK, Packet(Pkt::icmp_error(vip6, Client, &too_big, Pkt::tcp(Client, vip6, Ack), 60)))
             .after([n(ICMP_ERROR_NAT, 1)]),
 

@@ -310,20 +310,34 @@ impl<T: Transport> Session<T> {
         filtered: bool,
         out: &mut BTreeSet<DeleteRequest>,
     ) -> Result<(), ConntrackError> {
+        self.dump_with(
+            flows.family,
+            filtered.then_some(IPPROTO_UDP),
+            &mut |entry| {
+                if flows.matches(entry) {
+                    out.insert(DeleteRequest::of(entry));
+                }
+            },
+        )
+    }
+
+    /// Dumps the entries of `family` (of protocol `proto` only, if given),
+    /// each to `visit`.
+    fn dump_with(
+        &mut self,
+        family: u8,
+        proto: Option<u8>,
+        visit: &mut dyn FnMut(&Entry<'_>),
+    ) -> Result<(), ConntrackError> {
         const DURING: &str = "dumping the conntrack table";
         let seq = self.next_seq();
         let mut request = Vec::new();
-        put_dump_request(
-            &mut request,
-            flows.family,
-            seq,
-            filtered.then_some(IPPROTO_UDP),
-        )?;
+        put_dump_request(&mut request, family, seq, proto)?;
         self.send(&request, DURING)?;
         loop {
             let len = self.recv(true, DURING)?;
             let datagram = &self.buf[..len];
-            if handle_dump_datagram(datagram, seq, flows, out, &mut self.dumped)? == Progress::Done
+            if handle_dump_datagram_with(datagram, seq, visit, &mut self.dumped)? == Progress::Done
             {
                 return Ok(());
             }
@@ -436,11 +450,32 @@ impl<T: Transport> Session<T> {
 }
 
 /// Handles one datagram of the dump answering request `seq`.
+#[cfg(test)]
 fn handle_dump_datagram(
     datagram: &[u8],
     seq: u32,
     flows: &FlowSet,
     out: &mut BTreeSet<DeleteRequest>,
+    dumped: &mut usize,
+) -> Result<Progress, ConntrackError> {
+    handle_dump_datagram_with(
+        datagram,
+        seq,
+        &mut |entry| {
+            if flows.matches(entry) {
+                out.insert(DeleteRequest::of(entry));
+            }
+        },
+        dumped,
+    )
+}
+
+/// Handles one datagram of the dump answering request `seq`, each entry
+/// to `visit`.
+fn handle_dump_datagram_with(
+    datagram: &[u8],
+    seq: u32,
+    visit: &mut dyn FnMut(&Entry<'_>),
     dumped: &mut usize,
 ) -> Result<Progress, ConntrackError> {
     for msg in messages(datagram) {
@@ -472,15 +507,71 @@ fn handle_dump_datagram(
             {
                 let entry = parse_entry(payload)?;
                 *dumped += 1;
-                if flows.matches(&entry) {
-                    out.insert(DeleteRequest::of(&entry));
-                }
+                visit(&entry);
             }
             // NLMSG_NOOP, and whatever else.
             _ => {}
         }
     }
     Ok(Progress::More)
+}
+
+/// `TCP_CONNTRACK_TIME_WAIT`: from here on a TCP entry's connection is
+/// over (`TIME_WAIT`, `CLOSE`, and the states after them).
+const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
+
+/// Counts the TCP connections (both families) that netfilter translated
+/// to another destination (a reply source other than the original
+/// destination: DNAT, by rules or by IPVS) and that are not over yet,
+/// whose original destination (address, port) `to` accepts: the flows a
+/// netfilter mode or kube-proxy carries, which its state must stay for. In
+/// the network namespace of the calling thread.
+pub fn count_translated_tcp_flows(
+    to: impl Fn(IpAddr, u16) -> bool,
+) -> Result<usize, ConntrackError> {
+    const IPPROTO_TCP: u8 = libc::IPPROTO_TCP as u8;
+    let mut count = 0;
+    for family in [AF_INET, AF_INET6] {
+        let mut attempt = 1;
+        let mut proto = Some(IPPROTO_TCP);
+        loop {
+            let mut found = 0;
+            let mut session = Session::new(NetlinkSocket::open()?);
+            let result = session.dump_with(family, proto, &mut |entry| {
+                let live = entry
+                    .tcp_state
+                    .is_some_and(|state| state < TCP_CONNTRACK_TIME_WAIT);
+                if entry.orig.proto == IPPROTO_TCP
+                    && live
+                    && entry.reply.src != entry.orig.dst
+                    && entry
+                        .orig
+                        .dst_port
+                        .is_some_and(|port| to(entry.orig.dst, port))
+                {
+                    found += 1;
+                }
+            });
+            match result {
+                Ok(()) => {
+                    count += found;
+                    break;
+                }
+                Err(ConntrackError::Overrun { .. }) if attempt < DUMP_ATTEMPTS => attempt += 1,
+                Err(ConntrackError::Kernel { source, .. })
+                    if proto.is_some()
+                        && matches!(
+                            source.raw_os_error(),
+                            Some(libc::EINVAL | libc::EOPNOTSUPP)
+                        ) =>
+                {
+                    proto = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(count)
 }
 
 /// [`delete_stale_udp_flows`] over transports that `open` makes.

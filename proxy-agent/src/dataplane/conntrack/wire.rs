@@ -48,6 +48,9 @@ pub(super) const CTA_TUPLE_ORIG: u16 = 1;
 pub(super) const CTA_TUPLE_REPLY: u16 = 2;
 pub(super) const CTA_ID: u16 = 12;
 pub(super) const CTA_ZONE: u16 = 18;
+pub(super) const CTA_PROTOINFO: u16 = 4;
+pub(super) const CTA_PROTOINFO_TCP: u16 = 1;
+pub(super) const CTA_PROTOINFO_TCP_STATE: u16 = 1;
 /// Kernel-side filtering of a dump (Linux 5.8 and later; earlier kernels
 /// ignore it).
 pub(super) const CTA_FILTER: u16 = 25;
@@ -363,6 +366,8 @@ pub(super) struct Entry<'a> {
     /// `CTA_ZONE`, 0 when absent.
     pub(super) zone: u16,
     pub(super) id: Option<u32>,
+    /// `CTA_PROTOINFO_TCP_STATE` of a TCP entry (`TCP_CONNTRACK_*`).
+    pub(super) tcp_state: Option<u8>,
 }
 
 /// Parses the payload (after the netlink header) of one conntrack message.
@@ -374,7 +379,7 @@ pub(super) fn parse_entry(payload: &[u8]) -> Result<Entry<'_>, Malformed> {
             len: payload.len(),
         })?;
     let family = nfgen[0];
-    let (mut orig, mut reply, mut zone, mut id) = (None, None, 0, None);
+    let (mut orig, mut reply, mut zone, mut id, mut tcp_state) = (None, None, 0, None, None);
     for attr in attrs(body) {
         let attr = attr?;
         match attr.kind {
@@ -382,6 +387,7 @@ pub(super) fn parse_entry(payload: &[u8]) -> Result<Entry<'_>, Malformed> {
             CTA_TUPLE_REPLY => reply = Some(parse_tuple(attr.payload)?),
             CTA_ZONE => zone = value("CTA_ZONE", attr.payload, parse_u16_be)?,
             CTA_ID => id = Some(value("CTA_ID", attr.payload, parse_u32_be)?),
+            CTA_PROTOINFO => tcp_state = parse_tcp_state(attr.payload)?.or(tcp_state),
             _ => {}
         }
     }
@@ -405,7 +411,31 @@ pub(super) fn parse_entry(payload: &[u8]) -> Result<Entry<'_>, Malformed> {
         orig_raw,
         zone,
         id,
+        tcp_state,
     })
+}
+
+/// `CTA_PROTOINFO_TCP_STATE` inside a `CTA_PROTOINFO` nest, if there.
+fn parse_tcp_state(protoinfo: &[u8]) -> Result<Option<u8>, Malformed> {
+    for attr in attrs(protoinfo) {
+        let attr = attr?;
+        if attr.kind != CTA_PROTOINFO_TCP {
+            continue;
+        }
+        for inner in attrs(attr.payload) {
+            let inner = inner?;
+            if inner.kind == CTA_PROTOINFO_TCP_STATE {
+                return match inner.payload {
+                    [state] => Ok(Some(*state)),
+                    other => Err(Malformed::AttributeSize {
+                        what: "CTA_PROTOINFO_TCP_STATE",
+                        len: other.len(),
+                    }),
+                };
+            }
+        }
+    }
+    Ok(None)
 }
 
 // ---------------------------------------------------------------------------

@@ -44,6 +44,7 @@ pub mod bpffs;
 pub mod counters;
 mod encode;
 mod flows;
+pub mod handover;
 mod ids;
 mod network;
 pub mod pods;

@@ -182,7 +182,7 @@ pub(super) fn addresses_in(
 }
 
 /// The address of a node-addresses (or frontend-addresses) key.
-fn address_of(k: &NodeAddrKey) -> Option<IpAddr> {
+pub(super) fn address_of(k: &NodeAddrKey) -> Option<IpAddr> {
     match k.family {
         FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
             k.addr[0], k.addr[1], k.addr[2], k.addr[3],

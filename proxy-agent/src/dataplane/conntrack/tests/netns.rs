@@ -237,3 +237,47 @@ fn in_namespace() {
         "the TCP flow is left out of the filtered dump"
     );
 }
+
+/// In a namespace of its own: a TCP connection DNATed by netfilter counts
+/// while it is open and to a destination the predicate takes, and no
+/// longer once it is closed; an untranslated one never counts.
+#[test]
+fn counts_open_translated_tcp_connections() {
+    if !have("ip") || !have("nft") {
+        eprintln!("skipping: needs ip and nft on PATH");
+        return;
+    }
+    crate::dataplane::in_private_netns(|| {
+        use std::net::{TcpListener, TcpStream};
+        sh(&["ip", "link", "set", "lo", "up"], "");
+        sh(
+            &["nft", "-f", "-"],
+            "table ip ct_tcp_test {
+                chain out {
+                    type nat hook output priority -100;
+                    ip daddr 127.0.0.2 tcp dport 80 dnat to 127.0.0.1:8080
+                }
+            }",
+        );
+        let listener = TcpListener::bind("127.0.0.1:8080").unwrap();
+        let frontend = |ip: IpAddr, port: u16| ip == IpAddr::from([127, 0, 0, 2]) && port == 80;
+        let translated = TcpStream::connect("127.0.0.2:80").unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let direct = TcpStream::connect("127.0.0.1:8080").unwrap();
+        let (accepted_direct, _) = listener.accept().unwrap();
+        assert_eq!(count_translated_tcp_flows(frontend).unwrap(), 1);
+        assert_eq!(
+            count_translated_tcp_flows(|_, _| false).unwrap(),
+            0,
+            "the predicate decides"
+        );
+        drop((translated, accepted));
+        drop((direct, accepted_direct));
+        // Closed: TIME_WAIT (or CLOSE) in conntrack, over.
+        let closed = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            count_translated_tcp_flows(frontend).unwrap() == 0
+        });
+        assert!(closed, "a closed connection still counts");
+    });
+}
