@@ -1774,11 +1774,15 @@ fn external_traffic_policy_local(mode: Mode) -> anyhow::Result<()> {
     let report = c.exchange(Protocol::Tcp, at(NODE6, TCP_NODE_PORT), COUNT)?;
     check("eTP Local IPv6", &report, COUNT, &[&pod], &[CLIENT6])?;
     let client_ns = c.t.client_ns().to_string();
-    let (status, body) = http::get(&client_ns, at(NODE, HEALTH_CHECK_PORT), "/")?;
-    ensure!(
-        status == 200 && body.contains("\"localEndpoints\":1"),
-        "health check with a local endpoint: {status} {body}"
-    );
+    // On both families: the health check server's IPv4 wildcard listens on
+    // IPv6 too, as kube-proxy's does.
+    for node in [NODE, NODE6] {
+        let (status, body) = http::get(&client_ns, at(node, HEALTH_CHECK_PORT), "/")?;
+        ensure!(
+            status == 200 && body.contains("\"localEndpoints\":1"),
+            "health check with a local endpoint, at {node}: {status} {body}"
+        );
+    }
     // The node's own connections: every endpoint, masqueraded (kube-proxy's
     // short-circuit), or the local one where the mode cannot.
     if let Some(cgroup) = c.cgroup() {

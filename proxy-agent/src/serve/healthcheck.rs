@@ -171,8 +171,8 @@ impl HealthCheckServers {
 
     /// Binds synchronously so `update` knows the outcome at once.
     fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        let listener = std::net::TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
+        // The IPv4 wildcard serves both families, as kube-proxy's does.
+        let listener = super::listen(addr)?;
         let _guard = self.runtime.enter();
         TcpListener::from_std(listener)
     }

@@ -55,10 +55,50 @@ pub enum ServeError {
 }
 
 /// Binds `addr`; call before spawning so a taken port fails start-up.
+/// The IPv4 wildcard listens on both families ([`listen`]).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
+    listen(addr)
+        .and_then(TcpListener::from_std)
         .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// A non-blocking listener on `addr`. `0.0.0.0` means every address of
+/// both families, as kube-proxy's (Go's) wildcard listener does: a
+/// dual-stack socket on `[::]`, so that probes over IPv6 are answered on
+/// an IPv6-only or IPv6-primary node. Where the node has no IPv6, the
+/// IPv4 wildcard alone.
+pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |domain: Domain, at: SocketAddr, dual: bool| -> std::io::Result<Socket> {
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        if dual {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    };
+    let socket = match addr {
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() => {
+            let both = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
+            match open(Domain::IPV6, both, true) {
+                Ok(socket) => socket,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+                    ) =>
+                {
+                    open(Domain::IPV4, addr, false)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        _ => open(Domain::for_address(addr), addr, false)?,
+    };
+    Ok(socket.into())
 }
 
 /// Binds and serves kube-proxy's health endpoints. Returns only on bind error.
@@ -304,6 +344,35 @@ mod tests {
         assert_eq!(code, 200);
         assert!(head.contains("content-length"));
         assert!(body.is_empty());
+    }
+
+    /// The IPv4 wildcard answers over both families, as kube-proxy's
+    /// health server does (where the machine has IPv6 loopback).
+    #[tokio::test]
+    async fn the_ipv4_wildcard_answers_over_ipv6_too() {
+        let listener = bind(SocketAddr::from(([0, 0, 0, 0], 0)))
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("local addr").port();
+        tokio::spawn(run_health(
+            listener,
+            Arc::new(Health::new(DEFAULT_HEALTH_TIMEOUT)),
+        ));
+        assert_eq!(
+            request(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/livez")
+                .await
+                .0,
+            200
+        );
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+            assert_eq!(request(v6, "GET", "/livez").await.0, 200);
+        }
+        // A specific address stays that address only.
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind");
+        assert!(listener.local_addr().expect("local addr").is_ipv4());
     }
 
     #[tokio::test]
