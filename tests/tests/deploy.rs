@@ -157,6 +157,15 @@ fn check_overlay(mode: &str, capabilities: &[&str], xtables_lock: bool) -> anyho
     let daemon_set = only(&docs, "DaemonSet")?;
     let pod = &daemon_set["spec"]["template"]["spec"];
     ensure!(pod["hostNetwork"] == true, "not hostNetwork");
+    ensure!(
+        pod["nodeSelector"]["kubernetes.io/os"] == "linux",
+        "not limited to Linux nodes: {}",
+        pod["nodeSelector"]
+    );
+    ensure!(
+        daemon_set["spec"]["template"]["metadata"]["labels"]["k8s-app"] == "kube-proxy",
+        "pods lack the label monitoring finds kube-proxy by"
+    );
     ensure!(pod["priorityClassName"] == "system-node-critical");
     let tolerations = pod["tolerations"].as_array().context("no tolerations")?;
     ensure!(
@@ -170,6 +179,17 @@ fn check_overlay(mode: &str, capabilities: &[&str], xtables_lock: bool) -> anyho
         .iter()
         .find(|c| c["name"] == "proxy-agent")
         .context("no proxy-agent container")?;
+    for (name, port) in [("healthz", 10256), ("metrics", 10249)] {
+        ensure!(
+            agent["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == name && p["containerPort"] == port),
+            "no port {name} ({port}): {}",
+            agent["ports"]
+        );
+    }
     let security = &agent["securityContext"];
     ensure!(security["privileged"] != true, "the agent is privileged");
     let added: BTreeSet<String> = strings(&security["capabilities"]["add"])
@@ -262,6 +282,36 @@ fn overlay_ebpf() -> anyhow::Result<()> {
     ensure!(
         mounts.iter().any(|m| m["mountPath"] == "/run/netns"),
         "/run/netns not mounted"
+    );
+    Ok(())
+}
+
+/// The monitoring overlay: the ebpf overlay, its metrics server on the
+/// node's addresses, and a PodMonitor that finds the agents' metrics port.
+#[test]
+fn overlay_ebpf_monitoring() -> anyhow::Result<()> {
+    let docs = documents(&render("deploy/overlays/ebpf-monitoring")?)?;
+    ensure!(
+        docs.len() == 7,
+        "expected 7 objects, rendered {}",
+        docs.len()
+    );
+    let monitor = only(&docs, "PodMonitor")?;
+    let daemon_set = only(&docs, "DaemonSet")?;
+    let template = &daemon_set["spec"]["template"];
+    let selector = &monitor["spec"]["selector"]["matchLabels"];
+    let selected = selector
+        .as_object()
+        .context("PodMonitor selects nothing")?
+        .iter()
+        .all(|(key, value)| template["metadata"]["labels"][key] == *value);
+    ensure!(selected, "PodMonitor {selector} does not select the agents");
+    ensure!(monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics");
+    let args = strings(&template["spec"]["containers"][0]["args"]);
+    ensure!(
+        args.iter()
+            .any(|a| a == "--metrics-bind-address=0.0.0.0:10249"),
+        "metrics stay on loopback: {args:?}"
     );
     Ok(())
 }
