@@ -16,7 +16,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-pub use crate::dataplane::Mode;
+pub use crate::dataplane::{DetectLocal, Mode};
 
 /// The `apiVersion` we accept.
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
@@ -62,6 +62,40 @@ struct RawConfig {
     nftables: Option<RawRules>,
     logging: Option<RawLogging>,
     proxy_agent: Option<RawProxyAgent>,
+    // The other v1alpha1 fields, as kubeadm writes them (every one, most
+    // zero or null). Accepted; those set to something but their zero value
+    // have no counterpart here and are logged once ([`FileConfig::no_counterpart`]).
+    detect_local_mode: Option<String>,
+    detect_local: Option<RawDetectLocal>,
+    bind_address_hard_fail: Option<bool>,
+    feature_gates: Option<std::collections::BTreeMap<String, bool>>,
+    enable_profiling: Option<bool>,
+    show_hidden_metrics_for_version: Option<String>,
+    oom_score_adj: Option<i64>,
+    config_sync_period: Option<String>,
+    port_range: Option<String>,
+    winkernel: Option<RawWinkernel>,
+    windows_run_as_service: Option<bool>,
+    /// Dropped from v1alpha1 in Kubernetes 1.27, still in older dumps.
+    udp_idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDetectLocal {
+    bridge_interface: Option<String>,
+    interface_name_prefix: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWinkernel {
+    network_name: Option<String>,
+    source_vip: Option<String>,
+    #[serde(rename = "enableDSR")]
+    enable_dsr: Option<bool>,
+    root_hns_endpoint_name: Option<String>,
+    forward_health_check_vip: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +115,7 @@ struct RawConntrack {
     min: Option<i64>,
     tcp_established_timeout: Option<String>,
     tcp_close_wait_timeout: Option<String>,
+    tcp_be_liberal: Option<bool>,
     udp_timeout: Option<String>,
     udp_stream_timeout: Option<String>,
 }
@@ -108,6 +143,11 @@ struct RawRules {
     masquerade_bit: Option<i64>,
     sync_period: Option<String>,
     min_sync_period: Option<String>,
+    /// `iptables:` only.
+    localhost_node_ports: Option<bool>,
+    /// `iptables:` only (Kubernetes 1.35).
+    #[serde(rename = "snatNodeInternalIP")]
+    snat_node_internal_ip: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +155,20 @@ struct RawRules {
 struct RawLogging {
     format: Option<String>,
     verbosity: Option<i64>,
+    /// Nanoseconds, or a Go duration.
+    flush_frequency: Option<RawFlushFrequency>,
+    vmodule: Option<Vec<serde::de::IgnoredAny>>,
+    /// klog's buffer options: nothing here buffers.
+    #[serde(rename = "options")]
+    _options: Option<serde::de::IgnoredAny>,
+}
+
+/// `logging.flushFrequency`: an integer of nanoseconds or a duration string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawFlushFrequency {
+    Nanoseconds(i64),
+    Duration(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -225,6 +279,13 @@ pub struct Conntrack {
     pub udp_stream_timeout: Option<Duration>,
 }
 
+impl Conntrack {
+    /// Whether any limit or timeout is set (0 is unset).
+    fn is_set(&self) -> bool {
+        *self != Conntrack::default()
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ipvs {
     pub scheduler: Option<String>,
@@ -237,12 +298,6 @@ pub struct Ipvs {
     pub exclude_cidrs: Option<Vec<IpNet>>,
 }
 
-impl Ipvs {
-    fn has_unused(&self) -> bool {
-        self.sync_period.is_some() || self.min_sync_period.is_some()
-    }
-}
-
 /// The `iptables:` or `nftables:` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rules {
@@ -250,15 +305,6 @@ pub struct Rules {
     pub masquerade_bit: Option<u8>,
     pub sync_period: Option<Duration>,
     pub min_sync_period: Option<Duration>,
-}
-
-impl Rules {
-    /// Whether fields other than `masqueradeAll` (not used yet) are set.
-    fn has_unused(&self) -> bool {
-        self.masquerade_bit.is_some()
-            || self.sync_period.is_some()
-            || self.min_sync_period.is_some()
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -305,11 +351,62 @@ pub struct FileConfig {
     pub nftables: Option<Rules>,
     pub logging: Logging,
     pub proxy_agent: ProxyAgent,
+    /// `detectLocalMode` (`ClusterCIDR` when unset).
+    pub detect_local: Option<DetectLocal>,
+    /// `bindAddressHardFail`.
+    pub bind_address_hard_fail: Option<bool>,
+    /// The v1alpha1 fields set to something but their zero value that have
+    /// no counterpart here (logged once at start).
+    pub no_counterpart: Vec<&'static str>,
+}
+
+/// Parses `detectLocalMode`; `Ok(None)` for "" (unset).
+pub fn parse_detect_local(s: &str) -> Result<Option<DetectLocal>, String> {
+    match s.trim() {
+        "" => Ok(None),
+        "ClusterCIDR" => Ok(Some(DetectLocal::ClusterCidr)),
+        "NodeCIDR" => Ok(Some(DetectLocal::NodeCidr)),
+        "BridgeInterface" | "InterfaceNamePrefix" => Err(format!(
+            "{s:?} is not supported by proxy-agent (ClusterCIDR, NodeCIDR): pods are told by \
+             their addresses"
+        )),
+        other => Err(format!(
+            "unknown mode {other:?} (ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix)"
+        )),
+    }
 }
 
 impl FileConfig {
+    /// `syncPeriod` for `mode`: our top-level field, else the mode's own
+    /// section, as kube-proxy converts v1alpha1 (the ebpf mode reads the
+    /// `iptables:` section, kube-proxy's default mode's).
+    pub fn sync_period_for(&self, mode: Mode) -> Option<Duration> {
+        self.sync_period
+            .or_else(|| self.section_of(mode, |r| r.sync_period, |i| i.sync_period))
+    }
+
+    /// `minSyncPeriod` for `mode`, as [`FileConfig::sync_period_for`].
+    pub fn min_sync_period_for(&self, mode: Mode) -> Option<Duration> {
+        self.min_sync_period
+            .or_else(|| self.section_of(mode, |r| r.min_sync_period, |i| i.min_sync_period))
+    }
+
+    fn section_of(
+        &self,
+        mode: Mode,
+        rules: impl Fn(&Rules) -> Option<Duration>,
+        ipvs: impl Fn(&Ipvs) -> Option<Duration>,
+    ) -> Option<Duration> {
+        match mode {
+            Mode::Ipvs => self.ipvs.as_ref().and_then(ipvs),
+            Mode::Nftables => self.nftables.as_ref().and_then(rules),
+            Mode::Iptables | Mode::Ebpf => self.iptables.as_ref().and_then(rules),
+        }
+    }
+
     /// The fields this file sets that are validated and stored but that this
-    /// build does not act on yet (kube-proxy field names).
+    /// build does not act on (kube-proxy field names); fields at their zero
+    /// value, as kubeadm writes every field, are not among them.
     pub fn not_yet_used(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         let mut add = |set: bool, name| {
@@ -322,19 +419,20 @@ impl FileConfig {
             self.client_connection.has_unused,
             "clientConnection (except kubeconfig)",
         );
-        add(self.conntrack.is_some(), "conntrack");
         add(
-            self.ipvs.as_ref().is_some_and(Ipvs::has_unused),
-            "ipvs (syncPeriod, minSyncPeriod)",
+            self.conntrack.as_ref().is_some_and(Conntrack::is_set),
+            "conntrack",
         );
-        add(
-            self.iptables.as_ref().is_some_and(Rules::has_unused),
-            "iptables (except masqueradeAll)",
-        );
-        add(
-            self.nftables.as_ref().is_some_and(Rules::has_unused),
-            "nftables (except masqueradeAll)",
-        );
+        for (rules, name) in [
+            (&self.iptables, "iptables.masqueradeBit"),
+            (&self.nftables, "nftables.masqueradeBit"),
+        ] {
+            add(
+                rules.as_ref().is_some_and(|r| r.masquerade_bit.is_some()),
+                name,
+            );
+        }
+        out.extend(self.no_counterpart.iter().copied());
         out
     }
 
@@ -429,6 +527,9 @@ pub fn parse(text: &str) -> Result<FileConfig, ParseError> {
 #[derive(Default)]
 struct Validator {
     errors: Vec<String>,
+    /// Fields set to something but their zero value that have no
+    /// counterpart here.
+    no_counterpart: Vec<&'static str>,
 }
 
 /// kube-proxy treats "" as "unset" for its string fields.
@@ -457,6 +558,7 @@ impl Validator {
         });
         let sync_period = self.positive("syncPeriod", raw.sync_period);
         let min_sync_period = self.non_negative("minSyncPeriod", raw.min_sync_period);
+        // 0.0.0.0 (kubeadm's) and :: override nothing.
         let bind_address = non_empty(raw.bind_address).and_then(|s| {
             // kube-proxy's bindAddress is an IP; accept IP:port too.
             s.parse::<IpAddr>()
@@ -466,6 +568,7 @@ impl Validator {
                     self.err("bindAddress", format!("{s:?} is not an IP address"));
                     None
                 })
+                .filter(|ip| !ip.is_unspecified())
         });
         let metrics_bind_address = self.host_port("metricsBindAddress", raw.metrics_bind_address);
         let healthz_bind_address = self.host_port("healthzBindAddress", raw.healthz_bind_address);
@@ -483,6 +586,24 @@ impl Validator {
             .proxy_agent
             .map(|p| self.proxy_agent(p))
             .unwrap_or_default();
+        let detect_local = raw.detect_local_mode.and_then(|m| {
+            parse_detect_local(&m)
+                .map_err(|msg| self.err("detectLocalMode", msg))
+                .ok()
+                .flatten()
+        });
+        self.unused_fields(
+            raw.detect_local,
+            raw.feature_gates,
+            raw.enable_profiling,
+            raw.show_hidden_metrics_for_version,
+            raw.oom_score_adj,
+            raw.config_sync_period,
+            raw.port_range,
+            raw.winkernel,
+            raw.windows_run_as_service,
+            raw.udp_idle_timeout,
+        );
         FileConfig {
             mode,
             cluster_cidrs,
@@ -500,7 +621,80 @@ impl Validator {
             nftables,
             logging,
             proxy_agent,
+            detect_local,
+            bind_address_hard_fail: raw.bind_address_hard_fail,
+            no_counterpart: std::mem::take(&mut self.no_counterpart),
         }
+    }
+
+    /// Notes `field` as set without a counterpart when `set`.
+    fn unused(&mut self, field: &'static str, set: bool) {
+        if set && !self.no_counterpart.contains(&field) {
+            self.no_counterpart.push(field);
+        }
+    }
+
+    /// The v1alpha1 fields with no counterpart here: validated where
+    /// kube-proxy validates them, noted when set.
+    #[allow(clippy::too_many_arguments)]
+    fn unused_fields(
+        &mut self,
+        detect_local: Option<RawDetectLocal>,
+        feature_gates: Option<std::collections::BTreeMap<String, bool>>,
+        enable_profiling: Option<bool>,
+        show_hidden_metrics_for_version: Option<String>,
+        oom_score_adj: Option<i64>,
+        config_sync_period: Option<String>,
+        port_range: Option<String>,
+        winkernel: Option<RawWinkernel>,
+        windows_run_as_service: Option<bool>,
+        udp_idle_timeout: Option<String>,
+    ) {
+        let set = |s: &Option<String>| s.as_ref().is_some_and(|s| !s.trim().is_empty());
+        let yes = |b: Option<bool>| b == Some(true);
+        if let Some(d) = detect_local {
+            self.unused(
+                "detectLocal",
+                set(&d.bridge_interface) || set(&d.interface_name_prefix),
+            );
+        }
+        self.unused("featureGates", feature_gates.is_some_and(|g| !g.is_empty()));
+        self.unused("enableProfiling", yes(enable_profiling));
+        self.unused(
+            "showHiddenMetricsForVersion",
+            set(&show_hidden_metrics_for_version),
+        );
+        if let Some(adj) = oom_score_adj {
+            if !(-1000..=1000).contains(&adj) {
+                self.err("oomScoreAdj", format!("{adj} is not in [-1000, 1000]"));
+            }
+            self.unused("oomScoreAdj", true);
+        }
+        let period = self.period("configSyncPeriod", config_sync_period);
+        self.unused("configSyncPeriod", period.is_some());
+        self.unused("portRange", set(&port_range));
+        if let Some(w) = winkernel {
+            let any = set(&w.network_name)
+                || set(&w.source_vip)
+                || set(&w.root_hns_endpoint_name)
+                || yes(w.enable_dsr)
+                || yes(w.forward_health_check_vip);
+            self.unused("winkernel", any);
+        }
+        self.unused("windowsRunAsService", yes(windows_run_as_service));
+        let idle = self.period("udpIdleTimeout", udp_idle_timeout);
+        self.unused("udpIdleTimeout", idle.is_some());
+    }
+
+    /// A duration where 0 means unset, as kube-proxy defaults it: `None`
+    /// for 0 (or absent), an error for a negative one.
+    fn period(&mut self, field: &str, s: Option<String>) -> Option<Duration> {
+        let (neg, d) = self.duration(field, s)?;
+        if neg && !d.is_zero() {
+            self.err(field, "must be >= 0");
+            return None;
+        }
+        (!d.is_zero()).then_some(d)
     }
 
     /// `apiVersion` and `kind` must name a KubeProxyConfiguration.
@@ -619,24 +813,26 @@ impl Validator {
         self.count("clientConnection.burst", c.burst);
         ClientConnection {
             kubeconfig: non_empty(c.kubeconfig).map(PathBuf::from),
-            has_unused: c.accept_content_types.is_some()
-                || c.content_type.is_some()
-                || c.qps.is_some()
-                || c.burst.is_some(),
+            has_unused: non_empty(c.accept_content_types).is_some()
+                || non_empty(c.content_type).is_some()
+                || c.qps.is_some_and(|q| q != 0.0)
+                || c.burst.is_some_and(|b| b != 0),
         }
     }
 
     fn conntrack(&mut self, c: RawConntrack) -> Conntrack {
+        // 0 leaves the kernel's value, as in kube-proxy.
+        let nonzero = |n: Option<u32>| n.filter(|n| *n != 0);
+        self.unused("conntrack.tcpBeLiberal", c.tcp_be_liberal == Some(true));
         Conntrack {
-            max_per_core: self.count("conntrack.maxPerCore", c.max_per_core),
-            min: self.count("conntrack.min", c.min),
+            max_per_core: nonzero(self.count("conntrack.maxPerCore", c.max_per_core)),
+            min: nonzero(self.count("conntrack.min", c.min)),
             tcp_established_timeout: self
-                .non_negative("conntrack.tcpEstablishedTimeout", c.tcp_established_timeout),
+                .period("conntrack.tcpEstablishedTimeout", c.tcp_established_timeout),
             tcp_close_wait_timeout: self
-                .non_negative("conntrack.tcpCloseWaitTimeout", c.tcp_close_wait_timeout),
-            udp_timeout: self.non_negative("conntrack.udpTimeout", c.udp_timeout),
-            udp_stream_timeout: self
-                .non_negative("conntrack.udpStreamTimeout", c.udp_stream_timeout),
+                .period("conntrack.tcpCloseWaitTimeout", c.tcp_close_wait_timeout),
+            udp_timeout: self.period("conntrack.udpTimeout", c.udp_timeout),
+            udp_stream_timeout: self.period("conntrack.udpStreamTimeout", c.udp_stream_timeout),
         }
     }
 
@@ -656,8 +852,8 @@ impl Validator {
         });
         Ipvs {
             scheduler,
-            sync_period: self.positive("ipvs.syncPeriod", c.sync_period),
-            min_sync_period: self.non_negative("ipvs.minSyncPeriod", c.min_sync_period),
+            sync_period: self.period("ipvs.syncPeriod", c.sync_period),
+            min_sync_period: self.period("ipvs.minSyncPeriod", c.min_sync_period),
             strict_arp: c.strict_arp,
             tcp_timeout: self.non_negative("ipvs.tcpTimeout", c.tcp_timeout),
             tcp_fin_timeout: self.non_negative("ipvs.tcpFinTimeout", c.tcp_fin_timeout),
@@ -682,12 +878,29 @@ impl Validator {
                 None
             }
         });
+        // kube-proxy serves localhost NodePorts by `nodePortAddresses`
+        // here; SNAT to the node's InternalIP is not done.
+        if section == "iptables" {
+            self.unused(
+                "iptables.localhostNodePorts",
+                c.localhost_node_ports == Some(true),
+            );
+            self.unused(
+                "iptables.snatNodeInternalIP",
+                c.snat_node_internal_ip == Some(true),
+            );
+        } else if c.localhost_node_ports.is_some() || c.snat_node_internal_ip.is_some() {
+            self.err(
+                section,
+                "localhostNodePorts and snatNodeInternalIP belong to iptables:",
+            );
+        }
         Rules {
             masquerade_all: c.masquerade_all,
             masquerade_bit,
-            sync_period: self.positive(&format!("{section}.syncPeriod"), c.sync_period),
-            min_sync_period: self
-                .non_negative(&format!("{section}.minSyncPeriod"), c.min_sync_period),
+            // 0 is "unset" in a section, as kube-proxy defaults it.
+            sync_period: self.period(&format!("{section}.syncPeriod"), c.sync_period),
+            min_sync_period: self.period(&format!("{section}.minSyncPeriod"), c.min_sync_period),
         }
     }
 
@@ -710,6 +923,15 @@ impl Validator {
                 None
             }
         });
+        let flush = match l.flush_frequency {
+            Some(RawFlushFrequency::Nanoseconds(n)) => n != 0,
+            Some(RawFlushFrequency::Duration(d)) => {
+                self.period("logging.flushFrequency", Some(d)).is_some()
+            }
+            None => false,
+        };
+        self.unused("logging.flushFrequency", flush);
+        self.unused("logging.vmodule", l.vmodule.is_some_and(|v| !v.is_empty()));
         Logging { format, verbosity }
     }
 
@@ -1095,7 +1317,10 @@ mod tests {
                 "ipvs:\n  scheduler: best\n",
                 "ipvs.scheduler: unknown scheduler",
             ),
-            ("ipvs:\n  syncPeriod: 0s\n", "ipvs.syncPeriod: must be > 0"),
+            (
+                "ipvs:\n  syncPeriod: -1s\n",
+                "ipvs.syncPeriod: must be >= 0",
+            ),
             (
                 "ipvs:\n  excludeCIDRs: [1.2.3.4/40]\n",
                 "ipvs.excludeCIDRs[0]: ",
@@ -1260,7 +1485,7 @@ mod tests {
              iptables:\n  masqueradeAll: true\nnftables:\n  masqueradeAll: true\n  masqueradeBit: 3\n"
         ))
         .unwrap();
-        assert_eq!(c.not_yet_used(), vec!["nftables (except masqueradeAll)"]);
+        assert_eq!(c.not_yet_used(), vec!["nftables.masqueradeBit"]);
     }
 
     #[test]
@@ -1289,7 +1514,8 @@ mod tests {
                 port: 10256
             })
         );
-        assert_eq!(c.bind_address, Some("::".parse().unwrap()));
+        // The unspecified address overrides nothing (kubeadm writes 0.0.0.0).
+        assert_eq!(c.bind_address, None);
     }
 
     #[test]
@@ -1326,6 +1552,137 @@ mod tests {
         ] {
             assert!(parse_go_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// kube-proxy's config.conf as kubeadm writes it (every v1alpha1 field,
+    /// most zero or null), for several Kubernetes versions.
+    const KUBEADM: [(&str, &str); 3] = [
+        ("v1.28", include_str!("../tests/kubeadm/v1.28-config.conf")),
+        ("v1.31", include_str!("../tests/kubeadm/v1.31-config.conf")),
+        ("v1.34", include_str!("../tests/kubeadm/v1.34-config.conf")),
+    ];
+
+    #[test]
+    fn kubeadm_configs_load_as_written_and_their_zeros_mean_unset() {
+        for (version, text) in KUBEADM {
+            let c = parse(text).unwrap_or_else(|e| panic!("{version}: {e}"));
+            assert_eq!(c.mode, None, "{version}: mode \"\" is unset");
+            assert_eq!(c.bind_address, None, "{version}: 0.0.0.0 overrides nothing");
+            assert_eq!(
+                c.client_connection.kubeconfig.as_deref(),
+                Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf")),
+                "{version}"
+            );
+            assert!(!c.client_connection.has_unused, "{version}");
+            for mode in Mode::ALL {
+                assert_eq!(c.sync_period_for(mode), None, "{version} {mode}");
+                assert_eq!(c.min_sync_period_for(mode), None, "{version} {mode}");
+            }
+            assert_eq!(c.conntrack.as_ref().map(Conntrack::is_set), Some(false));
+            assert_eq!(c.detect_local, None, "{version}");
+            assert_eq!(c.bind_address_hard_fail, Some(false), "{version}");
+            assert_eq!(c.masquerade_all(Mode::Iptables), Some(false), "{version}");
+            assert!(
+                c.not_yet_used().is_empty(),
+                "{version}: nothing but zeros, nothing to report: {:?}",
+                c.not_yet_used()
+            );
+        }
+        let dual = parse(KUBEADM[1].1).unwrap();
+        assert_eq!(
+            dual.cluster_cidrs,
+            Some(vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::/56".parse().unwrap()
+            ])
+        );
+    }
+
+    /// A kubeadm config an operator tuned: the mode's section gives the sync
+    /// periods, detectLocalMode NodeCIDR is taken, and the fields with no
+    /// counterpart here are reported.
+    #[test]
+    fn a_tuned_kubeadm_config_is_acted_on_and_its_unused_fields_reported() {
+        let c = parse(include_str!(
+            "../tests/kubeadm/v1.31-ipvs-tuned-config.conf"
+        ))
+        .unwrap();
+        assert_eq!(c.mode, Some(Mode::Ipvs));
+        assert_eq!(c.sync_period_for(Mode::Ipvs), Some(Duration::from_secs(45)));
+        assert_eq!(
+            c.min_sync_period_for(Mode::Ipvs),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            c.sync_period_for(Mode::Iptables),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(c.sync_period_for(Mode::Nftables), None);
+        assert_eq!(c.detect_local, Some(DetectLocal::NodeCidr));
+        let ipvs = c.ipvs.clone().unwrap();
+        assert_eq!(
+            (ipvs.scheduler.as_deref(), ipvs.strict_arp),
+            (Some("rr"), Some(true))
+        );
+        let mut unused = c.not_yet_used();
+        unused.sort_unstable();
+        assert_eq!(
+            unused,
+            [
+                "configSyncPeriod",
+                "conntrack",
+                "featureGates",
+                "iptables.masqueradeBit",
+                "logging.flushFrequency",
+                "oomScoreAdj",
+            ]
+        );
+        // Our top-level fields win over the sections.
+        let top = parse(&format!(
+            "{HEAD}syncPeriod: 10s\nipvs:\n  syncPeriod: 45s\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            top.sync_period_for(Mode::Ipvs),
+            Some(Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn detect_local_modes_and_v1alpha1_values_are_checked() {
+        let with = |body: &str| parse(&format!("{HEAD}{body}"));
+        assert_eq!(
+            with("detectLocalMode: ClusterCIDR\n").unwrap().detect_local,
+            Some(DetectLocal::ClusterCidr)
+        );
+        assert_eq!(with("detectLocalMode: \"\"\n").unwrap().detect_local, None);
+        for (body, field) in [
+            ("detectLocalMode: BridgeInterface\n", "detectLocalMode"),
+            ("detectLocalMode: Elsewhere\n", "detectLocalMode"),
+            ("oomScoreAdj: -1001\n", "oomScoreAdj"),
+            ("iptables:\n  syncPeriod: -1s\n", "iptables.syncPeriod"),
+            ("configSyncPeriod: soon\n", "configSyncPeriod"),
+            ("nftables:\n  localhostNodePorts: true\n", "nftables"),
+            (
+                "logging:\n  flushFrequency: often\n",
+                "logging.flushFrequency",
+            ),
+        ] {
+            let e = with(body).unwrap_err().to_string();
+            assert!(e.contains(field), "{body:?}: {e}");
+        }
+        // Not v1alpha1: still an error naming the field, at any depth.
+        for (body, field) in [
+            ("linux:\n  masqueradeAll: true\n", "linux"),
+            ("iptables:\n  nope: 1\n", "nope"),
+            ("winkernel:\n  nope: 1\n", "nope"),
+        ] {
+            let e = with(body).unwrap_err().to_string();
+            assert!(e.contains(field), "{body:?}: {e}");
+        }
+        let c = with("winkernel:\n  enableDSR: true\nenableProfiling: true\nfeatureGates: {}\n")
+            .unwrap();
+        assert_eq!(c.not_yet_used(), ["enableProfiling", "winkernel"]);
     }
 
     #[test]

@@ -36,18 +36,24 @@ use tokio::sync::watch;
 #[derive(Parser, Debug)]
 #[command(
     name = "proxy-agent",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("PROXY_AGENT_GIT_COMMIT"), ")"),
     about = "Kubernetes service proxy (kube-proxy replacement) with an eBPF dataplane",
     long_about = "Watches Services, EndpointSlices and the local Node, computes the service table, \
 and programs it into the kernel. Run it once per node."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Without a command: `run` (kube-proxy's command line, `proxy-agent
+    /// --config FILE ...`, starts the agent).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+
+    #[command(flatten)]
+    run: Box<RunArgs>,
 
     /// Log format: human-readable text, or one JSON object per line.
     /// Default: `logging.format` of --config, else text.
-    #[arg(long, value_enum, global = true)]
+    #[arg(long, visible_alias = "logging-format", value_enum, global = true)]
     log_format: Option<LogFormat>,
 
     /// Log verbosity as kube-proxy spells it (0-2 info, 3-4 debug, 5+ trace);
@@ -233,6 +239,25 @@ struct RunArgs {
     )]
     socket_lb: Option<bool>,
 
+    /// How this node's pods' traffic is told from other traffic (for
+    /// masquerade and the Local traffic policies): ClusterCIDR (a source in
+    /// --cluster-cidr) or NodeCIDR (a source in this Node's
+    /// spec.podCIDRs). kube-proxy's flag. Default: ClusterCIDR.
+    #[arg(long, value_name = "MODE", value_enum)]
+    detect_local_mode: Option<config::DetectLocal>,
+
+    /// Exit when the health or metrics server cannot bind its address;
+    /// otherwise the failure is logged and the bind retried every 5 s, as
+    /// kube-proxy does. Default: false.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    bind_address_hard_fail: Option<bool>,
+
     /// The packet-mark bit (0-31) the ebpf mode sets on packets it
     /// translated at an ingress hook, so that a later hook on their way
     /// (a bridge's own after its port's) never translates them again; or
@@ -260,6 +285,76 @@ struct RunArgs {
     /// Where /metrics is served (IP:port; "" disables). Default: 127.0.0.1:10249.
     #[arg(long, value_name = "IP:PORT", value_parser = optional_bind_address)]
     metrics_bind_address: Option<BindFlag>,
+
+    /// kube-proxy's: the sync period of the iptables mode, which here also
+    /// gives the ebpf and nftables modes theirs (below --sync-period).
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration)]
+    iptables_sync_period: Option<Duration>,
+
+    /// kube-proxy's: as --iptables-sync-period, for --min-sync-period.
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration_or_zero)]
+    iptables_min_sync_period: Option<Duration>,
+
+    /// kube-proxy's: the sync period of the ipvs mode (below --sync-period).
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration)]
+    ipvs_sync_period: Option<Duration>,
+
+    /// kube-proxy's: as --ipvs-sync-period, for --min-sync-period.
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration_or_zero)]
+    ipvs_min_sync_period: Option<Duration>,
+
+    /// kube-proxy's --cleanup: remove what every mode (and kube-proxy) left,
+    /// as `proxy-agent cleanup` does, and exit.
+    #[arg(long)]
+    cleanup: bool,
+
+    /// kube-proxy's flags with no meaning here, accepted (with a warning) so
+    /// that a kube-proxy argument list starts.
+    #[command(flatten)]
+    ignored: IgnoredFlags,
+}
+
+/// kube-proxy's flags that have no counterpart here.
+#[derive(Args, Debug, Default)]
+struct IgnoredFlags {
+    /// Ignored (kube-proxy's feature gates; none applies here).
+    #[arg(long, value_name = "KEY=BOOL,...")]
+    feature_gates: Option<String>,
+    /// Ignored (no profiling handlers).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    profiling: Option<bool>,
+    /// Ignored (set the process's oom_score_adj in the pod spec).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    oom_score_adj: Option<i64>,
+    /// Ignored (the API watches are never re-listed on a timer).
+    #[arg(long, value_name = "DURATION")]
+    config_sync_period: Option<String>,
+    /// Ignored (no hidden metrics).
+    #[arg(long, value_name = "VERSION")]
+    show_hidden_metrics_for_version: Option<String>,
+    /// Ignored (logs are written as they come).
+    #[arg(long, value_name = "DURATION")]
+    log_flush_frequency: Option<String>,
+}
+
+impl IgnoredFlags {
+    /// The flags given, as kube-proxy spells them.
+    fn given(&self) -> Vec<&'static str> {
+        [
+            (self.feature_gates.is_some(), "--feature-gates"),
+            (self.profiling.is_some(), "--profiling"),
+            (self.oom_score_adj.is_some(), "--oom-score-adj"),
+            (self.config_sync_period.is_some(), "--config-sync-period"),
+            (
+                self.show_hidden_metrics_for_version.is_some(),
+                "--show-hidden-metrics-for-version",
+            ),
+            (self.log_flush_frequency.is_some(), "--log-flush-frequency"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
+    }
 }
 
 /// A bind address flag: "" means disabled.
@@ -346,6 +441,10 @@ struct Settings {
     cgroup_root: Option<PathBuf>,
     socket_lb: bool,
     translated_mark_bit: Option<u8>,
+    /// kube-proxy's flags given that have no meaning here.
+    ignored_flags: Vec<&'static str>,
+    detect_local: config::DetectLocal,
+    bind_address_hard_fail: bool,
     sync_period: Duration,
     min_sync_period: Duration,
     healthz_bind_address: Option<config::BindAddress>,
@@ -364,6 +463,24 @@ impl Settings {
             .masquerade_all
             .or_else(|| f.masquerade_all(mode))
             .unwrap_or(false);
+        // kube-proxy's per-mode flags, then the file's (which follows the
+        // same rule), then the default.
+        let (mode_sync, mode_min_sync) = match mode {
+            Mode::Ipvs => (args.ipvs_sync_period, args.ipvs_min_sync_period),
+            Mode::Ebpf | Mode::Nftables | Mode::Iptables => {
+                (args.iptables_sync_period, args.iptables_min_sync_period)
+            }
+        };
+        let sync_period = args
+            .sync_period
+            .or(mode_sync)
+            .or(f.sync_period_for(mode))
+            .unwrap_or(DEFAULT_SYNC_PERIOD);
+        let min_sync_period = args
+            .min_sync_period
+            .or(mode_min_sync)
+            .or(f.min_sync_period_for(mode))
+            .unwrap_or(mode.default_min_sync_period());
         let pa = f.proxy_agent;
         // A kubeconfig or master given as a flag means "use the API", even
         // when the file names a manifest directory.
@@ -405,14 +522,17 @@ impl Settings {
                 .translated_mark_bit
                 .or(pa.translated_mark_bit)
                 .map_or(Some(proxy_common::TRANSLATED_MARK_BIT), |bit| bit.0),
-            sync_period: args
-                .sync_period
-                .or(f.sync_period)
-                .unwrap_or(DEFAULT_SYNC_PERIOD),
-            min_sync_period: args
-                .min_sync_period
-                .or(f.min_sync_period)
-                .unwrap_or(mode.default_min_sync_period()),
+            ignored_flags: args.ignored.given(),
+            detect_local: args
+                .detect_local_mode
+                .or(f.detect_local)
+                .unwrap_or_default(),
+            bind_address_hard_fail: args
+                .bind_address_hard_fail
+                .or(f.bind_address_hard_fail)
+                .unwrap_or(false),
+            sync_period,
+            min_sync_period,
             healthz_bind_address: args
                 .healthz_bind_address
                 .map(|flag| flag.0)
@@ -648,6 +768,7 @@ fn sync_settings(args: &Settings, node: String) -> (ModelConfig, NodeNetworkSett
         nodeport_addresses: args.nodeport_addresses.clone(),
         cluster_cidrs: args.cluster_cidr.clone(),
         masquerade_all: args.masquerade_all,
+        detect_local: args.detect_local,
     };
     let sync_opts = SyncOptions {
         sync_period: args.sync_period,
@@ -662,14 +783,20 @@ fn sync_settings(args: &Settings, node: String) -> (ModelConfig, NodeNetworkSett
 }
 
 fn log_start(args: &Settings, node: &str) {
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), node = %node, mode = args.mode.name(), bpf_root = %args.bpf_root.display(), "starting");
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), commit = env!("PROXY_AGENT_GIT_COMMIT"), node = %node, mode = args.mode.name(), bpf_root = %args.bpf_root.display(), "starting");
+    if !args.ignored_flags.is_empty() {
+        tracing::warn!(
+            flags = %args.ignored_flags.join(", "),
+            "kube-proxy flags given that have no effect here (accepted so that its argument list starts)"
+        );
+    }
     if let (Some(path), Some(file)) = (&args.config_path, &args.file) {
         let unused = file.not_yet_used();
         if !unused.is_empty() {
-            tracing::info!(
+            tracing::warn!(
                 config = %path.display(),
                 fields = %unused.join(", "),
-                "config fields accepted and validated but not used by this build yet"
+                "config fields set that proxy-agent does not act on (accepted and validated)"
             );
         }
     }
@@ -845,8 +972,10 @@ fn pod_socket_lb(args: &Settings) -> Option<Vec<IpNet>> {
     Some(args.cluster_cidr.clone())
 }
 
-/// Binds the health and metrics servers before anything else starts, so a
-/// taken port fails the start instead of a later probe.
+/// Binds the health and metrics servers before anything else starts. With
+/// `--bind-address-hard-fail` a taken address fails the start; otherwise
+/// the failure is logged and the bind retried every 5 s in the background,
+/// as kube-proxy does.
 async fn start_servers(
     args: &Settings,
     health: &Arc<Health>,
@@ -854,22 +983,60 @@ async fn start_servers(
 ) -> Result<tokio::task::JoinSet<()>> {
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = &args.healthz_bind_address {
-        let listener = serve::bind(addr.socket_addr())
-            .await
-            .context("--healthz-bind-address")?;
-        servers.spawn(serve::run_health(listener, health.clone()));
+        let health = health.clone();
+        let serve = move |listener| serve::run_health(listener, health.clone());
+        start_server(&mut servers, "--healthz-bind-address", addr, args, serve).await?;
     }
     if let Some(addr) = &args.metrics_bind_address {
-        let listener = serve::bind(addr.socket_addr())
-            .await
-            .context("--metrics-bind-address")?;
-        servers.spawn(serve::run_metrics(
-            listener,
-            metrics.clone(),
-            args.mode.name(),
-        ));
+        let (metrics, mode) = (metrics.clone(), args.mode.name());
+        let serve = move |listener| serve::run_metrics(listener, metrics.clone(), mode);
+        start_server(&mut servers, "--metrics-bind-address", addr, args, serve).await?;
     }
     Ok(servers)
+}
+
+/// How often a server whose address could not be bound tries again.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Binds `addr` and serves it with `serve`; see [`start_servers`].
+async fn start_server<F, Fut>(
+    servers: &mut tokio::task::JoinSet<()>,
+    flag: &'static str,
+    addr: &config::BindAddress,
+    args: &Settings,
+    serve: F,
+) -> Result<()>
+where
+    F: Fn(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let at = addr.socket_addr();
+    match serve::bind(at).await {
+        Ok(listener) => {
+            servers.spawn(serve(listener));
+            Ok(())
+        }
+        Err(e) if args.bind_address_hard_fail => Err(e).context(flag),
+        Err(e) => {
+            tracing::error!(
+                flag,
+                address = %at,
+                error = %e,
+                "cannot bind; retrying every 5 s (--bind-address-hard-fail makes this fatal)"
+            );
+            servers.spawn(async move {
+                loop {
+                    tokio::time::sleep(BIND_RETRY).await;
+                    if let Ok(listener) = serve::bind(at).await {
+                        tracing::info!(flag, address = %at, "bound");
+                        serve(listener).await;
+                        return;
+                    }
+                }
+            });
+            Ok(())
+        }
+    }
 }
 
 /// Where Services come from: the manifest directory, or the Kubernetes API
@@ -1202,7 +1369,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The config file is read before logging starts, as it may set the format
     // and verbosity (the flags still win).
-    let file = match &cli.command {
+    let command = match cli.command {
+        Some(command) => command,
+        None => Command::Run(cli.run),
+    };
+    let file = match &command {
         Command::Run(args) => args.config.as_deref().map(config::load),
         Command::Cleanup(_) => None,
     };
@@ -1223,7 +1394,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
+    let result = match command {
+        // kube-proxy's --cleanup: what `proxy-agent cleanup` removes, and
+        // kube-proxy's own state.
+        Command::Run(args) if args.cleanup => cleanup(CleanupArgs {
+            bpf_root: args
+                .bpf_root
+                .clone()
+                .or_else(|| file.as_ref().and_then(|f| f.proxy_agent.bpf_root.clone()))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT)),
+        })
+        .inspect(|()| remove_kube_proxy_leftovers()),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -1270,9 +1451,57 @@ mod tests {
     fn run_args(argv: &[&str]) -> RunArgs {
         let cli = Cli::try_parse_from(["proxy-agent", "run"].iter().chain(argv)).unwrap();
         match cli.command {
-            Command::Run(args) => *args,
+            Some(Command::Run(args)) => *args,
             _ => unreachable!(),
         }
+    }
+
+    /// kube-proxy's command line: no command means `run`; its per-mode
+    /// sync flags give the mode's periods under --sync-period; its flags
+    /// with no meaning here are accepted and listed.
+    #[test]
+    fn kube_proxys_command_line_runs_the_agent() {
+        let cli = Cli::try_parse_from([
+            "proxy-agent",
+            "--config=/var/lib/kube-proxy/config.conf",
+            "--hostname-override=node-1",
+            "--ipvs-sync-period=45s",
+            "--iptables-min-sync-period=0s",
+            "--feature-gates=TopologyAwareHints=true",
+            "--oom-score-adj=-999",
+            "--profiling=false",
+            "--logging-format=json",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(
+            cli.run.config.as_deref(),
+            Some(std::path::Path::new("/var/lib/kube-proxy/config.conf"))
+        );
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        assert_eq!(
+            cli.run.ignored.given(),
+            ["--feature-gates", "--profiling", "--oom-score-adj"]
+        );
+        let settings = |argv: &[&str]| Settings::resolve(run_args(argv), None);
+        let ipvs = settings(&[
+            "--mode=ipvs",
+            "--ipvs-sync-period=45s",
+            "--iptables-sync-period=5s",
+        ]);
+        assert_eq!(ipvs.sync_period, Duration::from_secs(45));
+        let nft = settings(&[
+            "--mode=nftables",
+            "--ipvs-sync-period=45s",
+            "--iptables-sync-period=5s",
+        ]);
+        assert_eq!(nft.sync_period, Duration::from_secs(5));
+        let ours = settings(&["--mode=ipvs", "--ipvs-sync-period=45s", "--sync-period=7s"]);
+        assert_eq!(ours.sync_period, Duration::from_secs(7));
+        let immediate = settings(&["--mode=iptables", "--iptables-min-sync-period=0s"]);
+        assert_eq!(immediate.min_sync_period, Duration::ZERO);
+        // A command and run's flags together are an error.
+        assert!(Cli::try_parse_from(["proxy-agent", "--config=x", "cleanup"]).is_err());
     }
 
     #[test]

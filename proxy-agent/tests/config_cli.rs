@@ -111,6 +111,28 @@ fn mode_flag_overrides_the_file() {
     assert!(!stderr.contains("ipvs"), "{stderr}");
 }
 
+/// kube-proxy's ConfigMap as kubeadm writes it starts the agent: the run
+/// gets past the config to the --manifests check, and names no field as
+/// one it does not act on (they are all zero).
+#[test]
+fn a_kubeadm_config_starts_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = not_a_directory(&dir);
+    for version in ["v1.28", "v1.31", "v1.34"] {
+        let cfg = format!(
+            "{}/tests/kubeadm/{version}-config.conf",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let (code, stderr) = run(&["run", "--config", &cfg, "--manifests", &missing]);
+        assert_ne!(code, 0, "{version}: {stderr}");
+        assert!(
+            stderr.contains("--manifests") && stderr.contains("is not a directory"),
+            "{version}: {stderr}"
+        );
+        assert!(!stderr.contains("does not act on"), "{version}: {stderr}");
+    }
+}
+
 #[test]
 fn bad_nodeport_addresses_flag_fails_at_start() {
     for (value, want) in [
@@ -128,6 +150,9 @@ fn bad_nodeport_addresses_flag_fails_at_start() {
     let (code, stderr) = run(&["run", "--masquerade-all=maybe"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--masquerade-all"), "{stderr}");
+    let (code, stderr) = run(&["run", "--detect-local-mode=BridgeInterface"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--detect-local-mode"), "{stderr}");
     let (code, stderr) = run(&["run", "--translated-mark-bit=32"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--translated-mark-bit"), "{stderr}");
@@ -148,6 +173,15 @@ fn node_network_flags_are_accepted() {
             "--metrics-bind-address=[::1]:0",
         ][..],
         &["--translated-mark-bit=20"][..],
+        &[
+            "--detect-local-mode",
+            "NodeCIDR",
+            "--bind-address-hard-fail",
+        ][..],
+        &[
+            "--detect-local-mode=ClusterCIDR",
+            "--bind-address-hard-fail=false",
+        ][..],
         &["--translated-mark-bit", "none"][..],
     ] {
         // Parsed, then stopped by the --manifests check that follows.

@@ -58,6 +58,24 @@ pub struct NodeNetworkSettings {
     pub cluster_cidrs: Vec<IpNet>,
     /// `--masquerade-all`, passed through.
     pub masquerade_all: bool,
+    /// Which sources are this node's pods: `cluster_cidrs`, or the Node's
+    /// `spec.podCIDRs`.
+    pub detect_local: DetectLocal,
+}
+
+/// How traffic from this node's pods is told from other traffic
+/// (kube-proxy's `detectLocalMode`, `--detect-local-mode`): what the
+/// dataplanes take as the pods' CIDRs for masquerade and the Local
+/// traffic policies.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DetectLocal {
+    /// A source in `--cluster-cidr`.
+    #[default]
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    /// A source in this node's `spec.podCIDRs`.
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
 }
 
 const NODE_INTERNAL_IP: &str = "InternalIP";
@@ -110,11 +128,31 @@ pub fn node_network(
             IpAddr::V6(ip) => ip,
             IpAddr::V4(_) => unreachable!("snat_address keeps the family"),
         }),
-        cluster_cidrs: settings.cluster_cidrs.clone(),
+        cluster_cidrs: match settings.detect_local {
+            DetectLocal::ClusterCidr => settings.cluster_cidrs.clone(),
+            DetectLocal::NodeCidr => node_pod_cidrs(node),
+        },
         masquerade_all: settings.masquerade_all,
         // The cluster's, not the node's: the sync loop adds them.
         service_cidrs: Vec::new(),
     }
+}
+
+/// The Node's `spec.podCIDRs` (else `spec.podCIDR`), those that parse.
+fn node_pod_cidrs(node: Option<&Node>) -> Vec<IpNet> {
+    let Some(spec) = node.and_then(|n| n.spec.as_ref()) else {
+        return Vec::new();
+    };
+    let listed: Vec<&String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
+        (Some(list), _) if !list.is_empty() => list.iter().collect(),
+        (_, Some(one)) => vec![one],
+        _ => Vec::new(),
+    };
+    listed
+        .into_iter()
+        .filter_map(|c| c.parse::<IpNet>().ok())
+        .map(|c| c.trunc())
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -689,12 +727,55 @@ mod tests {
         }
     }
 
+    /// detectLocalMode NodeCIDR: this Node's podCIDRs are the pods' CIDRs
+    /// (podCIDR when the list is absent; none without a Node), whatever
+    /// --cluster-cidr says.
+    #[test]
+    fn node_cidr_takes_the_pods_cidrs_from_the_node() {
+        let settings = NodeNetworkSettings {
+            cluster_cidrs: vec![net("10.244.0.0/16")],
+            detect_local: DetectLocal::NodeCidr,
+            ..NodeNetworkSettings::default()
+        };
+        let with_spec = |spec: k8s_openapi::api::core::v1::NodeSpec| Node {
+            spec: Some(spec),
+            ..node_with(&[("InternalIP", "192.168.1.10")])
+        };
+        let node = with_spec(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: Some("10.244.3.0/24".into()),
+            pod_cidrs: Some(vec!["10.244.3.0/24".into(), "fd00:10:244:3::1/64".into()]),
+            ..Default::default()
+        });
+        assert_eq!(
+            node_network(&[], Some(&node), &settings).cluster_cidrs,
+            vec![net("10.244.3.0/24"), net("fd00:10:244:3::/64")]
+        );
+        let old = with_spec(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: Some("10.244.4.0/24".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            node_network(&[], Some(&old), &settings).cluster_cidrs,
+            vec![net("10.244.4.0/24")]
+        );
+        assert!(node_network(&[], None, &settings).cluster_cidrs.is_empty());
+        let cluster = NodeNetworkSettings {
+            detect_local: DetectLocal::ClusterCidr,
+            ..settings
+        };
+        assert_eq!(
+            node_network(&[], Some(&node), &cluster).cluster_cidrs,
+            vec![net("10.244.0.0/16")]
+        );
+    }
+
     #[test]
     fn settings_pass_through_and_empty_input() {
         let settings = NodeNetworkSettings {
             nodeport_addresses: None,
             cluster_cidrs: vec![net("10.244.0.0/16"), net("fd00:10:244::/56")],
             masquerade_all: true,
+            detect_local: DetectLocal::ClusterCidr,
         };
         let got = node_network(&[], None, &settings);
         assert_eq!(

@@ -2,6 +2,7 @@
 //! difference between what it has programmed and what the model desires.
 pub use crate::model::NodeNetwork;
 use crate::model::{ServiceTable, TableDiff};
+pub use addresses::DetectLocal;
 pub use mode::{Mode, ModeOptions};
 
 pub mod addresses;
