@@ -77,6 +77,14 @@ enum Command {
     /// Remove every program, link, pinned map, nftables table and iptables chain the
     /// agent created (and a kube-proxy's KUBE-* chains). Safe to run twice.
     Cleanup(CleanupArgs),
+    /// Print the completion script of a shell (e.g. `proxy-agent completions
+    /// bash > /etc/bash_completion.d/proxy-agent`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff; `proxy-agent man | man -l -`).
+    Man,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -654,6 +662,10 @@ async fn run(mut args: Settings) -> Result<()> {
 
     let health = Arc::new(Health::new(health_timeout(args.sync_period)));
     let metrics = Arc::new(Metrics::new());
+    {
+        let health = health.clone();
+        metrics.register_collector(move || health.answer_samples());
+    }
     let mut servers = start_servers(&args, &health, &metrics).await?;
     match args.mode {
         Mode::Ebpf => register_datapath_counters(&metrics, &args.bpf_root),
@@ -1270,6 +1282,7 @@ impl SyncObserver for AgentObserver {
 
     fn synced(&self, report: &SyncReport) {
         self.health.updated();
+        self.metrics.changes_synced();
         if let Some(first) = self.first_sync.lock().ok().and_then(|mut f| f.take()) {
             let _ = first.send(());
         }
@@ -1375,6 +1388,21 @@ fn main() -> std::process::ExitCode {
     };
     let file = match &command {
         Command::Run(args) => args.config.as_deref().map(config::load),
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cli, "proxy-agent", &mut std::io::stdout());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("writing the man page: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Command::Cleanup(_) => None,
     };
     let logging = match &file {
@@ -1412,6 +1440,7 @@ fn main() -> std::process::ExitCode {
             .context("starting the async runtime")
             .and_then(|rt| rt.block_on(run(Settings::resolve(*args, file)))),
         Command::Cleanup(args) => cleanup(args),
+        Command::Completions { .. } | Command::Man => Ok(()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -1502,6 +1531,33 @@ mod tests {
         assert_eq!(immediate.min_sync_period, Duration::ZERO);
         // A command and run's flags together are an error.
         assert!(Cli::try_parse_from(["proxy-agent", "--config=x", "cleanup"]).is_err());
+    }
+
+    /// The completion scripts and the man page come from the same
+    /// definition as the parser.
+    #[test]
+    fn completions_and_man_page_name_the_flags() {
+        let mut script = Vec::new();
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut cli,
+            "proxy-agent",
+            &mut script,
+        );
+        let script = String::from_utf8(script).unwrap();
+        assert!(script.contains("--translated-mark-bit"), "bash completion");
+        let mut page = Vec::new();
+        clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut page)
+            .unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(
+            page.contains(".TH proxy-agent"),
+            "{}",
+            &page[..200.min(page.len())]
+        );
+        assert!(Cli::try_parse_from(["proxy-agent", "completions", "zsh"]).is_ok());
     }
 
     #[test]

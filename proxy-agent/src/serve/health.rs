@@ -28,6 +28,16 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Health {
     health_timeout: Duration,
     state: Mutex<State>,
+    /// Answers given: `/healthz` and `/livez`, each 200 and 503
+    /// (kube-proxy's `kubeproxy_proxy_healthz_total` and `_livez_total`).
+    answers: [[std::sync::atomic::AtomicU64; 2]; 2],
+}
+
+/// Which probe an answer was to.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Healthz,
+    Livez,
 }
 
 #[derive(Debug)]
@@ -119,7 +129,44 @@ impl Health {
                 // Eligible until the node watcher says otherwise, as in kube-proxy.
                 node_eligible: true,
             }),
+            answers: Default::default(),
         }
+    }
+
+    /// Counts an answer to `probe`: 200 when `ok`, else 503.
+    pub fn answered(&self, probe: Probe, ok: bool) {
+        self.answers[probe as usize][usize::from(!ok)]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The answers so far as kube-proxy's counters, by code.
+    pub fn answer_samples(&self) -> Vec<crate::serve::Sample> {
+        let mut out = Vec::new();
+        for (probe, name, help) in [
+            (
+                Probe::Healthz,
+                "kubeproxy_proxy_healthz_total",
+                "Cumulative proxy healthz HTTP status",
+            ),
+            (
+                Probe::Livez,
+                "kubeproxy_proxy_livez_total",
+                "Cumulative proxy livez HTTP status",
+            ),
+        ] {
+            for (i, code) in ["200", "503"].into_iter().enumerate() {
+                out.push(crate::serve::Sample {
+                    name: name.to_string(),
+                    help: help.to_string(),
+                    kind: crate::serve::SampleKind::Counter,
+                    labels: vec![("code".to_string(), code.to_string())],
+                    value: self.answers[probe as usize][i]
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        as f64,
+                });
+            }
+        }
+        out
     }
 
     pub fn health_timeout(&self) -> Duration {

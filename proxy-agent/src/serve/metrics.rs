@@ -158,6 +158,9 @@ pub struct Metrics {
     last_queued_timestamp: FloatGauge,
     endpoint_changes: AtomicU64,
     service_changes: AtomicU64,
+    /// Changes seen since the last successful sync.
+    endpoint_changes_pending: AtomicU64,
+    service_changes_pending: AtomicU64,
     frontends: AtomicU64,
     backends: AtomicU64,
     rejected_objects: AtomicU64,
@@ -198,6 +201,8 @@ impl Metrics {
             last_queued_timestamp: FloatGauge::default(),
             endpoint_changes: AtomicU64::new(0),
             service_changes: AtomicU64::new(0),
+            endpoint_changes_pending: AtomicU64::new(0),
+            service_changes_pending: AtomicU64::new(0),
             frontends: AtomicU64::new(0),
             backends: AtomicU64::new(0),
             rejected_objects: AtomicU64::new(0),
@@ -252,10 +257,20 @@ impl Metrics {
 
     pub fn add_endpoint_changes(&self, n: u64) {
         self.endpoint_changes.fetch_add(n, Ordering::Relaxed);
+        self.endpoint_changes_pending
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn add_service_changes(&self, n: u64) {
         self.service_changes.fetch_add(n, Ordering::Relaxed);
+        self.service_changes_pending.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The changes seen so far are programmed (kube-proxy's pending gauges
+    /// go to 0 at each successful sync).
+    pub fn changes_synced(&self) {
+        self.endpoint_changes_pending.store(0, Ordering::Relaxed);
+        self.service_changes_pending.store(0, Ordering::Relaxed);
     }
 
     /// Programmed frontends (service IP:port:protocol) and backends.
@@ -343,13 +358,17 @@ impl Metrics {
             "Start time of the process since unix epoch in seconds.",
             self.process_start,
         );
+        for (name, help, kind, value) in super::process::samples() {
+            header(&mut out, name, help, kind);
+            let _ = writeln!(out, "{name} {}", format_float(value));
+        }
         self.render_collected(&mut out);
         out
     }
 
     /// The gauges and counters of one value each, in exposition order:
     /// name, help, value.
-    fn scalars(&self) -> [(&'static str, &'static str, Scalar); 9] {
+    fn scalars(&self) -> [(&'static str, &'static str, Scalar); 11] {
         use Scalar::{Counter, Gauge};
         [
             (
@@ -371,6 +390,16 @@ impl Metrics {
                 "kubeproxy_sync_proxy_rules_service_changes_total",
                 "Cumulative proxy rules Service changes",
                 Counter(load(&self.service_changes)),
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+                Gauge(load(&self.endpoint_changes_pending) as f64),
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
+                Gauge(load(&self.service_changes_pending) as f64),
             ),
             (
                 "proxy_agent_frontends",
@@ -634,6 +663,8 @@ mod tests {
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds 1700000000\n",
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 5\n",
             "kubeproxy_sync_proxy_rules_service_changes_total 4\n",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 5\n",
+            "kubeproxy_sync_proxy_rules_service_changes_pending 4\n",
             "proxy_agent_frontends 3\n",
             "proxy_agent_backends 7\n",
             "proxy_agent_rejected_objects 2\n",
@@ -643,11 +674,24 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        // Every family is declared exactly once.
+        // Every family is declared exactly once: 17 of the agent's, and the
+        // process family.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 15);
+        assert_eq!(types, 17 + super::super::process::samples().len());
         assert_eq!(helps, types);
+        for family in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+        }
+        // A sync programs what was pending.
+        m.changes_synced();
+        let text = m.render();
+        assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n"));
+        assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 5\n"));
     }
 
     #[test]

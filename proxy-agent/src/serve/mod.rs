@@ -14,6 +14,7 @@
 pub mod health;
 pub mod healthcheck;
 pub mod metrics;
+pub mod process;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,7 +32,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-pub use health::{DEFAULT_HEALTH_TIMEOUT, Health, HealthStatus};
+pub use health::{DEFAULT_HEALTH_TIMEOUT, Health, HealthStatus, Probe};
 pub use metrics::{Metrics, Sample, SampleKind};
 
 /// Connections served at once per server; further clients wait in the
@@ -211,10 +212,12 @@ fn health_response(method: &Method, path: &str, health: &Health) -> Response<Ful
         "/healthz" | "/livez" if !readable(method) => return method_not_allowed(),
         "/healthz" => {
             let status = health.status();
+            health.answered(Probe::Healthz, status.healthz_ok());
             (status.healthz_ok(), status.healthz_body())
         }
         "/livez" => {
             let status = health.status();
+            health.answered(Probe::Livez, status.livez_ok());
             (status.livez_ok(), status.livez_body())
         }
         _ => return not_found(),
@@ -344,6 +347,23 @@ mod tests {
         assert_eq!(code, 200);
         assert!(head.contains("content-length"));
         assert!(body.is_empty());
+
+        // kube-proxy's counters of the answers, by code.
+        let counted: Vec<(String, String, f64)> = health
+            .answer_samples()
+            .into_iter()
+            .map(|s| (s.name, s.labels[0].1.clone(), s.value))
+            .collect();
+        let count = |name: &str, code: &str| {
+            counted
+                .iter()
+                .find(|(n, c, _)| n == name && c == code)
+                .map(|(_, _, v)| *v)
+        };
+        assert_eq!(count("kubeproxy_proxy_healthz_total", "200"), Some(1.0));
+        assert_eq!(count("kubeproxy_proxy_healthz_total", "503"), Some(2.0));
+        assert_eq!(count("kubeproxy_proxy_livez_total", "200"), Some(2.0));
+        assert_eq!(count("kubeproxy_proxy_livez_total", "503"), Some(0.0));
     }
 
     /// The IPv4 wildcard answers over both families, as kube-proxy's
