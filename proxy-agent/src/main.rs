@@ -316,6 +316,12 @@ struct RunArgs {
     #[arg(long)]
     cleanup: bool,
 
+    /// kube-proxy's: write the configuration in effect (the defaults, the
+    /// --config file, the flags) to FILE as a KubeProxyConfiguration that
+    /// --config reads back, and exit.
+    #[arg(long, value_name = "FILE")]
+    write_config_to: Option<PathBuf>,
+
     /// kube-proxy's flags with no meaning here, accepted (with a warning) so
     /// that a kube-proxy argument list starts.
     #[command(flatten)]
@@ -1354,6 +1360,155 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
     }
 }
 
+/// The configuration in effect, as a KubeProxyConfiguration that
+/// `--config` reads back (kube-proxy's `--write-config-to`): every setting
+/// the agent acts on, with its value after the defaults, the file and the
+/// flags. A server disabled by an empty flag is written as "", which a
+/// file reads as the default address, as kube-proxy's does.
+fn effective_config(args: &Settings) -> String {
+    use std::fmt::Write as _;
+    let quote = |s: &str| format!("{s:?}");
+    let list = |items: Vec<String>| {
+        if items.is_empty() {
+            "[]".to_string()
+        } else {
+            format!("[{}]", items.join(", "))
+        }
+    };
+    let bind = |b: &Option<config::BindAddress>| {
+        quote(&b.as_ref().map(ToString::to_string).unwrap_or_default())
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "apiVersion: {}", config::API_VERSION);
+    let _ = writeln!(out, "kind: {}", config::KIND);
+    let _ = writeln!(out, "mode: {}", args.mode.name());
+    let cidrs: Vec<String> = args.cluster_cidr.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "clusterCIDR: {}", quote(&cidrs.join(",")));
+    let node_ports = match &args.nodeport_addresses {
+        None => "null".to_string(),
+        Some(config::NodePortAddresses::Primary) => "[primary]".to_string(),
+        Some(config::NodePortAddresses::Cidrs(c)) => {
+            list(c.iter().map(|c| quote(&c.to_string())).collect())
+        }
+    };
+    let _ = writeln!(out, "nodePortAddresses: {node_ports}");
+    let _ = writeln!(
+        out,
+        "hostnameOverride: {}",
+        quote(args.hostname_override.as_deref().unwrap_or(""))
+    );
+    let _ = writeln!(
+        out,
+        "healthzBindAddress: {}",
+        bind(&args.healthz_bind_address)
+    );
+    let _ = writeln!(
+        out,
+        "metricsBindAddress: {}",
+        bind(&args.metrics_bind_address)
+    );
+    let _ = writeln!(out, "bindAddressHardFail: {}", args.bind_address_hard_fail);
+    let detect = match args.detect_local {
+        config::DetectLocal::ClusterCidr => "ClusterCIDR",
+        config::DetectLocal::NodeCidr => "NodeCIDR",
+    };
+    let _ = writeln!(out, "detectLocalMode: {detect}");
+    let _ = writeln!(out, "syncPeriod: {}", go_duration(args.sync_period));
+    let _ = writeln!(out, "minSyncPeriod: {}", go_duration(args.min_sync_period));
+    let kubeconfig = args
+        .kubeconfig
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "clientConnection:\n  kubeconfig: {}",
+        quote(&kubeconfig)
+    );
+    let _ = writeln!(out, "iptables:\n  masqueradeAll: {}", args.masquerade_all);
+    let ipvs = &args.ipvs;
+    let _ = writeln!(
+        out,
+        "ipvs:\n  scheduler: {}\n  strictARP: {}\n  excludeCIDRs: {}",
+        quote(&ipvs.scheduler),
+        ipvs.strict_arp,
+        list(
+            ipvs.exclude_cidrs
+                .iter()
+                .map(|c| quote(&c.to_string()))
+                .collect()
+        )
+    );
+    // Unset timeouts leave the kernel's: left out.
+    for (name, timeout) in [
+        ("tcpTimeout", ipvs.timeouts.tcp),
+        ("tcpFinTimeout", ipvs.timeouts.tcp_fin),
+        ("udpTimeout", ipvs.timeouts.udp),
+    ] {
+        if let Some(secs) = timeout {
+            let _ = writeln!(
+                out,
+                "  {name}: {}",
+                go_duration(Duration::from_secs(u64::from(secs)))
+            );
+        }
+    }
+    let _ = writeln!(out, "proxyAgent:");
+    if let Some(dir) = &args.manifests {
+        let _ = writeln!(out, "  manifests: {}", quote(&dir.display().to_string()));
+    }
+    let _ = writeln!(
+        out,
+        "  stateDir: {}",
+        quote(&args.state_dir.display().to_string())
+    );
+    let _ = writeln!(
+        out,
+        "  bpfRoot: {}",
+        quote(&args.bpf_root.display().to_string())
+    );
+    if let Some(cgroup) = &args.cgroup_root {
+        let _ = writeln!(
+            out,
+            "  cgroupRoot: {}",
+            quote(&cgroup.display().to_string())
+        );
+    }
+    let _ = writeln!(out, "  socketLb: {}", args.socket_lb);
+    let mark = args
+        .translated_mark_bit
+        .map_or_else(|| "none".to_string(), |bit| bit.to_string());
+    let _ = writeln!(out, "  translatedMarkBit: {mark}");
+    for (name, items) in [
+        ("interfaces", &args.interfaces),
+        ("excludeInterfaces", &args.exclude_interfaces),
+    ] {
+        let _ = writeln!(
+            out,
+            "  {name}: {}",
+            list(items.iter().map(|i| quote(i)).collect())
+        );
+    }
+    out
+}
+
+/// `d` as Go prints a duration ("30s", "1m30s", "1h0m0s", "500ms", "0s").
+fn go_duration(d: Duration) -> String {
+    if d.is_zero() {
+        return "0s".to_string();
+    }
+    if d.subsec_nanos() != 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
 /// Sets the allocator up for a long-lived process whose full syncs build
 /// and drop tables of tens of MiB, and whose watches parse large lists.
 /// - Blocks from 128 KiB up come from their own mappings and go back to the
@@ -1433,6 +1588,13 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT)),
         })
         .inspect(|()| remove_kube_proxy_leftovers()),
+        Command::Run(args) if args.write_config_to.is_some() => {
+            let path = args.write_config_to.clone().unwrap_or_default();
+            let text = effective_config(&Settings::resolve(*args, file));
+            std::fs::write(&path, text)
+                .with_context(|| format!("--write-config-to {}", path.display()))
+                .inspect(|()| tracing::info!(path = %path.display(), "configuration written"))
+        }
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -1531,6 +1693,41 @@ mod tests {
         assert_eq!(immediate.min_sync_period, Duration::ZERO);
         // A command and run's flags together are an error.
         assert!(Cli::try_parse_from(["proxy-agent", "--config=x", "cleanup"]).is_err());
+    }
+
+    /// --write-config-to writes what is in effect, and --config reads it
+    /// back to the same settings.
+    #[test]
+    fn the_written_config_reads_back_to_the_same_settings() {
+        let argv = [
+            "--mode=ipvs",
+            "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56",
+            "--nodeport-addresses=primary",
+            "--ipvs-scheduler=lc",
+            "--ipvs-tcp-timeout=15m",
+            "--ipvs-exclude-cidrs=10.0.0.0/8",
+            "--sync-period=1m30s",
+            "--min-sync-period=500ms",
+            "--masquerade-all",
+            "--detect-local-mode=NodeCIDR",
+            "--translated-mark-bit=none",
+            "--metrics-bind-address=0.0.0.0:10249",
+            "--interfaces=eth0,eth1",
+            "--manifests=/srv/manifests",
+        ];
+        let first = Settings::resolve(run_args(&argv), None);
+        let text = effective_config(&first);
+        let file = config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let again = Settings::resolve(run_args(&[]), Some(file));
+        let again = Settings {
+            file: first.file.clone(),
+            manifests_from_file: first.manifests_from_file,
+            ..again
+        };
+        assert_eq!(format!("{first:?}"), format!("{again:?}"), "{text}");
+        assert_eq!(go_duration(Duration::from_secs(3600)), "1h0m0s");
+        assert_eq!(go_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(go_duration(Duration::ZERO), "0s");
     }
 
     /// The completion scripts and the man page come from the same
