@@ -47,7 +47,8 @@ enum Task {
     /// plots in target/bench; about 2 h with its defaults) and
     /// `dataplane` (full and one-endpoint sync time of each mode at 10 000
     /// services; then every mode again with the ipvs mode in the VM, when
-    /// this kernel has no IPVS); all when none is named.
+    /// this kernel has no IPVS, or the modes of `--vm-modes=M,...`); all
+    /// when none is named.
     Bench {
         /// `packet ARGS`, `sync ARGS`, `traffic ARGS` or `dataplane ARGS` run one benchmark with its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -400,16 +401,34 @@ fn bench(env: &Env, args: &[String]) -> anyhow::Result<()> {
         run(&mut command)?;
     }
     if which.is_none_or(|w| w == "dataplane") {
-        let mut command = bench_bin("dataplane-sync");
         let rest: &[String] = if which.is_some() { rest } else { &[] };
-        command.args(rest);
+        // `--vm-modes M,...` (xtask's own): the modes the VM runs, where
+        // emulation makes the netfilter modes take hours at 10 000 services.
+        let vm_modes = rest
+            .iter()
+            .find_map(|a| a.strip_prefix("--vm-modes="))
+            .map(str::to_string);
+        let rest: Vec<String> = rest
+            .iter()
+            .filter(|a| !a.starts_with("--vm-modes="))
+            .cloned()
+            .collect();
+        let mut command = bench_bin("dataplane-sync");
+        command.args(&rest);
         run(&mut command)?;
-        // The ipvs mode needs a kernel with IPVS: every mode again, side by
-        // side in the VM, unless the modes were named.
-        if !proxy_tests::ipvs_available() && !rest.iter().any(|a| a.starts_with("--modes")) {
+        // The ipvs mode needs a kernel with IPVS: every mode again (or those
+        // of --vm-modes), side by side in the VM, unless the modes were named.
+        let named = rest.iter().any(|a| a.starts_with("--modes"));
+        if !proxy_tests::ipvs_available() && (!named || vm_modes.is_some()) {
             let binary = env.target_dir.join("release/dataplane-sync");
-            let mut args = rest.to_vec();
-            args.push("--modes=ebpf,nftables,iptables,iptables-legacy,ipvs".into());
+            let mut args: Vec<String> = rest
+                .iter()
+                .filter(|a| !a.starts_with("--modes"))
+                .cloned()
+                .collect();
+            let modes = vm_modes
+                .unwrap_or_else(|| "ebpf,nftables,iptables,iptables-legacy,ipvs".to_string());
+            args.push(format!("--modes={modes}"));
             vm::run_dataplane_bench(env, &binary, &args)?;
         }
     }
