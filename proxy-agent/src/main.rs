@@ -652,7 +652,9 @@ async fn run(mut args: Settings) -> Result<()> {
     // the eBPF programs takes a second or two of CPU): on a large cluster
     // the two together are most of the time to the first sync.
     let (tx, rx) = watch::channel(None);
-    let (source, events) = source_of(&args, &node).await?;
+    // Before the source: the API client counts its requests there.
+    let metrics = Arc::new(Metrics::new());
+    let (source, events) = source_of(&args, &node, &metrics).await?;
     let source_task = tokio::spawn(source.run(tx));
     let (cfg, network, sync_opts) = sync_settings(&args, node);
     // The table of the first state is built meanwhile too.
@@ -667,7 +669,6 @@ async fn run(mut args: Settings) -> Result<()> {
     let node_addresses = tokio::spawn(addresses::follow_addresses(addresses_tx));
 
     let health = Arc::new(Health::new(health_timeout(args.sync_period)));
-    let metrics = Arc::new(Metrics::new());
     {
         let health = health.clone();
         metrics.register_collector(move || health.answer_samples());
@@ -1062,9 +1063,11 @@ where
 async fn source_of(
     args: &Settings,
     node: &str,
+    metrics: &Arc<Metrics>,
 ) -> Result<(Box<dyn Source>, Option<EventPublisher>)> {
     let Some(dir) = &args.manifests else {
-        let client = kube_client(args.kubeconfig.as_deref(), args.master.as_deref()).await?;
+        let client =
+            kube_client(args.kubeconfig.as_deref(), args.master.as_deref(), metrics).await?;
         let source = ApiSource::new(client.clone(), node.to_string());
         let events = EventPublisher::start(
             client,
@@ -1214,7 +1217,11 @@ fn health_timeout(sync_period: Duration) -> Duration {
 
 /// A client for the Kubernetes API: the kubeconfig when given, else the
 /// in-cluster configuration; `master` overrides the server URL of either.
-async fn kube_client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<kube::Client> {
+async fn kube_client(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+    metrics: &Arc<Metrics>,
+) -> Result<kube::Client> {
     let master: Option<http::Uri> = master
         .map(|url| {
             url.parse()
@@ -1239,7 +1246,16 @@ async fn kube_client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<
         config.cluster_url = url;
     }
     tracing::info!(server = %config.cluster_url, "using the Kubernetes API");
-    kube::Client::try_from(config).context("creating the Kubernetes client")
+    let host = config
+        .cluster_url
+        .authority()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let layer = proxy_agent::serve::api_client::ApiRequestMetricsLayer::new(metrics.clone(), &host);
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .context("creating the Kubernetes client")?
+        .with_layer(&layer)
+        .build())
 }
 
 /// Feeds what the sync loop does to the health server, the metrics and

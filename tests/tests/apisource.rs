@@ -273,6 +273,20 @@ fn api_initial_sync_then_changes_are_applied() {
                 status == 200,
                 "/healthz after the first sync: {status} {body}"
             );
+            // The API client's requests, as client-go's metrics count them:
+            // the lists and watches answered 200.
+            let (_, metrics) = s.http_get(METRICS, "/metrics")?;
+            ensure!(
+                metrics.lines().any(
+                    |l| l.starts_with("rest_client_requests_total{code=\"200\",")
+                        && l.contains("method=\"GET\"")
+                ),
+                "no rest_client_requests_total of the lists in /metrics"
+            );
+            ensure!(
+                metrics.contains("# TYPE rest_client_request_duration_seconds histogram"),
+                "no rest_client_request_duration_seconds in /metrics"
+            );
 
             // EndpointSlice change, stamped by "the controller" with the time
             // of the change that caused it: the agent measures its network

@@ -29,6 +29,13 @@ pub fn sync_duration_buckets() -> Vec<f64> {
 /// kube-proxy's network programming buckets: 0, 0.25 s, 0.5 s, every second up
 /// to 59 s, every 5 s up to 115 s, every 30 s up to 5 min (81 bounds; the
 /// leading 0 comes from kube-proxy's bucket-merging helper).
+/// client-go's buckets of `rest_client_request_duration_seconds`.
+pub fn api_request_buckets() -> Vec<f64> {
+    vec![
+        0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
+    ]
+}
+
 pub fn network_programming_buckets() -> Vec<f64> {
     let mut out = vec![0.0, 0.25, 0.5];
     out.extend((1..=59).map(f64::from));
@@ -112,19 +119,31 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         header(out, name, help, "histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The series of one histogram of a family, `labels` written before
+    /// `le` (`k="v",` each, escaped).
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         let state = lock(&self.state);
         let mut cumulative = 0;
         for (bound, count) in self.bounds.iter().zip(&state.counts) {
             cumulative += count;
             let _ = writeln!(
                 out,
-                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                "{name}_bucket{{{labels}le=\"{}\"}} {cumulative}",
                 format_float(*bound)
             );
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", state.count);
-        let _ = writeln!(out, "{name}_sum {}", format_float(state.sum));
-        let _ = writeln!(out, "{name}_count {}", state.count);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", state.count);
+        let plain = labels.trim_end_matches(',');
+        let braces = if plain.is_empty() {
+            String::new()
+        } else {
+            format!("{{{plain}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", format_float(state.sum));
+        let _ = writeln!(out, "{name}_count{braces} {}", state.count);
     }
 }
 
@@ -169,6 +188,10 @@ pub struct Metrics {
     applies_full: AtomicU64,
     applies_partial: AtomicU64,
     process_start: f64,
+    /// The API client's requests (client-go's `rest_client_*`): counts by
+    /// (code, host, method), durations by (verb, host).
+    api_requests: Mutex<std::collections::BTreeMap<(String, String, String), u64>>,
+    api_durations: Mutex<std::collections::BTreeMap<(String, String), Histogram>>,
     collectors: Mutex<Vec<Collector>>,
 }
 
@@ -211,6 +234,8 @@ impl Metrics {
             applies_full: AtomicU64::new(0),
             applies_partial: AtomicU64::new(0),
             process_start: unix_seconds(process_start),
+            api_requests: Mutex::new(Default::default()),
+            api_durations: Mutex::new(Default::default()),
             collectors: Mutex::new(Vec::new()),
         }
     }
@@ -293,6 +318,59 @@ impl Metrics {
         self.events_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An API request answered `code` (or "<error>") after `elapsed`, as
+    /// client-go's `rest_client_requests_total` and
+    /// `rest_client_request_duration_seconds` count it.
+    pub fn observe_api_request(&self, method: &str, host: &str, code: &str, elapsed: Duration) {
+        *lock(&self.api_requests)
+            .entry((code.to_string(), host.to_string(), method.to_string()))
+            .or_insert(0) += 1;
+        lock(&self.api_durations)
+            .entry((method.to_string(), host.to_string()))
+            .or_insert_with(|| Histogram::new(api_request_buckets()))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn render_api_requests(&self, out: &mut String) {
+        let requests = lock(&self.api_requests);
+        if !requests.is_empty() {
+            header(
+                out,
+                "rest_client_requests_total",
+                "Number of HTTP requests, partitioned by status code, method, and host.",
+                "counter",
+            );
+            for ((code, host, method), n) in requests.iter() {
+                let _ = writeln!(
+                    out,
+                    "rest_client_requests_total{{code=\"{}\",host=\"{}\",method=\"{}\"}} {n}",
+                    escape_label_value(code),
+                    escape_label_value(host),
+                    escape_label_value(method)
+                );
+            }
+        }
+        drop(requests);
+        let durations = lock(&self.api_durations);
+        if !durations.is_empty() {
+            const NAME: &str = "rest_client_request_duration_seconds";
+            header(
+                out,
+                NAME,
+                "Request latency in seconds. Broken down by verb, and host.",
+                "histogram",
+            );
+            for ((verb, host), histogram) in durations.iter() {
+                let labels = format!(
+                    "host=\"{}\",verb=\"{}\",",
+                    escape_label_value(host),
+                    escape_label_value(verb)
+                );
+                histogram.render_series(out, NAME, &labels);
+            }
+        }
+    }
+
     /// Registers a callback run at every scrape; its samples are appended
     /// after the built-in metrics. It must be quick and must not call back
     /// into [`Self::render`].
@@ -358,6 +436,7 @@ impl Metrics {
             "Start time of the process since unix epoch in seconds.",
             self.process_start,
         );
+        self.render_api_requests(&mut out);
         for (name, help, kind, value) in super::process::samples() {
             header(&mut out, name, help, kind);
             let _ = writeln!(out, "{name} {}", format_float(value));

@@ -11,6 +11,7 @@
 //! [`run_metrics`]) so the binary learns about a taken port synchronously and
 //! can exit cleanly before spawning anything.
 
+pub mod api_client;
 pub mod health;
 pub mod healthcheck;
 pub mod metrics;
