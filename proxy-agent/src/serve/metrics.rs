@@ -184,6 +184,9 @@ pub struct Metrics {
     backends: AtomicU64,
     rejected_objects: AtomicU64,
     sync_errors: AtomicU64,
+    /// Stale UDP conntrack entries deleted (kube-proxy's conntrack
+    /// reconciler's counter).
+    conntrack_deleted: AtomicU64,
     events_dropped: AtomicU64,
     applies_full: AtomicU64,
     applies_partial: AtomicU64,
@@ -230,6 +233,7 @@ impl Metrics {
             backends: AtomicU64::new(0),
             rejected_objects: AtomicU64::new(0),
             sync_errors: AtomicU64::new(0),
+            conntrack_deleted: AtomicU64::new(0),
             events_dropped: AtomicU64::new(0),
             applies_full: AtomicU64::new(0),
             applies_partial: AtomicU64::new(0),
@@ -307,6 +311,11 @@ impl Metrics {
     /// Objects currently refused by validation (not programmed).
     pub fn set_rejected_objects(&self, n: u64) {
         self.rejected_objects.store(n, Ordering::Relaxed);
+    }
+
+    /// Conntrack entries of removed UDP backends deleted by a sync.
+    pub fn add_conntrack_deleted(&self, n: u64) {
+        self.conntrack_deleted.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn inc_sync_errors(&self) {
@@ -447,7 +456,7 @@ impl Metrics {
 
     /// The gauges and counters of one value each, in exposition order:
     /// name, help, value.
-    fn scalars(&self) -> [(&'static str, &'static str, Scalar); 11] {
+    fn scalars(&self) -> [(&'static str, &'static str, Scalar); 12] {
         use Scalar::{Counter, Gauge};
         [
             (
@@ -499,6 +508,11 @@ impl Metrics {
                 "proxy_agent_sync_errors_total",
                 "Failed dataplane syncs",
                 Counter(load(&self.sync_errors)),
+            ),
+            (
+                "kubeproxy_conntrack_reconciler_deleted_entries_total",
+                "Cumulative conntrack flows deleted by conntrack reconciler",
+                Counter(load(&self.conntrack_deleted)),
             ),
             (
                 "proxy_agent_events_dropped_total",
@@ -730,6 +744,7 @@ mod tests {
         m.add_endpoint_changes(5);
         m.add_service_changes(4);
         m.inc_sync_errors();
+        m.add_conntrack_deleted(3);
         m.inc_events_dropped();
         m.inc_events_dropped();
         m.sync_queued_at(Timestamp::from_second(1_700_000_000).expect("ts"));
@@ -748,16 +763,17 @@ mod tests {
             "proxy_agent_backends 7\n",
             "proxy_agent_rejected_objects 2\n",
             "proxy_agent_sync_errors_total 1\n",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total 3\n",
             "proxy_agent_events_dropped_total 2\n",
             "# TYPE proxy_agent_events_dropped_total counter\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        // Every family is declared exactly once: 17 of the agent's, and the
+        // Every family is declared exactly once: 18 of the agent's, and the
         // process family.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 17 + super::super::process::samples().len());
+        assert_eq!(types, 18 + super::super::process::samples().len());
         assert_eq!(helps, types);
         for family in [
             "process_cpu_seconds_total",
