@@ -544,6 +544,7 @@ impl Validator {
 
     fn config(&mut self, raw: RawConfig) -> FileConfig {
         self.type_meta(raw.api_version.as_deref(), raw.kind.as_deref());
+        self.unused_fields(&raw);
         let mode = non_empty(raw.mode).and_then(|m| self.mode(&m));
         let cluster_cidrs = non_empty(raw.cluster_cidr).map(|s| self.cluster_cidrs(&s));
         let node_port_addresses = raw.node_port_addresses.map(|list| {
@@ -592,18 +593,6 @@ impl Validator {
                 .ok()
                 .flatten()
         });
-        self.unused_fields(
-            raw.detect_local,
-            raw.feature_gates,
-            raw.enable_profiling,
-            raw.show_hidden_metrics_for_version,
-            raw.oom_score_adj,
-            raw.config_sync_period,
-            raw.port_range,
-            raw.winkernel,
-            raw.windows_run_as_service,
-            raw.udp_idle_timeout,
-        );
         FileConfig {
             mode,
             cluster_cidrs,
@@ -636,44 +625,34 @@ impl Validator {
 
     /// The v1alpha1 fields with no counterpart here: validated where
     /// kube-proxy validates them, noted when set.
-    #[allow(clippy::too_many_arguments)]
-    fn unused_fields(
-        &mut self,
-        detect_local: Option<RawDetectLocal>,
-        feature_gates: Option<std::collections::BTreeMap<String, bool>>,
-        enable_profiling: Option<bool>,
-        show_hidden_metrics_for_version: Option<String>,
-        oom_score_adj: Option<i64>,
-        config_sync_period: Option<String>,
-        port_range: Option<String>,
-        winkernel: Option<RawWinkernel>,
-        windows_run_as_service: Option<bool>,
-        udp_idle_timeout: Option<String>,
-    ) {
+    fn unused_fields(&mut self, raw: &RawConfig) {
         let set = |s: &Option<String>| s.as_ref().is_some_and(|s| !s.trim().is_empty());
         let yes = |b: Option<bool>| b == Some(true);
-        if let Some(d) = detect_local {
+        if let Some(d) = &raw.detect_local {
             self.unused(
                 "detectLocal",
                 set(&d.bridge_interface) || set(&d.interface_name_prefix),
             );
         }
-        self.unused("featureGates", feature_gates.is_some_and(|g| !g.is_empty()));
-        self.unused("enableProfiling", yes(enable_profiling));
+        self.unused(
+            "featureGates",
+            raw.feature_gates.as_ref().is_some_and(|g| !g.is_empty()),
+        );
+        self.unused("enableProfiling", yes(raw.enable_profiling));
         self.unused(
             "showHiddenMetricsForVersion",
-            set(&show_hidden_metrics_for_version),
+            set(&raw.show_hidden_metrics_for_version),
         );
-        if let Some(adj) = oom_score_adj {
+        if let Some(adj) = raw.oom_score_adj {
             if !(-1000..=1000).contains(&adj) {
                 self.err("oomScoreAdj", format!("{adj} is not in [-1000, 1000]"));
             }
             self.unused("oomScoreAdj", true);
         }
-        let period = self.period("configSyncPeriod", config_sync_period);
+        let period = self.period("configSyncPeriod", raw.config_sync_period.clone());
         self.unused("configSyncPeriod", period.is_some());
-        self.unused("portRange", set(&port_range));
-        if let Some(w) = winkernel {
+        self.unused("portRange", set(&raw.port_range));
+        if let Some(w) = &raw.winkernel {
             let any = set(&w.network_name)
                 || set(&w.source_vip)
                 || set(&w.root_hns_endpoint_name)
@@ -681,8 +660,8 @@ impl Validator {
                 || yes(w.forward_health_check_vip);
             self.unused("winkernel", any);
         }
-        self.unused("windowsRunAsService", yes(windows_run_as_service));
-        let idle = self.period("udpIdleTimeout", udp_idle_timeout);
+        self.unused("windowsRunAsService", yes(raw.windows_run_as_service));
+        let idle = self.period("udpIdleTimeout", raw.udp_idle_timeout.clone());
         self.unused("udpIdleTimeout", idle.is_some());
     }
 
