@@ -304,6 +304,7 @@ impl<T: Transport> Session<T> {
     /// Dumps the UDP entries of the table of `flows.family` (all entries
     /// unless `filtered`), adding a delete request for each matching entry
     /// to `out`.
+    #[cfg(test)]
     fn dump(
         &mut self,
         flows: &FlowSet,
@@ -531,13 +532,17 @@ pub fn count_translated_tcp_flows(
 ) -> Result<usize, ConntrackError> {
     const IPPROTO_TCP: u8 = libc::IPPROTO_TCP as u8;
     let mut count = 0;
+    let mut filtered = true;
     for family in [AF_INET, AF_INET6] {
-        let mut attempt = 1;
-        let mut proto = Some(IPPROTO_TCP);
-        loop {
-            let mut found = 0;
-            let mut session = Session::new(NetlinkSocket::open()?);
-            let result = session.dump_with(family, proto, &mut |entry| {
+        // Counted again from 0 when a dump starts over.
+        let found = std::cell::Cell::new(0);
+        dump_again_on_trouble(
+            NetlinkSocket::open,
+            family,
+            IPPROTO_TCP,
+            &mut filtered,
+            &mut || found.set(0),
+            &mut |entry| {
                 let live = entry
                     .tcp_state
                     .is_some_and(|state| state < TCP_CONNTRACK_TIME_WAIT);
@@ -549,29 +554,46 @@ pub fn count_translated_tcp_flows(
                         .dst_port
                         .is_some_and(|port| to(entry.orig.dst, port))
                 {
-                    found += 1;
+                    found.set(found.get() + 1);
                 }
-            });
-            match result {
-                Ok(()) => {
-                    count += found;
-                    break;
-                }
-                Err(ConntrackError::Overrun { .. }) if attempt < DUMP_ATTEMPTS => attempt += 1,
-                Err(ConntrackError::Kernel { source, .. })
-                    if proto.is_some()
-                        && matches!(
-                            source.raw_os_error(),
-                            Some(libc::EINVAL | libc::EOPNOTSUPP)
-                        ) =>
-                {
-                    proto = None;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            },
+        )?;
+        count += found.get();
     }
     Ok(count)
+}
+
+/// Dumps the table of `family` on a fresh socket from `open`, each entry to
+/// `visit`, and returns the session. Only `proto`'s entries while
+/// `filtered`; a kernel that refuses the filter gets the plain dump, and
+/// `filtered` goes false for the dumps after. A dump whose replies
+/// overflowed the receive buffer starts over on a new socket (leftovers of
+/// the old must not mix with the new), after `restart`, at most
+/// [`DUMP_ATTEMPTS`] times in all.
+fn dump_again_on_trouble<T: Transport>(
+    mut open: impl FnMut() -> Result<T, ConntrackError>,
+    family: u8,
+    proto: u8,
+    filtered: &mut bool,
+    restart: &mut dyn FnMut(),
+    visit: &mut dyn FnMut(&Entry<'_>),
+) -> Result<Session<T>, ConntrackError> {
+    let mut attempt = 1;
+    loop {
+        let mut session = Session::new(open()?);
+        match session.dump_with(family, filtered.then_some(proto), visit) {
+            Ok(()) => return Ok(session),
+            Err(ConntrackError::Overrun { .. }) if attempt < DUMP_ATTEMPTS => attempt += 1,
+            Err(ConntrackError::Kernel { source, .. })
+                if *filtered
+                    && matches!(source.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
+                *filtered = false;
+            }
+            Err(e) => return Err(e),
+        }
+        restart();
+    }
 }
 
 /// [`delete_stale_udp_flows`] over transports that `open` makes.
@@ -590,29 +612,20 @@ fn delete_with<T: Transport>(
     // either way).
     let mut filtered = true;
     for set in &sets {
-        let mut attempt = 1;
-        loop {
-            // A fresh socket for each attempt: leftovers of an overrun dump
-            // must not mix with the new one.
-            let mut fresh = Session::new(open()?);
-            match fresh.dump(set, filtered, &mut deletes) {
-                Ok(()) => {
-                    session = Some(fresh);
-                    break;
+        // A delete request found by an overrun dump names a real entry:
+        // kept for the next attempt (the set holds each once).
+        session = Some(dump_again_on_trouble(
+            &mut open,
+            set.family,
+            IPPROTO_UDP,
+            &mut filtered,
+            &mut || {},
+            &mut |entry| {
+                if set.matches(entry) {
+                    deletes.insert(DeleteRequest::of(entry));
                 }
-                Err(ConntrackError::Overrun { .. }) if attempt < DUMP_ATTEMPTS => attempt += 1,
-                Err(ConntrackError::Kernel { source, .. })
-                    if filtered
-                        && matches!(
-                            source.raw_os_error(),
-                            Some(libc::EINVAL | libc::EOPNOTSUPP)
-                        ) =>
-                {
-                    filtered = false;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            },
+        )?);
     }
     let deletes: Vec<DeleteRequest> = deletes.into_iter().collect();
     match session {
