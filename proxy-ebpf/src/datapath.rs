@@ -284,7 +284,7 @@ fn new_flow<const UNTIL: u32>(
     if UNTIL == step::CREATE {
         return STOPPED;
     }
-    nat::translate(ctx, pkt, &sel, reason)
+    nat::translate(ctx, pkt, cfg, &sel, reason)
 }
 
 #[classifier]

@@ -136,6 +136,7 @@ pub(crate) fn mark_translated(ctx: &TcContext, cfg: Option<&NodeConfig>) {
 pub(crate) fn translate(
     ctx: &mut TcContext,
     pkt: &Packet,
+    cfg: Option<&NodeConfig>,
     sel: &Selection,
     reason: u32,
 ) -> Verdict {
@@ -147,7 +148,7 @@ pub(crate) fn translate(
         sel.backend.port,
     ) {
         Ok(()) => {
-            mark_translated(ctx, config());
+            mark_translated(ctx, cfg);
             (TC_ACT_OK as i32, reason)
         }
         Err(_) => (TC_ACT_SHOT as i32, stat::ERR_REWRITE),
