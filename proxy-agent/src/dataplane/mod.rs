@@ -8,6 +8,7 @@ pub use mode::{Mode, ModeOptions};
 pub mod addresses;
 pub mod conntrack;
 pub mod ebpf;
+pub mod held;
 pub mod iptables;
 pub mod ipvs;
 pub mod mode;

@@ -23,6 +23,7 @@ use k8s_openapi::api::{
 };
 
 mod builder;
+pub mod explain;
 mod objects;
 pub mod plan;
 mod service;
@@ -125,7 +126,10 @@ pub struct ModelConfig {
 }
 
 /// L4 protocol of a service port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -182,15 +186,19 @@ impl std::fmt::Display for ServiceName {
 }
 
 /// How traffic reaches a frontend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum FrontendKind {
     /// `spec.clusterIP(s)`: traffic from inside the cluster.
+    #[serde(rename = "ClusterIP")]
     ClusterIp,
     /// `spec.ports[].nodePort` on the node's own addresses. The key's `ip`
     /// is the unspecified address of the family (0.0.0.0 or ::): "every
     /// node address the dataplane accepts NodePorts on".
     NodePort,
     /// `spec.externalIPs`.
+    #[serde(rename = "ExternalIP")]
     ExternalIp,
     /// `status.loadBalancer.ingress[].ip`.
     LoadBalancer,
@@ -223,7 +231,9 @@ pub struct FrontendPolicy {
 }
 
 /// What a packet is matched on: destination address, port and protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct FrontendKey {
     pub ip: IpAddr,
     pub port: u16,
@@ -231,7 +241,9 @@ pub struct FrontendKey {
 }
 
 /// One endpoint address and target port serving a frontend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Backend {
     pub ip: IpAddr,
     pub port: u16,

@@ -563,6 +563,43 @@ pub fn count_translated_tcp_flows(
     Ok(count)
 }
 
+/// The destination netfilter translated a flow to: the reply source of
+/// the conntrack entry whose original tuple is `src:sport -> dst:dport`
+/// of `proto` (IP protocol number), when it exists and was translated.
+/// Reads only (a dump of the family's entries of that protocol).
+pub fn translated_destination(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    proto: u8,
+) -> Result<Option<(IpAddr, u16)>, ConntrackError> {
+    let family = if dst.is_ipv4() { AF_INET } else { AF_INET6 };
+    let mut filtered = true;
+    let found = std::cell::Cell::new(None);
+    dump_again_on_trouble(
+        NetlinkSocket::open,
+        family,
+        proto,
+        &mut filtered,
+        &mut || found.set(None),
+        &mut |entry| {
+            let o = &entry.orig;
+            if o.proto == proto
+                && o.src == src
+                && o.dst == dst
+                && o.src_port == Some(sport)
+                && o.dst_port == Some(dport)
+                && (entry.reply.src != dst || entry.reply.src_port != Some(dport))
+                && let Some(port) = entry.reply.src_port
+            {
+                found.set(Some((entry.reply.src, port)));
+            }
+        },
+    )?;
+    Ok(found.get())
+}
+
 /// Dumps the table of `family` on a fresh socket from `open`, each entry to
 /// `visit`, and returns the session. Only `proto`'s entries while
 /// `filtered`; a kernel that refuses the filter gets the plain dump, and

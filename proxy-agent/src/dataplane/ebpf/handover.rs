@@ -20,7 +20,8 @@ use proxy_common::{
 
 use super::{EbpfError, PinLayout, network::address_of, writer::remove_ignoring_missing};
 
-fn pinned(bpf_root: &Path, name: &str) -> Result<Option<MapData>, EbpfError> {
+/// The map `name` pinned under `bpf_root`, if it is there.
+pub(super) fn pinned(bpf_root: &Path, name: &str) -> Result<Option<MapData>, EbpfError> {
     let path = PinLayout::new(bpf_root).maps().join(name);
     if !path.exists() {
         return Ok(None);

@@ -45,6 +45,7 @@ pub mod counters;
 mod encode;
 mod flows;
 pub mod handover;
+pub mod held;
 mod ids;
 mod network;
 pub mod pods;

@@ -63,7 +63,7 @@ impl IptablesBackend {
         }
     }
 
-    fn save_binary(self, family: Family) -> &'static str {
+    pub(super) fn save_binary(self, family: Family) -> &'static str {
         match (self, family) {
             (IptablesBackend::Nft, Family::V4) => "iptables-nft-save",
             (IptablesBackend::Nft, Family::V6) => "ip6tables-nft-save",
@@ -170,7 +170,7 @@ fn refusal(binary: &'static str, stderr: &str, input: &str) -> IptablesError {
 }
 
 /// The first [`STDERR_LINES`] lines of a tool's stderr, joined with " | ".
-fn first_lines(stderr: &str) -> String {
+pub(super) fn first_lines(stderr: &str) -> String {
     stderr
         .lines()
         .take(STDERR_LINES)

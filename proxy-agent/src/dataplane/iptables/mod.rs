@@ -92,6 +92,7 @@ use crate::model::FrontendKey;
 
 mod backend;
 mod cleanup;
+pub mod held;
 mod names;
 mod render;
 mod restore;

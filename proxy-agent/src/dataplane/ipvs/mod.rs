@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod held;
 pub mod link;
 pub mod netlink;
 pub mod render;
@@ -87,6 +88,8 @@ pub enum IpvsModeError {
     Nft(String),
     #[error("ipset: {0}")]
     Ipset(String),
+    #[error("nft -j list table inet {table}: {0}", table = table::TABLE)]
+    List(String),
 }
 
 impl From<IpvsModeError> for DataplaneError {

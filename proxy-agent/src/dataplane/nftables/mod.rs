@@ -53,6 +53,7 @@ mod base;
 mod cleanup;
 mod existing;
 mod expr;
+pub mod held;
 mod render;
 mod shard;
 mod transaction;
