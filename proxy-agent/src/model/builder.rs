@@ -114,7 +114,7 @@ struct Context {
 
 /// Addresses no ClusterIP may take, and what they are, for the rejection.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Reserved {
+pub(super) struct Reserved {
     net: IpNet,
     what: String,
 }
@@ -526,7 +526,7 @@ fn count_out(counts: &mut BTreeMap<Rejection, usize>, rejections: &[Rejection]) 
 }
 
 /// The Service whose endpoints a usable slice holds.
-fn slice_service(check: &SliceCheck) -> Option<ServiceName> {
+pub(super) fn slice_service(check: &SliceCheck) -> Option<ServiceName> {
     let plan = check.plan.as_ref()?;
     Some(ServiceName::new(
         &plan.namespace,
@@ -814,7 +814,7 @@ fn select_backends(
 /// topology-aware routing keeps, decided like kube-proxy's
 /// topologyModeFromHints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TopologyScope {
+pub(super) enum TopologyScope {
     /// Every ready endpoint: the hints are incomplete or name neither this
     /// node nor its zone.
     Cluster,
@@ -830,7 +830,7 @@ impl TopologyScope {
     /// and one names this node's zone; else all of them. A partial set of
     /// hints means the hint writer is mid-update or gave up, so following it
     /// could overload the few hinted endpoints.
-    fn of<'a>(ready: impl Iterator<Item = &'a EndpointEntry> + Clone) -> TopologyScope {
+    pub(super) fn of<'a>(ready: impl Iterator<Item = &'a EndpointEntry> + Clone) -> TopologyScope {
         let complete_with_ours = |hint: fn(&EndpointEntry) -> Hint| {
             let mut any = false;
             let mut ours = false;
@@ -853,7 +853,7 @@ impl TopologyScope {
         }
     }
 
-    fn admits(self, entry: &EndpointEntry) -> bool {
+    pub(super) fn admits(self, entry: &EndpointEntry) -> bool {
         match self {
             TopologyScope::Cluster => true,
             TopologyScope::Node => entry.node_hint == Hint::Here,
@@ -865,33 +865,33 @@ impl TopologyScope {
 /// The backends one Service port of one address family can use: how
 /// EndpointSlices are matched to frontends (by port name and protocol).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct BackendGroup {
-    service: ServiceName,
-    family: IpFamily,
-    port_name: String,
-    protocol: Protocol,
+pub(super) struct BackendGroup {
+    pub(super) service: ServiceName,
+    pub(super) family: IpFamily,
+    pub(super) port_name: String,
+    pub(super) protocol: Protocol,
 }
 
 /// An endpoint address and port with what decides whether it gets traffic.
 /// Kept as a set, so that one endpoint listed in several slices (even with
 /// differing conditions or hints) gives the same result in any order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct EndpointEntry {
-    backend: Backend,
-    ready: bool,
-    serving_terminating: bool,
+pub(super) struct EndpointEntry {
+    pub(super) backend: Backend,
+    pub(super) ready: bool,
+    pub(super) serving_terminating: bool,
     /// On the node this agent runs on.
-    local: bool,
+    pub(super) local: bool,
     /// `hints.forZones` against this node's zone.
-    zone_hint: Hint,
+    pub(super) zone_hint: Hint,
     /// `hints.forNodes` against this node.
-    node_hint: Hint,
+    pub(super) node_hint: Hint,
 }
 
 /// What an endpoint's hints of one kind (zones or nodes) say about this
 /// node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Hint {
+pub(super) enum Hint {
     /// No hint of that kind.
     Absent,
     /// Hints that name neither this node nor its zone.
@@ -914,15 +914,15 @@ impl Hint {
 
 /// Where this agent runs, as endpoints and their hints name it.
 #[derive(Clone, Copy, Debug)]
-struct Place<'a> {
+pub(super) struct Place<'a> {
     /// "" when unknown.
-    node_name: &'a str,
+    pub(super) node_name: &'a str,
     /// `node_name` as endpoints name it (`None`: none does).
-    node: Option<NodeName>,
+    pub(super) node: Option<NodeName>,
     /// The `topology.kubernetes.io/zone` label of this node's Node object.
-    zone: Option<&'a str>,
+    pub(super) zone: Option<&'a str>,
     /// Where no ClusterIP is proxied.
-    reserved: &'a [Reserved],
+    pub(super) reserved: &'a [Reserved],
 }
 
 impl Place<'_> {
@@ -943,7 +943,7 @@ impl Place<'_> {
 /// Node named in `cfg` (absent or empty: no zone, as for kube-proxy). Copies
 /// of that Node that disagree on it are reported and give no zone, so the
 /// result does not depend on their order.
-fn node_zone(
+pub(super) fn node_zone(
     nodes: &[Arc<Node>],
     cfg: &ModelConfig,
     rejections: &mut Vec<Rejection>,
@@ -980,7 +980,7 @@ fn node_zone(
 }
 
 /// The usable endpoints of one Service's slices, merged per group.
-fn index_endpoints(
+pub(super) fn index_endpoints(
     service: &ServiceName,
     slices: &[(usize, Arc<Slice>)],
     place: Place<'_>,
