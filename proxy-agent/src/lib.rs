@@ -7,6 +7,7 @@
 //! - kernel: the eBPF programs (crate `proxy-ebpf`), sharing map types through `proxy-common`.
 pub mod config;
 pub mod dataplane;
+pub mod inspect;
 
 /// The config of a "never panics on bad input" property test: `default`
 /// cases in the test suite, `PROXY_FUZZ_CASES` when `cargo xtask fuzz` runs

@@ -19,6 +19,7 @@ use proxy_agent::{
         ipvs::{self, IpvsOptions, netlink::Timeouts},
         mode::{IptablesBackendChoice, Opened, remove_kube_proxy_leftovers},
     },
+    inspect,
     model::{HealthCheck, ModelConfig, Rejection, ServiceName, TableBuilder},
     serve::{self, Health, Metrics, healthcheck::HealthCheckServers},
     source::{
@@ -85,6 +86,60 @@ enum Command {
     },
     /// Print the man page (roff; `proxy-agent man | man -l -`).
     Man,
+    /// Print the services as the kernel holds them now, in whatever mode,
+    /// with the running agent's names, endpoint states and drift; with the
+    /// agent down, what the kernel alone says.
+    List(ListArgs),
+    /// Explain what happens to one packet: which frontend matches, which
+    /// endpoints are candidates and why, masquerade, drops, and the flow
+    /// or affinity entry that pins the client. Asks the running agent;
+    /// sends nothing, writes nothing.
+    Trace(TraceArgs),
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// The running agent's metrics address (its --metrics-bind-address),
+    /// whose /debug endpoints answer.
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249")]
+    agent: std::net::SocketAddr,
+    /// text (a table) or json (what /debug/services and /debug/trace give).
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    output: OutputFormat,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    #[command(flatten)]
+    common: InspectArgs,
+    /// With the agent down: read this mode's state only (default: every
+    /// mode's that holds any).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// With the agent down: the --bpf-root the ebpf mode pinned its maps under.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BPF_ROOT)]
+    bpf_root: PathBuf,
+    /// With the agent down: the iptables interface to read (auto, nft, legacy).
+    #[arg(long, value_enum, default_value = "auto")]
+    iptables_backend: IptablesBackendChoice,
+}
+
+#[derive(Args, Debug)]
+struct TraceArgs {
+    #[command(flatten)]
+    common: InspectArgs,
+    /// The packet's source: IP, or IP:PORT to look up its flow.
+    #[arg(long, value_name = "IP[:PORT]")]
+    from: String,
+    /// Its destination: IP:PORT, with /TCP (default), /UDP or /SCTP.
+    #[arg(long, value_name = "IP:PORT[/PROTO]")]
+    to: String,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -294,6 +349,12 @@ struct RunArgs {
     #[arg(long, value_name = "IP:PORT", value_parser = optional_bind_address)]
     metrics_bind_address: Option<BindFlag>,
 
+    /// Who may ask /debug/services and /debug/trace on the metrics address
+    /// (what `proxy-agent list` and `trace` read): loopback clients only,
+    /// any client, or off.
+    #[arg(long, value_enum, default_value = "loopback")]
+    debug_endpoints: serve::DebugAccess,
+
     /// kube-proxy's: the sync period of the iptables mode, which here also
     /// gives the ebpf and nftables modes theirs (below --sync-period).
     #[arg(long, value_name = "DURATION", value_parser = config::parse_go_duration)]
@@ -463,6 +524,7 @@ struct Settings {
     min_sync_period: Duration,
     healthz_bind_address: Option<config::BindAddress>,
     metrics_bind_address: Option<config::BindAddress>,
+    debug_endpoints: serve::DebugAccess,
     config_path: Option<PathBuf>,
     /// The whole validated file, including the fields this build does not use yet.
     file: Option<FileConfig>,
@@ -555,6 +617,7 @@ impl Settings {
                 .metrics_bind_address
                 .map(|flag| flag.0)
                 .unwrap_or(Some(f.metrics_bind_address.unwrap_or(DEFAULT_METRICS))),
+            debug_endpoints: args.debug_endpoints,
             config_path: args.config,
             file,
         }
@@ -673,14 +736,25 @@ async fn run(mut args: Settings) -> Result<()> {
         let health = health.clone();
         metrics.register_collector(move || health.answer_samples());
     }
-    let mut servers = start_servers(&args, &health, &metrics).await?;
+    let node_network = Arc::new(Mutex::new(None));
+    let views: Arc<dyn serve::DebugViews> = Arc::new(inspect::agent::AgentViews {
+        mode: args.mode,
+        kernel: inspect::kernel::KernelOptions {
+            bpf_root: args.bpf_root.clone(),
+            iptables_backend: args.iptables_backend,
+        },
+        cfg: cfg.clone(),
+        state: rx.clone(),
+        network: node_network.clone(),
+    });
+    let mut servers = start_servers(&args, &health, &metrics, views).await?;
     match args.mode {
         Mode::Ebpf => register_datapath_counters(&metrics, &args.bpf_root),
         Mode::Ipvs => register_ipvs_counters(&metrics),
         Mode::Nftables | Mode::Iptables => {}
     }
     let (first_sync_tx, first_sync) = tokio::sync::oneshot::channel();
-    let observer = AgentObserver::new(health, metrics, events, first_sync_tx);
+    let observer = AgentObserver::new(health, metrics, events, first_sync_tx, node_network);
     // Taking over needs where the other modes' state is, nothing else.
     let handover_options = ModeOptions {
         ebpf: EbpfOptions {
@@ -999,6 +1073,7 @@ async fn start_servers(
     args: &Settings,
     health: &Arc<Health>,
     metrics: &Arc<Metrics>,
+    views: Arc<dyn serve::DebugViews>,
 ) -> Result<tokio::task::JoinSet<()>> {
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = &args.healthz_bind_address {
@@ -1008,7 +1083,9 @@ async fn start_servers(
     }
     if let Some(addr) = &args.metrics_bind_address {
         let (metrics, mode) = (metrics.clone(), args.mode.name());
-        let serve = move |listener| serve::run_metrics(listener, metrics.clone(), mode);
+        let debug = Some((views, args.debug_endpoints));
+        let serve =
+            move |listener| serve::run_metrics(listener, metrics.clone(), mode, debug.clone());
         start_server(&mut servers, "--metrics-bind-address", addr, args, serve).await?;
     }
     Ok(servers)
@@ -1268,6 +1345,8 @@ struct AgentObserver {
     health_checks: Mutex<HealthCheckServers>,
     /// Fired at the first sync: this mode serves, the others may go.
     first_sync: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// The node network last given to the dataplane, for the debug views.
+    node_network: Arc<Mutex<Option<proxy_agent::model::NodeNetwork>>>,
 }
 
 impl AgentObserver {
@@ -1276,6 +1355,7 @@ impl AgentObserver {
         metrics: Arc<Metrics>,
         events: Option<EventPublisher>,
         first_sync: tokio::sync::oneshot::Sender<()>,
+        node_network: Arc<Mutex<Option<proxy_agent::model::NodeNetwork>>>,
     ) -> Self {
         let health_checks = {
             let health = health.clone();
@@ -1289,11 +1369,18 @@ impl AgentObserver {
             events,
             health_checks: Mutex::new(health_checks),
             first_sync: Mutex::new(Some(first_sync)),
+            node_network,
         }
     }
 }
 
 impl SyncObserver for AgentObserver {
+    fn node_network(&self, network: &proxy_agent::model::NodeNetwork) {
+        if let Ok(mut slot) = self.node_network.lock() {
+            *slot = Some(network.clone());
+        }
+    }
+
     fn queued(&self, changes: ObjectChanges) {
         self.health.queued_update();
         self.metrics.sync_queued();
@@ -1550,6 +1637,125 @@ fn tune_allocator() {
     }
 }
 
+/// How long `list` and `trace` wait for the agent's answer: it reads the
+/// whole kernel state, seconds at tens of thousands of services.
+const ASK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `proxy-agent list`: the agent's listing, else the kernel's alone.
+fn inspect_list(args: &ListArgs) -> std::process::ExitCode {
+    use inspect::client::{AskError, ask};
+    let output = args.common.output;
+    let answer = ask(args.common.agent, "/debug/services", ASK_TIMEOUT);
+    let listings: Vec<inspect::Listing> = match answer {
+        Ok(body) => match serde_json::from_str::<inspect::Listing>(&body) {
+            Ok(listing) if output == OutputFormat::Json => {
+                println!("{body}");
+                return listing_status(&[listing]);
+            }
+            Ok(listing) => vec![listing],
+            Err(e) => {
+                eprintln!("the agent's /debug/services could not be read: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        Err(e @ AskError::Unreachable { .. }) => {
+            eprintln!("{e}; listing what the kernel holds, without the agent's names and drift");
+            let options = inspect::kernel::KernelOptions {
+                bpf_root: args.bpf_root.clone(),
+                iptables_backend: args.iptables_backend,
+            };
+            let addresses = inspect::client::local_addresses();
+            let read = match args.mode {
+                Some(mode) => vec![(mode, inspect::kernel::held(mode, &options, &addresses))],
+                None => inspect::kernel::modes_holding_state(&options, &addresses),
+            };
+            let mut listings = Vec::new();
+            for (mode, held) in read {
+                match held {
+                    Ok(held) => listings.push(inspect::list(&held, None)),
+                    Err(e) => eprintln!("reading the {mode} mode's state: {e}"),
+                }
+            }
+            if listings.is_empty() {
+                eprintln!("no mode holds any service on this node");
+            }
+            listings
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match output {
+        OutputFormat::Json => match serde_json::to_string_pretty(&listings) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("{e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        OutputFormat::Text => {
+            for listing in &listings {
+                print!("{}", inspect::render_listing(listing));
+            }
+        }
+    }
+    listing_status(&listings)
+}
+
+/// 0 when nothing drifted, 3 when some frontend did (for scripts and
+/// probes), as `diff` tells "differs" from "failed".
+fn listing_status(listings: &[inspect::Listing]) -> std::process::ExitCode {
+    if listings.iter().any(|l| l.drifted > 0) {
+        std::process::ExitCode::from(3)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
+/// `proxy-agent trace`: the agent's answer.
+fn inspect_trace(args: &TraceArgs) -> std::process::ExitCode {
+    if let Err(e) = inspect::trace::Query::parse(&args.from, &args.to) {
+        eprintln!("{e}");
+        return std::process::ExitCode::from(2);
+    }
+    let path = format!(
+        "/debug/trace?from={}&to={}",
+        percent_encode(&args.from),
+        percent_encode(&args.to)
+    );
+    match inspect::client::ask(args.common.agent, &path, ASK_TIMEOUT) {
+        Ok(body) if args.common.output == OutputFormat::Json => {
+            println!("{body}");
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(body) => match serde_json::from_str::<inspect::trace::Trace>(&body) {
+            Ok(trace) => {
+                print!("{}", inspect::trace::render_trace(&trace));
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("the agent's /debug/trace could not be read: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("{e}; trace needs the running agent's model");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Percent-encodes what a query value cannot hold as is.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
@@ -1577,6 +1783,8 @@ fn main() -> std::process::ExitCode {
             };
         }
         Command::Cleanup(_) => None,
+        Command::List(args) => return inspect_list(args),
+        Command::Trace(args) => return inspect_trace(args),
     };
     let logging = match &file {
         Some(Ok(f)) => f.logging.clone(),
@@ -1620,7 +1828,7 @@ fn main() -> std::process::ExitCode {
             .context("starting the async runtime")
             .and_then(|rt| rt.block_on(run(Settings::resolve(*args, file)))),
         Command::Cleanup(args) => cleanup(args),
-        Command::Completions { .. } | Command::Man => Ok(()),
+        Command::Completions { .. } | Command::Man | Command::List(_) | Command::Trace(_) => Ok(()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

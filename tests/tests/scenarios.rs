@@ -226,6 +226,7 @@ suite![
     a_frontend_on_another_services_backend,
     churn_10000_connections_while_endpoints_change,
     a_file_broken_while_the_agent_is_down_keeps_serving,
+    list_and_trace_tell_what_the_traffic_does,
 ];
 
 fn run(test: &str, mode: Mode, scenario: fn(Mode) -> anyhow::Result<()>) {
@@ -2606,5 +2607,190 @@ fn a_file_broken_while_the_agent_is_down_keeps_serving(mode: Mode) -> anyhow::Re
         "only the fixed file's backend",
         |report| report.backends() == names(&["pod-1"]),
     )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// What an operator asks the node.
+
+/// `proxy-agent <args> -o json`, run on the node as an operator runs it
+/// (it asks the agent's metrics address there).
+fn ask_node(c: &Cluster, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = proxy_tests::netns::netns_command(c.t.node_ns(), agent_binary()?)
+        .args(args)
+        .args(["-o", "json"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running proxy-agent {args:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "proxy-agent {args:?} exited with {}: {}{}",
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).with_context(|| format!("proxy-agent {args:?} printed {stdout}"))
+}
+
+/// `proxy-agent list` and `trace`, asked on the node while traffic flows,
+/// say what the traffic does, in the same words in every mode: the
+/// frontends (ClusterIP and NodePort) with the Service's name, the backends
+/// that answered with their state, no drift; the masquerade address the
+/// backends saw; the terminating endpoint left out and why; and the backend
+/// an open connection is pinned to.
+fn list_and_trace_tell_what_the_traffic_does(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(3))?;
+    let service = echo().tcp(SESSION_PORT, POD_SESSION_PORT).node_port(&[
+        TCP_NODE_PORT,
+        UDP_NODE_PORT,
+        TCP_NODE_PORT + 1,
+    ]);
+    let mut endpoints = c.t.slice_endpoints(IpFamily::V4, &[0, 1], &[]);
+    endpoints.extend(
+        c.t.slice_endpoints(IpFamily::V4, &[2], &[])
+            .into_iter()
+            .map(|e| e.terminating(true)),
+    );
+    c.publish(&service, &endpoints)?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), COUNT)?;
+    check("ClusterIP", &report, COUNT, &["pod-0", "pod-1"], &[NODE])?;
+    let pod_ip = |i: usize| IpAddr::V4(c.t.pod(i).ip);
+
+    let listing = ask_node(&c, &["list"])?;
+    ensure!(
+        listing["mode"] == mode.mode().name(),
+        "mode: {}",
+        listing["mode"]
+    );
+    ensure!(listing["drifted"] == 0, "drift: {listing:#}");
+    let frontends = listing["frontends"].as_array().context("frontends")?;
+    let expected = [
+        (VIP, TCP_PORT, "TCP", "ClusterIP", "tcp-80", POD_TCP_PORT),
+        (VIP, UDP_PORT, "UDP", "ClusterIP", "udp-53", POD_UDP_PORT),
+        (
+            VIP,
+            SESSION_PORT,
+            "TCP",
+            "ClusterIP",
+            "tcp-81",
+            POD_SESSION_PORT,
+        ),
+        (
+            Ipv4Addr::UNSPECIFIED.into(),
+            TCP_NODE_PORT,
+            "TCP",
+            "NodePort",
+            "tcp-80",
+            POD_TCP_PORT,
+        ),
+        (
+            Ipv4Addr::UNSPECIFIED.into(),
+            UDP_NODE_PORT,
+            "UDP",
+            "NodePort",
+            "udp-53",
+            POD_UDP_PORT,
+        ),
+    ];
+    for (ip, port, protocol, kind, port_name, target) in expected {
+        let f = frontends
+            .iter()
+            .find(|f| {
+                f["key"]["ip"] == ip.to_string()
+                    && f["key"]["port"] == port
+                    && f["key"]["protocol"] == protocol
+            })
+            .with_context(|| format!("{ip}:{port}/{protocol} not listed: {listing:#}"))?;
+        ensure!(f["kind"] == kind, "{ip}:{port}: kind {}", f["kind"]);
+        ensure!(
+            f["service"] == format!("default/echo:{port_name}"),
+            "{ip}:{port}: service {}",
+            f["service"]
+        );
+        ensure!(f["action"] == "balance", "{ip}:{port}: {}", f["action"]);
+        let backends: BTreeSet<(String, u64, String)> = f["backends"]
+            .as_array()
+            .context("backends")?
+            .iter()
+            .map(|b| {
+                (
+                    b["ip"].as_str().unwrap_or_default().to_string(),
+                    b["port"].as_u64().unwrap_or_default(),
+                    b["state"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let want: BTreeSet<(String, u64, String)> = [0, 1]
+            .iter()
+            .map(|i| {
+                (
+                    pod_ip(*i).to_string(),
+                    u64::from(target),
+                    "ready".to_string(),
+                )
+            })
+            .collect();
+        ensure!(
+            backends == want,
+            "{ip}:{port}: backends {backends:?}, want {want:?}"
+        );
+    }
+
+    // An open connection from a known port, and the trace of its tuple.
+    let stream = in_netns(c.t.client_ns(), || -> std::io::Result<TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), REUSED_PORT).into())?;
+        socket.connect_timeout(&at(VIP, SESSION_PORT).into(), Duration::from_secs(2))?;
+        Ok(socket.into())
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut stream = stream;
+    let answered = ask(&mut stream)?;
+    let from = format!("{CLIENT}:{REUSED_PORT}");
+    let to = format!("{VIP}:{SESSION_PORT}/TCP");
+    let trace = ask_node(&c, &["trace", "--from", &from, "--to", &to])?;
+    ensure!(trace["verdict"] == "translated", "verdict: {trace:#}");
+    ensure!(
+        trace["masquerade_to"] == NODE.to_string(),
+        "the backends saw {NODE}; trace says {}",
+        trace["masquerade_to"]
+    );
+    let pinned = &trace["pinned_to"]["ip"];
+    let answered_ip = match answered.as_str() {
+        "pod-0" => pod_ip(0),
+        "pod-1" => pod_ip(1),
+        other => bail!("the session was answered by {other}"),
+    };
+    ensure!(
+        *pinned == answered_ip.to_string(),
+        "the open connection is pinned to {pinned}; {answered} answered it: {trace:#}"
+    );
+    let candidates = trace["candidates"].as_array().context("candidates")?;
+    let terminating = candidates
+        .iter()
+        .find(|e| e["backend"]["ip"] == pod_ip(2).to_string())
+        .with_context(|| format!("pod-2 is not a candidate: {trace:#}"))?;
+    ensure!(
+        terminating["chosen"] == false
+            && terminating["why"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("terminating")),
+        "pod-2: {terminating:#}"
+    );
+    // The same through a NodePort from outside: translated, masqueraded.
+    let to = format!("{NODE}:{TCP_NODE_PORT}");
+    let trace = ask_node(&c, &["trace", "--from", &CLIENT.to_string(), "--to", &to])?;
+    ensure!(
+        trace["verdict"] == "translated" && trace["masquerade_to"] == NODE.to_string(),
+        "NodePort: {trace:#}"
+    );
+    drop(stream);
     Ok(())
 }

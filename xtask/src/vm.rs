@@ -222,7 +222,8 @@ pub fn run_scenarios(env: &Env) -> anyhow::Result<()> {
 
 /// The ipvs mode's scenarios of `PROXY_VM_IPVS=quick`: one for each part
 /// of the mode (virtual servers of every kind, masquerade, source ranges,
-/// graceful termination, stale UDP flows, hairpin), for a quicker loop
+/// graceful termination, stale UDP flows, hairpin, what `list` and
+/// `trace` read of it), for a quicker loop
 /// while working on it. By default the VM runs every `ipvs::` scenario.
 const IPVS_SCENARIOS: &[&str] = &[
     "ipvs::clusterip_dual_stack_tcp_and_udp",
@@ -233,6 +234,7 @@ const IPVS_SCENARIOS: &[&str] = &[
     "ipvs::established_flow_survives_backend_removal",
     "ipvs::udp_flow_moves_off_a_removed_backend",
     "ipvs::hairpin_routed",
+    "ipvs::list_and_trace_tell_what_the_traffic_does",
 ];
 
 /// [`SCENARIOS`] and every `ipvs::` scenario (listed by the scenario

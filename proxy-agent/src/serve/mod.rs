@@ -5,13 +5,15 @@
 //! - the metrics server (kube-proxy's `--metrics-bind-address`, port 10249):
 //!   `/metrics`, `/proxyMode`, and `/healthz`, which there is the generic
 //!   apiserver-library check answering `ok` while the process serves HTTP (not
-//!   the proxy health).
+//!   the proxy health); and our `/debug/services` and `/debug/trace`
+//!   ([`debug`]), to loopback clients only unless told otherwise.
 //!
 //! Binding is split from serving ([`bind`], then [`run_health`] /
 //! [`run_metrics`]) so the binary learns about a taken port synchronously and
 //! can exit cleanly before spawning anything.
 
 pub mod api_client;
+pub mod debug;
 pub mod health;
 pub mod healthcheck;
 pub mod metrics;
@@ -33,6 +35,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+pub use debug::{DebugAccess, DebugViews};
 pub use health::{DEFAULT_HEALTH_TIMEOUT, Health, HealthStatus, Probe};
 pub use metrics::{Metrics, Sample, SampleKind};
 
@@ -118,31 +121,49 @@ pub async fn serve_metrics(
     mode: &'static str,
 ) -> Result<(), ServeError> {
     let listener = bind(addr).await?;
-    run_metrics(listener, metrics, mode).await;
+    run_metrics(listener, metrics, mode, None).await;
     Ok(())
 }
 
 /// Serves `/healthz` and `/livez` on `listener` forever.
 pub async fn run_health(listener: TcpListener, health: Arc<Health>) {
-    run(listener, "health", move |method, path| {
-        health_response(&method, path, &health)
+    run(listener, "health", move |method, uri, _| {
+        Reply::Now(health_response(&method, uri.path(), &health))
     })
     .await
 }
 
-/// Serves `/metrics`, `/proxyMode` and `/healthz` on `listener` forever.
-pub async fn run_metrics(listener: TcpListener, metrics: Arc<Metrics>, mode: &'static str) {
-    run(listener, "metrics", move |method, path| {
-        metrics_response(&method, path, &metrics, mode)
+/// Serves `/metrics`, `/proxyMode` and `/healthz` on `listener` forever,
+/// and `/debug/*` from `debug` (with who may ask) when given.
+pub async fn run_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    mode: &'static str,
+    debug: Option<(Arc<dyn DebugViews>, DebugAccess)>,
+) {
+    run(listener, "metrics", move |method, uri, peer| {
+        if uri.path().starts_with("/debug/") {
+            return match &debug {
+                Some((views, access)) => debug::respond(&method, uri, peer, views.clone(), *access),
+                None => Reply::Now(not_found()),
+            };
+        }
+        Reply::Now(metrics_response(&method, uri.path(), &metrics, mode))
     })
     .await
+}
+
+/// A handler's answer: at once, or after work off the accept loop.
+pub(crate) enum Reply {
+    Now(Response<Full<Bytes>>),
+    Later(std::pin::Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>),
 }
 
 /// Accept loop shared by both servers: one task per connection, at most
 /// [`MAX_CONNECTIONS`] at once.
 async fn run<H>(listener: TcpListener, server: &'static str, handler: H)
 where
-    H: Fn(Method, &str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    H: Fn(Method, &hyper::Uri, SocketAddr) -> Reply + Send + Sync + 'static,
 {
     run_with(listener, server, Limits::DEFAULT, handler).await
 }
@@ -165,7 +186,7 @@ impl Limits {
 
 async fn run_with<H>(listener: TcpListener, server: &'static str, limits: Limits, handler: H)
 where
-    H: Fn(Method, &str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    H: Fn(Method, &hyper::Uri, SocketAddr) -> Reply + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -191,8 +212,13 @@ where
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req: Request<Incoming>| {
-                let response = handler(req.method().clone(), req.uri().path());
-                async move { Ok::<_, Infallible>(response) }
+                let reply = handler(req.method().clone(), req.uri(), peer);
+                async move {
+                    Ok::<_, Infallible>(match reply {
+                        Reply::Now(response) => response,
+                        Reply::Later(future) => future.await,
+                    })
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -251,17 +277,17 @@ fn metrics_response(
     }
 }
 
-const TEXT: &str = "text/plain; charset=utf-8";
+pub(crate) const TEXT: &str = "text/plain; charset=utf-8";
 
-fn readable(method: &Method) -> bool {
+pub(crate) fn readable(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD
 }
 
-fn not_found() -> Response<Full<Bytes>> {
+pub(crate) fn not_found() -> Response<Full<Bytes>> {
     response(StatusCode::NOT_FOUND, TEXT, "404 page not found\n")
 }
 
-fn method_not_allowed() -> Response<Full<Bytes>> {
+pub(crate) fn method_not_allowed() -> Response<Full<Bytes>> {
     let mut resp = response(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n");
     resp.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -271,7 +297,7 @@ fn method_not_allowed() -> Response<Full<Bytes>> {
 /// Builds a response without the fallible `Response::builder` (all header
 /// values are static), so the request path cannot panic. hyper drops the body
 /// of HEAD responses itself.
-fn response(
+pub(crate) fn response(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
@@ -415,7 +441,7 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(run_metrics(listener, metrics, "ebpf"));
+        tokio::spawn(run_metrics(listener, metrics, "ebpf", None));
 
         let (code, head, body) = request(addr, "GET", "/metrics").await;
         assert_eq!(code, 200);
@@ -459,8 +485,8 @@ mod tests {
             connection_timeout: Duration::from_secs(1),
         };
         let health = Arc::new(Health::new(DEFAULT_HEALTH_TIMEOUT));
-        tokio::spawn(run_with(listener, "test", limits, move |method, path| {
-            health_response(&method, path, &health)
+        tokio::spawn(run_with(listener, "test", limits, move |method, uri, _| {
+            Reply::Now(health_response(&method, uri.path(), &health))
         }));
 
         // A client that never finishes its headers holds the only slot...

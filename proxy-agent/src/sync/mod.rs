@@ -112,6 +112,8 @@ pub trait SyncObserver: Send + Sync {
     fn node_eligible(&self, _eligible: bool) {}
     /// The health check node ports the current state asks for.
     fn health_checks(&self, _checks: &BTreeMap<ServiceName, HealthCheck>) {}
+    /// The dataplane was given this node network.
+    fn node_network(&self, _network: &NodeNetwork) {}
 }
 
 /// An observer that observes nothing.
@@ -370,6 +372,7 @@ impl<'a> Syncer<'a> {
         match self.dataplane.set_node_network(&net) {
             Ok(()) => {
                 log_node_network(dataplane, self.node_net.as_ref(), &net);
+                self.observer.node_network(&net);
                 self.node_net = Some(net);
             }
             Err(e) => {
