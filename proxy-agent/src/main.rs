@@ -747,6 +747,7 @@ async fn run(mut args: Settings) -> Result<()> {
         state: rx.clone(),
         network: node_network.clone(),
     });
+    metrics.set_mode(args.mode.name());
     let mut servers = start_servers(&args, &health, &metrics, views).await?;
     match args.mode {
         Mode::Ebpf => register_datapath_counters(&metrics, &args.bpf_root),
@@ -1376,6 +1377,8 @@ impl AgentObserver {
 
 impl SyncObserver for AgentObserver {
     fn node_network(&self, network: &proxy_agent::model::NodeNetwork) {
+        self.metrics
+            .set_ip_families(network.snat_v4.is_some(), network.snat_v6.is_some());
         if let Ok(mut slot) = self.node_network.lock() {
             *slot = Some(network.clone());
         }
@@ -1402,6 +1405,9 @@ impl SyncObserver for AgentObserver {
         }
         self.metrics
             .set_table_size(report.frontends as u64, report.backends as u64);
+        if let Some(no_local) = report.no_local_endpoints {
+            self.metrics.set_no_local_endpoints(no_local.counts);
+        }
         for latency in &report.programming_latencies {
             self.metrics.observe_network_programming(*latency);
         }

@@ -88,6 +88,37 @@ impl ServiceTable {
     }
 }
 
+/// The Service ports with a Local traffic policy and no endpoint on this
+/// node, as kube-proxy's `sync_proxy_rules_no_local_endpoints_total`
+/// counts them: per family, and per policy (`internal`: a ClusterIP's
+/// `internalTrafficPolicy`; `external`: the `externalTrafficPolicy` of
+/// the external frontends, one count for all of a port's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    /// Indexed `[family][policy]`: family 0 IPv4, 1 IPv6; policy 0
+    /// internal, 1 external.
+    pub counts: [[usize; 2]; 2],
+}
+
+impl ServiceTable {
+    /// [`NoLocalEndpoints`] of this table.
+    pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
+        let mut seen: BTreeSet<(usize, usize, &super::ServiceName, &str)> = BTreeSet::new();
+        for (key, f) in self.iter() {
+            if f.policy.local_only && f.backends.is_empty() {
+                let family = usize::from(key.ip.is_ipv6());
+                let policy = usize::from(f.kind.is_external());
+                seen.insert((family, policy, &f.service, f.port_name.as_str()));
+            }
+        }
+        let mut out = NoLocalEndpoints::default();
+        for (family, policy, ..) in seen {
+            out.counts[family][policy] += 1;
+        }
+        out
+    }
+}
+
 impl TableDiff {
     /// True when applying the diff would change nothing.
     pub fn is_empty(&self) -> bool {
@@ -157,6 +188,33 @@ mod tests {
             table.insert(*key, frontend.clone());
         }
         table
+    }
+
+    /// A LoadBalancer's NodePort and address count once; a ClusterIP with
+    /// the internal Local policy counts apart; one with a local endpoint,
+    /// or with the Cluster policy, not at all.
+    #[test]
+    fn service_ports_without_a_local_endpoint_count_once_per_policy_and_family() {
+        let local = |kind: super::super::FrontendKind, backends: &[Backend]| {
+            let mut f = frontend("ns", "a", backends);
+            f.kind = kind;
+            f.policy.local_only = true;
+            f.cluster_backends = vec![backend("10.1.0.9", 80)];
+            f
+        };
+        use super::super::FrontendKind::*;
+        let t = table(&[
+            (key("0.0.0.0", 30080), local(NodePort, &[])),
+            (key("192.0.2.1", 80), local(LoadBalancer, &[])),
+            (key("10.96.0.1", 80), local(ClusterIp, &[])),
+            (key("fd00::1", 80), local(ClusterIp, &[])),
+            (
+                key("10.96.0.2", 80),
+                local(ClusterIp, &[backend("10.1.0.1", 80)]),
+            ),
+            (key("10.96.0.3", 80), frontend("ns", "b", &[])),
+        ]);
+        assert_eq!(t.no_local_endpoints().counts, [[1, 1], [1, 0]]);
     }
 
     #[test]

@@ -117,11 +117,6 @@ impl Histogram {
         (state.count, state.sum)
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        header(out, name, help, "histogram");
-        self.render_series(out, name, "");
-    }
-
     /// The series of one histogram of a family, `labels` written before
     /// `le` (`k="v",` each, escaped).
     fn render_series(&self, out: &mut String, name: &str, labels: &str) {
@@ -190,6 +185,15 @@ pub struct Metrics {
     events_dropped: AtomicU64,
     applies_full: AtomicU64,
     applies_partial: AtomicU64,
+    /// The node's IP families, as kube-proxy's `ip_family` label values
+    /// ("IPv4", "IPv6"): kube-proxy runs one proxier per family, each
+    /// labelling its series; one sync here programs both.
+    families: Mutex<Vec<&'static str>>,
+    /// Service ports with a Local policy and no local endpoint, by
+    /// `[family][internal, external]`.
+    no_local_endpoints: Mutex<[[usize; 2]; 2]>,
+    /// kube-proxy's name for its mode's sync failures, when it has one.
+    failures_name: Mutex<Option<&'static str>>,
     process_start: f64,
     /// The API client's requests (client-go's `rest_client_*`): counts by
     /// (code, host, method), durations by (verb, host).
@@ -237,6 +241,9 @@ impl Metrics {
             events_dropped: AtomicU64::new(0),
             applies_full: AtomicU64::new(0),
             applies_partial: AtomicU64::new(0),
+            families: Mutex::new(vec![IPV4]),
+            no_local_endpoints: Mutex::new([[0; 2]; 2]),
+            failures_name: Mutex::new(None),
             process_start: unix_seconds(process_start),
             api_requests: Mutex::new(Default::default()),
             api_durations: Mutex::new(Default::default()),
@@ -318,6 +325,35 @@ impl Metrics {
         self.conntrack_deleted.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The node's families (both false: IPv4, kube-proxy's default).
+    pub fn set_ip_families(&self, v4: bool, v6: bool) {
+        let mut families = Vec::new();
+        if v4 || !v6 {
+            families.push(IPV4);
+        }
+        if v6 {
+            families.push(IPV6);
+        }
+        *lock(&self.families) = families;
+    }
+
+    /// [`Self::no_local_endpoints`]'s counts, `[family][policy]` (IPv4,
+    /// IPv6; internal, external).
+    pub fn set_no_local_endpoints(&self, counts: [[usize; 2]; 2]) {
+        *lock(&self.no_local_endpoints) = counts;
+    }
+
+    /// The mode, for kube-proxy's name of its sync failure counter
+    /// (`iptables_restore_failures_total`, `nftables_sync_failures_total`),
+    /// which counts what `proxy_agent_sync_errors_total` counts.
+    pub fn set_mode(&self, mode: &str) {
+        *lock(&self.failures_name) = match mode {
+            "iptables" => Some("kubeproxy_sync_proxy_rules_iptables_restore_failures_total"),
+            "nftables" => Some("kubeproxy_sync_proxy_rules_nftables_sync_failures_total"),
+            _ => None,
+        };
+    }
+
     pub fn inc_sync_errors(&self) {
         self.sync_errors.fetch_add(1, Ordering::Relaxed);
     }
@@ -393,6 +429,7 @@ impl Metrics {
     /// The whole registry in the text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
+        let families = lock(&self.families).clone();
         for (histogram, name, help) in [
             (
                 &self.sync_duration,
@@ -415,12 +452,55 @@ impl Metrics {
                 "In Cluster Network Programming Latency in seconds",
             ),
         ] {
-            histogram.render(&mut out, name, help);
+            header(&mut out, name, help, "histogram");
+            for family in &families {
+                histogram.render_series(&mut out, name, &format!("ip_family=\"{family}\","));
+            }
         }
         for (name, help, value) in self.scalars() {
-            match value {
-                Scalar::Gauge(v) => gauge(&mut out, name, help, v),
-                Scalar::Counter(v) => counter(&mut out, name, help, v),
+            let by_family = BY_FAMILY.contains(&name);
+            let (kind, text) = match value {
+                Scalar::Gauge(v) => ("gauge", format_float(v)),
+                Scalar::Counter(v) => ("counter", v.to_string()),
+            };
+            header(&mut out, name, help, kind);
+            if by_family {
+                for family in &families {
+                    let _ = writeln!(out, "{name}{{ip_family=\"{family}\"}} {text}");
+                }
+            } else {
+                let _ = writeln!(out, "{name} {text}");
+            }
+        }
+        let no_local = *lock(&self.no_local_endpoints);
+        header(
+            &mut out,
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            "gauge",
+        );
+        for family in &families {
+            let row = no_local[usize::from(*family == IPV6)];
+            for (policy, count) in ["internal", "external"].iter().zip(row) {
+                let _ = writeln!(
+                    out,
+                    "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{ip_family=\"{family}\",traffic_policy=\"{policy}\"}} {count}"
+                );
+            }
+        }
+        if let Some(name) = *lock(&self.failures_name) {
+            header(
+                &mut out,
+                name,
+                "Cumulative proxy rules sync failures (proxy_agent_sync_errors_total)",
+                "counter",
+            );
+            for family in &families {
+                let _ = writeln!(
+                    out,
+                    "{name}{{ip_family=\"{family}\"}} {}",
+                    load(&self.sync_errors)
+                );
             }
         }
         header(
@@ -554,6 +634,15 @@ impl Metrics {
     }
 }
 
+const IPV4: &str = "IPv4";
+const IPV6: &str = "IPv6";
+
+/// The one-value series kube-proxy labels with `ip_family`.
+const BY_FAMILY: [&str; 2] = [
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+];
+
 fn load(v: &AtomicU64) -> u64 {
     v.load(Ordering::Relaxed)
 }
@@ -576,11 +665,6 @@ fn header(out: &mut String, name: &str, help: &str, kind: &str) {
 fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
     header(out, name, help, "gauge");
     let _ = writeln!(out, "{name} {}", format_float(value));
-}
-
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    header(out, name, help, "counter");
-    let _ = writeln!(out, "{name} {value}");
 }
 
 fn write_labels(out: &mut String, labels: &[(String, String)]) {
@@ -674,7 +758,8 @@ mod tests {
         h.observe(0.75);
         h.observe(5.0); // only in +Inf
         let mut out = String::new();
-        h.render(&mut out, "x_seconds", "Some \"latency\"\nin s");
+        header(&mut out, "x_seconds", "Some \"latency\"\nin s", "histogram");
+        h.render_series(&mut out, "x_seconds", "");
         assert_eq!(
             out,
             "# HELP x_seconds Some \"latency\"\\nin s\n\
@@ -714,23 +799,67 @@ mod tests {
         let cumulative = [1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2];
         for (bound, n) in sync_duration_buckets().iter().zip(cumulative) {
             expected.push(format!(
-                "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{le=\"{bound}\"}} {n}"
+                "kubeproxy_sync_proxy_rules_duration_seconds_bucket{{ip_family=\"IPv4\",le=\"{bound}\"}} {n}"
             ));
         }
-        expected
-            .push("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"} 2".to_owned());
-        expected.push("kubeproxy_sync_proxy_rules_duration_seconds_sum 0.004".to_owned());
-        expected.push("kubeproxy_sync_proxy_rules_duration_seconds_count 2".to_owned());
-        assert_eq!(section, expected);
-        assert!(
-            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 2\n")
+        expected.push(
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\",le=\"+Inf\"} 2"
+                .to_owned(),
         );
-        assert!(text.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 1\n"));
-        assert!(text.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 1\n"));
-        assert!(text.contains("proxy_agent_applies_total{kind=\"full\"} 1\n"));
-        assert!(text.contains("proxy_agent_applies_total{kind=\"partial\"} 1\n"));
-        assert!(text.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds 1700000200\n"));
-        assert!(text.contains("process_start_time_seconds 1700000000\n"));
+        expected.push(
+            "kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"} 0.004".to_owned(),
+        );
+        expected.push(
+            "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 2".to_owned(),
+        );
+        assert_eq!(section, expected);
+        for line in [
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1\n",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1\n",
+            "proxy_agent_applies_total{kind=\"full\"} 1\n",
+            "proxy_agent_applies_total{kind=\"partial\"} 1\n",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1700000200\n",
+            "process_start_time_seconds 1700000000\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // A dual-stack node: every family's series, as kube-proxy's two
+        // proxiers give them.
+        m.set_ip_families(true, true);
+        let text = m.render();
+        for family in ["IPv4", "IPv6"] {
+            let line = format!(
+                "kubeproxy_sync_proxy_rules_duration_seconds_count{{ip_family=\"{family}\"}} 2\n"
+            );
+            assert!(text.contains(&line), "missing {line:?}");
+        }
+        m.set_ip_families(false, true);
+        assert!(!m.render().contains("IPv4"));
+    }
+
+    #[test]
+    fn no_local_endpoints_and_the_modes_failure_counter_under_kube_proxys_names() {
+        let m = Metrics::new();
+        m.set_ip_families(true, true);
+        m.set_no_local_endpoints([[1, 2], [0, 3]]);
+        m.set_mode("nftables");
+        m.inc_sync_errors();
+        let text = m.render();
+        for line in [
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"} 1\n",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 2\n",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"internal\"} 0\n",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"external\"} 3\n",
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv6\"} 1\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        m.set_mode("ebpf");
+        assert!(!m.render().contains("failures_total"));
+        m.set_mode("iptables");
+        assert!(m.render().contains(
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1\n"
+        ));
     }
 
     #[test]
@@ -750,11 +879,11 @@ mod tests {
         m.sync_queued_at(Timestamp::from_second(1_700_000_000).expect("ts"));
         let text = m.render();
         for line in [
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0\"} 0\n",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.5\"} 1\n",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"300\"} 1\n",
-            "kubeproxy_network_programming_duration_seconds_bucket{le=\"+Inf\"} 2\n",
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds 1700000000\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0\"} 0\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.5\"} 1\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"300\"} 1\n",
+            "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"+Inf\"} 2\n",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"} 1700000000\n",
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 5\n",
             "kubeproxy_sync_proxy_rules_service_changes_total 4\n",
             "kubeproxy_sync_proxy_rules_endpoint_changes_pending 5\n",
@@ -769,11 +898,11 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        // Every family is declared exactly once: 18 of the agent's, and the
+        // Every family is declared exactly once: 19 of the agent's, and the
         // process family.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 18 + super::super::process::samples().len());
+        assert_eq!(types, 19 + super::super::process::samples().len());
         assert_eq!(helps, types);
         for family in [
             "process_cpu_seconds_total",

@@ -27,7 +27,10 @@ use crate::{
         ApplyStats, Dataplane, DataplaneError, NodeNetwork,
         addresses::{InterfaceAddress, NodeNetworkSettings, node_network},
     },
-    model::{ClusterState, HealthCheck, ModelConfig, Rejection, ServiceName, Slice, TableBuilder},
+    model::{
+        ClusterState, HealthCheck, ModelConfig, NoLocalEndpoints, Rejection, ServiceName, Slice,
+        TableBuilder,
+    },
     source::StateReceiver,
 };
 
@@ -89,6 +92,8 @@ pub struct SyncReport {
     /// For each EndpointSlice change this sync programmed: the time from the
     /// change (its `last-change-trigger-time`) to now.
     pub programming_latencies: Vec<Duration>,
+    /// Of the table programmed, when it was (not when unchanged).
+    pub no_local_endpoints: Option<NoLocalEndpoints>,
 }
 
 /// Changed objects in a newly received state, as kube-proxy counts them.
@@ -331,6 +336,7 @@ impl<'a> Syncer<'a> {
             frontends: self.builder.table().len(),
             backends: self.builder.backend_count(),
             programming_latencies: self.programmed_slices(),
+            no_local_endpoints: Some(self.builder.table().no_local_endpoints()),
         };
         log_synced(self.dataplane.name(), &report, build_us);
         self.observer.synced(&report);
