@@ -190,9 +190,10 @@ impl RuleBackend for Nftables {
         Ok((due || drift).then_some(Found { existing, cleanup }))
     }
 
-    /// Removes what is not wanted, and rewrites every wanted frontend;
+    /// Rewrites every wanted frontend, then removes what is not wanted:
     /// chains the kernel holds are flushed in the same transaction as
-    /// their new rules.
+    /// their new rules, and a chain or set nobody wants goes only once no
+    /// rewritten rule refers to it (nft refuses to delete one in use).
     fn rewrite(
         &mut self,
         programmed: &mut Shadow,
@@ -204,9 +205,9 @@ impl RuleBackend for Nftables {
             shard.hairpin.clear();
             shard.cluster_ips.clear();
         }
-        run(cleanup)?;
         let keys: Vec<FrontendKey> = wanted.keys().copied().collect();
-        self.write_frontends(programmed, &keys, wanted, Some(&existing))
+        self.write_frontends(programmed, &keys, wanted, Some(&existing))?;
+        run(cleanup)
     }
 
     /// The sets of NodePort addresses; no frontend's rules name them.
@@ -228,7 +229,7 @@ impl Nftables {
     /// Writes `wanted` in place of what is programmed for `keys`, in
     /// transactions of [`FRONTENDS_PER_TRANSACTION`] frontends that span
     /// the shards. On error the transactions before the failed one stay.
-    /// `existing`: chains the kernel holds, per table (a reconcile's
+    /// `existing`: what the kernel holds, per table (a reconcile's
     /// rewrite).
     fn write_frontends(
         &mut self,
@@ -249,9 +250,7 @@ impl Nftables {
                     continue;
                 }
                 let shard = &self.shards[n];
-                let known = existing
-                    .and_then(|e| e.get(&shard.table))
-                    .map(|e| &e.chains);
+                let known = existing.and_then(|e| e.get(&shard.table));
                 let (part, hairpin, cluster_ips) = shard.prepare(programmed, &keys, wanted, known);
                 tx.append(part);
                 staged.push(Staged {
@@ -338,6 +337,40 @@ mod tests {
     fn nft_out(args: &[&str]) -> String {
         let out = Command::new("nft").args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A restarted agent rewrites every frontend over the table an earlier
+    /// run left: affinity sets the kernel holds (which nft lists as
+    /// `dynamic` too) are kept, not added again, and a set no frontend
+    /// wants any more goes after the rules that used it.
+    #[test]
+    fn a_rewrite_over_an_earlier_runs_table_keeps_and_drops_affinity_sets() {
+        crate::dataplane::in_private_netns(|| {
+            let a = key("10.96.0.1", 80);
+            let sticky = |backends: &[crate::model::Backend]| {
+                let mut f = frontend("ns", "a", backends);
+                f.policy.affinity_timeout_secs = Some(30);
+                f
+            };
+            let two = [backend("10.1.0.1", 80), backend("10.1.0.2", 80)];
+            let mut table = ServiceTable::new();
+            table.insert(a, sticky(&two));
+            let mut first = NftablesDataplane::new();
+            first.set_network(&network()).unwrap();
+            first.reconcile_table(&table).unwrap();
+            // A second run over the same table, then over one backend less.
+            let mut second = NftablesDataplane::new();
+            second.set_network(&network()).unwrap();
+            second.reconcile_table(&table).unwrap();
+            table.insert(a, sticky(&two[..1]));
+            let mut third = NftablesDataplane::new();
+            third.set_network(&network()).unwrap();
+            third.reconcile_table(&table).unwrap();
+            let sets = nft_out(&["list", "sets", "inet"]);
+            assert!(sets.contains("10.1.0.1-80"), "{sets}");
+            assert!(!sets.contains("10.1.0.2-80"), "{sets}");
+            assert!(cleanup().unwrap());
+        });
     }
 
     #[test]

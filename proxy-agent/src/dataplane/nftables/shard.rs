@@ -79,16 +79,18 @@ impl Shard {
     /// The objects that turn what `programmed` holds for `keys` (this
     /// shard's) into `wanted` (a key missing from `wanted` is removed), in
     /// the order a transaction needs: new chains and sets, flushes, rules,
-    /// elements, deletions. `existing`: chains the kernel holds that
-    /// `programmed` does not know of (a reconcile's rewrite), flushed rather
-    /// than added. Returns the part and the shard's hairpin and ClusterIP
+    /// elements, deletions. `existing`: what the kernel holds that
+    /// `programmed` does not know of (a reconcile's rewrite): its chains are
+    /// flushed rather than added, its sets kept (nft refuses to add a set
+    /// again: the kernel's has the `dynamic` flag, which the JSON input
+    /// cannot give). Returns the part and the shard's hairpin and ClusterIP
     /// counts once it is written.
     pub(super) fn prepare(
         &self,
         programmed: &Shadow,
         keys: &[FrontendKey],
         wanted: &Shadow,
-        existing: Option<&HashSet<String>>,
+        existing: Option<&Existing>,
     ) -> (Tx, BTreeMap<IpAddr, usize>, BTreeMap<IpAddr, usize>) {
         let mut parts = Parts::new(&self.table);
         for key in keys {
@@ -267,7 +269,7 @@ impl Parts {
         &mut self,
         old: Option<&Programmed>,
         new: Option<&Programmed>,
-        existing: Option<&HashSet<String>>,
+        existing: Option<&Existing>,
     ) {
         let old_chains: BTreeSet<String> = old
             .map(|o| o.rendered.chains.clone())
@@ -312,27 +314,28 @@ impl Parts {
         }
     }
 
-    /// Writes `new`'s sets (those not in `old_sets`), its chains (flushed
-    /// when in `old_chains` or `existing`, else added) and their rules.
+    /// Writes `new`'s sets (those in neither `old_sets` nor `existing`),
+    /// its chains (flushed when in `old_chains` or `existing`, else added)
+    /// and their rules.
     /// Returns the names of its chains and sets.
     fn write(
         &mut self,
         new: &Programmed,
         old_chains: &BTreeSet<String>,
         old_sets: &BTreeSet<String>,
-        existing: Option<&HashSet<String>>,
+        existing: Option<&Existing>,
     ) -> (BTreeSet<String>, BTreeSet<String>) {
         let mut new_chains = BTreeSet::new();
         let mut new_sets = BTreeSet::new();
         let rendered = render(&new.plan, &new.comment);
         for (name, family, timeout) in &rendered.sets {
-            if !old_sets.contains(name) {
+            if !old_sets.contains(name) && !existing.is_some_and(|e| e.sets.contains(name)) {
                 self.adds.add(affinity_set_object(name, *family, *timeout));
             }
             new_sets.insert(name.clone());
         }
         for (name, chain_rules) in rendered.chains {
-            if old_chains.contains(&name) || existing.is_some_and(|e| e.contains(&name)) {
+            if old_chains.contains(&name) || existing.is_some_and(|e| e.chains.contains(&name)) {
                 self.flushes
                     .add_cmd(NfCmd::Flush(FlushObject::Chain(chain(&name))));
             } else {
