@@ -918,6 +918,79 @@ mod tests {
         assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_total 5\n"));
     }
 
+    /// The queries of the usual kube-proxy dashboard and alerts (the
+    /// kubernetes-mixin's "Proxy" dashboard: sync rate and latency, network
+    /// programming rate and latency, API requests by code class and their
+    /// latency by verb, memory and CPU; the stale-sync alert) find a series
+    /// of the name with labels their matchers accept, as an agent that
+    /// synced and talked to the API server exposes them.
+    #[test]
+    fn the_kube_proxy_dashboards_queries_find_their_series() {
+        let m = Metrics::new();
+        m.observe_sync(true, Duration::from_millis(3));
+        m.observe_network_programming(Duration::from_millis(800));
+        m.observe_api_request("GET", "10.96.0.1:443", "200", Duration::from_millis(4));
+        m.observe_api_request("POST", "10.96.0.1:443", "201", Duration::from_millis(9));
+        let text = m.render();
+        let series: Vec<(&str, Vec<(&str, &str)>)> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (head, _value) = l.rsplit_once(' ')?;
+                let (name, labels) = match head.split_once('{') {
+                    Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                    None => (head, ""),
+                };
+                let labels = labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k, v.trim_matches('"')))
+                    .collect();
+                Some((name, labels))
+            })
+            .collect();
+        // (metric, label, what its value must start with) per matcher.
+        let queries: &[(&str, &[(&str, &str)])] = &[
+            ("kubeproxy_sync_proxy_rules_duration_seconds_count", &[]),
+            (
+                "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+                &[("le", "")],
+            ),
+            ("kubeproxy_network_programming_duration_seconds_count", &[]),
+            (
+                "kubeproxy_network_programming_duration_seconds_bucket",
+                &[("le", "")],
+            ),
+            ("rest_client_requests_total", &[("code", "2")]),
+            (
+                "rest_client_request_duration_seconds_bucket",
+                &[("verb", "POST"), ("le", "")],
+            ),
+            (
+                "rest_client_request_duration_seconds_bucket",
+                &[("verb", "GET"), ("le", "")],
+            ),
+            ("process_resident_memory_bytes", &[]),
+            ("process_cpu_seconds_total", &[]),
+            ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", &[]),
+            (
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                &[],
+            ),
+        ];
+        for (metric, matchers) in queries {
+            let found = series.iter().any(|(name, labels)| {
+                name == metric
+                    && matchers.iter().all(|(k, prefix)| {
+                        labels
+                            .iter()
+                            .any(|(lk, lv)| lk == k && lv.starts_with(prefix))
+                    })
+            });
+            assert!(found, "no series answers {metric} {matchers:?} in\n{text}");
+        }
+    }
+
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
