@@ -1,7 +1,7 @@
 //! The proxy-agent binary: command line, logging, and wiring of source,
 //! model and dataplane.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -750,7 +750,10 @@ async fn run(mut args: Settings) -> Result<()> {
     metrics.set_mode(args.mode.name());
     let mut servers = start_servers(&args, &health, &metrics, views).await?;
     match args.mode {
-        Mode::Ebpf => register_datapath_counters(&metrics, &args.bpf_root),
+        Mode::Ebpf => {
+            register_datapath_counters(&metrics, &args.bpf_root);
+            watch_map_occupancy(&metrics, args.bpf_root.clone());
+        }
         Mode::Ipvs => register_ipvs_counters(&metrics),
         Mode::Nftables | Mode::Iptables => {}
     }
@@ -1190,6 +1193,88 @@ fn register_datapath_counters(metrics: &Metrics, bpf_root: &std::path::Path) {
         Err(e) => {
             tracing::debug!(error = %e, "reading datapath counters");
             Vec::new()
+        }
+    });
+}
+
+/// How often the ebpf maps' fill is counted (a batch read of each map:
+/// about a tenth of a second for a full flow map).
+const OCCUPANCY_PERIOD: Duration = Duration::from_secs(60);
+/// A map filled this far gets a warning; below [`MAP_FULL_CLEARS`] again,
+/// a line that it is over.
+const MAP_NEARLY_FULL: f64 = 0.9;
+const MAP_FULL_CLEARS: f64 = 0.8;
+
+/// Counts the ebpf maps' entries every [`OCCUPANCY_PERIOD`] into
+/// `proxy_agent_ebpf_map_entries` and `_capacity`, warning when one is
+/// nearly full: a full flow map evicts live flows, a full services map
+/// refuses frontends.
+fn watch_map_occupancy(metrics: &Metrics, bpf_root: PathBuf) {
+    let last: Arc<Mutex<Vec<ebpf::occupancy::Occupancy>>> = Arc::default();
+    let shown = last.clone();
+    metrics.register_collector(move || {
+        let Ok(list) = shown.lock() else {
+            return Vec::new();
+        };
+        let sample = |name: &str, help: &str, map: &str, value: usize| serve::metrics::Sample {
+            name: name.into(),
+            help: help.into(),
+            kind: serve::metrics::SampleKind::Gauge,
+            labels: vec![("map".into(), map.into())],
+            value: value as f64,
+        };
+        list.iter()
+            .flat_map(|o| {
+                [
+                    sample(
+                        "proxy_agent_ebpf_map_entries",
+                        "Entries of an eBPF map, counted every minute",
+                        o.map,
+                        o.entries,
+                    ),
+                    sample(
+                        "proxy_agent_ebpf_map_capacity",
+                        "Entries an eBPF map can hold",
+                        o.map,
+                        o.capacity,
+                    ),
+                ]
+            })
+            .collect()
+    });
+    tokio::spawn(async move {
+        let mut full: BTreeSet<&'static str> = BTreeSet::new();
+        loop {
+            let root = bpf_root.clone();
+            match tokio::task::spawn_blocking(move || ebpf::occupancy::occupancy(&root)).await {
+                Ok(Ok(counted)) => {
+                    for o in &counted {
+                        let ratio = o.ratio();
+                        if ratio >= MAP_NEARLY_FULL && full.insert(o.map) {
+                            tracing::warn!(
+                                map = o.map,
+                                entries = o.entries,
+                                capacity = o.capacity,
+                                "an eBPF map is nearly full: a full flow map evicts live flows, a \
+                                 full services or backends map refuses new frontends"
+                            );
+                        } else if ratio < MAP_FULL_CLEARS && full.remove(o.map) {
+                            tracing::info!(
+                                map = o.map,
+                                entries = o.entries,
+                                capacity = o.capacity,
+                                "the eBPF map is no longer nearly full"
+                            );
+                        }
+                    }
+                    if let Ok(mut slot) = last.lock() {
+                        *slot = counted;
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "counting the eBPF maps' entries"),
+                Err(e) => tracing::debug!(error = %e, "the map counter panicked"),
+            }
+            tokio::time::sleep(OCCUPANCY_PERIOD).await;
         }
     });
 }

@@ -165,25 +165,56 @@ const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub(super) fn read_all<K: Pod, V: Pod>(
     map: &BpfHashMap<MapData, K, V>,
 ) -> Result<Vec<(K, V)>, MapError> {
-    match lookup_batches(map.map()) {
-        Ok(entries) => Ok(entries),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
-            ) =>
-        {
-            Ok(map.iter().filter_map(Result::ok).collect())
-        }
-        Err(io_error) => Err(MapError::SyscallError(aya::sys::SyscallError {
-            call: "bpf_map_lookup_batch",
-            io_error,
-        })),
+    let mut entries = Vec::new();
+    let batched = for_each_batch(map.map(), |keys: &mut Vec<K>, values: &mut Vec<V>| {
+        entries.extend(keys.drain(..).zip(values.drain(..)));
+    });
+    match batched {
+        Ok(()) => Ok(entries),
+        Err(e) if unsupported(&e) => Ok(map.iter().filter_map(Result::ok).collect()),
+        Err(io_error) => Err(lookup_error(io_error)),
     }
 }
 
-fn lookup_batches<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, io::Error> {
-    let mut entries = Vec::new();
+/// How many entries `map` holds, counted in batches as [`read_all`] reads
+/// them, in memory of one batch (a full conntrack map is tens of MiB).
+pub(super) fn count_all<K: Pod, V: Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+) -> Result<usize, MapError> {
+    let mut count = 0;
+    let batched = for_each_batch(map.map(), |keys: &mut Vec<K>, values: &mut Vec<V>| {
+        count += keys.len();
+        keys.clear();
+        values.clear();
+    });
+    match batched {
+        Ok(()) => Ok(count),
+        Err(e) if unsupported(&e) => Ok(map.keys().filter(Result::is_ok).count()),
+        Err(io_error) => Err(lookup_error(io_error)),
+    }
+}
+
+/// The kernel cannot batch lookups of this map (before 5.6, or its type).
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
+}
+
+fn lookup_error(io_error: io::Error) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError {
+        call: "bpf_map_lookup_batch",
+        io_error,
+    })
+}
+
+/// Reads `map` in batches of [`PER_CALL`], handing each to `visit` (which
+/// empties the two vectors, or the next batch is added to them).
+fn for_each_batch<K: Pod, V: Pod>(
+    map: &MapData,
+    mut visit: impl FnMut(&mut Vec<K>, &mut Vec<V>),
+) -> Result<(), io::Error> {
     let mut keys: Vec<K> = Vec::with_capacity(PER_CALL);
     let mut values: Vec<V> = Vec::with_capacity(PER_CALL);
     // A hash map's position is a bucket index.
@@ -191,6 +222,11 @@ fn lookup_batches<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, io::Erro
     let mut next: u32 = 0;
     let mut first = true;
     loop {
+        // Whatever `visit` did with them, room for a batch again.
+        keys.clear();
+        values.clear();
+        keys.reserve(PER_CALL);
+        values.reserve(PER_CALL);
         let mut attr = BatchAttr {
             in_batch: if first {
                 0
@@ -223,9 +259,9 @@ fn lookup_batches<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>, io::Erro
             keys.set_len(read);
             values.set_len(read);
         }
-        entries.extend(keys.drain(..).zip(values.drain(..)));
+        visit(&mut keys, &mut values);
         if done {
-            return Ok(entries);
+            return Ok(());
         }
         position = next;
         first = false;

@@ -48,6 +48,7 @@ pub mod handover;
 pub mod held;
 mod ids;
 mod network;
+pub mod occupancy;
 pub mod pods;
 mod reconcile;
 mod sockdiag;
