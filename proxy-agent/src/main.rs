@@ -1206,24 +1206,47 @@ const MAP_NEARLY_FULL: f64 = 0.9;
 const MAP_FULL_CLEARS: f64 = 0.8;
 
 /// Counts the ebpf maps' entries every [`OCCUPANCY_PERIOD`] into
-/// `proxy_agent_ebpf_map_entries` and `_capacity`, warning when one is
-/// nearly full: a full flow map evicts live flows, a full services map
-/// refuses frontends.
+/// `proxy_agent_ebpf_map_entries` and `_capacity`, and the masquerade
+/// ports of the busiest destination into `proxy_agent_ebpf_snat_ports_in_use`
+/// against `proxy_agent_ebpf_snat_ports`, warning when one is nearly full:
+/// a full flow map evicts live flows, a full services map refuses
+/// frontends, and without a free port a masqueraded flow cannot start.
 fn watch_map_occupancy(metrics: &Metrics, bpf_root: PathBuf) {
-    let last: Arc<Mutex<Vec<ebpf::occupancy::Occupancy>>> = Arc::default();
+    let last: Arc<Mutex<ebpf::occupancy::Fill>> = Arc::default();
     let shown = last.clone();
     metrics.register_collector(move || {
-        let Ok(list) = shown.lock() else {
+        let Ok(fill) = shown.lock() else {
             return Vec::new();
         };
         let sample = |name: &str, help: &str, map: &str, value: usize| serve::metrics::Sample {
             name: name.into(),
             help: help.into(),
             kind: serve::metrics::SampleKind::Gauge,
-            labels: vec![("map".into(), map.into())],
+            labels: if map.is_empty() {
+                Vec::new()
+            } else {
+                vec![("map".into(), map.into())]
+            },
             value: value as f64,
         };
-        list.iter()
+        let snat = fill.snat.iter().flat_map(|p| {
+            [
+                sample(
+                    "proxy_agent_ebpf_snat_ports_in_use",
+                    "Masquerade ports the busiest destination (backend address, port, protocol) uses",
+                    "",
+                    p.busiest,
+                ),
+                sample(
+                    "proxy_agent_ebpf_snat_ports",
+                    "Masquerade ports per node address and destination",
+                    "",
+                    p.available,
+                ),
+            ]
+        });
+        fill.maps
+            .iter()
             .flat_map(|o| {
                 [
                     sample(
@@ -1240,6 +1263,7 @@ fn watch_map_occupancy(metrics: &Metrics, bpf_root: PathBuf) {
                     ),
                 ]
             })
+            .chain(snat)
             .collect()
     });
     tokio::spawn(async move {
@@ -1248,22 +1272,28 @@ fn watch_map_occupancy(metrics: &Metrics, bpf_root: PathBuf) {
             let root = bpf_root.clone();
             match tokio::task::spawn_blocking(move || ebpf::occupancy::occupancy(&root)).await {
                 Ok(Ok(counted)) => {
-                    for o in &counted {
+                    let snat = counted.snat.map(|p| ebpf::occupancy::Occupancy {
+                        map: "masquerade ports of the busiest destination",
+                        entries: p.busiest,
+                        capacity: p.available,
+                    });
+                    for o in counted.maps.iter().chain(&snat) {
                         let ratio = o.ratio();
                         if ratio >= MAP_NEARLY_FULL && full.insert(o.map) {
                             tracing::warn!(
                                 map = o.map,
                                 entries = o.entries,
                                 capacity = o.capacity,
-                                "an eBPF map is nearly full: a full flow map evicts live flows, a \
-                                 full services or backends map refuses new frontends"
+                                "nearly full: a full flow map evicts live flows, a full services or \
+                                 backends map refuses new frontends, and without a free masquerade \
+                                 port a masqueraded flow cannot start"
                             );
                         } else if ratio < MAP_FULL_CLEARS && full.remove(o.map) {
                             tracing::info!(
                                 map = o.map,
                                 entries = o.entries,
                                 capacity = o.capacity,
-                                "the eBPF map is no longer nearly full"
+                                "no longer nearly full"
                             );
                         }
                     }

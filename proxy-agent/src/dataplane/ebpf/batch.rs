@@ -211,7 +211,7 @@ fn lookup_error(io_error: io::Error) -> MapError {
 
 /// Reads `map` in batches of [`PER_CALL`], handing each to `visit` (which
 /// empties the two vectors, or the next batch is added to them).
-fn for_each_batch<K: Pod, V: Pod>(
+pub(super) fn for_each_batch<K: Pod, V: Pod>(
     map: &MapData,
     mut visit: impl FnMut(&mut Vec<K>, &mut Vec<V>),
 ) -> Result<(), io::Error> {
