@@ -149,6 +149,9 @@ fn a_packet_translated_at_one_ingress_hook_is_not_translated_at_the_next() {
     assert_eq!(mark_again, mark_out);
     assert_eq!(f.stat(stat::PASS_TRANSLATED), 1);
     assert_eq!(f.stat(stat::DNAT_NEW), 1);
+    // One flow of the ClusterIP counted, whatever its packets.
+    let clusterip = key(VIP, SVC_PORT, Protocol::Tcp);
+    assert_eq!(f.dp.frontend_flows(&clusterip), Some(1));
     // The established flow's packets likewise.
     let (_, out, mark_out) = f.run_marked(PROG_INGRESS, &tcp(client, vip(), Tcp::Ack), 0);
     assert_eq!(inspect(&out), flow(client, backend));
@@ -158,6 +161,11 @@ fn a_packet_translated_at_one_ingress_hook_is_not_translated_at_the_next() {
     // The reply is reversed once.
     let (_, reply) = f.egress(&tcp(backend, client, Tcp::SynAck));
     assert_eq!(inspect(&reply), flow(vip(), client));
+    assert_eq!(
+        f.dp.frontend_flows(&clusterip),
+        Some(1),
+        "per flow, not per packet"
+    );
     // Straight to the pod's address and port: the external IP's Service.
     let direct = sa(POD_CLIENT, 40101);
     let (_, out, mark_out) = f.run_marked(PROG_INGRESS, &tcp(direct, backend, Tcp::Syn), 0);

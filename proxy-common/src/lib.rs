@@ -71,6 +71,13 @@ pub const MAP_FRONTEND_ADDRS: &str = "PA_FRONTEND_ADDRS";
 pub const MAP_BACKEND_PORTS: &str = "PA_BACKEND_PORTS";
 /// Words of [`MAP_BACKEND_PORTS`].
 pub const BACKEND_PORT_WORDS: u32 = 1_024;
+/// New flows (packet path) and translated `connect()`/`sendmsg()` calls
+/// (socket hooks) per frontend view, indexed by `ServiceValue::svc_id`
+/// (a view whose ID is past the end is not counted): what `proxy-agent
+/// list` shows as a frontend's connections. Counted with an atomic add,
+/// once per flow, not per packet.
+pub const MAP_FRONTEND_FLOWS: &str = "PA_FRONTEND_FLOWS";
+pub const FRONTEND_FLOWS_MAX_ENTRIES: u32 = 262_144;
 
 /// Names of the TC programs in the object file.
 pub const PROG_INGRESS: &str = "pa_ingress";

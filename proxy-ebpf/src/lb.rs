@@ -15,8 +15,8 @@ use proxy_common::{
 use crate::conntrack::forget_flow_on_tuple;
 use crate::datapath::{Verdict, tail_call};
 use crate::maps::{
-    PA_AFFINITY, affinity_backend, affinity_key, in_service_cidr, lookup_frontend, now, pick_slot,
-    source_admitted, use_internal_view,
+    PA_AFFINITY, affinity_backend, affinity_key, count_flow, in_service_cidr, lookup_frontend, now,
+    pick_slot, source_admitted, use_internal_view,
 };
 use crate::parse::{Packet, TCP_SYN};
 
@@ -96,6 +96,7 @@ pub(crate) fn select(
             None => return Err((TC_ACT_OK as i32, stat::PASS_BACKEND_MISSING)),
         },
     };
+    count_flow(svc.svc_id);
     Ok(Selection {
         svc,
         backend_id,

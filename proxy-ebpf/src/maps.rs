@@ -88,6 +88,29 @@ pub(crate) fn may_be_backend_port(port: u16) -> bool {
 #[map]
 pub(crate) static PA_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
+/// See `proxy_common::MAP_FRONTEND_FLOWS`.
+#[map]
+pub(crate) static PA_FRONTEND_FLOWS: Array<u64> =
+    Array::with_max_entries(proxy_common::FRONTEND_FLOWS_MAX_ENTRIES, 0);
+
+/// One more flow of frontend view `svc_id`. Shared between CPUs (a
+/// per-CPU slot per view would take the map's size times the CPUs), so an
+/// atomic add; once per flow, never per packet.
+#[inline(always)]
+pub(crate) fn count_flow(svc_id: u32) {
+    if let Some(counter) = PA_FRONTEND_FLOWS.get_ptr_mut(svc_id) {
+        // SAFETY: the pointer is to a live, aligned u64 slot of an array
+        // map for the duration of the program; other CPUs only add to it
+        // atomically too. The old value is unused, so this is BPF's plain
+        // atomic add (core's AtomicU64 has no fetch_add for this target).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                counter, 1,
+            )
+        };
+    }
+}
+
 #[inline(always)]
 pub(crate) fn count(index: u32) {
     if let Some(counter) = PA_STATS.get_ptr_mut(index) {

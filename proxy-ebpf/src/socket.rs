@@ -32,8 +32,8 @@ use proxy_common::{
 
 use crate::maps::{
     PA_AFFINITY, PA_SERVICES, PA_SOCK_NETNS, PA_SOCK_PODS, PA_SOCK_REVNAT, affinity_backend,
-    affinity_key, config, count, in_service_cidr, lookup_frontend, may_be_backend_port, now,
-    pick_slot, snat_addr, source_admitted, use_internal_view,
+    affinity_key, config, count, count_flow, in_service_cidr, lookup_frontend, may_be_backend_port,
+    now, pick_slot, snat_addr, source_admitted, use_internal_view,
 };
 use crate::packet::{v4_addr, v4_raw};
 
@@ -180,6 +180,7 @@ fn balance_pod(
         return None;
     }
     remember(ctx, family, &backend, addr, port);
+    count_flow(svc.svc_id);
     Some(backend)
 }
 
@@ -247,6 +248,7 @@ fn choose(
         && let Some(found) = affinity_backend(svc, family, client, now)
     {
         count(stat::AFFINITY_HIT);
+        count_flow(svc.svc_id);
         return Some(found.1);
     }
     let (id, backend) = pick_slot(svc, key)?;
@@ -258,6 +260,7 @@ fn choose(
         };
         let _ = PA_AFFINITY.insert(&affinity_key(svc.svc_id, family, client), &value, 0);
     }
+    count_flow(svc.svc_id);
     Some(backend)
 }
 

@@ -2737,6 +2737,19 @@ fn list_and_trace_tell_what_the_traffic_does(mode: Mode) -> anyhow::Result<()> {
             "{ip}:{port}: backends {backends:?}, want {want:?}"
         );
     }
+    // The connections just made, where the mode counts them per frontend
+    // (ebpf: new flows; iptables: the nat rule; IPVS: the virtual server).
+    let counted = frontends
+        .iter()
+        .find(|f| f["key"]["ip"] == VIP.to_string() && f["key"]["port"] == TCP_PORT)
+        .and_then(|f| f["counters"]["connections"].as_u64());
+    match mode.mode() {
+        AgentMode::Nftables => ensure!(counted.is_none(), "nftables counts {counted:?}"),
+        _ => ensure!(
+            counted.is_some_and(|n| n >= COUNT),
+            "{COUNT} connections made, {counted:?} counted"
+        ),
+    }
 
     // An open connection from a known port, and the trace of its tuple.
     let stream = in_netns(c.t.client_ns(), || -> std::io::Result<TcpStream> {

@@ -8,14 +8,14 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, Map, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData};
 use ipnet::IpNet;
 use proxy_common::{
     Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CT_FORWARD, CtKey, CtValue,
-    FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES,
-    MAP_SOURCE_RANGES, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SourceRangeKey,
+    FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTEND_FLOWS,
+    MAP_SERVICES, MAP_SOURCE_RANGES, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use super::{
@@ -24,7 +24,7 @@ use super::{
     handover::pinned,
 };
 use crate::{
-    dataplane::held::{HeldAction, HeldFrontend, HeldTable},
+    dataplane::held::{HeldAction, HeldCounters, HeldFrontend, HeldTable},
     model::{Backend, FrontendKey, FrontendKind, Protocol},
 };
 
@@ -49,22 +49,28 @@ pub fn held(bpf_root: &Path) -> Result<HeldTable, EbpfError> {
         }
         None => Vec::new(),
     };
+    let flows: Option<Array<MapData, u64>> = match open(MAP_FRONTEND_FLOWS)? {
+        Some(map) => Some(Array::try_from(Map::Array(map))?),
+        None => None,
+    };
     Ok(decode(
         &batch::read_all(&services)?,
         &batch::read_all(&backends)?.into_iter().collect(),
         &ranges,
+        &|svc_id| flows.as_ref().and_then(|f| f.get(&svc_id, 0).ok()),
     ))
 }
 
 /// The frontends of these map contents: `services` and `backends` as
 /// the maps hold them, `ranges` the source-range trie's keys (prefix
-/// length, key). Entries that cannot be read (an unknown family or
-/// protocol, a slot pointing at no backend) are left out: they serve no
-/// traffic either.
+/// length, key), `flows` the new flows counted for a view's ID. Entries
+/// that cannot be read (an unknown family or protocol, a slot pointing at
+/// no backend) are left out: they serve no traffic either.
 pub(super) fn decode(
     services: &[(ServiceKey, ServiceValue)],
     backends: &BTreeMap<BackendId, BackendValue>,
     ranges: &[(u32, SourceRangeKey)],
+    flows: &dyn Fn(u32) -> Option<u64>,
 ) -> HeldTable {
     let slots: HashMap<ServiceKey, u32> = services
         .iter()
@@ -128,10 +134,14 @@ pub(super) fn decode(
         let mut all: BTreeSet<Backend> = view_backends(key, SCOPE_EXTERNAL, value.count)
             .into_iter()
             .collect();
+        let mut connections = flows(value.svc_id);
         if value.flags & SVC_INTERNAL_SCOPE != 0
             && let Some(internal) = entries.get(&(*key, SCOPE_INTERNAL))
         {
             all.extend(view_backends(key, SCOPE_INTERNAL, internal.count));
+            if let Some(n) = flows(internal.svc_id) {
+                connections = Some(connections.unwrap_or(0) + n);
+            }
         }
         let action = if value.count > 0 {
             HeldAction::Balance
@@ -154,10 +164,29 @@ pub(super) fn decode(
                 .then_some(value.affinity_timeout_secs),
             source_ranges: (value.flags & SVC_SOURCE_RANGES != 0)
                 .then(|| ranges_of_view(value.svc_id, key.family)),
-            counters: None,
+            counters: connections.map(|n| HeldCounters {
+                connections: Some(n),
+                packets: None,
+                bytes: None,
+            }),
         });
     }
     table
+}
+
+impl super::EbpfDataplane {
+    /// The new flows counted for frontend `key`'s views (both, for an
+    /// external Local frontend); `None` when it is not programmed.
+    pub fn frontend_flows(&self, key: &FrontendKey) -> Option<u64> {
+        let mut total = None;
+        for scope in [SCOPE_EXTERNAL, SCOPE_INTERNAL] {
+            if let Ok(entry) = self.services.get(&service_key(key, scope, 0), 0) {
+                let n = self.frontend_flows.get(&entry.svc_id, 0).unwrap_or(0);
+                total = Some(total.unwrap_or(0) + n);
+            }
+        }
+        total
+    }
 }
 
 /// A packet's tuple, for [`pins`].
@@ -291,8 +320,16 @@ mod tests {
                 .into_iter()
                 .collect(),
             &ranges,
+            &|svc_id| dataplane.frontend_flows.get(&svc_id, 0).ok(),
         );
         assert_holds(&held, &table, &network);
+        // Every view's count starts at zero.
+        assert!(
+            held.frontends
+                .values()
+                .all(|f| f.counters.and_then(|c| c.connections) == Some(0)),
+            "{held:#?}"
+        );
         let node_port = held.frontends.values().find(|f| f.key.port == 30080);
         assert_eq!(node_port.and_then(|f| f.kind), Some(FrontendKind::NodePort));
     }

@@ -26,12 +26,12 @@ use aya::{
 use proxy_common::{
     AffinityKey, AffinityValue, BACKEND_PORT_WORDS, BackendId, BackendValue, CtKey, CtValue,
     MAP_AFFINITY, MAP_BACKEND_PORTS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_FRONTEND_ADDRS,
-    MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICE_CIDRS, MAP_SERVICES, MAP_SOCK_NETNS,
-    MAP_SOCK_PODS, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS, MAX_BACKENDS_PER_SERVICE,
-    MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS, PROG_ICMP_INGRESS,
-    PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROG_SOCK_RELEASE, PROGS_SOCKET, ServiceCidrKey,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, TAIL_ICMP_EGRESS,
-    TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
+    MAP_FRONTEND_FLOWS, MAP_MEMBERS, MAP_NODE_ADDRS, MAP_PROGS, MAP_SERVICE_CIDRS, MAP_SERVICES,
+    MAP_SOCK_NETNS, MAP_SOCK_PODS, MAP_SOCK_REVNAT, MAP_SOURCE_RANGES, MAP_STATS,
+    MAX_BACKENDS_PER_SERVICE, MemberKey, NodeAddrKey, NodeConfig, PROG_EGRESS, PROG_ICMP_EGRESS,
+    PROG_ICMP_INGRESS, PROG_INGRESS, PROG_NEW_FLOW, PROG_REJECT, PROG_SOCK_RELEASE, PROGS_SOCKET,
+    ServiceCidrKey, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey,
+    TAIL_ICMP_EGRESS, TAIL_ICMP_INGRESS, TAIL_NEW_FLOW, TAIL_REJECT, stat,
 };
 
 use super::{ApplyStats, Dataplane, DataplaneError, NodeNetwork, ReconcileReport};
@@ -74,7 +74,7 @@ pub fn object() -> &'static [u8] {
 /// Every map is pinned, the program array too: its slots are cleared when
 /// the last user reference to it goes, and the attached programs, which
 /// outlive the agent, need them.
-const PINNED_MAPS: [&str; 16] = [
+const PINNED_MAPS: [&str; 17] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -91,6 +91,7 @@ const PINNED_MAPS: [&str; 16] = [
     MAP_SOCK_PODS,
     MAP_FRONTEND_ADDRS,
     MAP_BACKEND_PORTS,
+    MAP_FRONTEND_FLOWS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +178,9 @@ pub struct EbpfDataplane {
     network: NodeNetwork,
     frontend_addrs: BpfHashMap<MapData, NodeAddrKey, u32>,
     backend_ports: Array<MapData, u64>,
+    /// New flows per frontend view (see `proxy_common::MAP_FRONTEND_FLOWS`):
+    /// a view ID given out anew starts from zero.
+    frontend_flows: Array<MapData, u64>,
     /// The words of the backend-port bitmap as written (see
     /// [`EbpfDataplane::mark_backend_ports`]).
     backend_port_words: Vec<u64>,
@@ -395,9 +399,11 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfE
 impl EbpfDataplane {
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
         let backend_ports = Array::try_from(take_map(ebpf, MAP_BACKEND_PORTS)?)?;
+        let frontend_flows = Array::try_from(take_map(ebpf, MAP_FRONTEND_FLOWS)?)?;
         Ok(Self {
             backend_port_words: words_of(&backend_ports),
             backend_ports,
+            frontend_flows,
             services: BpfHashMap::try_from(take_map(ebpf, MAP_SERVICES)?)?,
             backends: BpfHashMap::try_from(take_map(ebpf, MAP_BACKENDS)?)?,
             conntrack: BpfHashMap::try_from(take_map(ebpf, MAP_CONNTRACK)?)?,

@@ -164,11 +164,16 @@ impl EbpfDataplane {
             if wanted.contains(&scope) {
                 ids[i] = match current[i] {
                     Some(id) => Some(id),
-                    None => Some(
-                        self.svc_alloc
+                    None => {
+                        let id = self
+                            .svc_alloc
                             .alloc()
-                            .ok_or(EbpfError::ServiceIdsExhausted)?,
-                    ),
+                            .ok_or(EbpfError::ServiceIdsExhausted)?;
+                        // A reused ID's count was another view's. One past
+                        // the counters' end is not counted (an error here).
+                        let _ = self.frontend_flows.set(id, 0, 0);
+                        Some(id)
+                    }
                 };
             } else if let Some(id) = current[i] {
                 self.svc_alloc.release(id);
