@@ -227,6 +227,7 @@ suite![
     churn_10000_connections_while_endpoints_change,
     a_file_broken_while_the_agent_is_down_keeps_serving,
     list_and_trace_tell_what_the_traffic_does,
+    trace_names_the_backend_a_clients_affinity_holds,
 ];
 
 fn run(test: &str, mode: Mode, scenario: fn(Mode) -> anyhow::Result<()>) {
@@ -2805,5 +2806,34 @@ fn list_and_trace_tell_what_the_traffic_does(mode: Mode) -> anyhow::Result<()> {
         "NodePort: {trace:#}"
     );
     drop(stream);
+    Ok(())
+}
+
+/// `trace` of a client of a Service with `sessionAffinity: ClientIP`
+/// names the backend the client's affinity entry holds (the ebpf affinity
+/// map, iptables' `recent` lists, nftables' affinity sets, IPVS's
+/// persistence templates): the one that answered it.
+fn trace_names_the_backend_a_clients_affinity_holds(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(3))?;
+    let service = echo().session_affinity(600);
+    c.publish(&service, &c.endpoints(&service, &[0, 1, 2], &[]))?;
+    c.wait(Protocol::Tcp, at(VIP, TCP_PORT))?;
+    let report = c.exchange(Protocol::Tcp, at(VIP, TCP_PORT), 3)?;
+    ensure!(
+        report.ok == 3 && report.by_backend.len() == 1,
+        "one backend answers the client under affinity: {report:?}"
+    );
+    let answered = report.by_backend.keys().next().cloned().unwrap_or_default();
+    let ip = (0..3)
+        .map(|i| c.t.pod(i))
+        .find(|p| p.name == answered)
+        .map(|p| p.ip)
+        .with_context(|| format!("{answered} is no pod"))?;
+    let to = format!("{VIP}:{TCP_PORT}");
+    let trace = ask_node(&c, &["trace", "--from", &CLIENT.to_string(), "--to", &to])?;
+    ensure!(
+        trace["pinned_to"]["ip"] == ip.to_string(),
+        "{answered} ({ip}) answered; trace: {trace:#}"
+    );
     Ok(())
 }

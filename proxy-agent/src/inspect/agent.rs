@@ -90,7 +90,11 @@ impl DebugViews for AgentViews {
         };
         let mut traced = trace(query, self.mode, &desired, &held, &Default::default());
         if let Some(key) = traced.frontend {
-            let pins = kernel::pins(self.mode, &self.kernel.bpf_root, &query, &key);
+            let affinity = table
+                .get(&key)
+                .and_then(|f| f.policy.affinity_timeout_secs)
+                .map(|t| (t, traced.backends.as_slice()));
+            let pins = kernel::pins(self.mode, &self.kernel.bpf_root, &query, &key, affinity);
             traced = trace(query, self.mode, &desired, &held, &pins);
         }
         json(&traced)

@@ -40,8 +40,16 @@ pub fn held(
 }
 
 /// The flow and affinity entries `mode` holds for the client of `query`
-/// at `frontend`. What cannot be read is said in the notes, not failed.
-pub fn pins(mode: Mode, bpf_root: &Path, query: &Query, frontend: &FrontendKey) -> Pins {
+/// at `frontend`, whose affinity (timeout, and the backends a new
+/// connection may go to) is `affinity`. What cannot be read is said in
+/// the notes, not failed.
+pub fn pins(
+    mode: Mode,
+    bpf_root: &Path,
+    query: &Query,
+    frontend: &FrontendKey,
+    affinity: Option<(u32, &[Backend])>,
+) -> Pins {
     let mut pins = Pins::default();
     match mode {
         Mode::Ebpf => {
@@ -82,8 +90,17 @@ pub fn pins(mode: Mode, bpf_root: &Path, query: &Query, frontend: &FrontendKey) 
                         .push(format!("the conntrack table could not be read: {e}")),
                 }
             }
-            pins.notes
-                .push("affinity entries are not read in this mode (xt_recent, nft sets, IPVS persistence)".into());
+            if let Some((timeout, backends)) = affinity {
+                pins.affinity = match mode {
+                    Mode::Iptables => {
+                        iptables::held::affinity_backend(frontend, backends, query.from)
+                    }
+                    Mode::Nftables => {
+                        nftables::held::affinity_backend(frontend, backends, timeout, query.from)
+                    }
+                    _ => ipvs::held::affinity_backend(query.to, query.to_port, query.from),
+                };
+            }
         }
     }
     pins

@@ -494,3 +494,65 @@ mod tests {
         assert!(sets_of_json(b"{}").is_err());
     }
 }
+
+/// The real server IPVS's persistence template sends `client` to at the
+/// virtual server `vip:vport` (this network namespace's
+/// `/proc/net/ip_vs_conn`; what `ipvsadm -Lnc` lists), if it has one.
+pub fn affinity_backend(vip: IpAddr, vport: u16, client: IpAddr) -> Option<crate::model::Backend> {
+    let text = std::fs::read_to_string("/proc/net/ip_vs_conn").ok()?;
+    template_in(&text, vip, vport, client)
+}
+
+/// [`affinity_backend`] of a listing: a template's client port is 0 and
+/// its state `NONE`; IPv4 addresses are in hex, IPv6 ones written out.
+fn template_in(
+    text: &str,
+    vip: IpAddr,
+    vport: u16,
+    client: IpAddr,
+) -> Option<crate::model::Backend> {
+    let ip = |t: &str| -> Option<IpAddr> {
+        if t.contains(':') {
+            t.parse().ok()
+        } else {
+            u32::from_str_radix(t, 16)
+                .ok()
+                .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(n)))
+        }
+    };
+    let port = |t: &str| u16::from_str_radix(t, 16).ok();
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 || f[7] != "NONE" || port(f[2])? != 0 {
+            return None;
+        }
+        let matches = ip(f[1])? == client && ip(f[3])? == vip && port(f[4])? == vport;
+        matches.then_some(crate::model::Backend {
+            ip: ip(f[5])?,
+            port: port(f[6])?,
+        })
+    })
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    #[test]
+    fn a_persistence_template_names_the_clients_real_server() {
+        let text = "Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n\
+                    TCP C6130005 9C40 C613000A 0050 C6120110 1F90 ESTABLISHED     899\n\
+                    TCP C6130005 0000 C613000A 0050 C612010B 1F90 NONE          10799\n\
+                    UDP C6130005 0000 C613000A 0035 C612010A 14E9 NONE          10799\n";
+        let client: IpAddr = "198.19.0.5".parse().unwrap();
+        let vip: IpAddr = "198.19.0.10".parse().unwrap();
+        let found = template_in(text, vip, 80, client).unwrap();
+        assert_eq!(
+            (found.ip.to_string(), found.port),
+            ("198.18.1.11".into(), 8080)
+        );
+        assert_eq!(template_in(text, vip, 81, client), None);
+        let other: IpAddr = "198.19.0.6".parse().unwrap();
+        assert_eq!(template_in(text, vip, 80, other), None);
+    }
+}

@@ -40,7 +40,7 @@ pub(super) fn node_chain(key: &FrontendKey) -> String {
 }
 
 /// The affinity set of one endpoint of a frontend.
-fn affinity_set(key: &FrontendKey, backend: &Backend, timeout: u32) -> String {
+pub(super) fn affinity_set_name(key: &FrontendKey, backend: &Backend, timeout: u32) -> String {
     format!(
         "{}-aff{timeout}-{}-{}",
         frontend_chain(key),
@@ -192,7 +192,13 @@ pub(super) fn affinity_sets(plan: &FrontendPlan) -> Vec<(String, Family, u32)> {
     let mut sets: Vec<(String, Family, u32)> = plan
         .backends()
         .iter()
-        .map(|b| (affinity_set(&plan.key, b, timeout), plan.family, timeout))
+        .map(|b| {
+            (
+                affinity_set_name(&plan.key, b, timeout),
+                plan.family,
+                timeout,
+            )
+        })
         .collect();
     sets.sort();
     sets
@@ -252,7 +258,7 @@ fn balance_rules(
         .iter()
         .map(|b| {
             plan.affinity_timeout_secs
-                .map(|t| affinity_set(&plan.key, b, t))
+                .map(|t| affinity_set_name(&plan.key, b, t))
         })
         .collect();
     for (b, set) in backends.iter().zip(&affinity) {
