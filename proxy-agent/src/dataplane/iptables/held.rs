@@ -377,6 +377,41 @@ fn frontend_of(nat: &Chains, key: FrontendKey, f: Found<'_>) -> HeldFrontend {
     }
 }
 
+/// The backend of `backends` (frontend `key`'s) whose affinity list holds
+/// `client`: the `recent` match's list (named like the endpoint's chain,
+/// `/proc/net/xt_recent/KUBE-SEP-...`, of this network namespace) in which
+/// the client was last seen. An entry older than the affinity timeout is
+/// still listed until the next `--reap` of its list; `None` when no list
+/// holds the client.
+pub fn affinity_backend(
+    key: &crate::model::FrontendKey,
+    backends: &[crate::model::Backend],
+    client: std::net::IpAddr,
+) -> Option<crate::model::Backend> {
+    let needle = format!("src={client} ");
+    backends
+        .iter()
+        .filter_map(|b| {
+            let list = std::fs::read_to_string(
+                std::path::Path::new("/proc/net/xt_recent").join(super::names::sep_chain(key, b)),
+            )
+            .ok()?;
+            // `src=ADDR ttl: T last_seen: JIFFIES oldest_pkt: ...`: the
+            // latest wins when two lists hold the client.
+            let last_seen: u64 = list
+                .lines()
+                .find(|l| l.starts_with(&needle))?
+                .split_whitespace()
+                .skip_while(|w| *w != "last_seen:")
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((last_seen, *b))
+        })
+        .max_by_key(|(seen, _)| *seen)
+        .map(|(_, b)| b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::{
@@ -529,39 +564,4 @@ mod tests {
             assert!(super::super::cleanup().unwrap());
         });
     }
-}
-
-/// The backend of `backends` (frontend `key`'s) whose affinity list holds
-/// `client`: the `recent` match's list (named like the endpoint's chain,
-/// `/proc/net/xt_recent/KUBE-SEP-...`, of this network namespace) in which
-/// the client was last seen. An entry older than the affinity timeout is
-/// still listed until the next `--reap` of its list; `None` when no list
-/// holds the client.
-pub fn affinity_backend(
-    key: &crate::model::FrontendKey,
-    backends: &[crate::model::Backend],
-    client: std::net::IpAddr,
-) -> Option<crate::model::Backend> {
-    let needle = format!("src={client} ");
-    backends
-        .iter()
-        .filter_map(|b| {
-            let list = std::fs::read_to_string(
-                std::path::Path::new("/proc/net/xt_recent").join(super::names::sep_chain(key, b)),
-            )
-            .ok()?;
-            // `src=ADDR ttl: T last_seen: JIFFIES oldest_pkt: ...`: the
-            // latest wins when two lists hold the client.
-            let last_seen: u64 = list
-                .lines()
-                .find(|l| l.starts_with(&needle))?
-                .split_whitespace()
-                .skip_while(|w| *w != "last_seen:")
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some((last_seen, *b))
-        })
-        .max_by_key(|(seen, _)| *seen)
-        .map(|(_, b)| b)
 }

@@ -316,6 +316,45 @@ fn unspecified(family: Family) -> IpAddr {
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
+/// The real server IPVS's persistence template sends `client` to at the
+/// virtual server `vip:vport` (this network namespace's
+/// `/proc/net/ip_vs_conn`; what `ipvsadm -Lnc` lists), if it has one.
+pub fn affinity_backend(vip: IpAddr, vport: u16, client: IpAddr) -> Option<crate::model::Backend> {
+    let text = std::fs::read_to_string("/proc/net/ip_vs_conn").ok()?;
+    template_in(&text, vip, vport, client)
+}
+
+/// [`affinity_backend`] of a listing: a template's client port is 0 and
+/// its state `NONE`; IPv4 addresses are in hex, IPv6 ones written out.
+fn template_in(
+    text: &str,
+    vip: IpAddr,
+    vport: u16,
+    client: IpAddr,
+) -> Option<crate::model::Backend> {
+    let ip = |t: &str| -> Option<IpAddr> {
+        if t.contains(':') {
+            t.parse().ok()
+        } else {
+            u32::from_str_radix(t, 16)
+                .ok()
+                .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(n)))
+        }
+    };
+    let port = |t: &str| u16::from_str_radix(t, 16).ok();
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 || f[7] != "NONE" || port(f[2])? != 0 {
+            return None;
+        }
+        let matches = ip(f[1])? == client && ip(f[3])? == vip && port(f[4])? == vport;
+        matches.then_some(crate::model::Backend {
+            ip: ip(f[5])?,
+            port: port(f[6])?,
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,45 +532,6 @@ mod tests {
         assert!(parsed.has("drop", &key("10.96.0.10", 80, Tcp)));
         assert!(sets_of_json(b"{}").is_err());
     }
-}
-
-/// The real server IPVS's persistence template sends `client` to at the
-/// virtual server `vip:vport` (this network namespace's
-/// `/proc/net/ip_vs_conn`; what `ipvsadm -Lnc` lists), if it has one.
-pub fn affinity_backend(vip: IpAddr, vport: u16, client: IpAddr) -> Option<crate::model::Backend> {
-    let text = std::fs::read_to_string("/proc/net/ip_vs_conn").ok()?;
-    template_in(&text, vip, vport, client)
-}
-
-/// [`affinity_backend`] of a listing: a template's client port is 0 and
-/// its state `NONE`; IPv4 addresses are in hex, IPv6 ones written out.
-fn template_in(
-    text: &str,
-    vip: IpAddr,
-    vport: u16,
-    client: IpAddr,
-) -> Option<crate::model::Backend> {
-    let ip = |t: &str| -> Option<IpAddr> {
-        if t.contains(':') {
-            t.parse().ok()
-        } else {
-            u32::from_str_radix(t, 16)
-                .ok()
-                .map(|n| IpAddr::V4(std::net::Ipv4Addr::from(n)))
-        }
-    };
-    let port = |t: &str| u16::from_str_radix(t, 16).ok();
-    text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 || f[7] != "NONE" || port(f[2])? != 0 {
-            return None;
-        }
-        let matches = ip(f[1])? == client && ip(f[3])? == vip && port(f[4])? == vport;
-        matches.then_some(crate::model::Backend {
-            ip: ip(f[5])?,
-            port: port(f[6])?,
-        })
-    })
 }
 
 #[cfg(test)]

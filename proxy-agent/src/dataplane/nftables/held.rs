@@ -308,6 +308,37 @@ fn target_of(verdict: &Value) -> Option<&str> {
     v.get("target")?.as_str()
 }
 
+/// The backend of `backends` (frontend `key`'s, with affinity `timeout`
+/// seconds) whose affinity set holds `client`: an element of
+/// `<chain>-aff<timeout>-<ip>-<port>` in the frontend's table expires by
+/// itself, so one that is listed is live. `None` when none holds it.
+pub fn affinity_backend(
+    key: &crate::model::FrontendKey,
+    backends: &[crate::model::Backend],
+    timeout: u32,
+    client: std::net::IpAddr,
+) -> Option<crate::model::Backend> {
+    let table = format!("{}-{}", super::TABLE, super::shard::shard_of(key));
+    let client = client.to_string();
+    backends.iter().copied().find(|b| {
+        let set = super::render::affinity_set_name(key, b, timeout);
+        let Ok(Some(objects)) = super::existing::list(&["list", "set", "inet", &table, &set])
+        else {
+            return false;
+        };
+        objects.iter().any(|o| {
+            o.pointer("/set/elem")
+                .and_then(Value::as_array)
+                .is_some_and(|elems| {
+                    elems.iter().any(|e| {
+                        e.as_str() == Some(&client)
+                            || e.pointer("/elem/val").and_then(Value::as_str) == Some(&client)
+                    })
+                })
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::{super::tests::network, *};
@@ -501,35 +532,4 @@ mod tests {
         assert!(held.frontends.values().all(|f| f.counters.is_none()));
         assert!(decode(&[serde_json::json!({"map": {"name": "services4"}})]).is_empty());
     }
-}
-
-/// The backend of `backends` (frontend `key`'s, with affinity `timeout`
-/// seconds) whose affinity set holds `client`: an element of
-/// `<chain>-aff<timeout>-<ip>-<port>` in the frontend's table expires by
-/// itself, so one that is listed is live. `None` when none holds it.
-pub fn affinity_backend(
-    key: &crate::model::FrontendKey,
-    backends: &[crate::model::Backend],
-    timeout: u32,
-    client: std::net::IpAddr,
-) -> Option<crate::model::Backend> {
-    let table = format!("{}-{}", super::TABLE, super::shard::shard_of(key));
-    let client = client.to_string();
-    backends.iter().copied().find(|b| {
-        let set = super::render::affinity_set_name(key, b, timeout);
-        let Ok(Some(objects)) = super::existing::list(&["list", "set", "inet", &table, &set])
-        else {
-            return false;
-        };
-        objects.iter().any(|o| {
-            o.pointer("/set/elem")
-                .and_then(Value::as_array)
-                .is_some_and(|elems| {
-                    elems.iter().any(|e| {
-                        e.as_str() == Some(&client)
-                            || e.pointer("/elem/val").and_then(Value::as_str) == Some(&client)
-                    })
-                })
-        })
-    })
 }
