@@ -46,7 +46,23 @@ impl AgentViews {
 
 /// The latest state and node network, the table the state gives, and
 /// what the kernel holds now.
-type Read = (Arc<ClusterState>, NodeNetwork, ServiceTable, HeldTable);
+struct Read {
+    state: Arc<ClusterState>,
+    network: NodeNetwork,
+    table: ServiceTable,
+    held: HeldTable,
+}
+
+impl Read {
+    fn desired<'a>(&'a self, cfg: &'a ModelConfig) -> Desired<'a> {
+        Desired {
+            table: &self.table,
+            network: &self.network,
+            state: &self.state,
+            cfg,
+        }
+    }
+}
 
 impl AgentViews {
     fn read(&self) -> Result<Read, DebugError> {
@@ -54,7 +70,12 @@ impl AgentViews {
         let table = build_table(&state, &self.cfg).table;
         let held = kernel::held(self.mode, &self.kernel, &network.nodeport_addresses)
             .map_err(|e| DebugError::Failed(format!("reading the kernel: {e}")))?;
-        Ok((state, network, table, held))
+        Ok(Read {
+            state,
+            network,
+            table,
+            held,
+        })
     }
 }
 
@@ -64,14 +85,8 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, DebugError> {
 
 impl DebugViews for AgentViews {
     fn services(&self) -> Result<String, DebugError> {
-        let (state, network, table, held) = self.read()?;
-        let desired = Desired {
-            table: &table,
-            network: &network,
-            state: &state,
-            cfg: &self.cfg,
-        };
-        json(&list(&held, Some(&desired)))
+        let read = self.read()?;
+        json(&list(&read.held, Some(&read.desired(&self.cfg))))
     }
 
     fn trace(&self, query: &str) -> Result<String, DebugError> {
@@ -81,21 +96,16 @@ impl DebugViews for AgentViews {
             ));
         };
         let query = Query::parse(&from, &to).map_err(DebugError::BadRequest)?;
-        let (state, network, table, held) = self.read()?;
-        let desired = Desired {
-            table: &table,
-            network: &network,
-            state: &state,
-            cfg: &self.cfg,
-        };
-        let mut traced = trace(query, self.mode, &desired, &held, &Default::default());
+        let read = self.read()?;
+        let (desired, held, table) = (read.desired(&self.cfg), &read.held, &read.table);
+        let mut traced = trace(query, self.mode, &desired, held, &Default::default());
         if let Some(key) = traced.frontend {
             let affinity = table
                 .get(&key)
                 .and_then(|f| f.policy.affinity_timeout_secs)
                 .map(|t| (t, traced.backends.as_slice()));
             let pins = kernel::pins(self.mode, &self.kernel.bpf_root, &query, &key, affinity);
-            traced = trace(query, self.mode, &desired, &held, &pins);
+            traced = trace(query, self.mode, &desired, held, &pins);
         }
         json(&traced)
     }
