@@ -35,12 +35,23 @@ pub fn get(ns: &str, target: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
 }
 
 /// The value of `sample` (a metric name, with its labels as exposed, e.g.
-/// `proxy_agent_applies_total{kind="full"}`) in a `/metrics` body.
+/// `proxy_agent_applies_total{kind="full"}`) in a `/metrics` body; for a
+/// bare name whose series all carry labels, the largest of them.
 pub fn sample(metrics: &str, sample: &str) -> Option<f64> {
-    metrics
+    let exact = metrics
         .lines()
         .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
+        .and_then(|value| value.trim().parse().ok());
+    if exact.is_some() || sample.contains('{') {
+        return exact;
+    }
+    // A bare name whose series carry labels (kube-proxy's `ip_family`,
+    // one series per family with the same sync's value): the largest.
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(sample)?.strip_prefix('{'))
+        .filter_map(|rest| rest.rsplit_once("} ")?.1.trim().parse::<f64>().ok())
+        .reduce(f64::max)
 }
 
 #[cfg(test)]
@@ -50,7 +61,10 @@ mod tests {
         let body = "a_total 3\na_total_sum 9\nb{kind=\"x\"} 1.5\n";
         assert_eq!(super::sample(body, "a_total"), Some(3.0));
         assert_eq!(super::sample(body, "b{kind=\"x\"}"), Some(1.5));
-        assert_eq!(super::sample(body, "b"), None);
+        // A bare name of labelled series: the largest of them.
+        assert_eq!(super::sample(body, "b"), Some(1.5));
+        let families = "t{ip_family=\"IPv4\"} 7\nt{ip_family=\"IPv6\"} 9\n";
+        assert_eq!(super::sample(families, "t"), Some(9.0));
         assert_eq!(super::sample(body, "c"), None);
     }
 }

@@ -272,12 +272,15 @@ fn agent_mode(mode: &str) -> (&str, &'static [&'static str]) {
 }
 
 /// The eBPF datapath's counters the report shows per phase: masquerade
-/// ports that ran out, or were reused inside the backend's TIME_WAIT.
-const DATAPATH_REASONS: [&str; 4] = [
+/// ports that ran out, or were reused inside the backend's TIME_WAIT;
+/// and packets of a flow it had no (live) entry for, passed untranslated.
+const DATAPATH_REASONS: [&str; 6] = [
     "drop_snat_exhausted",
     "snat_port_reused_early",
     "sock_pod_translated",
     "dnat_new",
+    "pass_no_reply",
+    "pass_no_flow",
 ];
 
 /// `proxy_agent_datapath_packets_total{reason="<reason>"}`, if exported.
