@@ -2750,17 +2750,29 @@ fn list_and_trace_tell_what_the_traffic_does(mode: Mode) -> anyhow::Result<()> {
         );
     }
     // The connections just made, where the mode counts them per frontend
-    // (ebpf: new flows; iptables: the nat rule; IPVS: the virtual server).
-    let counted = frontends
-        .iter()
-        .find(|f| f["key"]["ip"] == VIP.to_string() && f["key"]["port"] == TCP_PORT)
-        .and_then(|f| f["counters"]["connections"].as_u64());
-    match mode.mode() {
-        AgentMode::Nftables => ensure!(counted.is_none(), "nftables counts {counted:?}"),
-        _ => ensure!(
-            counted.is_some_and(|n| n >= COUNT),
-            "{COUNT} connections made, {counted:?} counted"
-        ),
+    // (ebpf: new flows; iptables: the nat rule; IPVS: the virtual server,
+    // whose statistics its estimator folds in every 2 s: read again until
+    // they show).
+    let counted = |listing: &serde_json::Value| {
+        listing["frontends"].as_array().and_then(|all| {
+            all.iter()
+                .find(|f| f["key"]["ip"] == VIP.to_string() && f["key"]["port"] == TCP_PORT)
+                .and_then(|f| f["counters"]["connections"].as_u64())
+        })
+    };
+    if mode.mode() == AgentMode::Nftables {
+        let n = counted(&listing);
+        ensure!(n.is_none(), "nftables counts {n:?}");
+    } else {
+        let mut last = counted(&listing);
+        poll_until(converge_timeout(), Duration::from_millis(500), || {
+            if last.is_some_and(|n| n >= COUNT) {
+                return Ok(Some(()));
+            }
+            last = counted(&ask_node(&c, &["list"])?);
+            Ok(None)
+        })
+        .with_context(|| format!("{COUNT} connections made, {last:?} counted"))?;
     }
 
     // An open connection from a known port, and the trace of its tuple.

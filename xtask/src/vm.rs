@@ -235,6 +235,7 @@ const IPVS_SCENARIOS: &[&str] = &[
     "ipvs::udp_flow_moves_off_a_removed_backend",
     "ipvs::hairpin_routed",
     "ipvs::list_and_trace_tell_what_the_traffic_does",
+    "ipvs::trace_names_the_backend_a_clients_affinity_holds",
 ];
 
 /// [`SCENARIOS`] and every `ipvs::` scenario (listed by the scenario

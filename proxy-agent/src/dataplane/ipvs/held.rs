@@ -324,8 +324,10 @@ pub fn affinity_backend(vip: IpAddr, vport: u16, client: IpAddr) -> Option<crate
     template_in(&text, vip, vport, client)
 }
 
-/// [`affinity_backend`] of a listing: a template's client port is 0 and
-/// its state `NONE`; IPv4 addresses are in hex, IPv6 ones written out.
+/// [`affinity_backend`] of a listing: a template's client port is 0 (a
+/// connection always has one); its state is `NONE`, or `ASSURED` once a
+/// connection it scheduled completed. IPv4 addresses are in hex, IPv6 ones
+/// written out.
 fn template_in(
     text: &str,
     vip: IpAddr,
@@ -344,7 +346,7 @@ fn template_in(
     let port = |t: &str| u16::from_str_radix(t, 16).ok();
     text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 || f[7] != "NONE" || port(f[2])? != 0 {
+        if f.len() < 8 || port(f[2])? != 0 {
             return None;
         }
         let matches = ip(f[1])? == client && ip(f[3])? == vip && port(f[4])? == vport;
@@ -543,7 +545,8 @@ mod template_tests {
         let text = "Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n\
                     TCP C6130005 9C40 C613000A 0050 C6120110 1F90 ESTABLISHED     899\n\
                     TCP C6130005 0000 C613000A 0050 C612010B 1F90 NONE          10799\n\
-                    UDP C6130005 0000 C613000A 0035 C612010A 14E9 NONE          10799\n";
+                    UDP C6130005 0000 C613000A 0035 C612010A 14E9 NONE          10799\n\
+                    TCP C6130006 0000 C613000A 0050 C612010C 1F90 ASSURED       10799\n";
         let client: IpAddr = "198.19.0.5".parse().unwrap();
         let vip: IpAddr = "198.19.0.10".parse().unwrap();
         let found = template_in(text, vip, 80, client).unwrap();
@@ -552,7 +555,11 @@ mod template_tests {
             ("198.18.1.11".into(), 8080)
         );
         assert_eq!(template_in(text, vip, 81, client), None);
+        // Assured: a connection it scheduled completed.
         let other: IpAddr = "198.19.0.6".parse().unwrap();
-        assert_eq!(template_in(text, vip, 80, other), None);
+        let found = template_in(text, vip, 80, other).unwrap();
+        assert_eq!(found.ip.to_string(), "198.18.1.12");
+        let third: IpAddr = "198.19.0.7".parse().unwrap();
+        assert_eq!(template_in(text, vip, 80, third), None);
     }
 }
