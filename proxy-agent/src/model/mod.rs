@@ -138,6 +138,13 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The protocol of an IP protocol number, if it is one of ours.
+    pub fn from_number(number: u8) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.number() == number)
+    }
+
     /// The IP protocol number.
     pub fn number(self) -> u8 {
         match self {

@@ -33,6 +33,18 @@ pub(super) fn addr_of(ip: IpAddr) -> (Addr, u8) {
     }
 }
 
+/// The address a map's `addr` and `family` hold ([`addr_of`] undone);
+/// `None` for an unknown family.
+pub(super) fn ip_of(addr: &Addr, family: u8) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
+            addr[0], addr[1], addr[2], addr[3],
+        ))),
+        FAMILY_V6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(*addr))),
+        _ => None,
+    }
+}
+
 pub(super) fn service_key(key: &FrontendKey, scope: u8, slot: u16) -> ServiceKey {
     let (addr, family) = addr_of(key.ip);
     ServiceKey {

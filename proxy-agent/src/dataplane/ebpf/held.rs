@@ -4,7 +4,7 @@
 //! frontend view. The maps hold addresses only, no Service names.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     path::Path,
 };
 
@@ -12,15 +12,14 @@ use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData};
 use ipnet::IpNet;
 use proxy_common::{
     Addr, AffinityKey, AffinityValue, BackendId, BackendValue, CT_FORWARD, CtKey, CtValue,
-    FAMILY_V4, FAMILY_V6, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTEND_FLOWS,
-    MAP_SERVICES, MAP_SOURCE_RANGES, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE, SVC_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRangeKey,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_FRONTEND_FLOWS, MAP_SERVICES, MAP_SOURCE_RANGES,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_AFFINITY, SVC_DROP_EMPTY, SVC_INTERNAL_SCOPE,
+    SVC_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use super::{
     EbpfError, batch,
-    encode::{addr_of, service_key},
+    encode::{addr_of, ip_of, service_key},
     handover::pinned,
 };
 use crate::{
@@ -127,8 +126,10 @@ pub(super) fn decode(
         .iter()
         .filter(|(k, _)| k.slot == 0 && k.scope == SCOPE_EXTERNAL)
     {
-        let (Some(ip), Some(protocol)) = (ip_of(&key.addr, key.family), protocol_of(key.proto))
-        else {
+        let (Some(ip), Some(protocol)) = (
+            ip_of(&key.addr, key.family),
+            Protocol::from_number(key.proto),
+        ) else {
             continue;
         };
         let mut all: BTreeSet<Backend> = view_backends(key, SCOPE_EXTERNAL, value.count)
@@ -267,25 +268,6 @@ pub fn pins(
         }
     }
     Ok((flow, affinity))
-}
-
-fn ip_of(addr: &Addr, family: u8) -> Option<IpAddr> {
-    match family {
-        FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(
-            addr[0], addr[1], addr[2], addr[3],
-        ))),
-        FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),
-        _ => None,
-    }
-}
-
-fn protocol_of(number: u8) -> Option<Protocol> {
-    match number {
-        PROTO_TCP => Some(Protocol::Tcp),
-        PROTO_UDP => Some(Protocol::Udp),
-        PROTO_SCTP => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

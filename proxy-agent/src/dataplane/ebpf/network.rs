@@ -9,8 +9,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, lpm_trie::Key as LpmKey};
 use ipnet::IpNet;
 use proxy_common::{
     CFG_CLUSTER_V4, CFG_CLUSTER_V6, CFG_SNAT_V4, CFG_SNAT_V6, CFG_TRANSLATED_MARK, FAMILY_V4,
-    FAMILY_V6, NodeAddrKey, NodeConfig, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    ServiceCidrKey,
+    NodeAddrKey, NodeConfig, SNAT_LOW_PORT_MIN, SNAT_PORT_MAX, SNAT_PORT_MIN, ServiceCidrKey,
 };
 
 use super::{
@@ -183,13 +182,7 @@ pub(super) fn addresses_in(
 
 /// The address of a node-addresses (or frontend-addresses) key.
 pub(super) fn address_of(k: &NodeAddrKey) -> Option<IpAddr> {
-    match k.family {
-        FAMILY_V4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(
-            k.addr[0], k.addr[1], k.addr[2], k.addr[3],
-        ))),
-        FAMILY_V6 => Some(IpAddr::V6(std::net::Ipv6Addr::from(k.addr))),
-        _ => None,
-    }
+    super::encode::ip_of(&k.addr, k.family)
 }
 
 #[cfg(test)]

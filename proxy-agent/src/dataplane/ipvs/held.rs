@@ -135,9 +135,9 @@ pub fn decode(
     let sets = Sets::parse(sets);
     let mut out: BTreeMap<FrontendKey, HeldFrontend> = BTreeMap::new();
     for (vs, real) in servers {
-        let Some(protocol) = PROTOCOLS
-            .into_iter()
-            .find(|p| u16::from(p.number()) == vs.id.protocol)
+        let Some(protocol) = u8::try_from(vs.id.protocol)
+            .ok()
+            .and_then(Protocol::from_number)
         else {
             continue;
         };
@@ -289,7 +289,7 @@ impl Sets {
 
 fn key_of(ip: &str, proto: &str, port: &str) -> Option<FrontendKey> {
     let number: Option<u16> = proto.parse().ok();
-    let protocol = PROTOCOLS
+    let protocol = Protocol::ALL
         .into_iter()
         .find(|p| proto_name(*p) == proto || number == Some(p.number().into()))?;
     Some(FrontendKey {
@@ -313,8 +313,6 @@ fn unspecified(family: Family) -> IpAddr {
         Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
     }
 }
-
-const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 /// The real server IPVS's persistence template sends `client` to at the
 /// virtual server `vip:vport` (this network namespace's
