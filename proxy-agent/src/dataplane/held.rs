@@ -2,7 +2,7 @@
 //! one mode-neutral shape: what `proxy-agent list` prints, what `trace`
 //! starts from, and what drift is measured against. Each mode has a
 //! reader (`<mode>::held`); none of them needs the agent to be running.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -149,10 +149,7 @@ pub fn list_backends(backends: &[Backend]) -> String {
     }
     backends
         .iter()
-        .map(|b| match b.ip {
-            IpAddr::V4(ip) => format!("{ip}:{}", b.port),
-            IpAddr::V6(ip) => format!("[{ip}]:{}", b.port),
-        })
+        .map(Backend::to_string)
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -263,10 +263,10 @@ pub fn render_listing(listing: &Listing) -> String {
             let _ = writeln!(out, "    source ranges: {}", ranges.join(", "));
         }
         for b in &f.backends {
-            let at = crate::dataplane::held::list_backends(&[Backend {
+            let at = Backend {
                 ip: b.ip,
                 port: b.port,
-            }]);
+            };
             let mut notes: Vec<&str> = Vec::new();
             notes.extend(b.state.as_deref());
             if b.local == Some(true) {

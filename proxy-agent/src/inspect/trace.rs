@@ -219,15 +219,12 @@ pub fn trace(
     out.steps.extend(pins.notes.iter().cloned());
     if let Some(b) = pins.flow {
         out.pinned_to = Some(b);
-        out.steps.push(format!(
-            "an existing flow of this tuple goes to {}",
-            list_backends(&[b])
-        ));
+        out.steps
+            .push(format!("an existing flow of this tuple goes to {b}"));
     } else if let Some(b) = pins.affinity {
         out.pinned_to = Some(b);
         out.steps.push(format!(
-            "the client's affinity entry sends a new connection to {}",
-            list_backends(&[b])
+            "the client's affinity entry sends a new connection to {b}"
         ));
     }
     out
@@ -354,7 +351,7 @@ pub fn render_trace(trace: &Trace) -> String {
             } else {
                 "-"
             };
-            let _ = writeln!(out, "    {mark} {}: {}", list_backends(&[c.backend]), c.why);
+            let _ = writeln!(out, "    {mark} {}: {}", c.backend, c.why);
         }
     }
     out

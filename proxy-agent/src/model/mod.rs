@@ -257,6 +257,16 @@ pub struct Backend {
     pub port: u16,
 }
 
+impl std::fmt::Display for Backend {
+    /// `ip:port`, `[ip]:port` for IPv6.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.port),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.port),
+        }
+    }
+}
+
 /// A frontend and the backends new connections may go to (sorted, without
 /// duplicates). The model has already applied every rule that decides which
 /// endpoints those are: readiness (serving-and-terminating ones only when no

@@ -2,7 +2,6 @@
 //! carry a hash of the frontend (and endpoint) that stays the same on every
 //! run and version, since the kernel keeps the chains across restarts of
 //! the agent.
-use std::net::IpAddr;
 
 use crate::{
     dataplane::netfilter::{fnv1a_128, proto_name},
@@ -102,10 +101,7 @@ pub(super) fn sep_chain(key: &FrontendKey, backend: &Backend) -> String {
 
 /// `ip:port`, `[ip]:port` for IPv6.
 pub(super) fn addr_port(backend: &Backend) -> String {
-    match backend.ip {
-        IpAddr::V4(ip) => format!("{ip}:{}", backend.port),
-        IpAddr::V6(ip) => format!("[{ip}]:{}", backend.port),
-    }
+    backend.to_string()
 }
 
 #[cfg(test)]
