@@ -1842,8 +1842,8 @@ fn inspect_trace(args: &TraceArgs) -> std::process::ExitCode {
     }
     let path = format!(
         "/debug/trace?from={}&to={}",
-        percent_encode(&args.from),
-        percent_encode(&args.to)
+        serve::debug::percent_encode(&args.from),
+        serve::debug::percent_encode(&args.to)
     );
     match inspect::client::ask(args.common.agent, &path, ASK_TIMEOUT) {
         Ok(body) if args.common.output == OutputFormat::Json => {
@@ -1865,16 +1865,6 @@ fn inspect_trace(args: &TraceArgs) -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Percent-encodes what a query value cannot hold as is.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn main() -> std::process::ExitCode {

@@ -111,6 +111,17 @@ pub fn query_value(query: &str, name: &str) -> Option<String> {
     })
 }
 
+/// Percent-encodes what a query value cannot hold as is ([`query_value`]
+/// decodes it).
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -204,5 +215,8 @@ mod tests {
         );
         assert_eq!(query_value("a=1", "to"), None);
         assert_eq!(query_value("to=50%", "to").as_deref(), Some("50%"));
+        let to = "[fd00::1]:80/UDP";
+        let query = format!("to={}", percent_encode(to));
+        assert_eq!(query_value(&query, "to").as_deref(), Some(to));
     }
 }
