@@ -11,7 +11,9 @@ use super::{
 };
 use crate::{
     dataplane::{Mode, held::HeldTable},
-    model::{ClusterState, ModelConfig, NodeNetwork, ServiceTable, build_table},
+    model::{
+        Backend, ClusterState, FrontendKey, ModelConfig, NodeNetwork, ServiceTable, build_table,
+    },
     serve::debug::{DebugError, DebugViews, query_value},
     source::StateReceiver,
 };
@@ -97,16 +99,15 @@ impl DebugViews for AgentViews {
         };
         let query = Query::parse(&from, &to).map_err(DebugError::BadRequest)?;
         let read = self.read()?;
-        let (desired, held, table) = (read.desired(&self.cfg), &read.held, &read.table);
-        let mut traced = trace(query, self.mode, &desired, held, &Default::default());
-        if let Some(key) = traced.frontend {
-            let affinity = table
-                .get(&key)
-                .and_then(|f| f.policy.affinity_timeout_secs)
-                .map(|t| (t, traced.backends.as_slice()));
-            let pins = kernel::pins(self.mode, &self.kernel.bpf_root, &query, &key, affinity);
-            traced = trace(query, self.mode, &desired, held, &pins);
-        }
-        json(&traced)
+        let pins = |key: &FrontendKey, affinity: Option<(u32, &[Backend])>| {
+            kernel::pins(self.mode, &self.kernel.bpf_root, &query, key, affinity)
+        };
+        json(&trace(
+            query,
+            self.mode,
+            &read.desired(&self.cfg),
+            &read.held,
+            &pins,
+        ))
     }
 }

@@ -64,14 +64,20 @@ pub struct Trace {
     pub steps: Vec<String>,
 }
 
+/// What reads a frontend's [`Pins`] from the kernel, given the frontend
+/// and, under session affinity, its timeout and the backends a new
+/// connection of the client's view may go to.
+pub type PinReader<'a> = dyn Fn(&FrontendKey, Option<(u32, &[Backend])>) -> Pins + 'a;
+
 /// Traces `query` through the desired plans of `desired` as `mode` programs
-/// them, with what `held` holds and the `pins` read from the kernel.
+/// them, with what `held` holds and what `pins` reads for the frontend
+/// that matches (called only then).
 pub fn trace(
     query: Query,
     mode: Mode,
     desired: &Desired<'_>,
     held: &HeldTable,
-    pins: &Pins,
+    pins: &PinReader<'_>,
 ) -> Trace {
     let mut out = Trace {
         query,
@@ -216,6 +222,10 @@ pub fn trace(
             .steps
             .push(format!("the kernel ({}) holds the same", held.mode)),
     }
+    let affinity = plan
+        .affinity_timeout_secs
+        .map(|t| (t, out.backends.as_slice()));
+    let pins = pins(&key, affinity);
     out.steps.extend(pins.notes.iter().cloned());
     if let Some(b) = pins.flow {
         out.pinned_to = Some(b);
@@ -389,7 +399,7 @@ mod tests {
             state: &state,
             cfg: &cfg,
         };
-        trace(q, mode, &desired, &held, pins)
+        trace(q, mode, &desired, &held, &|_, _| pins.clone())
     }
 
     #[test]
