@@ -1516,7 +1516,7 @@ impl SyncObserver for AgentObserver {
         if report.applied {
             self.metrics.observe_sync(report.full, report.elapsed);
             self.metrics
-                .add_conntrack_deleted(report.stats.conntrack_deletes as u64);
+                .observe_conntrack_cleanup(&report.stats.conntrack);
         }
         self.metrics
             .set_table_size(report.frontends as u64, report.backends as u64);

@@ -205,6 +205,7 @@ suite![
     terminating_endpoints_serve_only_when_none_is_ready,
     established_flow_survives_backend_removal,
     udp_flow_moves_off_a_removed_backend,
+    udp_client_sending_before_its_service_existed,
     udp_socket_of_a_pod_moves_off_a_removed_backend,
     client_port_reused_straight_to_the_backend,
     internal_traffic_policy_local,
@@ -1302,6 +1303,63 @@ fn udp_flow_moves_off_a_removed_backend(mode: Mode) -> anyhow::Result<()> {
             query(&socket).as_deref() == Some(expected.as_str()),
             "flow went back"
         );
+    }
+    Ok(())
+}
+
+/// A client that was sending to a UDP NodePort before its Service existed
+/// (the node refused its datagrams) is served once the Service is, from
+/// the same socket: the node's connection-tracking entry of that flow,
+/// made when there was nothing to translate, would otherwise keep it
+/// untranslated for as long as the client keeps sending (kube-proxy
+/// deletes such entries when a UDP Service gets its first endpoint).
+fn udp_client_sending_before_its_service_existed(mode: Mode) -> anyhow::Result<()> {
+    let c = Cluster::start(mode, Setup::pods(1))?;
+    // The agent has programmed its (empty) table: from now on the node
+    // tracks connections, as every node does.
+    poll_until(converge_timeout(), Duration::from_millis(20), || {
+        Ok(c.agent
+            .borrow()
+            .log()
+            .contains("programmed service table")
+            .then_some(()))
+    })
+    .context("the agent never programmed its first table")?;
+    let target = at(NODE, UDP_NODE_PORT);
+    let socket = connected_udp(c.t.client_ns(), target)?;
+    for _ in 0..3 {
+        ensure!(
+            query(&socket).is_none(),
+            "answered before the Service existed"
+        );
+    }
+    let service = echo().node_port(&[TCP_NODE_PORT, UDP_NODE_PORT]);
+    c.publish(&service, &c.endpoints(&service, &[0], &[]))?;
+    c.wait(Protocol::Tcp, at(NODE, TCP_NODE_PORT))?;
+    let expected = c.t.pod(0).name.clone();
+    let ((), took) = poll_until(converge_timeout(), Duration::from_millis(10), || {
+        Ok((query(&socket).as_deref() == Some(expected.as_str())).then_some(()))
+    })
+    .context("a UDP flow that began before its NodePort existed was never served")?;
+    eprintln!("udp_client_sending_before_its_service_existed: served {took:?} after the TCP port");
+    for _ in 0..5 {
+        ensure!(
+            query(&socket).as_deref() == Some(expected.as_str()),
+            "the flow stopped being served"
+        );
+    }
+    // Where netfilter's conntrack held the entry, kube-proxy's conntrack
+    // reconciler series count its deletion.
+    if !mode.is_ebpf() {
+        let (status, metrics) = http::get(c.t.node_ns(), "127.0.0.1:10249".parse()?, "/metrics")?;
+        ensure!(status == 200, "/metrics: {status}");
+        for series in [
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"}",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"}",
+        ] {
+            let value = http::sample(&metrics, series);
+            ensure!(value >= Some(1.0), "{series} = {value:?}");
+        }
     }
     Ok(())
 }

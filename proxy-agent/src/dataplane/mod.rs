@@ -27,8 +27,31 @@ pub struct ApplyStats {
     pub kernel_writes: usize,
     /// Kernel objects deleted, in the same unit.
     pub kernel_deletes: usize,
-    /// Connection-tracking entries deleted (UDP flows to removed backends).
-    pub conntrack_deletes: usize,
+    /// What the connection-tracking cleanup of the apply did.
+    pub conntrack: ConntrackCleanup,
+}
+
+/// One apply's connection-tracking cleanup (UDP flows to removed backends,
+/// or never translated), per IP family as kube-proxy's conntrack
+/// reconciler reports it: index 0 IPv4, 1 IPv6.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackCleanup {
+    /// Entries deleted.
+    pub deleted: [usize; 2],
+    /// How long the family's cleanup took, when it ran (it runs only when
+    /// the apply leaves flows to forget in that family).
+    pub took: [Option<std::time::Duration>; 2],
+}
+
+impl ConntrackCleanup {
+    /// Index of `ip`'s family in the arrays.
+    pub fn family_index(ip: std::net::IpAddr) -> usize {
+        usize::from(ip.is_ipv6())
+    }
+
+    pub fn total_deleted(&self) -> usize {
+        self.deleted.iter().sum()
+    }
 }
 
 /// What a reconcile did, and the drift it repaired.

@@ -148,6 +148,32 @@ impl TableDiff {
         stale.dedup();
         stale
     }
+
+    /// The UDP frontends the diff starts serving, sorted: added with a
+    /// backend, or given one when neither view had any. A client that sent
+    /// to such an address before (the Service did not exist yet, or the
+    /// agent had not programmed it) has a connection-tracking entry that
+    /// was never translated, and as long as it keeps sending from the same
+    /// socket the kernel keeps that entry and never translates it: its
+    /// datagrams go on missing the Service (kube-proxy deletes these
+    /// entries too).
+    pub fn udp_frontends_starting_service(&self) -> Vec<FrontendKey> {
+        let serves = |f: &Frontend| f.all_backends().next().is_some();
+        let added = self
+            .added
+            .iter()
+            .filter(|(key, new)| key.protocol == Protocol::Udp && serves(new))
+            .map(|(key, _)| *key);
+        let changed = self
+            .changed
+            .iter()
+            .filter(|c| c.key.protocol == Protocol::Udp && !serves(&c.old) && serves(&c.new))
+            .map(|c| c.key);
+        let mut keys: Vec<FrontendKey> = added.chain(changed).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
 }
 
 impl Frontend {
@@ -445,6 +471,64 @@ mod tests {
                     _ => Vec::new(),
                 };
                 assert_eq!(diff.stale_udp_flows(), expected, "{protocol}: {what}");
+            }
+        }
+    }
+
+    /// Rows: (what happens, old frontend or None for added, new frontend,
+    /// whether its untranslated flows go).
+    #[test]
+    fn udp_frontends_starting_service_are_those_that_had_no_backend() {
+        use super::super::test_support::key_proto;
+        let dns = |backends: &[Backend]| frontend("ns", "dns", backends);
+        let b1 = backend("10.1.0.1", 53);
+        let b2 = backend("10.1.0.2", 53);
+        let elsewhere = {
+            let mut f = dns(&[]);
+            f.policy.local_only = true;
+            f.cluster_backends = vec![b1];
+            f
+        };
+        let rows: Vec<(&str, Option<Frontend>, Frontend, bool)> = vec![
+            ("added with a backend", None, dns(&[b1]), true),
+            ("added without one", None, dns(&[]), false),
+            ("its first backend", Some(dns(&[])), dns(&[b1]), true),
+            ("another backend", Some(dns(&[b1])), dns(&[b1, b2]), false),
+            ("a backend leaves", Some(dns(&[b1, b2])), dns(&[b1]), false),
+            (
+                "a backend elsewhere only",
+                Some(dns(&[])),
+                elsewhere.clone(),
+                true,
+            ),
+            ("local again", Some(elsewhere), dns(&[b1]), false),
+        ];
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            let k = key_proto("10.96.0.10", 53, protocol);
+            for (what, old, new, starts) in &rows {
+                let diff = match old {
+                    Some(old) => TableDiff {
+                        changed: vec![FrontendChange {
+                            key: k,
+                            old: old.clone().into(),
+                            new: new.clone().into(),
+                        }],
+                        ..TableDiff::default()
+                    },
+                    None => TableDiff {
+                        added: vec![(k, new.clone().into())],
+                        ..TableDiff::default()
+                    },
+                };
+                let expected = match protocol {
+                    Protocol::Udp if *starts => vec![k],
+                    _ => Vec::new(),
+                };
+                assert_eq!(
+                    diff.udp_frontends_starting_service(),
+                    expected,
+                    "{protocol}: {what}"
+                );
             }
         }
     }

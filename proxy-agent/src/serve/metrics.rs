@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use crate::dataplane::ConntrackCleanup;
+
 /// `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -179,9 +181,10 @@ pub struct Metrics {
     backends: AtomicU64,
     rejected_objects: AtomicU64,
     sync_errors: AtomicU64,
-    /// Stale UDP conntrack entries deleted (kube-proxy's conntrack
-    /// reconciler's counter).
-    conntrack_deleted: AtomicU64,
+    /// Stale UDP conntrack entries deleted, per family (kube-proxy's
+    /// conntrack reconciler's counter), and how long each cleanup took.
+    conntrack_deleted: [AtomicU64; 2],
+    conntrack_duration: [Histogram; 2],
     events_dropped: AtomicU64,
     applies_full: AtomicU64,
     applies_partial: AtomicU64,
@@ -237,7 +240,11 @@ impl Metrics {
             backends: AtomicU64::new(0),
             rejected_objects: AtomicU64::new(0),
             sync_errors: AtomicU64::new(0),
-            conntrack_deleted: AtomicU64::new(0),
+            conntrack_deleted: [AtomicU64::new(0), AtomicU64::new(0)],
+            conntrack_duration: [
+                Histogram::new(sync_duration_buckets()),
+                Histogram::new(sync_duration_buckets()),
+            ],
             events_dropped: AtomicU64::new(0),
             applies_full: AtomicU64::new(0),
             applies_partial: AtomicU64::new(0),
@@ -320,9 +327,16 @@ impl Metrics {
         self.rejected_objects.store(n, Ordering::Relaxed);
     }
 
-    /// Conntrack entries of removed UDP backends deleted by a sync.
-    pub fn add_conntrack_deleted(&self, n: u64) {
-        self.conntrack_deleted.fetch_add(n, Ordering::Relaxed);
+    /// What a sync's connection-tracking cleanup deleted and how long it
+    /// took, per family.
+    pub fn observe_conntrack_cleanup(&self, cleanup: &ConntrackCleanup) {
+        for family in 0..2 {
+            self.conntrack_deleted[family]
+                .fetch_add(cleanup.deleted[family] as u64, Ordering::Relaxed);
+            if let Some(took) = cleanup.took[family] {
+                self.conntrack_duration[family].observe(took.as_secs_f64());
+            }
+        }
     }
 
     /// The node's families (both false: IPv4, kube-proxy's default).
@@ -488,6 +502,33 @@ impl Metrics {
                 );
             }
         }
+        const CONNTRACK_DURATION: &str = "kubeproxy_conntrack_reconciler_sync_duration_seconds";
+        header(
+            &mut out,
+            CONNTRACK_DURATION,
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            "histogram",
+        );
+        for family in &families {
+            self.conntrack_duration[usize::from(*family == IPV6)].render_series(
+                &mut out,
+                CONNTRACK_DURATION,
+                &format!("ip_family=\"{family}\","),
+            );
+        }
+        header(
+            &mut out,
+            "kubeproxy_conntrack_reconciler_deleted_entries_total",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            "counter",
+        );
+        for family in &families {
+            let _ = writeln!(
+                out,
+                "kubeproxy_conntrack_reconciler_deleted_entries_total{{ip_family=\"{family}\"}} {}",
+                load(&self.conntrack_deleted[usize::from(*family == IPV6)])
+            );
+        }
         if let Some(name) = *lock(&self.failures_name) {
             header(
                 &mut out,
@@ -536,7 +577,7 @@ impl Metrics {
 
     /// The gauges and counters of one value each, in exposition order:
     /// name, help, value.
-    fn scalars(&self) -> [(&'static str, &'static str, Scalar); 12] {
+    fn scalars(&self) -> [(&'static str, &'static str, Scalar); 11] {
         use Scalar::{Counter, Gauge};
         [
             (
@@ -588,11 +629,6 @@ impl Metrics {
                 "proxy_agent_sync_errors_total",
                 "Failed dataplane syncs",
                 Counter(load(&self.sync_errors)),
-            ),
-            (
-                "kubeproxy_conntrack_reconciler_deleted_entries_total",
-                "Cumulative conntrack flows deleted by conntrack reconciler",
-                Counter(load(&self.conntrack_deleted)),
             ),
             (
                 "proxy_agent_events_dropped_total",
@@ -873,7 +909,10 @@ mod tests {
         m.add_endpoint_changes(5);
         m.add_service_changes(4);
         m.inc_sync_errors();
-        m.add_conntrack_deleted(3);
+        m.observe_conntrack_cleanup(&ConntrackCleanup {
+            deleted: [3, 0],
+            took: [Some(Duration::from_millis(3)), None],
+        });
         m.inc_events_dropped();
         m.inc_events_dropped();
         m.sync_queued_at(Timestamp::from_second(1_700_000_000).expect("ts"));
@@ -892,17 +931,20 @@ mod tests {
             "proxy_agent_backends 7\n",
             "proxy_agent_rejected_objects 2\n",
             "proxy_agent_sync_errors_total 1\n",
-            "kubeproxy_conntrack_reconciler_deleted_entries_total 3\n",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 3\n",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.002\"} 0\n",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.004\"} 1\n",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"} 1\n",
             "proxy_agent_events_dropped_total 2\n",
             "# TYPE proxy_agent_events_dropped_total counter\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        // Every family is declared exactly once: 19 of the agent's, and the
+        // Every family is declared exactly once: 20 of the agent's, and the
         // process family.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!(types, 19 + super::super::process::samples().len());
+        assert_eq!(types, 20 + super::super::process::samples().len());
         assert_eq!(helps, types);
         for family in [
             "process_cpu_seconds_total",

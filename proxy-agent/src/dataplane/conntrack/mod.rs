@@ -11,9 +11,9 @@
 //! 2. each entry's original and reply tuples are parsed and the entry is
 //!    kept when it matches a flow (hash lookups: one pass over the table,
 //!    however many flows are given);
-//! 3. once every dump has finished, one `IPCTNL_MSG_CT_DELETE` per kept
-//!    entry goes out, in batches of [`DELETE_BATCH`] requests per send, each
-//!    request answered by its own ack.
+//! 3. once the family's dump has finished, one `IPCTNL_MSG_CT_DELETE` per
+//!    kept entry goes out, in batches of [`DELETE_BATCH`] requests per send,
+//!    each request answered by its own ack.
 //!
 //! A delete names the entry by its original tuple exactly as the kernel sent
 //! it (so a directional `CTA_TUPLE_ZONE` inside it survives), its
@@ -41,6 +41,8 @@ mod socket;
 mod wire;
 
 use netlink_packet_core::{NLMSG_ERROR, NetlinkPayload};
+
+use super::ConntrackCleanup;
 use socket::{NetlinkSocket, Transport};
 use wire::{
     AF_INET, AF_INET6, DeleteRequest, Entry, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_NEW, IPPROTO_UDP,
@@ -56,6 +58,12 @@ use wire::{
 /// `port`. Represent it with `vip` = the unspecified address of the family
 /// (`0.0.0.0` or `::`), meaning "any destination address".
 ///
+/// Untranslated variant: `backend:backend_port` equal to `vip:port`
+/// ([`StaleFlow::untranslated`]) names the entries whose reply comes from
+/// the very address and port the client sent to: never translated. For
+/// the NodePort form (`vip` unspecified) that is any entry whose reply
+/// source is its own original destination, port `port`.
+///
 /// A flow whose `vip` and `backend` are of different families matches
 /// nothing (a conntrack entry's tuples are of one family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,6 +72,18 @@ pub struct StaleFlow {
     pub port: u16,
     pub backend: IpAddr,
     pub backend_port: u16,
+}
+
+impl StaleFlow {
+    /// The entries to `vip:port` that were never translated.
+    pub fn untranslated(vip: IpAddr, port: u16) -> Self {
+        StaleFlow {
+            vip,
+            port,
+            backend: vip,
+            backend_port: port,
+        }
+    }
 }
 
 /// Why [`delete_stale_udp_flows`] failed.
@@ -136,12 +156,14 @@ pub enum Malformed {
 
 /// Deletes every UDP conntrack entry matching one of `flows` (both families
 /// as present in `flows`), in the network namespace of the calling thread.
-/// Returns how many entries were deleted. An entry already gone (`ENOENT` on
-/// delete) is not an error and is not counted.
+/// Returns how many entries were deleted, and how long it took, per family.
+/// An entry already gone (`ENOENT` on delete) is not an error and is not
+/// counted.
 ///
-/// One dump per family, then the deletes; nothing is deleted when a dump
-/// fails. Needs `CAP_NET_ADMIN` in the namespace.
-pub fn delete_stale_udp_flows(flows: &[StaleFlow]) -> Result<usize, ConntrackError> {
+/// Per family, as kube-proxy's per-family reconcilers: one dump, then the
+/// deletes; nothing of a family is deleted when its dump fails. Needs
+/// `CAP_NET_ADMIN` in the namespace.
+pub fn delete_stale_udp_flows(flows: &[StaleFlow]) -> Result<ConntrackCleanup, ConntrackError> {
     delete_with(NetlinkSocket::open, flows)
 }
 
@@ -218,11 +240,14 @@ impl FlowSet {
             backend: entry.reply.src,
             backend_port,
         };
-        let any_vip = StaleFlow {
-            vip: unspecified_like(entry.orig.dst),
-            ..exact
-        };
-        self.flows.contains(&exact) || self.flows.contains(&any_vip)
+        let any = unspecified_like(entry.orig.dst);
+        let any_vip = StaleFlow { vip: any, ..exact };
+        // The NodePort form of an untranslated entry: its reply comes from
+        // its own destination, whichever node address that was.
+        let untranslated = exact.backend == exact.vip && exact.backend_port == exact.port;
+        self.flows.contains(&exact)
+            || self.flows.contains(&any_vip)
+            || (untranslated && self.flows.contains(&StaleFlow::untranslated(any, port)))
     }
 }
 
@@ -637,21 +662,18 @@ fn dump_again_on_trouble<T: Transport>(
 fn delete_with<T: Transport>(
     mut open: impl FnMut() -> Result<T, ConntrackError>,
     flows: &[StaleFlow],
-) -> Result<usize, ConntrackError> {
-    let sets = FlowSet::by_family(flows);
-    if sets.is_empty() {
-        return Ok(0);
-    }
-    let mut deletes = BTreeSet::new();
-    let mut session = None;
+) -> Result<ConntrackCleanup, ConntrackError> {
+    let mut cleanup = ConntrackCleanup::default();
     // The kernel filters the dump by protocol where it can; a kernel that
     // refuses the filter gets the plain dump (the entries are matched here
     // either way).
     let mut filtered = true;
-    for set in &sets {
+    for set in FlowSet::by_family(flows) {
+        let started = std::time::Instant::now();
         // A delete request found by an overrun dump names a real entry:
         // kept for the next attempt (the set holds each once).
-        session = Some(dump_again_on_trouble(
+        let mut deletes = BTreeSet::new();
+        let mut session = dump_again_on_trouble(
             &mut open,
             set.family,
             IPPROTO_UDP,
@@ -662,13 +684,18 @@ fn delete_with<T: Transport>(
                     deletes.insert(DeleteRequest::of(entry));
                 }
             },
-        )?);
+        )?;
+        let deletes: Vec<DeleteRequest> = deletes.into_iter().collect();
+        let deleted = if deletes.is_empty() {
+            0
+        } else {
+            session.delete_all(&deletes)?
+        };
+        let index = usize::from(set.family == AF_INET6);
+        cleanup.deleted[index] = deleted;
+        cleanup.took[index] = Some(started.elapsed());
     }
-    let deletes: Vec<DeleteRequest> = deletes.into_iter().collect();
-    match session {
-        Some(mut session) if !deletes.is_empty() => session.delete_all(&deletes),
-        _ => Ok(0),
-    }
+    Ok(cleanup)
 }
 
 #[cfg(test)]

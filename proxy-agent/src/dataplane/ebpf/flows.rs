@@ -3,10 +3,11 @@ use std::collections::HashSet;
 
 use proxy_common::{
     Addr, CT_EGRESS, CT_FLAG_SNAT, CT_FLAG_SNAT_OUT, CT_FORWARD, CT_SNAT_IN, CT_SNAT_OUT_OLD,
-    CtKey, CtValue, SockRevKey,
+    CtKey, CtValue, FAMILY_V6, SockRevKey,
 };
 
 use super::{EbpfDataplane, EbpfError, encode::addr_of, sockdiag, writer::remove_ignoring_missing};
+use crate::dataplane::ConntrackCleanup;
 use crate::model::{Protocol, TableDiff};
 
 /// (VIP, port, backend, backend port), ports in network byte order, of the
@@ -90,8 +91,10 @@ impl EbpfDataplane {
     pub(super) fn forget_udp_flows(
         &mut self,
         stale: &HashSet<(Addr, u16, Addr, u16)>,
-    ) -> Result<usize, EbpfError> {
+        families: [bool; 2],
+    ) -> Result<ConntrackCleanup, EbpfError> {
         // Walks the whole table, but only when a UDP backend went away.
+        let started = std::time::Instant::now();
         let udp = Protocol::Udp.number();
         let all: Vec<(CtKey, CtValue)> = self
             .conntrack
@@ -140,8 +143,10 @@ impl EbpfDataplane {
                 });
             }
         }
+        let mut cleanup = ConntrackCleanup::default();
         for key in &doomed {
             remove_ignoring_missing(&mut self.conntrack, key)?;
+            cleanup.deleted[usize::from(key.family == FAMILY_V6)] += 1;
         }
         if !doomed.is_empty() {
             tracing::debug!(
@@ -149,7 +154,15 @@ impl EbpfDataplane {
                 "forgot UDP flows to removed backends"
             );
         }
-        Ok(doomed.len())
+        // One walk serves both families: each family that had flows to
+        // forget is given its time.
+        let took = started.elapsed();
+        for (family, had) in families.into_iter().enumerate() {
+            if had {
+                cleanup.took[family] = Some(took);
+            }
+        }
+        Ok(cleanup)
     }
 
     /// Ends the connected UDP sockets, of the node and of its pods, that the

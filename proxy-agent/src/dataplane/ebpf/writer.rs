@@ -19,7 +19,7 @@ use super::{
     flows::stale_udp_flows,
 };
 use crate::{
-    dataplane::ApplyStats,
+    dataplane::{ApplyStats, ConntrackCleanup},
     model::{
         Frontend, FrontendKey, TableDiff,
         plan::{FrontendPlan, plan},
@@ -454,7 +454,15 @@ impl EbpfDataplane {
         }
         let stale = self.at_node_addresses(stale_udp_flows(diff));
         if !stale.is_empty() {
-            stats.conntrack_deletes += self.forget_udp_flows(&stale)?;
+            // Only flows to removed backends: a flow made before its
+            // frontend existed is no entry of these maps, and the packets of
+            // the new frontend are translated before netfilter's conntrack
+            // sees them.
+            let mut families = [false; 2];
+            for (key, _) in diff.stale_udp_flows() {
+                families[ConntrackCleanup::family_index(key.ip)] = true;
+            }
+            stats.conntrack = self.forget_udp_flows(&stale, families)?;
             self.end_stale_sockets(&stale);
         }
         // Added and removed frontends moved their addresses' counts above;

@@ -324,7 +324,7 @@ impl<B: RuleBackend> Dataplane for Driver<B> {
 
     fn apply(&mut self, diff: &TableDiff) -> Result<ApplyStats, DataplaneError> {
         let mut stats = self.apply_diff(diff).map_err(Into::into)?;
-        stats.conntrack_deletes = forget_stale_udp_flows(diff)?;
+        stats.conntrack = forget_stale_udp_flows(diff)?;
         Ok(stats)
     }
 

@@ -15,7 +15,10 @@ mod driver;
 
 pub use driver::{Driver, Planned, Programmed, RuleBackend, Scope, Shadow, commit};
 
-use super::conntrack::{ConntrackError, StaleFlow, delete_stale_udp_flows};
+use super::{
+    ConntrackCleanup,
+    conntrack::{ConntrackError, StaleFlow, delete_stale_udp_flows},
+};
 pub use crate::model::plan::{Action, Family, FrontendPlan, Masquerade, NodeNetwork, View, plan};
 use crate::model::{Frontend, FrontendKey, Protocol, TableDiff};
 
@@ -114,9 +117,11 @@ pub fn run_with_input(program: &str, args: &[&str], input: &[u8]) -> std::io::Re
 
 /// Deletes the kernel's connection-tracking entries of the UDP flows
 /// [`TableDiff::stale_udp_flows`] names, so their next datagram picks a
-/// live backend. Returns how many were deleted.
-pub fn forget_stale_udp_flows(diff: &TableDiff) -> Result<usize, ConntrackError> {
-    let flows: Vec<StaleFlow> = diff
+/// live backend, and those of [`TableDiff::udp_frontends_starting_service`]
+/// that were never translated, so their next datagram is. Returns what was
+/// deleted, per family.
+pub fn forget_stale_udp_flows(diff: &TableDiff) -> Result<ConntrackCleanup, ConntrackError> {
+    let stale = diff
         .stale_udp_flows()
         .into_iter()
         .map(|(key, backend)| StaleFlow {
@@ -124,10 +129,14 @@ pub fn forget_stale_udp_flows(diff: &TableDiff) -> Result<usize, ConntrackError>
             port: key.port,
             backend: backend.ip,
             backend_port: backend.port,
-        })
-        .collect();
+        });
+    let untranslated = diff
+        .udp_frontends_starting_service()
+        .into_iter()
+        .map(|key| StaleFlow::untranslated(key.ip, key.port));
+    let flows: Vec<StaleFlow> = stale.chain(untranslated).collect();
     if flows.is_empty() {
-        return Ok(0);
+        return Ok(ConntrackCleanup::default());
     }
     delete_stale_udp_flows(&flows)
 }

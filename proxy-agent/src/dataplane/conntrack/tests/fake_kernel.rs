@@ -160,6 +160,13 @@ impl Transport for FakeKernel {
 }
 
 fn run(state: &Rc<RefCell<FakeState>>, flows: &[StaleFlow]) -> Result<usize, ConntrackError> {
+    cleanup(state, flows).map(|c| c.total_deleted())
+}
+
+fn cleanup(
+    state: &Rc<RefCell<FakeState>>,
+    flows: &[StaleFlow],
+) -> Result<ConntrackCleanup, ConntrackError> {
     delete_with(
         || {
             Ok(FakeKernel {
@@ -237,9 +244,60 @@ fn one_dump_per_family_however_many_flows() {
         backend: ip("10.1.0.6"),
         ..DNS
     };
-    assert_eq!(run(&state, &[DNS, other, v6, DNS]).unwrap(), 5);
+    let done = cleanup(&state, &[DNS, other, v6, DNS]).unwrap();
+    assert_eq!(done.deleted, [4, 1], "counted per family");
+    assert!(done.took.iter().all(Option::is_some), "{done:?}");
     assert!(ids(&state).is_empty());
     assert_eq!(state.borrow().dumps, [AF_INET, AF_INET6]);
+}
+
+#[test]
+fn a_family_without_flows_is_not_visited_nor_timed() {
+    let state = fake(table(2));
+    let done = cleanup(&state, &[DNS]).unwrap();
+    assert_eq!(done.deleted, [2, 0]);
+    assert!(done.took[0].is_some() && done.took[1].is_none(), "{done:?}");
+}
+
+/// An entry made before the Service existed: its reply comes from where
+/// the client sent it.
+fn untranslated_entry(client: (&str, u16), dst: (&str, u16), id: u32) -> FakeEntry {
+    dnat_entry(client, dst, dst, id)
+}
+
+#[test]
+fn untranslated_entries_go_for_the_frontend_and_the_node_port() {
+    let state = fake(vec![
+        untranslated_entry(("10.2.0.7", 4000), ("10.96.0.10", 53), 1),
+        // Translated already: a live flow, stays.
+        dnat_entry(("10.2.0.7", 4001), ("10.96.0.10", 53), ("10.1.0.5", 53), 2),
+        // Another port of the address: stays.
+        untranslated_entry(("10.2.0.7", 4002), ("10.96.0.10", 54), 3),
+        // A node port, at two node addresses.
+        untranslated_entry(("203.0.113.9", 4003), ("192.0.2.1", 30053), 4),
+        untranslated_entry(("203.0.113.9", 4004), ("192.0.2.2", 30053), 5),
+        // The node port translated: stays.
+        dnat_entry(
+            ("203.0.113.9", 4005),
+            ("192.0.2.1", 30053),
+            ("10.1.0.5", 53),
+            6,
+        ),
+        // A reply from another port of the destination is no untranslated
+        // entry of the node port.
+        dnat_entry(
+            ("203.0.113.9", 4006),
+            ("192.0.2.1", 30053),
+            ("192.0.2.1", 53),
+            7,
+        ),
+    ]);
+    let flows = [
+        StaleFlow::untranslated(ip("10.96.0.10"), 53),
+        StaleFlow::untranslated(ip("0.0.0.0"), 30053),
+    ];
+    assert_eq!(run(&state, &flows).unwrap(), 3);
+    assert_eq!(ids(&state), [2, 3, 6, 7]);
 }
 
 #[test]

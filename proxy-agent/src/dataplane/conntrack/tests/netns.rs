@@ -184,7 +184,7 @@ fn in_namespace() {
     let flow = stale_flow("127.0.0.2", 5555, "127.0.0.1", 6666);
     let flow6 = stale_flow("::1", 5555, "::1", 6666);
     let deleted = delete_stale_udp_flows(&[flow, flow6]).unwrap();
-    assert_eq!(deleted, stale.len() + stale6.len());
+    assert_eq!(deleted.deleted, [stale.len(), stale6.len()]);
 
     let after = listed("ipv4");
     for &p in &stale {
@@ -204,7 +204,12 @@ fn in_namespace() {
     }
 
     // Again: nothing left to delete.
-    assert_eq!(delete_stale_udp_flows(&[flow, flow6]).unwrap(), 0);
+    assert_eq!(
+        delete_stale_udp_flows(&[flow, flow6])
+            .unwrap()
+            .total_deleted(),
+        0
+    );
 
     // NodePort form: any destination address, port 5556.
     let nodeport = StaleFlow {
@@ -212,10 +217,35 @@ fn in_namespace() {
         port: 5556,
         ..flow
     };
-    assert_eq!(delete_stale_udp_flows(&[nodeport]).unwrap(), 1);
+    assert_eq!(delete_stale_udp_flows(&[nodeport]).unwrap().deleted, [1, 0]);
     let last = listed("ipv4");
     assert!(!lists(&last, other_port, 5556), "{last}");
     assert!(lists(&last, not_nated, 7777), "{last}");
+
+    // The flow that was never translated, as a Service taking over
+    // 127.0.0.1:7777 would forget it: in its node-port form, then exactly.
+    let untranslated = StaleFlow::untranslated(ip("127.0.0.1"), 7777);
+    let any_address = StaleFlow::untranslated(ip("0.0.0.0"), 7777);
+    assert_eq!(
+        delete_stale_udp_flows(&[StaleFlow::untranslated(ip("127.0.0.1"), 7778)])
+            .unwrap()
+            .total_deleted(),
+        0,
+        "another port"
+    );
+    assert_eq!(
+        delete_stale_udp_flows(&[any_address]).unwrap().deleted,
+        [1, 0]
+    );
+    assert!(!lists(&listed("ipv4"), not_nated, 7777));
+    let again = send("127.0.0.1:0", "127.0.0.1:7777");
+    assert_eq!(receive(&untouched, 1), [again]);
+    assert_eq!(
+        delete_stale_udp_flows(&[untranslated]).unwrap().deleted,
+        [1, 0]
+    );
+    let kept = send("127.0.0.1:0", "127.0.0.1:7777");
+    assert_eq!(receive(&untouched, 1), [kept]);
 
     // The kernel filters a dump by protocol: with a TCP flow tracked, the
     // UDP-only dump sends one entry fewer than the plain one.
