@@ -7,8 +7,9 @@
 //! chain's own rules; affinity from the affinity sets the rules name;
 //! source ranges from the `saddr != … drop` rule the chain starts with;
 //! the Service from the rules' comments; LoadBalancer (source ranges) and
-//! ClusterIP (`cluster-ips` sets) kinds where those tell. Not decoded:
-//! masquerade marks, the other kinds, counters (the mode keeps none).
+//! ClusterIP (`cluster-ips` sets) kinds where those tell; new connections
+//! from the counters of the views' balancing. Not decoded: masquerade
+//! marks, the other kinds.
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -23,7 +24,7 @@ use super::{
     existing::{list, tables_of_ours},
 };
 use crate::{
-    dataplane::held::{HeldAction, HeldFrontend, HeldTable},
+    dataplane::held::{HeldAction, HeldCounters, HeldFrontend, HeldTable},
     model::{Backend, FrontendKey, FrontendKind, Protocol},
 };
 
@@ -99,6 +100,8 @@ struct Found<'a> {
     dnat: Vec<(IpAddr, Option<u16>)>,
     chains: Vec<&'a str>,
     sets: Vec<&'a str>,
+    /// Packets the rules' counters counted, if they have any.
+    counted: Option<u64>,
 }
 
 impl<'a> Listing<'a> {
@@ -138,6 +141,9 @@ impl<'a> Listing<'a> {
                 todo.extend(&found.chains);
                 reach.dnat.extend(found.dnat);
                 reach.sets.extend(found.sets);
+                if let Some(n) = found.counted {
+                    *reach.counted.get_or_insert(0) += n;
+                }
             }
         }
         let mut backends: Vec<Backend> = (reach.dnat.iter())
@@ -186,7 +192,11 @@ impl<'a> Listing<'a> {
             action,
             affinity_timeout_secs,
             source_ranges,
-            counters: None,
+            // Counted in the nat chains, which see first packets only.
+            counters: reach.counted.map(|n| HeldCounters {
+                connections: Some(n),
+                ..HeldCounters::default()
+            }),
         })
     }
 }
@@ -206,6 +216,11 @@ fn scan<'a>(rules: &[&'a Value]) -> Found<'a> {
                         }
                         // Also the verdicts of a vmap's elements.
                         "jump" | "goto" => found.chains.extend(target_of(value)),
+                        "counter" => {
+                            if let Some(n) = inner.get("packets").and_then(Value::as_u64) {
+                                *found.counted.get_or_insert(0) += n;
+                            }
+                        }
                         _ => {}
                     }
                     visit(inner, found);
@@ -440,6 +455,16 @@ mod tests {
             let local = &held.frontends[&key("192.0.2.20", 80)];
             assert_eq!((local.action, local.kind), (HeldAction::Drop, None));
             assert_eq!(local.backends, [backend("10.1.0.9", 80)]);
+            // Frontends that balance count their new connections (the
+            // Local one in its pods' view); a rejecting one has nothing to
+            // count.
+            let none_yet = Some(HeldCounters {
+                connections: Some(0),
+                ..HeldCounters::default()
+            });
+            assert_eq!((web.counters, local.counters), (none_yet, none_yet));
+            let dns = &held.frontends[&key_proto("10.96.0.3", 53, Protocol::Udp)];
+            assert_eq!(dns.counters, None);
 
             // A smaller table applied as the agent applies changes: the held
             // state follows.
@@ -529,6 +554,7 @@ mod tests {
             (np.kind, np.service.as_deref()),
             (Some(FrontendKind::NodePort), Some("ns/np"))
         );
+        // What the agent writes carries no count; the kernel lists one.
         assert!(held.frontends.values().all(|f| f.counters.is_none()));
         assert!(decode(&[serde_json::json!({"map": {"name": "services4"}})]).is_empty());
     }

@@ -4,7 +4,7 @@
 use ::nftables::{
     expr::{Expression, NamedExpression, NgMode, Numgen, SetItem, Verdict},
     schema::{NfListObject, Set, SetFlag, SetTypeValue},
-    stmt::{JumpTarget, Operator, Set as SetStmt, SetOp, Statement},
+    stmt::{Counter, JumpTarget, Operator, Set as SetStmt, SetOp, Statement},
 };
 
 use super::{
@@ -217,7 +217,19 @@ fn view_rules(
     match &view.action {
         Action::Reject => rules.push(rule(chain, vec![goto(REJECT_CHAIN)], c)),
         Action::Drop => rules.push(rule(chain, vec![Statement::Drop(None)], c)),
-        Action::Balance(backends) => rules.extend(balance_rules(plan, chain, backends, c)),
+        Action::Balance(backends) => {
+            // The nat chains see a connection's first packet only: this
+            // counts the view's new connections, each of which the rules
+            // below translate (one counter per view, not per endpoint, so
+            // the ruleset grows by a rule per frontend). A chain written
+            // again, when its frontend changes, starts from zero.
+            rules.push(rule(
+                chain,
+                vec![Statement::Counter(Counter::Anonymous(None))],
+                c,
+            ));
+            rules.extend(balance_rules(plan, chain, backends, c));
+        }
     }
     rules
 }
@@ -362,17 +374,19 @@ mod tests {
         assert_eq!(r.chains.len(), 1);
         assert!(r.sets.is_empty());
         let rules = rules_of(&r, "svc-tcp-10.96.0.1-80");
-        assert_eq!(rules.len(), 4, "{rules:#?}");
+        assert_eq!(rules.len(), 5, "{rules:#?}");
         assert!(
             rules[0].contains(r#""op":"!=""#) && rules[0].contains(r#""addr":"10.1.0.0","len":16"#)
         );
         assert!(rules[0].contains(r#""mangle""#));
+        // The view's new connections are counted once, before the choice.
+        assert!(rules[1].contains(r#""expr":[{"counter":null}]"#));
         assert!(
-            rules[1].contains(r#""mod":3"#)
-                && rules[1].contains(r#""addr":"10.1.0.1","family":"ip","port":8080"#)
+            rules[2].contains(r#""mod":3"#)
+                && rules[2].contains(r#""addr":"10.1.0.1","family":"ip","port":8080"#)
         );
-        assert!(rules[2].contains(r#""mod":2"#) && rules[2].contains(r#""addr":"10.1.0.2""#));
-        assert!(!rules[3].contains("numgen") && rules[3].contains(r#""addr":"10.1.0.3""#));
+        assert!(rules[3].contains(r#""mod":2"#) && rules[3].contains(r#""addr":"10.1.0.2""#));
+        assert!(!rules[4].contains("numgen") && rules[4].contains(r#""addr":"10.1.0.3""#));
         assert!(rules.iter().all(|r| r.contains(r#""comment":"ns/web""#)));
     }
 
@@ -395,13 +409,14 @@ mod tests {
             ]
         );
         let rules = rules_of(&r, "svc-tcp-10.96.0.1-80");
-        // Mark, two affinity hits, two choices.
-        assert_eq!(rules.len(), 5, "{rules:#?}");
-        assert!(rules[1].contains(r#""right":"@svc-tcp-10.96.0.1-80-aff30-10.1.0.1-80""#));
-        assert!(rules[1].contains(r#""op":"update""#));
+        // Mark, counter, two affinity hits, two choices.
+        assert_eq!(rules.len(), 6, "{rules:#?}");
+        assert!(rules[1].contains("counter"));
+        assert!(rules[2].contains(r#""right":"@svc-tcp-10.96.0.1-80-aff30-10.1.0.1-80""#));
+        assert!(rules[2].contains(r#""op":"update""#));
         assert!(
-            rules[3].contains("numgen")
-                && rules[3].contains(r#""set":"@svc-tcp-10.96.0.1-80-aff30-10.1.0.1-80""#)
+            rules[4].contains("numgen")
+                && rules[4].contains(r#""set":"@svc-tcp-10.96.0.1-80-aff30-10.1.0.1-80""#)
         );
         let set = serde_json::to_string(&affinity_set_object(names[0], Family::V4, 30)).unwrap();
         assert!(set.contains(r#""flags":["timeout"]"#) && set.contains(r#""timeout":30"#));
@@ -423,8 +438,9 @@ mod tests {
             "{main:#?}"
         );
         let node = rules_of(&r, "svc-tcp-0.0.0.0-30080-node");
-        assert_eq!(node.len(), 2, "mark, then the one endpoint: {node:#?}");
-        assert!(node[0].contains("mark") && node[1].contains(r#""addr":"10.1.0.9""#));
+        assert_eq!(node.len(), 3, "mark, counter, the one endpoint: {node:#?}");
+        assert!(node[0].contains("mark") && node[1].contains("counter"));
+        assert!(node[2].contains(r#""addr":"10.1.0.9""#));
         assert!(
             main[1].contains(r#""goto":{"target":"svc-tcp-0.0.0.0-30080-cluster"}"#),
             "{main:#?}"
@@ -435,8 +451,8 @@ mod tests {
         );
         assert!(!main.iter().any(|r| r.contains("mangle")), "{main:#?}");
         let cluster = rules_of(&r, "svc-tcp-0.0.0.0-30080-cluster");
-        assert_eq!(cluster.len(), 1, "pods keep their source: {cluster:#?}");
-        assert!(cluster[0].contains(r#""addr":"10.1.0.9""#));
+        assert_eq!(cluster.len(), 2, "pods keep their source: {cluster:#?}");
+        assert!(cluster[0].contains("counter") && cluster[1].contains(r#""addr":"10.1.0.9""#));
         let (map, _) = map_entry(&netfilter::plan(&k, &f, &network()));
         assert_eq!(map, "nodeports4");
     }
