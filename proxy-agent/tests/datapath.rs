@@ -200,7 +200,56 @@ fn a_direct_connection_on_a_service_flows_tuple_is_not_reverse_nated() {
             );
         }
         assert_eq!(f.stat(stat::REVNAT), 3 + u64::from(ending.is_some()));
+        // The old flow's reply entry met the direct connection's SYN-ACK:
+        // removed, and the answer passed as it is, counted once.
+        assert_eq!(f.stat(stat::PASS_NO_REPLY), 1, "after {ending:?}");
     }
+}
+
+/// What `pass_no_reply` counts, each harmless: an answer on a flow's
+/// tuple that the flow no longer owns is passed as it is, once, and the
+/// entry goes. One case above (a direct connection took the tuple: its
+/// answers are its own); here, an answer after its flow was silent past
+/// its lifetime (UDP 60 s, a closing TCP connection 10 s), which
+/// netfilter's conntrack, whose entries expire likewise, does not reverse
+/// either. The client's socket, connected to the frontend, does not take
+/// it (for TCP its kernel answers with a reset, which ends the backend's
+/// half-closed socket); the client's next packet to the frontend starts a
+/// new flow, whose answers are translated.
+#[test]
+fn answers_after_a_flows_lifetime_pass_untranslated_once() {
+    let f = Setup::Web.load();
+    let client = sa(CLIENT, 33020);
+    let (_, out) = f.ingress(&udp(client, vip_dns()));
+    let backend = inspect(&out).dst;
+    let (_, reply) = f.egress(&udp(backend, client));
+    assert_eq!(inspect(&reply).src, vip_dns());
+    f.age_flows(std::time::Duration::from_secs(61));
+    for late in 1..=2 {
+        let (verdict, reply) = f.egress(&udp(backend, client));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(inspect(&reply), flow(backend, client), "late answer {late}");
+        assert_eq!(f.stat(stat::PASS_NO_REPLY), 1, "counted once");
+    }
+    let (_, out) = f.ingress(&udp(client, vip_dns()));
+    assert_eq!(f.stat(stat::DNAT_NEW), 2, "the client again: a new flow");
+    let (_, reply) = f.egress(&udp(inspect(&out).dst, client));
+    assert_eq!(inspect(&reply).src, vip_dns());
+
+    // TCP, closed by FIN both ways: a retransmitted last answer within the
+    // closing time is still the flow's; past it, it passes.
+    let client = sa(CLIENT, 40030);
+    let backend = service_flow(&f, client.port(), Some(Tcp::Fin));
+    let (_, reply) = f.egress(&tcp(backend, client, Tcp::Fin));
+    assert_eq!(inspect(&reply).src, vip(), "within the closing time");
+    f.age_flows(std::time::Duration::from_secs(11));
+    let (verdict, reply) = f.egress(&tcp(backend, client, Tcp::Fin));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(inspect(&reply), flow(backend, client));
+    assert_eq!(f.stat(stat::PASS_NO_REPLY), 2);
+    let (_, out) = f.ingress(&tcp(client, vip(), Tcp::Syn));
+    let (_, reply) = f.egress(&tcp(inspect(&out).dst, client, Tcp::SynAck));
+    assert_eq!(inspect(&reply).src, vip(), "a new connection is translated");
 }
 
 /// A client that connects to the VIP again from the port of an earlier

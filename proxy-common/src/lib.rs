@@ -501,6 +501,10 @@ pub mod stat {
     pub const PASS_BACKEND_MISSING: u32 = 9;
     pub const ERR_REWRITE: u32 = 10;
     pub const PASS_IPV6: u32 = 11;
+    /// An answer on a flow's tuple that the flow no longer owns (silent
+    /// past its lifetime, or the tuple taken by a direct connection):
+    /// passed as it is, once, and the entry removed. Harmless: netfilter's
+    /// conntrack passes such an answer after its timeout too.
     pub const PASS_NO_REPLY: u32 = 12;
     pub const DROP_SOURCE_RANGE: u32 = 13;
     pub const REJECT: u32 = 14;

@@ -170,6 +170,19 @@ impl Fixture {
         HashMap::try_from(Map::LruHashMap(self.map(MAP_CONNTRACK))).expect("conntrack map")
     }
 
+    /// Makes every flow entry `by` older, as if its flow had been silent
+    /// that long (`BPF_PROG_TEST_RUN` runs at the kernel's own time).
+    pub fn age_flows(&self, by: Duration) {
+        let mut ct = self.conntrack();
+        let all: Vec<(CtKey, CtValue)> = ct.iter().filter_map(Result::ok).collect();
+        for (key, mut value) in all {
+            let by = u64::try_from(by.as_nanos()).expect("a short age");
+            assert!(value.last_seen_ns > by, "the kernel has been up longer");
+            value.last_seen_ns -= by;
+            ct.insert(key, value, 0).expect("age a flow entry");
+        }
+    }
+
     /// Forgets every flow and affinity entry: what packets write, so the
     /// object is as its table and node network left it (the counters go
     /// on; compare them with a reading taken after this).
