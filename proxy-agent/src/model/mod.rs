@@ -41,7 +41,7 @@ pub use objects::{ObjectDelta, ObjectSet, Objects};
 pub use plan::NodeNetwork;
 pub use service::ServiceObject;
 pub use slice::{LAST_CHANGE_TRIGGER_TIME, Slice};
-pub use table::NoLocalEndpoints;
+pub use table::{NoLocalEndpoints, NoLocalEndpointsTracker};
 pub use validate::{check_service_cidr, validate_endpoint_slice, validate_node, validate_service};
 
 /// Everything the model needs to know about the cluster, as a source sees it.

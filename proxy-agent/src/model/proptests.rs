@@ -839,18 +839,22 @@ proptest! {
 
     /// A builder that redoes only what changed gives, for each of
     /// successive states, what a fresh build gives, and as its difference
-    /// exactly what separates the two tables; a second update of the same
-    /// state changes nothing.
+    /// exactly what separates the two tables (which keeps the Local ports
+    /// without a local endpoint counted); a second update of the same state
+    /// changes nothing.
     #[test]
     fn incremental_builds_equal_fresh_builds(
         states in successive_states(),
         cfg in model_config(),
     ) {
         let mut builder = TableBuilder::default();
+        let mut no_local = super::NoLocalEndpointsTracker::default();
         for (i, state) in states.iter().enumerate() {
             let before = builder.table().clone();
             let diff = builder.update(state, &cfg);
             prop_assert_eq!(&diff, &before.diff(builder.table()), "state {}", i);
+            no_local.apply(&diff);
+            prop_assert_eq!(no_local.counts(), builder.table().no_local_endpoints(), "state {}", i);
             prop_assert_eq!(builder.backend_count(), builder.table().backend_count());
             prop_assert_eq!(builder.build(state, &cfg), build_table(state, &cfg), "state {}", i);
             prop_assert!(builder.update(state, &cfg).is_empty(), "state {} again", i);

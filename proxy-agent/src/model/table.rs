@@ -1,5 +1,8 @@
 //! Operations on [`ServiceTable`] and its [`TableDiff`]s.
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use super::{Backend, Frontend, FrontendChange, FrontendKey, Protocol, ServiceTable, TableDiff};
 
@@ -101,21 +104,86 @@ pub struct NoLocalEndpoints {
 }
 
 impl ServiceTable {
-    /// [`NoLocalEndpoints`] of this table.
+    /// [`NoLocalEndpoints`] of this table (a walk of every frontend; a
+    /// table that changes keeps them with a [`NoLocalEndpointsTracker`]).
     pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
-        let mut seen: BTreeSet<(usize, usize, &super::ServiceName, &str)> = BTreeSet::new();
-        for (key, f) in self.iter() {
-            if f.policy.local_only && f.backends.is_empty() {
-                let family = usize::from(key.ip.is_ipv6());
-                let policy = usize::from(f.kind.is_external());
-                seen.insert((family, policy, &f.service, f.port_name.as_str()));
+        NoLocalEndpointsTracker::of(self).counts()
+    }
+}
+
+/// One counted Service port: family, policy, Service, port name.
+type NoLocalPort = (usize, usize, super::ServiceName, String);
+
+/// [`NoLocalEndpoints`] kept up to date from each diff of a table, so that
+/// a sync pays for what changed rather than for every frontend.
+#[derive(Clone, Debug, Default)]
+pub struct NoLocalEndpointsTracker {
+    /// Frontends with a Local policy and no local endpoint, per Service
+    /// port (a port's several external frontends count once).
+    frontends: HashMap<NoLocalPort, usize>,
+    counts: NoLocalEndpoints,
+}
+
+impl NoLocalEndpointsTracker {
+    pub fn of(table: &ServiceTable) -> Self {
+        let mut tracker = Self::default();
+        for (key, f) in table.iter() {
+            tracker.add(key, f);
+        }
+        tracker
+    }
+
+    /// Follows the table from the one `diff` was taken from to the next.
+    pub fn apply(&mut self, diff: &TableDiff) {
+        for (key, f) in &diff.removed {
+            self.remove(key, f);
+        }
+        for change in &diff.changed {
+            self.remove(&change.key, &change.old);
+            self.add(&change.key, &change.new);
+        }
+        for (key, f) in &diff.added {
+            self.add(key, f);
+        }
+    }
+
+    pub fn counts(&self) -> NoLocalEndpoints {
+        self.counts
+    }
+
+    fn port(key: &FrontendKey, f: &Frontend) -> Option<NoLocalPort> {
+        (f.policy.local_only && f.backends.is_empty()).then(|| {
+            (
+                usize::from(key.ip.is_ipv6()),
+                usize::from(f.kind.is_external()),
+                f.service.clone(),
+                f.port_name.clone(),
+            )
+        })
+    }
+
+    fn add(&mut self, key: &FrontendKey, f: &Frontend) {
+        if let Some(port) = Self::port(key, f) {
+            let (family, policy) = (port.0, port.1);
+            let n = self.frontends.entry(port).or_insert(0);
+            if *n == 0 {
+                self.counts.counts[family][policy] += 1;
+            }
+            *n += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &FrontendKey, f: &Frontend) {
+        let Some(port) = Self::port(key, f) else {
+            return;
+        };
+        if let Some(n) = self.frontends.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.frontends.remove(&port);
+                self.counts.counts[port.0][port.1] -= 1;
             }
         }
-        let mut out = NoLocalEndpoints::default();
-        for (family, policy, ..) in seen {
-            out.counts[family][policy] += 1;
-        }
-        out
     }
 }
 
@@ -241,6 +309,39 @@ mod tests {
             (key("10.96.0.3", 80), frontend("ns", "b", &[])),
         ]);
         assert_eq!(t.no_local_endpoints().counts, [[1, 1], [1, 0]]);
+
+        // Kept from diffs, it agrees with a walk at every step: the
+        // NodePort gets a local endpoint, the LoadBalancer goes, a second
+        // frontend of the counted ClusterIP port comes and goes.
+        let mut tracker = NoLocalEndpointsTracker::of(&t);
+        let mut now = t.clone();
+        let steps: Vec<Box<dyn Fn(&mut ServiceTable)>> = vec![
+            Box::new(|t| {
+                t.insert(
+                    key("0.0.0.0", 30080),
+                    local(NodePort, &[backend("10.1.0.1", 80)]),
+                );
+            }),
+            Box::new(|t| {
+                t.remove(&key("192.0.2.1", 80));
+            }),
+            Box::new(|t| {
+                t.insert(key("10.96.0.9", 81), local(ClusterIp, &[]));
+            }),
+            Box::new(|t| {
+                t.remove(&key("10.96.0.9", 81));
+            }),
+            Box::new(|t| {
+                t.remove(&key("10.96.0.1", 80));
+            }),
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            let before = now.clone();
+            step(&mut now);
+            tracker.apply(&before.diff(&now));
+            assert_eq!(tracker.counts(), now.no_local_endpoints(), "step {i}");
+        }
+        assert_eq!(tracker.counts().counts, [[0, 0], [1, 0]]);
     }
 
     #[test]
@@ -407,6 +508,30 @@ mod tests {
         assert!(new.diff(&apply(&old, &diff)).is_empty());
     }
 
+    /// The diff of one frontend at `k`: added, changed or removed.
+    fn one_change(k: FrontendKey, old: Option<&Frontend>, new: Option<&Frontend>) -> TableDiff {
+        let arc = |f: &Frontend| Arc::new(f.clone());
+        match (old, new) {
+            (Some(old), Some(new)) => TableDiff {
+                changed: vec![FrontendChange {
+                    key: k,
+                    old: arc(old),
+                    new: arc(new),
+                }],
+                ..TableDiff::default()
+            },
+            (Some(old), None) => TableDiff {
+                removed: vec![(k, arc(old))],
+                ..TableDiff::default()
+            },
+            (None, Some(new)) => TableDiff {
+                added: vec![(k, arc(new))],
+                ..TableDiff::default()
+            },
+            (None, None) => TableDiff::default(),
+        }
+    }
+
     /// Rows: (what happens, old frontend, new frontend or None for
     /// removed, the backends whose flows go).
     #[test]
@@ -452,20 +577,7 @@ mod tests {
         for protocol in [Protocol::Udp, Protocol::Tcp] {
             let k = key_proto("10.96.0.10", 53, protocol);
             for (what, old, new, gone) in &rows {
-                let diff = match new {
-                    Some(new) => TableDiff {
-                        changed: vec![FrontendChange {
-                            key: k,
-                            old: old.clone().into(),
-                            new: new.clone().into(),
-                        }],
-                        ..TableDiff::default()
-                    },
-                    None => TableDiff {
-                        removed: vec![(k, old.clone().into())],
-                        ..TableDiff::default()
-                    },
-                };
+                let diff = one_change(k, Some(old), new.as_ref());
                 let expected: Vec<(FrontendKey, Backend)> = match protocol {
                     Protocol::Udp => gone.iter().map(|b| (k, *b)).collect(),
                     _ => Vec::new(),
@@ -506,20 +618,7 @@ mod tests {
         for protocol in [Protocol::Udp, Protocol::Tcp] {
             let k = key_proto("10.96.0.10", 53, protocol);
             for (what, old, new, starts) in &rows {
-                let diff = match old {
-                    Some(old) => TableDiff {
-                        changed: vec![FrontendChange {
-                            key: k,
-                            old: old.clone().into(),
-                            new: new.clone().into(),
-                        }],
-                        ..TableDiff::default()
-                    },
-                    None => TableDiff {
-                        added: vec![(k, new.clone().into())],
-                        ..TableDiff::default()
-                    },
-                };
+                let diff = one_change(k, old.as_ref(), Some(new));
                 let expected = match protocol {
                     Protocol::Udp if *starts => vec![k],
                     _ => Vec::new(),

@@ -28,8 +28,8 @@ use crate::{
         addresses::{InterfaceAddress, NodeNetworkSettings, node_network},
     },
     model::{
-        ClusterState, HealthCheck, ModelConfig, NoLocalEndpoints, Rejection, ServiceName, Slice,
-        TableBuilder,
+        ClusterState, HealthCheck, ModelConfig, NoLocalEndpoints, NoLocalEndpointsTracker,
+        Rejection, ServiceName, Slice, TableBuilder,
     },
     source::StateReceiver,
 };
@@ -240,6 +240,9 @@ struct Syncer<'a> {
     slices_gone: Vec<Arc<Slice>>,
     /// Builds the table of each state, redoing only what changed.
     builder: TableBuilder,
+    /// The builder's table's Local ports without a local endpoint, kept
+    /// from its diffs.
+    no_local: NoLocalEndpointsTracker,
 }
 
 impl<'a> Syncer<'a> {
@@ -266,6 +269,7 @@ impl<'a> Syncer<'a> {
             triggers: TriggerTimes::new(SystemTime::now()),
             slices_new,
             slices_gone,
+            no_local: NoLocalEndpointsTracker::of(builder.table()),
             builder,
         }
     }
@@ -278,6 +282,7 @@ impl<'a> Syncer<'a> {
         self.observer
             .node_eligible(node_eligible(state, &self.cfg.node_name));
         let diff = self.builder.update(state, self.cfg);
+        self.no_local.apply(&diff);
         let (new, gone) = self.builder.slice_changes();
         self.slices_new.extend_from_slice(new);
         self.slices_gone.extend_from_slice(gone);
@@ -336,7 +341,7 @@ impl<'a> Syncer<'a> {
             frontends: self.builder.table().len(),
             backends: self.builder.backend_count(),
             programming_latencies: self.programmed_slices(),
-            no_local_endpoints: Some(self.builder.table().no_local_endpoints()),
+            no_local_endpoints: Some(self.no_local.counts()),
         };
         log_synced(self.dataplane.name(), &report, build_us);
         self.observer.synced(&report);
