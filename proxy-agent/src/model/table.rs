@@ -315,29 +315,23 @@ mod tests {
         // frontend of the counted ClusterIP port comes and goes.
         let mut tracker = NoLocalEndpointsTracker::of(&t);
         let mut now = t.clone();
-        let steps: Vec<Box<dyn Fn(&mut ServiceTable)>> = vec![
-            Box::new(|t| {
-                t.insert(
-                    key("0.0.0.0", 30080),
-                    local(NodePort, &[backend("10.1.0.1", 80)]),
-                );
-            }),
-            Box::new(|t| {
-                t.remove(&key("192.0.2.1", 80));
-            }),
-            Box::new(|t| {
-                t.insert(key("10.96.0.9", 81), local(ClusterIp, &[]));
-            }),
-            Box::new(|t| {
-                t.remove(&key("10.96.0.9", 81));
-            }),
-            Box::new(|t| {
-                t.remove(&key("10.96.0.1", 80));
-            }),
+        // (frontend, what it becomes; None: removed)
+        let steps: Vec<(FrontendKey, Option<Frontend>)> = vec![
+            (
+                key("0.0.0.0", 30080),
+                Some(local(NodePort, &[backend("10.1.0.1", 80)])),
+            ),
+            (key("192.0.2.1", 80), None),
+            (key("10.96.0.9", 81), Some(local(ClusterIp, &[]))),
+            (key("10.96.0.9", 81), None),
+            (key("10.96.0.1", 80), None),
         ];
-        for (i, step) in steps.iter().enumerate() {
+        for (i, (k, becomes)) in steps.into_iter().enumerate() {
             let before = now.clone();
-            step(&mut now);
+            match becomes {
+                Some(f) => now.insert(k, f),
+                None => now.remove(&k),
+            };
             tracker.apply(&before.diff(&now));
             assert_eq!(tracker.counts(), now.no_local_endpoints(), "step {i}");
         }
