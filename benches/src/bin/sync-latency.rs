@@ -55,6 +55,9 @@ struct Args {
     /// objects of a real size.
     #[arg(long)]
     real_metadata: bool,
+    /// Print the agent's log at the end (where its start went).
+    #[arg(long)]
+    agent_log: bool,
     /// Pause between changes, so that each one is applied alone.
     #[arg(long, default_value = "20ms", value_parser = proxy_agent::config::parse_go_duration)]
     pause: Duration,
@@ -426,6 +429,9 @@ fn main() -> Result<()> {
             ""
         }
     );
+    if args.agent_log {
+        eprintln!("{}", agent.log());
+    }
     drop(agent);
     drop(server);
     drop(bpffs);

@@ -405,6 +405,7 @@ fn log_synced(dataplane: &str, report: &SyncReport, build_us: u64) {
         removed = stats.frontends_removed,
         writes = stats.kernel_writes,
         deletes = stats.kernel_deletes,
+        conntrack_deleted = stats.conntrack.total_deleted(),
         build_us,
         elapsed_us = report.elapsed.as_micros() as u64,
         "programmed service table"
