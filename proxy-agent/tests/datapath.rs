@@ -339,12 +339,14 @@ fn a_udp_flow_to_a_removed_backend_moves_to_a_live_one() {
     // A UDP "flow" (one client socket) that landed on backend 0, and one on
     // another backend.
     let mut on_zero = None;
+    let mut flows_on_zero = 0;
     let mut elsewhere: Option<Flow> = None;
     for sport in 42000..42200u16 {
         let (_, out) = f.ingress(&udp(sa(CLIENT, sport), vip_dns()));
         let seen = inspect(&out);
         if seen.dst == backend0 {
             on_zero.get_or_insert(seen.src);
+            flows_on_zero += 1;
         } else {
             elsewhere.get_or_insert(seen);
         }
@@ -358,7 +360,10 @@ fn a_udp_flow_to_a_removed_backend_moves_to_a_live_one() {
     let (_, reply) = f.egress(&udp(backend0, client));
     assert_eq!(inspect(&reply).src, vip_dns());
 
-    f.set_table(web_over(&BACKENDS, &BACKENDS[1..]));
+    let stats = f.set_table(web_over(&BACKENDS, &BACKENDS[1..]));
+    // Counted as kube-proxy's reconciler counts: flows, not their entries.
+    assert_eq!(stats.conntrack.deleted, [flows_on_zero, 0]);
+    assert!(stats.conntrack.took[0].is_some() && stats.conntrack.took[1].is_none());
 
     // The next datagram of the same socket goes to a live backend, at once.
     let (_, out) = f.ingress(&udp(client, vip_dns()));

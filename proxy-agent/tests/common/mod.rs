@@ -20,7 +20,7 @@ use aya::{
 };
 use proxy_agent::{
     dataplane::{
-        Dataplane, NodeNetwork,
+        ApplyStats, Dataplane, NodeNetwork,
         ebpf::{EbpfDataplane, load_unpinned, load_unpinned_object},
     },
     model::ServiceTable,
@@ -62,10 +62,12 @@ impl Fixture {
     }
 
     /// Programs `table` as the sync loop would: the diff from the last one.
-    pub fn set_table(&mut self, table: ServiceTable) {
+    /// Applies the difference to `table`; returns what the apply did.
+    pub fn set_table(&mut self, table: ServiceTable) -> ApplyStats {
         let diff = self.table.diff(&table);
-        self.dp.apply(&diff).expect("apply diff");
+        let stats = self.dp.apply(&diff).expect("apply diff");
         self.table = table;
+        stats
     }
 
     pub fn set_network(&mut self, network: &NodeNetwork) {

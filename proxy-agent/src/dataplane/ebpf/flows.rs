@@ -87,7 +87,8 @@ impl EbpfDataplane {
     /// has no end, so a client that keeps sending (DNS from one socket, say)
     /// would otherwise stick to a backend that is gone; without its entries
     /// its next datagram picks a live backend, as kube-proxy's conntrack
-    /// flush achieves.
+    /// flush achieves. Counts the flows forgotten (each by its client ->
+    /// frontend entry, as netfilter has one entry per flow), per family.
     pub(super) fn forget_udp_flows(
         &mut self,
         stale: &HashSet<(Addr, u16, Addr, u16)>,
@@ -146,7 +147,9 @@ impl EbpfDataplane {
         let mut cleanup = ConntrackCleanup::default();
         for key in &doomed {
             remove_ignoring_missing(&mut self.conntrack, key)?;
-            cleanup.deleted[usize::from(key.family == FAMILY_V6)] += 1;
+            if key.dir == CT_FORWARD {
+                cleanup.deleted[usize::from(key.family == FAMILY_V6)] += 1;
+            }
         }
         if !doomed.is_empty() {
             tracing::debug!(
