@@ -36,7 +36,8 @@ pub struct ApplyStats {
 /// reconciler reports it: index 0 IPv4, 1 IPv6.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackCleanup {
-    /// Entries deleted.
+    /// Flows deleted: netfilter's conntrack entries (one per flow), or the
+    /// eBPF mode's flows (counted by their client -> frontend entry).
     pub deleted: [usize; 2],
     /// How long the family's cleanup took, when it ran (it runs only when
     /// the apply leaves flows to forget in that family).

@@ -8,13 +8,12 @@ use proxy_common::{
 
 use super::{EbpfDataplane, EbpfError, encode::addr_of, sockdiag, writer::remove_ignoring_missing};
 use crate::dataplane::ConntrackCleanup;
-use crate::model::{Protocol, TableDiff};
+use crate::model::{Backend, FrontendKey, Protocol};
 
 /// (VIP, port, backend, backend port), ports in network byte order, of the
-/// UDP flows `diff` makes stale ([`TableDiff::stale_udp_flows`]).
-pub(super) fn stale_udp_flows(diff: &TableDiff) -> HashSet<(Addr, u16, Addr, u16)> {
-    diff.stale_udp_flows()
-        .into_iter()
+/// stale UDP flows `gone` ([`crate::model::TableDiff::stale_udp_flows`]).
+pub(super) fn stale_udp_flows(gone: &[(FrontendKey, Backend)]) -> HashSet<(Addr, u16, Addr, u16)> {
+    gone.iter()
         .map(|(key, b)| {
             let (vip, _) = addr_of(key.ip);
             let (addr, _) = addr_of(b.ip);

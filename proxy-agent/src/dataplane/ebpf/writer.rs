@@ -452,14 +452,14 @@ impl EbpfDataplane {
             self.program_frontend(&change.key, &change.new, &mut stats)?;
             stats.frontends_changed += 1;
         }
-        let stale = self.at_node_addresses(stale_udp_flows(diff));
+        // Only flows to removed backends: a flow made before its frontend
+        // existed is no entry of these maps, and the packets of the new
+        // frontend are translated before netfilter's conntrack sees them.
+        let gone = diff.stale_udp_flows();
+        let stale = self.at_node_addresses(stale_udp_flows(&gone));
         if !stale.is_empty() {
-            // Only flows to removed backends: a flow made before its
-            // frontend existed is no entry of these maps, and the packets of
-            // the new frontend are translated before netfilter's conntrack
-            // sees them.
             let mut families = [false; 2];
-            for (key, _) in diff.stale_udp_flows() {
+            for (key, _) in &gone {
                 families[ConntrackCleanup::family_index(key.ip)] = true;
             }
             stats.conntrack = self.forget_udp_flows(&stale, families)?;
