@@ -2,7 +2,6 @@
 //! carry a hash of the frontend (and endpoint) that stays the same on every
 //! run and version, since the kernel keeps the chains across restarts of
 //! the agent.
-
 use crate::{
     dataplane::netfilter::{fnv1a_128, proto_name},
     model::{Backend, FrontendKey},
@@ -95,13 +94,8 @@ pub(super) fn fw_chain(key: &FrontendKey) -> String {
 
 /// `KUBE-SEP-<hash>`: one endpoint of one frontend.
 pub(super) fn sep_chain(key: &FrontendKey, backend: &Backend) -> String {
-    let text = format!("{}>{}", key_text(key), addr_port(backend));
+    let text = format!("{}>{backend}", key_text(key));
     format!("KUBE-SEP-{}", hash16(&text))
-}
-
-/// `ip:port`, `[ip]:port` for IPv6.
-pub(super) fn addr_port(backend: &Backend) -> String {
-    backend.to_string()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::names::{
     EXTERNAL_SERVICES_CHAIN, FIREWALL_CHAIN, MARK_MASQ_CHAIN, NODEPORTS_CHAIN, SERVICES_CHAIN,
-    addr_port, ext_chain, fw_chain, sep_chain, svc_chain, svl_chain,
+    ext_chain, fw_chain, sep_chain, svc_chain, svl_chain,
 };
 use crate::{
     dataplane::netfilter::{self, Action, Family, FrontendPlan, Masquerade, View, proto_name},
@@ -274,10 +274,7 @@ fn sep_rules(plan: &FrontendPlan, backend: &Backend, c: &str) -> Vec<String> {
     };
     vec![
         format!("{c} -s {} -j {MARK_MASQ_CHAIN}", host(backend.ip)),
-        format!(
-            "{c} -p {p}{affinity} -m {p} -j DNAT --to-destination {}",
-            addr_port(backend)
-        ),
+        format!("{c} -p {p}{affinity} -m {p} -j DNAT --to-destination {backend}"),
     ]
 }
 
